@@ -1,0 +1,102 @@
+"""Offline tasks shipped with drift-ray, and the scripted teacher that pre-trains the demo reference.
+
+`candidates`: "x is between 23 and 52, and x+7 ends in 3. What is x?" Several numbers fit (2–6); the
+gold is one of them, chosen at random. No policy can beat 1/(number of candidates) on the first turn,
+so doing better is only possible by using the feedback: after "Incorrect", answer a candidate not yet
+tried. The computational skill is finding the candidates (last digit of x = d − c mod 10).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Sequence
+
+from drift_ray.episode import Conversation, Generation, SamplingParams, parse_answer
+from drift_ray.prompts import Problem, Task, builtin_task
+
+_QUESTION = re.compile(r"x is between (\d+) and (\d+), and x\+(\d+) ends in (\d)\. What is x\?")
+
+
+def candidate_values(low: int, high: int, offset: int, last_digit: int) -> list[int]:
+    return [x for x in range(low, high + 1) if (x + offset) % 10 == last_digit]
+
+
+@builtin_task("candidates")
+def candidates_task(
+    seed: int, num_train: int = 2000, num_test: int = 200, min_candidates: int = 2, max_candidates: int = 6
+) -> Task:
+    """Disjoint train/test splits: no (range, offset, digit) question of the test split is in train."""
+    if not 1 <= min_candidates <= max_candidates <= 8:
+        raise ValueError(
+            f"task.options: need 1 <= min_candidates <= max_candidates <= 8, found {min_candidates}, {max_candidates}"
+        )
+    questions = [
+        (low, low + 10 * n - 1, offset, digit)
+        for n in range(min_candidates, max_candidates + 1)
+        for low in range(10, 100 - 10 * n)
+        for offset in range(1, 10)
+        for digit in range(10)
+    ]
+    if num_train + num_test > len(questions):
+        raise ValueError(f"task.options: at most {len(questions)} distinct questions, asked for {num_train + num_test}")
+    rng = random.Random(f"candidates-{seed}")
+    rng.shuffle(questions)
+
+    def make(split: str, chosen: list[tuple[int, int, int, int]]) -> list[Problem]:
+        problems = []
+        for i, (low, high, offset, digit) in enumerate(chosen):
+            values = candidate_values(low, high, offset, digit)
+            problems.append(
+                Problem(
+                    f"candidates-{split}-{i:05d}",
+                    f"x is between {low} and {high}, and x+{offset} ends in {digit}. What is x?",
+                    str(rng.choice(values)),
+                    {"candidates": values},
+                )
+            )
+        return problems
+
+    return Task("candidates", make("train", questions[num_test : num_test + num_train]), make("test", questions[:num_test]), "exact")
+
+
+def teacher_reply(candidates: list[int], answer: int) -> str:
+    """The reply format the demo reference learns: the candidates, then one of them as the answer."""
+    listing = " ".join(map(str, candidates))
+    return f"x ends in {candidates[0] % 10}: {listing}. <answer>{answer}</answer>"
+
+
+class CandidatesTeacher:
+    """A scripted policy for the candidates task, behind the engine interface.
+
+    It always finds the right candidates; on the first turn it answers one at random; after feedback it
+    repeats its previous answer with probability `repeat_prob`, else answers a candidate not yet tried.
+    A model pre-trained on its conversations shows the failure DRIFT targets: greedy decoding repeats.
+    """
+
+    name = "candidates-teacher"
+
+    def __init__(self, repeat_prob: float = 0.6):
+        self.repeat_prob = repeat_prob
+
+    def generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
+        rng = random.Random(params.seed)
+        out = []
+        for conversation in conversations:
+            first_user = next(m["content"] for m in conversation if m["role"] == "user")
+            match = _QUESTION.search(first_user)
+            if match is None:
+                raise ValueError(f"{self.name}: not a candidates question: {first_user!r}")
+            values = candidate_values(*map(int, match.groups()))
+            tried = [parse_answer(m["content"]) for m in conversation if m["role"] == "assistant"]
+            prompt_chars = sum(len(m["content"]) for m in conversation)
+            replies = []
+            for _ in range(n):
+                if tried and tried[-1] is not None and rng.random() < self.repeat_prob:
+                    answer = int(tried[-1])
+                else:
+                    answer = rng.choice([v for v in values if str(v) not in tried] or values)
+                text = teacher_reply(values, answer)
+                replies.append(Generation(text, prompt_chars, len(text)))
+            out.append(replies)
+        return out

@@ -1,0 +1,283 @@
+"""One typed config tree, loaded from YAML with `key.path=value` overrides.
+
+The classes mirror the YAML 1:1. Every field is documented once, here, with its paper symbol, unit
+and default. An unknown or ill-typed key fails with its dotted path (and a close-match hint), and
+all errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class TaskConfig(_Section):
+    kind: str = Field(
+        "builtin",
+        description="Where problems come from: 'builtin' (offline tasks shipped with drift-ray), "
+        "'file' (local JSONL/Parquet) or 'plugin' (a `module:function` returning a Task).",
+    )
+    name: str = Field(
+        "candidates",
+        description="builtin: task name; plugin: 'module:function'; file: a label used in reports.",
+    )
+    train_path: Optional[str] = Field(None, description="file: JSONL or Parquet with the training problems.")
+    test_path: Optional[str] = Field(None, description="file: JSONL or Parquet with the held-out problems.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="file: our column name → the file's column name, e.g. {question: problem, gold: answer}. "
+        "Unmapped columns are read under our own names (prompt_id, question, gold).",
+    )
+    verifier: Optional[str] = Field(
+        None, description="Verifier name (exact, numeric, choice, math); default: the task's own."
+    )
+    num_train: Optional[int] = Field(None, ge=1, description="Use at most this many training problems (default: all).")
+    num_test: Optional[int] = Field(None, ge=1, description="Use at most this many test problems (default: all).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the task builder.")
+
+
+class EpisodeConfig(_Section):
+    max_turns: int = Field(5, ge=1, description="T: assistant turns per episode, at most. Default 5.")
+    feedback: str = Field(
+        "Incorrect. Please think again.", description="Unary feedback the user sends after a wrong answer."
+    )
+    format_penalty: float = Field(
+        -0.1, le=0.0, description="Added to the return once per turn without a parsable answer. Default -0.1."
+    )
+    system_prompt: Optional[str] = Field(None, description="Optional system message opening every conversation.")
+    instruction: str = Field(
+        "{question}\n\nPut your final answer between <answer> and </answer>.",
+        description="Template of the first user message; must contain '{question}'.",
+    )
+    think: bool = Field(
+        False, description="Also ask for reasoning inside <think>…</think> before the answer (adds a sentence)."
+    )
+
+    @field_validator("instruction")
+    @classmethod
+    def _has_question_slot(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("must contain the placeholder '{question}'")
+        return value
+
+
+class EngineKind(str, Enum):
+    transformers = "transformers"
+    vllm = "vllm"
+
+
+class RolloutConfig(_Section):
+    engine: EngineKind = Field(EngineKind.transformers, description="Generation engine behind the actors.")
+    model: str = Field(
+        "builtin:demo",
+        description="Reference policy π_ref: a local path or hub id; 'builtin:demo' builds the tiny demo model.",
+    )
+    samples_per_prompt: int = Field(16, ge=1, description="K: episodes per prompt. Default 16.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature. Default 1.0.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass. Default 1.0.")
+    max_new_tokens: int = Field(512, ge=1, description="New tokens per turn, at most. Default 512.")
+    prompts_per_batch: int = Field(32, ge=1, description="Prompts per actor call (all K episodes each).")
+    num_actors: int = Field(1, ge=1, description="Rollout actors (one engine each).")
+    cpus_per_actor: float = Field(1.0, ge=0.0, description="CPUs reserved per rollout actor.")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per rollout actor (vLLM: = tensor_parallel_size).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size per actor.")
+    dtype: str = Field("auto", description="Model dtype for the engine: auto, float32, bfloat16, float16.")
+    torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
+
+
+class WeightMode(str, Enum):
+    drift = "drift"
+    uniform = "uniform"
+    success_only = "success_only"
+
+
+class WeightsConfig(_Section):
+    mode: WeightMode = Field(
+        WeightMode.drift,
+        description="drift: w = K·softmax(R/β) per prompt; uniform: w = 1 (SFT on all trajectories); "
+        "success_only: w = 1 on trajectories that reached a correct answer, 0 elsewhere (RFT).",
+    )
+    beta: float = Field(0.1, gt=0.0, description="β: temperature of exp(R/β). Default 0.1.")
+    gamma: float = Field(0.9, ge=0.0, le=1.0, description="γ: per-turn discount of r_t. Default 0.9.")
+    rep_lambda: float = Field(0.5, ge=0.0, description="λ: repetition penalty on 1 − unique/answers. Default 0.5.")
+    format_penalty: Optional[float] = Field(
+        None,
+        le=0.0,
+        description="Re-price format failures at this value per turn (needs format_failures); "
+        "default: use each trajectory's recorded format_penalty total.",
+    )
+
+
+class ExampleKind(str, Enum):
+    last_turn = "last_turn"
+    all_turns = "all_turns"
+
+
+class LossKind(str, Enum):
+    sample_mean = "sample_mean"
+    weight_normalized = "weight_normalized"
+
+
+class LrSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (PEFT) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling α.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules to adapt."
+    )
+    merge: bool = Field(True, description="Save merged full weights (else the adapter alone).")
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs per Ray Train worker.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (paper: 3).")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer states (and parameters at stage 3).")
+    examples: ExampleKind = Field(
+        ExampleKind.last_turn,
+        description="last_turn: the last assistant message given all earlier ones (paper); "
+        "all_turns: every assistant message, each with the trajectory's weight.",
+    )
+    loss: LossKind = Field(
+        LossKind.sample_mean,
+        description="sample_mean: mean over the batch of w_i·L_i (authors' default); "
+        "weight_normalized: Σ w_i·L_i / Σ w_i over the global batch.",
+    )
+    lr: float = Field(5e-6, gt=0.0, description="Peak learning rate. Paper: 5e-6.")
+    lr_schedule: LrSchedule = Field(LrSchedule.constant, description="After warmup: constant or cosine to 0.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warmup. Paper: 0.1.")
+    epochs: int = Field(1, ge=1, description="Passes over the weighted rollouts. Paper: 1.")
+    global_batch_size: int = Field(128, ge=1, description="Sequences per optimizer step, all workers. Paper: 128.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass per worker.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay. Paper: 0.1.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Gradient-norm clip (0 = off). Paper: 1.0.")
+    bf16: bool = Field(False, description="bf16 mixed precision (paper: true on GPUs).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    max_length: int = Field(2048, ge=8, description="Tokens per example; longer prompts are truncated on the left.")
+    checkpoint_every: int = Field(0, ge=0, description="Report a Ray Train checkpoint every N steps (0 = at the end).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA through PEFT.")
+
+
+class EvalConfig(_Section):
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="New tokens per turn (default: rollout.max_new_tokens).")
+    prompts_per_batch: int = Field(64, ge=1, description="Problems per actor call.")
+    num_actors: int = Field(1, ge=1, description="Evaluation actors.")
+
+
+class RayConfig(_Section):
+    address: Optional[str] = Field(
+        None, description="Ray cluster to join; default: RAY_ADDRESS, else start a local cluster."
+    )
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local cluster (default: all).")
+
+
+class Config(_Section):
+    run_dir: str = Field("runs/demo", description="Directory of every artifact of the run.")
+    seed: int = Field(0, description="Seed of problem sampling, generation and training.")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    episode: EpisodeConfig = Field(default_factory=EpisodeConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message lists every problem with its dotted path."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.path=value` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config: {err.strerror}") from err
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, item, source)
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        problems = [_describe(e) for e in err.errors()]
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        known = list(_model_at(loc[:-1]).model_fields)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"; known keys: {', '.join(known)}"
+        return f"{dotted}: unknown key{hint}"
+    found = error.get("input")
+    shown = "" if isinstance(found, dict) else f" (found {found!r})"
+    return f"{dotted}: {error['msg']}{shown}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model
+
+
+def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every leaf field, for `drift-ray config --doc`."""
+    rows = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_docs(annotation, f"{prefix}{name}."))
+        else:
+            default = info.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", getattr(default, "value", default), info.description or ""))
+    return rows

@@ -1,0 +1,183 @@
+"""The multi-turn correction episode, shared by rollouts and evaluation (pure: no Ray, no torch).
+
+An episode: the user asks a problem; each turn the assistant replies; the answer is the text inside the
+last <answer>…</answer>. A correct answer earns r_t = 1 and ends the episode; otherwise r_t = 0 and, if
+turns remain, the user sends the unary feedback. A reply without a parsable answer is a format failure:
+it counts as wrong, costs the format penalty, and is not an answer for the repetition ratio.
+
+All episodes of a batch advance together: one engine call per turn, the first of which asks for K
+samples of each prompt so the engine can share the prompt between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from typing import Protocol, Sequence
+
+from drift_ray import schema
+from drift_ray.config import EpisodeConfig
+from drift_ray.prompts import Problem
+from drift_ray.verifiers import Verifier
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+ANSWER_STOP = "</answer>"
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_SENTENCE = "Think step by step inside <think> and </think> before answering."
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How an engine samples one turn. temperature 0 means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = (ANSWER_STOP,)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled reply. `text` ends with the stop string when generation stopped on one."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(Protocol):
+    """What rollouts and evaluation need from a generation backend (transformers, vLLM, …)."""
+
+    name: str
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, n: int
+    ) -> list[list[Generation]]:
+        """For each conversation, `n` replies of the assistant (the chat template applied by the engine)."""
+        ...
+
+
+def first_messages(question: str, cfg: EpisodeConfig) -> Conversation:
+    """The conversation before the first assistant turn."""
+    content = cfg.instruction.format(question=question)
+    if cfg.think:
+        content = f"{content}\n{_THINK_SENTENCE}"
+    messages: Conversation = []
+    if cfg.system_prompt:
+        messages.append({"role": "system", "content": cfg.system_prompt})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def parse_answer(reply: str) -> str | None:
+    """The stripped text inside the last <answer>…</answer>, or None when there is none (or it is empty)."""
+    found = _ANSWER.findall(reply)
+    if not found:
+        return None
+    answer = found[-1].strip()
+    return answer or None
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts, identical across processes and runs."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+@dataclass
+class Episode:
+    problem: Problem
+    sample_index: int
+    messages: Conversation
+    answers: list[str | None] = field(default_factory=list)
+    answer_norms: list[str] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    format_failures: list[bool] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    done: bool = False
+
+    def take_turn(self, reply: Generation, verifier: Verifier, cfg: EpisodeConfig) -> None:
+        """Record the assistant's reply, verify it, and either end the episode or send the feedback."""
+        self.messages.append({"role": "assistant", "content": reply.text})
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+        answer = parse_answer(reply.text)
+        is_correct = answer is not None and verifier.check(answer, self.problem.gold)
+        self.answers.append(answer)
+        self.format_failures.append(answer is None)
+        self.correct.append(is_correct)
+        if answer is not None:
+            self.answer_norms.append(verifier.normalize(answer))
+        if is_correct or len(self.correct) >= cfg.max_turns:
+            self.done = True
+        else:
+            self.messages.append({"role": "user", "content": cfg.feedback})
+
+    @property
+    def t_star(self) -> int | None:
+        return self.correct.index(True) + 1 if True in self.correct else None
+
+    def to_row(self, cfg: EpisodeConfig, model: str) -> dict:
+        """The trajectory row (columns from `schema`)."""
+        return {
+            schema.PROMPT_ID: self.problem.prompt_id,
+            schema.TRAJECTORY_ID: f"{self.problem.prompt_id}/{self.sample_index}",
+            schema.SAMPLE_INDEX: self.sample_index,
+            schema.GOLD: self.problem.gold,
+            schema.MESSAGES: self.messages,
+            schema.ANSWERS: self.answers,
+            schema.ANSWER_NORMS: self.answer_norms,
+            schema.CORRECT: self.correct,
+            schema.TURN_REWARDS: [float(c) for c in self.correct],
+            schema.FORMAT_FAILURES: self.format_failures,
+            schema.FORMAT_PENALTY: cfg.format_penalty * sum(self.format_failures),
+            schema.T_STAR: self.t_star,
+            schema.NUM_TURNS: len(self.correct),
+            schema.PROMPT_TOKENS: self.prompt_tokens,
+            schema.COMPLETION_TOKENS: self.completion_tokens,
+            schema.MODEL: model,
+        }
+
+
+def play_episodes(
+    problems: Sequence[Problem],
+    engine: Engine,
+    verifier: Verifier,
+    params: SamplingParams,
+    samples_per_prompt: int,
+    cfg: EpisodeConfig,
+) -> list[Episode]:
+    """Play `samples_per_prompt` episodes of every problem, all advancing turn by turn together.
+
+    Each turn's sampling seed is derived from `params.seed`, the turn and the batch's prompt ids, so a
+    batch replays identically whichever actor runs it.
+    """
+    episodes = [
+        Episode(problem, k, first_messages(problem.question, cfg))
+        for problem in problems
+        for k in range(samples_per_prompt)
+    ]
+    batch_key = ",".join(p.prompt_id for p in problems)
+    for turn in range(1, cfg.max_turns + 1):
+        active = [e for e in episodes if not e.done]
+        if not active:
+            break
+        turn_params = params
+        if params.seed is not None:
+            turn_params = replace(params, seed=stable_seed(params.seed, turn, batch_key))
+        if turn == 1:
+            # All K episodes of a problem share their first prompt: ask for K samples of it once.
+            shared = [episodes[i * samples_per_prompt].messages for i in range(len(problems))]
+            replies = [r for group in engine.generate(shared, turn_params, samples_per_prompt) for r in group]
+        else:
+            replies = [group[0] for group in engine.generate([e.messages for e in active], turn_params, 1)]
+        if len(replies) != len(active):
+            raise RuntimeError(f"engine {engine.name!r} returned {len(replies)} replies for {len(active)} episodes")
+        for episode, reply in zip(active, replies):
+            episode.take_turn(reply, verifier, cfg)
+    return episodes

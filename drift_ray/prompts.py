@@ -1,0 +1,186 @@
+"""Problems and where they come from: built-in offline tasks, local JSONL/Parquet files, plugins.
+
+A task is a train split and a test split of problems (id, question, gold, metadata) plus the name of the
+verifier that checks answers to them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from drift_ray import schema
+from drift_ray.config import TaskConfig
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt_id: str
+    question: str
+    gold: str
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_row(self) -> dict[str, str]:
+        return {
+            schema.PROMPT_ID: self.prompt_id,
+            schema.QUESTION: self.question,
+            schema.GOLD: self.gold,
+            schema.METADATA: json.dumps(self.metadata, sort_keys=True),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Problem":
+        return cls(
+            str(row[schema.PROMPT_ID]),
+            str(row[schema.QUESTION]),
+            str(row[schema.GOLD]),
+            json.loads(row.get(schema.METADATA) or "{}"),
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: list[Problem]
+    test: list[Problem]
+    verifier: str
+
+
+class TaskError(ValueError):
+    """Problems could not be loaded; the message names the file, row or config key."""
+
+
+TaskBuilder = Callable[..., Task]
+_BUILTIN: dict[str, TaskBuilder] = {}
+
+
+def builtin_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
+    """Register a builder `(seed, **options) -> Task` under `name` for `task.kind: builtin`."""
+
+    def register(builder: TaskBuilder) -> TaskBuilder:
+        _BUILTIN[name] = builder
+        return builder
+
+    return register
+
+
+def load_task(cfg: TaskConfig, seed: int) -> Task:
+    """The task the config names, truncated to task.num_train / task.num_test problems."""
+    if cfg.kind == "builtin":
+        importlib.import_module("drift_ray.builtin_tasks")  # registers the built-in builders
+        if cfg.name not in _BUILTIN:
+            raise TaskError(f"task.name: unknown builtin task {cfg.name!r}; known: {', '.join(sorted(_BUILTIN))}")
+        task = _BUILTIN[cfg.name](seed=seed, **cfg.options)
+    elif cfg.kind == "file":
+        if not cfg.train_path and not cfg.test_path:
+            raise TaskError("task.train_path / task.test_path: a file task needs at least one of them")
+        task = Task(
+            cfg.name,
+            read_problems(cfg.train_path, cfg.columns) if cfg.train_path else [],
+            read_problems(cfg.test_path, cfg.columns) if cfg.test_path else [],
+            cfg.verifier or "exact",
+        )
+    elif cfg.kind == "plugin":
+        task = _load_plugin(cfg.name)(seed=seed, **cfg.options)
+        if not isinstance(task, Task):
+            raise TaskError(f"task.name: plugin {cfg.name!r} returned {type(task).__name__}, expected drift_ray.prompts.Task")
+    else:
+        raise TaskError(f"task.kind: unknown kind {cfg.kind!r}; expected builtin, file or plugin")
+    return Task(
+        task.name,
+        task.train[: cfg.num_train],
+        task.test[: cfg.num_test],
+        cfg.verifier or task.verifier,
+    )
+
+
+def _load_plugin(spec: str) -> TaskBuilder:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise TaskError(f"task.name: plugin must be 'module:function', found {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TaskError(f"task.name: cannot import plugin module {module_name!r}: {err}") from err
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise TaskError(f"task.name: {module_name!r} has no callable {attr!r}")
+    return builder
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """A JSONL (.jsonl/.json) or Parquet file as an Arrow table; errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise TaskError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            return pq.read_table(path)
+        except pa.ArrowException as err:
+            raise TaskError(f"{path}: not a readable Parquet file: {err}") from err
+    rows = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{path}:{line_no}: not valid JSON: {err.msg}") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+            rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> list[Problem]:
+    """Problems from a JSONL/Parquet file; `columns` maps our names (prompt_id, question, gold) to the file's.
+
+    A file without an id column gets ids '<file stem>-<row>'. Metadata = every other column.
+    """
+    columns = dict(columns or {})
+    unknown = set(columns) - {schema.PROMPT_ID, schema.QUESTION, schema.GOLD}
+    if unknown:
+        raise TaskError(f"task.columns: unknown key(s) {sorted(unknown)}; expected prompt_id, question, gold")
+    table = read_table(path)
+    if table.num_rows == 0:
+        raise TaskError(f"{path}: no problems in the file")
+    id_col = columns.get(schema.PROMPT_ID, schema.PROMPT_ID)
+    question_col = columns.get(schema.QUESTION, schema.QUESTION)
+    gold_col = columns.get(schema.GOLD, schema.GOLD)
+    missing = [c for c in (question_col, gold_col) if c not in table.column_names]
+    if missing:
+        raise TaskError(
+            f"{path}: missing column(s) {missing}; found {table.column_names}. "
+            "Map your columns with task.columns, e.g. {question: problem, gold: answer}."
+        )
+    problems = []
+    used = {id_col, question_col, gold_col}
+    for row_no, row in enumerate(table.to_pylist(), 1):
+        for col in (question_col, gold_col):
+            if row[col] is None or str(row[col]).strip() == "":
+                raise TaskError(f"{path}: row {row_no}: column {col!r} is empty")
+        prompt_id = row.get(id_col)
+        problems.append(
+            Problem(
+                str(prompt_id) if prompt_id is not None else f"{Path(path).stem}-{row_no}",
+                str(row[question_col]),
+                str(row[gold_col]),
+                {k: v for k, v in row.items() if k not in used},
+            )
+        )
+    ids = [p.prompt_id for p in problems]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise TaskError(f"{path}: prompt id {duplicate!r} appears more than once; ids must be unique")
+    return problems
+
+
+def problems_table(problems: list[Problem]) -> pa.Table:
+    return pa.Table.from_pylist([p.to_row() for p in problems])

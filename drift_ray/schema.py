@@ -1,0 +1,56 @@
+"""Column names of every table that flows between stages, and the check each stage runs on its input.
+
+prompts → rollouts (trajectories) → weights (+return, +weight) → weighted SFT → evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Problems (prompt rows).
+PROMPT_ID = "prompt_id"
+QUESTION = "question"
+GOLD = "gold"
+METADATA = "metadata"  # JSON string with task-specific fields
+
+# Trajectories (one row per episode; the K episodes of one prompt share PROMPT_ID).
+TRAJECTORY_ID = "trajectory_id"  # "<prompt_id>/<k>"
+SAMPLE_INDEX = "sample_index"  # k in 0..K-1
+MESSAGES = "messages"  # list<struct<role: string, content: string>>
+ANSWERS = "answers"  # list<string>, one per turn, null where no answer could be parsed
+ANSWER_NORMS = "answer_norms"  # list<string>, normalised parsable answers in turn order
+CORRECT = "correct"  # list<bool>, one per turn
+TURN_REWARDS = "turn_rewards"  # list<double>, r_t per turn
+FORMAT_FAILURES = "format_failures"  # list<bool>, one per turn: no parsable answer
+FORMAT_PENALTY = "format_penalty"  # double, the trajectory total (≤ 0)
+T_STAR = "t_star"  # int32, 1-based first correct turn, null when never correct
+NUM_TURNS = "num_turns"
+PROMPT_TOKENS = "prompt_tokens"  # tokens of every prompt the engine was given, summed over turns
+COMPLETION_TOKENS = "completion_tokens"  # generated tokens summed over turns
+MODEL = "model"  # name or path of the generating model
+SOURCE_LINE = "source_line"  # 1-based line of an imported JSONL file
+REWARD_DETAILS = "reward_details"  # JSON string, kept verbatim from imported files
+
+# Added by the weights stage.
+RETURN = "return"
+WEIGHT = "weight"
+
+# What the weights stage needs; FORMAT_FAILURES only when the penalty is re-priced.
+WEIGHTS_INPUT = (PROMPT_ID, TURN_REWARDS, FORMAT_PENALTY, ANSWER_NORMS)
+# What weighted SFT needs.
+TRAIN_INPUT = (TRAJECTORY_ID, MESSAGES, WEIGHT)
+
+
+class MissingColumnsError(ValueError):
+    """A stage was given a table without the columns its contract requires."""
+
+
+def require_columns(present: Iterable[str], required: Iterable[str], *, stage: str, source: str) -> None:
+    """Raise a MissingColumnsError naming the stage, the source and every missing column."""
+    present = list(present)
+    missing = [c for c in required if c not in present]
+    if missing:
+        raise MissingColumnsError(
+            f"{source}: the {stage} stage needs column(s) {missing}; found {sorted(present)}. "
+            f"Produce the input with `drift-ray rollouts` or import the authors' JSONL format."
+        )
