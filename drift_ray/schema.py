@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pyarrow as pa
+
 # Problems (prompt rows).
 PROMPT_ID = "prompt_id"
 QUESTION = "question"
@@ -34,6 +36,30 @@ REWARD_DETAILS = "reward_details"  # JSON string, kept verbatim from imported fi
 # Added by the weights stage.
 RETURN = "return"
 WEIGHT = "weight"
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+# Rows written by the rollout and evaluation stages (Episode.to_row).
+TRAJECTORY_SCHEMA = pa.schema(
+    [
+        (PROMPT_ID, pa.string()),
+        (TRAJECTORY_ID, pa.string()),
+        (SAMPLE_INDEX, pa.int32()),
+        (GOLD, pa.string()),
+        (MESSAGES, pa.list_(MESSAGE_TYPE)),
+        (ANSWERS, pa.list_(pa.string())),
+        (ANSWER_NORMS, pa.list_(pa.string())),
+        (CORRECT, pa.list_(pa.bool_())),
+        (TURN_REWARDS, pa.list_(pa.float64())),
+        (FORMAT_FAILURES, pa.list_(pa.bool_())),
+        (FORMAT_PENALTY, pa.float64()),
+        (T_STAR, pa.int32()),
+        (NUM_TURNS, pa.int32()),
+        (PROMPT_TOKENS, pa.int64()),
+        (COMPLETION_TOKENS, pa.int64()),
+        (MODEL, pa.string()),
+    ]
+)
 
 # What the weights stage needs; FORMAT_FAILURES only when the penalty is re-priced.
 WEIGHTS_INPUT = (PROMPT_ID, TURN_REWARDS, FORMAT_PENALTY, ANSWER_NORMS)

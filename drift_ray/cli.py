@@ -1,0 +1,124 @@
+"""`drift-ray` / `python -m drift_ray`: one entry point for every stage and the whole pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from drift_ray.config import Config, ConfigError, field_docs, load_config
+
+
+def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
+    return load_config(args.config, [*extra, *args.overrides])
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from drift_ray.weights import weights_file
+
+    flags = {"beta": args.beta, "gamma": args.gamma, "rep_lambda": args.rep_lambda,
+             "format_penalty": args.format_penalty, "mode": args.mode}
+    cfg = _config(args, [f"weights.{k}={v}" for k, v in flags.items() if v is not None])
+    diagnostics = weights_file(args.input, args.output, cfg.weights)
+    print(json.dumps(diagnostics, indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_rollouts(args: argparse.Namespace) -> int:
+    from drift_ray import pipeline
+    from drift_ray.prompts import load_task
+
+    cfg = _config(args)
+    model = pipeline.resolve_model(cfg.rollout.model, cfg)
+    task = load_task(cfg.task, cfg.seed)
+    pipeline.connect_ray(cfg)
+    summary = pipeline.run_rollouts(cfg, task, model)
+    print(json.dumps(summary, indent=2))
+    print(f"trajectories in {Path(cfg.run_dir) / 'rollouts'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from drift_ray import pipeline
+    from drift_ray.prompts import load_task
+
+    cfg = _config(args)
+    models = {}
+    for spec in args.model:
+        label, sep, path = spec.partition("=")
+        label, path = (label, path) if sep else (Path(spec).name or spec, spec)
+        models[label] = pipeline.resolve_model(path, cfg)
+    task = load_task(cfg.task, cfg.seed)
+    pipeline.connect_ray(cfg)
+    report = pipeline.run_eval(cfg, task, models)
+    print(Path(report["paths"]["table"]).read_text())
+    print(f"plot: {report['paths']['plot']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from drift_ray import pipeline
+
+    cfg = _config(args)
+    result = pipeline.run_pipeline(cfg)
+    print(json.dumps({"timings_s": result["timings_s"]}, indent=2))
+    print(Path(result["paths"]["table"]).read_text())
+    print(f"plot: {result['paths']['plot']}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.doc:
+        for key, default, doc in field_docs():
+            print(f"{key} = {default!r}\n    {doc}")
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(_config(args).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn, help: str, config_required: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", required=config_required, help="YAML config (see jobs/)")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("weights", cmd_weights, "returns and importance weights of a trajectory file", config_required=False)
+    p.add_argument("--input", required=True, help="trajectories: our Parquet/JSONL or the authors' JSONL")
+    p.add_argument("--output", required=True, help="Parquet with every input column plus return and weight")
+    p.add_argument("--beta", type=float, help="β (weights.beta)")
+    p.add_argument("--gamma", type=float, help="γ (weights.gamma)")
+    p.add_argument("--rep-lambda", type=float, help="λ (weights.rep_lambda)")
+    p.add_argument("--format-penalty", type=float, help="re-price format failures (weights.format_penalty)")
+    p.add_argument("--mode", choices=["drift", "uniform", "success_only"], help="weights.mode")
+    command("rollouts", cmd_rollouts, "play K episodes per training prompt with the reference policy")
+    p = command("eval", cmd_eval, "greedy multi-turn evaluation of one or several models")
+    p.add_argument("--model", action="append", required=True, help="PATH or LABEL=PATH; repeat to compare")
+    command("run", cmd_run, "the whole pipeline: rollouts → weights → weighted SFT → evaluation")
+    p = command("config", cmd_config, "print the resolved config (or --doc: every field)", config_required=False)
+    p.add_argument("--doc", action="store_true", help="document every config field")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        # Expected user errors: one clear line, no traceback.
+        print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The DRIFT recipe: prompts → rollouts → weights → weighted SFT → evaluation, in one Ray driver.
+
+Every stage writes its output under `run_dir` and is skipped on a rerun when that output is complete,
+so a killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from drift_ray.config import Config
+from drift_ray.prompts import Task, load_task
+from drift_ray.rollouts import SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
+from drift_ray.trajectories import write_json_atomic
+
+log = logging.getLogger("drift_ray")
+
+DEMO_MODEL = "builtin:demo"
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster of `ray.address` or RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DRIFT_RAY_CACHE", Path.home() / ".cache" / "drift_ray"))
+
+
+def resolve_model(model: str, cfg: Config) -> str:
+    """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference."""
+    if model != DEMO_MODEL:
+        return model
+    from drift_ray.demo_model import ensure_demo_model
+
+    return ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
+
+
+def run_rollouts(cfg: Config, task: Task, model: str) -> dict[str, Any]:
+    out = Path(cfg.run_dir) / "rollouts"
+    summary = run_episodes(
+        task.train,
+        out,
+        model=model,
+        cfg=cfg,
+        verifier=task.verifier,
+        params=rollout_sampling(cfg),
+        samples_per_prompt=cfg.rollout.samples_per_prompt,
+        prompts_per_batch=cfg.rollout.prompts_per_batch,
+        num_actors=cfg.rollout.num_actors,
+    )
+    log.info("rollouts: %s", summary)
+    return summary
+
+
+def run_weights(cfg: Config) -> dict[str, Any]:
+    """Returns and normalised weights over all rollouts, as a Ray Data map stage; skipped when done."""
+    import ray.data
+
+    from drift_ray.weights import add_weights, weight_diagnostics
+
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / "weighted"
+    diagnostics_path = run_dir / "weighted.diagnostics.json"
+    if out.is_dir() and diagnostics_path.exists():
+        return json.loads(diagnostics_path.read_text())
+    shards = sorted(str(p) for p in (run_dir / "rollouts").glob(SHARD_GLOB))
+    ds = add_weights(ray.data.read_parquet(shards), cfg.weights, whole_groups=False)
+    staging = run_dir / "weighted.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    ds.write_parquet(str(staging))
+    diagnostics = weight_diagnostics(pq.read_table(staging))
+    os.replace(staging, out)  # the directory appears whole or not at all
+    write_json_atomic(diagnostics, diagnostics_path)
+    log.info("weights: %s", diagnostics)
+    return diagnostics
+
+
+def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
+    """Greedy multi-turn episodes of every model on the test split; metrics, table and plot under run_dir/eval."""
+    from drift_ray.evaluation import episode_metrics, write_report
+
+    eval_dir = Path(cfg.run_dir) / "eval"
+    metrics = {}
+    for label, model in models.items():
+        out = eval_dir / label
+        run_episodes(
+            task.test,
+            out,
+            model=model,
+            cfg=cfg,
+            verifier=task.verifier,
+            params=eval_sampling(cfg),
+            samples_per_prompt=1,
+            prompts_per_batch=cfg.eval.prompts_per_batch,
+            num_actors=cfg.eval.num_actors,
+        )
+        metrics[label] = episode_metrics(read_shards(out), cfg.episode.max_turns)
+    paths = write_report(metrics, cfg.episode.max_turns, eval_dir)
+    return {"metrics": metrics, "paths": paths}
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    """All stages in order; returns per-stage wall-clock and the evaluation report."""
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        timings[name] = round(time.perf_counter() - start, 2)
+        return result
+
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / "config.json")
+    reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
+    task = timed("prompts", load_task, cfg.task, cfg.seed)
+    timed("ray_start", connect_ray, cfg)
+    timed("rollouts", run_rollouts, cfg, task, reference)
+    diagnostics = timed("weights", run_weights, cfg)
+    report = timed("evaluation", run_eval, cfg, task, {"reference": reference})
+    return {"timings_s": timings, "weights": diagnostics, **report}

@@ -1,0 +1,216 @@
+"""Rollouts (and evaluation episodes): Ray Data streams problems through an actor pool of engines.
+
+Each actor call plays all K episodes of a batch of problems (one engine call per turn) and writes them
+as one Parquet shard, atomically, under the output directory, before returning a small summary row
+per problem. So trajectories are durable as soon as they exist: a rerun of the same settings skips
+the problems whose shard is already there, a killed run leaves only complete shards (temporary files
+are never read), and a retried batch rewrites the same shard name instead of adding a second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from drift_ray import schema
+from drift_ray.config import Config, EpisodeConfig, RolloutConfig
+from drift_ray.episode import SamplingParams, play_episodes, stable_seed
+from drift_ray.prompts import Problem, problems_table
+from drift_ray.trajectories import write_json_atomic, write_table_atomic
+from drift_ray.verifiers import get_verifier
+
+SHARD_GLOB = "part-*.parquet"
+MANIFEST = "manifest.json"
+SUMMARY_SCHEMA = pa.schema(
+    [
+        (schema.PROMPT_ID, pa.string()),
+        ("trajectories", pa.int32()),
+        ("solved", pa.int32()),
+        (schema.PROMPT_TOKENS, pa.int64()),
+        (schema.COMPLETION_TOKENS, pa.int64()),
+        ("seconds", pa.float64()),
+    ]
+)
+
+
+def rollout_sampling(cfg: Config) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
+
+
+def eval_sampling(cfg: Config) -> SamplingParams:
+    """Greedy decoding, as the paper evaluates."""
+    return SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+
+
+class EpisodeStage:
+    """`Dataset.map_batches` callable: problem rows in, one summary row per problem out.
+
+    Input columns: prompt_id, question, gold, metadata. The trajectories themselves go to
+    `out_dir/part-<hash of the batch's prompt ids>.parquet` (schema.TRAJECTORY_SCHEMA).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        rollout: RolloutConfig,
+        episode: EpisodeConfig,
+        verifier: str,
+        params: SamplingParams,
+        samples_per_prompt: int,
+        out_dir: str,
+    ):
+        from drift_ray.engines import build_engine  # heavy (torch/transformers/vllm): only inside the actor
+
+        self.engine = build_engine(rollout, model=model)
+        self.model = model
+        self.episode = episode
+        self.verifier = get_verifier(verifier)
+        self.params = params
+        self.samples_per_prompt = samples_per_prompt
+        self.out_dir = Path(out_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        schema.require_columns(batch.column_names, (schema.PROMPT_ID, schema.QUESTION, schema.GOLD), stage="rollout", source="problem batch")
+        problems = [Problem.from_row(row) for row in batch.to_pylist()]
+        start = time.perf_counter()
+        episodes = play_episodes(problems, self.engine, self.verifier, self.params, self.samples_per_prompt, self.episode)
+        seconds = time.perf_counter() - start
+        rows = [e.to_row(self.episode, self.model) for e in episodes]
+        write_table_atomic(pa.Table.from_pylist(rows, schema=schema.TRAJECTORY_SCHEMA), shard_path(self.out_dir, problems))
+        return summarize(problems, rows, seconds)
+
+
+def shard_path(out_dir: Path, problems: Sequence[Problem]) -> Path:
+    key = stable_seed(*(p.prompt_id for p in problems))
+    return out_dir / f"part-{key:016x}.parquet"
+
+
+def summarize(problems: Sequence[Problem], rows: list[dict[str, Any]], seconds: float) -> pa.Table:
+    by_prompt: dict[str, dict[str, Any]] = {
+        p.prompt_id: {"trajectories": 0, "solved": 0, schema.PROMPT_TOKENS: 0, schema.COMPLETION_TOKENS: 0}
+        for p in problems
+    }
+    for row in rows:
+        entry = by_prompt[row[schema.PROMPT_ID]]
+        entry["trajectories"] += 1
+        entry["solved"] += row[schema.T_STAR] is not None
+        entry[schema.PROMPT_TOKENS] += row[schema.PROMPT_TOKENS]
+        entry[schema.COMPLETION_TOKENS] += row[schema.COMPLETION_TOKENS]
+    share = seconds / max(len(problems), 1)
+    return pa.Table.from_pylist(
+        [{schema.PROMPT_ID: pid, **entry, "seconds": share} for pid, entry in by_prompt.items()], schema=SUMMARY_SCHEMA
+    )
+
+
+def completed_prompts(out_dir: str | Path, samples_per_prompt: int) -> set[str]:
+    """Prompt ids whose K trajectories are already in complete shards of `out_dir`."""
+    out_dir = Path(out_dir)
+    counts: dict[str, int] = {}
+    for shard in sorted(out_dir.glob(SHARD_GLOB)):
+        for prompt_id in pq.read_table(shard, columns=[schema.PROMPT_ID]).column(0).to_pylist():
+            counts[prompt_id] = counts.get(prompt_id, 0) + 1
+    bad = {pid: n for pid, n in counts.items() if n != samples_per_prompt}
+    if bad:
+        pid, n = next(iter(bad.items()))
+        raise RuntimeError(
+            f"{out_dir}: prompt {pid!r} has {n} trajectories, expected {samples_per_prompt} "
+            f"({len(bad)} such prompts); the directory holds rollouts of other settings. Use a new run_dir."
+        )
+    return set(counts)
+
+
+def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Record the settings of the trajectories in `out_dir`; refuse to mix trajectories of other settings."""
+    path = out_dir / MANIFEST
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != settings:
+            changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+            raise RuntimeError(
+                f"{path}: existing trajectories were generated with other settings (differ in: {', '.join(changed)}). "
+                "Resume with the same config, or use a new run_dir."
+            )
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(settings, path)
+
+
+def run_episodes(
+    problems: Sequence[Problem],
+    out_dir: str | Path,
+    *,
+    model: str,
+    cfg: Config,
+    verifier: str,
+    params: SamplingParams,
+    samples_per_prompt: int,
+    prompts_per_batch: int,
+    num_actors: int,
+) -> dict[str, Any]:
+    """Play every problem not yet in `out_dir` through a Ray Data actor pool; return a run summary.
+
+    Needs a running Ray (see pipeline.connect_ray). Returns counts of new and reused problems, generated
+    tokens and wall-clock seconds.
+    """
+    import ray.data
+
+    out_dir = Path(out_dir)
+    check_manifest(
+        out_dir,
+        {
+            "model": model,
+            "samples_per_prompt": samples_per_prompt,
+            "sampling": asdict(params),
+            "episode": cfg.episode.model_dump(mode="json"),
+            "verifier": verifier,
+        },
+    )
+    done = completed_prompts(out_dir, samples_per_prompt)
+    todo = [p for p in problems if p.prompt_id not in done]
+    summary: dict[str, Any] = {"problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo)}
+    start = time.perf_counter()
+    if todo:
+        r = cfg.rollout
+        ds = ray.data.from_arrow(problems_table(todo)).map_batches(
+            EpisodeStage,
+            fn_constructor_kwargs={
+                "model": model,
+                "rollout": r,
+                "episode": cfg.episode,
+                "verifier": verifier,
+                "params": params,
+                "samples_per_prompt": samples_per_prompt,
+                "out_dir": str(out_dir),
+            },
+            batch_size=prompts_per_batch,
+            batch_format="pyarrow",
+            concurrency=num_actors,
+            num_cpus=r.cpus_per_actor,
+            num_gpus=r.gpus_per_actor,
+        )
+        produced = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+        summary.update(
+            trajectories=int(pc.sum(produced["trajectories"]).as_py()),
+            completion_tokens=int(pc.sum(produced[schema.COMPLETION_TOKENS]).as_py()),
+            prompt_tokens=int(pc.sum(produced[schema.PROMPT_TOKENS]).as_py()),
+        )
+    summary["seconds"] = time.perf_counter() - start
+    return summary
+
+
+def read_shards(out_dir: str | Path) -> pa.Table:
+    """All trajectories of complete shards in `out_dir`, sorted by trajectory id."""
+    shards = sorted(Path(out_dir).glob(SHARD_GLOB))
+    if not shards:
+        raise FileNotFoundError(f"{out_dir}: no trajectory shards ({SHARD_GLOB}); run the rollouts first")
+    table = pa.concat_tables([pq.read_table(s, schema=schema.TRAJECTORY_SCHEMA) for s in shards])
+    return table.sort_by([(schema.PROMPT_ID, "ascending"), (schema.SAMPLE_INDEX, "ascending")])

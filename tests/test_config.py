@@ -1,0 +1,74 @@
+"""Config tree: YAML + overrides, dotted-path errors with hints, documented fields."""
+
+from pathlib import Path
+
+import pytest
+
+from drift_ray.config import ConfigError, LossKind, WeightMode, field_docs, load_config
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert (cfg.episode.max_turns, cfg.weights.gamma, cfg.weights.beta, cfg.weights.rep_lambda) == (5, 0.9, 0.1, 0.5)
+    assert cfg.episode.feedback == "Incorrect. Please think again."
+    assert cfg.episode.format_penalty == -0.1
+    assert cfg.train.loss is LossKind.sample_mean and cfg.weights.mode is WeightMode.drift
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("weights:\n  beta: 0.5\ntrain:\n  lora:\n    r: 4\n")
+    cfg = load_config(path, ["weights.beta=0.25", "weights.mode=uniform", 'episode.instruction="Q: {question}"'])
+    assert cfg.weights.beta == 0.25 and cfg.train.lora.r == 4
+    assert cfg.weights.mode is WeightMode.uniform
+    assert cfg.episode.instruction == "Q: {question}"
+
+
+def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  modle: x\n  samples_per_prompt: zero\nweights:\n  beta: -1\ntrainn: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "rollout.modle: unknown key; did you mean 'rollout.model'?" in message
+    assert "rollout.samples_per_prompt" in message and "'zero'" in message
+    assert "weights.beta" in message
+    assert "trainn: unknown key; did you mean 'train'?" in message
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("episode.instruction=no slot", "episode.instruction"),
+        ("weights.mode=rft", "weights.mode"),
+        ("novalue", "key.path=value"),
+        ("weights.beta.x=1", "weights.beta: Input should be a valid number"),
+    ],
+)
+def test_bad_overrides(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_is_documented():
+    docs = field_docs()
+    assert len(docs) > 50
+    undocumented = [key for key, _, doc in docs if not doc]
+    assert not undocumented
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in JOBS.glob("*.yaml")))
+def test_shipped_job_configs_load(job):
+    load_config(JOBS / job)

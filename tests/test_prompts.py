@@ -1,0 +1,86 @@
+"""Problem sources: the built-in task, local files with column mapping, plugins, and their errors."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from drift_ray.builtin_tasks import candidate_values, candidates_task
+from drift_ray.config import TaskConfig
+from drift_ray.prompts import Problem, Task, TaskError, load_task, read_problems
+
+
+def test_candidates_task_splits_are_disjoint_and_golds_are_candidates():
+    task = candidates_task(seed=3, num_train=500, num_test=100)
+    assert len(task.train) == 500 and len(task.test) == 100
+    assert not {p.question for p in task.train} & {p.question for p in task.test}
+    counts = set()
+    for problem in task.train + task.test:
+        values = problem.metadata["candidates"]
+        assert int(problem.gold) in values and 2 <= len(values) <= 6
+        counts.add(len(values))
+    assert counts == {2, 3, 4, 5, 6}
+    assert candidates_task(seed=3, num_train=5, num_test=5) == candidates_task(seed=3, num_train=5, num_test=5)
+
+
+def test_candidate_values():
+    assert candidate_values(23, 52, 7, 3) == [26, 36, 46]
+
+
+def test_load_builtin_truncates_and_names_unknown():
+    cfg = TaskConfig(kind="builtin", name="candidates", num_train=7, num_test=3, options={"num_train": 20, "num_test": 5})
+    task = load_task(cfg, seed=0)
+    assert (len(task.train), len(task.test), task.verifier) == (7, 3, "exact")
+    with pytest.raises(TaskError, match="unknown builtin task 'nope'"):
+        load_task(TaskConfig(name="nope"), seed=0)
+
+
+def test_read_jsonl_with_column_mapping(tmp_path):
+    path = tmp_path / "probs.jsonl"
+    path.write_text("\n".join(json.dumps({"problem": f"q{i}", "answer": str(i), "level": i}) for i in range(3)) + "\n")
+    problems = read_problems(path, {"question": "problem", "gold": "answer"})
+    assert [p.prompt_id for p in problems] == ["probs-1", "probs-2", "probs-3"]
+    assert problems[2] == Problem("probs-3", "q2", "2") and problems[2].metadata == {"level": 2}
+
+
+def test_read_parquet_file_task(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"prompt_id": ["x", "y"], "question": ["a", "b"], "gold": ["1", "2"]}), path)
+    task = load_task(TaskConfig(kind="file", name="mine", test_path=str(path), verifier="exact"), seed=0)
+    assert task.train == [] and [p.prompt_id for p in task.test] == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "content, columns, fragment",
+    [
+        ('{"question": "a", "gold": "1"}\n{not json}\n', {}, ":2: not valid JSON"),
+        ('{"question": "a"}\n', {}, "missing column(s) ['gold']"),
+        ('{"question": "a", "gold": ""}\n', {}, "row 1: column 'gold' is empty"),
+        ('[1, 2]\n', {}, ":1: expected a JSON object"),
+        ('{"prompt_id": "a", "question": "q", "gold": "1"}\n' * 2, {}, "prompt id 'a' appears more than once"),
+        ("", {}, "no problems"),
+        ('{"question": "a", "gold": "1"}\n', {"answer": "gold"}, "task.columns: unknown key"),
+    ],
+)
+def test_bad_problem_files(tmp_path, content, columns, fragment):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(TaskError) as err:
+        read_problems(path, columns)
+    assert fragment in str(err.value)
+
+
+def make_plugin_task(seed, size=2):
+    return Task("plugin", [Problem(f"p{i}", "q", "a") for i in range(size)], [], "exact")
+
+
+def test_plugin_task_and_errors():
+    task = load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"size": 3}), seed=0)
+    assert len(task.train) == 3
+    with pytest.raises(TaskError, match="module:function"):
+        load_task(TaskConfig(kind="plugin", name="no_colon"), seed=0)
+    with pytest.raises(TaskError, match="cannot import plugin module"):
+        load_task(TaskConfig(kind="plugin", name="no_such_module_xyz:f"), seed=0)
+    with pytest.raises(TaskError, match="task.kind"):
+        load_task(TaskConfig(kind="hub"), seed=0)
