@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = load_task(cfg.task, cfg.seed)
     pipeline.connect_ray(cfg)
     report = pipeline.run_eval(cfg, task, models)
-    print(Path(report["paths"]["table"]).read_text())
+    print(Path(report["paths"]["markdown"]).read_text())
     print(f"plot: {report['paths']['plot']}")
     return 0
 
@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     result = pipeline.run_pipeline(cfg)
     print(json.dumps({"timings_s": result["timings_s"]}, indent=2))
-    print(Path(result["paths"]["table"]).read_text())
+    print(Path(result["paths"]["markdown"]).read_text())
     print(f"plot: {result['paths']['plot']}")
     return 0
 
