@@ -1,12 +1,29 @@
 """Verifiers: decide whether a parsed answer matches the gold answer, and normalise answers.
 
-Pluggable by name through `get_verifier`. Every verifier has the same two methods; `normalize` gives
-the canonical form used to count distinct answers (the repetition term of the return).
+Pluggable by name through `get_verifier(name, **options)`. Every verifier has the same two methods;
+`normalize` gives the canonical form used to count distinct answers (the repetition term of the return).
+
+- exact:   normalised strings are equal (lowercase, whitespace removed).
+- numeric: both sides read as numbers ("1,234", "-3.5", "1/2", "$12", "50%", "3.0e2", "12 cm") and equal
+           within a tolerance.
+- choice:  the multiple-choice letter (A–J) of the answer equals the gold letter.
+- math:    symbolic equivalence through math-verify, in killable helper processes with a per-answer timeout.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import functools
+import inspect
+import logging
+import multiprocessing
+import re
+import threading
+import weakref
+from fractions import Fraction
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Protocol
+
+logger = logging.getLogger(__name__)
 
 
 class Verifier(Protocol):
@@ -38,15 +55,332 @@ class ExactVerifier:
         return basic_normalize(answer) == basic_normalize(gold)
 
 
-_REGISTRY: dict[str, Callable[[], Verifier]] = {"exact": ExactVerifier}
+# ---------------------------------------------------------------------------------------------- numeric
+
+_UNIT_WORD = r"[^\W\d_]+\.?(?:\^?\d)?"  # cm, cm^2, m2, ft.
+_NUMBER = re.compile(
+    rf"""
+    (?P<sign>[-+]?)\s*
+    (?:\\?\$\s*)?                                   # currency: $12, \$12
+    (?P<number>[-+]?(?:
+        \d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?            # 1,234,567.5
+      | \d+(?:\.\d*)?(?:[eE][-+]?\d{{1,3}})?        # 12, 12., 3.0e2 (exponent bounded: 1e99999999 would hang)
+      | \.\d+(?:[eE][-+]?\d{{1,3}})?                # .5
+    ))
+    (?:\s*/\s*(?P<denominator>\d+))?                # 1/2
+    \s*(?:\\?%|°|{_UNIT_WORD}(?:(?:\s*/\s*|\s+){_UNIT_WORD})*)?   # 50%, 90°, 12 cm, 5 km/h (one split per word)
+    """,
+    re.VERBOSE,
+)
 
 
-def register_verifier(name: str, factory: Callable[[], Verifier]) -> None:
+def parse_number(text: str) -> Fraction | None:
+    """The number `text` states, exactly; None when it is not one number (with optional currency/unit).
+
+    A percent sign is read as a unit ("50%" is 50): questions that ask for a percentage give the gold in
+    percent, so "50%" must match a gold of "50".
+    """
+    match = _NUMBER.fullmatch(text.strip().replace("−", "-"))
+    if match is None or (match["sign"] and match["number"][0] in "+-"):
+        return None
+    try:
+        value = Fraction(match["number"].replace(",", ""))
+        if match["denominator"] is not None:
+            value /= int(match["denominator"])
+        float(value)  # rejects values no float can hold, so tolerance checks and formatting stay finite
+    except (ZeroDivisionError, OverflowError, ValueError):
+        return None
+    return -value if match["sign"] == "-" else value
+
+
+def canonical_number(value: Fraction) -> str:
+    """'1234' for an integer, else 12 significant digits ('0.5' for 1/2)."""
+    if value.denominator == 1 and abs(value.numerator) < 10**15:
+        return str(value.numerator)
+    return format(float(value), ".12g")
+
+
+class NumericVerifier:
+    """Correct when |answer − gold| <= abs_tol + rel_tol·|gold|; an answer that is not a number is wrong.
+
+    A gold that is not a number makes every answer wrong (a sign that the task needs another verifier).
+    """
+
+    name = "numeric"
+
+    def __init__(self, rel_tol: float = 1e-4, abs_tol: float = 1e-6):
+        if rel_tol < 0 or abs_tol < 0:
+            raise ValueError(f"numeric verifier: tolerances must be >= 0, found rel_tol={rel_tol}, abs_tol={abs_tol}")
+        self.rel_tol = rel_tol
+        self.abs_tol = abs_tol
+
+    def normalize(self, answer: str) -> str:
+        value = parse_number(answer)
+        return basic_normalize(answer) if value is None else canonical_number(value)
+
+    def check(self, answer: str, gold: str) -> bool:
+        value, gold_value = parse_number(answer), parse_number(gold)
+        if value is None or gold_value is None:
+            return False
+        return abs(float(value) - float(gold_value)) <= self.abs_tol + self.rel_tol * abs(float(gold_value))
+
+
+# ----------------------------------------------------------------------------------------------- choice
+
+_CHOICE_PATTERNS = (
+    re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]?\s*"),  # whole answer: B, (B), b), B.
+    re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]\s.*", re.DOTALL),  # leading letter: B. text, (B) text, B: text
+    # a phrase naming it (upper-case letter only, so "the answer is a cat" names nothing):
+    # The answer is B, Option B: text, answer: (C), the correct choice is option D.
+    re.compile(
+        r".*?\b(?i:answer|option|choice)\b(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s+)?[(\[]?([A-J])\b.*", re.DOTALL
+    ),
+)
+
+
+def parse_choice(text: str) -> str | None:
+    """The upper-case choice letter (A–J) that `text` states, or None."""
+    for pattern in _CHOICE_PATTERNS:
+        match = pattern.fullmatch(text)
+        if match is not None:
+            return match[1].upper()
+    return None
+
+
+class ChoiceVerifier:
+    """Correct when the answer states the gold's choice letter (A–J)."""
+
+    name = "choice"
+
+    def normalize(self, answer: str) -> str:
+        return parse_choice(answer) or basic_normalize(answer)
+
+    def check(self, answer: str, gold: str) -> bool:
+        letter = parse_choice(answer)
+        return letter is not None and letter == parse_choice(gold)
+
+
+# ------------------------------------------------------------------------------------------------- math
+# Why helper processes: math-verify's own timeouts use signal.alarm, which works only in the main thread,
+# and rollouts verify from Ray actor threads. A thread cannot be killed, so a runaway sympy computation
+# (e.g. "(10^{7})!", minutes of big-integer arithmetic) would keep a core busy long after its caller gave
+# up. A process can be killed. Each call checks out a helper process of its own, so killing it on a
+# timeout cannot touch another answer's computation; the next call starts a fresh helper. We keep our own
+# small pool rather than ProcessPoolExecutor, whose API cannot kill one running task (only private
+# attributes reach its processes), or multiprocessing.Pool, whose terminate() kills every caller's work.
+# "spawn" because forking a multi-threaded process (Ray, torch) can copy locks held by other threads; as
+# with any spawned process, a script that uses this verifier needs an `if __name__ == "__main__":` guard.
+
+
+def _serve(connection: Connection, initializer: Callable[[], None]) -> None:
+    """Main loop of a helper process: run each (function, args) request and reply (ok, result)."""
+    initializer()
+    connection.send((True, "ready"))
+    while True:
+        try:
+            function, args = connection.recv()
+        except EOFError:  # the parent closed the pipe or died
+            return
+        try:
+            connection.send((True, function(*args)))
+        except Exception as error:  # reported to the caller rather than dying without a word
+            connection.send((False, f"{type(error).__name__}: {error}"))
+
+
+class _HelperProcess:
+    """One spawned process that runs module-level functions on request."""
+
+    def __init__(self, initializer: Callable[[], None], start_timeout_s: float):
+        context = multiprocessing.get_context("spawn")
+        self._connection, child_end = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child_end, initializer), daemon=True)
+        self._process.start()
+        child_end.close()
+        # Start-up (importing sympy) is not the answer's fault: it gets its own, generous limit.
+        if not self._connection.poll(start_timeout_s):
+            self.kill()
+            raise RuntimeError(f"verifier helper process did not start within {start_timeout_s} s")
+        try:
+            self._connection.recv()
+        except EOFError:
+            self.kill()
+            raise RuntimeError(
+                f"verifier helper process exited while starting (exit code {self._process.exitcode}); see its "
+                "stderr. A script that starts it needs an `if __name__ == '__main__':` guard (helpers are spawned)"
+            ) from None
+
+    def call(self, function: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Any:
+        """function(*args) in the helper; TimeoutError after timeout_s, ChildProcessError if it failed."""
+        self._connection.send((function, args))
+        if not self._connection.poll(timeout_s):
+            raise TimeoutError(f"{function.__name__} took longer than {timeout_s} s")
+        try:
+            ok, result = self._connection.recv()
+        except EOFError:
+            raise ChildProcessError(f"verifier helper process died (exit code {self._process.exitcode})") from None
+        if not ok:
+            raise ChildProcessError(result)
+        return result
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._process.join()
+        self._connection.close()
+
+
+class _HelperPool:
+    """Runs module-level functions in at most `max_processes` helper processes, killing those that time out.
+
+    A caller waits for a free helper without that wait counting against its timeout, so a slow answer
+    delays, but never fails, the answers checked beside it.
+    """
+
+    def __init__(self, initializer: Callable[[], None], max_processes: int = 2, start_timeout_s: float = 120.0):
+        if max_processes < 1:
+            raise ValueError(f"max_processes must be >= 1, found {max_processes}")
+        self._initializer = initializer
+        self._start_timeout_s = start_timeout_s
+        self._slots = threading.BoundedSemaphore(max_processes)
+        self._idle: list[_HelperProcess] = []
+        self._lock = threading.Lock()
+
+    def _checkout(self) -> _HelperProcess:
+        with self._lock:
+            while self._idle:
+                helper = self._idle.pop()
+                if helper.is_alive():
+                    return helper
+                helper.kill()  # died while idle (e.g. the OOM killer): not the next answer's fault
+        return _HelperProcess(self._initializer, self._start_timeout_s)
+
+    def run(self, function: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Any:
+        """function(*args) in a helper process; raises TimeoutError (the helper is then killed) or ChildProcessError."""
+        with self._slots:
+            helper = self._checkout()
+            try:
+                result = helper.call(function, args, timeout_s)
+            except BaseException:
+                # Timed out, died, or interrupted mid-call (its pipe may then hold a stale reply): never reuse it.
+                helper.kill()
+                raise
+            with self._lock:
+                self._idle.append(helper)
+            return result
+
+    def close(self) -> None:
+        """Stop the idle helpers; a later call starts new ones."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for helper in idle:
+            helper.kill()
+
+
+def _init_math_helper() -> None:
+    """Silence math-verify's warning that its own timeout is off (we time it out from outside), and run
+    one check before the helper reports ready so that lazy imports never eat an answer's timeout."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    _math_equivalent("1", "1")
+
+
+@functools.lru_cache(maxsize=4096)  # in the helper: a gold is parsed once for all the answers checked against it
+def _parse_math(text: str) -> list[Any]:
+    from math_verify import parse
+
+    # Bare LaTeX ("\frac12", "x^2+1", "\sqrt{2}") parses only between math delimiters; an extra pair
+    # around text that already has them ("$\frac{1}{2}$", "\boxed{3}") changes nothing.
+    return parse(f"${text}$", parsing_timeout=None)
+
+
+def _math_equivalent(answer: str, gold: str) -> bool:
+    from math_verify import verify
+
+    gold_parsed, answer_parsed = _parse_math(gold), _parse_math(answer)
+    return bool(gold_parsed and answer_parsed) and verify(gold_parsed, answer_parsed, timeout_seconds=None)
+
+
+def _math_canonical(answer: str) -> str | None:
+    parsed = _parse_math(answer)
+    return str(parsed[0]) if parsed and not isinstance(parsed[0], str) else None
+
+
+class MathVerifier:
+    """Correct when math-verify finds the answer equivalent to the gold ("\\frac{1}{2}", "0.5", "1/2").
+
+    Each answer gets `timeout_s` seconds in a helper process (see the note above `_serve`); one that
+    takes longer, or makes math-verify fail, counts as wrong and normalises with basic_normalize.
+    Results are cached per (answer, gold) since the K samples of a prompt repeat answers; a timeout is
+    cached too, so a pathological answer costs its timeout once. A helper that cannot start at all
+    raises RuntimeError: a broken environment must not pass for wrong answers.
+    """
+
+    name = "math"
+
+    def __init__(self, timeout_s: float = 5.0, max_processes: int = 2, cache_size: int = 65536):
+        if timeout_s <= 0:
+            raise ValueError(f"math verifier: timeout_s must be > 0, found {timeout_s}")
+        self.timeout_s = timeout_s
+        self.max_processes = max_processes
+        self.cache_size = cache_size
+        self._pool = _HelperPool(_init_math_helper, max_processes)
+        weakref.finalize(self, self._pool.close)
+        self._cached_check = functools.lru_cache(maxsize=cache_size)(self._check_uncached)
+        self._cached_normalize = functools.lru_cache(maxsize=cache_size)(self._normalize_uncached)
+
+    def __reduce__(self) -> tuple[type[MathVerifier], tuple[float, int, int]]:
+        # Ray ships objects between processes: send the settings, not the helper processes or the caches.
+        return (type(self), (self.timeout_s, self.max_processes, self.cache_size))
+
+    def normalize(self, answer: str) -> str:
+        return self._cached_normalize(answer)
+
+    def check(self, answer: str, gold: str) -> bool:
+        return self._cached_check(answer, gold)
+
+    def close(self) -> None:
+        """Stop the helper processes now (they also stop with this process)."""
+        self._pool.close()
+
+    def _normalize_uncached(self, answer: str) -> str:
+        return self._run(_math_canonical, answer) or basic_normalize(answer)
+
+    def _check_uncached(self, answer: str, gold: str) -> bool:
+        return self._run(_math_equivalent, answer, gold) is True
+
+    def _run(self, function: Callable[..., Any], answer: str, *args: str) -> Any:
+        try:
+            return self._pool.run(function, (answer, *args), self.timeout_s)
+        except (TimeoutError, ChildProcessError, OSError) as error:
+            logger.warning("math verifier: gave up on answer %r (it counts as wrong): %s", answer[:200], error)
+            return None
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., Verifier]] = {
+    "exact": ExactVerifier,
+    "numeric": NumericVerifier,
+    "choice": ChoiceVerifier,
+    "math": MathVerifier,
+}
+
+
+def register_verifier(name: str, factory: Callable[..., Verifier]) -> None:
     _REGISTRY[name] = factory
 
 
-def get_verifier(name: str) -> Verifier:
+def get_verifier(name: str, **options: Any) -> Verifier:
+    """A new verifier `name` built with `options`, e.g. get_verifier("numeric", rel_tol=1e-3)."""
     try:
-        return _REGISTRY[name]()
+        factory = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown verifier {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    signature = inspect.signature(factory)
+    try:
+        signature.bind(**options)
+    except TypeError as error:
+        accepted = ", ".join(signature.parameters) or "none"
+        raise ValueError(f"verifier {name!r}: {error}; accepted options: {accepted}") from None
+    return factory(**options)
