@@ -31,8 +31,8 @@ MANIFEST = "manifest.json"
 SUMMARY_SCHEMA = pa.schema(
     [
         (schema.PROMPT_ID, pa.string()),
-        ("trajectories", pa.int32()),
-        ("solved", pa.int32()),
+        ("trajectories", pa.int64()),
+        ("solved", pa.int64()),
         (schema.PROMPT_TOKENS, pa.int64()),
         (schema.COMPLETION_TOKENS, pa.int64()),
         ("seconds", pa.float64()),

@@ -1,0 +1,279 @@
+"""Trajectory files: read ours (Parquet or JSONL) or the authors' JSONL into one Arrow table; write atomically.
+
+Our JSONL holds one row per line with the same columns as our Parquet. The authors' scripts write one JSON
+object per line with per-turn mappings keyed "t1".."tN" (`turn_rewards`, `verifier`, `reward_details`);
+those become lists in turn order: `verifier` → CORRECT, `reward_details` → REWARD_DETAILS (verbatim, as a
+JSON string) and FORMAT_FAILURES (a turn whose detail has a non-zero format penalty). The format is told
+apart per line by the type of `turn_rewards`. Every JSONL row keeps its 1-based line in SOURCE_LINE.
+
+Whatever the format, the columns the weights stage needs (schema.WEIGHTS_INPUT) are checked: a bad value
+raises a TrajectoryFileError naming the file, the line (JSONL) or row (Parquet) and the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from drift_ray import schema
+
+
+class TrajectoryFileError(ValueError):
+    """A trajectory file is unreadable or malformed; the message names the file, the line or row, and the field."""
+
+
+# The authors' keys equal our column names, except the per-turn verdicts and the penalty inside a turn's details.
+AUTHORS_VERIFIER = "verifier"
+AUTHORS_TURN_PENALTY = "format_penalty"
+
+# Columns whose type the reader fixes; any other column of our JSONL gets the type Arrow infers for it.
+_TYPES: dict[str, pa.DataType] = {
+    **{f.name: f.type for f in schema.TRAJECTORY_SCHEMA},
+    schema.SOURCE_LINE: pa.int64(),
+    schema.REWARD_DETAILS: pa.string(),
+}
+_REWARDS_EXPECTED = "a mapping t1..tN of numbers or a list of numbers"
+_PARQUET_MAGIC = b"PAR1"
+
+
+def read_trajectories(path: str | Path) -> pa.Table:
+    """Trajectories from our Parquet (a file or a directory of files), our JSONL or the authors' JSONL.
+
+    Raises TrajectoryFileError on a malformed file and schema.MissingColumnsError when a Parquet file
+    lacks a column of schema.WEIGHTS_INPUT.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TrajectoryFileError(f"{path}: no such file")
+    if path.is_dir() or _starts_with(path, _PARQUET_MAGIC):
+        table = _read_parquet(path)
+    else:
+        table = _read_jsonl(path)
+    if table.num_rows == 0:
+        raise TrajectoryFileError(f"{path}: no trajectories in the file")
+    return table
+
+
+def write_table_atomic(table: pa.Table, path: str | Path) -> None:
+    """Write Parquet so that `path` holds either the whole table or what it held before, even after a crash."""
+    _write_atomic(Path(path), lambda f: pq.write_table(table, f))
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    """Write `obj` as indented JSON, atomically like write_table_atomic."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    _write_atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A hidden name in the same directory: os.replace is atomic only within one file system.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field_error(where: str, field: str, expected: str, found: Any) -> TrajectoryFileError:
+    return TrajectoryFileError(f"{where}: field {field!r}: expected {expected}, found {found}")
+
+
+# --- Parquet ------------------------------------------------------------------------------------------
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise TrajectoryFileError(f"{path}: not a readable Parquet file: {err}") from err
+    schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source=str(path))
+    for name, accepts in (
+        (schema.PROMPT_ID, _is_string),
+        (schema.TURN_REWARDS, _is_list_of(_is_number)),
+        (schema.FORMAT_PENALTY, _is_number),
+        (schema.ANSWER_NORMS, _is_list_of(_is_string)),
+    ):
+        column = table.column(name)
+        if not accepts(column.type):
+            raise _field_error(str(path), name, f"a column of type {_TYPES[name]}", f"type {column.type}")
+        table = table.set_column(table.schema.get_field_index(name), name, column.cast(_TYPES[name]))
+    _check_parquet_values(table, path)
+    return table
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _is_list_of(accepts: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and accepts(t.value_type)
+
+
+def _check_parquet_values(table: pa.Table, path: Path) -> None:
+    """Nulls, empty reward lists and non-finite numbers in the weights input, named by 1-based row."""
+
+    def fail(rows: np.ndarray, field: str, expected: str) -> None:
+        if rows.size:
+            row = int(rows[0])
+            found = _short(table.column(field)[row].as_py())
+            raise _field_error(f"{path}: row {row + 1}", field, expected, found)
+
+    for field in schema.WEIGHTS_INPUT:
+        fail(np.flatnonzero(table.column(field).is_null().to_numpy(zero_copy_only=False)), field, "a value")
+    rewards = table.column(schema.TURN_REWARDS)
+    fail(np.flatnonzero(pc.list_value_length(rewards).to_numpy() == 0), schema.TURN_REWARDS, "at least one turn")
+    values = pc.list_flatten(rewards).to_numpy()  # nulls become NaN
+    bad = pc.list_parent_indices(rewards).to_numpy()[~np.isfinite(values)]
+    fail(bad, schema.TURN_REWARDS, "finite numbers")
+    penalty = table.column(schema.FORMAT_PENALTY).to_numpy()
+    fail(np.flatnonzero(~np.isfinite(penalty)), schema.FORMAT_PENALTY, "a finite number")
+
+
+# --- JSONL --------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    with path.open("rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not text
+                raise TrajectoryFileError(f"{where}: not valid JSON: {err}") from None
+            if not isinstance(record, dict):
+                raise TrajectoryFileError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            row = _from_authors(record, where) if isinstance(record.get(schema.TURN_REWARDS), dict) else record
+            _check_row(row, where)
+            row[schema.SOURCE_LINE] = line_no
+            rows.append(row)
+    names = dict.fromkeys(name for row in rows for name in row)
+    lines = [row[schema.SOURCE_LINE] for row in rows]
+    return pa.table({name: _column(path, name, [row.get(name) for row in rows], lines) for name in names})
+
+
+def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """Our row from one line of the authors' format: per-turn mappings become lists in turn order."""
+    row = dict(record)
+    rewards = _by_turn(record[schema.TURN_REWARDS], where, schema.TURN_REWARDS, _REWARDS_EXPECTED)
+    row[schema.TURN_REWARDS] = rewards
+    verdicts = row.pop(AUTHORS_VERIFIER, None)
+    if verdicts is not None:
+        correct = _by_turn(verdicts, where, AUTHORS_VERIFIER, "a mapping t1..tN of 0 or 1", len(rewards))
+        for turn, verdict in enumerate(correct, 1):
+            if type(verdict) not in (int, bool) or verdict not in (0, 1):
+                raise _field_error(where, f"{AUTHORS_VERIFIER}.t{turn}", "0 or 1", _short(verdict))
+        row[schema.CORRECT] = [bool(v) for v in correct]
+    details = record.get(schema.REWARD_DETAILS)
+    if details is not None:
+        per_turn = _by_turn(details, where, schema.REWARD_DETAILS, "a mapping t1..tN of objects", len(rewards))
+        failures = []
+        for turn, detail in enumerate(per_turn, 1):
+            penalty = detail.get(AUTHORS_TURN_PENALTY) if isinstance(detail, dict) else None
+            if not _is_finite_number(penalty):
+                field = f"{schema.REWARD_DETAILS}.t{turn}.{AUTHORS_TURN_PENALTY}"
+                raise _field_error(where, field, "a finite number", _short(penalty))
+            failures.append(penalty != 0)
+        row[schema.FORMAT_FAILURES] = failures
+        row[schema.REWARD_DETAILS] = json.dumps(details, ensure_ascii=False)
+    t_star = record.get(schema.T_STAR)
+    if t_star is not None and (type(t_star) is not int or not 1 <= t_star <= len(rewards)):
+        raise _field_error(where, schema.T_STAR, f"null or a turn number 1..{len(rewards)}", _short(t_star))
+    return row
+
+
+def _by_turn(value: Any, where: str, field: str, expected: str, turns: int | None = None) -> list[Any]:
+    """The values of a mapping keyed t1..tN in turn order; N must equal `turns` when given."""
+    if not isinstance(value, dict) or not value:
+        raise _field_error(where, field, expected, _short(value))
+    keys, key_set = _turn_keys(len(value))
+    if value.keys() != key_set:
+        raise _field_error(where, field, "keys t1..tN numbered without gaps", _short(sorted(value)))
+    if turns is not None and len(keys) != turns:
+        raise _field_error(where, field, f"the {turns} turn(s) of {schema.TURN_REWARDS!r}", f"{len(keys)}")
+    return [value[k] for k in keys]
+
+
+@functools.lru_cache(maxsize=None)
+def _turn_keys(turns: int) -> tuple[tuple[str, ...], frozenset[str]]:
+    keys = tuple(f"t{i}" for i in range(1, turns + 1))
+    return keys, frozenset(keys)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _check_row(row: dict[str, Any], where: str) -> None:
+    """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms."""
+    if not isinstance(row.get(schema.PROMPT_ID), str):
+        raise _field_error(where, schema.PROMPT_ID, "a string", _short(row.get(schema.PROMPT_ID)))
+    rewards = row.get(schema.TURN_REWARDS)
+    if not isinstance(rewards, list) or not rewards:
+        raise _field_error(where, schema.TURN_REWARDS, _REWARDS_EXPECTED, _short(rewards))
+    for turn, reward in enumerate(rewards, 1):
+        if not _is_finite_number(reward):
+            raise _field_error(where, schema.TURN_REWARDS, "finite numbers", f"{_short(reward)} at turn {turn}")
+    if not _is_finite_number(row.get(schema.FORMAT_PENALTY)):
+        raise _field_error(where, schema.FORMAT_PENALTY, "a finite number", _short(row.get(schema.FORMAT_PENALTY)))
+    norms = row.get(schema.ANSWER_NORMS)
+    if not isinstance(norms, list) or not all(a is None or isinstance(a, str) for a in norms):
+        raise _field_error(where, schema.ANSWER_NORMS, "a list of strings", _short(norms))
+    row[schema.ANSWER_NORMS] = [a for a in norms if a and a.strip()]
+
+
+def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Array:
+    """One column of a JSONL file; a value that does not fit is reported with its line."""
+    expected = _TYPES.get(name)
+    try:
+        return pa.array(values, type=expected)
+    except (pa.ArrowException, OverflowError):
+        pass
+    if expected is None:  # inferred: every line must hold the type of the first value given
+        expected = pa.array([next(v for v in values if v is not None)]).type
+    for value, line in zip(values, lines):
+        try:
+            pa.array([value], type=expected)
+        except (pa.ArrowException, OverflowError):
+            raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", _short(value)) from None
+    raise TrajectoryFileError(f"{path}: field {name!r}: values do not form one column of type {expected}")

@@ -1,0 +1,205 @@
+"""The map stage: the return of every trajectory and its importance weight within its prompt's group.
+
+    R   = Σ_t γ^(t-1)·r_t  +  format penalty  −  λ·(1 − n_unique / n_answers)
+    w_i = K·softmax(R/β)_i over the K trajectories of one prompt (mode drift), in log space
+
+A pure, vectorised core on Arrow and NumPy (`compute_weights` on one table holding whole prompt groups),
+a file entry (`weights_file`) and a thin Ray Data wrapper (`add_weights`) that imports Ray when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from drift_ray import schema
+from drift_ray.config import WeightMode, WeightsConfig
+from drift_ray.trajectories import read_trajectories, write_json_atomic, write_table_atomic
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def trajectory_returns(
+    table: pa.Table, gamma: float, rep_lambda: float, format_penalty: float | None = None
+) -> npt.NDArray[np.float64]:
+    """R of every row. `format_penalty` None: each row's FORMAT_PENALTY total; else this value per True
+    in its FORMAT_FAILURES. Answers that are null or blank do not count for the repetition ratio."""
+    n = table.num_rows
+    rows, rewards = _flatten(table.column(schema.TURN_REWARDS), pa.float64())
+    lengths = pc.list_value_length(table.column(schema.TURN_REWARDS)).fill_null(0).to_numpy()
+    turn_index = np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]  # t − 1
+    discounted = rewards.to_numpy(zero_copy_only=False) * gamma**turn_index
+    returns = np.bincount(rows, weights=discounted, minlength=n).astype(np.float64)  # int64 when n = 0
+
+    if format_penalty is None:
+        returns += table.column(schema.FORMAT_PENALTY).to_numpy().astype(np.float64)
+    else:
+        returns += format_penalty * _count_format_failures(table, format_penalty)
+
+    rows, norms = _flatten(table.column(schema.ANSWER_NORMS), pa.string())
+    is_answer = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(norms)), 0), False)
+    rows = rows[is_answer.to_numpy(zero_copy_only=False)]
+    codes = pc.filter(norms, is_answer).dictionary_encode().indices.to_numpy().astype(np.int64)
+    # One int64 key per (row, answer): the distinct keys of a row are its distinct answers.
+    num_codes = codes.max(initial=0) + 1
+    distinct_rows = np.unique(rows * num_codes + codes) // num_codes
+    n_unique = np.bincount(distinct_rows, minlength=n)
+    n_answers = np.bincount(rows, minlength=n)
+    unique_ratio = np.divide(n_unique, n_answers, out=np.ones(n), where=n_answers > 0)
+    returns -= rep_lambda * (1.0 - unique_ratio)
+
+    bad = np.flatnonzero(~np.isfinite(returns))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"row {row + 1} (prompt {table.column(schema.PROMPT_ID)[row].as_py()!r}): return is {returns[row]}; "
+            f"expected finite {schema.TURN_REWARDS!r} and {schema.FORMAT_PENALTY!r} values"
+        )
+    return returns
+
+
+def group_weights(returns: npt.ArrayLike, prompt_ids: npt.ArrayLike, beta: float) -> npt.NDArray[np.float64]:
+    """w_i = K_g·softmax(R/β)_i within each group g of equal prompt ids; every group's weights average to 1."""
+    if not beta > 0:
+        raise ValueError(f"weights.beta must be > 0, found {beta}")
+    scaled = np.asarray(returns, dtype=np.float64) / beta
+    _, group, sizes = np.unique(np.asarray(prompt_ids), return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    if group.size != scaled.size:
+        raise ValueError(f"group_weights got {scaled.size} returns but {group.size} prompt ids; expected one each")
+    group_max = np.full(sizes.size, -np.inf)
+    np.maximum.at(group_max, group, scaled)
+    shifted = scaled - group_max[group]  # ≤ 0, and 0 for a group's best: exp never overflows
+    log_sum = np.log(np.bincount(group, weights=np.exp(shifted), minlength=sizes.size))
+    return np.exp(np.log(sizes)[group] + shifted - log_sum[group])
+
+
+def reached_correct(table: pa.Table) -> npt.NDArray[np.bool_]:
+    """Per row: the trajectory reached a correct answer (T_STAR set, any CORRECT, or any turn reward > 0)."""
+    success = _any_per_row(table.column(schema.TURN_REWARDS), pa.float64(), lambda rewards: pc.greater(rewards, 0))
+    if schema.T_STAR in table.column_names:
+        success |= table.column(schema.T_STAR).is_valid().to_numpy(zero_copy_only=False)
+    if schema.CORRECT in table.column_names:
+        success |= _any_per_row(table.column(schema.CORRECT), pa.bool_(), lambda correct: correct)
+    return success
+
+
+def compute_weights(table: pa.Table, cfg: WeightsConfig) -> pa.Table:
+    """Every input column plus RETURN and WEIGHT (float64). The table must hold whole prompt groups."""
+    schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source="weights input")
+    returns = trajectory_returns(table, cfg.gamma, cfg.rep_lambda, cfg.format_penalty)
+    if cfg.mode == WeightMode.drift:
+        weights = group_weights(returns, _group_codes(table), cfg.beta)
+    elif cfg.mode == WeightMode.uniform:
+        weights = np.ones(table.num_rows)
+    elif cfg.mode == WeightMode.success_only:
+        weights = reached_correct(table).astype(np.float64)
+    else:
+        raise ValueError(f"weights.mode: unknown mode {cfg.mode!r}; expected one of {[m.value for m in WeightMode]}")
+    out = table.drop_columns([c for c in (schema.RETURN, schema.WEIGHT) if c in table.column_names])
+    return out.append_column(schema.RETURN, pa.array(returns)).append_column(schema.WEIGHT, pa.array(weights))
+
+
+def weight_diagnostics(table: pa.Table) -> dict[str, float | int]:
+    """Weight range, effective sample size per group (Σw)²/Σw², and how much weight success gets."""
+    if table.num_rows == 0:
+        raise ValueError("weight diagnostics: no trajectories")
+    weights = table.column(schema.WEIGHT).to_numpy().astype(np.float64)
+    group = _group_codes(table)
+    num_groups = int(group.max()) + 1
+    weight_sum = np.bincount(group, weights=weights, minlength=num_groups)
+    square_sum = np.bincount(group, weights=weights**2, minlength=num_groups)
+    ess = np.divide(weight_sum**2, square_sum, out=np.zeros(num_groups), where=square_sum > 0)
+    success = reached_correct(table)
+    group_solved = np.bincount(group, weights=success, minlength=num_groups) > 0
+    total = float(weights.sum())
+    return {
+        "num_trajectories": table.num_rows,
+        "num_groups": num_groups,
+        "weight_min": float(weights.min()),
+        "weight_max": float(weights.max()),
+        "weight_mean": float(weights.mean()),
+        "ess_mean": float(ess.mean()),
+        "ess_p10": float(np.percentile(ess, 10)),
+        "groups_without_success_share": float(1.0 - group_solved.mean()),
+        "success_weight_share": float(weights[success].sum() / total) if total > 0 else 0.0,
+    }
+
+
+def diagnostics_path(output_path: str | Path) -> Path:
+    """Where weights_file puts the diagnostics of `output_path`: `<stem>.diagnostics.json` beside it."""
+    output_path = Path(output_path)
+    return output_path.with_name(f"{output_path.stem}.diagnostics.json")
+
+
+def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsConfig) -> dict[str, Any]:
+    """Weigh a trajectory file (ours or the authors') into Parquet at `output_path`; returns the diagnostics.
+
+    Nothing is written unless every step succeeds; the table is written last, so its presence means done.
+    """
+    weighted = compute_weights(read_trajectories(input_path), cfg)
+    diagnostics = weight_diagnostics(weighted)
+    write_json_atomic(diagnostics, diagnostics_path(output_path))
+    write_table_atomic(weighted, output_path)
+    return diagnostics
+
+
+def add_weights(
+    ds: ray.data.Dataset, cfg: WeightsConfig, whole_groups: bool, num_blocks: int | None = None
+) -> ray.data.Dataset:
+    """compute_weights as a Ray Data map stage over blocks that each hold whole prompt groups.
+
+    whole_groups: every block already holds whole groups (rollout output: all K episodes of a prompt
+    come from one actor call). Otherwise rows are first hash-partitioned by prompt id into `num_blocks`
+    blocks (default: the cluster's CPUs), which puts all rows of a prompt in one block.
+    """
+    if not whole_groups:
+        if num_blocks is None:
+            import ray
+
+            num_blocks = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        ds = ds.repartition(num_blocks, keys=[schema.PROMPT_ID])
+    return ds.map_batches(compute_weights, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=None)
+
+
+def _flatten(column: pa.ChunkedArray, value_type: pa.DataType) -> tuple[npt.NDArray[np.int64], pa.Array]:
+    """(row of every list element, the elements as `value_type`) of a list column; null lists hold none.
+
+    The cast also covers lists Arrow inferred as list<null> because every one of them was empty."""
+    lists = column.combine_chunks()
+    return pc.list_parent_indices(lists).to_numpy().astype(np.int64), pc.list_flatten(lists).cast(value_type)
+
+
+def _any_per_row(column: pa.ChunkedArray, value_type: pa.DataType, predicate: Any) -> npt.NDArray[np.bool_]:
+    rows, values = _flatten(column, value_type)
+    hits = pc.fill_null(predicate(values), False).to_numpy(zero_copy_only=False)
+    return np.bincount(rows[hits], minlength=len(column)) > 0
+
+
+def _count_format_failures(table: pa.Table, format_penalty: float) -> npt.NDArray[np.float64]:
+    column = table.column(schema.FORMAT_FAILURES) if schema.FORMAT_FAILURES in table.column_names else None
+    if column is None or column.null_count:
+        rows_without = table.num_rows if column is None else column.null_count
+        raise ValueError(
+            f"weights.format_penalty = {format_penalty} re-prices format failures, which needs column "
+            f"{schema.FORMAT_FAILURES!r} on every trajectory; {rows_without} of {table.num_rows} rows have none "
+            f"(an authors' file carries it only with reward_details). Unset weights.format_penalty to use "
+            f"each trajectory's {schema.FORMAT_PENALTY!r} total."
+        )
+    rows, failures = _flatten(column, pa.bool_())
+    hits = pc.fill_null(failures, False).to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.bincount(rows, weights=hits, minlength=table.num_rows)
+
+
+def _group_codes(table: pa.Table) -> npt.NDArray[np.int64]:
+    """0..G−1 per row, one code per distinct prompt id."""
+    ids = table.column(schema.PROMPT_ID)
+    if ids.null_count:
+        raise ValueError(f"{schema.PROMPT_ID!r}: {ids.null_count} rows have no prompt id; every trajectory needs one")
+    return ids.combine_chunks().dictionary_encode().indices.to_numpy().astype(np.int64)

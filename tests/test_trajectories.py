@@ -1,0 +1,191 @@
+"""Trajectory files: the authors' JSONL import, our JSONL and Parquet, errors on bad values, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from drift_ray import schema
+from drift_ray.config import EpisodeConfig
+from drift_ray.episode import Episode, Generation, first_messages
+from drift_ray.prompts import Problem
+from drift_ray.trajectories import TrajectoryFileError, read_trajectories, write_json_atomic, write_table_atomic
+from drift_ray.verifiers import ExactVerifier
+
+AUTHORS_SAMPLE = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
+
+
+def _episode_rows() -> list[dict]:
+    """Rows as our rollouts write them: a solve at turn 2 and a run of format failures and repeats."""
+    cfg = EpisodeConfig(max_turns=3)
+    rows = []
+    replies_of = [
+        ["<answer>5</answer>", "<answer>7</answer>"],
+        ["no idea", "<answer>5</answer>", "<answer> 5</answer>"],
+    ]
+    for k, replies in enumerate(replies_of):
+        problem = Problem("p1", "What is 3 + 4?", "7")
+        episode = Episode(problem, k, first_messages(problem.question, cfg))
+        for reply in replies:
+            episode.take_turn(Generation(reply, 10, 3), ExactVerifier(), cfg)
+        rows.append(episode.to_row(cfg, "demo"))
+    return rows
+
+
+def test_authors_file_becomes_lists_in_turn_order_with_source_lines():
+    table = read_trajectories(AUTHORS_SAMPLE)
+    records = [json.loads(line) for line in AUTHORS_SAMPLE.read_text().splitlines()]
+    rows = table.to_pylist()
+
+    assert [r[schema.SOURCE_LINE] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row, record in zip(rows, records):
+        turns = sorted(record["turn_rewards"], key=lambda key: int(key[1:]))
+        assert row[schema.TURN_REWARDS] == [record["turn_rewards"][t] for t in turns]
+        assert row[schema.CORRECT] == [record["verifier"][t] == 1 for t in turns]
+        assert row[schema.FORMAT_FAILURES] == [record["reward_details"][t]["format_penalty"] != 0 for t in turns]
+        assert json.loads(row[schema.REWARD_DETAILS]) == record["reward_details"]
+        assert row[schema.T_STAR] == record["t_star"]
+        assert row[schema.MESSAGES] == record["messages"]
+        assert row[schema.PROMPT_ID] == record["prompt_id"]
+        assert row[schema.GOLD] == record["gold"]
+    # Line 6 lists its turns as t2, t1: the lists follow the turn number, not the key order.
+    assert rows[5][schema.TURN_REWARDS] == [0.0, 1.0]
+    assert rows[5][schema.CORRECT] == [False, True]
+    assert rows[5][schema.FORMAT_FAILURES] == [True, False]
+    # Line 3 records its format failure as an empty answer: not an answer.
+    assert rows[2][schema.ANSWER_NORMS] == ["7", "7"]
+    assert table.schema.field(schema.TURN_REWARDS).type == pa.list_(pa.float64())
+
+
+def test_authors_line_without_optional_fields(tmp_path):
+    record = {"prompt_id": "q", "turn_rewards": {"t1": 0.0, "t2": 1.0}, "answer_norms": ["a", None, "b"]}
+    record["format_penalty"] = 0.0
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    table = read_trajectories(path)
+    row = table.to_pylist()[0]
+    assert row[schema.TURN_REWARDS] == [0.0, 1.0]
+    assert row[schema.ANSWER_NORMS] == ["a", "b"]
+    assert schema.CORRECT not in table.column_names
+    assert schema.FORMAT_FAILURES not in table.column_names
+
+
+def test_our_jsonl_reads_like_our_parquet(tmp_path):
+    rows = _episode_rows()
+    parquet = tmp_path / "rollouts.parquet"
+    write_table_atomic(pa.Table.from_pylist(rows), parquet)
+    jsonl = tmp_path / "rollouts.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    from_parquet = read_trajectories(parquet).to_pylist()
+    from_jsonl = read_trajectories(jsonl).to_pylist()
+
+    assert [r.pop(schema.SOURCE_LINE) for r in from_jsonl] == [1, 2]
+    assert from_jsonl == from_parquet == rows
+
+
+def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
+    ours = _episode_rows()[0]
+    authors = AUTHORS_SAMPLE.read_text().splitlines()[0]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(ours) + "\n\n" + authors + "\n")
+    rows = read_trajectories(path).to_pylist()
+    assert [r[schema.SOURCE_LINE] for r in rows] == [1, 3]
+    assert rows[0][schema.TURN_REWARDS] == ours[schema.TURN_REWARDS]
+    assert rows[1][schema.TURN_REWARDS] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({schema.FORMAT_PENALTY: float("nan")}, schema.FORMAT_PENALTY),
+        ({schema.TURN_REWARDS: [0.0, float("inf")]}, schema.TURN_REWARDS),
+        ({schema.TURN_REWARDS: []}, schema.TURN_REWARDS),
+        ({schema.PROMPT_ID: None}, schema.PROMPT_ID),
+    ],
+)
+def test_bad_parquet_value_names_file_row_and_field(tmp_path, change, field):
+    rows = _episode_rows()
+    rows[1] = {**rows[1], **change}
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(TrajectoryFileError, match=rf"bad\.parquet: row 2: field '{field}'"):
+        read_trajectories(path)
+
+
+def test_parquet_with_wrong_column_type_or_missing_column(tmp_path):
+    rows = _episode_rows()
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, schema.TURN_REWARDS: "1.0"} for r in rows]), path)
+    expected = rf"bad\.parquet: field '{schema.TURN_REWARDS}': expected .*found type string"
+    with pytest.raises(TrajectoryFileError, match=expected):
+        read_trajectories(path)
+    pq.write_table(pa.Table.from_pylist(rows).drop_columns([schema.ANSWER_NORMS]), path)
+    with pytest.raises(schema.MissingColumnsError, match=schema.ANSWER_NORMS):
+        read_trajectories(path)
+
+
+def test_parquet_integer_rewards_are_read_as_float(tmp_path):
+    rows = [{**r, schema.TURN_REWARDS: [int(x) for x in r[schema.TURN_REWARDS]]} for r in _episode_rows()]
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    table = read_trajectories(path)
+    assert table.schema.field(schema.TURN_REWARDS).type == pa.list_(pa.float64())
+    assert table.column(schema.TURN_REWARDS).to_pylist() == [r[schema.TURN_REWARDS] for r in rows]
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(TrajectoryFileError, match="no such file"):
+        read_trajectories(tmp_path / "absent.jsonl")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    with pytest.raises(TrajectoryFileError, match=r"blank\.jsonl: no trajectories"):
+        read_trajectories(blank)
+
+
+def test_a_column_that_changes_type_names_its_line(tmp_path):
+    rows = _episode_rows()
+    rows[1][schema.NUM_TURNS] = "three"
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{schema.NUM_TURNS}'.*'three'"):
+        read_trajectories(path)
+
+
+def test_write_table_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "out" / "t.parquet"
+    first = pa.table({"x": [1, 2]})
+    write_table_atomic(first, path)
+    write_table_atomic(pa.table({"x": [3]}), path)
+    assert pq.read_table(path).to_pydict() == {"x": [3]}
+    assert [p.name for p in path.parent.iterdir()] == ["t.parquet"]
+
+
+def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
+    path = tmp_path / "t.parquet"
+    write_table_atomic(pa.table({"x": [1]}), path)
+
+    def crash_midway(table, where):
+        where.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        write_table_atomic(pa.table({"x": [2]}), path)
+    monkeypatch.undo()
+    assert pq.read_table(path).to_pydict() == {"x": [1]}
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_write_json_atomic(tmp_path):
+    path = tmp_path / "d.json"
+    write_json_atomic({"b": 1, "a": [0.5]}, path)
+    assert json.loads(path.read_text()) == {"a": [0.5], "b": 1}
+    with pytest.raises(ValueError):
+        write_json_atomic({"a": float("nan")}, path)
+    assert json.loads(path.read_text()) == {"a": [0.5], "b": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["d.json"]

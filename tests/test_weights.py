@@ -1,0 +1,364 @@
+"""The weights stage: returns, per-group weights, modes, diagnostics, the file entry and the Ray Data map."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drift_ray import schema
+from drift_ray.config import WeightsConfig
+from drift_ray.weights import (
+    add_weights,
+    compute_weights,
+    diagnostics_path,
+    group_weights,
+    trajectory_returns,
+    weight_diagnostics,
+    weights_file,
+)
+
+AUTHORS_SAMPLE = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    """Weights input from rows given as (prompt, rewards, penalty, answers[, extra columns])."""
+    return pa.Table.from_pylist(
+        [
+            {
+                schema.TRAJECTORY_ID: f"{r['prompt']}/{k}",
+                schema.PROMPT_ID: r["prompt"],
+                schema.TURN_REWARDS: [float(x) for x in r["rewards"]],
+                schema.FORMAT_PENALTY: float(r.get("penalty", 0.0)),
+                schema.ANSWER_NORMS: r.get("answers", []),
+                **r.get("extra", {}),
+            }
+            for k, r in enumerate(rows)
+        ]
+    )
+
+
+# --- returns ------------------------------------------------------------------------------------------
+
+
+def test_returns_by_hand():
+    table = _table(
+        [
+            {"prompt": "a", "rewards": [0, 0, 1], "answers": ["1", "2", "3"]},  # γ² = 0.81
+            {"prompt": "a", "rewards": [0, 0, 0], "answers": ["6", "6", "6"]},  # −0.5·(1 − 1/3)
+            {"prompt": "a", "rewards": [0, 0, 0], "penalty": -0.1, "answers": ["7", "7"]},  # −0.1 − 0.5·½
+            {"prompt": "a", "rewards": [0, 0], "penalty": -0.2, "answers": []},  # no answer: no repetition term
+            {"prompt": "a", "rewards": [1], "answers": ["", None, "4"]},  # blanks are not answers
+        ]
+    )
+    returns = trajectory_returns(table, gamma=0.9, rep_lambda=0.5)
+    np.testing.assert_allclose(returns, [0.81, -1 / 3, -0.35, -0.2, 1.0], rtol=0, atol=1e-12)
+    assert returns.dtype == np.float64
+
+
+def test_gamma_zero_counts_only_the_first_turn():
+    table = _table([{"prompt": "a", "rewards": [1, 1]}, {"prompt": "a", "rewards": [0, 1]}])
+    np.testing.assert_array_equal(trajectory_returns(table, gamma=0.0, rep_lambda=0.5), [1.0, 0.0])
+
+
+def test_format_penalty_repriced_from_format_failures():
+    failures = schema.FORMAT_FAILURES
+    table = _table(
+        [
+            {"prompt": "a", "rewards": [0, 0, 1], "penalty": -0.1, "extra": {failures: [True, False, True]}},
+            {"prompt": "a", "rewards": [0], "penalty": -0.1, "extra": {failures: [False]}},
+        ]
+    )
+    np.testing.assert_allclose(trajectory_returns(table, 0.9, 0.5, format_penalty=-0.5), [0.81 - 1.0, 0.0], atol=1e-12)
+    with pytest.raises(ValueError, match=rf"weights.format_penalty.*'{schema.FORMAT_FAILURES}'.*1 of 2 rows"):
+        one_missing = table.set_column(table.schema.get_field_index(failures), failures, pa.array([[True], None]))
+        trajectory_returns(one_missing, 0.9, 0.5, -0.5)
+    with pytest.raises(ValueError, match=schema.FORMAT_FAILURES):
+        trajectory_returns(table.drop_columns([schema.FORMAT_FAILURES]), 0.9, 0.5, -0.5)
+
+
+def test_non_finite_return_of_an_in_memory_table_is_refused():
+    table = _table([{"prompt": "a", "rewards": [0]}, {"prompt": "b", "rewards": [math.nan]}])
+    with pytest.raises(ValueError, match=r"row 2 \(prompt 'b'\)"):
+        trajectory_returns(table, 0.9, 0.5)
+
+
+# --- weights ------------------------------------------------------------------------------------------
+
+
+def test_group_weights_small_example_and_singletons():
+    weights = group_weights([1.0, 0.0, 5.0], ["a", "a", "b"], beta=1.0)
+    e = math.e
+    np.testing.assert_allclose(weights, [2 * e / (e + 1), 2 / (e + 1), 1.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1])
+def test_beta_must_be_positive(beta):
+    with pytest.raises(ValueError, match=rf"weights.beta must be > 0, found {beta}"):
+        group_weights([0.0, 1.0], ["a", "a"], beta)
+
+
+def test_extreme_returns_stay_finite():
+    # R/β = ±1e4: exp would overflow outside log space.
+    weights = group_weights([1000.0, -1000.0, 1000.0, -1000.0], ["a", "a", "a", "b"], beta=0.1)
+    assert np.isfinite(weights).all()
+    np.testing.assert_allclose(weights, [1.5, 0.0, 1.5, 1.0], rtol=1e-12, atol=0)
+
+
+_answers = st.lists(st.sampled_from(["1", "2", "x", "", " ", None]), max_size=5)
+_trajectory = st.tuples(
+    st.lists(st.floats(-2, 2), min_size=1, max_size=5),
+    st.floats(-1, 0),
+    _answers,
+)
+_groups = st.lists(st.lists(_trajectory, min_size=1, max_size=6), min_size=1, max_size=6)
+
+
+def _rows(groups) -> list[dict]:
+    return [
+        {"prompt": f"p{g}", "rewards": rewards, "penalty": penalty, "answers": answers}
+        for g, group in enumerate(groups)
+        for rewards, penalty, answers in group
+    ]
+
+
+def _direct_return(rewards, penalty, answers, gamma, rep_lambda) -> float:
+    value = sum(gamma**t * r for t, r in enumerate(rewards)) + penalty
+    counted = [a for a in answers if a and a.strip()]
+    if counted:
+        value -= rep_lambda * (1 - len(set(counted)) / len(counted))
+    return value
+
+
+@settings(max_examples=60, deadline=None)
+@given(_groups, st.floats(0.05, 5), st.floats(0, 1), st.floats(0, 1))
+def test_weights_match_the_direct_formula(groups, beta, gamma, rep_lambda):
+    rows = _rows(groups)
+    cfg = WeightsConfig(beta=beta, gamma=gamma, rep_lambda=rep_lambda)
+    out = compute_weights(_table(rows), cfg)
+
+    returns = [_direct_return(r["rewards"], r["penalty"], r["answers"], gamma, rep_lambda) for r in rows]
+    expected = []
+    for row, ret in zip(rows, returns):
+        group = [other for r, other in zip(rows, returns) if r["prompt"] == row["prompt"]]
+        expected.append(math.exp(ret / beta) / (sum(math.exp(x / beta) for x in group) / len(group)))
+
+    np.testing.assert_allclose(out.column(schema.RETURN).to_numpy(), returns, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out.column(schema.WEIGHT).to_numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_groups, st.floats(0.01, 5), st.integers(0, 2**32 - 1))
+def test_weights_average_one_per_group_and_ignore_row_order(groups, beta, seed):
+    table = _table(_rows(groups))
+    cfg = WeightsConfig(beta=beta)
+    out = compute_weights(table, cfg)
+    weights = out.column(schema.WEIGHT).to_numpy()
+    prompts = np.array(out.column(schema.PROMPT_ID).to_pylist())
+    for prompt in set(prompts):
+        assert abs(weights[prompts == prompt].mean() - 1.0) <= 1e-9
+
+    shuffled = compute_weights(table.take(np.random.default_rng(seed).permutation(table.num_rows)), cfg)
+    by_id = dict(zip(shuffled.column(schema.TRAJECTORY_ID).to_pylist(), shuffled.column(schema.WEIGHT).to_pylist()))
+    np.testing.assert_allclose(
+        [by_id[t] for t in out.column(schema.TRAJECTORY_ID).to_pylist()], weights, rtol=1e-12, atol=1e-15
+    )
+
+
+# --- modes, diagnostics -------------------------------------------------------------------------------
+
+
+def _success_table() -> pa.Table:
+    rows = [
+        {"prompt": "a", "rewards": [0, 0], "extra": {schema.T_STAR: 2, schema.CORRECT: [False, False]}},
+        {"prompt": "a", "rewards": [0, 0], "extra": {schema.T_STAR: None, schema.CORRECT: [False, True]}},
+        {"prompt": "b", "rewards": [0, 0.5], "extra": {schema.T_STAR: None, schema.CORRECT: [False, False]}},
+        {"prompt": "b", "rewards": [0, 0], "extra": {schema.T_STAR: None, schema.CORRECT: [False, False]}},
+    ]
+    return _table(rows)
+
+
+def test_modes_uniform_and_success_only():
+    table = _success_table()
+    uniform = compute_weights(table, WeightsConfig(mode="uniform"))
+    assert uniform.column(schema.WEIGHT).to_pylist() == [1.0] * 4
+    success = compute_weights(table, WeightsConfig(mode="success_only"))
+    assert success.column(schema.WEIGHT).to_pylist() == [1.0, 1.0, 1.0, 0.0]
+    assert success.column(schema.RETURN).to_pylist() == uniform.column(schema.RETURN).to_pylist()
+
+
+def test_compute_weights_keeps_columns_and_replaces_old_weights():
+    table = _success_table()
+    once = compute_weights(table, WeightsConfig())
+    assert once.column_names == table.column_names + [schema.RETURN, schema.WEIGHT]
+    twice = compute_weights(once, WeightsConfig(mode="uniform"))
+    assert twice.column_names == once.column_names
+    assert twice.column(schema.WEIGHT).to_pylist() == [1.0] * 4
+
+
+def test_missing_input_column_is_named():
+    with pytest.raises(schema.MissingColumnsError, match=schema.ANSWER_NORMS):
+        compute_weights(_table([{"prompt": "a", "rewards": [1]}]).drop_columns([schema.ANSWER_NORMS]), WeightsConfig())
+
+
+def test_diagnostics_by_hand():
+    table = _table(
+        [
+            {"prompt": "a", "rewards": [1]},
+            {"prompt": "a", "rewards": [0]},
+            {"prompt": "b", "rewards": [0]},
+            {"prompt": "b", "rewards": [0]},
+        ]
+    ).append_column(schema.WEIGHT, pa.array([1.5, 0.5, 1.0, 1.0]))
+    diagnostics = weight_diagnostics(table)
+    # ESS: a = 2² / (1.5² + 0.5²) = 1.6, b = 2² / 2 = 2; p10 of [1.6, 2] = 1.64.
+    assert diagnostics == pytest.approx(
+        {
+            "num_trajectories": 4,
+            "num_groups": 2,
+            "weight_min": 0.5,
+            "weight_max": 1.5,
+            "weight_mean": 1.0,
+            "ess_mean": 1.8,
+            "ess_p10": 1.64,
+            "groups_without_success_share": 0.5,
+            "success_weight_share": 1.5 / 4,
+        }
+    )
+
+
+# --- the file entry -----------------------------------------------------------------------------------
+
+
+def test_weights_file_on_the_authors_sample(tmp_path):
+    output = tmp_path / "out" / "weighted.parquet"
+    diagnostics = weights_file(AUTHORS_SAMPLE, output, WeightsConfig())
+    table = pq.read_table(output)
+    assert table.column(schema.SOURCE_LINE).to_pylist() == [1, 2, 3, 4, 5, 6]
+    # Line 4 solves at turn 3 with distinct answers: γ² = 0.81.
+    assert table.column(schema.RETURN)[3].as_py() == pytest.approx(0.81)
+    assert json.loads(diagnostics_path(output).read_text()) == diagnostics
+    assert diagnostics["num_groups"] == 2 and diagnostics["num_trajectories"] == 6
+    assert sorted(p.name for p in output.parent.iterdir()) == ["weighted.diagnostics.json", "weighted.parquet"]
+
+
+_GOOD = {
+    "prompt_id": "q1",
+    "gold": "4",
+    "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<answer>4</answer>"}],
+    "verifier": {"t1": 1},
+    "turn_rewards": {"t1": 1.0},
+    "reward_details": {
+        "t1": {"env_reward": 1.0, "format_penalty": 0.0, "actions": ["4"], "parsed_actions": ["4"], "info": {}}
+    },
+    "t_star": 1,
+    "answer_norms": ["4"],
+    "format_penalty": 0.0,
+}
+
+
+def _without(key: str) -> dict:
+    return {k: v for k, v in _GOOD.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    "line_2, message",
+    [
+        ('{"prompt_id": "q1", "turn_rewards": ', r"not valid JSON"),
+        (json.dumps(_without("format_penalty")), r"field 'format_penalty'.*found None"),
+        (
+            json.dumps({**_GOOD, "turn_rewards": "abc"}),
+            r"field 'turn_rewards': expected a mapping t1\.\.tN of numbers or a list of numbers, found 'abc'",
+        ),
+        (json.dumps({**_GOOD, "prompt_id": 7}), r"field 'prompt_id': expected a string, found 7"),
+        (
+            json.dumps({**_GOOD, "turn_rewards": {"t1": float("nan")}}),
+            r"field 'turn_rewards': expected finite numbers, found nan at turn 1",
+        ),
+        (json.dumps({**_GOOD, "format_penalty": float("-inf")}), r"field 'format_penalty'.*-inf"),
+        (
+            json.dumps({**_GOOD, "turn_rewards": {"t1": 0.0, "t3": 1.0}}),
+            r"field 'turn_rewards': expected keys t1\.\.tN.*\['t1', 't3'\]",
+        ),
+        (json.dumps({**_GOOD, "verifier": {"t1": 2}}), r"field 'verifier\.t1': expected 0 or 1, found 2"),
+        (json.dumps({**_GOOD, "verifier": {"t1": 1, "t2": 0}}), r"field 'verifier': expected the 1 turn\(s\) of 'turn_rewards', found 2"),
+        (json.dumps({**_GOOD, "reward_details": {"t1": {}}}), r"field 'reward_details\.t1\.format_penalty'"),
+        (json.dumps({**_GOOD, "answer_norms": "4"}), r"field 'answer_norms': expected a list of strings"),
+        (json.dumps({**_GOOD, "t_star": 3}), r"field 't_star'"),
+        ("[1, 2]", r"expected a JSON object, found list"),
+    ],
+)
+def test_weights_file_refuses_bad_lines_and_writes_nothing(tmp_path, line_2, message):
+    source = tmp_path / "in" / "data.jsonl"
+    source.parent.mkdir()
+    source.write_text("\n".join([json.dumps(_GOOD), line_2, json.dumps(_GOOD)]) + "\n")
+    out_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: " + message):
+        weights_file(source, out_dir / "weighted.parquet", WeightsConfig())
+    assert not out_dir.exists()
+    assert [p.name for p in source.parent.iterdir()] == ["data.jsonl"]
+
+
+def test_weights_file_refuses_empty_input_and_bad_beta(tmp_path):
+    out_dir = tmp_path / "out"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no trajectories"):
+        weights_file(empty, out_dir / "w.parquet", WeightsConfig())
+    # The config refuses β ≤ 0; a config built without validation still cannot slip it through.
+    with pytest.raises(ValueError, match=r"weights\.beta must be > 0, found 0\.0"):
+        weights_file(AUTHORS_SAMPLE, out_dir / "w.parquet", WeightsConfig.model_construct(beta=0.0))
+    assert not out_dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
+# --- Ray Data -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_add_weights_groups_interleaved_blocks(ray_cluster):
+    rng = np.random.default_rng(0)
+    prompts, k = 6, 4
+    # Row i belongs to prompt i % 6: each of the 4 blocks holds one trajectory of every prompt.
+    table = _table(
+        [
+            {
+                "prompt": f"p{i % prompts}",
+                "rewards": rng.integers(0, 2, rng.integers(1, 4)).tolist(),
+                "answers": [str(rng.integers(3))],
+            }
+            for i in range(prompts * k)
+        ]
+    )
+    blocks = [table.slice(b * prompts, prompts) for b in range(k)]
+    ds = ray_cluster.data.from_arrow(blocks)
+    cfg = WeightsConfig(beta=0.5)
+    whole = compute_weights(table, cfg)
+    expected = dict(zip(whole.column(schema.TRAJECTORY_ID).to_pylist(), whole.column(schema.WEIGHT).to_pylist()))
+
+    def weights_by_id(result) -> dict[str, float]:
+        return {row[schema.TRAJECTORY_ID]: row[schema.WEIGHT] for row in result.take_all()}
+
+    assert len(set(expected.values())) > 1
+    # Blocks that split groups give wrong weights (every block sees groups of one) ...
+    assert set(weights_by_id(add_weights(ds, cfg, whole_groups=True)).values()) == {1.0}
+    # ... hash partitioning by prompt id gathers each group into one block.
+    grouped = weights_by_id(add_weights(ds, cfg, whole_groups=False))
+    assert grouped.keys() == expected.keys()
+    for trajectory_id, weight in expected.items():
+        assert grouped[trajectory_id] == pytest.approx(weight, rel=1e-12)
