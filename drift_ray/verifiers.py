@@ -7,21 +7,26 @@ Pluggable by name through `get_verifier(name, **options)`. Every verifier has th
 - numeric: both sides read as numbers ("1,234", "-3.5", "1/2", "$12", "50%", "3.0e2", "12 cm") and equal
            within a tolerance.
 - choice:  the multiple-choice letter (A–J) of the answer equals the gold letter.
-- math:    symbolic equivalence through math-verify, in killable helper processes with a per-answer timeout.
+- math:    symbolic equivalence through math-verify, in killable helper processes (pebble) with a per-answer
+           timeout.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import logging
 import multiprocessing
 import re
+import signal
 import threading
 import weakref
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from multiprocessing.connection import Connection
 from typing import Any, Callable, Protocol
+
+import pebble
 
 logger = logging.getLogger(__name__)
 
@@ -164,123 +169,26 @@ class ChoiceVerifier:
 # Why helper processes: math-verify's own timeouts use signal.alarm, which works only in the main thread,
 # and rollouts verify from Ray actor threads. A thread cannot be killed, so a runaway sympy computation
 # (e.g. "(10^{7})!", minutes of big-integer arithmetic) would keep a core busy long after its caller gave
-# up. A process can be killed. Each call checks out a helper process of its own, so killing it on a
-# timeout cannot touch another answer's computation; the next call starts a fresh helper. We keep our own
-# small pool rather than ProcessPoolExecutor, whose API cannot kill one running task (only private
-# attributes reach its processes), or multiprocessing.Pool, whose terminate() kills every caller's work.
-# "spawn" because forking a multi-threaded process (Ray, torch) can copy locks held by other threads; as
-# with any spawned process, a script that uses this verifier needs an `if __name__ == "__main__":` guard.
+# up. A process can be killed. pebble's ProcessPool kills just the worker whose task ran out of time and
+# starts a new one, so a timeout cannot touch another answer's computation; the standard library cannot
+# do this (ProcessPoolExecutor cannot stop one running task, multiprocessing.Pool.terminate() kills every
+# caller's work). "spawn" because forking a multi-threaded process (Ray, torch) can copy locks held by
+# other threads; as with any spawned process, a script that uses this verifier needs an
+# `if __name__ == "__main__":` guard.
 
-
-def _serve(connection: Connection, initializer: Callable[[], None]) -> None:
-    """Main loop of a helper process: run each (function, args) request and reply (ok, result)."""
-    initializer()
-    connection.send((True, "ready"))
-    while True:
-        try:
-            function, args = connection.recv()
-        except EOFError:  # the parent closed the pipe or died
-            return
-        try:
-            connection.send((True, function(*args)))
-        except Exception as error:  # reported to the caller rather than dying without a word
-            connection.send((False, f"{type(error).__name__}: {error}"))
-
-
-class _HelperProcess:
-    """One spawned process that runs module-level functions on request."""
-
-    def __init__(self, initializer: Callable[[], None], start_timeout_s: float):
-        context = multiprocessing.get_context("spawn")
-        self._connection, child_end = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child_end, initializer), daemon=True)
-        self._process.start()
-        child_end.close()
-        # Start-up (importing sympy) is not the answer's fault: it gets its own, generous limit.
-        if not self._connection.poll(start_timeout_s):
-            self.kill()
-            raise RuntimeError(f"verifier helper process did not start within {start_timeout_s} s")
-        try:
-            self._connection.recv()
-        except EOFError:
-            self.kill()
-            raise RuntimeError(
-                f"verifier helper process exited while starting (exit code {self._process.exitcode}); see its "
-                "stderr. A script that starts it needs an `if __name__ == '__main__':` guard (helpers are spawned)"
-            ) from None
-
-    def call(self, function: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Any:
-        """function(*args) in the helper; TimeoutError after timeout_s, ChildProcessError if it failed."""
-        self._connection.send((function, args))
-        if not self._connection.poll(timeout_s):
-            raise TimeoutError(f"{function.__name__} took longer than {timeout_s} s")
-        try:
-            ok, result = self._connection.recv()
-        except EOFError:
-            raise ChildProcessError(f"verifier helper process died (exit code {self._process.exitcode})") from None
-        if not ok:
-            raise ChildProcessError(result)
-        return result
-
-    def is_alive(self) -> bool:
-        return self._process.is_alive()
-
-    def kill(self) -> None:
-        self._process.kill()
-        self._process.join()
-        self._connection.close()
-
-
-class _HelperPool:
-    """Runs module-level functions in at most `max_processes` helper processes, killing those that time out.
-
-    A caller waits for a free helper without that wait counting against its timeout, so a slow answer
-    delays, but never fails, the answers checked beside it.
-    """
-
-    def __init__(self, initializer: Callable[[], None], max_processes: int = 2, start_timeout_s: float = 120.0):
-        if max_processes < 1:
-            raise ValueError(f"max_processes must be >= 1, found {max_processes}")
-        self._initializer = initializer
-        self._start_timeout_s = start_timeout_s
-        self._slots = threading.BoundedSemaphore(max_processes)
-        self._idle: list[_HelperProcess] = []
-        self._lock = threading.Lock()
-
-    def _checkout(self) -> _HelperProcess:
-        with self._lock:
-            while self._idle:
-                helper = self._idle.pop()
-                if helper.is_alive():
-                    return helper
-                helper.kill()  # died while idle (e.g. the OOM killer): not the next answer's fault
-        return _HelperProcess(self._initializer, self._start_timeout_s)
-
-    def run(self, function: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Any:
-        """function(*args) in a helper process; raises TimeoutError (the helper is then killed) or ChildProcessError."""
-        with self._slots:
-            helper = self._checkout()
-            try:
-                result = helper.call(function, args, timeout_s)
-            except BaseException:
-                # Timed out, died, or interrupted mid-call (its pipe may then hold a stale reply): never reuse it.
-                helper.kill()
-                raise
-            with self._lock:
-                self._idle.append(helper)
-            return result
-
-    def close(self) -> None:
-        """Stop the idle helpers; a later call starts new ones."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for helper in idle:
-            helper.kill()
+_START_TIMEOUT_S = 120.0  # start-up (importing sympy) is not an answer's fault: it gets its own, generous limit
 
 
 def _init_math_helper() -> None:
-    """Silence math-verify's warning that its own timeout is off (we time it out from outside), and run
-    one check before the helper reports ready so that lazy imports never eat an answer's timeout."""
+    """Prepare a helper process before it takes its first answer (pebble's timeouts start after this).
+
+    SIGTERM kills at once: pebble's own handler runs only when the computation next checks for signals,
+    which C code such as GMP (sympy's arithmetic when gmpy2 is installed) may not do for long, and pebble
+    waits 3 s for it before it sends SIGKILL. math-verify's warning that its own timeout is off is
+    silenced (we time it out from outside), and one check runs so that lazy imports never eat an
+    answer's timeout.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     _math_equivalent("1", "1")
 
@@ -306,14 +214,21 @@ def _math_canonical(answer: str) -> str | None:
     return str(parsed[0]) if parsed and not isinstance(parsed[0], str) else None
 
 
+def _stop_soon(pool: pebble.ProcessPool) -> None:
+    """Stop `pool` and its helper processes without waiting: callable from any thread, even one of the
+    pool's own (a garbage collection can run there), which could not join itself."""
+    pool.stop()
+    threading.Thread(target=pool.join, name="stop-math-helpers", daemon=True).start()
+
+
 class MathVerifier:
     """Correct when math-verify finds the answer equivalent to the gold ("\\frac{1}{2}", "0.5", "1/2").
 
-    Each answer gets `timeout_s` seconds in a helper process (see the note above `_serve`); one that
-    takes longer, or makes math-verify fail, counts as wrong and normalises with basic_normalize.
-    Results are cached per (answer, gold) since the K samples of a prompt repeat answers; a timeout is
-    cached too, so a pathological answer costs its timeout once. A helper that cannot start at all
-    raises RuntimeError: a broken environment must not pass for wrong answers.
+    Each answer gets `timeout_s` seconds in one of `max_processes` helper processes (see the note above
+    `_START_TIMEOUT_S`); one that takes longer, or makes math-verify fail, counts as wrong and normalises
+    with basic_normalize. Results are cached per (answer, gold) since the K samples of a prompt repeat
+    answers; a timeout is cached too, so a pathological answer costs its timeout once. Helpers that cannot
+    start at all raise RuntimeError: a broken environment must not pass for wrong answers.
     """
 
     name = "math"
@@ -321,11 +236,16 @@ class MathVerifier:
     def __init__(self, timeout_s: float = 5.0, max_processes: int = 2, cache_size: int = 65536):
         if timeout_s <= 0:
             raise ValueError(f"math verifier: timeout_s must be > 0, found {timeout_s}")
+        if max_processes < 1:
+            raise ValueError(f"math verifier: max_processes must be >= 1, found {max_processes}")
         self.timeout_s = timeout_s
         self.max_processes = max_processes
         self.cache_size = cache_size
-        self._pool = _HelperPool(_init_math_helper, max_processes)
-        weakref.finalize(self, self._pool.close)
+        # At most one call per helper: a call then finds its helper idle or starting, so it waits at most
+        # one start-up plus its own timeout, and waiting for a free helper never counts against an answer.
+        self._slots = threading.BoundedSemaphore(max_processes)
+        self._pool: pebble.ProcessPool | None = None
+        self._pool_lock = threading.Lock()
         self._cached_check = functools.lru_cache(maxsize=cache_size)(self._check_uncached)
         self._cached_normalize = functools.lru_cache(maxsize=cache_size)(self._normalize_uncached)
 
@@ -340,8 +260,13 @@ class MathVerifier:
         return self._cached_check(answer, gold)
 
     def close(self) -> None:
-        """Stop the helper processes now (they also stop with this process)."""
-        self._pool.close()
+        """Stop the helper processes once the calls in flight end (they also stop with this process); a
+        later call starts new ones."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            pool.join()
 
     def _normalize_uncached(self, answer: str) -> str:
         return self._run(_math_canonical, answer) or basic_normalize(answer)
@@ -350,11 +275,57 @@ class MathVerifier:
         return self._run(_math_equivalent, answer, gold) is True
 
     def _run(self, function: Callable[..., Any], answer: str, *args: str) -> Any:
-        try:
-            return self._pool.run(function, (answer, *args), self.timeout_s)
-        except (TimeoutError, ChildProcessError, OSError) as error:
-            logger.warning("math verifier: gave up on answer %r (it counts as wrong): %s", answer[:200], error)
+        """function(answer, *args) in a helper process; None when it timed out or failed."""
+        # pebble calls its pool broken when a worker exits while no task runs: while starting (a broken
+        # environment) or while idle (say, the OOM killer; not this answer's fault). A fresh pool (started
+        # by _schedule) tells which.
+        for _ in range(2):
+            with self._slots:
+                pool, future = self._schedule(function, (answer, *args))
+                finished = concurrent.futures.wait([future], timeout=_START_TIMEOUT_S + self.timeout_s).done
+            if not finished:
+                self._discard(pool)
+                raise RuntimeError(
+                    f"math verifier: no helper process started within {_START_TIMEOUT_S:g} s (each imports "
+                    "math-verify and checks one answer before it takes the first)"
+                )
+            error = future.exception()
+            if not isinstance(error, BrokenProcessPool):
+                break
+        else:
+            raise RuntimeError(
+                "math verifier: its helper processes exited while starting (their errors are on stderr). A "
+                "script that uses this verifier needs an `if __name__ == '__main__':` guard (helpers are spawned)"
+            ) from error
+        if error is not None:  # timed out, the helper died, or math-verify failed
+            logger.warning("math verifier: gave up on answer %r (it counts as wrong): %r", answer[:200], error)
             return None
+        return future.result()
+
+    def _schedule(
+        self, function: Callable[..., Any], args: tuple[str, ...]
+    ) -> tuple[pebble.ProcessPool, pebble.ProcessFuture]:
+        pool = self._pool
+        if pool is not None and not pool.active:  # broken (see _run)
+            self._discard(pool)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = pebble.ProcessPool(
+                    max_workers=self.max_processes,
+                    initializer=_init_math_helper,
+                    context=multiprocessing.get_context("spawn"),
+                )
+                # Not at exit: pebble stops its workers itself then, when new threads may be refused.
+                weakref.finalize(self, _stop_soon, self._pool).atexit = False
+            return self._pool, self._pool.schedule(function, args=args, timeout=self.timeout_s)
+
+    def _discard(self, pool: pebble.ProcessPool) -> None:
+        """Stop a broken or hung pool; the next call starts a fresh one."""
+        with self._pool_lock:
+            if self._pool is not pool:  # another call discarded it already
+                return
+            self._pool = None
+        _stop_soon(pool)
 
 
 # --------------------------------------------------------------------------------------------- registry
