@@ -131,6 +131,7 @@ def completed_prompts(out_dir: str | Path, samples_per_prompt: int) -> set[str]:
 def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     """Record the settings of the trajectories in `out_dir`; refuse to mix trajectories of other settings."""
     path = out_dir / MANIFEST
+    settings = json.loads(json.dumps(settings))  # compare as stored: tuples read back as lists
     if path.exists():
         recorded = json.loads(path.read_text())
         if recorded != settings:
@@ -180,7 +181,10 @@ def run_episodes(
     start = time.perf_counter()
     if todo:
         r = cfg.rollout
-        ds = ray.data.from_arrow(problems_table(todo)).map_batches(
+        # One block per batch, so every actor of the pool gets inputs (a single block feeds one actor).
+        table = problems_table(todo)
+        blocks = [table.slice(i, prompts_per_batch) for i in range(0, len(todo), prompts_per_batch)]
+        ds = ray.data.from_arrow(blocks).map_batches(
             EpisodeStage,
             fn_constructor_kwargs={
                 "model": model,

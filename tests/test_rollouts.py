@@ -1,0 +1,110 @@
+"""The rollout stage: shards, resume and manifests without Ray; the Ray Data actor pool on a local cluster."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from drift_ray import schema
+from drift_ray.config import load_config
+from drift_ray.episode import SamplingParams
+from drift_ray.prompts import Problem
+from drift_ray.rollouts import (
+    check_manifest,
+    completed_prompts,
+    read_shards,
+    rollout_sampling,
+    run_episodes,
+    shard_path,
+    summarize,
+)
+
+
+def trajectory_rows(prompt_id: str, k: int) -> list[dict]:
+    return [
+        {schema.PROMPT_ID: prompt_id, schema.TRAJECTORY_ID: f"{prompt_id}/{i}", schema.SAMPLE_INDEX: i,
+         schema.T_STAR: 1 if i == 0 else None, schema.PROMPT_TOKENS: 3, schema.COMPLETION_TOKENS: 5}
+        for i in range(k)
+    ]
+
+
+def write_shard(out_dir: Path, prompt_ids: list[str], k: int) -> None:
+    rows = [r for pid in prompt_ids for r in trajectory_rows(pid, k)]
+    pq.write_table(pa.Table.from_pylist(rows), shard_path(out_dir, [Problem(p, "q", "g") for p in prompt_ids]))
+
+
+def test_shard_names_depend_only_on_the_batch(tmp_path):
+    a = [Problem("p1", "q", "1"), Problem("p2", "q", "2")]
+    assert shard_path(tmp_path, a) == shard_path(tmp_path, list(a))
+    assert shard_path(tmp_path, a) != shard_path(tmp_path, a[:1])
+    assert shard_path(tmp_path, a).name.startswith("part-")
+
+
+def test_completed_prompts_ignores_temporary_files_and_rejects_partial_groups(tmp_path):
+    write_shard(tmp_path, ["a", "b"], k=2)
+    (tmp_path / ".part-0000.parquet.1234.tmp").write_bytes(b"PAR1 half written")
+    assert completed_prompts(tmp_path, 2) == {"a", "b"}
+    with pytest.raises(RuntimeError, match="expected 3"):
+        completed_prompts(tmp_path, 3)
+
+
+def test_manifest_refuses_other_settings(tmp_path):
+    check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})
+    check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})  # same settings: fine
+    with pytest.raises(RuntimeError, match="differ in: samples_per_prompt"):
+        check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
+
+
+def test_summary_counts_per_prompt():
+    problems = [Problem("a", "q", "1"), Problem("b", "q", "2")]
+    table = summarize(problems, trajectory_rows("a", 3) + trajectory_rows("b", 3), seconds=2.0)
+    assert table.column("trajectories").to_pylist() == [3, 3]
+    assert table.column("solved").to_pylist() == [1, 1]
+    assert table.column(schema.COMPLETION_TOKENS).to_pylist() == [15, 15]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_rollouts_resume_after_interruption(tmp_path, ray_cluster, tiny_model_dir):
+    cfg = load_config(None, ['episode.instruction="{question}"', "episode.max_turns=2", "rollout.max_new_tokens=6",
+                             "rollout.cpus_per_actor=1", "seed=7"])
+    problems = [Problem(f"p{i}", f"x is between 10 and 29, and x+1 ends in {i}. What is x?", "9") for i in range(6)]
+    out = tmp_path / "rollouts"
+    kwargs = dict(model=tiny_model_dir, cfg=cfg, verifier="exact", params=rollout_sampling(cfg),
+                  samples_per_prompt=3, prompts_per_batch=2, num_actors=2)
+
+    # A "killed" first run: only the first batch made it to disk, plus a half-written temporary file.
+    first = run_episodes(problems[:2], out, **kwargs)
+    assert first["new"] == 2 and first["trajectories"] == 6
+    (out / ".part-deadbeef.parquet.0.tmp").write_bytes(b"PAR1 partial")
+
+    second = run_episodes(problems, out, **kwargs)
+    assert (second["reused"], second["new"], second["trajectories"]) == (2, 4, 12)
+    table = read_shards(out)
+    ids = table.column(schema.TRAJECTORY_ID).to_pylist()
+    assert len(ids) == len(set(ids)) == 6 * 3
+    assert set(table.column(schema.PROMPT_ID).to_pylist()) == {p.prompt_id for p in problems}
+    assert all(1 <= n <= 2 for n in table.column(schema.NUM_TURNS).to_pylist())
+    assert set(table.column(schema.MODEL).to_pylist()) == {tiny_model_dir}
+
+    # A rerun has nothing left to do and writes nothing.
+    shards = sorted(out.glob("part-*.parquet"))
+    third = run_episodes(problems, out, **kwargs)
+    assert third["new"] == 0 and sorted(out.glob("part-*.parquet")) == shards
+
+    # Same seed, same batches: a fresh directory reproduces the trajectories exactly.
+    again = tmp_path / "again"
+    run_episodes(problems, again, **kwargs)
+    assert read_shards(again).column(schema.MESSAGES).to_pylist() == table.column(schema.MESSAGES).to_pylist()
+
+    with pytest.raises(RuntimeError, match="other settings"):
+        run_episodes(problems, out, **{**kwargs, "samples_per_prompt": 2})
