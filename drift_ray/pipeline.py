@@ -95,6 +95,16 @@ def run_weights(cfg: Config) -> dict[str, Any]:
     return diagnostics
 
 
+def run_training(cfg: Config, reference: str) -> str:
+    """Weighted SFT of the reference on the weighted rollouts; returns the trained model's directory."""
+    from drift_ray.train import train_weighted_sft
+
+    out = Path(cfg.run_dir) / "train"
+    stats = train_weighted_sft(cfg, str(Path(cfg.run_dir) / "weighted"), reference, str(out))
+    log.info("training: %s", stats)
+    return str(out / "model")
+
+
 def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
     """Greedy multi-turn episodes of every model on the test split; metrics, table and plot under run_dir/eval."""
     from drift_ray.evaluation import episode_metrics, write_report
@@ -136,5 +146,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     timed("ray_start", connect_ray, cfg)
     timed("rollouts", run_rollouts, cfg, task, reference)
     diagnostics = timed("weights", run_weights, cfg)
-    report = timed("evaluation", run_eval, cfg, task, {"reference": reference})
+    trained = timed("weighted_sft", run_training, cfg, reference)
+    report = timed("evaluation", run_eval, cfg, task, {"reference": reference, cfg.weights.mode.value: trained})
     return {"timings_s": timings, "weights": diagnostics, **report}

@@ -1,0 +1,439 @@
+"""Weighted SFT on Ray Train + DeepSpeed ZeRO: the driver (`train_weighted_sft`) and the worker loop (`train_loop`).
+
+The update of every optimizer step is exactly that of one global batch:  Σ_i w_i·L_i / normalizer  over
+its samples, whatever the number of data-parallel ranks and micro-batches (see `weighted_sft.loss_normalizer`).
+To make that hold, and to make a resumed run replay exactly, the split of the data into global batches
+and micro-batches is a pure function of the seed and the sizes (`plan_steps`): every rank reads all the
+(small, text-only) training rows and runs its own share of each global batch. A rank that has fewer real
+micro-batches in the last, partial global batch runs a weight-0 filler micro-batch, so all ranks agree
+on where the accumulation boundary is.
+
+DeepSpeed runs on GPUs (NCCL) and on CPUs (its CPU accelerator, gloo); in both cases it reuses the
+process group Ray Train set up. Checkpoints are DeepSpeed checkpoints reported to Ray Train; the run
+name hashes the config, so rerunning the same config resumes from its latest checkpoint. The final
+checkpoint holds a transformers model directory, which the driver moves to `out_dir/model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from drift_ray.config import Config, LossKind, TrainConfig
+from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
+from drift_ray.weighted_sft import (
+    collate,
+    length_buckets,
+    loss_normalizer,
+    lr_lambda,
+    per_sample_nll,
+    tokenize_trajectory,
+    weighted_loss,
+)
+
+log = logging.getLogger("drift_ray")
+
+MODEL_DIR = "model"  # under out_dir: the trained model, loadable with from_pretrained
+STATS_FILE = "drift_train.json"  # inside MODEL_DIR: the training statistics
+RUN_STORAGE_DIR = "ray_train"  # under out_dir: Ray Train's run directories and checkpoints
+HF_CHECKPOINT_DIR = "hf_model"  # inside the final checkpoint: the model as save_pretrained writes it
+DEEPSPEED_TAG = "deepspeed"  # inside an intermediate checkpoint: DeepSpeed's state
+PROGRESS_FILE = "progress.json"  # inside every checkpoint: the step reached and the statistics so far
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Indices of examples in one forward pass, with their weights."""
+
+    indices: list[int]
+    weights: list[float]
+    # A weight-0 filler keeps every rank at the same number of micro-batches per step; it moves nothing.
+    filler: bool = False
+
+
+@dataclass(frozen=True)
+class OptimizerStep:
+    """One global batch: its normalizer and, per rank, the micro-batches that rank runs in order."""
+
+    epoch: int
+    normalizer: float
+    micro_batches: list[list[MicroBatch]]  # [rank][accumulation step]
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per rank and optimizer step; the global batch must split evenly over ranks and micro-batches."""
+    per_pass = micro_batch_size * world_size
+    if global_batch_size % per_pass:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} must be a multiple of train.micro_batch_size × "
+            f"train.num_workers = {micro_batch_size} × {world_size} = {per_pass}; set train.global_batch_size "
+            f"to {max(per_pass, global_batch_size // per_pass * per_pass)} or change the other two"
+        )
+    return global_batch_size // per_pass
+
+
+def plan_steps(
+    lengths: Sequence[int],
+    weights: Sequence[float],
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    world_size: int,
+    epochs: int,
+    seed: int,
+    loss: LossKind | str,
+) -> list[OptimizerStep]:
+    """Every optimizer step of the run, the same for a seed whatever the world size.
+
+    Each epoch, `length_buckets` cuts the examples into global batches of similar length (only the last
+    is smaller). A global batch is sorted by length, cut into micro-batches, and rank r runs micro-batches
+    r, r+W, r+2W, … of it; the normalizer is that of the whole global batch.
+    """
+    accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size)
+    steps = []
+    for epoch in range(epochs):
+        for batch in length_buckets(lengths, global_batch_size, (seed, epoch)):
+            batch = sorted(batch, key=lambda i: lengths[i])
+            chunks = [batch[i : i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
+            filler = MicroBatch([batch[0]], [0.0], filler=True)
+            by_rank = []
+            for rank in range(world_size):
+                own = [MicroBatch(chunk, [float(weights[i]) for i in chunk]) for chunk in chunks[rank::world_size]]
+                by_rank.append(own + [filler] * (accumulation - len(own)))
+            normalizer = loss_normalizer([weights[i] for i in batch], loss)
+            steps.append(OptimizerStep(epoch, normalizer, by_rank))
+    return steps
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: ZeRO stage, offload, precision, clipping and batch sizes."""
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
+        if train.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    config: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(
+            train.global_batch_size, train.micro_batch_size, world_size
+        ),
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": train.bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # progress goes to ray.train.report, not DeepSpeed's log
+    }
+    if train.offload:
+        # With offload the optimizer runs on the CPU: DeepSpeed's CPU Adam is many times faster than torch's.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay}}
+    return config
+
+
+def run_name(cfg: Config, weighted_dir: str, model_path: str) -> str:
+    """A name that changes with anything that changes the run, so that only the same run resumes."""
+    identity = {
+        "train": cfg.train.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "weighted_dir": os.path.abspath(weighted_dir),
+        "model_path": model_path,
+    }
+    return "weighted_sft-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_weighted_sft(
+    cfg: Config,
+    weighted_dir: str,
+    model_path: str,
+    out_dir: str,
+    *,
+    train_loop_per_worker: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Weighted SFT of `model_path` on the weighted rollouts in `weighted_dir`; the model goes to out_dir/model.
+
+    Skipped when out_dir/model exists (it appears whole or not at all). A run killed part-way resumes
+    from its latest checkpoint when called again with the same config. Checkpoints go under out_dir,
+    which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
+    Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
+    last epoch's steps), grad_norm and lr of the last step, seconds (training), tokens_per_s,
+    wall_seconds (all of it, start-up included) and resumed_from_step.
+    `train_loop_per_worker` replaces `train_loop` (tests wrap it to inject failures).
+    """
+    import pyarrow.fs
+    import ray.data
+    from ray.data.expressions import col
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(out_dir).resolve()
+    model_out = out / MODEL_DIR
+    if (model_out / STATS_FILE).exists():
+        return json.loads((model_out / STATS_FILE).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(model_path):
+        model_path = os.path.abspath(model_path)  # the workers need not share the driver's working directory
+    started = time.perf_counter()
+    accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.num_workers)
+
+    ds = ray.data.read_parquet(weighted_dir)
+    require_columns(ds.columns(), TRAIN_INPUT, stage="weighted SFT", source=weighted_dir)
+    # success_only weighting gives weight 0 to most rows: they would cost compute and move nothing.
+    # Materialized before the workers start: the rows are text, and a read after the workers took
+    # every CPU of a small cluster would wait forever.
+    ds = ds.select_columns(list(TRAIN_INPUT)).filter(expr=col(WEIGHT) > 0).materialize()
+    if ds.count() == 0:
+        raise ValueError(
+            f"{weighted_dir}: no trajectory has a positive {WEIGHT!r}; weighted SFT needs at least one "
+            f"(with weights.mode=success_only: no rollout reached a correct answer)"
+        )
+
+    trainer = TorchTrainer(
+        train_loop_per_worker or train_loop,
+        train_loop_config={"train": cfg.train.model_dump(mode="json"), "seed": cfg.seed, "model_path": model_path},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            storage_path=str(out / RUN_STORAGE_DIR),
+            name=run_name(cfg, weighted_dir, model_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+        # Every rank reads all rows and takes its share of each global batch itself (see plan_steps).
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}.staging-", dir=out))
+    try:
+        pyarrow.fs.copy_files(
+            f"{result.checkpoint.path}/{HF_CHECKPOINT_DIR}",
+            str(staging),
+            source_filesystem=result.checkpoint.filesystem,
+            destination_filesystem=pyarrow.fs.LocalFileSystem(),
+        )
+        stats = {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
+        (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        os.replace(staging, model_out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("weighted SFT: %s", stats)
+    return stats
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: DeepSpeed ZeRO weighted SFT over this rank's share of every global batch.
+
+    config: {"train": TrainConfig as JSON, "seed": int, "model_path": str}.
+    """
+    train = TrainConfig.model_validate(config["train"])
+    seed = int(config["seed"])
+    if not train.use_gpu:
+        # Read once, when deepspeed is first imported: without it DeepSpeed looks for a GPU.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import numpy as np
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if not train.use_gpu:
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+
+    progress = _load_progress(ray.train.get_checkpoint())
+    if progress.get("finished"):
+        return  # a rerun after the final checkpoint: nothing left to train
+
+    conversations, weights = _read_rows(ray.train.get_dataset_shard("train"))
+    # Characters stand in for tokens: ordering by length only needs to be roughly right, and this
+    # spares every rank from tokenizing the whole data set.
+    lengths = [sum(len(message["content"]) for message in messages) for messages in conversations]
+    plan = plan_steps(
+        lengths,
+        weights,
+        global_batch_size=train.global_batch_size,
+        micro_batch_size=train.micro_batch_size,
+        world_size=world_size,
+        epochs=train.epochs,
+        seed=seed,
+        loss=train.loss,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if train.lora.enabled:
+        model = _with_lora(model, train)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None if train.offload else torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")  # joins Ray Train's group
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_lambda(step, len(plan), train.warmup_ratio, train.lr_schedule)
+        ),
+        config=deepspeed_config(train, world_size),
+        dist_init_required=False,
+    )
+    start_step = int(progress.get("step", 0))
+    if start_step:
+        with ray.train.get_checkpoint().as_directory() as checkpoint_dir:
+            loaded, _ = engine.load_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG)
+        if loaded is None:
+            raise RuntimeError(f"rank {rank}: no DeepSpeed state under tag {DEEPSPEED_TAG!r} in the checkpoint")
+    step_losses: list[float] = list(progress.get("losses", []))
+    tokens = int(progress.get("tokens", 0))
+    seconds = float(progress.get("seconds", 0.0))
+    tokenized: dict[int, Any] = {}
+    engine.train()
+
+    for step_index in range(start_step, len(plan)):
+        step = plan[step_index]
+        step_started = time.perf_counter()
+        # Dropout (LoRA) draws the same masks in a resumed run as in an uninterrupted one.
+        torch.manual_seed(int(np.random.SeedSequence([seed, step_index, rank]).generate_state(1)[0]))
+        lr = float(engine.get_lr()[0])  # the scheduler moves on inside the step's last engine.step()
+        # [loss, tokens] of this rank, on the device: NCCL reduces only device tensors.
+        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        for micro in step.micro_batches[rank]:
+            for i in micro.indices:
+                if i not in tokenized:
+                    tokenized[i] = tokenize_trajectory(tokenizer, conversations[i], train.examples, train.max_length)
+            batch = collate([tokenized[i] for i in micro.indices], micro.weights, pad_token_id)
+            batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = weighted_loss(per_sample_nll(logits, batch["labels"]), batch["weights"], step.normalizer)
+            # The micro-batch losses of all ranks sum to the global loss: undo DeepSpeed's division by
+            # the accumulation steps (scale_wrt_gas) and its averaging of gradients over ranks (× W).
+            engine.backward(loss * world_size, scale_wrt_gas=False)
+            engine.step()
+            totals[0] += loss.detach().double()
+            if not micro.filler:
+                totals[1] += batch["attention_mask"].sum()
+        dist.all_reduce(totals)
+        step_loss, step_tokens = totals.tolist()
+        step_losses.append(step_loss)
+        tokens += int(step_tokens)
+        seconds += time.perf_counter() - step_started
+        done = step_index + 1
+        metrics = {
+            "step": done,
+            "total_steps": len(plan),
+            "epoch": step.epoch,
+            "loss": step_losses[-1],
+            "lr": lr,
+            "grad_norm": _grad_norm(engine),
+            "tokens": tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+        }
+        if done == len(plan):
+            steps_per_epoch = len(plan) // train.epochs
+            metrics |= {
+                "steps": done,
+                "examples": len(conversations),
+                "world_size": world_size,
+                "initial_loss": step_losses[0],
+                "final_loss": float(np.mean(step_losses[-steps_per_epoch:])),
+                "resumed_from_step": start_step,
+            }
+            _report_final(engine, tokenizer, train, rank, metrics)
+        elif train.checkpoint_every and done % train.checkpoint_every == 0:
+            progress = {"step": done, "losses": step_losses, "tokens": tokens, "seconds": seconds}
+            _report_deepspeed_checkpoint(engine, rank, metrics, progress)
+        else:
+            ray.train.report(metrics)
+
+
+def _grad_norm(engine: Any) -> float:
+    """The gradient norm of the last update, before clipping, over all ranks."""
+    norm = engine.get_global_grad_norm()
+    return float(norm.item() if hasattr(norm, "item") else norm)
+
+
+def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
+    """All training rows, ordered by trajectory id: the order the plan indexes must not depend on Ray Data."""
+    import pyarrow as pa
+
+    tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
+    table = pa.concat_tables(tables).sort_by(TRAJECTORY_ID)
+    ids = table.column(TRAJECTORY_ID).to_pylist()
+    duplicates = sorted({a for a, b in zip(ids, ids[1:]) if a == b})
+    if duplicates:
+        raise ValueError(
+            f"weighted SFT needs one row per {TRAJECTORY_ID!r} to order the data reproducibly; "
+            f"found {len(duplicates)} ids on several rows, e.g. {duplicates[:3]}"
+        )
+    return table.column(MESSAGES).to_pylist(), [float(w) for w in table.column(WEIGHT).to_pylist()]
+
+
+def _with_lora(model: Any, train: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=train.lora.r,
+        lora_alpha=train.lora.alpha,
+        lora_dropout=train.lora.dropout,
+        target_modules=list(train.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    if train.gradient_checkpointing:
+        model.enable_input_require_grads()  # else the frozen embeddings cut the checkpointed graph
+    return model
+
+
+def _load_progress(checkpoint: Any) -> dict[str, Any]:
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as checkpoint_dir:
+        return json.loads((Path(checkpoint_dir) / PROGRESS_FILE).read_text())
+
+
+def _report_deepspeed_checkpoint(engine: Any, rank: int, metrics: dict[str, Any], progress: dict[str, Any]) -> None:
+    """Every rank saves its DeepSpeed shards; Ray Train merges the ranks' directories into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as checkpoint_dir:
+        engine.save_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG)
+        if rank == 0:
+            (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps(progress))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+
+
+def _report_final(engine: Any, tokenizer: Any, train: TrainConfig, rank: int, metrics: dict[str, Any]) -> None:
+    """Rank 0 writes the trained model as save_pretrained does (LoRA merged unless lora.merge is off)."""
+    import deepspeed
+    import ray.train
+
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as checkpoint_dir:
+        # Under ZeRO-3 each rank holds a slice of every parameter: all ranks gather them, rank 0 writes.
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            if rank == 0:
+                model = engine.module
+                if train.lora.enabled and train.lora.merge:
+                    model = model.merge_and_unload()
+                model.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
+                tokenizer.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
+                (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True}))
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,91 @@
+"""End to end: the smoke config through Ray Data, Ray Train + DeepSpeed and evaluation, locally and
+as a job submitted to a `ray start --head` cluster."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from drift_ray.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_behind():
+    """`drift-ray run` starts Ray in this process; later tests start their own clusters."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def smoke_overrides(run_dir: Path, model: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"rollout.model={model}"]
+
+
+def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| reference" in out and "| drift" in out and "eval.png" in out
+    metrics = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert set(metrics) == {"reference", "drift"}
+    assert metrics["drift"]["num_problems"] == 8
+    assert (run_dir / "train" / "model" / "config.json").exists()
+    assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
+    diagnostics = json.loads((run_dir / "weighted.diagnostics.json").read_text())
+    assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9
+
+    # A rerun finds every stage's output and redoes nothing.
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts}
+    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [str(p) for p in before if before[p] != after[p] and p.name != "config.json"]
+    assert not changed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_head_node(tmp_path, tiny_model_dir):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    ray_bin = Path(sys.executable).with_name("ray")
+    dashboard_port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp_dir = tmp_path / "ray"
+    subprocess.run(
+        [str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+        check=True, env=env, capture_output=True,
+    )
+    try:
+        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard_port}")
+        run_dir = tmp_path / "job_run"
+        entrypoint = " ".join(
+            [sys.executable, "-m", "drift_ray", "run", "--config", str(REPO / "jobs/smoke.yaml"),
+             *smoke_overrides(run_dir, tiny_model_dir), "train.zero_stage=3"]
+        )
+        job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        deadline = time.monotonic() + 600
+        status = client.get_job_status(job)
+        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+            time.sleep(2)
+            status = client.get_job_status(job)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        assert "| drift" in logs
+        assert (run_dir / "eval" / "eval.md").exists()
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)

@@ -1,0 +1,303 @@
+"""Tests of weighted SFT on Ray Train + DeepSpeed: the step plan, ZeRO-2/3 on CPU, invariance and resume.
+
+The Ray tests train the untrained tiny Qwen2 of conftest (the demo's architecture and tokenizer) on 16 weighted
+conversations (plus two of weight 0, which must be dropped). DeepSpeed runs on its CPU accelerator.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drift_ray import schema
+from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, TrainConfig
+from drift_ray.train import MODEL_DIR, accumulation_steps, plan_steps, train_loop, train_weighted_sft
+from drift_ray.weighted_sft import per_sample_nll, tokenize_trajectory
+
+NUM_POSITIVE = 16
+NUM_ZERO = 2
+
+
+def conversation(a: int, b: int, wrong_first: bool) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": f"What is {a}+{b}?"}]
+    if wrong_first:
+        messages += [
+            {"role": "assistant", "content": f"<answer>{a + b + 1}</answer>"},
+            {"role": "user", "content": "Incorrect. Please think again."},
+        ]
+    return messages + [{"role": "assistant", "content": f"<answer>{a + b}</answer>"}]
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(NUM_POSITIVE + NUM_ZERO):
+        a, b = (int(x) for x in rng.integers(0, 500, size=2))
+        weight = 0.0 if i >= NUM_POSITIVE else float(rng.uniform(0.2, 3.0))
+        rows.append(
+            {
+                schema.PROMPT_ID: f"p{i // 4}",
+                schema.TRAJECTORY_ID: f"p{i // 4}/{i % 4}",
+                schema.MESSAGES: conversation(a, b, wrong_first=i % 3 == 0),
+                schema.WEIGHT: weight,
+                schema.RETURN: weight,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def weighted_dir(tmp_path_factory, rows) -> str:
+    out = tmp_path_factory.mktemp("weighted")
+    table = pa.Table.from_pylist(rows[::-1])  # reversed: the loop must not rely on the file order
+    pq.write_table(table.slice(0, 9), out / "part-0.parquet")
+    pq.write_table(table.slice(9), out / "part-1.parquet")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model_dir) -> str:
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    # Logical CPUs: two 1-CPU workers plus Ray Data's tasks must fit, even on a 2-core machine.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def make_config(**train: object) -> Config:
+    defaults = dict(
+        num_workers=1,
+        zero_stage=2,
+        lr=5e-3,
+        warmup_ratio=0.0,
+        epochs=2,
+        global_batch_size=8,
+        micro_batch_size=2,
+        weight_decay=0.0,
+        max_length=64,
+    )
+    return Config(seed=3, train=TrainConfig(**{**defaults, **train}))
+
+
+def parameters(path: str | Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+# --- The step plan (no Ray) ---
+
+
+def test_plan_uses_every_example_once_per_epoch_in_identical_global_batches_for_any_world_size():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(10, 200, size=37).tolist()
+    weights = rng.uniform(0.0, 2.0, size=37).tolist()
+    plans = {
+        world: plan_steps(
+            lengths, weights, global_batch_size=8, micro_batch_size=2, world_size=world, epochs=2, seed=5,
+            loss=LossKind.weight_normalized,
+        )
+        for world in (1, 2, 4)
+    }
+    for world, plan in plans.items():
+        assert len(plan) == 2 * 5  # ceil(37 / 8) per epoch
+        for epoch in (0, 1):
+            used = Counter(
+                i
+                for step in plan
+                if step.epoch == epoch
+                for rank in step.micro_batches
+                for micro in rank
+                if not micro.filler
+                for i in micro.indices
+            )
+            assert used == Counter(range(37)), world
+        for step in plan:
+            assert len(step.micro_batches) == world
+            assert {len(rank) for rank in step.micro_batches} == {accumulation_steps(8, 2, world)}
+    for step_1, step_2, step_4 in zip(plans[1], plans[2], plans[4]):
+        micro_1 = sorted(tuple(m.indices) for rank in step_1.micro_batches for m in rank if not m.filler)
+        for other in (step_2, step_4):
+            assert sorted(tuple(m.indices) for rank in other.micro_batches for m in rank if not m.filler) == micro_1
+            assert other.normalizer == step_1.normalizer
+        real = [i for indices in micro_1 for i in indices]
+        assert step_1.normalizer == pytest.approx(sum(weights[i] for i in real))
+
+
+def test_plan_pads_a_partial_global_batch_with_weight_zero_fillers():
+    plan = plan_steps(
+        [5] * 10, [1.0] * 10, global_batch_size=8, micro_batch_size=2, world_size=2, epochs=1, seed=0,
+        loss=LossKind.sample_mean,
+    )
+    last = next(step for step in plan if sum(not m.filler for rank in step.micro_batches for m in rank) == 1)
+    assert last.normalizer == 2.0  # the two samples of the partial batch, not the nominal 8
+    fillers = [m for rank in last.micro_batches for m in rank if m.filler]
+    assert len(fillers) == 3 and all(m.weights == [0.0] for m in fillers)
+
+
+def test_global_batch_that_does_not_split_evenly_names_the_config_keys():
+    with pytest.raises(ValueError, match=r"train\.global_batch_size=12 .* 4 × 2 = 8"):
+        accumulation_steps(12, 4, 2)
+
+
+# --- Ray Train + DeepSpeed on CPU ---
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_cluster, tmp_path_factory, weighted_dir, model_path):
+    out = tmp_path_factory.mktemp("zero2")
+    return out, train_weighted_sft(make_config(), weighted_dir, model_path, str(out))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_model(zero2_run, model_path):
+    out, stats = zero2_run
+    assert stats["examples"] == NUM_POSITIVE
+    assert stats["steps"] == 2 * NUM_POSITIVE // 8 and stats["resumed_from_step"] == 0
+    assert stats["final_loss"] < stats["initial_loss"]
+    assert stats["tokens"] > 0 and stats["tokens_per_s"] > 0
+    trained, initial = parameters(out / MODEL_DIR), parameters(model_path)
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[name], initial[name]) for name in trained)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path):
+    out, stats = zero2_run
+    with mock.patch("ray.train.torch.TorchTrainer", side_effect=AssertionError("trained again")):
+        assert train_weighted_sft(make_config(), weighted_dir, model_path, str(out)) == stats
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("offload", [False, True], ids=["zero3", "zero3-offload"])
+def test_zero3_on_cpu_lowers_the_loss_and_saves_a_loadable_model(
+    ray_cluster, tmp_path, weighted_dir, model_path, offload
+):
+    """With offload, DeepSpeed's own CPU Adam replaces torch's AdamW (its first use compiles it, minutes)."""
+    stats = train_weighted_sft(make_config(zero_stage=3, offload=offload), weighted_dir, model_path, str(tmp_path))
+    assert stats["final_loss"] < stats["initial_loss"]
+    trained, initial = parameters(tmp_path / MODEL_DIR), parameters(model_path)
+    assert any(not torch.equal(trained[name], initial[name]) for name in trained)
+
+
+def reference_loss_and_grad_norm(model_path: str, rows: list[dict], max_length: int) -> tuple[float, float]:
+    """Σ w_i·L_i / Σ w_i over all positive rows and the norm of its gradient, in one plain process."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # as the workers load it
+    total = torch.zeros(())
+    positive = [row for row in rows if row[schema.WEIGHT] > 0]
+    for row in positive:
+        example = tokenize_trajectory(tokenizer, row[schema.MESSAGES], ExampleKind.last_turn, max_length)
+        logits = model(input_ids=torch.tensor([example.input_ids])).logits
+        total = total + row[schema.WEIGHT] * per_sample_nll(logits, torch.tensor([example.labels]))[0]
+    loss = total / sum(row[schema.WEIGHT] for row in positive)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    return loss.item(), norm.item()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_make_the_same_update_as_one_with_four_accumulated_micro_batches(
+    ray_cluster, tmp_path, weighted_dir, model_path, rows
+):
+    """One optimizer step over the whole global batch: the loss, the gradient and the new weights match."""
+    loss, grad_norm = reference_loss_and_grad_norm(model_path, rows, max_length=64)
+    lr = 1e-3
+    trained = {}
+    for workers in (1, 2):
+        cfg = make_config(
+            num_workers=workers, epochs=1, global_batch_size=NUM_POSITIVE, micro_batch_size=4,
+            loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0,
+        )
+        stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path / f"w{workers}"))
+        assert stats["steps"] == 1 and stats["world_size"] == workers
+        assert stats["initial_loss"] == pytest.approx(loss, rel=1e-5)
+        assert stats["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+        trained[workers] = parameters(tmp_path / f"w{workers}" / MODEL_DIR)
+    initial = parameters(model_path)
+    for name, one in trained[1].items():
+        # Adam's first step is lr·g/(|g|+ε): where g is near ε (~1e-8), summing the same gradients in
+        # another order (float32, ~1e-7 relative) moves that element's step by up to ~1e-3·lr.
+        torch.testing.assert_close(trained[2][name], one, rtol=1e-5, atol=1e-3 * lr)
+        assert not torch.equal(one, initial[name]), name
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+CRASH_AT_STEP = 2
+
+
+def train_loop_that_crashes_after_a_checkpoint(config: dict) -> None:
+    """train_loop, killed right after the checkpoint of step CRASH_AT_STEP is registered."""
+    import ray.train
+
+    report = ray.train.report
+
+    def report_then_crash(metrics, checkpoint=None, **kwargs):
+        report(metrics, checkpoint=checkpoint, **kwargs)
+        if checkpoint is not None and metrics["step"] == CRASH_AT_STEP:
+            ray.train.get_all_reported_checkpoints()  # waits until Ray Train has registered it
+            raise SimulatedCrash(f"killed after the checkpoint of step {CRASH_AT_STEP}")
+
+    with mock.patch.object(ray.train, "report", report_then_crash):
+        train_loop(config)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+    zero2_run, tmp_path, weighted_dir, model_path
+):
+    cfg = make_config(checkpoint_every=1)
+    with pytest.raises(Exception, match="killed after the checkpoint"):
+        train_weighted_sft(
+            cfg, weighted_dir, model_path, str(tmp_path),
+            train_loop_per_worker=train_loop_that_crashes_after_a_checkpoint,
+        )
+    assert not (tmp_path / MODEL_DIR).exists()
+
+    stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    uninterrupted_out, uninterrupted = zero2_run
+    assert stats["resumed_from_step"] == CRASH_AT_STEP
+    assert stats["steps"] == uninterrupted["steps"]
+    assert stats["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-5)
+    resumed, expected = parameters(tmp_path / MODEL_DIR), parameters(uninterrupted_out / MODEL_DIR)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lora_with_gradient_checkpointing_changes_only_the_adapted_matrices_and_saves_them_merged(
+    ray_cluster, tmp_path, weighted_dir, model_path
+):
+    cfg = make_config(gradient_checkpointing=True)
+    cfg.train.lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
+    train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    trained, initial = parameters(tmp_path / MODEL_DIR), parameters(model_path)
+    assert trained.keys() == initial.keys()  # merged: a plain model, no adapter weights
+    for name, tensor in initial.items():
+        adapted = name.endswith(("q_proj.weight", "v_proj.weight"))
+        assert torch.equal(trained[name], tensor) != adapted, name
