@@ -63,13 +63,13 @@ def test_ray_job_submit_to_a_head_node(tmp_path, tiny_model_dir):
 
     ray_bin = Path(sys.executable).with_name("ray")
     dashboard_port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp_dir = tmp_path / "ray"
-    subprocess.run(
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    started = subprocess.run(
         [str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--include-dashboard=true", f"--temp-dir={temp_dir}"],
-        check=True, env=env, capture_output=True,
+         f"--dashboard-port={dashboard_port}", "--include-dashboard=true"],
+        env=env, capture_output=True, text=True,
     )
+    assert started.returncode == 0, started.stdout + started.stderr
     try:
         client = JobSubmissionClient(f"http://127.0.0.1:{dashboard_port}")
         run_dir = tmp_path / "job_run"
