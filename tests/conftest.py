@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 
 
-def save_random_tiny_model(path: Path, *, initializer_range: float = 0.02, seed: int = 0) -> str:
-    """Save the demo tokenizer and an UNTRAINED tiny Qwen2 into `path`; loads in well under a second."""
+def save_random_tiny_model(path: Path, *, initializer_range: float = 0.02, ascii_only: bool = False) -> str:
+    """Save the demo tokenizer and an UNTRAINED tiny Qwen2 (seed 0) into `path`; loads in well under a second.
+
+    ascii_only: zero the (tied) embeddings of every token but printable ASCII and <|im_end|>, so that
+    with large weights the greedy reply is readable text that may end on <|im_end|>.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -17,8 +21,15 @@ def save_random_tiny_model(path: Path, *, initializer_range: float = 0.02, seed:
     tokenizer = build_tokenizer()
     config = build_model_config(len(tokenizer), tokenizer=tokenizer)
     config.initializer_range = initializer_range
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
+    if ascii_only:
+        printable = "".join(chr(code) for code in range(32, 127))
+        allowed = tokenizer(printable, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        silenced = torch.ones(len(tokenizer), dtype=torch.bool)
+        silenced[allowed] = False
+        with torch.no_grad():
+            model.get_input_embeddings().weight[silenced] = 0.0
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -32,6 +43,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def chaotic_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random-init tiny model with large weights: its greedy replies differ from prompt to prompt and
-    some end early on the end-of-turn token, which the standard init never does."""
-    return save_random_tiny_model(tmp_path_factory.mktemp("chaotic-tiny-model"), initializer_range=0.3)
+    """A random-init tiny model with large weights that speaks printable ASCII: its greedy replies differ
+    from prompt to prompt and some end early on <|im_end|>, which the standard init never does."""
+    return save_random_tiny_model(tmp_path_factory.mktemp("chaotic-tiny-model"), initializer_range=0.3, ascii_only=True)

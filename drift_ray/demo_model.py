@@ -1,0 +1,209 @@
+"""The tiny demo reference model that drift-ray builds itself, offline: `rollout.model: builtin:demo`.
+
+A character-level tokenizer with a ChatML chat template and a ~1M-parameter Qwen2 model, pre-trained on
+conversations of the scripted `CandidatesTeacher` on the built-in candidates task. The teacher repeats its
+answer after "Incorrect" with probability `repeat_prob`, so the model learns the failure DRIFT targets:
+under greedy decoding it keeps repeating a wrong answer. The result is an ordinary model directory that
+`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` (and every engine) load like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tokenizers import pre_tokenizers
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2Tokenizer
+
+from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task
+from drift_ray.config import EpisodeConfig, ExampleKind, LossKind, LrSchedule
+from drift_ray.episode import SamplingParams, play_episodes
+from drift_ray.verifiers import get_verifier
+from drift_ray.weighted_sft import fit_plain
+
+# Bump whenever the tokenizer, the architecture or the pre-training recipe changes meaning: it is part of
+# the cache key, so an old cached model is never mistaken for a new one.
+DEMO_VERSION = 2
+METADATA_FILE = "drift_demo.json"
+
+END_OF_TEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+# Byte-level symbols (GPT-2's map of the 256 bytes to printable characters): every text is encodable,
+# and an ASCII character is exactly one token.
+BYTE_SYMBOLS = sorted(pre_tokenizers.ByteLevel.alphabet())
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
+}
+
+# The demo asks the bare question: short prompts suit a character-level model.
+DEMO_EPISODE = EpisodeConfig(instruction="{question}")
+
+
+def build_tokenizer() -> Qwen2Tokenizer:
+    """A character-level tokenizer: one token per byte (so per ASCII character) and the ChatML special tokens.
+
+    It is a Qwen2Tokenizer (byte-level BPE) without merges: `AutoTokenizer` rebuilds a Qwen2 checkpoint's
+    tokenizer as a Qwen2Tokenizer whatever tokenizer.json says, so the demo uses that class itself and
+    the tokenizer loaded from disk is exactly the one the model was trained with.
+    """
+    vocab = {symbol: i for i, symbol in enumerate(BYTE_SYMBOLS + [END_OF_TEXT, IM_START, IM_END])}
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        eos_token=IM_END,
+        pad_token=END_OF_TEXT,
+        unk_token=None,
+        extra_special_tokens=[IM_START],
+        chat_template=CHATML_TEMPLATE,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model_config(vocab_size: int, size: str = "tiny", *, tokenizer: Qwen2Tokenizer | None = None) -> Qwen2Config:
+    """A small Qwen2 config (`tiny`: hidden 128, 4 layers, ~1M parameters); token ids from `tokenizer` when given."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"demo model size {size!r} is unknown; expected one of {sorted(MODEL_SIZES)}")
+    tokenizer = tokenizer or build_tokenizer()
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **MODEL_SIZES[size],
+    )
+
+
+def ensure_demo_model(
+    cache_dir: str | Path,
+    *,
+    seed: int = 0,
+    repeat_prob: float = 0.6,
+    size: str = "tiny",
+    num_problems: int = 2000,
+    samples_per_prompt: int = 1,
+    epochs: int = 2,
+    lr: float = 3e-3,
+    warmup_ratio: float = 0.05,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    episode: EpisodeConfig = DEMO_EPISODE,
+) -> str:
+    """The directory of the demo model built with these settings, pre-training it on the first call.
+
+    The directory name is a hash of the settings, so each recipe is built once and then reused. The
+    model is built in a temporary directory and renamed into place only when complete, under a file lock:
+    a crash never leaves a half-built model that looks whole, and concurrent callers wait for one build.
+    """
+    settings: dict[str, Any] = {
+        "version": DEMO_VERSION,
+        "seed": seed,
+        "repeat_prob": repeat_prob,
+        "size": size,
+        "num_problems": num_problems,
+        "samples_per_prompt": samples_per_prompt,
+        "epochs": epochs,
+        "lr": lr,
+        "warmup_ratio": warmup_ratio,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "episode": episode.model_dump(mode="json"),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"demo-{key}"
+    with _exclusive_lock(cache_dir / f".demo-{key}.lock"):
+        if target.is_dir():
+            return str(target)
+        for leftover in cache_dir.glob(f".demo-{key}.building-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # a build that crashed; we hold the lock
+        building = Path(tempfile.mkdtemp(prefix=f".demo-{key}.building-", dir=cache_dir))
+        building.chmod(0o755)  # mkdtemp makes it private to this user
+        try:
+            _build(building, settings, episode)
+            os.replace(building, target)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+    return str(target)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(out_dir: Path, settings: dict[str, Any], episode: EpisodeConfig) -> None:
+    started = time.perf_counter()
+    seed = settings["seed"]
+    # The default test split is set aside, so a pipeline evaluating on the candidates test split with
+    # the same seed never evaluates on a question the reference was pre-trained on.
+    task = candidates_task(seed=seed, num_train=settings["num_problems"])
+    episodes = play_episodes(
+        task.train,
+        CandidatesTeacher(settings["repeat_prob"]),
+        get_verifier(task.verifier),
+        SamplingParams(seed=seed),
+        samples_per_prompt=settings["samples_per_prompt"],
+        cfg=episode,
+    )
+    conversations = [e.messages for e in episodes]
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_model_config(len(tokenizer), settings["size"], tokenizer=tokenizer))
+    stats = fit_plain(
+        model,
+        tokenizer,
+        conversations,
+        None,
+        kind=ExampleKind.all_turns,
+        loss=LossKind.sample_mean,
+        lr=settings["lr"],
+        warmup_ratio=settings["warmup_ratio"],
+        schedule=LrSchedule.cosine,
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        max_length=settings["max_length"],
+        seed=seed,
+    )
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    record = {
+        "settings": settings,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "conversations": len(conversations),
+        "teacher_turns": sum(len(e.correct) for e in episodes),
+        "pretraining": stats,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")

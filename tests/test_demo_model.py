@@ -1,0 +1,163 @@
+"""Tests of the demo reference: tokenizer, chat template, the cached build, and (slow) what pre-training teaches."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drift_ray import demo_model
+from drift_ray.demo_model import DEMO_EPISODE, METADATA_FILE, build_tokenizer, ensure_demo_model
+
+TOKENIZER = build_tokenizer()
+PRINTABLE_ASCII = [chr(code) for code in range(32, 127)] + ["\n"]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "x is between 23 and 52, and x+7 ends in 3. What is x?"},
+    {"role": "assistant", "content": "x ends in 6: 26 36 46. <answer>36</answer>"},
+    {"role": "user", "content": "Incorrect. Please think again."},
+    {"role": "assistant", "content": "x ends in 6: 26 36 46. <answer>26</answer>"},
+]
+# A handful of optimizer steps: enough to exercise the whole build in a few seconds.
+TINY_RECIPE = dict(num_problems=12, epochs=1, batch_size=8, max_length=256)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=PRINTABLE_ASCII, max_size=200))
+def test_tokenizer_round_trips_ascii_text_one_token_per_character(text):
+    ids = TOKENIZER(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert TOKENIZER.decode(ids) == text
+
+
+def test_other_text_round_trips_one_token_per_byte():
+    text = "d\u00e9j\u00e0 vu \u65e5\u672c\ttab"
+    ids = TOKENIZER(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode())
+    assert TOKENIZER.decode(ids) == text
+
+
+def test_special_tokens_are_single_tokens_with_chatml_roles():
+    ids = TOKENIZER("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == TOKENIZER.convert_tokens_to_ids("<|im_start|>") and ids[-1] == TOKENIZER.eos_token_id
+    assert len(ids) == 2 + len("user\nhi")
+    assert (TOKENIZER.eos_token, TOKENIZER.pad_token, TOKENIZER.padding_side) == ("<|im_end|>", "<|endoftext|>", "left")
+    assert TOKENIZER.decode(ids, skip_special_tokens=True) == "user\nhi"
+
+
+def test_chat_template_renders_chatml():
+    rendered = TOKENIZER.apply_chat_template(CONVERSATION[:3], tokenize=False)
+    assert rendered == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nx is between 23 and 52, and x+7 ends in 3. What is x?<|im_end|>\n"
+        "<|im_start|>assistant\nx ends in 6: 26 36 46. <answer>36</answer><|im_end|>\n"
+    )
+    prompt = TOKENIZER.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("end", [3, 5])
+def test_chat_template_with_the_generation_prompt_is_a_prefix_of_the_answered_conversation(end):
+    prompt = TOKENIZER.apply_chat_template(CONVERSATION[: end - 1], add_generation_prompt=True, tokenize=False)
+    assert TOKENIZER.apply_chat_template(CONVERSATION[:end], tokenize=False).startswith(prompt)
+
+
+def test_saved_tokenizer_and_model_load_with_the_auto_classes(tiny_model_dir):
+    # AutoTokenizer picks the tokenizer class from the model type: the saved one must come back as built.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "x is 3.\n<answer> 4  </answer>"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == TOKENIZER(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == TOKENIZER.apply_chat_template(
+        CONVERSATION, tokenize=False
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.model_type == "qwen2" and model.config.eos_token_id == tokenizer.eos_token_id
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
+
+
+def test_demo_model_is_built_once_then_found_in_the_cache(tmp_path):
+    path = ensure_demo_model(tmp_path, **TINY_RECIPE)
+    record = json.loads((Path(path) / METADATA_FILE).read_text())
+    assert record["settings"]["num_problems"] == 12 and record["pretraining"]["steps"] == 2
+    assert record["settings"]["episode"] == DEMO_EPISODE.model_dump(mode="json")
+    model_file = Path(path) / "model.safetensors"
+    built_at = model_file.stat().st_mtime_ns
+
+    assert ensure_demo_model(tmp_path, **TINY_RECIPE) == path
+    assert model_file.stat().st_mtime_ns == built_at
+    assert ensure_demo_model(tmp_path, **{**TINY_RECIPE, "seed": 1}) != path
+    assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == len(TOKENIZER)
+
+
+def test_a_crashed_build_leaves_nothing_that_looks_like_a_model(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash during pre-training")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo_model, "fit_plain", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            ensure_demo_model(tmp_path, **TINY_RECIPE)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+    # A build killed outright leaves its temporary directory behind: it is never taken for the model.
+    path = Path(ensure_demo_model(tmp_path / "reference", **TINY_RECIPE))
+    leftover = tmp_path / f".{path.name}.building-killed"
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    rebuilt = Path(ensure_demo_model(tmp_path, **TINY_RECIPE))
+    assert rebuilt == tmp_path / path.name and (rebuilt / METADATA_FILE).exists()
+    assert not leftover.exists()
+
+
+def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
+    builds = []
+    real_build = demo_model._build
+
+    def counted_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        real_build(*args, **kwargs)
+
+    monkeypatch.setattr(demo_model, "_build", counted_build)
+    paths: list[str] = []
+    callers = [threading.Thread(target=lambda: paths.append(ensure_demo_model(tmp_path, **TINY_RECIPE))) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(builds) == 1 and len(set(paths)) == 1 and len(paths) == 3
+
+
+@pytest.mark.slow
+def test_pretrained_demo_model_answers_lists_candidates_and_repeats_after_feedback(tmp_path):
+    """The full recipe: parsable answers, mostly the right candidates, and greedy repetition after feedback."""
+    from drift_ray.builtin_tasks import candidates_task
+    from drift_ray.engines import TransformersEngine
+    from drift_ray.episode import SamplingParams, play_episodes
+    from drift_ray.verifiers import get_verifier
+
+    engine = TransformersEngine(ensure_demo_model(tmp_path))
+    test = candidates_task(seed=0, num_test=100).test
+    greedy = play_episodes(test, engine, get_verifier("exact"), SamplingParams(0.0, max_new_tokens=80), 1, DEMO_EPISODE)
+    sampled = play_episodes(
+        test, engine, get_verifier("exact"), SamplingParams(1.0, max_new_tokens=80, seed=0), 1, DEMO_EPISODE
+    )
+
+    def rates(episodes):
+        replies = [(e, t) for e in episodes for t in range(len(e.answers))]
+        parsable = sum(e.answers[t] is not None for e, t in replies) / len(replies)
+        listed = sum(
+            e.messages[2 * t + 1]["content"].split(": ")[-1].split(".")[0] == " ".join(map(str, e.problem.metadata["candidates"]))
+            for e, t in replies
+        ) / len(replies)
+        pairs = [(e.answers[t - 1], e.answers[t]) for e, t in replies if t and None not in e.answers[t - 1 : t + 1]]
+        repeated = sum(a == b for a, b in pairs) / len(pairs)
+        return parsable, listed, repeated
+
+    parsable, listed, repeated = rates(greedy)
+    assert parsable > 0.9 and listed > 0.5 and repeated > 0.6
+    assert rates(sampled)[2] < repeated

@@ -1,0 +1,146 @@
+"""Tests of the generation engines on untrained tiny models (fast) and of the vLLM engine (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+
+from drift_ray.config import EngineKind, RolloutConfig
+from drift_ray.engines import TransformersEngine, build_engine, cut_at_stop
+from drift_ray.episode import Generation, SamplingParams
+
+QUESTIONS = ["What is 2+2?", "hello", "x is between 12 and 31, and x+7 ends in 4. What is x?", "abc" * 5, "Why?"]
+CONVERSATIONS = [[{"role": "user", "content": q}] for q in QUESTIONS]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24, stop=())
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: str) -> TransformersEngine:
+    return TransformersEngine(tiny_model_dir, torch_threads=1)
+
+
+@pytest.fixture(scope="module")
+def chaotic(chaotic_tiny_model_dir: str) -> TransformersEngine:
+    return TransformersEngine(chaotic_tiny_model_dir, torch_threads=1)
+
+
+def texts(results: list[list[Generation]]) -> list[list[str]]:
+    return [[g.text for g in group] for group in results]
+
+
+def test_n_samples_per_conversation_with_token_counts(engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=0)
+    results = engine.generate(CONVERSATIONS, params, 3)
+    assert [len(group) for group in results] == [3] * len(CONVERSATIONS)
+    for conversation, group in zip(CONVERSATIONS, results):
+        rendered = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        prompt_length = len(engine.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        for generation in group:
+            assert generation.prompt_tokens == prompt_length
+            # One token per character; sampled special tokens (<|im_start|>, …) count but are not text.
+            assert len(generation.text) <= generation.completion_tokens <= 12 and generation.completion_tokens >= 1
+
+
+def test_greedy_samples_are_identical_deterministic_and_depend_on_the_prompt(chaotic):
+    first = texts(chaotic.generate(CONVERSATIONS, GREEDY, 3))
+    assert all(len(set(group)) == 1 for group in first)
+    assert len({group[0] for group in first}) == len(CONVERSATIONS)
+    assert texts(chaotic.generate(CONVERSATIONS, GREEDY, 3)) == first
+
+
+def test_sampling_is_reproducible_for_a_seed_and_differs_between_seeds(engine):
+    def sample(seed: int) -> list[list[str]]:
+        return texts(engine.generate(CONVERSATIONS, SamplingParams(temperature=1.0, max_new_tokens=16, seed=seed), 4))
+
+    same = sample(7)
+    assert sample(7) == same
+    assert sample(8) != same
+    assert all(len(set(group)) > 1 for group in same)
+
+
+def test_top_p_keeps_only_the_most_likely_tokens(chaotic):
+    tiny_nucleus = SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=24, stop=(), seed=3)
+    assert chaotic.generate(CONVERSATIONS, tiny_nucleus, 2) == chaotic.generate(CONVERSATIONS, GREEDY, 2)
+
+
+def test_shared_prefill_equals_one_prompt_copy_per_sample_under_greedy(chaotic):
+    shared = chaotic.generate(CONVERSATIONS, GREEDY, 3)
+    copies = chaotic.generate([c for c in CONVERSATIONS for _ in range(3)], GREEDY, 1)
+    assert [g for group in shared for g in group] == [group[0] for group in copies]
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(chaotic):
+    batched = chaotic.generate(CONVERSATIONS, GREEDY, 2)
+    lengths = {group[0].completion_tokens for group in batched}
+    assert min(lengths) < GREEDY.max_new_tokens == max(lengths), "expected some replies to end early"
+    alone = [chaotic.generate([c], GREEDY, 2)[0] for c in CONVERSATIONS]
+    assert batched == alone
+
+
+def test_small_batch_budget_splits_the_work_without_changing_greedy_results(chaotic_tiny_model_dir, chaotic):
+    small = TransformersEngine(chaotic_tiny_model_dir, torch_threads=1, max_batch_tokens=40)
+    assert small.generate(CONVERSATIONS, GREEDY, 2) == chaotic.generate(CONVERSATIONS, GREEDY, 2)
+
+
+def test_end_of_turn_token_ends_the_reply_is_counted_and_not_returned(chaotic):
+    results = chaotic.generate(CONVERSATIONS, GREEDY, 1)
+    ended = [group[0] for group in results if group[0].completion_tokens < GREEDY.max_new_tokens]
+    assert ended, "expected some greedy replies of the chaotic model to end on <|im_end|>"
+    for generation in ended:
+        assert generation.completion_tokens == len(generation.text) + 1
+        assert "<|im_end|>" not in generation.text
+
+
+def test_max_new_tokens_is_respected(chaotic):
+    for limit in (1, 5):
+        params = SamplingParams(temperature=1.0, max_new_tokens=limit, stop=(), seed=0)
+        for group in chaotic.generate(CONVERSATIONS, params, 2):
+            assert all(1 <= g.completion_tokens <= limit and len(g.text) <= limit for g in group)
+
+
+def test_reply_ends_just_after_the_first_stop_string(chaotic):
+    unstopped = [group[0].text for group in chaotic.generate(CONVERSATIONS, GREEDY, 1)]
+    full = max(unstopped, key=len)
+    conversation = CONVERSATIONS[unstopped.index(full)]
+    stop = full[6:9]
+    end = full.find(stop) + len(stop)
+    params = SamplingParams(temperature=0, max_new_tokens=24, stop=("never-generated", stop))
+    stopped = chaotic.generate([conversation], params, 2)[0]
+    assert [g.text for g in stopped] == [full[:end]] * 2
+    assert [g.completion_tokens for g in stopped] == [end] * 2
+
+
+def test_cut_at_stop_keeps_text_up_to_the_earliest_ending_stop_string():
+    assert cut_at_stop("a <answer>1</answer> b </answer>", ["</answer>"]) == "a <answer>1</answer>"
+    assert cut_at_stop("xx STOP yy END", ["END", "STOP"]) == "xx STOP"
+    assert cut_at_stop("no stop here", ["</answer>", ""]) == "no stop here"
+
+
+def test_build_engine_refuses_the_unresolved_demo_model():
+    with pytest.raises(ValueError, match="ensure_demo_model"):
+        build_engine(RolloutConfig(model="builtin:demo"))
+
+
+def test_build_engine_makes_a_transformers_engine(tiny_model_dir):
+    import torch
+
+    engine = build_engine(RolloutConfig(engine=EngineKind.transformers, dtype="bfloat16", torch_threads=1), tiny_model_dir)
+    assert isinstance(engine, TransformersEngine) and engine.name == tiny_model_dir
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.vllm
+def test_vllm_engine_samples_n_replies_and_keeps_the_stop_string(tiny_model_dir):
+    pytest.importorskip("vllm")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    from drift_ray.engines import VLLMEngine
+
+    engine = VLLMEngine(tiny_model_dir, gpu_memory_utilization=0.3)
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, stop=("a",), seed=0)
+    results = engine.generate(CONVERSATIONS, params, 3)
+    assert [len(group) for group in results] == [3] * len(CONVERSATIONS)
+    for group in results:
+        for generation in group:
+            assert 1 <= generation.completion_tokens <= 16 and generation.prompt_tokens > 0
+            assert "a" not in generation.text[:-1]
