@@ -10,7 +10,7 @@ import pytest
 def save_random_tiny_model(path: Path, *, initializer_range: float = 0.02, ascii_only: bool = False) -> str:
     """Save the demo tokenizer and an UNTRAINED tiny Qwen2 (seed 0) into `path`; loads in well under a second.
 
-    ascii_only: zero the (tied) embeddings of every token but printable ASCII and <|im_end|>, so that
+    ascii_only: zero the output embeddings of every token but printable ASCII and <|im_end|>, so that
     with large weights the greedy reply is readable text that may end on <|im_end|>.
     """
     import torch
@@ -29,7 +29,7 @@ def save_random_tiny_model(path: Path, *, initializer_range: float = 0.02, ascii
         silenced = torch.ones(len(tokenizer), dtype=torch.bool)
         silenced[allowed] = False
         with torch.no_grad():
-            model.get_input_embeddings().weight[silenced] = 0.0
+            model.get_output_embeddings().weight[silenced] = 0.0
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
