@@ -1,18 +1,32 @@
-"""Shared by the benchmark scripts: print a table and append one JSON line per run to benchmarks/results/."""
+"""Shared by the benchmark scripts: their command line, a printed table, and one JSON line per run.
+
+Every script takes `--quick` (tiny sizes, for the smoke test) and `--out DIR` (where `<benchmark>.jsonl`
+gets one line per run: benchmark, time, git commit, machine, config, results).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict:
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark has; `doc` is the script's docstring (its first line describes it)."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the <benchmark>.jsonl results")
+    return parser
+
+
+def machine() -> dict[str, Any]:
     import torch
 
     return {
@@ -25,15 +39,21 @@ def machine() -> dict:
 
 
 def commit() -> str:
+    """The short commit of the checkout the benchmarks live in, with -dirty when tracked files changed."""
+    repo = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
@@ -42,17 +62,29 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |")
 
 
-def append_result(benchmark: str, config: dict, rows: list[dict]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{benchmark}.jsonl"
-    record = {"benchmark": benchmark, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit(),
-              "machine": machine(), "config": config, "results": rows}
+def append_result(
+    benchmark: str, config: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path = RESULTS
+) -> Path:
+    """Append one JSON line to `out_dir/<benchmark>.jsonl` and return that path.
+
+    The line holds: benchmark, time, commit, machine, config (the sizes measured) and results (the rows)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{benchmark}.jsonl"
+    record = {
+        "benchmark": benchmark,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": commit(),
+        "machine": machine(),
+        "config": config,
+        "results": rows,
+    }
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     return path
 
 
-def _fmt(value) -> str:
+def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return "" if value is None else str(value)

@@ -1,9 +1,9 @@
 """Offline tasks shipped with drift-ray, and the scripted teacher that pre-trains the demo reference.
 
-`candidates`: "x is between 23 and 52, and x+7 ends in 3. What is x?" Several numbers fit (2–6); the
-gold is one of them, chosen at random. No policy can beat 1/(number of candidates) on the first turn,
-so doing better is only possible by using the feedback: after "Incorrect", answer a candidate not yet
-tried. The computational skill is finding the candidates (last digit of x = d − c mod 10).
+`candidates`: "x is between 23 and 52 and ends in 6. What is x?" Several numbers fit (2–6); the gold is
+one of them, chosen at random. No policy can beat 1/(number of candidates) on the first turn, so doing
+better is only possible by using the feedback: after "Incorrect", answer a candidate not yet tried. The
+computational skill is finding the candidates (the numbers of the range with that last digit).
 """
 
 from __future__ import annotations
@@ -15,42 +15,47 @@ from typing import Sequence
 from drift_ray.episode import Conversation, Generation, SamplingParams, parse_answer
 from drift_ray.prompts import Problem, Task, builtin_task
 
-_QUESTION = re.compile(r"x is between (\d+) and (\d+), and x\+(\d+) ends in (\d)\. What is x\?")
+_QUESTION = re.compile(r"x is between (\d+) and (\d+) and ends in (\d)\. What is x\?")
 
 
-def candidate_values(low: int, high: int, offset: int, last_digit: int) -> list[int]:
-    return [x for x in range(low, high + 1) if (x + offset) % 10 == last_digit]
+def candidate_values(low: int, high: int, last_digit: int) -> list[int]:
+    return [x for x in range(low, high + 1) if x % 10 == last_digit]
 
 
 @builtin_task("candidates")
 def candidates_task(
-    seed: int, num_train: int = 2000, num_test: int = 200, min_candidates: int = 2, max_candidates: int = 6
+    seed: int, num_train: int | None = None, num_test: int = 200, min_candidates: int = 2, max_candidates: int = 6
 ) -> Task:
-    """Disjoint train/test splits: no (range, offset, digit) question of the test split is in train."""
+    """Disjoint train/test splits: no (range, digit) question of the test split is in train.
+
+    `num_train=None` takes every question not in the test split (2,350 with the defaults).
+    """
     if not 1 <= min_candidates <= max_candidates <= 8:
         raise ValueError(
             f"task.options: need 1 <= min_candidates <= max_candidates <= 8, found {min_candidates}, {max_candidates}"
         )
+    # A range of 10·n consecutive numbers holds exactly n numbers with each last digit.
     questions = [
-        (low, low + 10 * n - 1, offset, digit)
+        (low, low + 10 * n - 1, digit)
         for n in range(min_candidates, max_candidates + 1)
-        for low in range(10, 100 - 10 * n)
-        for offset in range(1, 10)
+        for low in range(10, 101 - 10 * n)
         for digit in range(10)
     ]
+    if num_train is None:
+        num_train = len(questions) - num_test
     if num_train + num_test > len(questions):
         raise ValueError(f"task.options: at most {len(questions)} distinct questions, asked for {num_train + num_test}")
     rng = random.Random(f"candidates-{seed}")
     rng.shuffle(questions)
 
-    def make(split: str, chosen: list[tuple[int, int, int, int]]) -> list[Problem]:
+    def make(split: str, chosen: list[tuple[int, int, int]]) -> list[Problem]:
         problems = []
-        for i, (low, high, offset, digit) in enumerate(chosen):
-            values = candidate_values(low, high, offset, digit)
+        for i, (low, high, digit) in enumerate(chosen):
+            values = candidate_values(low, high, digit)
             problems.append(
                 Problem(
                     f"candidates-{split}-{i:05d}",
-                    f"x is between {low} and {high}, and x+{offset} ends in {digit}. What is x?",
+                    f"x is between {low} and {high} and ends in {digit}. What is x?",
                     str(rng.choice(values)),
                     {"candidates": values},
                 )
@@ -60,10 +65,9 @@ def candidates_task(
     return Task("candidates", make("train", questions[num_test : num_test + num_train]), make("test", questions[:num_test]), "exact")
 
 
-def teacher_reply(candidates: list[int], answer: int) -> str:
-    """The reply format the demo reference learns: the candidates, then one of them as the answer."""
-    listing = " ".join(map(str, candidates))
-    return f"x ends in {candidates[0] % 10}: {listing}. <answer>{answer}</answer>"
+def teacher_reply(answer: int) -> str:
+    """The reply the demo reference learns: the answer alone, so every token of a turn is a decision."""
+    return f"<answer>{answer}</answer>"
 
 
 class CandidatesTeacher:
@@ -96,7 +100,7 @@ class CandidatesTeacher:
                     answer = int(tried[-1])
                 else:
                     answer = rng.choice([v for v in values if str(v) not in tried] or values)
-                text = teacher_reply(values, answer)
+                text = teacher_reply(answer)
                 replies.append(Generation(text, prompt_chars, len(text)))
             out.append(replies)
         return out

@@ -43,7 +43,6 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
-    from drift_ray.prompts import load_task
 
     cfg = _config(args)
     models = {}
@@ -51,7 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         label, sep, path = spec.partition("=")
         label, path = (label, path) if sep else (Path(spec).name or spec, spec)
         models[label] = pipeline.resolve_model(path, cfg)
-    task = load_task(cfg.task, cfg.seed)
+    task = pipeline.evaluation_task(cfg)
     pipeline.connect_ray(cfg)
     report = pipeline.run_eval(cfg, task, models)
     print(Path(report["paths"]["markdown"]).read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,7 +24,11 @@ class TaskConfig(_Section):
     kind: str = Field(
         "builtin",
         description="Where problems come from: 'builtin' (offline tasks shipped with drift-ray), "
-        "'file' (local JSONL/Parquet) or 'plugin' (a `module:function` returning a Task).",
+        "'file' (local JSONL/Parquet), 'plugin' (a `module:function` returning a Task), "
+        "'hub' (a benchmark through Hugging Face datasets, task.name one of metamathqa, math, math500, gsm8k, "
+        "theoremqa, gpqa_diamond, mmlu_redux, mmlu_pro; task.train_path/test_path read local files in the "
+        "hub's columns instead; options: seed, subsets) or 'reasoning_gym' (task.name a reasoning-gym "
+        "generator; options: size, seed and the generator's config fields).",
     )
     name: str = Field(
         "candidates",
@@ -73,13 +77,19 @@ class EpisodeConfig(_Section):
 class EngineKind(str, Enum):
     transformers = "transformers"
     vllm = "vllm"
+    openai = "openai"
 
 
 class RolloutConfig(_Section):
-    engine: EngineKind = Field(EngineKind.transformers, description="Generation engine behind the actors.")
+    engine: EngineKind = Field(
+        EngineKind.transformers,
+        description="Generation engine behind the actors: transformers (CPU default), vllm (GPU), or openai "
+        "(any server that speaks /v1/chat/completions: vLLM serve, SGLang, TGI, transformers serve, hosted APIs).",
+    )
     model: str = Field(
         "builtin:demo",
-        description="Reference policy π_ref: a local path or hub id; 'builtin:demo' builds the tiny demo model.",
+        description="Reference policy π_ref: a local path or hub id; 'builtin:demo' builds the tiny demo model. "
+        "openai: the model name the server serves.",
     )
     samples_per_prompt: int = Field(16, ge=1, description="K: episodes per prompt. Default 16.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature. Default 1.0.")
@@ -93,6 +103,30 @@ class RolloutConfig(_Section):
     dtype: str = Field("auto", description="Model dtype for the engine: auto, float32, bfloat16, float16.")
     torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per actor, e.g. {rollout_gpu: 1} to place actors on a node type "
+        "that advertises them (see cluster/).",
+    )
+    api_base: str = Field(
+        "http://localhost:8000/v1",
+        description="openai: base URL of the server, up to and including /v1 (vLLM serve's default shown).",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="openai: name of the environment variable holding the API key (the key itself never goes "
+        "in a config); unset or empty: no Authorization header, as local servers need none.",
+    )
+    max_concurrency: int = Field(32, ge=1, description="openai: requests in flight at once, per actor.")
+    request_timeout_s: float = Field(
+        600.0, gt=0.0, description="openai: seconds a request may take, queueing on the server included; not retried."
+    )
+    max_retries: int = Field(
+        5, ge=0, description="openai: retries of a request after a connection error, HTTP 429 or HTTP 5xx."
+    )
+    retry_backoff_s: float = Field(
+        1.0, ge=0.0, description="openai: wait before the first retry; doubles with each retry (capped at 60 s)."
+    )
 
 
 class WeightMode(str, Enum):
@@ -172,10 +206,21 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     max_length: int = Field(2048, ge=8, description="Tokens per example; longer prompts are truncated on the left.")
     checkpoint_every: int = Field(0, ge=0, description="Report a Ray Train checkpoint every N steps (0 = at the end).")
+    log_every: int = Field(10, ge=0, description="Rank 0 prints the step's metrics every N steps (0 = never).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per worker, e.g. {train_gpu: 1} to place workers on a node type "
+        "that advertises them (see cluster/).",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA through PEFT.")
 
 
 class EvalConfig(_Section):
+    task: Optional[TaskConfig] = Field(
+        None,
+        description="Task whose test split is evaluated (default: `task`), e.g. train on MetaMathQA and "
+        "evaluate on MATH-500.",
+    )
     max_new_tokens: Optional[int] = Field(None, ge=1, description="New tokens per turn (default: rollout.max_new_tokens).")
     prompts_per_batch: int = Field(64, ge=1, description="Problems per actor call.")
     num_actors: int = Field(1, ge=1, description="Evaluation actors.")
@@ -264,9 +309,13 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
     model: type[BaseModel] = Config
     for part in loc:
         annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # Optional sections (e.g. eval.task) are Optional[Model]: look inside the union.
+        section = next(
+            (a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+        if section is None:
             break
-        model = annotation
+        model = section
     return model
 
 

@@ -1,6 +1,6 @@
 """The tiny demo reference model that drift-ray builds itself, offline: `rollout.model: builtin:demo`.
 
-A character-level tokenizer with a ChatML chat template and a ~1M-parameter Qwen2 model, pre-trained on
+A small byte-level BPE tokenizer with a ChatML chat template and a ~1M-parameter Qwen2 model, pre-trained on
 conversations of the scripted `CandidatesTeacher` on the built-in candidates task. The teacher repeats its
 answer after "Incorrect" with probability `repeat_prob`, so the model learns the failure DRIFT targets:
 under greedy decoding it keeps repeating a wrong answer. The result is an ordinary model directory that
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from tokenizers import pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2Tokenizer
 
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task
@@ -32,7 +32,7 @@ from drift_ray.weighted_sft import fit_plain
 
 # Bump whenever the tokenizer, the architecture or the pre-training recipe changes meaning: it is part of
 # the cache key, so an old cached model is never mistaken for a new one.
-DEMO_VERSION = 2
+DEMO_VERSION = 4
 METADATA_FILE = "drift_demo.json"
 
 END_OF_TEXT = "<|endoftext|>"
@@ -54,21 +54,42 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
 }
 
-# The demo asks the bare question: short prompts suit a character-level model.
+# The demo asks the bare question: short prompts suit a tiny model.
 DEMO_EPISODE = EpisodeConfig(instruction="{question}")
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
-    """A character-level tokenizer: one token per byte (so per ASCII character) and the ChatML special tokens.
+# Whole-word tokens for the words of the demo's conversations, and the answer tags as single tokens: a turn
+# of the demo is then a handful of tokens instead of one per character, which makes pre-training, rollouts
+# and training several times cheaper. Digits stay one token each (the Qwen2 pre-tokenizer splits them), so
+# the arithmetic of the task is done on digits.
+DEMO_WORDS = (
+    "user", "assistant", "system", "Incorrect", " Please", " think", " again",
+    " is", " between", " and", " ends", " in", " What", " x",
+)
+ANSWER_TAGS = ("<answer>", "</answer>")
 
-    It is a Qwen2Tokenizer (byte-level BPE) without merges: `AutoTokenizer` rebuilds a Qwen2 checkpoint's
-    tokenizer as a Qwen2Tokenizer whatever tokenizer.json says, so the demo uses that class itself and
-    the tokenizer loaded from disk is exactly the one the model was trained with.
+
+def build_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer: every byte, the demo's words, the answer tags and the ChatML special tokens.
+
+    Its merges are learned (deterministically) from `DEMO_WORDS` alone, so any text round-trips and text
+    other than the demo's falls back to about one token per byte. It is a Qwen2Tokenizer because
+    `AutoTokenizer` rebuilds a Qwen2 checkpoint's tokenizer as one whatever tokenizer.json says: the
+    tokenizer loaded from disk is then exactly the one the model was trained with.
     """
-    vocab = {symbol: i for i, symbol in enumerate(BYTE_SYMBOLS + [END_OF_TEXT, IM_START, IM_END])}
-    return Qwen2Tokenizer(
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.train_from_iterator(
+        DEMO_WORDS,
+        trainers.BpeTrainer(vocab_size=1024, min_frequency=1, initial_alphabet=BYTE_SYMBOLS, show_progress=False),
+    )
+    learned = json.loads(bpe.to_str())["model"]
+    vocab = dict(learned["vocab"])
+    for special in (END_OF_TEXT, IM_START, IM_END):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
         vocab=vocab,
-        merges=[],
+        merges=[tuple(merge) for merge in learned["merges"]],
         eos_token=IM_END,
         pad_token=END_OF_TEXT,
         unk_token=None,
@@ -77,6 +98,8 @@ def build_tokenizer() -> Qwen2Tokenizer:
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+    tokenizer.add_tokens(list(ANSWER_TAGS))
+    return tokenizer
 
 
 def build_model_config(vocab_size: int, size: str = "tiny", *, tokenizer: Qwen2Tokenizer | None = None) -> Qwen2Config:
@@ -103,9 +126,9 @@ def ensure_demo_model(
     seed: int = 0,
     repeat_prob: float = 0.6,
     size: str = "tiny",
-    num_problems: int = 4000,
-    samples_per_prompt: int = 1,
-    epochs: int = 1,
+    num_problems: int | None = None,
+    samples_per_prompt: int = 2,
+    epochs: int = 8,
     lr: float = 3e-3,
     warmup_ratio: float = 0.05,
     batch_size: int = 16,

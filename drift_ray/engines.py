@@ -7,27 +7,43 @@ stop string (included, like vLLM's `include_stop_str_in_output`). Engines know n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from drift_ray.config import EngineKind, RolloutConfig
-from drift_ray.episode import Conversation, Engine, Generation, SamplingParams
+from drift_ray.episode import Conversation, Engine, Generation, Message, SamplingParams
 
 DEMO_MODEL = "builtin:demo"
 # Chat models whose config names only the end-of-text eos still end a turn with one of these.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
+# Finished rows stay in the batch (their tokens ignored) until they are this share of it: dropping them
+# copies the whole cache, which cost more than their wasted compute when done at every step.
+_COMPACT_AT_FINISHED_SHARE = 0.25
 
 
 class TransformersEngine:
     """Batched sampling with the KV cache on any causal LM that `from_pretrained` loads.
 
-    Each prompt is prefilled once; its KV cache is then repeated for the n samples. Rows that finish
-    leave the batch, so a long reply does not keep the finished ones computing. Prompts are sorted by
-    length and decoded in chunks of at most `max_batch_tokens` (rows × (prompt + new tokens)) to bound
-    memory and padding. `torch_threads` sets torch's (process-wide) CPU thread count.
+    share_prefill: prefill each prompt once and repeat its KV cache for the n samples (else encode the
+    prompt n times; kept to measure the difference).
+    carry_cache: keep the keys and values each reply leaves until the next call, so the next turn of a
+    conversation (its messages, that reply, then new messages) prefills only the new tokens instead of
+    the whole history. Only the previous call's replies are kept (the episode loop sends every active
+    conversation once per turn), at most `max_carried_tokens` tokens of them (each costs layers × 2 ×
+    kv_heads × head_dim values: 2 KB for the demo model in float32), the rest re-prefill. Reuse stops
+    at the first token that differs from what was cached, so a reply that tokenizes differently when
+    rendered back costs speed, never correctness. Models whose cache is not plain full attention
+    (sliding windows, linear attention) always prefill everything.
+    Rows that finish leave the batch (once they are a quarter of it), so a long reply does not keep the
+    finished ones computing. The cache is allocated once per batch for its whole length. Prompts are
+    sorted by length and decoded in chunks of at most `max_batch_tokens` (rows × (prompt + new tokens))
+    to bound memory and padding. `torch_threads` sets torch's (process-wide) CPU thread count.
     """
 
     def __init__(
@@ -38,15 +54,25 @@ class TransformersEngine:
         device: str | None = None,
         torch_threads: int | None = None,
         max_batch_tokens: int = 1 << 16,
+        share_prefill: bool = True,
+        carry_cache: bool = True,
+        max_carried_tokens: int = 1 << 20,
     ):
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.name = model
         self.max_batch_tokens = max_batch_tokens
+        self.share_prefill = share_prefill
+        self.max_carried_tokens = max_carried_tokens
+        self._replies: dict[tuple[tuple[str, str], ...], _CachedPrefix] = {}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        layers = DynamicCache(config=self.model.config).layers
+        # Our own layers (preallocated, carried between calls) assume every layer keeps all positions.
+        self._num_plain_layers = len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
+        self.carry_cache = carry_cache and self._num_plain_layers > 0
         self.end_of_turn_ids = _end_of_turn_ids(self.tokenizer, self.model)
         if not self.end_of_turn_ids:
             raise ValueError(f"{model}: found no end-of-turn token (eos_token_id, {', '.join(_END_OF_TURN_TOKENS)})")
@@ -60,15 +86,26 @@ class TransformersEngine:
             return []
         texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
         prompts: list[list[int]] = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        prefixes = [self._replies.get(_history_key(c)) for c in conversations]
+        self._replies = {}
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         results: list[list[Generation]] = [[] for _ in prompts]
+        carried = 0
         for chunk in self._chunks(prompts, n, params.max_new_tokens):
-            samples = self._sample([prompts[i] for i in chunk], params, n, generator)
+            chunk_prompts, chunk_prefixes = [prompts[i] for i in chunk], [prefixes[i] for i in chunk]
+            samples, held = self._sample(chunk_prompts, chunk_prefixes, params, n, generator)
             for row, completion in enumerate(samples):
                 index = chunk[row // n]
-                results[index].append(self._to_generation(completion, len(prompts[index]), params.stop))
+                generation = self._to_generation(completion, len(prompts[index]), params.stop)
+                results[index].append(generation)
+                if held[row] is not None and carried + len(held[row].tokens) <= self.max_carried_tokens:
+                    carried += len(held[row].tokens)
+                    reply = {"role": "assistant", "content": generation.text}
+                    self._replies[_history_key([*conversations[index], reply])] = held[row]
+            for i in chunk:
+                prefixes[i] = None  # the next chunk's memory may reuse what this one held
         return results
 
     def _chunks(self, prompts: list[list[int]], n: int, max_new_tokens: int) -> list[list[int]]:
@@ -86,14 +123,38 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def _sample(
-        self, prompts: list[list[int]], params: SamplingParams, n: int, generator: torch.Generator | None
-    ) -> list[list[int]]:
-        """n completions (token ids) of every prompt, in order: prompt 0's n samples, then prompt 1's, …"""
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        self,
+        prompts: list[list[int]],
+        prefixes: list[_CachedPrefix | None],
+        params: SamplingParams,
+        n: int,
+        generator: torch.Generator | None,
+    ) -> tuple[list[list[int]], list[_CachedPrefix | None]]:
+        """n completions (token ids) of every prompt, in order: prompt 0's n samples, then prompt 1's, …;
+        and, with carry_cache, the keys and values each completion leaves behind (else Nones).
+
+        A prompt whose leading tokens are in its prefix feeds only the rest. Batch columns: the reused
+        prefixes, right-aligned, then the fed tokens, right-aligned; the attention mask hides the gaps.
+        """
+        if not self.share_prefill:
+            prompts = [p for p in prompts for _ in range(n)]
+            prefixes = [p for p in prefixes for _ in range(n)]
+        copies = n if self.share_prefill else 1
+        reused = [prefix.usable_length(prompt) if prefix else 0 for prefix, prompt in zip(prefixes, prompts)]
+        fed = [prompt[r:] for prompt, r in zip(prompts, reused)]
+        cache_width, fed_width = max(reused), max(map(len, fed))
+        input_ids = torch.tensor([[self.pad_id] * (fed_width - len(f)) + f for f in fed], device=self.device)
+        attention_mask = torch.tensor(
+            [
+                [0] * (cache_width - r) + [1] * r + [0] * (fed_width - len(f)) + [1] * len(f)
+                for r, f in zip(reused, fed)
+            ],
+            device=self.device,
+        )
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, cache_width:]
+        cache = self._new_cache(cache_width + fed_width + params.max_new_tokens)
+        if cache_width:
+            _fill_cache(cache, prefixes, reused, cache_width)
         logits = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -102,30 +163,40 @@ class TransformersEngine:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)
-        attention_mask = attention_mask.repeat_interleave(n, dim=0)
-        next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+            logits = logits.repeat_interleave(copies, dim=0)
+            attention_mask = attention_mask.repeat_interleave(copies, dim=0)
+        next_position = positions[:, -1:].repeat_interleave(copies, dim=0) + 1
 
         stopper = _StopStrings(self.tokenizer, params.stop)
         top_p = TopPLogitsWarper(params.top_p) if 0 < params.top_p < 1 else None
-        completions: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+        completions: list[list[int]] = [[] for _ in range(len(prompts) * copies)]
+        held: list[_CachedPrefix | None] = [None] * len(completions)
         live = list(range(len(completions)))  # the completion each batch row is writing
+        writing = [True] * len(live)  # finished rows stay in the batch (ignored) until compaction
         for step in range(params.max_new_tokens):
             tokens = _pick(logits, params.temperature, top_p, generator)
-            keep = []
+            last_step = step + 1 == params.max_new_tokens
             for row, token in enumerate(tokens.tolist()):
+                if not writing[row]:
+                    continue
                 completion = completions[live[row]]
                 completion.append(token)
-                if token not in self.end_of_turn_ids and not stopper.hit(completion):
-                    keep.append(row)
-            if not keep or step + 1 == params.max_new_tokens:
+                if token in self.end_of_turn_ids or stopper.hit(completion) or last_step:
+                    writing[row] = False
+                    if self.carry_cache:
+                        # The cache holds every token fed so far: the prompt and all but the last sampled one.
+                        c = live[row]
+                        held[c] = _CachedPrefix.take(cache, row, attention_mask, prompts[c // copies] + completion[:-1])
+            still = [row for row, w in enumerate(writing) if w]
+            if not still:
                 break
-            if len(keep) < len(live):
-                index = torch.tensor(keep, device=self.device)
+            if len(live) - len(still) >= _COMPACT_AT_FINISHED_SHARE * len(live):
+                index = torch.tensor(still, device=self.device)
                 cache.batch_select_indices(index)
                 tokens, attention_mask, next_position = tokens[index], attention_mask[index], next_position[index]
-                live = [live[row] for row in keep]
+                live, writing = [live[row] for row in still], [True] * len(still)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
             logits = self.model(
                 input_ids=tokens[:, None],
@@ -135,12 +206,108 @@ class TransformersEngine:
                 use_cache=True,
             ).logits[:, -1]
             next_position = next_position + 1
-        return completions
+        return completions, held
+
+    def _new_cache(self, columns: int) -> Cache:
+        if self._num_plain_layers:
+            return Cache(layers=[_PreallocatedLayer(columns) for _ in range(self._num_plain_layers)])
+        return DynamicCache(config=self.model.config)
 
     def _to_generation(self, completion: list[int], prompt_tokens: int, stop: Sequence[str]) -> Generation:
         body = completion[:-1] if completion and completion[-1] in self.end_of_turn_ids else completion
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         return Generation(cut_at_stop(text, stop), prompt_tokens, len(completion))
+
+
+@dataclass
+class _CachedPrefix:
+    """The keys and values a token sequence left in the cache: one (heads, tokens, head_dim) tensor per layer."""
+
+    tokens: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def take(cls, cache: Cache, row: int, attention_mask: torch.Tensor, tokens: list[int]) -> _CachedPrefix:
+        """A copy of batch row `row` of the cache without its padding columns (those `attention_mask` zeroes)."""
+        filled = attention_mask[row].bool()
+        return cls(
+            tokens,
+            [layer.keys[row][:, filled] for layer in cache.layers],
+            [layer.values[row][:, filled] for layer in cache.layers],
+        )
+
+    def usable_length(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` this holds; the last prompt token is always fed, for its logits."""
+        n = min(len(self.tokens), len(prompt) - 1)
+        differ = np.flatnonzero(np.asarray(self.tokens[:n]) != np.asarray(prompt[:n]))
+        return int(differ[0]) if differ.size else n
+
+
+def _fill_cache(cache: Cache, prefixes: list[_CachedPrefix | None], reused: list[int], width: int) -> None:
+    """Put each row's first reused[row] prefix tokens into the cache's first `width` columns, right-aligned."""
+    template = next(p for p, r in zip(prefixes, reused) if r)
+    for layer, (keys, values) in enumerate(zip(template.keys, template.values)):
+        batch_keys = keys.new_zeros(len(prefixes), keys.shape[0], width, keys.shape[-1])
+        batch_values = values.new_zeros(len(prefixes), values.shape[0], width, values.shape[-1])
+        for row, (prefix, r) in enumerate(zip(prefixes, reused)):
+            if r:
+                batch_keys[row, :, width - r :] = prefix.keys[layer][:, :r]
+                batch_values[row, :, width - r :] = prefix.values[layer][:, :r]
+        cache.update(batch_keys, batch_values, layer)
+
+
+def _history_key(conversation: Sequence[Message]) -> tuple[tuple[str, str], ...]:
+    """The conversation up to its last assistant message: what a carried reply cache is filed under."""
+    last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=-1)
+    return tuple((m["role"], m["content"]) for m in conversation[: last + 1])
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer writing into buffers of a fixed number of columns allocated at the first update.
+
+    DynamicLayer concatenates at every decoding step, copying the whole cache each time; here a step
+    writes one column. `keys`/`values` are views of the filled columns, as the attention expects.
+    """
+
+    def __init__(self, columns: int):
+        super().__init__()
+        self.columns = columns
+        self.filled = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        rows, heads, _, _ = key_states.shape
+        self.key_buffer = key_states.new_zeros(rows, heads, self.columns, key_states.shape[-1])
+        self.value_buffer = value_states.new_zeros(rows, heads, self.columns, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.filled + key_states.shape[-2]
+        if end > self.columns:
+            raise RuntimeError(f"KV cache layer holds {self.columns} columns; asked to fill up to {end}")
+        self.key_buffer[:, :, self.filled : end] = key_states
+        self.value_buffer[:, :, self.filled : end] = value_states
+        self.filled = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._expose()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.filled]
+        self.values = self.value_buffer[:, :, : self.filled]
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: TopPLogitsWarper | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -247,5 +414,17 @@ def build_engine(cfg: RolloutConfig, model: str | None = None) -> Engine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             dtype=cfg.dtype,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+        )
+    if cfg.engine is EngineKind.openai:
+        from drift_ray.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(
+            model,
+            api_base=cfg.api_base,
+            api_key_env=cfg.api_key_env,
+            max_concurrency=cfg.max_concurrency,
+            request_timeout_s=cfg.request_timeout_s,
+            max_retries=cfg.max_retries,
+            retry_backoff_s=cfg.retry_backoff_s,
         )
     raise ValueError(f"rollout.engine: unknown engine {cfg.engine!r}; expected one of {[k.value for k in EngineKind]}")

@@ -105,9 +105,22 @@ def run_training(cfg: Config, reference: str) -> str:
     return str(out / "model")
 
 
+def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
+    """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
+    if cfg.eval.task is not None:
+        return load_task(cfg.eval.task, cfg.seed)
+    return train_task or load_task(cfg.task, cfg.seed)
+
+
 def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
     """Greedy multi-turn episodes of every model on the test split; metrics, table and plot under run_dir/eval."""
     from drift_ray.evaluation import episode_metrics, write_report
+
+    if not task.test:
+        raise ValueError(
+            f"task {task.name!r} has no test problems to evaluate on; set eval.task to a task with a test "
+            "split (e.g. eval.task.kind=hub eval.task.name=math500)"
+        )
 
     eval_dir = Path(cfg.run_dir) / "eval"
     metrics = {}
@@ -147,5 +160,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     timed("rollouts", run_rollouts, cfg, task, reference)
     diagnostics = timed("weights", run_weights, cfg)
     trained = timed("weighted_sft", run_training, cfg, reference)
-    report = timed("evaluation", run_eval, cfg, task, {"reference": reference, cfg.weights.mode.value: trained})
+    eval_task = timed("eval_prompts", evaluation_task, cfg, task)
+    report = timed("evaluation", run_eval, cfg, eval_task, {"reference": reference, cfg.weights.mode.value: trained})
     return {"timings_s": timings, "weights": diagnostics, **report}

@@ -90,8 +90,18 @@ def load_task(cfg: TaskConfig, seed: int) -> Task:
         task = _load_plugin(cfg.name)(seed=seed, **cfg.options)
         if not isinstance(task, Task):
             raise TaskError(f"task.name: plugin {cfg.name!r} returned {type(task).__name__}, expected drift_ray.prompts.Task")
+    elif cfg.kind == "hub":
+        from drift_ray.hub_tasks import load_hub_task  # not at the top: hub_tasks builds on this module
+
+        task = load_hub_task(cfg, seed)
+    elif cfg.kind == "reasoning_gym":
+        from drift_ray.gym_tasks import load_gym_task  # not at the top: gym_tasks builds on this module
+
+        task = load_gym_task(cfg, seed)
     else:
-        raise TaskError(f"task.kind: unknown kind {cfg.kind!r}; expected builtin, file or plugin")
+        raise TaskError(
+            f"task.kind: unknown kind {cfg.kind!r}; expected builtin, file, plugin, hub or reasoning_gym"
+        )
     return Task(
         task.name,
         task.train[: cfg.num_train],

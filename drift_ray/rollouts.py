@@ -200,6 +200,7 @@ def run_episodes(
             concurrency=num_actors,
             num_cpus=r.cpus_per_actor,
             num_gpus=r.gpus_per_actor,
+            resources=r.resources or None,
         )
         produced = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
         summary.update(

@@ -330,11 +330,19 @@ class MathVerifier:
 
 # --------------------------------------------------------------------------------------------- registry
 
+def _reasoning_gym_verifier(threshold: float = 1.0) -> Verifier:
+    # Imported on use: reasoning-gym is optional and heavy, and rollout actors build verifiers by name.
+    from drift_ray.gym_tasks import ReasoningGymVerifier
+
+    return ReasoningGymVerifier(threshold)
+
+
 _REGISTRY: dict[str, Callable[..., Verifier]] = {
     "exact": ExactVerifier,
     "numeric": NumericVerifier,
     "choice": ChoiceVerifier,
     "math": MathVerifier,
+    "reasoning_gym": _reasoning_gym_verifier,
 }
 
 

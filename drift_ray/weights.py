@@ -31,28 +31,19 @@ def trajectory_returns(
     """R of every row. `format_penalty` None: each row's FORMAT_PENALTY total; else this value per True
     in its FORMAT_FAILURES. Answers that are null or blank do not count for the repetition ratio."""
     n = table.num_rows
-    rows, rewards = _flatten(table.column(schema.TURN_REWARDS), pa.float64())
-    lengths = pc.list_value_length(table.column(schema.TURN_REWARDS)).fill_null(0).to_numpy()
+    reward_lists = table.column(schema.TURN_REWARDS)
+    rows, rewards = _flatten(reward_lists, pa.float64())
+    lengths = pc.list_value_length(reward_lists).fill_null(0).to_numpy()
     turn_index = np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]  # t − 1
-    discounted = rewards.to_numpy(zero_copy_only=False) * gamma**turn_index
+    discounts = gamma ** np.arange(lengths.max(initial=0), dtype=np.float64)  # a lookup, not a power per turn
+    discounted = rewards.to_numpy() * discounts[turn_index]  # null rewards become NaN and are refused below
     returns = np.bincount(rows, weights=discounted, minlength=n).astype(np.float64)  # int64 when n = 0
 
     if format_penalty is None:
         returns += table.column(schema.FORMAT_PENALTY).to_numpy().astype(np.float64)
     else:
         returns += format_penalty * _count_format_failures(table, format_penalty)
-
-    rows, norms = _flatten(table.column(schema.ANSWER_NORMS), pa.string())
-    is_answer = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(norms)), 0), False)
-    rows = rows[is_answer.to_numpy(zero_copy_only=False)]
-    codes = pc.filter(norms, is_answer).dictionary_encode().indices.to_numpy().astype(np.int64)
-    # One int64 key per (row, answer): the distinct keys of a row are its distinct answers.
-    num_codes = codes.max(initial=0) + 1
-    distinct_rows = np.unique(rows * num_codes + codes) // num_codes
-    n_unique = np.bincount(distinct_rows, minlength=n)
-    n_answers = np.bincount(rows, minlength=n)
-    unique_ratio = np.divide(n_unique, n_answers, out=np.ones(n), where=n_answers > 0)
-    returns -= rep_lambda * (1.0 - unique_ratio)
+    returns -= rep_lambda * (1.0 - _unique_answer_ratio(table.column(schema.ANSWER_NORMS)))
 
     bad = np.flatnonzero(~np.isfinite(returns))
     if bad.size:
@@ -66,18 +57,12 @@ def trajectory_returns(
 
 def group_weights(returns: npt.ArrayLike, prompt_ids: npt.ArrayLike, beta: float) -> npt.NDArray[np.float64]:
     """w_i = K_g·softmax(R/β)_i within each group g of equal prompt ids; every group's weights average to 1."""
-    if not beta > 0:
-        raise ValueError(f"weights.beta must be > 0, found {beta}")
-    scaled = np.asarray(returns, dtype=np.float64) / beta
-    _, group, sizes = np.unique(np.asarray(prompt_ids), return_inverse=True, return_counts=True)
+    returns = np.asarray(returns, dtype=np.float64)
+    _, group = np.unique(np.asarray(prompt_ids), return_inverse=True)
     group = group.reshape(-1)
-    if group.size != scaled.size:
-        raise ValueError(f"group_weights got {scaled.size} returns but {group.size} prompt ids; expected one each")
-    group_max = np.full(sizes.size, -np.inf)
-    np.maximum.at(group_max, group, scaled)
-    shifted = scaled - group_max[group]  # ≤ 0, and 0 for a group's best: exp never overflows
-    log_sum = np.log(np.bincount(group, weights=np.exp(shifted), minlength=sizes.size))
-    return np.exp(np.log(sizes)[group] + shifted - log_sum[group])
+    if group.size != returns.size:
+        raise ValueError(f"group_weights got {returns.size} returns but {group.size} prompt ids; expected one each")
+    return _weights_within_groups(returns, group, beta)
 
 
 def reached_correct(table: pa.Table) -> npt.NDArray[np.bool_]:
@@ -95,7 +80,7 @@ def compute_weights(table: pa.Table, cfg: WeightsConfig) -> pa.Table:
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source="weights input")
     returns = trajectory_returns(table, cfg.gamma, cfg.rep_lambda, cfg.format_penalty)
     if cfg.mode == WeightMode.drift:
-        weights = group_weights(returns, _group_codes(table), cfg.beta)
+        weights = _weights_within_groups(returns, _group_codes(table), cfg.beta)
     elif cfg.mode == WeightMode.uniform:
         weights = np.ones(table.num_rows)
     elif cfg.mode == WeightMode.success_only:
@@ -168,12 +153,49 @@ def add_weights(
     return ds.map_batches(compute_weights, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=None)
 
 
-def _flatten(column: pa.ChunkedArray, value_type: pa.DataType) -> tuple[npt.NDArray[np.int64], pa.Array]:
+def _flatten(column: pa.ChunkedArray, value_type: pa.DataType) -> tuple[npt.NDArray[np.int64], pa.ChunkedArray]:
     """(row of every list element, the elements as `value_type`) of a list column; null lists hold none.
 
-    The cast also covers lists Arrow inferred as list<null> because every one of them was empty."""
-    lists = column.combine_chunks()
-    return pc.list_parent_indices(lists).to_numpy().astype(np.int64), pc.list_flatten(lists).cast(value_type)
+    Rows come out in table order (non-decreasing). The cast also covers lists Arrow inferred as
+    list<null> because every one of them was empty."""
+    rows = pc.list_parent_indices(column).to_numpy().astype(np.int64, copy=False)
+    return rows, pc.list_flatten(column).cast(value_type)
+
+
+def _unique_answer_ratio(column: pa.ChunkedArray) -> npt.NDArray[np.float64]:
+    """n_unique / n_answers per row, 1 for a row without answers; null and blank answers do not count."""
+    rows, answers = _flatten(column, pa.string())
+    # One hash pass over all answers; blankness is then decided once per distinct answer, not per answer.
+    encoded = answers.dictionary_encode(null_encoding="encode").combine_chunks()
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(encoded.dictionary)), 0)
+    blank = pc.fill_null(blank, True).to_numpy(zero_copy_only=False)
+    codes = encoded.indices.to_numpy()
+    counted = ~blank[codes]
+    rows, codes = rows[counted], codes[counted]
+    # One key per (row, answer). Rows are already sorted, so sorting the keys only orders answers within
+    # a row, keeps rows[i] the row of keys[i], and puts equal answers of a row next to each other.
+    keys = np.sort(rows * len(encoded.dictionary) + codes)
+    first_of_its_kind = np.empty(keys.size, dtype=bool)
+    first_of_its_kind[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=first_of_its_kind[1:])
+    n_unique = np.bincount(rows[first_of_its_kind], minlength=len(column))
+    n_answers = np.bincount(rows, minlength=len(column))
+    return np.divide(n_unique, n_answers, out=np.ones(len(column)), where=n_answers > 0)
+
+
+def _weights_within_groups(
+    returns: npt.NDArray[np.float64], group: npt.NDArray[np.int64], beta: float
+) -> npt.NDArray[np.float64]:
+    """group_weights for group codes 0..G−1 that are all used."""
+    if not beta > 0:
+        raise ValueError(f"weights.beta must be > 0, found {beta}")
+    scaled = returns / beta
+    sizes = np.bincount(group)
+    group_max = np.full(sizes.size, -np.inf)
+    np.maximum.at(group_max, group, scaled)
+    shifted = scaled - group_max[group]  # ≤ 0, and 0 for a group's best: exp never overflows
+    log_sum = np.log(np.bincount(group, weights=np.exp(shifted), minlength=sizes.size))
+    return np.exp(np.log(sizes)[group] + shifted - log_sum[group])
 
 
 def _any_per_row(column: pa.ChunkedArray, value_type: pa.DataType, predicate: Any) -> npt.NDArray[np.bool_]:
@@ -202,4 +224,4 @@ def _group_codes(table: pa.Table) -> npt.NDArray[np.int64]:
     ids = table.column(schema.PROMPT_ID)
     if ids.null_count:
         raise ValueError(f"{schema.PROMPT_ID!r}: {ids.null_count} rows have no prompt id; every trajectory needs one")
-    return ids.combine_chunks().dictionary_encode().indices.to_numpy().astype(np.int64)
+    return ids.dictionary_encode().combine_chunks().indices.to_numpy().astype(np.int64)

@@ -18,20 +18,20 @@ TOKENIZER = build_tokenizer()
 PRINTABLE_ASCII = [chr(code) for code in range(32, 127)] + ["\n"]
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "x is between 23 and 52, and x+7 ends in 3. What is x?"},
-    {"role": "assistant", "content": "x ends in 6: 26 36 46. <answer>36</answer>"},
+    {"role": "user", "content": "x is between 23 and 52 and ends in 6. What is x?"},
+    {"role": "assistant", "content": "<answer>36</answer>"},
     {"role": "user", "content": "Incorrect. Please think again."},
-    {"role": "assistant", "content": "x ends in 6: 26 36 46. <answer>26</answer>"},
+    {"role": "assistant", "content": "<answer>26</answer>"},
 ]
 # A handful of optimizer steps: enough to exercise the whole build in a few seconds.
-TINY_RECIPE = dict(num_problems=12, epochs=1, batch_size=8, max_length=256)
+TINY_RECIPE = dict(num_problems=12, samples_per_prompt=1, epochs=1, batch_size=8, max_length=256)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=PRINTABLE_ASCII, max_size=200))
-def test_tokenizer_round_trips_ascii_text_one_token_per_character(text):
+def test_tokenizer_round_trips_ascii_text_in_at_most_one_token_per_character(text):
     ids = TOKENIZER(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text)
+    assert len(ids) <= len(text)
     assert TOKENIZER.decode(ids) == text
 
 
@@ -42,10 +42,21 @@ def test_other_text_round_trips_one_token_per_byte():
     assert TOKENIZER.decode(ids) == text
 
 
+def test_demo_words_answer_tags_and_digits_are_single_tokens():
+    def tokens(text: str) -> list[str]:
+        return TOKENIZER.convert_ids_to_tokens(TOKENIZER(text, add_special_tokens=False)["input_ids"])
+
+    assert tokens("<answer>36</answer>") == ["<answer>", "3", "6", "</answer>"]
+    assert tokens("Incorrect. Please think again.") == ["Incorrect", ".", "ĠPlease", "Ġthink", "Ġagain", "."]
+    question = tokens(CONVERSATION[1]["content"])
+    assert question[:3] == ["x", "Ġis", "Ġbetween"] and len(question) == 20
+    assert build_tokenizer().get_vocab() == TOKENIZER.get_vocab()  # built deterministically
+
+
 def test_special_tokens_are_single_tokens_with_chatml_roles():
     ids = TOKENIZER("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"]
     assert ids[0] == TOKENIZER.convert_tokens_to_ids("<|im_start|>") and ids[-1] == TOKENIZER.eos_token_id
-    assert len(ids) == 2 + len("user\nhi")
+    assert TOKENIZER.convert_ids_to_tokens(ids[1:-1]) == ["user", "Ċ", "h", "i"]
     assert (TOKENIZER.eos_token, TOKENIZER.pad_token, TOKENIZER.padding_side) == ("<|im_end|>", "<|endoftext|>", "left")
     assert TOKENIZER.decode(ids, skip_special_tokens=True) == "user\nhi"
 
@@ -54,8 +65,8 @@ def test_chat_template_renders_chatml():
     rendered = TOKENIZER.apply_chat_template(CONVERSATION[:3], tokenize=False)
     assert rendered == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nx is between 23 and 52, and x+7 ends in 3. What is x?<|im_end|>\n"
-        "<|im_start|>assistant\nx ends in 6: 26 36 46. <answer>36</answer><|im_end|>\n"
+        "<|im_start|>user\nx is between 23 and 52 and ends in 6. What is x?<|im_end|>\n"
+        "<|im_start|>assistant\n<answer>36</answer><|im_end|>\n"
     )
     prompt = TOKENIZER.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True, tokenize=False)
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -133,47 +144,43 @@ def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pretrained_rates(tmp_path_factory) -> dict[str, tuple[float, float, float]]:
-    """The full recipe, played greedily and at temperature 1 on the candidates test split:
-    (share of replies with a parsable answer, share listing exactly the candidates, share of answers
-    after feedback that repeat the previous answer)."""
+def pretrained_rates(tmp_path_factory) -> dict[str, dict[str, float]]:
+    """The full recipe, played greedily and at temperature 1 on 200 candidates test problems: shares of
+    replies with a parsable answer and with a candidate as the answer, share of answers after feedback that
+    repeat the previous answer, and multi@1 / multi@5."""
     from drift_ray.builtin_tasks import candidates_task
     from drift_ray.engines import TransformersEngine
     from drift_ray.episode import SamplingParams, play_episodes
     from drift_ray.verifiers import get_verifier
 
     engine = TransformersEngine(ensure_demo_model(tmp_path_factory.mktemp("demo-cache")))
-    test = candidates_task(seed=0, num_test=100).test
-    settings = {"greedy": SamplingParams(0.0, max_new_tokens=80), "sampled": SamplingParams(1.0, max_new_tokens=80, seed=0)}
+    test = candidates_task(seed=0).test
+    settings = {"greedy": SamplingParams(0.0, max_new_tokens=16), "sampled": SamplingParams(1.0, max_new_tokens=16, seed=0)}
     rates = {}
     for name, params in settings.items():
         episodes = play_episodes(test, engine, get_verifier("exact"), params, 1, DEMO_EPISODE)
-        replies = [(e, t) for e in episodes for t in range(len(e.answers))]
-        listed = []
-        for e, t in replies:
-            candidates = " ".join(map(str, e.problem.metadata["candidates"]))
-            listed.append(e.messages[2 * t + 1]["content"].startswith(f"x ends in {candidates[-1]}: {candidates}."))
-        pairs = [(e.answers[t - 1], e.answers[t]) for e, t in replies if t and None not in e.answers[t - 1 : t + 1]]
-        rates[name] = (
-            sum(e.answers[t] is not None for e, t in replies) / len(replies),
-            sum(listed) / len(replies),
-            sum(a == b for a, b in pairs) / max(len(pairs), 1),
-        )
+        answers = [(e, a) for e in episodes for a in e.answers]
+        pairs = [(a, b) for e in episodes for a, b in zip(e.answers, e.answers[1:]) if None not in (a, b)]
+        rates[name] = {
+            "parsable": sum(a is not None for _, a in answers) / len(answers),
+            "candidate": sum(a in map(str, e.problem.metadata["candidates"]) for e, a in answers) / len(answers),
+            "repeated": sum(a == b for a, b in pairs) / max(len(pairs), 1),
+            **{f"multi@{k}": sum(e.t_star is not None and e.t_star <= k for e in episodes) / len(episodes) for k in (1, 5)},
+        }
     return rates
 
 
 @pytest.mark.slow
-def test_pretrained_demo_model_answers_in_format_and_repeats_after_feedback_when_greedy(pretrained_rates):
-    parsable, _, repeated = pretrained_rates["greedy"]
-    assert parsable > 0.9
-    assert repeated > pretrained_rates["sampled"][2] + 0.1
+def test_pretrained_demo_model_answers_candidates_in_format(pretrained_rates):
+    assert pretrained_rates["greedy"]["parsable"] > 0.95
+    assert pretrained_rates["greedy"]["candidate"] > 0.8
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the candidates task needs (d - c) mod 10 before listing; the tiny model does not learn that step "
-    "in a few minutes of pre-training (measured: the right listing in about 1% of greedy replies)",
-    strict=False,
-)
-def test_pretrained_demo_model_lists_the_right_candidates(pretrained_rates):
-    assert pretrained_rates["greedy"][1] > 0.5
+def test_pretrained_demo_model_shows_the_greedy_collapse_that_sampling_escapes(pretrained_rates):
+    """The paper's failure: greedily, the reference repeats a wrong answer after "Incorrect", so multi@5 stays
+    close to acc@1; sampled episodes sometimes try another candidate and find the answer in later turns."""
+    greedy, sampled = pretrained_rates["greedy"], pretrained_rates["sampled"]
+    assert greedy["repeated"] > 0.6 and greedy["repeated"] > sampled["repeated"] + 0.2
+    assert greedy["multi@5"] - greedy["multi@1"] < 0.15
+    assert sampled["multi@5"] > greedy["multi@5"] + 0.15

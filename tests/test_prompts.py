@@ -25,7 +25,7 @@ def test_candidates_task_splits_are_disjoint_and_golds_are_candidates():
 
 
 def test_candidate_values():
-    assert candidate_values(23, 52, 7, 3) == [26, 36, 46]
+    assert candidate_values(23, 52, 6) == [26, 36, 46]
 
 
 def test_load_builtin_truncates_and_names_unknown():
@@ -83,4 +83,4 @@ def test_plugin_task_and_errors():
     with pytest.raises(TaskError, match="cannot import plugin module"):
         load_task(TaskConfig(kind="plugin", name="no_such_module_xyz:f"), seed=0)
     with pytest.raises(TaskError, match="task.kind"):
-        load_task(TaskConfig(kind="hub"), seed=0)
+        load_task(TaskConfig(kind="nope"), seed=0)

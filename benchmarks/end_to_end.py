@@ -1,0 +1,135 @@
+"""End-to-end wall clock: `pipeline.run_pipeline` on a job config, stage by stage, start-up apart where it can be.
+
+The whole recipe runs in a fresh temporary run_dir, so no stage is skipped as already done; the demo
+reference model stays in its cache, so only a first run includes its build. What counts as start-up:
+- reference_model (build or load of the reference) and ray_start: all of it;
+- weighted_sft: everything but the training steps, from the trainer's own statistics (Ray Train
+  workers, DeepSpeed start, tokenisation, the final save);
+- rollouts and evaluation: run_pipeline's timings do not split their actors' start-up from generation
+  (benchmarks/rollouts.py measures that split), so they count whole as steady state here.
+Throughput per stage: generated tokens and trajectories of the stage's shards over its wall time.
+
+--quick runs jobs/smoke.yaml with a randomly initialised demo-architecture model (no build), which writes
+max_new_tokens every turn; --model PATH replaces the config's rollout.model in either mode.
+
+    .venv/bin/python benchmarks/end_to_end.py [--config jobs/demo_cpu.yaml] [--model PATH] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_result, argument_parser, print_table  # noqa: E402
+from rollouts import save_random_demo_model  # noqa: E402
+
+from drift_ray import schema  # noqa: E402
+from drift_ray.config import load_config  # noqa: E402
+from drift_ray.pipeline import run_pipeline  # noqa: E402
+from drift_ray.rollouts import read_shards  # noqa: E402
+from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_STAGES = ("reference_model", "ray_start")
+
+
+def generated(shard_dirs: list[Path]) -> dict[str, int]:
+    tables = [read_shards(d) for d in shard_dirs]
+    return {
+        "trajectories": sum(t.num_rows for t in tables),
+        "completion_tokens": sum(pc.sum(t[schema.COMPLETION_TOKENS]).as_py() for t in tables),
+    }
+
+
+def stage_rows(timings: dict[str, float], run_dir: Path) -> list[dict[str, Any]]:
+    """One row per stage of `timings` (run_pipeline's timings_s), with start-up and work where known."""
+    train_stats = json.loads((run_dir / "train" / MODEL_DIR / STATS_FILE).read_text())
+    work = {
+        "rollouts": generated([run_dir / "rollouts"]),
+        "evaluation": generated(sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir())),
+        "weighted_sft": {"tokens": train_stats["tokens"], "steps": train_stats["steps"]},
+    }
+    rows = []
+    for stage, seconds in timings.items():
+        if stage in STARTUP_STAGES:
+            startup = seconds
+        elif stage == "weighted_sft":
+            startup = seconds - train_stats["seconds"]
+        else:
+            startup = 0.0
+        figures = work.get(stage, {})
+        steady = seconds - startup
+        tokens = figures.get("completion_tokens", figures.get("tokens"))
+        rate = tokens / steady if tokens is not None and steady > 0 else None
+        rows.append(
+            {"stage": stage, "seconds": seconds, "startup_s": startup, "steady_s": steady, **figures,
+             "tokens_per_steady_s": rate}
+        )
+    total = sum(timings.values())
+    for r in rows:
+        r["share"] = r["seconds"] / total
+    rows.append(
+        {
+            "stage": "total",
+            "seconds": total,
+            "startup_s": sum(r["startup_s"] for r in rows),
+            "steady_s": sum(r["steady_s"] for r in rows),
+            "share": 1.0,
+        }
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument(
+        "--config", type=Path, help="job config (default: jobs/demo_cpu.yaml; --quick: jobs/smoke.yaml)"
+    )
+    parser.add_argument("--model", help="reference model directory, replacing the config's rollout.model")
+    args = parser.parse_args()
+    config_path = args.config or ROOT / "jobs" / ("smoke.yaml" if args.quick else "demo_cpu.yaml")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    with tempfile.TemporaryDirectory(prefix="drift-e2e-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        model = args.model
+        if model is None and args.quick:
+            model = save_random_demo_model(Path(tmp) / "random-demo-model", seed=0)
+        overrides = [f"run_dir={run_dir}"] + ([f"rollout.model={model}"] if model else [])
+        cfg = load_config(config_path, overrides)
+        started = time.perf_counter()
+        result = run_pipeline(cfg)
+        wall = time.perf_counter() - started
+        rows = stage_rows(result["timings_s"], run_dir)
+
+    import ray
+
+    ray.shutdown()
+    config = {
+        "config": str(config_path),
+        "model": "random demo architecture" if args.quick and not args.model else cfg.rollout.model,
+        "quick": args.quick,
+        "prompts": cfg.task.num_train,
+        "samples_per_prompt": cfg.rollout.samples_per_prompt,
+        "max_turns": cfg.episode.max_turns,
+        "rollout_actors": cfg.rollout.num_actors,
+        "train_workers": cfg.train.num_workers,
+        "wall_s": wall,
+    }
+    print(f"\nend to end: {config_path.name}, wall {wall:.1f} s (stages sum to {rows[-1]['seconds']:.1f} s)\n")
+    columns = ["stage", "seconds", "share", "startup_s", "steady_s", "trajectories", "completion_tokens", "tokens",
+               "steps", "tokens_per_steady_s"]
+    print_table(rows, columns)
+    print(f"\nappended to {append_result('end_to_end', config, rows, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

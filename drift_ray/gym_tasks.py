@@ -1,0 +1,160 @@
+"""Procedural tasks from reasoning-gym (`task.kind: reasoning_gym`), checked by the generator's own scorer.
+
+task.name: any reasoning-gym dataset name (e.g. chain_sum, leg_counting). task.options: `size` (problems
+generated per split, default 500), `seed` (default: the run's seed) and any field of the generator's
+config (e.g. min_terms for chain_sum); `task.num_train` / `task.num_test` then truncate.
+
+Splits. reasoning-gym builds item i of seed s from Random(s + i), so seeds s and s + 1 share all items
+but one. The train and test seeds are therefore hashed far apart from (name, seed), and train problems
+whose question also appears in the test split are dropped.
+
+Verifier `reasoning_gym`. A generator's `score_answer(answer, entry)` needs the entry's answer and
+metadata (many generators check an answer against the puzzle, not a string) and a few need the
+generator's config, while a verifier sees only (answer, gold). So the gold is a JSON object
+{answer, dataset, config, metadata}: the verifier rebuilds the generator from (dataset, config), once
+per process, and scores the answer against the stored entry. Regenerating the entry from its index
+instead would not do: some generators (isomorphic_strings, knight_swap, word_ladder, ...) depend on
+Python's per-process string hashing, so another process would build another puzzle. An answer is
+correct when its score is at least `threshold`, default 1.0: full marks only, partial credit (say 0.5
+for a right number in the wrong format) is wrong.
+
+Loading checks that each problem's own answer is correct through the stored gold, so a generator whose
+metadata JSON cannot carry (arc_agi and rearc keep grids as tuples) is refused instead of marking every
+answer wrong. Generators without a single reference answer (answer None: rubiks_cube, rush_hour, ...)
+have nothing to check there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import logging
+from typing import Any
+
+from drift_ray.config import TaskConfig
+from drift_ray.episode import stable_seed
+from drift_ray.prompts import Problem, Task, TaskError
+from drift_ray.verifiers import basic_normalize
+
+log = logging.getLogger(__name__)
+
+VERIFIER = "reasoning_gym"
+DEFAULT_SIZE = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class GymGold:
+    """What the verifier needs to score an answer: the generator's entry and how to rebuild the generator."""
+
+    answer: str | None
+    dataset: str
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, gold: str) -> GymGold:
+        try:
+            fields = json.loads(gold)
+            return cls(**fields)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(
+                f"{VERIFIER} verifier: the gold {gold[:100]!r} is not a reasoning-gym gold (a JSON object with "
+                f"answer, dataset, config, metadata, as task.kind=reasoning_gym writes); use another task.verifier"
+            ) from err
+
+
+@functools.lru_cache(maxsize=64)
+def _generator(dataset: str, config_json: str) -> Any:
+    import reasoning_gym  # heavy: only where reasoning-gym tasks are used
+
+    return reasoning_gym.create_dataset(dataset, **json.loads(config_json))
+
+
+class ReasoningGymVerifier:
+    """Correct when the generator's score_answer gives the answer at least `threshold` (default 1.0)."""
+
+    name = VERIFIER
+
+    def __init__(self, threshold: float = 1.0):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"{VERIFIER} verifier: threshold must be in (0, 1], found {threshold}")
+        self.threshold = threshold
+
+    def normalize(self, answer: str) -> str:
+        return basic_normalize(answer)
+
+    def score(self, answer: str, gold: str) -> float:
+        """The generator's score of `answer` (0 when the scorer fails on it)."""
+        stored = GymGold.from_json(gold)
+        generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))
+        try:
+            return float(generator.score_answer(answer, {"answer": stored.answer, "metadata": stored.metadata}))
+        except Exception as err:  # a scorer failing on an odd answer: the answer is wrong, the run goes on
+            log.debug("%s: score_answer failed on %r: %r", stored.dataset, answer[:200], err)
+            return 0.0
+
+    def check(self, answer: str, gold: str) -> bool:
+        return self.score(answer, gold) >= self.threshold
+
+
+
+def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
+    """Train and test problems of the reasoning-gym generator `cfg.name`, generated offline."""
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise TaskError("task.kind=reasoning_gym needs the reasoning-gym package: pip install reasoning-gym") from err
+    known = reasoning_gym.factory.DATASETS
+    if cfg.name not in known:
+        close = difflib.get_close_matches(cfg.name, known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(known))}"
+        raise TaskError(f"task.name: unknown reasoning-gym generator {cfg.name!r}; {hint}")
+    if cfg.train_path or cfg.test_path:
+        raise TaskError("task.train_path / task.test_path: reasoning-gym problems are generated, not read; unset them")
+    options = dict(cfg.options)
+    seed = options.pop("seed", seed)
+    size = options.pop("size", DEFAULT_SIZE)
+    test = _generate(cfg.name, "test", {**options, "seed": stable_seed(cfg.name, seed, "test") % 2**32, "size": size})
+    test_questions = {p.question for p in test}
+    train = _generate(
+        cfg.name, "train", {**options, "seed": stable_seed(cfg.name, seed, "train") % 2**32, "size": size}
+    )
+    kept = [p for p in train if p.question not in test_questions]
+    if len(kept) < len(train):
+        log.info("%s: dropped %d train problems that are also in the test split", cfg.name, len(train) - len(kept))
+    return Task(cfg.name, kept, test, VERIFIER)
+
+
+def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
+    import reasoning_gym
+
+    try:
+        generator = _generator(name, json.dumps(config, sort_keys=True))  # the instance the verifier will use
+    except (TypeError, ValueError, AssertionError) as err:
+        _, config_cls = reasoning_gym.factory.DATASETS[name]
+        fields = [f.name for f in dataclasses.fields(config_cls)]
+        raise TaskError(
+            f"task.options: reasoning-gym {name!r} rejects the config {config}: {err!r}; its fields: {fields}"
+        ) from None
+    verifier = ReasoningGymVerifier()
+    problems = []
+    for index in range(len(generator)):
+        entry = generator[index]
+        prompt_id = f"{name}-{split}-{index}"
+        try:
+            gold = GymGold(entry["answer"], name, config, entry["metadata"]).to_json()
+        except TypeError as err:
+            raise TaskError(f"{prompt_id}: reasoning-gym {name!r} makes entries JSON cannot store: {err}") from None
+        if entry["answer"] is not None and not verifier.check(entry["answer"], gold):
+            raise TaskError(
+                f"{prompt_id}: reasoning-gym {name!r} scores its own answer {entry['answer'][:80]!r} "
+                f"{verifier.score(entry['answer'], gold)} once the entry is stored as JSON (its scorer needs "
+                "metadata that JSON does not keep, e.g. tuples); this generator is not supported"
+            )
+        problems.append(Problem(prompt_id, entry["question"], gold, {"dataset": name, "index": index}))
+    return problems

@@ -1,0 +1,266 @@
+"""An engine for any server that speaks OpenAI's /v1/chat/completions: vLLM serve, SGLang, TGI,
+`transformers serve`, hosted APIs.
+
+The sync `generate` runs one asyncio loop per call and sends every request of the batch at once, at most
+`max_concurrency` in flight. A request that meets a connection error, HTTP 429 or HTTP 5xx is sent again
+after an exponential backoff (jittered, so that actors do not retry in lockstep; at least the server's
+Retry-After). A request that outlives `request_timeout_s` is not retried: the server is still busy with it,
+and a copy would only add to its load.
+
+Servers differ in two ways that matter here; the engine learns each from the replies and remembers it:
+- `n`: vLLM and SGLang return n choices for one request, sharing the prompt's prefill; other servers reject
+  n > 1 (HTTP 400/422) or return fewer choices. The engine then asks for each missing sample in a request
+  of its own, sample i with seed seed+i, and from then on sends one request per sample.
+- stop strings: like the other engines, a reply that stopped on a stop string ends with it. A reply is
+  resolved in this order. It holds a stop string (transformers serve and TGI keep it): cut just after the
+  earliest one, and note that this server keeps them. The choice names the stop it matched (vLLM
+  `stop_reason`, SGLang `matched_stop`; null or a token id when the reply ended on its end-of-turn token):
+  append that string. The server says finish_reason "stop" and nothing more: from a server seen keeping
+  stop strings, the reply ended on its end of turn; from any other (OpenAI's hosted API strips the stop
+  string and names none) a stop string and an end of turn look the same, so the request is sent again
+  without `stop`, the reply is cut here after its first stop string, and the engine never sends `stop` to
+  this server again. The token counts of such replies include what the server generated past the stop.
+
+Token counts come from the response's `usage` (0 when a server reports none). A request for n choices
+reports only their sum, which is shared among the choices in proportion to their length.
+
+The API key is read from the environment variable named by `api_key_env` and sent as a bearer token. It
+never appears in a repr or an error message; a server that echoes it back has it replaced by '***'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import os
+import random
+from typing import Any, Awaitable, Callable, Sequence
+
+import aiohttp
+
+from drift_ray.engines import cut_at_stop
+from drift_ray.episode import Conversation, Generation, SamplingParams
+
+_MAX_BACKOFF_S = 60.0
+_ERROR_BODY_CHARS = 500
+# Keys that vLLM and SGLang add to a choice: the stop string that ended it, or null / a token id.
+_MATCHED_STOP_KEYS = ("stop_reason", "matched_stop")
+# How servers that cannot return n choices refuse a request for them.
+_REJECTED_STATUSES = (400, 422)
+
+Post = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class OpenAIServerError(RuntimeError):
+    """A chat-completions request failed. The message names the URL and the HTTP status, never the API key."""
+
+    def __init__(self, message: str, *, url: str, status: int | None = None):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class OpenAIEngine:
+    """n chat completions per conversation from the server at `api_base` (the URL up to and including /v1)
+    for the model it serves as `model`."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_base: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 32,
+        request_timeout_s: float = 600.0,
+        max_retries: int = 5,
+        retry_backoff_s: float = 1.0,
+    ):
+        if max_concurrency < 1:
+            raise ValueError(f"rollout.max_concurrency: found {max_concurrency}; expected at least 1")
+        self.name = model
+        self.url = f"{api_base.rstrip('/')}/chat/completions"
+        self.api_key_env = api_key_env
+        self.max_concurrency = max_concurrency
+        self.request_timeout_s = request_timeout_s
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self._api_key = os.environ.get(api_key_env) or None
+        # What the server was seen to do; each changes once, for good, on evidence.
+        self.n_per_request = True
+        self.stop_on_server = True
+        self.stop_kept_in_text = False
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine(model={self.name!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
+
+    def generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
+        if n < 1:
+            raise ValueError(f"{self.name}: asked for n={n} replies per conversation; expected n >= 1")
+        if not conversations:
+            return []
+        return asyncio.run(self._generate(conversations, params, n))
+
+    async def _generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+            post = functools.partial(self._post, session, asyncio.Semaphore(self.max_concurrency))
+            return list(await asyncio.gather(*(self._samples(post, c, params, n) for c in conversations)))
+
+    async def _samples(self, post: Post, conversation: Conversation, params: SamplingParams, n: int) -> list[Generation]:
+        """n replies to one conversation: in one request while the server returns n choices, else one request each."""
+        replies: list[Generation] = []
+        if n > 1 and self.n_per_request:
+            try:
+                replies = await self._request(post, conversation, params, n, params.seed)
+            except OpenAIServerError as err:
+                # A refusal for another reason fails again below, in the single requests, and is raised there.
+                if err.status not in _REJECTED_STATUSES:
+                    raise
+            if len(replies) < n:
+                self.n_per_request = False
+        singles = await asyncio.gather(
+            *(self._request(post, conversation, params, 1, _nth_seed(params.seed, i)) for i in range(len(replies), n))
+        )
+        return replies[:n] + [single[0] for single in singles]
+
+    async def _request(
+        self, post: Post, conversation: Conversation, params: SamplingParams, n: int, seed: int | None
+    ) -> list[Generation]:
+        stop = [s for s in params.stop if s]
+        payload: dict[str, Any] = {
+            "model": self.name,
+            "messages": list(conversation),
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+        }
+        if n > 1:
+            payload["n"] = n
+        if seed is not None:
+            payload["seed"] = seed
+        stop_on_server = bool(stop) and self.stop_on_server
+        if stop_on_server:
+            payload["stop"] = stop
+        choices, usage = self._choices(await post(payload))
+        texts = self._texts(choices, stop, stop_on_server)
+        if texts is None:
+            self.stop_on_server = False
+            del payload["stop"]
+            choices, usage = self._choices(await post(payload))
+            texts = self._texts(choices, stop, False)
+            assert texts is not None  # without `stop` sent, every reply is cut here
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = _share(int(usage.get("completion_tokens") or 0), texts)
+        return [Generation(text, prompt_tokens, tokens) for text, tokens in zip(texts, completion_tokens)]
+
+    def _texts(self, choices: list[dict[str, Any]], stop: list[str], stop_on_server: bool) -> list[str] | None:
+        """The replies, each ending with the stop string it stopped on; None when the server leaves that unknown."""
+        texts = [(choice.get("message") or {}).get("content") or "" for choice in choices]
+        kept = [any(s in text for s in stop) for text in texts]
+        if not stop_on_server:
+            return [cut_at_stop(text, stop) for text in texts]
+        if any(kept):
+            self.stop_kept_in_text = True
+        resolved = []
+        for choice, text, has_stop in zip(choices, texts, kept):
+            named = [key for key in _MATCHED_STOP_KEYS if key in choice]
+            if has_stop or choice.get("finish_reason") != "stop":
+                resolved.append(cut_at_stop(text, stop))
+            elif named:
+                matched = choice[named[0]]
+                resolved.append(text + matched if isinstance(matched, str) and matched in stop else text)
+            elif self.stop_kept_in_text:
+                resolved.append(text)  # this server keeps the stop strings: the reply ended on its end of turn
+            else:
+                return None
+        return resolved
+
+    def _choices(self, response: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The choices (in index order) and the usage of a chat-completion response, checked."""
+        choices = response.get("choices") if isinstance(response, dict) else None
+        if not choices or not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            found = sorted(response) if isinstance(response, dict) else type(response).__name__
+            raise OpenAIServerError(
+                f"{self.url}: expected a chat completion with a non-empty list 'choices', found {found}", url=self.url
+            )
+        return sorted(choices, key=lambda c: c.get("index", 0)), response.get("usage") or {}
+
+    async def _post(self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, payload: dict[str, Any]) -> Any:
+        """The JSON answer to `payload`, retried after a connection error, HTTP 429 or HTTP 5xx."""
+        for attempt in range(self.max_retries + 1):
+            retry_after = 0.0
+            async with slots:
+                try:
+                    async with session.post(self.url, json=payload) as response:
+                        body = await response.text()
+                        if response.status == 200:
+                            return self._parse_json(body)
+                        failure = self._http_error(response.status, body)
+                        if response.status != 429 and response.status < 500:
+                            raise failure
+                        retry_after = _retry_after_s(response.headers.get("Retry-After"))
+                except asyncio.TimeoutError:
+                    raise OpenAIServerError(
+                        f"{self.url}: no answer within {self.request_timeout_s:g} s (rollout.request_timeout_s); "
+                        "raise it for long generations or a busy server",
+                        url=self.url,
+                    ) from None
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
+                    failure = OpenAIServerError(f"{self.url}: {type(err).__name__}: {self._redact(str(err))}", url=self.url)
+            if attempt < self.max_retries:
+                backoff = min(self.retry_backoff_s * 2**attempt, _MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
+                await asyncio.sleep(max(backoff, retry_after))
+        raise OpenAIServerError(
+            f"{failure} (gave up after {self.max_retries + 1} attempts; rollout.max_retries={self.max_retries})",
+            url=self.url,
+            status=failure.status,
+        )
+
+    def _parse_json(self, body: str) -> Any:
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            raise OpenAIServerError(
+                f"{self.url} answered HTTP 200 with a body that is not JSON: {self._excerpt(body)}", url=self.url, status=200
+            ) from None
+
+    def _http_error(self, status: int, body: str) -> OpenAIServerError:
+        message = f"{self.url} answered HTTP {status}: {self._excerpt(body)}"
+        if status in (401, 403):
+            found = "is set" if self._api_key else "is not set or empty"
+            message += f"; the API key comes from the environment variable {self.api_key_env} (rollout.api_key_env), which {found}"
+        elif status == 404:
+            message += "; check rollout.api_base (the server's URL up to and including /v1) and rollout.model (a model it serves)"
+        return OpenAIServerError(message, url=self.url, status=status)
+
+    def _excerpt(self, text: str) -> str:
+        text = self._redact(text).strip()
+        return text if len(text) <= _ERROR_BODY_CHARS else f"{text[:_ERROR_BODY_CHARS]}… ({len(text)} characters)"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _share(total: int, texts: list[str]) -> list[int]:
+    """`total` tokens split among replies in proportion to their length, as integers that sum to `total`."""
+    weights = [len(text) + 1 for text in texts]  # +1: every reply costs a token, if only its end of turn
+    exact = [total * weight / sum(weights) for weight in weights]
+    counts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(texts)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _nth_seed(seed: int | None, i: int) -> int | None:
+    return None if seed is None else (seed + i) % 2**63
+
+
+def _retry_after_s(header: str | None) -> float:
+    """Seconds the server asked us to wait (Retry-After in seconds; the HTTP-date form is ignored), capped."""
+    try:
+        return min(max(float(header or 0), 0.0), _MAX_BACKOFF_S)
+    except ValueError:
+        return 0.0

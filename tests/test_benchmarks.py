@@ -1,0 +1,81 @@
+"""Smoke tests of the benchmark scripts: every `benchmarks/*.py` but record.py runs with `--quick --out DIR`
+as its own process, prints a table and appends one JSON line with the agreed keys to `DIR/<benchmark>.jsonl`.
+
+Figures are not checked: on a shared test machine they mean nothing. Every script starts Ray in its full
+--quick run, so those runs are marked slow; a script with a Ray-free mode also runs in it unmarked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from drift_ray import schema
+from drift_ray.config import WeightsConfig
+from drift_ray.weights import compute_weights
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py") if path.name != "record.py")
+RAY_FREE_ARGS = {"weights.py": ["--no-ray"]}
+RECORD_KEYS = {"benchmark", "time", "commit", "machine", "config", "results"}
+TIMEOUT_S = 900  # a hung script fails the test instead of blocking the suite
+
+
+def run_quick(script: str, out: Path, extra: list[str]) -> dict:
+    """Run the script; return the one JSON record it appended under `out`."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), *extra],
+        cwd=BENCHMARKS.parent,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{output}"
+    assert any(line.startswith("| ") for line in done.stdout.splitlines()), f"{script} printed no table:\n{done.stdout}"
+    files = list(out.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".jsonl", f"{script} wrote {[f.name for f in files]}"
+    lines = files[0].read_text().splitlines()
+    assert len(lines) == 1, f"{script} appended {len(lines)} lines; expected one per run"
+    record = json.loads(lines[0])
+    assert set(record) == RECORD_KEYS
+    assert files[0].name == f"{record['benchmark']}.jsonl"
+    assert isinstance(record["config"], dict) and record["config"]
+    assert record["results"] and all(isinstance(row, dict) and row for row in record["results"])
+    assert record["machine"]["cpus"] >= 1
+    return record
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_run_appends_one_record(script, tmp_path):
+    run_quick(script, tmp_path, [])
+
+
+@pytest.mark.parametrize("script", sorted(RAY_FREE_ARGS))
+def test_quick_run_without_ray_appends_one_record(script, tmp_path):
+    record = run_quick(script, tmp_path, RAY_FREE_ARGS[script])
+    assert record["config"]["quick"] is True
+
+
+def test_the_weights_benchmark_loop_is_the_weights_formula():
+    """The per-row loop the core is compared with computes the core's weights, blank answers included."""
+    spec = importlib.util.spec_from_file_location("benchmarks_weights", BENCHMARKS / "weights.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    table = benchmark.synthetic_trajectories(200, 4, seed=1)
+    answers = table.column(schema.ANSWER_NORMS).to_pylist()
+    answers[0] = [" ", "7", "7", ""]  # blanks are not answers: repetition 1 − 1/2
+    table = table.set_column(table.schema.get_field_index(schema.ANSWER_NORMS), schema.ANSWER_NORMS, pa.array(answers))
+    cfg = WeightsConfig(beta=0.3, gamma=0.8, rep_lambda=0.4)
+    expected = compute_weights(table, cfg).column(schema.WEIGHT).to_numpy()
+    assert len(set(np.round(expected, 6))) > 10
+    np.testing.assert_allclose(benchmark.per_row_loop(table.to_pylist(), cfg), expected, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,162 @@
+"""reasoning-gym tasks: real generators end to end (load, score, play an episode), the stored gold and its
+verifier (threshold, pickling, another process), and the errors of a bad name, config or generator."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("reasoning_gym")
+
+from drift_ray.config import EpisodeConfig, TaskConfig  # noqa: E402
+from drift_ray.episode import Generation, SamplingParams, play_episodes  # noqa: E402
+from drift_ray.gym_tasks import VERIFIER, GymGold, ReasoningGymVerifier  # noqa: E402
+from drift_ray.prompts import TaskError, load_task  # noqa: E402
+from drift_ray.verifiers import get_verifier  # noqa: E402
+
+GENERATORS = ["basic_arithmetic", "chain_sum", "leg_counting"]
+
+
+def gym_task(name: str, seed: int = 0, **fields):
+    return load_task(TaskConfig(kind="reasoning_gym", name=name, **fields), seed=seed)
+
+
+def reference_answer(problem) -> str:
+    return GymGold.from_json(problem.gold).answer
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_generator_end_to_end_gold_is_right_and_a_wrong_answer_is_not(name):
+    task = gym_task(name, options={"size": 30}, num_train=20, num_test=10)
+    assert (task.name, task.verifier, len(task.train), len(task.test)) == (name, VERIFIER, 20, 10)
+    assert [p.prompt_id for p in task.test] == [f"{name}-test-{i}" for i in range(10)]
+    assert not {p.question for p in task.train} & {p.question for p in task.test}
+    verifier = get_verifier(task.verifier)
+    for problem in task.train + task.test:
+        answer = reference_answer(problem)
+        assert verifier.check(answer, problem.gold)
+        assert not verifier.check(str(int(answer) + 1), problem.gold)
+        assert not verifier.check("no idea", problem.gold)
+        assert problem.metadata["dataset"] == name
+    assert task.test == gym_task(name, options={"size": 30}, num_test=10).test
+    assert [p.gold for p in task.test] == [p.gold for p in gym_task(name, options={"size": 30}, num_test=10).test]
+
+
+def test_train_and_test_seeds_are_far_apart_and_follow_the_seed_option():
+    task = gym_task("chain_sum", options={"size": 50})
+    train_config = GymGold.from_json(task.train[0].gold).config
+    test_config = GymGold.from_json(task.test[0].gold).config
+    # reasoning-gym item i of seed s is item i - 1 of seed s + 1: nearby seeds would share problems
+    assert abs(train_config["seed"] - test_config["seed"]) > 1000
+    assert gym_task("chain_sum", seed=5, options={"size": 50, "seed": 0}).test == task.test
+    assert [p.question for p in gym_task("chain_sum", seed=1, options={"size": 50}).test] != [
+        p.question for p in task.test
+    ]
+
+
+def test_train_problems_also_in_test_are_dropped():
+    # two one-digit terms: a few hundred distinct questions, so 40 problems per split overlap
+    task = gym_task("chain_sum", options={"size": 40, "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+    assert len(task.test) == 40
+    assert not {p.question for p in task.train} & {p.question for p in task.test}
+    assert len(task.train) < 40
+
+
+def test_generator_config_passes_through_options():
+    task = gym_task("chain_sum", options={"size": 10, "min_terms": 5, "max_terms": 5})
+    for problem in task.test:
+        gold = GymGold.from_json(problem.gold)
+        assert gold.config["min_terms"] == gold.config["max_terms"] == 5
+        assert gold.metadata["num_terms"] == 5
+
+
+def test_threshold_decides_partial_credit():
+    problem = gym_task("leg_counting", options={"size": 3}).test[0]
+    answer = reference_answer(problem)
+    padded = f"{answer} legs"  # leg_counting gives len(answer)/len(padded) when the answer is inside
+    score = ReasoningGymVerifier().score(padded, problem.gold)
+    assert 0.0 < score < 1.0
+    assert not get_verifier(VERIFIER).check(padded, problem.gold)
+    assert get_verifier(VERIFIER, threshold=score).check(padded, problem.gold)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        ReasoningGymVerifier(threshold=0.0)
+
+
+def test_verifier_pickles_and_normalizes():
+    verifier = pickle.loads(pickle.dumps(get_verifier(VERIFIER, threshold=0.5)))
+    assert verifier.threshold == 0.5 and verifier.normalize(" 4 2 ") == "42"
+
+
+def test_a_gold_from_another_task_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="is not a reasoning-gym gold"):
+        ReasoningGymVerifier().check("42", "42")
+
+
+def test_a_generator_that_depends_on_string_hashing_is_scored_right_in_another_process():
+    # isomorphic_strings builds different puzzles under different hash seeds: the gold must carry the entry
+    problem = gym_task("isomorphic_strings", options={"size": 5}).test[0]
+    script = (
+        "import json, sys; import drift_ray.gym_tasks; from drift_ray.verifiers import get_verifier; "
+        "gold, answer = json.load(sys.stdin); print(get_verifier('reasoning_gym').check(answer, gold))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps([problem.gold, reference_answer(problem)]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip() == "True"
+
+
+class GymScriptedEngine:
+    """Answers wrong on the first turn and with the reference answer after feedback."""
+
+    name = "gym-scripted"
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+
+    def generate(self, conversations, params, n):
+        out = []
+        for conversation in conversations:
+            question = conversation[0]["content"]
+            turn = sum(m["role"] == "assistant" for m in conversation)
+            text = f"<answer>{'wrong' if turn == 0 else self.answers[question]}</answer>"
+            out.append([Generation(text, 1, len(text)) for _ in range(n)])
+        return out
+
+
+def test_episode_with_a_gym_task_is_corrected_on_turn_two():
+    task = gym_task("basic_arithmetic", options={"size": 4})
+    cfg = EpisodeConfig(instruction="{question}", max_turns=3)
+    engine = GymScriptedEngine({p.question: reference_answer(p) for p in task.test})
+    episodes = play_episodes(task.test, engine, get_verifier(task.verifier), SamplingParams(seed=0), 2, cfg)
+    assert len(episodes) == 8
+    for episode in episodes:
+        assert episode.correct == [False, True] and episode.t_star == 2
+        assert [m["role"] for m in episode.messages] == ["user", "assistant", "user", "assistant"]
+        assert episode.answer_norms == ["wrong", reference_answer(episode.problem)]
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(TaskError, match=r"unknown reasoning-gym generator 'chain_sums'; did you mean chain_sum"):
+        gym_task("chain_sums")
+    with pytest.raises(
+        TaskError, match=r"reasoning-gym 'chain_sum' rejects the config .*min_termz.*its fields: \[.*'min_terms'"
+    ):
+        gym_task("chain_sum", options={"min_termz": 3})
+    with pytest.raises(TaskError, match=r"generated, not read"):
+        gym_task("chain_sum", test_path="problems.jsonl")
+    with pytest.raises(
+        TaskError, match=r"arc_agi-test-0: reasoning-gym 'arc_agi' scores its own answer .* not supported"
+    ):
+        gym_task("arc_agi", options={"size": 2})

@@ -1,0 +1,452 @@
+"""Hub benchmarks: each loader on a tiny file in its hub's column layout, the hub path (with `datasets` faked),
+the offline error, bad files, and the jobs/eval configs. Never touches the network (HF_HUB_OFFLINE)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from drift_ray.config import TaskConfig, load_config
+from drift_ray.hub_tasks import CHOICE_LETTERS, HUB_DATASETS, last_boxed, render_choices
+from drift_ray.prompts import TaskError, load_task
+
+EVAL_DIR = Path(__file__).resolve().parents[1] / "jobs" / "eval"
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch, tmp_path):
+    """No network and an empty datasets cache, whatever the environment and earlier imports set."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def hub_task(name: str, seed: int = 0, **fields):
+    return load_task(TaskConfig(kind="hub", name=name, **fields), seed=seed)
+
+
+def choice_lines(question: str) -> dict[str, str]:
+    return dict(re.findall(r"^([A-J])\) (.*)$", question, flags=re.MULTILINE))
+
+
+# ------------------------------------------------------------------------------------------ extraction
+
+
+@pytest.mark.parametrize(
+    "solution, gold",
+    [
+        ("So $x = \\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}"),
+        ("First \\boxed{1}, then finally \\boxed{\\{1, 2\\}}.", "\\{1, 2\\}"),
+        ("The sum is $\\boxed{x^{2^{3}}+1}$ indeed", "x^{2^{3}}+1"),
+        ("the answer is \\fbox{7}.", "7"),
+        ("so $\\boxed 5$.", "5"),
+        ("no box here: 12", None),
+        ("unbalanced \\boxed{\\frac{1}{2}", None),
+    ],
+)
+def test_last_boxed(solution, gold):
+    assert last_boxed(solution) == gold
+
+
+def test_render_choices_letters_each_choice_and_refuses_too_many():
+    question = render_choices("Which?", [" red", "green ", "blue"])
+    assert question.startswith("Which?\n\n")
+    assert choice_lines(question) == {"A": "red", "B": "green", "C": "blue"}
+    with pytest.raises(ValueError, match="11 choices"):
+        render_choices("Which?", [str(i) for i in range(11)])
+
+
+# ---------------------------------------------------------------------------------- local files, per set
+
+
+def test_metamathqa_keeps_math_rows_and_the_answer_after_the_marker(tmp_path):
+    rows = [
+        {
+            "query": f"Q{i}",
+            "response": f"Work {i}.\nThe answer is: \\frac{{{i}}}{{2}}",
+            "type": kind,
+            "original_question": "o",
+        }
+        for i, kind in enumerate(["MATH_AnsAug", "GSM_Rephrased", "MATH_SV", "GSM_AnsAug", "MATH_FOBAR"])
+    ]
+    task = hub_task("metamathqa", train_path=write_jsonl(tmp_path / "train.jsonl", rows))
+    assert task.verifier == "math" and task.test == []
+    by_id = {p.prompt_id: p for p in task.train}
+    assert set(by_id) == {"metamathqa-train-0", "metamathqa-train-2", "metamathqa-train-4"}
+    assert (by_id["metamathqa-train-2"].question, by_id["metamathqa-train-2"].gold) == ("Q2", "\\frac{2}{2}")
+    assert by_id["metamathqa-train-4"].metadata == {"type": "MATH_FOBAR"}
+
+
+def test_metamathqa_train_order_is_a_seeded_shuffle(tmp_path):
+    rows = [{"query": f"Q{i}", "response": f"The answer is: {i}", "type": "MATH_AnsAug"} for i in range(30)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    order = [p.prompt_id for p in hub_task("metamathqa", seed=1, train_path=path).train]
+    assert order == [p.prompt_id for p in hub_task("metamathqa", seed=1, train_path=path).train]
+    assert order != [p.prompt_id for p in hub_task("metamathqa", seed=2, train_path=path).train]
+    assert order == [p.prompt_id for p in hub_task("metamathqa", seed=2, train_path=path, options={"seed": 1}).train]
+    assert sorted(order) == sorted(f"metamathqa-train-{i}" for i in range(30))
+    truncated = hub_task("metamathqa", seed=1, train_path=path, num_train=5).train
+    assert [p.prompt_id for p in truncated] == order[:5]
+
+
+def test_math_reads_parquet_and_takes_the_last_nested_box(tmp_path):
+    rows = [
+        {
+            "problem": "Find x.",
+            "level": "Level 3",
+            "type": "Algebra",
+            "solution": "Try \\boxed{1}. No: $\\boxed{\\frac{\\sqrt{3}}{2}}$.",
+        },
+        {
+            "problem": "Count.",
+            "level": "Level 5",
+            "type": "Counting & Probability",
+            "solution": "It is \\boxed{\\{a, b\\}}",
+        },
+    ]
+    test_path = tmp_path / "test.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), test_path)
+    task = hub_task("math", test_path=str(test_path))
+    assert task.train == [] and task.verifier == "math"
+    assert [(p.prompt_id, p.question, p.gold) for p in task.test] == [
+        ("math-test-0", "Find x.", "\\frac{\\sqrt{3}}{2}"),
+        ("math-test-1", "Count.", "\\{a, b\\}"),
+    ]
+    assert task.test[1].metadata == {"level": "Level 5", "type": "Counting & Probability"}
+
+
+def test_math_row_without_a_box_names_file_row_and_column(tmp_path):
+    path = write_jsonl(
+        tmp_path / "test.jsonl", [{"problem": "P", "solution": "\\boxed{1}"}, {"problem": "P2", "solution": "2"}]
+    )
+    with pytest.raises(
+        TaskError, match=r"test\.jsonl: row 2 \(prompt id math-test-1\): column 'solution' has no \\boxed"
+    ):
+        hub_task("math", test_path=path)
+
+
+def test_math500_and_its_metadata(tmp_path):
+    rows = [
+        {
+            "problem": "P",
+            "solution": "S",
+            "answer": "\\frac{1}{2}",
+            "subject": "Algebra",
+            "level": 2,
+            "unique_id": "test/algebra/1.json",
+        }
+    ]
+    task = hub_task("math500", test_path=write_jsonl(tmp_path / "test.jsonl", rows))
+    (problem,) = task.test
+    assert (problem.prompt_id, problem.question, problem.gold, task.verifier) == (
+        "math500-test-0",
+        "P",
+        "\\frac{1}{2}",
+        "math",
+    )
+    assert problem.metadata == {"level": 2, "subject": "Algebra", "unique_id": "test/algebra/1.json"}
+
+
+def test_gsm8k_gold_follows_the_hashes(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": "Q1", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"question": "Q2", "answer": "So 1,000 + 234\n#### 1,234"}])
+    task = hub_task("gsm8k", train_path=train, test_path=test)
+    assert [(p.prompt_id, p.gold) for p in task.train] == [("gsm8k-train-0", "7")]
+    assert [(p.prompt_id, p.question, p.gold) for p in task.test] == [("gsm8k-test-0", "Q2", "1,234")]
+    assert task.verifier == "numeric"
+
+
+def test_theoremqa_leaves_out_questions_with_a_picture(tmp_path):
+    rows = [
+        {"Question": "Is 7 prime?", "Answer": "True", "Answer_type": "bool", "Picture": None},
+        {
+            "Question": "See the figure.",
+            "Answer": "3",
+            "Answer_type": "integer",
+            "Picture": {"bytes": "abc", "path": "p.png"},
+        },
+        {"Question": "List the roots.", "Answer": "[1, 2]", "Answer_type": "list of integer", "Picture": None},
+    ]
+    task = hub_task("theoremqa", test_path=write_jsonl(tmp_path / "test.jsonl", rows))
+    assert [(p.prompt_id, p.gold, p.metadata["answer_type"]) for p in task.test] == [
+        ("theoremqa-test-0", "True", "bool"),
+        ("theoremqa-test-2", "[1, 2]", "list of integer"),
+    ]
+    assert task.verifier == "math"
+
+
+GPQA_COLUMNS = [
+    "Record ID",
+    "Question",
+    "Correct Answer",
+    "Incorrect Answer 1",
+    "Incorrect Answer 2",
+    "Incorrect Answer 3",
+    "Subdomain",
+    "High-level domain",
+]
+
+
+def write_gpqa_csv(path: Path, n: int, reverse: bool = False) -> str:
+    rows = [
+        [f"rec{i}", f"Question {i}?", f"right {i}", f"wrong {i}a", f"wrong {i}b", f"wrong {i}c", "Optics", "Physics"]
+        for i in range(n)
+    ]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(GPQA_COLUMNS)
+        writer.writerows(reversed(rows) if reverse else rows)
+    return str(path)
+
+
+def test_gpqa_choices_are_shuffled_per_seed_and_the_gold_letter_points_at_the_right_answer(tmp_path):
+    path = write_gpqa_csv(tmp_path / "gpqa_diamond.csv", 12)
+    task = hub_task("gpqa_diamond", seed=3, test_path=path)
+    assert task.verifier == "choice" and task.train == []
+    assert [p.prompt_id for p in task.test] == [f"gpqa_diamond-test-rec{i}" for i in range(12)]
+    for i, problem in enumerate(task.test):
+        assert problem.question.startswith(f"Question {i}?\n\n")
+        choices = choice_lines(problem.question)
+        assert sorted(choices.values()) == sorted([f"right {i}", f"wrong {i}a", f"wrong {i}b", f"wrong {i}c"])
+        assert choices[problem.gold] == f"right {i}"
+        assert problem.metadata == {"domain": "Physics", "subdomain": "Optics"}
+    golds = [p.gold for p in task.test]
+    assert len(set(golds)) > 1  # the correct answer, first on the hub, does not stay first
+    assert task.test == hub_task("gpqa_diamond", seed=3, test_path=path).test
+    assert [p.question for p in task.test] == [
+        p.question for p in hub_task("gpqa_diamond", seed=3, test_path=path).test
+    ]
+    reordered = {
+        p.prompt_id: p.question
+        for p in hub_task("gpqa_diamond", seed=3, test_path=write_gpqa_csv(tmp_path / "r.csv", 12, reverse=True)).test
+    }
+    assert all(reordered[p.prompt_id] == p.question for p in task.test)
+    other_seed = hub_task("gpqa_diamond", seed=4, test_path=path).test
+    assert [p.question for p in other_seed] != [p.question for p in task.test]
+
+
+def test_mmlu_redux_maps_the_answer_index_to_a_letter_and_keeps_error_free_rows(tmp_path):
+    rows = [
+        {
+            "question": "2+2?",
+            "choices": ["3", "4", "5", "6"],
+            "answer": 1,
+            "error_type": "ok",
+            "source": "s1",
+            "correct_answer": None,
+            "potential_reason": None,
+        },
+        {
+            "question": "Bad?",
+            "choices": ["a", "b", "c", "d"],
+            "answer": 0,
+            "error_type": "wrong_groundtruth",
+            "source": "s2",
+            "correct_answer": "B",
+            "potential_reason": "r",
+        },
+        {
+            "question": "Last?",
+            "choices": ["w", "x", "y", "z"],
+            "answer": 3,
+            "error_type": "ok",
+            "source": "s3",
+            "correct_answer": None,
+            "potential_reason": None,
+        },
+    ]
+    task = hub_task("mmlu_redux", test_path=write_jsonl(tmp_path / "test.jsonl", rows))
+    assert task.verifier == "choice"
+    assert [(p.prompt_id, p.gold) for p in task.test] == [("mmlu_redux-test-0", "B"), ("mmlu_redux-test-2", "D")]
+    assert choice_lines(task.test[0].question) == {"A": "3", "B": "4", "C": "5", "D": "6"}
+    assert task.test[1].metadata == {"source": "s3"}
+
+
+def test_mmlu_redux_answer_out_of_range_is_an_error(tmp_path):
+    rows = [{"question": "Q", "choices": ["a", "b"], "answer": 2, "error_type": "ok"}]
+    with pytest.raises(TaskError, match=r"row 1 .*column 'answer' is 2; expected the index \(0 to 1\)"):
+        hub_task("mmlu_redux", test_path=write_jsonl(tmp_path / "test.jsonl", rows))
+
+
+def test_mmlu_pro_up_to_ten_letters(tmp_path):
+    options = [f"option {i}" for i in range(10)]
+    rows = [
+        {
+            "question_id": 70,
+            "question": "Pick the last.",
+            "options": options,
+            "answer": "J",
+            "answer_index": 9,
+            "cot_content": "",
+            "category": "math",
+            "src": "ori",
+        },
+        {
+            "question_id": 71,
+            "question": "Pick the first.",
+            "options": options[:4],
+            "answer": "A",
+            "answer_index": 0,
+            "cot_content": "",
+            "category": "law",
+            "src": "stem",
+        },
+    ]
+    task = hub_task("mmlu_pro", test_path=write_jsonl(tmp_path / "test.jsonl", rows))
+    assert [(p.prompt_id, p.gold) for p in task.test] == [("mmlu_pro-test-70", "J"), ("mmlu_pro-test-71", "A")]
+    assert choice_lines(task.test[0].question) == dict(zip(CHOICE_LETTERS, options))
+    assert task.test[0].metadata == {"category": "math", "src": "ori"}
+    rows[1]["answer"] = "E"
+    with pytest.raises(
+        TaskError, match=r"row 2 \(prompt id mmlu_pro-test-71\): column 'answer' is 'E'; expected a letter A to D"
+    ):
+        hub_task("mmlu_pro", test_path=write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_column_names_the_file_and_the_column(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [{"problem": "P", "answer": "1"}])
+    with pytest.raises(TaskError, match=r"test\.jsonl: missing column\(s\) \['solution'\] for task 'math'"):
+        hub_task("math", test_path=path)
+
+
+def test_bad_local_files(tmp_path):
+    with pytest.raises(TaskError, match=r"nope\.jsonl: no such file"):
+        hub_task("gsm8k", test_path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(TaskError, match=r"unknown file type '\.txt'"):
+        hub_task("gsm8k", test_path=str(tmp_path / "data.txt"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "Q", "answer": "#### 1"}\n{"question": \n')
+    with pytest.raises(TaskError, match=r"broken\.jsonl: cannot read it as json"):
+        hub_task("gsm8k", test_path=str(broken))
+
+
+def test_offline_hub_error_says_which_dataset_and_how_to_supply_files():
+    with pytest.raises(TaskError) as info:
+        hub_task("gsm8k")
+    message = str(info.value)
+    assert "cannot load openai/gsm8k (config 'main', split 'train') from the Hugging Face Hub" in message
+    assert "task.train_path=FILE task.test_path=FILE" in message
+    assert "['question', 'answer']" in message
+    with pytest.raises(TaskError, match=r"Idavidrein/gpqa .*gated.* pass task\.test_path=FILE, "):
+        hub_task("gpqa_diamond")
+
+
+def test_option_errors(tmp_path):
+    with pytest.raises(TaskError, match=r"unknown hub dataset 'mathh'; known: .*math500"):
+        hub_task("mathh")
+    with pytest.raises(TaskError, match=r"task.options: unknown option\(s\) \['shuffle'\]"):
+        hub_task("math", options={"shuffle": True})
+    with pytest.raises(TaskError, match=r"task.options.subsets: unknown subset\(s\) \['calculus'\]"):
+        hub_task("math", options={"subsets": ["algebra", "calculus"]})
+    with pytest.raises(TaskError, match=r"task.options.subsets: openai/gsm8k has no subsets"):
+        hub_task("gsm8k", options={"subsets": ["main"]})
+    path = write_jsonl(tmp_path / "t.jsonl", [{"problem": "P", "solution": "\\boxed{1}"}])
+    with pytest.raises(TaskError, match=r"task.options.subsets: selects hub configs"):
+        hub_task("math", test_path=path, options={"subsets": ["algebra"]})
+
+
+# ------------------------------------------------------------------------------------- the hub path
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """`datasets.load_dataset` answering from in-memory rows per (hub id, config, split); records calls."""
+    import datasets
+
+    tables: dict[tuple, list[dict]] = {}
+    calls: list[tuple] = []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(tables[(path, name, split)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return tables, calls
+
+
+def test_hub_subsets_are_read_one_config_each_and_named_in_ids(fake_hub):
+    tables, calls = fake_hub
+    for subject in ("algebra", "geometry"):
+        for split in ("train", "test"):
+            tables[("EleutherAI/hendrycks_math", subject, split)] = [
+                {
+                    "problem": f"{subject} {split} {i}",
+                    "level": "Level 1",
+                    "type": subject.title(),
+                    "solution": f"\\boxed{{{i}}}",
+                }
+                for i in range(2)
+            ]
+    task = hub_task("math", options={"subsets": ["algebra", "geometry"]})
+    assert sorted(calls) == sorted(
+        ("EleutherAI/hendrycks_math", s, sp) for s in ("algebra", "geometry") for sp in ("train", "test")
+    )
+    assert [p.prompt_id for p in task.test] == [
+        "math-test-algebra-0",
+        "math-test-algebra-1",
+        "math-test-geometry-0",
+        "math-test-geometry-1",
+    ]
+    assert task.test[3].question == "geometry test 1" and task.test[3].gold == "1"
+    assert task.test[3].metadata == {"level": "Level 1", "type": "Geometry", "subset": "geometry"}
+    assert sorted(p.prompt_id for p in task.train) == [
+        "math-train-algebra-0",
+        "math-train-algebra-1",
+        "math-train-geometry-0",
+        "math-train-geometry-1",
+    ]
+
+
+def test_hub_eval_only_sets_read_their_own_split_names(fake_hub):
+    tables, calls = fake_hub
+    row = dict(zip(GPQA_COLUMNS, ["recA", "Q?", "yes", "no1", "no2", "no3", "Genetics", "Biology"]))
+    tables[("Idavidrein/gpqa", "gpqa_diamond", "train")] = [row]
+    task = hub_task("gpqa_diamond")
+    assert calls == [("Idavidrein/gpqa", "gpqa_diamond", "train")]
+    assert task.train == [] and [p.prompt_id for p in task.test] == ["gpqa_diamond-test-recA"]
+
+
+def test_every_default_verifier_exists():
+    from drift_ray.verifiers import get_verifier
+
+    expected = {"metamathqa": "math", "math": "math", "math500": "math", "gsm8k": "numeric", "theoremqa": "math"}
+    expected |= {"gpqa_diamond": "choice", "mmlu_redux": "choice", "mmlu_pro": "choice"}
+    assert {name: spec.verifier for name, spec in HUB_DATASETS.items()} == expected
+    for spec in HUB_DATASETS.values():
+        assert get_verifier(spec.verifier).name == spec.verifier
+
+
+# ------------------------------------------------------------------------------------------- jobs/eval
+
+
+def test_eval_configs_cover_the_papers_benchmarks():
+    assert sorted(p.stem for p in EVAL_DIR.glob("*.yaml")) == sorted(
+        ["math", "math500", "theoremqa", "gpqa_diamond", "mmlu_redux", "mmlu_pro"]
+    )
+
+
+@pytest.mark.parametrize("path", sorted(EVAL_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_eval_config_is_valid_and_names_its_benchmark(path):
+    cfg = load_config(path)
+    assert (cfg.task.kind, cfg.task.name) == ("hub", path.stem)
+    assert cfg.task.name in HUB_DATASETS and "test" in HUB_DATASETS[cfg.task.name].splits
+    assert cfg.rollout.engine.value == "vllm" and cfg.rollout.gpus_per_actor >= 1
+    assert cfg.episode.max_turns == 5
