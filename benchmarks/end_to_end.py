@@ -29,10 +29,10 @@ import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import append_result, argument_parser, print_table  # noqa: E402
-from rollouts import save_random_demo_model  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import load_config  # noqa: E402
+from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.pipeline import run_pipeline  # noqa: E402
 from drift_ray.rollouts import read_shards  # noqa: E402
 from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
         run_dir = Path(tmp) / "run"
         model = args.model
         if model is None and args.quick:
-            model = save_random_demo_model(Path(tmp) / "random-demo-model", seed=0)
+            model = save_untrained_demo_model(Path(tmp) / "random-demo-model", seed=0)
         overrides = [f"run_dir={run_dir}"] + ([f"rollout.model={model}"] if model else [])
         cfg = load_config(config_path, overrides)
         started = time.perf_counter()

@@ -40,14 +40,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import append_result, argument_parser, print_table  # noqa: E402
 
 from drift_ray.config import Config, EpisodeConfig, load_config  # noqa: E402
-from drift_ray.demo_model import build_model_config, build_tokenizer  # noqa: E402
+from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.engines import TransformersEngine  # noqa: E402
 from drift_ray.episode import SamplingParams, play_episodes  # noqa: E402
 from drift_ray.pipeline import resolve_model  # noqa: E402
@@ -59,15 +57,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET_ONE_ACTOR_VS_IN_PROCESS = 0.5
 TARGET_TWO_ACTORS_VS_ONE = 1.7
 QUICK = {"prompts": 4, "prompts_per_batch": 2, "samples_per_prompt": 4, "max_new_tokens": 8, "max_turns": 2}
-
-
-def save_random_demo_model(path: Path, seed: int) -> str:
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_model_config(len(tokenizer), tokenizer=tokenizer))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def play_batches(
@@ -234,7 +223,7 @@ def main() -> None:
         if args.model:
             model = args.model
         elif args.quick:
-            model = save_random_demo_model(work_dir / "random-demo-model", cfg.seed)
+            model = save_untrained_demo_model(work_dir / "random-demo-model", seed=cfg.seed)
         else:
             model = resolve_model(r.model, cfg)
         model_s = time.perf_counter() - started

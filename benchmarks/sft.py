@@ -9,8 +9,9 @@ Throughput counts non-padding tokens. Ray Train's wall time splits into:
 - train_s: its own `seconds`, the time inside its optimizer steps (the first epoch's tokenization
   included, which the plain loop does before its clock starts); `tokens_per_s` is tokens / train_s;
 - report_s: time the workers sit blocked in `ray.train.report`, measured here by wrapping it (Ray
-  Train takes one report per worker every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default, and
-  train_loop reports every step); `effective_tokens_per_s` is tokens / (train_s + report_s);
+  Train takes one report per worker every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default, which is
+  why train_loop reports only checkpoints and the end, and logs the steps in between);
+  `effective_tokens_per_s` is tokens / (train_s + report_s);
 - startup_s: the rest (Ray Data read, worker, model and DeepSpeed start, saving the model).
 `vs_plain` compares effective throughput. Padding: the share of padding tokens in random batches, in
 `length_buckets` batches (fit_plain) and in the micro-batches of `plan_steps` (Ray Train).
@@ -42,7 +43,7 @@ from record import append_result, argument_parser, print_table  # noqa: E402
 from drift_ray import schema  # noqa: E402
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task  # noqa: E402
 from drift_ray.config import Config, ExampleKind, LossKind, TrainConfig, WeightsConfig  # noqa: E402
-from drift_ray.demo_model import DEMO_EPISODE, build_model_config, build_tokenizer  # noqa: E402
+from drift_ray.demo_model import DEMO_EPISODE, build_tokenizer, save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import SamplingParams, play_episodes  # noqa: E402
 from drift_ray.train import plan_steps, train_loop, train_weighted_sft  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
@@ -65,15 +66,6 @@ def weighted_trajectories(num_prompts: int, k: int) -> pa.Table:
     rows = [episode.to_row(DEMO_EPISODE, teacher.name) for episode in episodes]
     weighted = compute_weights(pa.Table.from_pylist(rows, schema=schema.TRAJECTORY_SCHEMA), WeightsConfig())
     return weighted.filter(pc.greater(weighted.column(schema.WEIGHT), 0))
-
-
-def save_random_demo_model(path: Path) -> str:
-    tokenizer = build_tokenizer()
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(build_model_config(len(tokenizer), tokenizer=tokenizer))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
@@ -240,7 +232,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
-        model_dir = save_random_demo_model(work_dir / "model")
+        model_dir = save_untrained_demo_model(work_dir / "model", seed=SEED)
         weighted_dir = work_dir / "weighted"
         weighted_dir.mkdir()
         pq.write_table(table, weighted_dir / "part-0.parquet")

@@ -103,6 +103,11 @@ class RolloutConfig(_Section):
     dtype: str = Field("auto", description="Model dtype for the engine: auto, float32, bfloat16, float16.")
     torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
+    output_dir: Optional[str] = Field(
+        None,
+        description="Directory of the rollouts (default: run_dir/rollouts). Runs that differ only after the "
+        "rollouts (weights.mode, β, training) can point at one directory to share them.",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources per actor, e.g. {rollout_gpu: 1} to place actors on a node type "
@@ -236,6 +241,12 @@ class RayConfig(_Section):
 class Config(_Section):
     run_dir: str = Field("runs/demo", description="Directory of every artifact of the run.")
     seed: int = Field(0, description="Seed of problem sampling, generation and training.")
+    rounds: int = Field(
+        1,
+        ge=1,
+        description="Iterated DRIFT: rounds of (rollouts from the latest policy → weights → weighted SFT of it). "
+        "Round r > 1 works under run_dir/round-r; every round's model is evaluated.",
+    )
     task: TaskConfig = Field(default_factory=TaskConfig)
     episode: EpisodeConfig = Field(default_factory=EpisodeConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

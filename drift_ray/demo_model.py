@@ -120,6 +120,26 @@ def build_model_config(vocab_size: int, size: str = "tiny", *, tokenizer: Qwen2T
     )
 
 
+def save_untrained_demo_model(
+    path: str | Path, *, seed: int = 0, size: str = "tiny", initializer_range: float = 0.02, prepare: Any = None
+) -> str:
+    """Save the demo tokenizer and a randomly initialised demo-architecture model into `path`.
+
+    For tests and benchmarks that exercise plumbing or speed, not quality; `prepare(model, tokenizer)`
+    may edit the weights before saving.
+    """
+    tokenizer = build_tokenizer()
+    config = build_model_config(len(tokenizer), size, tokenizer=tokenizer)
+    config.initializer_range = initializer_range
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if prepare is not None:
+        prepare(model, tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def ensure_demo_model(
     cache_dir: str | Path,
     *,

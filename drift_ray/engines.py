@@ -7,12 +7,14 @@ stop string (included, like vLLM's `include_stop_str_in_output`). Engines know n
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
@@ -48,8 +50,9 @@ class TransformersEngine:
 
     def __init__(
         self,
-        model: str,
+        model: str | PreTrainedModel,
         *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         dtype: str = "auto",
         device: str | None = None,
         torch_threads: int | None = None,
@@ -60,22 +63,30 @@ class TransformersEngine:
     ):
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-        self.name = model
         self.max_batch_tokens = max_batch_tokens
         self.share_prefill = share_prefill
         self.max_carried_tokens = max_carried_tokens
         self._replies: dict[tuple[tuple[str, str], ...], _CachedPrefix] = {}
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        if isinstance(model, str):
+            self.name = model
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        else:
+            # A model in memory (e.g. the policy of an online RL loop, updated between calls): the caller
+            # keeps it in eval mode while generating and must not let carried caches outlive an update.
+            if tokenizer is None:
+                raise ValueError("TransformersEngine: a model object needs its tokenizer (tokenizer=...)")
+            self.name = model.config.name_or_path or type(model).__name__
+            self.device, self.tokenizer, self.model = model.device, tokenizer, model
         layers = DynamicCache(config=self.model.config).layers
         # Our own layers (preallocated, carried between calls) assume every layer keeps all positions.
         self._num_plain_layers = len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
         self.carry_cache = carry_cache and self._num_plain_layers > 0
         self.end_of_turn_ids = _end_of_turn_ids(self.tokenizer, self.model)
         if not self.end_of_turn_ids:
-            raise ValueError(f"{model}: found no end-of-turn token (eos_token_id, {', '.join(_END_OF_TURN_TOKENS)})")
+            raise ValueError(f"{self.name}: found no end-of-turn token (eos_token_id, {', '.join(_END_OF_TURN_TOKENS)})")
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else min(self.end_of_turn_ids)
 
@@ -373,12 +384,20 @@ class VLLMEngine:
             ) from err
         self._vllm = vllm
         self.name = model
+        # A LoRA adapter saved unmerged (train.lora.merge: false) runs on its base model as a LoRA request.
+        base, adapter = lora_adapter_base(model), None
+        if base is not None:
+            from vllm.lora.request import LoRARequest
+
+            adapter = LoRARequest("drift-adapter", 1, model)
+        self.lora_request = adapter
         self.llm = vllm.LLM(
-            model=model,
+            model=base or model,
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
+            enable_lora=adapter is not None,
         )
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
@@ -391,11 +410,22 @@ class VLLMEngine:
             include_stop_str_in_output=True,
             seed=params.seed,
         )
-        outputs = self.llm.chat(list(conversations), sampling, use_tqdm=False)
+        outputs = self.llm.chat(list(conversations), sampling, use_tqdm=False, lora_request=self.lora_request)
         return [
             [Generation(o.text, len(request.prompt_token_ids), len(o.token_ids)) for o in request.outputs]
             for request in outputs
         ]
+
+
+def lora_adapter_base(model: str) -> str | None:
+    """The base model of a PEFT adapter directory (adapter_config.json), or None for a full model."""
+    config = Path(model) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config}: no base_model_name_or_path; cannot tell which model the adapter extends")
+    return base
 
 
 def build_engine(cfg: RolloutConfig, model: str | None = None) -> Engine:

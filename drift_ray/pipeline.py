@@ -24,6 +24,7 @@ from drift_ray.trajectories import write_json_atomic
 log = logging.getLogger("drift_ray")
 
 DEMO_MODEL = "builtin:demo"
+TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run`
 
 
 def connect_ray(cfg: Config) -> None:
@@ -55,8 +56,12 @@ def resolve_model(model: str, cfg: Config) -> str:
     return ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
 
 
+def rollouts_dir(cfg: Config) -> Path:
+    return Path(cfg.rollout.output_dir) if cfg.rollout.output_dir else Path(cfg.run_dir) / "rollouts"
+
+
 def run_rollouts(cfg: Config, task: Task, model: str) -> dict[str, Any]:
-    out = Path(cfg.run_dir) / "rollouts"
+    out = rollouts_dir(cfg)
     summary = run_episodes(
         task.train,
         out,
@@ -83,7 +88,7 @@ def run_weights(cfg: Config) -> dict[str, Any]:
     diagnostics_path = run_dir / "weighted.diagnostics.json"
     if out.is_dir() and diagnostics_path.exists():
         return json.loads(diagnostics_path.read_text())
-    shards = sorted(str(p) for p in (run_dir / "rollouts").glob(SHARD_GLOB))
+    shards = sorted(str(p) for p in rollouts_dir(cfg).glob(SHARD_GLOB))
     ds = add_weights(ray.data.read_parquet(shards), cfg.weights, whole_groups=False)
     staging = run_dir / "weighted.staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -142,8 +147,24 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
     return {"metrics": metrics, "paths": paths}
 
 
+def round_config(cfg: Config, round_index: int) -> Config:
+    """The config of round `round_index` (1-based) of iterated DRIFT: round 1 is `cfg` itself; a later
+    round has its own run_dir (run_dir/round-r) and rollouts, and a seed of its own."""
+    if round_index == 1:
+        return cfg
+    later = cfg.model_copy(deep=True)
+    later.run_dir = str(Path(cfg.run_dir) / f"round-{round_index}")
+    later.rollout.output_dir = None
+    later.seed = cfg.seed + round_index - 1
+    return later
+
+
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """All stages in order; returns per-stage wall-clock and the evaluation report."""
+    """All stages in order; returns per-stage wall-clock and the evaluation report.
+
+    With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
+    round trained and train it further; the evaluation compares the reference with every round's model.
+    """
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -157,9 +178,16 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     timed("ray_start", connect_ray, cfg)
-    timed("rollouts", run_rollouts, cfg, task, reference)
-    diagnostics = timed("weights", run_weights, cfg)
-    trained = timed("weighted_sft", run_training, cfg, reference)
+    models = {"reference": reference}
+    policy = reference
+    for round_index in range(1, cfg.rounds + 1):
+        round_cfg = round_config(cfg, round_index)
+        suffix = "" if round_index == 1 else f"_round{round_index}"
+        timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy)
+        diagnostics = timed(f"weights{suffix}", run_weights, round_cfg)
+        policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy)
+        models[f"{cfg.weights.mode.value}{suffix}"] = policy
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
-    report = timed("evaluation", run_eval, cfg, eval_task, {"reference": reference, cfg.weights.mode.value: trained})
+    report = timed("evaluation", run_eval, cfg, eval_task, models)
+    write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)
     return {"timings_s": timings, "weights": diagnostics, **report}

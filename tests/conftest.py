@@ -8,31 +8,26 @@ import pytest
 
 
 def save_random_tiny_model(path: Path, *, initializer_range: float = 0.02, ascii_only: bool = False) -> str:
-    """Save the demo tokenizer and an UNTRAINED tiny Qwen2 (seed 0) into `path`; loads in well under a second.
+    """An UNTRAINED tiny demo model (seed 0) saved into `path`; loads in well under a second.
 
     ascii_only: zero the output embeddings of every token but printable ASCII and <|im_end|>, so that
     with large weights the greedy reply is readable text that may end on <|im_end|>.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from drift_ray.demo_model import build_model_config, build_tokenizer
+    from drift_ray.demo_model import save_untrained_demo_model
 
-    tokenizer = build_tokenizer()
-    config = build_model_config(len(tokenizer), tokenizer=tokenizer)
-    config.initializer_range = initializer_range
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    if ascii_only:
+    def keep_ascii_only(model, tokenizer) -> None:
         printable = "".join(chr(code) for code in range(32, 127))
         allowed = tokenizer(printable, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         silenced = torch.ones(len(tokenizer), dtype=torch.bool)
         silenced[allowed] = False
         with torch.no_grad():
             model.get_output_embeddings().weight[silenced] = 0.0
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+
+    return save_untrained_demo_model(
+        path, initializer_range=initializer_range, prepare=keep_ascii_only if ascii_only else None
+    )
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_to_a_head_node(tmp_path, tiny_model_dir):
+def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_path, tiny_model_dir):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     ray_bin = Path(sys.executable).with_name("ray")
@@ -75,7 +75,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path, tiny_model_dir):
         run_dir = tmp_path / "job_run"
         entrypoint = " ".join(
             [sys.executable, "-m", "drift_ray", "run", "--config", str(REPO / "jobs/smoke.yaml"),
-             *smoke_overrides(run_dir, tiny_model_dir), "train.zero_stage=3"]
+             *smoke_overrides(run_dir, tiny_model_dir), "train.zero_stage=3", "rounds=2"]
         )
         job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
         deadline = time.monotonic() + 600
@@ -85,7 +85,14 @@ def test_ray_job_submit_to_a_head_node(tmp_path, tiny_model_dir):
             status = client.get_job_status(job)
         logs = client.get_job_logs(job)
         assert status == JobStatus.SUCCEEDED, logs[-4000:]
-        assert "| drift" in logs
+        assert "| drift " in logs and "| drift_round2 " in logs  # iterated DRIFT: both rounds evaluated
         assert (run_dir / "eval" / "eval.md").exists()
+        assert (run_dir / "round-2" / "train" / "model" / "config.json").exists()
+        # Round 2 collects its own rollouts, from the policy round 1 trained.
+        from drift_ray import schema
+        from drift_ray.rollouts import read_shards
+
+        round2 = read_shards(run_dir / "round-2" / "rollouts")
+        assert set(round2.column(schema.MODEL).to_pylist()) == {str(run_dir / "train" / "model")}
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)

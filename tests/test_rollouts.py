@@ -8,7 +8,6 @@ import pytest
 
 from drift_ray import schema
 from drift_ray.config import load_config
-from drift_ray.episode import SamplingParams
 from drift_ray.prompts import Problem
 from drift_ray.rollouts import (
     check_manifest,

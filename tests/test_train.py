@@ -301,3 +301,21 @@ def test_lora_with_gradient_checkpointing_changes_only_the_adapted_matrices_and_
     for name, tensor in initial.items():
         adapted = name.endswith(("q_proj.weight", "v_proj.weight"))
         assert torch.equal(trained[name], tensor) != adapted, name
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lora_adapter_saved_unmerged_is_loaded_by_the_engine_on_its_base(ray_cluster, tmp_path, weighted_dir, model_path):
+    from drift_ray.engines import TransformersEngine, lora_adapter_base
+    from drift_ray.episode import SamplingParams
+
+    cfg = make_config()
+    cfg.train.lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=False)
+    train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    adapter_dir = tmp_path / MODEL_DIR
+    assert (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "model.safetensors").exists()
+    assert lora_adapter_base(str(adapter_dir)) == model_path
+    engine = TransformersEngine(str(adapter_dir))
+    assert any("lora_A" in name for name, _ in engine.model.named_parameters())
+    [[reply]] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(0.0, max_new_tokens=4), 1)
+    assert reply.completion_tokens >= 1

@@ -1,0 +1,108 @@
+"""Cost of online multi-turn RL against DRIFT: multi@5 against wall-clock and generated tokens.
+
+The online baseline (`drift_ray.online_rl`, GRPO advantages, single process, labelled so) starts from the
+same reference as DRIFT and regenerates episodes from its current policy at every update; its greedy
+multi@1/multi@5 on the test split is measured every few updates (evaluation time excluded). DRIFT's
+point is one `drift-ray run` of the same config: its one-time rollouts plus training, with the tokens
+its rollouts generated (`--drift-run DIR` reuses a finished run that wrote timings.json).
+
+    .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_result, argument_parser, print_table  # noqa: E402
+
+from drift_ray import schema  # noqa: E402
+from drift_ray.config import Config, load_config  # noqa: E402
+from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
+from drift_ray.episode import play_episodes  # noqa: E402
+from drift_ray.evaluation import episode_metrics  # noqa: E402
+from drift_ray.online_rl import OnlineRLSettings, episode_table, settings_dict, train_online  # noqa: E402
+from drift_ray.pipeline import TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
+from drift_ray.prompts import load_task  # noqa: E402
+from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
+from drift_ray.verifiers import get_verifier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samples_per_prompt=4", "train.epochs=1"]
+
+
+def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
+    """DRIFT's cost and result from a finished run: rollouts + weights + training time, rollout tokens."""
+    timings = json.loads((run_dir / TIMINGS_FILE).read_text())
+    metrics = json.loads((run_dir / "eval" / "eval.json").read_text())[cfg.weights.mode.value]
+    tokens = sum(read_shards(cfg.rollout.output_dir or run_dir / "rollouts").column(schema.COMPLETION_TOKENS).to_pylist())
+    return {
+        "method": f"DRIFT ({cfg.weights.mode.value}, Ray pipeline)",
+        "seconds": round(timings["rollouts"] + timings["weights"] + timings["weighted_sft"], 1),
+        "generated_tokens": int(tokens),
+        "multi@1": metrics["multi@1"],
+        "multi@5": metrics[f"multi@{cfg.episode.max_turns}"],
+    }
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml")
+    parser.add_argument("--updates", type=int, default=150)
+    parser.add_argument("--prompts-per-update", type=int, default=32)
+    parser.add_argument("--samples-per-prompt", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--drift-run", type=Path, default=None, help="a finished `drift-ray run` of --config to compare with")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    overrides = QUICK_OVERRIDES if args.quick else []
+    settings = OnlineRLSettings(
+        updates=2 if args.quick else args.updates,
+        prompts_per_update=2 if args.quick else args.prompts_per_update,
+        samples_per_prompt=2 if args.quick else args.samples_per_prompt,
+        lr=args.lr,
+        eval_every=1 if args.quick else args.eval_every,
+    )
+    with tempfile.TemporaryDirectory(prefix="drift-online-") as tmp:
+        cfg = load_config(args.config, [*overrides, f"run_dir={Path(tmp) / 'drift'}"])
+        reference = save_untrained_demo_model(Path(tmp) / "untrained") if args.quick else resolve_model(cfg.rollout.model, cfg)
+        cfg.rollout.model = reference
+        task = load_task(cfg.task, cfg.seed)
+        verifier = get_verifier(task.verifier)
+        max_turns = cfg.episode.max_turns
+
+        def evaluate(engine) -> dict[str, float]:
+            episodes = play_episodes(task.test, engine, verifier, eval_sampling(cfg), 1, cfg.episode)
+            metrics = episode_metrics(episode_table(episodes, cfg, engine.name), max_turns)
+            return {"multi@1": metrics["multi@1"], "multi@5": metrics[f"multi@{max_turns}"]}
+
+        model = AutoModelForCausalLM.from_pretrained(reference)
+        tokenizer = AutoTokenizer.from_pretrained(reference)
+        curve = train_online(model, tokenizer, task.train, verifier, cfg, settings, evaluate)
+        rows = [{"method": f"online GRPO (single process), update {p['update']}", **p} for p in curve]
+
+        if args.drift_run is None:
+            run_pipeline(cfg)
+            drift_run = Path(cfg.run_dir)
+        else:
+            drift_run = args.drift_run
+        rows.append(drift_point(drift_run, load_config(drift_run / "config.json") if args.drift_run else cfg))
+    print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", "multi@5"])
+    append_result(
+        "online_rl",
+        {"config": str(args.config), "quick": args.quick, "settings": settings_dict(settings), "reference": reference},
+        rows,
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Online multi-turn RL baseline (group-normalised policy gradient, GRPO/RLOO style), in a single process.
+
+This is the cost comparison DRIFT is measured against, not a distributed trainer: every update plays
+fresh episodes with the *current* policy and takes one gradient step on them, so generation is paid at
+every update (DRIFT pays it once). It shares DRIFT's code wherever the logic is the same: the episode
+loop (`play_episodes`), the return R (`weights.trajectory_returns`) and the loss (`weighted_sft`), where
+the group-normalised advantage takes the place of DRIFT's weight:
+
+    loss = Σ_i A_i · L_i / N,   L_i = mean token NLL of trajectory i's assistant turns,
+    A_i  = (R_i − mean_group R) / (std_group R + ε)   (grpo)   or   R_i − mean of the others' R   (rloo).
+
+No KL term to the reference: the comparison is about the cost of regenerating rollouts.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import torch
+
+from drift_ray import schema
+from drift_ray.config import Config, ExampleKind
+from drift_ray.engines import TransformersEngine
+from drift_ray.episode import Episode, SamplingParams, play_episodes, stable_seed
+from drift_ray.prompts import Problem
+from drift_ray.verifiers import Verifier
+from drift_ray.weighted_sft import collate, per_sample_nll, tokenize_trajectory, weighted_loss
+from drift_ray.weights import trajectory_returns
+
+
+class Advantage(str, Enum):
+    grpo = "grpo"
+    rloo = "rloo"
+
+
+@dataclass(frozen=True)
+class OnlineRLSettings:
+    updates: int = 100
+    prompts_per_update: int = 32
+    samples_per_prompt: int = 8
+    lr: float = 1e-4
+    advantage: Advantage = Advantage.grpo
+    micro_batch_size: int = 64
+    eval_every: int = 20
+
+
+def group_advantages(returns: npt.ArrayLike, group_size: int, kind: Advantage | str) -> npt.NDArray[np.float64]:
+    """Advantages of consecutive groups of `group_size` returns (one group per prompt)."""
+    returns = np.asarray(returns, dtype=np.float64)
+    if group_size < 2 or returns.size % group_size:
+        raise ValueError(
+            f"group advantages need groups of at least 2 samples that tile the returns; "
+            f"found {returns.size} returns in groups of {group_size}"
+        )
+    groups = returns.reshape(-1, group_size)
+    if Advantage(kind) is Advantage.grpo:
+        advantages = (groups - groups.mean(axis=1, keepdims=True)) / (groups.std(axis=1, keepdims=True) + 1e-6)
+    else:
+        others_mean = (groups.sum(axis=1, keepdims=True) - groups) / (group_size - 1)
+        advantages = groups - others_mean
+    return advantages.reshape(-1)
+
+
+def episode_table(episodes: Sequence[Episode], cfg: Config, model: str) -> pa.Table:
+    return pa.Table.from_pylist([e.to_row(cfg.episode, model) for e in episodes], schema=schema.TRAJECTORY_SCHEMA)
+
+
+def train_online(
+    model: Any,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    verifier: Verifier,
+    cfg: Config,
+    settings: OnlineRLSettings,
+    evaluate: Callable[[TransformersEngine], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Run the updates; return the curve: after update 0 (the start) and every `eval_every` updates, the
+    update, wall-clock seconds, generated tokens so far, and what `evaluate(engine)` returns.
+
+    Evaluation time is excluded from the wall-clock, as DRIFT's curve excludes it.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    # A carried cache would outlive the update that changed the weights it was computed with.
+    engine = TransformersEngine(model, tokenizer=tokenizer, carry_cache=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=cfg.train.weight_decay)
+    rollout = cfg.rollout
+    seconds, generated = 0.0, 0
+    model.eval()
+    curve = [{"update": 0, "seconds": 0.0, "generated_tokens": 0, **evaluate(engine)}]
+    for update in range(1, settings.updates + 1):
+        started = time.perf_counter()
+        batch = rng.sample(list(problems), min(settings.prompts_per_update, len(problems)))
+        params = SamplingParams(
+            rollout.temperature, rollout.top_p, rollout.max_new_tokens, seed=stable_seed(cfg.seed, "online", update)
+        )
+        model.eval()
+        episodes = play_episodes(batch, engine, verifier, params, settings.samples_per_prompt, cfg.episode)
+        table = episode_table(episodes, cfg, engine.name)
+        generated += int(sum(table.column(schema.COMPLETION_TOKENS).to_pylist()))
+        returns = trajectory_returns(table, cfg.weights.gamma, cfg.weights.rep_lambda)
+        # play_episodes returns each prompt's samples together, in order: consecutive groups.
+        advantages = group_advantages(returns, settings.samples_per_prompt, settings.advantage)
+
+        policy_gradient_step(
+            model, tokenizer, [e.messages for e in episodes], advantages, optimizer, cfg, settings.micro_batch_size
+        )
+        seconds += time.perf_counter() - started
+        if update % settings.eval_every == 0 or update == settings.updates:
+            point = {"update": update, "seconds": round(seconds, 2), "generated_tokens": generated}
+            curve.append({**point, "mean_return": float(np.mean(returns)), **evaluate(engine)})
+    return curve
+
+
+def policy_gradient_step(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    advantages: npt.NDArray[np.float64],
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    micro_batch_size: int,
+) -> None:
+    """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    examples = [tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length) for m in conversations]
+    for start in range(0, len(examples), micro_batch_size):
+        chunk = slice(start, start + micro_batch_size)
+        tensors = collate(examples[chunk], advantages[chunk].tolist(), pad_id)
+        logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+        loss = weighted_loss(per_sample_nll(logits, tensors["labels"]), tensors["weights"], float(len(examples)))
+        loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    model.eval()
+
+
+def settings_dict(settings: OnlineRLSettings) -> dict[str, Any]:
+    return {k: getattr(v, "value", v) for k, v in asdict(settings).items()}

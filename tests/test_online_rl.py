@@ -1,0 +1,77 @@
+"""The online multi-turn RL baseline: group advantages and a real (tiny) training loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drift_ray.config import load_config
+from drift_ray.online_rl import Advantage, OnlineRLSettings, group_advantages, policy_gradient_step, train_online
+from drift_ray.prompts import Problem
+from drift_ray.verifiers import get_verifier
+
+
+def test_grpo_advantages_are_standardised_within_each_group():
+    advantages = group_advantages([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5], 4, "grpo")
+    first, second = advantages[:4], advantages[4:]
+    assert first.mean() == pytest.approx(0.0) and first.std() == pytest.approx(1.0, rel=1e-4)
+    assert first[0] > 0 > first[1] and np.allclose(second, 0.0)  # a group of equal returns teaches nothing
+
+
+def test_rloo_advantage_is_the_return_minus_the_mean_of_the_others():
+    advantages = group_advantages([1.0, 0.0, 0.5], 3, Advantage.rloo)
+    np.testing.assert_allclose(advantages, [1.0 - 0.25, 0.0 - 0.75, 0.5 - 0.5])
+
+
+def test_groups_must_tile_the_returns():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages([1.0, 0.0, 0.0], 4, "grpo")
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages([1.0, 0.0], 1, "grpo")
+
+
+def test_online_updates_regenerate_episodes_change_the_policy_and_report_a_curve(tiny_model_dir):
+    cfg = load_config(None, ['episode.instruction="{question}"', "episode.max_turns=2", "rollout.max_new_tokens=4"])
+    problems = [Problem(f"p{i}", f"x is between 10 and 29 and ends in {i}. What is x?", f"1{i}") for i in range(4)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    evaluations = []
+
+    def evaluate(engine) -> dict[str, float]:
+        assert engine.model is model  # the engine samples from the policy being trained
+        evaluations.append(engine.name)
+        return {"multi@1": 0.0}
+
+    settings = OnlineRLSettings(updates=3, prompts_per_update=2, samples_per_prompt=3, lr=1e-2, eval_every=2)
+    curve = train_online(model, tokenizer, problems, get_verifier("exact"), cfg, settings, evaluate)
+    assert [point["update"] for point in curve] == [0, 2, 3]
+    tokens = [point["generated_tokens"] for point in curve]
+    assert tokens[0] == 0 and 0 < tokens[1] < tokens[2]  # every update generates anew
+    assert len(evaluations) == 3
+    assert all(np.isfinite(point["mean_return"]) for point in curve[1:])
+
+
+def test_a_policy_gradient_step_favours_the_trajectory_with_the_higher_return(tiny_model_dir):
+    from drift_ray.weighted_sft import collate, per_sample_nll, tokenize_trajectory
+
+    cfg = load_config(None, ["train.weight_decay=0"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    question = {"role": "user", "content": "x is between 10 and 29 and ends in 4. What is x?"}
+    conversations = [[question, {"role": "assistant", "content": f"<answer>{x}</answer>"}] for x in (14, 24, 14, 24)]
+    advantages = group_advantages([1.0, 0.0, 1.0, 0.0], 4, "grpo")
+
+    def nll() -> np.ndarray:
+        examples = [tokenize_trajectory(tokenizer, c, "all_turns", 128) for c in conversations[:2]]
+        batch = collate(examples, [1.0, 1.0], tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_sample_nll(logits, batch["labels"]).numpy()
+
+    before = nll()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    policy_gradient_step(model, tokenizer, conversations, advantages, optimizer, cfg, micro_batch_size=3)
+    after = nll()
+    assert after[0] < before[0] and after[1] > before[1]
