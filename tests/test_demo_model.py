@@ -144,7 +144,7 @@ def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pretrained_rates(tmp_path_factory) -> dict[str, dict[str, float]]:
+def pretrained_rates() -> dict[str, dict[str, float]]:
     """The full recipe, played greedily and at temperature 1 on 200 candidates test problems: shares of
     replies with a parsable answer and with a candidate as the answer, share of answers after feedback that
     repeat the previous answer, and multi@1 / multi@5."""
@@ -153,7 +153,10 @@ def pretrained_rates(tmp_path_factory) -> dict[str, dict[str, float]]:
     from drift_ray.episode import SamplingParams, play_episodes
     from drift_ray.verifiers import get_verifier
 
-    engine = TransformersEngine(ensure_demo_model(tmp_path_factory.mktemp("demo-cache")))
+    from drift_ray.pipeline import cache_dir
+
+    # The pipeline's cache: built once per machine (minutes), shared with `drift-ray run`.
+    engine = TransformersEngine(ensure_demo_model(cache_dir() / "models"))
     test = candidates_task(seed=0).test
     settings = {"greedy": SamplingParams(0.0, max_new_tokens=16), "sampled": SamplingParams(1.0, max_new_tokens=16, seed=0)}
     rates = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from drift_ray.cli import main
+from drift_ray.pipeline import TIMINGS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -48,7 +49,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts}
     assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]) == 0
     after = {p: p.stat().st_mtime_ns for p in before}
-    changed = [str(p) for p in before if before[p] != after[p] and p.name != "config.json"]
+    changed = [str(p) for p in before if before[p] != after[p] and p.name not in {"config.json", TIMINGS_FILE}]
     assert not changed
 
 
@@ -56,6 +57,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def submit_when_ready(client, entrypoint: str, wait_s: float = 120.0) -> str:
+    """Submit the job; the head's job agent may still be starting ("No available agent"), so retry."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_path, tiny_model_dir):
@@ -77,7 +90,7 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
             [sys.executable, "-m", "drift_ray", "run", "--config", str(REPO / "jobs/smoke.yaml"),
              *smoke_overrides(run_dir, tiny_model_dir), "train.zero_stage=3", "rounds=2"]
         )
-        job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        job = submit_when_ready(client, entrypoint)
         deadline = time.monotonic() + 600
         status = client.get_job_status(job)
         while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:

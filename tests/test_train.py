@@ -236,9 +236,10 @@ def test_two_workers_make_the_same_update_as_one_with_four_accumulated_micro_bat
         trained[workers] = parameters(tmp_path / f"w{workers}" / MODEL_DIR)
     initial = parameters(model_path)
     for name, one in trained[1].items():
-        # Adam's first step is lr·g/(|g|+ε): where g is near ε (~1e-8), summing the same gradients in
-        # another order (float32, ~1e-7 relative) moves that element's step by up to ~1e-3·lr.
-        torch.testing.assert_close(trained[2][name], one, rtol=1e-5, atol=1e-3 * lr)
+        # Adam's first step is lr·g/(|g|+ε): where the micro-batches' gradients cancel to near ε (~1e-8),
+        # summing them in another order (float32 rounding of the larger terms) is not small against g,
+        # and moves that element's step by a few 1e-3·lr (seen: 1.6e-3·lr in 1 of 16k elements).
+        torch.testing.assert_close(trained[2][name], one, rtol=1e-5, atol=1e-2 * lr)
         assert not torch.equal(one, initial[name]), name
 
 
