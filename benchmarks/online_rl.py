@@ -19,21 +19,20 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table  # noqa: E402
+from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import Config, load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
-from drift_ray.episode import play_episodes  # noqa: E402
+from drift_ray.episode import episodes_table, play_episodes  # noqa: E402
 from drift_ray.evaluation import episode_metrics  # noqa: E402
-from drift_ray.online_rl import OnlineRLSettings, episode_table, settings_dict, train_online  # noqa: E402
+from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  # noqa: E402
 from drift_ray.pipeline import TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samples_per_prompt=4", "train.epochs=1"]
 
 
 def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
@@ -63,7 +62,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    overrides = QUICK_OVERRIDES if args.quick else []
+    overrides = QUICK_PIPELINE_OVERRIDES if args.quick else []
     settings = OnlineRLSettings(
         updates=2 if args.quick else args.updates,
         prompts_per_update=2 if args.quick else args.prompts_per_update,
@@ -81,7 +80,7 @@ def main() -> None:
 
         def evaluate(engine) -> dict[str, float]:
             episodes = play_episodes(task.test, engine, verifier, eval_sampling(cfg), 1, cfg.episode)
-            metrics = episode_metrics(episode_table(episodes, cfg, engine.name), max_turns)
+            metrics = episode_metrics(episodes_table(episodes, cfg.episode, engine.name), max_turns)
             return {"multi@1": metrics["multi@1"], "multi@5": metrics[f"multi@{max_turns}"]}
 
         model = AutoModelForCausalLM.from_pretrained(reference)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table  # noqa: E402
+from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table  # noqa: E402
 
 from drift_ray.config import WeightMode, load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "reference"
 METRICS = ["multi@1", "multi@3", "multi@5", "unique_answer_ratio_all", "correction@2"]
 STAGES = ["rollouts", "weights", "weighted_sft", "evaluation"]
-QUICK_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samples_per_prompt=4", "train.epochs=1"]
 
 
 def run_method(config: Path, overrides: list[str], seed: int, mode: str, work: Path, reference: str) -> dict[str, Any]:
@@ -108,7 +107,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary dir)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    overrides = QUICK_OVERRIDES if args.quick else []
+    overrides = QUICK_PIPELINE_OVERRIDES if args.quick else []
     seeds = args.seeds[:1] if args.quick else args.seeds
     # An untrained model never answers correctly (success_only would have nothing to train on), and the
     # smoke test checks the plumbing: one seed of DRIFT is enough.

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# --quick for the scripts that run the whole pipeline: a few prompts and samples, one epoch.
+QUICK_PIPELINE_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samples_per_prompt=4", "train.epochs=1"]
 
 
 def argument_parser(doc: str) -> argparse.ArgumentParser:

@@ -44,7 +44,7 @@ from drift_ray import schema  # noqa: E402
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task  # noqa: E402
 from drift_ray.config import Config, ExampleKind, LossKind, TrainConfig, WeightsConfig  # noqa: E402
 from drift_ray.demo_model import DEMO_EPISODE, build_tokenizer, save_untrained_demo_model  # noqa: E402
-from drift_ray.episode import SamplingParams, play_episodes  # noqa: E402
+from drift_ray.episode import SamplingParams, episodes_table, play_episodes  # noqa: E402
 from drift_ray.train import plan_steps, train_loop, train_weighted_sft  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
 from drift_ray.weighted_sft import fit_plain, length_buckets, tokenize_trajectory  # noqa: E402
@@ -63,8 +63,7 @@ def weighted_trajectories(num_prompts: int, k: int) -> pa.Table:
     teacher = CandidatesTeacher()
     verifier = get_verifier(task.verifier)
     episodes = play_episodes(task.train, teacher, verifier, SamplingParams(seed=SEED), k, DEMO_EPISODE)
-    rows = [episode.to_row(DEMO_EPISODE, teacher.name) for episode in episodes]
-    weighted = compute_weights(pa.Table.from_pylist(rows, schema=schema.TRAJECTORY_SCHEMA), WeightsConfig())
+    weighted = compute_weights(episodes_table(episodes, DEMO_EPISODE, teacher.name), WeightsConfig())
     return weighted.filter(pc.greater(weighted.column(schema.WEIGHT), 0))
 
 

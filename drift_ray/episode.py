@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
+import pyarrow as pa
+
 from drift_ray import schema
 from drift_ray.config import EpisodeConfig
 from drift_ray.prompts import Problem
@@ -181,3 +183,8 @@ def play_episodes(
         for episode, reply in zip(active, replies):
             episode.take_turn(reply, verifier, cfg)
     return episodes
+
+
+def episodes_table(episodes: Sequence[Episode], cfg: EpisodeConfig, model: str) -> pa.Table:
+    """Episodes as trajectory rows (schema.TRAJECTORY_SCHEMA), `model` naming the policy that played them."""
+    return pa.Table.from_pylist([e.to_row(cfg, model) for e in episodes], schema=schema.TRAJECTORY_SCHEMA)

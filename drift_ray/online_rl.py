@@ -22,13 +22,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
-import pyarrow as pa
 import torch
 
 from drift_ray import schema
 from drift_ray.config import Config, ExampleKind
 from drift_ray.engines import TransformersEngine
-from drift_ray.episode import Episode, SamplingParams, play_episodes, stable_seed
+from drift_ray.episode import SamplingParams, episodes_table, play_episodes, stable_seed
 from drift_ray.prompts import Problem
 from drift_ray.verifiers import Verifier
 from drift_ray.weighted_sft import collate, per_sample_nll, tokenize_trajectory, weighted_loss
@@ -68,10 +67,6 @@ def group_advantages(returns: npt.ArrayLike, group_size: int, kind: Advantage | 
     return advantages.reshape(-1)
 
 
-def episode_table(episodes: Sequence[Episode], cfg: Config, model: str) -> pa.Table:
-    return pa.Table.from_pylist([e.to_row(cfg.episode, model) for e in episodes], schema=schema.TRAJECTORY_SCHEMA)
-
-
 def train_online(
     model: Any,
     tokenizer: Any,
@@ -103,7 +98,7 @@ def train_online(
         )
         model.eval()
         episodes = play_episodes(batch, engine, verifier, params, settings.samples_per_prompt, cfg.episode)
-        table = episode_table(episodes, cfg, engine.name)
+        table = episodes_table(episodes, cfg.episode, engine.name)
         generated += int(sum(table.column(schema.COMPLETION_TOKENS).to_pylist()))
         returns = trajectory_returns(table, cfg.weights.gamma, cfg.weights.rep_lambda)
         # play_episodes returns each prompt's samples together, in order: consecutive groups.
