@@ -1,13 +1,17 @@
 """Quality: DRIFT against SFT on all trajectories (uniform) and RFT (success_only), from one reference, over seeds.
 
-For every seed the reference's rollouts are sampled once (seeded) and shared by the three weighting
-modes, which differ only from the weights stage on (`rollout.output_dir`); each mode then trains and is
+For every seed the reference's rollouts are sampled once (seeded) and shared by every method, which
+differ only from the weights stage on (`rollout.output_dir`): DRIFT at the config's β, DRIFT at each
+`--betas` value, SFT and RFT. DRIFT at the config's β also runs `--rounds` rounds (iterated DRIFT: round
+r collects from round r−1's policy), and every round's model is a row. Each method trains and is
 evaluated greedily on the test split by `pipeline.run_pipeline`. The reference is resolved once, so
-every seed and mode starts from the same model. Prints mean ± std over seeds of multi@1/3/5, the
-unique-answer ratio and the correction rate at turn 2, the wall-clock per stage, and the checks of the
-evidence issue computed from these numbers; writes a JSON line and a plot of multi@k per method.
+every seed and method starts from the same model. Prints mean ± std over seeds of multi@1/3/5, the
+unique-answer ratio and the correction rate at turn 2, the wall-clock per stage, where each method's
+training weight went (by the turn of the first correct answer), and the checks of the evidence issue
+computed from these numbers; writes a JSON line and a plot of multi@k per method.
 
-    .venv/bin/python benchmarks/quality.py [--config jobs/demo_cpu.yaml] [--seeds 0 1 2] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/quality.py [--config jobs/demo_cpu.yaml] [--seeds 0 1 2] [--betas 0.5 1.0]
+        [--rounds 2] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +35,62 @@ from drift_ray.pipeline import resolve_model, run_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "reference"
+DRIFT = WeightMode.drift.value
+SFT = WeightMode.uniform.value
 METRICS = ["multi@1", "multi@3", "multi@5", "unique_answer_ratio_all", "correction@2"]
-STAGES = ["rollouts", "weights", "weighted_sft", "evaluation"]
+STAGES = ["rollouts", "weights", "weighted_sft"]
+WEIGHT_SHARES = ["turn1", "turn2", "turn3+", "unsolved"]
 
 
-def run_method(config: Path, overrides: list[str], seed: int, mode: str, work: Path, reference: str) -> dict[str, Any]:
-    """One seed × weighting mode through the whole pipeline; its metrics and per-stage wall-clock."""
+@dataclass(frozen=True)
+class Method:
+    """One training run per seed: its row label, weighting mode, extra config overrides and rounds."""
+
+    label: str
+    mode: str
+    overrides: tuple[str, ...] = ()
+    rounds: int = 1
+
+    def round_labels(self) -> list[str]:
+        return [self.label if r == 1 else f"{self.label}_round{r}" for r in range(1, self.rounds + 1)]
+
+
+def comparison_methods(modes: list[str], betas: list[float], rounds: int) -> list[Method]:
+    methods = []
+    for mode in modes:
+        methods.append(Method(mode, mode, rounds=rounds if mode == DRIFT else 1))
+        if mode == DRIFT:
+            methods += [Method(f"{DRIFT}_beta{beta:g}", DRIFT, (f"weights.beta={beta}",)) for beta in betas]
+    return methods
+
+
+def run_method(config: Path, overrides: list[str], seed: int, method: Method, work: Path, reference: str) -> dict[str, dict[str, Any]]:
+    """One seed × method through the whole pipeline; metrics, per-stage wall-clock and weight shares of
+    every model it evaluated, by row label (the reference included)."""
+    run_dir = work / f"seed{seed}" / method.label
     cfg = load_config(
         config,
         [
             *overrides,
+            *method.overrides,
             f"seed={seed}",
-            f"weights.mode={mode}",
+            f"weights.mode={method.mode}",
+            f"rounds={method.rounds}",
             f"rollout.model={reference}",
-            f"run_dir={work / f'seed{seed}' / mode}",
+            f"run_dir={run_dir}",
             f"rollout.output_dir={work / f'seed{seed}' / 'rollouts'}",
         ],
     )
     result = run_pipeline(cfg)
-    return {"metrics": result["metrics"], "timings_s": result["timings_s"]}
+    models = {REFERENCE: {"metrics": result["metrics"][REFERENCE]}}
+    for r, label in enumerate(method.round_labels(), start=1):
+        suffix = "" if r == 1 else f"_round{r}"
+        models[label] = {
+            "metrics": result["metrics"][method.mode + suffix],
+            "timings_s": {stage: result["timings_s"][stage + suffix] for stage in STAGES},
+            "weight_share": result["weights_by_round"][r - 1]["weight_share_by_first_correct_turn"],
+        }
+    return models
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float]:
@@ -59,42 +101,53 @@ def mean_std(values: list[float | None]) -> tuple[float, float]:
     return float(np.mean(defined)), float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
 
 
-def metrics_by_method(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], modes: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """method → its metrics per seed; the reference's come from the first mode's run of each seed."""
-    methods = {REFERENCE: [runs[(seed, modes[0])]["metrics"][REFERENCE] for seed in seeds]}
-    methods.update({mode: [runs[(seed, mode)]["metrics"][mode] for seed in seeds] for mode in modes})
-    return methods
+def grouped_weight_share(share: dict[str, float]) -> dict[str, float]:
+    """The diagnostics' share of weight per first-correct turn, folded into WEIGHT_SHARES."""
+    return {
+        "turn1": share.get("1", 0.0),
+        "turn2": share.get("2", 0.0),
+        "turn3+": sum(v for k, v in share.items() if k.isdigit() and int(k) >= 3),
+        "unsolved": share.get("unsolved", 0.0),
+    }
 
 
-def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], modes: list[str]) -> list[dict[str, Any]]:
+def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], labels: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for method, metrics in metrics_by_method(runs, seeds, modes).items():
-        row: dict[str, Any] = {"method": method, "seeds": len(metrics)}
+    for label in [REFERENCE, *labels]:
+        per_seed = [runs[(seed, label)] for seed in seeds]
+        row: dict[str, Any] = {"method": label, "seeds": len(per_seed)}
         for key in METRICS:
-            values = [(m["correction_rate"].get("2") or 0.0) if key == "correction@2" else m[key] for m in metrics]
+            values = [
+                (run["metrics"]["correction_rate"].get("2") or 0.0) if key == "correction@2" else run["metrics"][key]
+                for run in per_seed
+            ]
             mean, std = mean_std(values)
             row[key] = f"{mean:.3f} ± {std:.3f}"
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-        if method != REFERENCE:
+        if label != REFERENCE:
             for stage in STAGES:
-                row[f"{stage}_s"] = round(float(np.mean([runs[(seed, method)]["timings_s"][stage] for seed in seeds])), 1)
+                row[f"{stage}_s"] = round(float(np.mean([run["timings_s"][stage] for run in per_seed])), 1)
+            for part in WEIGHT_SHARES:
+                row[f"weight_{part}"] = round(float(np.mean([grouped_weight_share(run["weight_share"])[part] for run in per_seed])), 3)
         rows.append(row)
     return rows
 
 
 def evidence_checks(rows: list[dict[str, Any]]) -> list[str]:
-    """The evidence issue's criteria, computed from the measured means and stds."""
+    """The evidence issue's criteria, computed from the measured means and stds; the criterion is about
+    DRIFT at the config's β, the other DRIFT rows are compared with SFT the same way for the reading."""
     row_of = {row["method"]: row for row in rows}
     base = row_of[REFERENCE]
     checks = [f"reference greedy multi@5 − acc@1 = {base['multi@5_mean'] - base['multi@1_mean']:+.3f}"]
-    if "drift" in row_of:
-        drift = row_of["drift"]
-        checks.append(f"DRIFT multi@5 − acc@1 = {drift['multi@5_mean'] - drift['multi@1_mean']:+.3f}")
-        if "uniform" in row_of:
-            sft = row_of["uniform"]
-            gap = drift["multi@5_mean"] - sft["multi@5_mean"]
-            noise = 2 * max(drift["multi@5_std"], sft["multi@5_std"])
-            checks.append(f"DRIFT multi@5 − SFT multi@5 = {gap:+.3f}; 2 × the larger seed std = {noise:.3f}: "
+    for label, row in row_of.items():
+        if not label.startswith(DRIFT):
+            continue
+        checks.append(f"{label} multi@5 − acc@1 = {row['multi@5_mean'] - row['multi@1_mean']:+.3f}")
+        if SFT in row_of:
+            sft = row_of[SFT]
+            gap = row["multi@5_mean"] - sft["multi@5_mean"]
+            noise = 2 * max(row["multi@5_std"], sft["multi@5_std"])
+            checks.append(f"{label} multi@5 − SFT multi@5 = {gap:+.3f}; 2 × the larger seed std = {noise:.3f}: "
                           f"{'beyond' if gap > noise else 'NOT beyond'} seed noise")
     return checks
 
@@ -104,14 +157,17 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=[m.value for m in WeightMode], choices=[m.value for m in WeightMode])
+    parser.add_argument("--betas", type=float, nargs="*", default=[0.5, 1.0], help="DRIFT also at these β (beside the config's)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of iterated DRIFT at the config's β")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary dir)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     overrides = QUICK_PIPELINE_OVERRIDES if args.quick else []
     seeds = args.seeds[:1] if args.quick else args.seeds
     # An untrained model never answers correctly (success_only would have nothing to train on), and the
-    # smoke test checks the plumbing: one seed of DRIFT is enough.
-    modes = ["drift"] if args.quick else args.modes
+    # smoke test checks the plumbing: one seed of DRIFT, with its rounds, is enough.
+    methods = comparison_methods([DRIFT] if args.quick else args.modes, [] if args.quick else args.betas, args.rounds)
+    labels = [label for method in methods for label in method.round_labels()]
     args.out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="drift-quality-") as tmp:
@@ -120,22 +176,28 @@ def main() -> None:
         if args.quick:  # plumbing only: an untrained model instead of building the demo reference
             reference = save_untrained_demo_model(work / "untrained-reference")
         else:
-            reference = resolve_model(base.rollout.model, base)  # one reference for every seed and mode
-        runs = {
-            (seed, mode): run_method(args.config, overrides, seed, mode, work, reference)
-            for seed in seeds
-            for mode in modes
-        }
-        rows = summary_rows(runs, seeds, modes)
+            reference = resolve_model(base.rollout.model, base)  # one reference for every seed and method
+        runs: dict[tuple[int, str], dict[str, Any]] = {}
+        for seed in seeds:
+            for i, method in enumerate(methods):
+                for label, run in run_method(args.config, overrides, seed, method, work, reference).items():
+                    if label != REFERENCE or i == 0:  # the reference's row: from the seed's first run
+                        runs[(seed, label)] = run
+        rows = summary_rows(runs, seeds, labels)
         print_table(rows, ["method", "seeds", *METRICS, *(f"{stage}_s" for stage in STAGES)])
-        print("(rollouts_s: the first mode of a seed samples them, the others reuse them; "
-              "evaluation_s covers the reference and the trained model)")
+        print("(rollouts_s: the first method of a seed samples the reference's rollouts, the others reuse them; "
+              "a later round samples its own)")
+        print("\nshare of the training weight by the turn of the trajectory's first correct answer (mean over seeds):")
+        print_table([row for row in rows if row["method"] != REFERENCE], ["method", *(f"weight_{p}" for p in WEIGHT_SHARES)])
         # --quick leaves no plot behind: its results directory holds the JSON line alone.
         plot = (work if args.quick else args.out) / "quality.png"
         max_turns = base.episode.max_turns
         curves = {
-            method: {f"multi@{k}": float(np.mean([m[f"multi@{k}"] for m in metrics])) for k in range(1, max_turns + 1)}
-            for method, metrics in metrics_by_method(runs, seeds, modes).items()
+            row["method"]: {
+                f"multi@{k}": float(np.mean([runs[(seed, row["method"])]["metrics"][f"multi@{k}"] for seed in seeds]))
+                for k in range(1, max_turns + 1)
+            }
+            for row in rows
         }
         plot_cumulative_accuracy(curves, max_turns, plot, title=f"multi@k, mean of {len(seeds)} seed(s)")
         print(f"plot: {plot}")
@@ -143,7 +205,13 @@ def main() -> None:
     print("\n".join(checks))
     append_result(
         "quality",
-        {"config": str(args.config), "seeds": seeds, "modes": modes, "quick": args.quick, "reference": reference},
+        {
+            "config": str(args.config),
+            "seeds": seeds,
+            "methods": [vars(method) for method in methods],
+            "quick": args.quick,
+            "reference": reference,
+        },
         [{k: v for k, v in row.items() if not (isinstance(v, str) and k != "method")} for row in rows],
         args.out,
     )

@@ -160,7 +160,8 @@ def round_config(cfg: Config, round_index: int) -> Config:
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """All stages in order; returns per-stage wall-clock and the evaluation report.
+    """All stages in order; returns per-stage wall-clock, the weight diagnostics of every round and the
+    evaluation report.
 
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
     round trained and train it further; the evaluation compares the reference with every round's model.
@@ -180,14 +181,15 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     timed("ray_start", connect_ray, cfg)
     models = {"reference": reference}
     policy = reference
+    diagnostics_by_round = []
     for round_index in range(1, cfg.rounds + 1):
         round_cfg = round_config(cfg, round_index)
         suffix = "" if round_index == 1 else f"_round{round_index}"
         timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy)
-        diagnostics = timed(f"weights{suffix}", run_weights, round_cfg)
+        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg))
         policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     report = timed("evaluation", run_eval, cfg, eval_task, models)
     write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)
-    return {"timings_s": timings, "weights": diagnostics, **report}
+    return {"timings_s": timings, "weights_by_round": diagnostics_by_round, **report}

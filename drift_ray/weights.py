@@ -31,11 +31,8 @@ def trajectory_returns(
     """R of every row. `format_penalty` None: each row's FORMAT_PENALTY total; else this value per True
     in its FORMAT_FAILURES. Answers that are null or blank do not count for the repetition ratio."""
     n = table.num_rows
-    reward_lists = table.column(schema.TURN_REWARDS)
-    rows, rewards = _flatten(reward_lists, pa.float64())
-    lengths = pc.list_value_length(reward_lists).fill_null(0).to_numpy()
-    turn_index = np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]  # t − 1
-    discounts = gamma ** np.arange(lengths.max(initial=0), dtype=np.float64)  # a lookup, not a power per turn
+    rows, rewards, turn_index = _flatten_turns(table.column(schema.TURN_REWARDS))
+    discounts = gamma ** np.arange(turn_index.max(initial=-1) + 1, dtype=np.float64)  # a lookup, not a power per turn
     discounted = rewards.to_numpy() * discounts[turn_index]  # null rewards become NaN and are refused below
     returns = np.bincount(rows, weights=discounted, minlength=n).astype(np.float64)  # int64 when n = 0
 
@@ -75,6 +72,18 @@ def reached_correct(table: pa.Table) -> npt.NDArray[np.bool_]:
     return success
 
 
+def first_correct_turn(table: pa.Table) -> npt.NDArray[np.int64]:
+    """Per row: the 1-based turn of the first correct answer, 0 when there is none. T_STAR where the table
+    has it, else the first turn with a positive reward."""
+    if schema.T_STAR in table.column_names:
+        return table.column(schema.T_STAR).fill_null(0).to_numpy().astype(np.int64)
+    rows, rewards, turn_index = _flatten_turns(table.column(schema.TURN_REWARDS))
+    hits = pc.fill_null(pc.greater(rewards, 0), False).to_numpy(zero_copy_only=False)
+    first = np.full(table.num_rows, np.iinfo(np.int64).max)
+    np.minimum.at(first, rows[hits], turn_index[hits] + 1)
+    return np.where(first == np.iinfo(np.int64).max, 0, first)
+
+
 def compute_weights(table: pa.Table, cfg: WeightsConfig) -> pa.Table:
     """Every input column plus RETURN and WEIGHT (float64). The table must hold whole prompt groups."""
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source="weights input")
@@ -91,8 +100,10 @@ def compute_weights(table: pa.Table, cfg: WeightsConfig) -> pa.Table:
     return out.append_column(schema.RETURN, pa.array(returns)).append_column(schema.WEIGHT, pa.array(weights))
 
 
-def weight_diagnostics(table: pa.Table) -> dict[str, float | int]:
-    """Weight range, effective sample size per group (Σw)²/Σw², and how much weight success gets."""
+def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
+    """Weight range, effective sample size per group (Σw)²/Σw², how much weight success gets, and the
+    share of the weight by the turn of the first correct answer ("1", "2", …, "unsolved"): what the
+    fine-tuning will mostly learn from."""
     if table.num_rows == 0:
         raise ValueError("weight diagnostics: no trajectories")
     weights = table.column(schema.WEIGHT).to_numpy().astype(np.float64)
@@ -104,6 +115,11 @@ def weight_diagnostics(table: pa.Table) -> dict[str, float | int]:
     success = reached_correct(table)
     group_solved = np.bincount(group, weights=success, minlength=num_groups) > 0
     total = float(weights.sum())
+    turns = first_correct_turn(table)
+    share_by_turn = {
+        ("unsolved" if turn == 0 else str(turn)): float(weights[turns == turn].sum() / total) if total > 0 else 0.0
+        for turn in sorted(set(turns.tolist()) - {0}) + [0]
+    }
     return {
         "num_trajectories": table.num_rows,
         "num_groups": num_groups,
@@ -114,6 +130,7 @@ def weight_diagnostics(table: pa.Table) -> dict[str, float | int]:
         "ess_p10": float(np.percentile(ess, 10)),
         "groups_without_success_share": float(1.0 - group_solved.mean()),
         "success_weight_share": float(weights[success].sum() / total) if total > 0 else 0.0,
+        "weight_share_by_first_correct_turn": share_by_turn,
     }
 
 
@@ -160,6 +177,13 @@ def _flatten(column: pa.ChunkedArray, value_type: pa.DataType) -> tuple[npt.NDAr
     list<null> because every one of them was empty."""
     rows = pc.list_parent_indices(column).to_numpy().astype(np.int64, copy=False)
     return rows, pc.list_flatten(column).cast(value_type)
+
+
+def _flatten_turns(column: pa.ChunkedArray) -> tuple[npt.NDArray[np.int64], pa.ChunkedArray, npt.NDArray[np.int64]]:
+    """`_flatten` of a per-turn float list column, plus every element's 0-based turn index (t − 1)."""
+    rows, values = _flatten(column, pa.float64())
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy()
+    return rows, values, np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]
 
 
 def _unique_answer_ratio(column: pa.ChunkedArray) -> npt.NDArray[np.float64]:

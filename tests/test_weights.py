@@ -19,6 +19,7 @@ from drift_ray.weights import (
     add_weights,
     compute_weights,
     diagnostics_path,
+    first_correct_turn,
     group_weights,
     trajectory_returns,
     weight_diagnostics,
@@ -218,6 +219,7 @@ def test_diagnostics_by_hand():
         ]
     ).append_column(schema.WEIGHT, pa.array([1.5, 0.5, 1.0, 1.0]))
     diagnostics = weight_diagnostics(table)
+    assert diagnostics.pop("weight_share_by_first_correct_turn") == pytest.approx({"1": 1.5 / 4, "unsolved": 2.5 / 4})
     # ESS: a = 2² / (1.5² + 0.5²) = 1.6, b = 2² / 2 = 2; p10 of [1.6, 2] = 1.64.
     assert diagnostics == pytest.approx(
         {
@@ -232,6 +234,21 @@ def test_diagnostics_by_hand():
             "success_weight_share": 1.5 / 4,
         }
     )
+
+
+def test_first_correct_turn_from_rewards_and_from_t_star():
+    rows = [
+        {"prompt": "a", "rewards": [0, 0, 1]},
+        {"prompt": "a", "rewards": [0, 0, 0]},
+        {"prompt": "a", "rewards": [1]},
+        {"prompt": "b", "rewards": []},
+        {"prompt": "b", "rewards": [0, 0.5, 1]},
+    ]
+    assert first_correct_turn(_table(rows)).tolist() == [3, 0, 1, 0, 2]
+    with_t_star = _table(rows).append_column(schema.T_STAR, pa.array([3, None, 1, None, 3], pa.int64()))
+    assert first_correct_turn(with_t_star).tolist() == [3, 0, 1, 0, 3]  # T_STAR wins where the table has it
+    diagnostics = weight_diagnostics(with_t_star.append_column(schema.WEIGHT, pa.array([2.0, 0.0, 1.0, 0.5, 0.5])))
+    assert diagnostics["weight_share_by_first_correct_turn"] == pytest.approx({"1": 0.25, "3": 0.625, "unsolved": 0.125})
 
 
 # --- the file entry -----------------------------------------------------------------------------------
