@@ -15,6 +15,8 @@ from typing import Any, Optional, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_model.py)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
@@ -87,7 +89,7 @@ class RolloutConfig(_Section):
         "(any server that speaks /v1/chat/completions: vLLM serve, SGLang, TGI, transformers serve, hosted APIs).",
     )
     model: str = Field(
-        "builtin:demo",
+        DEMO_MODEL,
         description="Reference policy π_ref: a local path or hub id; 'builtin:demo' builds the tiny demo model. "
         "openai: the model name the server serves.",
     )

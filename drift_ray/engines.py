@@ -18,10 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from drift_ray.config import EngineKind, RolloutConfig
+from drift_ray.config import DEMO_MODEL, EngineKind, RolloutConfig
 from drift_ray.episode import Conversation, Engine, Generation, Message, SamplingParams
 
-DEMO_MODEL = "builtin:demo"
 # Chat models whose config names only the end-of-text eos still end a turn with one of these.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
 # Finished rows stay in the batch (their tokens ignored) until they are this share of it: dropping them

@@ -16,14 +16,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from drift_ray.config import Config
+from drift_ray.config import DEMO_MODEL, Config
 from drift_ray.prompts import Task, load_task
 from drift_ray.rollouts import SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
 from drift_ray.trajectories import write_json_atomic
 
 log = logging.getLogger("drift_ray")
 
-DEMO_MODEL = "builtin:demo"
 TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run`
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from drift_ray import schema
 from drift_ray.config import Config, EpisodeConfig, RolloutConfig
-from drift_ray.episode import SamplingParams, play_episodes, stable_seed
+from drift_ray.episode import SamplingParams, episodes_table, play_episodes, stable_seed
 from drift_ray.prompts import Problem, problems_table
 from drift_ray.trajectories import write_json_atomic, write_table_atomic
 from drift_ray.verifiers import get_verifier
@@ -84,9 +84,9 @@ class EpisodeStage:
         start = time.perf_counter()
         episodes = play_episodes(problems, self.engine, self.verifier, self.params, self.samples_per_prompt, self.episode)
         seconds = time.perf_counter() - start
-        rows = [e.to_row(self.episode, self.model) for e in episodes]
-        write_table_atomic(pa.Table.from_pylist(rows, schema=schema.TRAJECTORY_SCHEMA), shard_path(self.out_dir, problems))
-        return summarize(problems, rows, seconds)
+        trajectories = episodes_table(episodes, self.episode, self.model)
+        write_table_atomic(trajectories, shard_path(self.out_dir, problems))
+        return summarize(problems, trajectories, seconds)
 
 
 def shard_path(out_dir: Path, problems: Sequence[Problem]) -> Path:
@@ -94,17 +94,19 @@ def shard_path(out_dir: Path, problems: Sequence[Problem]) -> Path:
     return out_dir / f"part-{key:016x}.parquet"
 
 
-def summarize(problems: Sequence[Problem], rows: list[dict[str, Any]], seconds: float) -> pa.Table:
+def summarize(problems: Sequence[Problem], trajectories: pa.Table, seconds: float) -> pa.Table:
+    """One row per problem: its trajectories, how many were solved, their tokens, its share of the seconds."""
     by_prompt: dict[str, dict[str, Any]] = {
         p.prompt_id: {"trajectories": 0, "solved": 0, schema.PROMPT_TOKENS: 0, schema.COMPLETION_TOKENS: 0}
         for p in problems
     }
-    for row in rows:
-        entry = by_prompt[row[schema.PROMPT_ID]]
+    columns = trajectories.select([schema.PROMPT_ID, schema.T_STAR, schema.PROMPT_TOKENS, schema.COMPLETION_TOKENS])
+    for prompt_id, t_star, prompt_tokens, completion_tokens in zip(*columns.to_pydict().values()):
+        entry = by_prompt[prompt_id]
         entry["trajectories"] += 1
-        entry["solved"] += row[schema.T_STAR] is not None
-        entry[schema.PROMPT_TOKENS] += row[schema.PROMPT_TOKENS]
-        entry[schema.COMPLETION_TOKENS] += row[schema.COMPLETION_TOKENS]
+        entry["solved"] += t_star is not None
+        entry[schema.PROMPT_TOKENS] += prompt_tokens
+        entry[schema.COMPLETION_TOKENS] += completion_tokens
     share = seconds / max(len(problems), 1)
     return pa.Table.from_pylist(
         [{schema.PROMPT_ID: pid, **entry, "seconds": share} for pid, entry in by_prompt.items()], schema=SUMMARY_SCHEMA

@@ -57,7 +57,8 @@ def test_manifest_refuses_other_settings(tmp_path):
 
 def test_summary_counts_per_prompt():
     problems = [Problem("a", "q", "1"), Problem("b", "q", "2")]
-    table = summarize(problems, trajectory_rows("a", 3) + trajectory_rows("b", 3), seconds=2.0)
+    trajectories = pa.Table.from_pylist(trajectory_rows("a", 3) + trajectory_rows("b", 3), schema=schema.TRAJECTORY_SCHEMA)
+    table = summarize(problems, trajectories, seconds=2.0)
     assert table.column("trajectories").to_pylist() == [3, 3]
     assert table.column("solved").to_pylist() == [1, 1]
     assert table.column(schema.COMPLETION_TOKENS).to_pylist() == [15, 15]
