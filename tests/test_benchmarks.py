@@ -53,6 +53,16 @@ def run_quick(script: str, out: Path, extra: list[str]) -> dict:
     return record
 
 
+def load_benchmark(script: str):
+    """A benchmark script as a module (registered, so that its dataclasses can resolve their annotations)."""
+    name = f"benchmarks_{Path(script).stem}"
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -68,9 +78,7 @@ def test_quick_run_without_ray_appends_one_record(script, tmp_path):
 
 def test_the_weights_benchmark_loop_is_the_weights_formula():
     """The per-row loop the core is compared with computes the core's weights, blank answers included."""
-    spec = importlib.util.spec_from_file_location("benchmarks_weights", BENCHMARKS / "weights.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("weights.py")
     table = benchmark.synthetic_trajectories(200, 4, seed=1)
     answers = table.column(schema.ANSWER_NORMS).to_pylist()
     answers[0] = [" ", "7", "7", ""]  # blanks are not answers: repetition 1 − 1/2
@@ -79,3 +87,33 @@ def test_the_weights_benchmark_loop_is_the_weights_formula():
     expected = compute_weights(table, cfg).column(schema.WEIGHT).to_numpy()
     assert len(set(np.round(expected, 6))) > 10
     np.testing.assert_allclose(benchmark.per_row_loop(table.to_pylist(), cfg), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_quality_checks_compare_each_drift_row_with_sft_of_its_round():
+    quality = load_benchmark("quality.py")
+
+    def row(method, multi1, multi5, std5):
+        return {"method": method, "multi@1_mean": multi1, "multi@5_mean": multi5, "multi@5_std": std5}
+
+    rows = [
+        row("reference", 0.30, 0.35, 0.01),
+        row("drift", 0.30, 0.50, 0.02),
+        row("drift_round2", 0.30, 0.52, 0.05),
+        row("uniform", 0.30, 0.40, 0.01),
+        row("uniform_round2", 0.30, 0.45, 0.02),
+    ]
+    checks = quality.evidence_checks(rows)
+    assert checks[0] == "reference greedy multi@5 − acc@1 = +0.050"
+    assert "uniform_round2 multi@5 − acc@1 = +0.150" in checks
+    assert "drift multi@5 − uniform multi@5 = +0.100; 2 × the larger seed std = 0.040: beyond seed noise" in checks
+    # round 2 is compared with SFT's round 2, and its larger std makes the same kind of gap noise
+    assert "drift_round2 multi@5 − uniform_round2 multi@5 = +0.070; 2 × the larger seed std = 0.100: NOT beyond seed noise" in checks
+    assert sum(check.endswith("seed noise") for check in checks) == 2  # SFT rows are not compared with themselves
+
+
+def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
+    quality = load_benchmark("quality.py")
+    methods = quality.comparison_methods(["drift", "uniform", "success_only"], [0.5], rounds=2)
+    labels = [label for method in methods for label in method.round_labels()]
+    assert labels == ["drift", "drift_round2", "drift_beta0.5", "uniform", "uniform_round2", "success_only", "success_only_round2"]
+    assert [m.overrides for m in methods if m.label == "drift_beta0.5"] == [("weights.beta=0.5",)]
