@@ -125,6 +125,7 @@ def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], 
             mean, std = mean_std(values)
             row[key] = f"{mean:.3f} ± {std:.3f}"
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+            row[f"{key}_per_seed"] = values  # in `seeds` order, for comparisons paired by seed
         if label != REFERENCE:
             for stage in STAGES:
                 row[f"{stage}_s"] = round(float(np.mean([run["timings_s"][stage] for run in per_seed])), 1)
@@ -137,7 +138,11 @@ def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], 
 def evidence_checks(rows: list[dict[str, Any]]) -> list[str]:
     """The evidence issue's criteria, computed from the measured means and stds: every method's gain of
     multi@5 over acc@1 (what the feedback adds), and DRIFT's multi@5 against SFT of the same round; the
-    criterion is about DRIFT at the config's β, the other DRIFT rows are compared the same way."""
+    criterion is about DRIFT at the config's β, the other DRIFT rows are compared the same way.
+
+    Methods of one seed share the reference's rollouts and the test set, so the DRIFT − SFT gap is also
+    given paired by seed (mean ± std of the per-seed differences, and in how many seeds DRIFT leads):
+    seed-to-seed variation both methods share cancels there."""
     row_of = {row["method"]: row for row in rows}
     base = row_of[REFERENCE]
     checks = [f"reference greedy multi@5 − acc@1 = {base['multi@5_mean'] - base['multi@1_mean']:+.3f}"]
@@ -154,7 +159,16 @@ def evidence_checks(rows: list[dict[str, Any]]) -> list[str]:
             noise = 2 * max(row["multi@5_std"], sft["multi@5_std"])
             checks.append(f"{label} multi@5 − {sft_label} multi@5 = {gap:+.3f}; 2 × the larger seed std = {noise:.3f}: "
                           f"{'beyond' if gap > noise else 'NOT beyond'} seed noise")
+            checks.append(paired_check(label, row["multi@5_per_seed"], sft_label, sft["multi@5_per_seed"]))
     return checks
+
+
+def paired_check(label: str, values: list[float], other_label: str, other_values: list[float]) -> str:
+    differences = [a - b for a, b in zip(values, other_values, strict=True)]
+    mean, std = mean_std(differences)
+    leads = sum(d > 0 for d in differences)
+    return (f"{label} − {other_label} multi@5 paired by seed = {mean:+.3f} ± {std:.3f} "
+            f"({' '.join(f'{d:+.3f}' for d in differences)}); {label} ahead in {leads} of {len(differences)} seeds")
 
 
 def main() -> None:

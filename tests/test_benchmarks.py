@@ -92,14 +92,15 @@ def test_the_weights_benchmark_loop_is_the_weights_formula():
 def test_quality_checks_compare_each_drift_row_with_sft_of_its_round():
     quality = load_benchmark("quality.py")
 
-    def row(method, multi1, multi5, std5):
-        return {"method": method, "multi@1_mean": multi1, "multi@5_mean": multi5, "multi@5_std": std5}
+    def row(method, multi1, multi5, std5, per_seed=(0.4, 0.5, 0.6)):
+        return {"method": method, "multi@1_mean": multi1, "multi@5_mean": multi5, "multi@5_std": std5,
+                "multi@5_per_seed": list(per_seed)}
 
     rows = [
         row("reference", 0.30, 0.35, 0.01),
-        row("drift", 0.30, 0.50, 0.02),
+        row("drift", 0.30, 0.50, 0.02, per_seed=(0.45, 0.50, 0.55)),
         row("drift_round2", 0.30, 0.52, 0.05),
-        row("uniform", 0.30, 0.40, 0.01),
+        row("uniform", 0.30, 0.40, 0.01, per_seed=(0.40, 0.41, 0.57)),
         row("uniform_round2", 0.30, 0.45, 0.02),
     ]
     checks = quality.evidence_checks(rows)
@@ -109,6 +110,8 @@ def test_quality_checks_compare_each_drift_row_with_sft_of_its_round():
     # round 2 is compared with SFT's round 2, and its larger std makes the same kind of gap noise
     assert "drift_round2 multi@5 − uniform_round2 multi@5 = +0.070; 2 × the larger seed std = 0.100: NOT beyond seed noise" in checks
     assert sum(check.endswith("seed noise") for check in checks) == 2  # SFT rows are not compared with themselves
+    # paired by seed: the differences +0.05 +0.09 −0.02 have mean +0.04 and sample std 0.0557
+    assert "drift − uniform multi@5 paired by seed = +0.040 ± 0.056 (+0.050 +0.090 -0.020); drift ahead in 2 of 3 seeds" in checks
 
 
 def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
