@@ -7,6 +7,7 @@ gets one line per run: benchmark, time, git commit, machine, config, results).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -29,15 +30,38 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def machine() -> dict[str, Any]:
+    """What a result depends on beyond the code: float results on CPU change with the processor's
+    instruction set (torch picks its kernels by it) and with the library versions."""
     import torch
 
     return {
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        **{name: installed_version(name) for name in ("transformers", "deepspeed", "ray")},
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def commit() -> str:

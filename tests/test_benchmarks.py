@@ -50,6 +50,8 @@ def run_quick(script: str, out: Path, extra: list[str]) -> dict:
     assert isinstance(record["config"], dict) and record["config"]
     assert record["results"] and all(isinstance(row, dict) and row for row in record["results"])
     assert record["machine"]["cpus"] >= 1
+    assert record["machine"]["cpu"] and record["machine"]["cpu_capability"]
+    assert record["machine"]["transformers"] and record["machine"]["deepspeed"] and record["machine"]["ray"]
     return record
 
 
