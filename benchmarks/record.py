@@ -12,11 +12,13 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 # --quick for the scripts that run the whole pipeline: a few prompts and samples, one epoch.
 QUICK_PIPELINE_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samples_per_prompt=4", "train.epochs=1"]
 
@@ -79,6 +81,33 @@ def commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def without_machine_paths(value: Any) -> Any:
+    """`value` (nested dicts, lists and strings) with each absolute path under a known place rewritten to name
+    that place instead of where it is on this machine: relative to the repository, or starting `<cache>/`
+    (the drift-ray cache), `<tmp>/` or `~/`. Result lines are committed and compared across machines: they
+    should say which config and which cached reference, not where either sat.
+    """
+    from drift_ray.pipeline import cache_dir
+
+    places = [(str(cache_dir().resolve()), "<cache>"), (str(ROOT), ""), (str(Path(tempfile.gettempdir()).resolve()), "<tmp>"),
+              (str(Path.home().resolve()), "~")]
+    places.sort(key=lambda place: len(place[0]), reverse=True)  # the innermost place names a path
+
+    def rewrite(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {key: rewrite(inner) for key, inner in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [rewrite(inner) for inner in item]
+        if isinstance(item, str) and os.path.isabs(item):
+            for root, name in places:
+                if item == root or item.startswith(root + os.sep):
+                    relative = os.path.relpath(item, root)
+                    return f"{name}/{relative}" if name else relative
+        return item
+
+    return rewrite(value)
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
@@ -93,7 +122,8 @@ def append_result(
 ) -> Path:
     """Append one JSON line to `out_dir/<benchmark>.jsonl` and return that path.
 
-    The line holds: benchmark, time, commit, machine, config (the sizes measured) and results (the rows)."""
+    The line holds: benchmark, time, commit, machine, config (the sizes measured) and results (the rows),
+    with every path in them written by `without_machine_paths`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{benchmark}.jsonl"
@@ -102,8 +132,8 @@ def append_result(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "commit": commit(),
         "machine": machine(),
-        "config": config,
-        "results": rows,
+        "config": without_machine_paths(config),
+        "results": without_machine_paths(rows),
     }
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def run_quick(script: str, out: Path, extra: list[str]) -> dict:
     assert len(files) == 1 and files[0].suffix == ".jsonl", f"{script} wrote {[f.name for f in files]}"
     lines = files[0].read_text().splitlines()
     assert len(lines) == 1, f"{script} appended {len(lines)} lines; expected one per run"
+    assert str(BENCHMARKS.parent) not in lines[0] and str(out) not in lines[0], "the line names a machine path"
     record = json.loads(lines[0])
     assert set(record) == RECORD_KEYS
     assert files[0].name == f"{record['benchmark']}.jsonl"
@@ -76,6 +78,28 @@ def test_quick_run_appends_one_record(script, tmp_path):
 def test_quick_run_without_ray_appends_one_record(script, tmp_path):
     record = run_quick(script, tmp_path, RAY_FREE_ARGS[script])
     assert record["config"]["quick"] is True
+
+
+def test_result_lines_name_places_instead_of_machine_paths(tmp_path, monkeypatch):
+    record = load_benchmark("record.py")
+    monkeypatch.setenv("DRIFT_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    in_tmp = tmp_path.resolve().relative_to(Path(tempfile.gettempdir()).resolve())
+    config = {
+        "config": str(BENCHMARKS.parent / "jobs" / "demo_cpu.yaml"),
+        "reference": str(tmp_path / "cache" / "models" / "demo-1"),  # the cache inside tmp: the innermost place names it
+        "work": (str(tmp_path / "run"), str(tmp_path / "home" / "data.jsonl")),
+        "kept": ["/srv/data.jsonl", "</answer>", "jobs/smoke.yaml", 3, None],
+    }
+    path = record.append_result("quality", config, [{"method": "drift", "run_dir": str(tmp_path / "run")}], tmp_path / "out")
+    line = json.loads(path.read_text())
+    assert line["config"] == {
+        "config": "jobs/demo_cpu.yaml",
+        "reference": "<cache>/models/demo-1",
+        "work": [f"<tmp>/{in_tmp}/run", "~/data.jsonl"],
+        "kept": ["/srv/data.jsonl", "</answer>", "jobs/smoke.yaml", 3, None],
+    }
+    assert line["results"] == [{"method": "drift", "run_dir": f"<tmp>/{in_tmp}/run"}]
 
 
 def test_the_weights_benchmark_loop_is_the_weights_formula():
