@@ -4,6 +4,8 @@
 #   DRIFT_TORCH_SPEC   torch requirement to install first (default: the CPU build 2.13.0 on a machine
 #                      without an NVIDIA GPU, the registry's default CUDA build otherwise)
 #   DRIFT_EXTRAS       extras to install (default: dev; add vllm on GPU machines: "dev,vllm")
+#   DRIFT_CONSTRAINTS  a pip constraints file to install under (default: none). benchmarks/constraints.txt
+#                      holds the versions behind the committed benchmark results.
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}
@@ -13,14 +15,19 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   torch_spec=${DRIFT_TORCH_SPEC:-torch==2.13.0}
 fi
-stamp_want="$(sha256sum pyproject.toml | cut -c1-16) $torch_spec $extras"
+constraints=()
+if [ -n "${DRIFT_CONSTRAINTS:-}" ]; then
+  [ -f "$DRIFT_CONSTRAINTS" ] || { echo "setup.sh: DRIFT_CONSTRAINTS=$DRIFT_CONSTRAINTS is not a file" >&2; exit 2; }
+  constraints=(--constraint "$DRIFT_CONSTRAINTS")
+fi
+stamp_want="$(cat pyproject.toml ${DRIFT_CONSTRAINTS:+"$DRIFT_CONSTRAINTS"} | sha256sum | cut -c1-16) $torch_spec $extras"
 if [ -f .venv/.drift-setup ] && [ "$(cat .venv/.drift-setup)" = "$stamp_want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first: with it in place, the package's "torch>=2.4" is satisfied and no other build is pulled.
-.venv/bin/python -m pip install --quiet "$torch_spec"
-.venv/bin/python -m pip install --quiet -e ".[$extras]"
+.venv/bin/python -m pip install --quiet "${constraints[@]}" "$torch_spec"
+.venv/bin/python -m pip install --quiet "${constraints[@]}" -e ".[$extras]"
 echo "$stamp_want" > .venv/.drift-setup
 echo "drift-ray installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

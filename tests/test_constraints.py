@@ -1,0 +1,58 @@
+"""benchmarks/constraints.txt pins the environment behind the committed benchmark results: every dependency
+of drift-ray within its declared range, and the library versions the newest results record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+tomllib = pytest.importorskip("tomllib")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSTRAINTS = ROOT / "benchmarks" / "constraints.txt"
+# setup.sh installs torch itself, before anything else; vllm is a GPU extra, outside the CPU environment.
+NOT_PINNED = {"torch", "vllm"}
+
+
+def pins() -> dict[str, Version]:
+    pinned = {}
+    for number, line in enumerate(CONSTRAINTS.read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        requirement = Requirement(line)
+        (specifier,) = requirement.specifier
+        assert specifier.operator == "==", f"{CONSTRAINTS.name}:{number}: {line!r} is not an exact pin"
+        pinned[canonicalize_name(requirement.name)] = Version(specifier.version)
+    return pinned
+
+
+def test_every_dependency_is_pinned_within_its_declared_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    pinned = pins()
+    for requirement in map(Requirement, declared):
+        name = canonicalize_name(requirement.name)
+        if name in NOT_PINNED:
+            assert name not in pinned, f"{name} is installed by setup.sh's own rule, not pinned here"
+            continue
+        assert name in pinned, f"{name} is a dependency but has no pin in {CONSTRAINTS.name}"
+        assert requirement.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} is outside {requirement}"
+
+
+def test_pins_are_the_library_versions_of_the_newest_results():
+    recorded = []
+    for path in (ROOT / "benchmarks" / "results").rglob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "transformers" in record["machine"]:  # lines older than the version fields do not say
+                recorded.append((record["time"], path.name, record["machine"]))
+    assert recorded, "no committed result records its library versions"
+    _, name, machine = max(recorded)
+    pinned = pins()
+    for library in ("transformers", "deepspeed", "ray"):
+        assert pinned[library] == Version(machine[library]), f"{name}: {library} {machine[library]}, pinned {pinned[library]}"
