@@ -25,9 +25,9 @@ def pins() -> dict[str, Version]:
         if not line.strip() or line.startswith("#"):
             continue
         requirement = Requirement(line)
-        (specifier,) = requirement.specifier
-        assert specifier.operator == "==", f"{CONSTRAINTS.name}:{number}: {line!r} is not an exact pin"
-        pinned[canonicalize_name(requirement.name)] = Version(specifier.version)
+        specifiers = list(requirement.specifier)
+        assert [s.operator for s in specifiers] == ["=="], f"{CONSTRAINTS.name}:{number}: {line!r} is not an exact pin"
+        pinned[canonicalize_name(requirement.name)] = Version(specifiers[0].version)
     return pinned
 
 
@@ -50,9 +50,9 @@ def test_pins_are_the_library_versions_of_the_newest_results():
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if "transformers" in record["machine"]:  # lines older than the version fields do not say
-                recorded.append((record["time"], path.name, record["machine"]))
+                recorded.append((record["time"], path.relative_to(ROOT), record["machine"]))
     assert recorded, "no committed result records its library versions"
-    _, name, machine = max(recorded)
+    _, name, machine = max(recorded, key=lambda entry: entry[0])
     pinned = pins()
     for library in ("transformers", "deepspeed", "ray"):
         assert pinned[library] == Version(machine[library]), f"{name}: {library} {machine[library]}, pinned {pinned[library]}"
