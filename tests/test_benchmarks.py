@@ -2,7 +2,9 @@
 as its own process, prints a table and appends one JSON line with the agreed keys to `DIR/<benchmark>.jsonl`.
 
 Figures are not checked: on a shared test machine they mean nothing. Every script starts Ray in its full
---quick run, so those runs are marked slow; a script with a Ray-free mode also runs in it unmarked.
+--quick run (one to three minutes each on 2 cores, more than a pipeline run for the three that run one), so
+those runs are marked slow and extended: the default run leaves them out, `pytest -m extended` runs them.
+A script with a Ray-free mode also runs in it unmarked, in the default run.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def load_benchmark(script: str):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.ray
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_run_appends_one_record(script, tmp_path):

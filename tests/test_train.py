@@ -188,7 +188,9 @@ def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("offload", [False, True], ids=["zero3", "zero3-offload"])
+@pytest.mark.parametrize(
+    "offload", [False, pytest.param(True, marks=pytest.mark.extended)], ids=["zero3", "zero3-offload"]
+)
 def test_zero3_on_cpu_lowers_the_loss_and_saves_a_loadable_model(
     ray_cluster, tmp_path, weighted_dir, model_path, offload
 ):
