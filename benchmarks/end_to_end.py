@@ -28,12 +28,12 @@ from typing import Any
 import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table  # noqa: E402
+from record import append_result, argument_parser, print_table, weight_checksums  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
-from drift_ray.pipeline import run_pipeline  # noqa: E402
+from drift_ray.pipeline import resolve_model, run_pipeline  # noqa: E402
 from drift_ray.rollouts import read_shards  # noqa: E402
 from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
 
@@ -109,6 +109,7 @@ def main() -> None:
         result = run_pipeline(cfg)
         wall = time.perf_counter() - started
         rows = stage_rows(result["timings_s"], run_dir)
+        reference_sha256 = weight_checksums(resolve_model(cfg.rollout.model, cfg))  # built by the run: no build here
 
     import ray
 
@@ -116,6 +117,7 @@ def main() -> None:
     config = {
         "config": str(config_path),
         "model": "random demo architecture" if args.quick and not args.model else cfg.rollout.model,
+        "reference_sha256": reference_sha256,
         "quick": args.quick,
         "prompts": cfg.task.num_train,
         "samples_per_prompt": cfg.rollout.samples_per_prompt,

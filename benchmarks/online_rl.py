@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table  # noqa: E402
+from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table, weight_checksums  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import Config, load_config  # noqa: E402
@@ -74,6 +74,7 @@ def main() -> None:
         cfg = load_config(args.config, [*overrides, f"run_dir={Path(tmp) / 'drift'}"])
         reference = save_untrained_demo_model(Path(tmp) / "untrained") if args.quick else resolve_model(cfg.rollout.model, cfg)
         cfg.rollout.model = reference
+        reference_sha256 = weight_checksums(reference)  # while a --quick reference still exists
         task = load_task(cfg.task, cfg.seed)
         verifier = get_verifier(task.verifier)
         max_turns = cfg.episode.max_turns
@@ -97,7 +98,8 @@ def main() -> None:
     print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", "multi@5"])
     append_result(
         "online_rl",
-        {"config": str(args.config), "quick": args.quick, "settings": settings_dict(settings), "reference": reference},
+        {"config": str(args.config), "quick": args.quick, "settings": settings_dict(settings), "reference": reference,
+         "reference_sha256": reference_sha256},
         rows,
         args.out,
     )

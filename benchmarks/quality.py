@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table  # noqa: E402
+from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table, weight_checksums  # noqa: E402
 
 from drift_ray.config import WeightMode, load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
@@ -197,6 +197,7 @@ def main() -> None:
             reference = save_untrained_demo_model(work / "untrained-reference")
         else:
             reference = resolve_model(base.rollout.model, base)  # one reference for every seed and method
+        reference_sha256 = weight_checksums(reference)  # while a --quick reference still exists
         runs: dict[tuple[int, str], dict[str, Any]] = {}
         for seed in seeds:
             for i, method in enumerate(methods):
@@ -232,6 +233,7 @@ def main() -> None:
             "methods": [vars(method) for method in methods],
             "quick": args.quick,
             "reference": reference,
+            "reference_sha256": reference_sha256,
         },
         [{k: v for k, v in row.items() if not (isinstance(v, str) and k != "method")} for row in rows],
         args.out,

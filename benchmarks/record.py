@@ -7,6 +7,7 @@ gets one line per run: benchmark, time, git commit, machine, config, results).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -79,6 +80,24 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+def weight_checksums(model: str) -> dict[str, str] | None:
+    """The sha256 of each `*.safetensors` file of a local model directory, by file name (what `sha256sum`
+    prints); None for a hub id or a directory without such files. The demo reference is pre-trained on every
+    machine whose cache lacks it, and another processor can pre-train another model from the same recipe:
+    two result lines share their reference only when these agree."""
+    directory = Path(model)
+    if not directory.is_dir():
+        return None
+    checksums = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        digest = hashlib.sha256()
+        with path.open("rb") as weights:
+            for chunk in iter(lambda: weights.read(1 << 24), b""):
+                digest.update(chunk)
+        checksums[path.name] = digest.hexdigest()
+    return checksums or None
 
 
 def without_machine_paths(value: Any) -> Any:

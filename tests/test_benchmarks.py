@@ -22,11 +22,13 @@ import pytest
 
 from drift_ray import schema
 from drift_ray.config import WeightsConfig
+from drift_ray.demo_model import save_untrained_demo_model
 from drift_ray.weights import compute_weights
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py") if path.name != "record.py")
 RAY_FREE_ARGS = {"weights.py": ["--no-ray"]}
+SCRIPTS_WITH_A_REFERENCE = {"end_to_end.py", "online_rl.py", "quality.py"}  # their lines checksum its weights
 RECORD_KEYS = {"benchmark", "time", "commit", "machine", "config", "results"}
 TIMEOUT_S = 900  # a hung script fails the test instead of blocking the suite
 
@@ -74,7 +76,9 @@ def load_benchmark(script: str):
 @pytest.mark.ray
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_run_appends_one_record(script, tmp_path):
-    run_quick(script, tmp_path, [])
+    record = run_quick(script, tmp_path, [])
+    if script in SCRIPTS_WITH_A_REFERENCE:
+        assert list(record["config"]["reference_sha256"]) == ["model.safetensors"]
 
 
 @pytest.mark.parametrize("script", sorted(RAY_FREE_ARGS))
@@ -103,6 +107,19 @@ def test_result_lines_name_places_instead_of_machine_paths(tmp_path, monkeypatch
         "kept": ["/srv/data.jsonl", "</answer>", "jobs/smoke.yaml", 3, None],
     }
     assert line["results"] == [{"method": "drift", "run_dir": f"<tmp>/{in_tmp}/run"}]
+
+
+def test_weight_checksums_are_what_sha256sum_prints_and_tell_two_models_apart(tmp_path):
+    record = load_benchmark("record.py")
+    first = save_untrained_demo_model(tmp_path / "first", seed=0)
+    again = save_untrained_demo_model(tmp_path / "again", seed=0)
+    other = save_untrained_demo_model(tmp_path / "other", seed=1)
+    checksums = record.weight_checksums(first)
+    printed = subprocess.run(["sha256sum", "model.safetensors"], cwd=first, capture_output=True, text=True, check=True)
+    assert checksums == {"model.safetensors": printed.stdout.split()[0]}
+    assert record.weight_checksums(again) == checksums != record.weight_checksums(other)
+    assert record.weight_checksums("Qwen/Qwen2.5-3B-Instruct") is None
+    assert record.weight_checksums(str(tmp_path)) is None  # a directory without weight files
 
 
 def test_the_weights_benchmark_loop_is_the_weights_formula():
