@@ -33,7 +33,7 @@ from record import append_result, argument_parser, print_table, weight_checksums
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
-from drift_ray.pipeline import resolve_model, run_pipeline  # noqa: E402
+from drift_ray.pipeline import run_pipeline  # noqa: E402
 from drift_ray.rollouts import read_shards  # noqa: E402
 from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
         result = run_pipeline(cfg)
         wall = time.perf_counter() - started
         rows = stage_rows(result["timings_s"], run_dir)
-        reference_sha256 = weight_checksums(resolve_model(cfg.rollout.model, cfg))  # built by the run: no build here
+        reference_sha256 = weight_checksums(result["models"]["reference"])
 
     import ray
 

@@ -159,8 +159,8 @@ def round_config(cfg: Config, round_index: int) -> Config:
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """All stages in order; returns per-stage wall-clock, the weight diagnostics of every round and the
-    evaluation report.
+    """All stages in order; returns per-stage wall-clock, the weight diagnostics of every round, the
+    evaluated models' directories by label (the reference's included) and the evaluation report.
 
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
     round trained and train it further; the evaluation compares the reference with every round's model.
@@ -191,4 +191,4 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     report = timed("evaluation", run_eval, cfg, eval_task, models)
     write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)
-    return {"timings_s": timings, "weights_by_round": diagnostics_by_round, **report}
+    return {"timings_s": timings, "weights_by_round": diagnostics_by_round, "models": models, **report}
