@@ -43,6 +43,7 @@ log = logging.getLogger("drift_ray")
 
 MODEL_DIR = "model"  # under out_dir: the trained model, loadable with from_pretrained
 STATS_FILE = "drift_train.json"  # inside MODEL_DIR: the training statistics
+STEPS_FILE = "drift_train_steps.jsonl"  # inside MODEL_DIR: one line of metrics per optimizer step
 RUN_STORAGE_DIR = "ray_train"  # under out_dir: Ray Train's run directories and checkpoints
 HF_CHECKPOINT_DIR = "hf_model"  # inside the final checkpoint: the model as save_pretrained writes it
 DEEPSPEED_TAG = "deepspeed"  # inside an intermediate checkpoint: DeepSpeed's state
@@ -163,7 +164,9 @@ def train_weighted_sft(
     which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
     Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
     last epoch's steps), grad_norm and lr of the last step, seconds (training), tokens_per_s,
-    wall_seconds (all of it, start-up included) and resumed_from_step.
+    wall_seconds (all of it, start-up included) and resumed_from_step. The metrics of every step
+    (step, epoch, loss, lr, grad_norm, cumulative tokens and seconds) go to out_dir/model/STEPS_FILE,
+    steps before a resume included.
     `train_loop_per_worker` replaces `train_loop` (tests wrap it to inject failures).
     """
     import pyarrow.fs
@@ -300,7 +303,8 @@ def train_loop(config: dict[str, Any]) -> None:
             loaded, _ = engine.load_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG)
         if loaded is None:
             raise RuntimeError(f"rank {rank}: no DeepSpeed state under tag {DEEPSPEED_TAG!r} in the checkpoint")
-    step_losses: list[float] = list(progress.get("losses", []))
+    # Every step's metrics, carried through checkpoints so that a resumed run keeps the whole curve.
+    history: list[dict[str, Any]] = list(progress.get("history", []))
     tokens = int(progress.get("tokens", 0))
     seconds = float(progress.get("seconds", 0.0))
     tokenized: dict[int, Any] = {}
@@ -331,7 +335,6 @@ def train_loop(config: dict[str, Any]) -> None:
                 totals[1] += batch["attention_mask"].sum()
         dist.all_reduce(totals)
         step_loss, step_tokens = totals.tolist()
-        step_losses.append(step_loss)
         tokens += int(step_tokens)
         seconds += time.perf_counter() - step_started
         done = step_index + 1
@@ -339,26 +342,28 @@ def train_loop(config: dict[str, Any]) -> None:
             "step": done,
             "total_steps": len(plan),
             "epoch": step.epoch,
-            "loss": step_losses[-1],
+            "loss": step_loss,
             "lr": lr,
             "grad_norm": _grad_norm(engine),
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_s": tokens / seconds if seconds else 0.0,
         }
+        history.append(metrics)
         if done == len(plan):
             steps_per_epoch = len(plan) // train.epochs
-            metrics |= {
+            final = {
+                **metrics,
                 "steps": done,
                 "examples": len(conversations),
                 "world_size": world_size,
-                "initial_loss": step_losses[0],
-                "final_loss": float(np.mean(step_losses[-steps_per_epoch:])),
+                "initial_loss": history[0]["loss"],
+                "final_loss": float(np.mean([row["loss"] for row in history[-steps_per_epoch:]])),
                 "resumed_from_step": start_step,
             }
-            _report_final(engine, tokenizer, train, rank, metrics)
+            _report_final(engine, tokenizer, train, rank, final, history)
         elif train.checkpoint_every and done % train.checkpoint_every == 0:
-            progress = {"step": done, "losses": step_losses, "tokens": tokens, "seconds": seconds}
+            progress = {"step": done, "history": history, "tokens": tokens, "seconds": seconds}
             _report_deepspeed_checkpoint(engine, rank, metrics, progress)
         elif rank == 0 and train.log_every and done % train.log_every == 0:
             # Logged, not reported: every ray.train.report is a barrier that waits for Ray Train's
@@ -422,8 +427,16 @@ def _report_deepspeed_checkpoint(engine: Any, rank: int, metrics: dict[str, Any]
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
-def _report_final(engine: Any, tokenizer: Any, train: TrainConfig, rank: int, metrics: dict[str, Any]) -> None:
-    """Rank 0 writes the trained model as save_pretrained does (LoRA merged unless lora.merge is off)."""
+def _report_final(
+    engine: Any,
+    tokenizer: Any,
+    train: TrainConfig,
+    rank: int,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> None:
+    """Rank 0 writes the trained model as save_pretrained does (LoRA merged unless lora.merge is off),
+    with every step's metrics beside it."""
     import deepspeed
     import ray.train
 
@@ -436,6 +449,9 @@ def _report_final(engine: Any, tokenizer: Any, train: TrainConfig, rank: int, me
                     model = model.merge_and_unload()
                 model.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
                 tokenizer.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
+                (Path(checkpoint_dir) / HF_CHECKPOINT_DIR / STEPS_FILE).write_text(
+                    "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+                )
                 (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True}))
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -6,6 +6,7 @@ conversations (plus two of weight 0, which must be dropped). DeepSpeed runs on i
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from unittest import mock
@@ -19,7 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drift_ray import schema
 from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, TrainConfig
-from drift_ray.train import MODEL_DIR, accumulation_steps, plan_steps, train_loop, train_weighted_sft
+from drift_ray.train import (
+    MODEL_DIR,
+    STEPS_FILE,
+    accumulation_steps,
+    plan_steps,
+    train_loop,
+    train_weighted_sft,
+)
 from drift_ray.weighted_sft import per_sample_nll, tokenize_trajectory
 
 NUM_POSITIVE = 16
@@ -94,6 +102,11 @@ def make_config(**train: object) -> Config:
         max_length=64,
     )
     return Config(seed=3, train=TrainConfig(**{**defaults, **train}))
+
+
+def step_metrics(out: str | Path) -> list[dict]:
+    lines = (Path(out) / MODEL_DIR / STEPS_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def parameters(path: str | Path) -> dict[str, torch.Tensor]:
@@ -173,6 +186,13 @@ def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_mo
     assert stats["steps"] == 2 * NUM_POSITIVE // 8 and stats["resumed_from_step"] == 0
     assert stats["final_loss"] < stats["initial_loss"]
     assert stats["tokens"] > 0 and stats["tokens_per_s"] > 0
+    steps = step_metrics(out)
+    assert [row["step"] for row in steps] == list(range(1, stats["steps"] + 1))
+    assert [row["epoch"] for row in steps] == [0, 0, 1, 1]
+    assert steps[0]["loss"] == stats["initial_loss"]
+    assert np.mean([row["loss"] for row in steps[2:]]) == pytest.approx(stats["final_loss"])
+    assert steps[-1]["tokens"] == stats["tokens"] and steps[-1]["grad_norm"] == stats["grad_norm"]
+    assert all(a["tokens"] < b["tokens"] for a, b in zip(steps, steps[1:]))
     trained, initial = parameters(out / MODEL_DIR), parameters(model_path)
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)
@@ -286,6 +306,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     assert stats["resumed_from_step"] == CRASH_AT_STEP
     assert stats["steps"] == uninterrupted["steps"]
     assert stats["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-5)
+    # The steps before the crash come from the checkpoint: the resumed run's curve is the whole curve.
+    resumed_steps, expected_steps = step_metrics(tmp_path), step_metrics(uninterrupted_out)
+    assert [row["step"] for row in resumed_steps] == [row["step"] for row in expected_steps]
+    assert [row["loss"] for row in resumed_steps] == pytest.approx([row["loss"] for row in expected_steps], rel=1e-5)
     resumed, expected = parameters(tmp_path / MODEL_DIR), parameters(uninterrupted_out / MODEL_DIR)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7)
