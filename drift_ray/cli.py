@@ -41,6 +41,19 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from drift_ray import pipeline
+    from drift_ray.train import STATS_FILE
+
+    cfg = _config(args)
+    model = pipeline.resolve_model(args.model or cfg.rollout.model, cfg)
+    pipeline.connect_ray(cfg)
+    trained = pipeline.run_training(cfg, model, args.input)
+    print((Path(trained) / STATS_FILE).read_text(), end="")
+    print(f"trained model in {trained}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
 
@@ -100,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-penalty", type=float, help="re-price format failures (weights.format_penalty)")
     p.add_argument("--mode", choices=["drift", "uniform", "success_only"], help="weights.mode")
     command("rollouts", cmd_rollouts, "play K episodes per training prompt with the reference policy")
+    p = command("train", cmd_train, "weighted SFT of a model on weighted trajectories (drift-ray weights' output)")
+    p.add_argument("--input", required=True, help="Parquet file or directory with trajectory_id, messages, weight")
+    p.add_argument("--model", help="model to train: local path, hub id or builtin:demo (default: rollout.model)")
     p = command("eval", cmd_eval, "greedy multi-turn evaluation of one or several models")
     p.add_argument("--model", action="append", required=True, help="PATH or LABEL=PATH; repeat to compare")
     command("run", cmd_run, "the whole pipeline: rollouts → weights → weighted SFT → evaluation")

@@ -99,12 +99,14 @@ def run_weights(cfg: Config) -> dict[str, Any]:
     return diagnostics
 
 
-def run_training(cfg: Config, reference: str) -> str:
-    """Weighted SFT of the reference on the weighted rollouts; returns the trained model's directory."""
+def run_training(cfg: Config, reference: str, weighted: str | None = None) -> str:
+    """Weighted SFT of the reference on weighted trajectories (default: the run's own, run_dir/weighted)
+    into run_dir/train; returns the trained model's directory."""
     from drift_ray.train import train_weighted_sft
 
     out = Path(cfg.run_dir) / "train"
-    stats = train_weighted_sft(cfg, str(Path(cfg.run_dir) / "weighted"), reference, str(out))
+    weighted = weighted or str(Path(cfg.run_dir) / "weighted")
+    stats = train_weighted_sft(cfg, weighted, reference, str(out))
     log.info("training: %s", stats)
     return str(out / "model")
 

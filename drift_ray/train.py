@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from drift_ray.config import Config, LossKind, TrainConfig
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
+from drift_ray.trajectories import require_parquet
 from drift_ray.weighted_sft import (
     collate,
     length_buckets,
@@ -179,6 +180,8 @@ def train_weighted_sft(
     model_out = out / MODEL_DIR
     if (model_out / STATS_FILE).exists():
         return json.loads((model_out / STATS_FILE).read_text())
+    if "://" not in weighted_dir:  # a URI (s3://…) is left to Ray Data to read, and to report
+        require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
     out.mkdir(parents=True, exist_ok=True)
     if os.path.isdir(model_path):
         model_path = os.path.abspath(model_path)  # the workers need not share the driver's working directory

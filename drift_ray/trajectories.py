@@ -5,6 +5,9 @@ object per line with per-turn mappings keyed "t1".."tN" (`turn_rewards`, `verifi
 those become lists in turn order: `verifier` → CORRECT, `reward_details` → REWARD_DETAILS (verbatim, as a
 JSON string) and FORMAT_FAILURES (a turn whose detail has a non-zero format penalty). The format is told
 apart per line by the type of `turn_rewards`. Every JSONL row keeps its 1-based line in SOURCE_LINE.
+The authors' lines carry no trajectory id; the k-th line of a prompt (0-based, in file order) gets
+TRAJECTORY_ID "<prompt_id>/<k>" and SAMPLE_INDEX k, as our rollouts name theirs, so that weighted SFT
+can order them reproducibly.
 
 Whatever the format, the columns the weights stage needs (schema.WEIGHTS_INPUT) are checked: a bad value
 raises a TrajectoryFileError naming the file, the line (JSONL) or row (Parquet) and the field.
@@ -12,6 +15,7 @@ raises a TrajectoryFileError naming the file, the line (JSONL) or row (Parquet) 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -63,6 +67,20 @@ def read_trajectories(path: str | Path) -> pa.Table:
     if table.num_rows == 0:
         raise TrajectoryFileError(f"{path}: no trajectories in the file")
     return table
+
+
+def require_parquet(path: str | Path, hint: str) -> None:
+    """Fail early, naming the file, unless `path` is a Parquet file or a directory holding some;
+    `hint` says where such files come from."""
+    path = Path(path)
+    if not path.exists():
+        raise TrajectoryFileError(f"{path}: no such file or directory; {hint}")
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise TrajectoryFileError(f"{path}: no *.parquet file in the directory; {hint}")
+    for file in files:
+        if not _starts_with(file, _PARQUET_MAGIC):
+            raise TrajectoryFileError(f"{file}: not a Parquet file; {hint}")
 
 
 def write_table_atomic(table: pa.Table, path: str | Path) -> None:
@@ -172,6 +190,7 @@ def _check_parquet_values(table: pa.Table, path: Path) -> None:
 
 def _read_jsonl(path: Path) -> pa.Table:
     rows: list[dict[str, Any]] = []
+    lines_of_prompt: collections.Counter[str] = collections.Counter()
     with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -183,8 +202,14 @@ def _read_jsonl(path: Path) -> pa.Table:
                 raise TrajectoryFileError(f"{where}: not valid JSON: {err}") from None
             if not isinstance(record, dict):
                 raise TrajectoryFileError(f"{where}: expected a JSON object, found {type(record).__name__}")
-            row = _from_authors(record, where) if isinstance(record.get(schema.TURN_REWARDS), dict) else record
+            authors = isinstance(record.get(schema.TURN_REWARDS), dict)
+            row = _from_authors(record, where) if authors else record
             _check_row(row, where)
+            k = lines_of_prompt[row[schema.PROMPT_ID]]
+            lines_of_prompt[row[schema.PROMPT_ID]] += 1
+            if authors:
+                row.setdefault(schema.TRAJECTORY_ID, f"{row[schema.PROMPT_ID]}/{k}")
+                row.setdefault(schema.SAMPLE_INDEX, k)
             row[schema.SOURCE_LINE] = line_no
             rows.append(row)
     names = dict.fromkeys(name for row in rows for name in row)

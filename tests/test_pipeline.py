@@ -53,6 +53,35 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert not changed
 
 
+def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):
+    """Decoupled use: rollouts collected elsewhere, in the authors' JSONL, weighed and trained on here."""
+    from transformers import AutoModelForCausalLM
+
+    from drift_ray.train import STEPS_FILE
+
+    weighted = tmp_path / "authors.weighted.parquet"
+    authors = REPO / "tests/fixtures/authors_sample.jsonl"
+    assert main(["weights", "--input", str(authors), "--output", str(weighted)]) == 0
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "jobs/smoke.yaml"), "--input", str(weighted), "--model", tiny_model_dir]
+    assert main([*args, f"run_dir={run_dir}", "train.global_batch_size=2", "train.micro_batch_size=1"]) == 0
+    assert f"trained model in {run_dir / 'train' / 'model'}" in capsys.readouterr().out
+
+    model_dir = run_dir / "train" / "model"
+    stats = json.loads((model_dir / "drift_train.json").read_text())
+    assert stats["examples"] == 6 and stats["steps"] == 3
+    assert len((model_dir / STEPS_FILE).read_text().splitlines()) == 3
+    trained = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not trained[name].equal(initial[name]) for name in initial)
+
+    # The JSONL itself, unweighted, is refused with its name before any training starts.
+    args[args.index("--input") + 1] = str(authors)
+    assert main([*args, f"run_dir={tmp_path / 'unweighted'}"]) == 2
+    assert "authors_sample.jsonl: not a Parquet file" in capsys.readouterr().err
+    assert not (tmp_path / "unweighted" / "train").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,13 @@ from drift_ray import schema
 from drift_ray.config import EpisodeConfig
 from drift_ray.episode import Episode, Generation, first_messages
 from drift_ray.prompts import Problem
-from drift_ray.trajectories import TrajectoryFileError, read_trajectories, write_json_atomic, write_table_atomic
+from drift_ray.trajectories import (
+    TrajectoryFileError,
+    read_trajectories,
+    require_parquet,
+    write_json_atomic,
+    write_table_atomic,
+)
 from drift_ray.verifiers import ExactVerifier
 
 AUTHORS_SAMPLE = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
@@ -42,6 +48,9 @@ def test_authors_file_becomes_lists_in_turn_order_with_source_lines():
     rows = table.to_pylist()
 
     assert [r[schema.SOURCE_LINE] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # The authors' lines carry no id: the k-th line of a prompt is its sample k.
+    assert [r[schema.TRAJECTORY_ID] for r in rows] == [f"math-{p}/{k}" for p in (17, 42) for k in range(3)]
+    assert [r[schema.SAMPLE_INDEX] for r in rows] == [0, 1, 2, 0, 1, 2]
     for row, record in zip(rows, records):
         turns = sorted(record["turn_rewards"], key=lambda key: int(key[1:]))
         assert row[schema.TURN_REWARDS] == [record["turn_rewards"][t] for t in turns]
@@ -97,6 +106,7 @@ def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
     assert [r[schema.SOURCE_LINE] for r in rows] == [1, 3]
     assert rows[0][schema.TURN_REWARDS] == ours[schema.TURN_REWARDS]
     assert rows[1][schema.TURN_REWARDS] == [1.0]
+    assert [r[schema.TRAJECTORY_ID] for r in rows] == [ours[schema.TRAJECTORY_ID], "math-17/0"]
 
 
 @pytest.mark.parametrize(
@@ -145,6 +155,26 @@ def test_missing_and_empty_files(tmp_path):
     blank.write_text("\n  \n")
     with pytest.raises(TrajectoryFileError, match=r"blank\.jsonl: no trajectories"):
         read_trajectories(blank)
+
+
+def test_require_parquet_names_what_is_missing_or_not_parquet(tmp_path):
+    hint = "run drift-ray weights first"
+    with pytest.raises(TrajectoryFileError, match=r"absent\.parquet: no such file or directory; run drift-ray"):
+        require_parquet(tmp_path / "absent.parquet", hint)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrajectoryFileError, match=r"empty: no \*\.parquet file in the directory"):
+        require_parquet(empty, hint)
+    with pytest.raises(TrajectoryFileError, match=r"authors_sample\.jsonl: not a Parquet file; run drift-ray"):
+        require_parquet(AUTHORS_SAMPLE, hint)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_table_atomic(pa.table({"x": [1]}), shards / "part-0.parquet")
+    require_parquet(shards, hint)
+    require_parquet(shards / "part-0.parquet", hint)
+    (shards / "part-1.parquet").write_text("{}\n")  # a shard that only says it is Parquet
+    with pytest.raises(TrajectoryFileError, match=r"part-1\.parquet: not a Parquet file"):
+        require_parquet(shards, hint)
 
 
 def test_a_column_that_changes_type_names_its_line(tmp_path):
