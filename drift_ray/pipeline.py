@@ -36,7 +36,9 @@ def connect_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # With Ray's default, the dashboard starts: it serves the State API, which Ray Train's placement-group
+        # cleaner polls (without it every run logs "Failed to query Ray Train Controller actor state").
+        ray.init(num_cpus=cfg.ray.num_cpus, log_to_driver=True)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
