@@ -7,6 +7,7 @@ stop string (included, like vLLM's `include_stop_str_in_output`). Engines know n
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ class TransformersEngine:
                 raise ValueError("TransformersEngine: a model object needs its tokenizer (tokenizer=...)")
             self.name = model.config.name_or_path or type(model).__name__
             self.device, self.tokenizer, self.model = model.device, tokenizer, model
+        # transformers 5 renamed forward's past_key_values to cache (the old name goes in 5.40).
+        self._cache_argument = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         layers = DynamicCache(config=self.model.config).layers
         # Our own layers (preallocated, carried between calls) assume every layer keeps all positions.
         self._num_plain_layers = len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
@@ -169,7 +172,7 @@ class TransformersEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{self._cache_argument: cache},
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -212,7 +215,7 @@ class TransformersEngine:
                 input_ids=tokens[:, None],
                 attention_mask=attention_mask,
                 position_ids=next_position,
-                past_key_values=cache,
+                **{self._cache_argument: cache},
                 use_cache=True,
             ).logits[:, -1]
             next_position = next_position + 1
