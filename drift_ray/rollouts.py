@@ -199,7 +199,7 @@ def run_episodes(
             },
             batch_size=prompts_per_batch,
             batch_format="pyarrow",
-            concurrency=num_actors,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=r.cpus_per_actor,
             num_gpus=r.gpus_per_actor,
             resources=r.resources or None,
