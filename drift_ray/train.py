@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 from drift_ray.config import Config, LossKind, TrainConfig
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
 from drift_ray.trajectories import require_parquet
+from drift_ray.weights import invalid_weights
 from drift_ray.weighted_sft import (
     collate,
     length_buckets,
@@ -170,6 +171,7 @@ def train_weighted_sft(
     steps before a resume included.
     `train_loop_per_worker` replaces `train_loop` (tests wrap it to inject failures).
     """
+    import pyarrow as pa
     import pyarrow.fs
     import ray.data
     from ray.data.expressions import col
@@ -190,6 +192,13 @@ def train_weighted_sft(
 
     ds = ray.data.read_parquet(weighted_dir)
     require_columns(ds.columns(), TRAIN_INPUT, stage="weighted SFT", source=weighted_dir)
+    weight_type = dict(zip(ds.schema().names, ds.schema().types))[WEIGHT]
+    if not (pa.types.is_floating(weight_type) or pa.types.is_integer(weight_type)):
+        raise ValueError(f"{weighted_dir}: column {WEIGHT!r} holds {weight_type}; expected numbers")
+    invalid = ds.select_columns([TRAJECTORY_ID, WEIGHT]).map_batches(invalid_weights, batch_format="pyarrow").take(3)
+    if invalid:
+        found = ", ".join(f"{row[WEIGHT]!r} at {row[TRAJECTORY_ID]!r}" for row in invalid)
+        raise ValueError(f"{weighted_dir}: {WEIGHT!r} must be finite and >= 0; found {found}")
     # success_only weighting gives weight 0 to most rows: they would cost compute and move nothing.
     # Materialized before the workers start: the rows are text, and a read after the workers took
     # every CPU of a small cluster would wait forever.

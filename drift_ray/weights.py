@@ -134,6 +134,14 @@ def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
     }
 
 
+def invalid_weights(table: pa.Table) -> pa.Table:
+    """The TRAJECTORY_ID and WEIGHT of every row whose (numeric) weight is null, NaN, infinite or negative:
+    weighted SFT multiplies losses by it, and such a weight would poison the update or silently drop the row."""
+    weight = table.column(schema.WEIGHT).cast(pa.float64())
+    bad = pc.fill_null(pc.or_(pc.invert(pc.is_finite(weight)), pc.less(weight, 0.0)), True)
+    return table.select([schema.TRAJECTORY_ID, schema.WEIGHT]).filter(bad)
+
+
 def diagnostics_path(output_path: str | Path) -> Path:
     """Where weights_file puts the diagnostics of `output_path`: `<stem>.diagnostics.json` beside it."""
     output_path = Path(output_path)

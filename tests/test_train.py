@@ -7,6 +7,7 @@ conversations (plus two of weight 0, which must be dropped). DeepSpeed runs on i
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from unittest import mock
@@ -196,6 +197,30 @@ def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_mo
     trained, initial = parameters(out / MODEL_DIR), parameters(model_path)
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([1.0, float("nan"), -2.0], r"'weight' must be finite and >= 0; found nan at 'q/1', -2.0 at 'q/2'"),
+        (["1", "x", "2"], r"column 'weight' holds string; expected numbers"),
+    ],
+    ids=["nan-and-negative", "strings"],
+)
+def test_bad_weights_are_refused_naming_the_file_and_trajectories(ray_cluster, tmp_path, model_path, weights, message):
+    rows = {
+        schema.TRAJECTORY_ID: [f"q/{k}" for k in range(3)],
+        schema.MESSAGES: [conversation(1, k, wrong_first=False) for k in range(3)],
+        schema.WEIGHT: weights,
+    }
+    weighted = tmp_path / "weighted"
+    weighted.mkdir()
+    pq.write_table(pa.table(rows), weighted / "part-0.parquet")
+    with pytest.raises(ValueError, match=re.escape(str(weighted)) + ": " + message):
+        train_weighted_sft(make_config(), str(weighted), model_path, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / MODEL_DIR).exists()
 
 
 @pytest.mark.ray

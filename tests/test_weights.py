@@ -21,6 +21,7 @@ from drift_ray.weights import (
     diagnostics_path,
     first_correct_turn,
     group_weights,
+    invalid_weights,
     trajectory_returns,
     weight_diagnostics,
     weights_file,
@@ -92,6 +93,16 @@ def test_non_finite_return_of_an_in_memory_table_is_refused():
 
 
 # --- weights ------------------------------------------------------------------------------------------
+
+
+def test_invalid_weights_are_the_null_nan_infinite_and_negative_ones():
+    weights = [1.0, float("nan"), float("inf"), -0.5, None, 0.0, 2.5]
+    table = pa.table({schema.TRAJECTORY_ID: [f"p/{k}" for k in range(7)], schema.WEIGHT: weights, "other": range(7)})
+    invalid = invalid_weights(table)
+    assert invalid.column_names == [schema.TRAJECTORY_ID, schema.WEIGHT]
+    assert invalid.column(schema.TRAJECTORY_ID).to_pylist() == ["p/1", "p/2", "p/3", "p/4"]
+    integers = pa.table({schema.TRAJECTORY_ID: ["a", "b"], schema.WEIGHT: pa.array([3, -1], pa.int64())})
+    assert invalid_weights(integers).column(schema.TRAJECTORY_ID).to_pylist() == ["b"]
 
 
 def test_group_weights_small_example_and_singletons():
