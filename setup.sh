@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# One-step set-up: a virtual environment at .venv with drift-ray installed in editable mode.
+# One-step set-up: a virtual environment (.venv unless DRIFT_VENV says otherwise) with drift-ray installed in editable mode.
 # Idempotent: a second run with an unchanged pyproject.toml returns at once.
 #   DRIFT_TORCH_SPEC   torch requirement to install first (default: the CPU build 2.13.0 on a machine
 #                      without an NVIDIA GPU, the registry's default CUDA build otherwise)
 #   DRIFT_EXTRAS       extras to install (default: dev; add vllm on GPU machines: "dev,vllm")
 #   DRIFT_CONSTRAINTS  a pip constraints file to install under (default: none). benchmarks/constraints.txt
-#                      holds the versions behind the committed benchmark results.
+#                      holds the versions behind the committed benchmark results; .ci/floors.txt the oldest
+#                      versions pyproject.toml admits.
+#   DRIFT_VENV         where the virtual environment goes (default: .venv)
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}
 extras=${DRIFT_EXTRAS:-dev}
+venv=${DRIFT_VENV:-.venv}
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   torch_spec=${DRIFT_TORCH_SPEC:-torch}
 else
@@ -21,13 +24,13 @@ if [ -n "${DRIFT_CONSTRAINTS:-}" ]; then
   constraints=(--constraint "$DRIFT_CONSTRAINTS")
 fi
 stamp_want="$(cat pyproject.toml ${DRIFT_CONSTRAINTS:+"$DRIFT_CONSTRAINTS"} | sha256sum | cut -c1-16) $torch_spec $extras"
-if [ -f .venv/.drift-setup ] && [ "$(cat .venv/.drift-setup)" = "$stamp_want" ]; then
+if [ -f "$venv"/.drift-setup ] && [ "$(cat "$venv"/.drift-setup)" = "$stamp_want" ]; then
   exit 0
 fi
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
+[ -x "$venv"/bin/python ] || "$python" -m venv "$venv"
+"$venv"/bin/python -m pip install --quiet --upgrade pip
 # torch first: with it in place, the package's "torch>=2.4" is satisfied and no other build is pulled.
-.venv/bin/python -m pip install --quiet "${constraints[@]}" "$torch_spec"
-.venv/bin/python -m pip install --quiet "${constraints[@]}" -e ".[$extras]"
-echo "$stamp_want" > .venv/.drift-setup
-echo "drift-ray installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+"$venv"/bin/python -m pip install --quiet "${constraints[@]}" "$torch_spec"
+"$venv"/bin/python -m pip install --quiet "${constraints[@]}" -e ".[$extras]"
+echo "$stamp_want" > "$venv"/.drift-setup
+echo "drift-ray installed in $venv ($("$venv"/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,5 +1,6 @@
 """benchmarks/constraints.txt pins the environment behind the committed benchmark results: every dependency
-of drift-ray within its declared range, and the library versions the newest results record."""
+of drift-ray within its declared range, and the library versions the newest results record. .ci/floors.txt
+pins the floors pyproject.toml declares, for `bash .ci/floors`."""
 
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ CONSTRAINTS = ROOT / "benchmarks" / "constraints.txt"
 NOT_PINNED = {"torch", "vllm"}
 
 
-def pins() -> dict[str, Version]:
+FLOORS = ROOT / ".ci" / "floors.txt"
+
+
+def pins(path: Path = CONSTRAINTS) -> dict[str, Version]:
     pinned = {}
-    for number, line in enumerate(CONSTRAINTS.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         requirement = Requirement(line)
         specifiers = list(requirement.specifier)
-        assert [s.operator for s in specifiers] == ["=="], f"{CONSTRAINTS.name}:{number}: {line!r} is not an exact pin"
+        assert [s.operator for s in specifiers] == ["=="], f"{path.name}:{number}: {line!r} is not an exact pin"
         pinned[canonicalize_name(requirement.name)] = Version(specifiers[0].version)
     return pinned
 
@@ -56,3 +60,17 @@ def test_pins_are_the_library_versions_of_the_newest_results():
     pinned = pins()
     for library in ("transformers", "deepspeed", "ray"):
         assert pinned[library] == Version(machine[library]), f"{name}: {library} {machine[library]}, pinned {pinned[library]}"
+
+
+def test_floors_are_the_lower_bounds_pyproject_declares():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lower_bounds = {}
+    for requirement in map(Requirement, dependencies):
+        for specifier in requirement.specifier:
+            if specifier.operator == ">=":
+                lower_bounds[canonicalize_name(requirement.name)] = Version(specifier.version)
+    floors = pins(FLOORS)
+    assert floors, f"{FLOORS.name} pins nothing"
+    for name, version in floors.items():
+        assert name in lower_bounds, f"{FLOORS.name} pins {name}, which pyproject.toml gives no lower bound"
+        assert version == lower_bounds[name], f"{FLOORS.name}: {name}=={version}, pyproject.toml: >={lower_bounds[name]}"

@@ -5,6 +5,7 @@ or a failing server."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import socket
@@ -74,9 +75,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     ASCII (so a stop string can be picked from its replies) and samples when asked to (do_sample in its
     generation config: the server's default is the model's, greedy)."""
     from transformers import GenerationConfig
-    from transformers.utils.import_utils import is_serve_available
 
-    if not is_serve_available():
+    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn", "openai")):
         pytest.skip("transformers serve needs transformers[serving] (fastapi, uvicorn, openai)")
     root = tmp_path_factory.mktemp("served")
     model = save_random_tiny_model(root / "model", initializer_range=0.3, ascii_only=True)
@@ -123,6 +123,7 @@ def wait_until_ready(url: str, server: subprocess.Popen, log_path: Path) -> None
     raise RuntimeError(f"transformers serve: {url} not ready within {SERVER_START_S} s:\n{log_path.read_text()[-3000:]}")
 
 
+@pytest.mark.server
 def test_n_samples_per_conversation_with_token_counts_from_usage(served):
     engine = served.engine(max_concurrency=4)
     results = engine.generate(CONVERSATIONS, SamplingParams(temperature=1.0, max_new_tokens=8, stop=(), seed=0), 3)
@@ -137,6 +138,7 @@ def test_n_samples_per_conversation_with_token_counts_from_usage(served):
     assert engine.n_per_request is False
 
 
+@pytest.mark.server
 def test_seeded_sampling_replays_and_depends_on_the_seed(served):
     # One request at a time: transformers serve seeds its process-wide generator per request.
     engine = served.engine(max_concurrency=1)
@@ -157,6 +159,7 @@ def greedy_replies(served) -> list[str]:
     return [group[0].text for group in served.engine().generate(CONVERSATIONS, greedy, 1)]
 
 
+@pytest.mark.server
 def test_stop_string_ends_the_reply_and_is_kept(served, greedy_replies):
     reference = max(greedy_replies, key=len)
     conversation = CONVERSATIONS[greedy_replies.index(reference)]
@@ -170,6 +173,7 @@ def test_stop_string_ends_the_reply_and_is_kept(served, greedy_replies):
     assert engine.stop_on_server is True
 
 
+@pytest.mark.server
 def test_max_tokens_is_respected(served, greedy_replies):
     engine = served.engine()
     short = engine.generate(CONVERSATIONS, SamplingParams(temperature=0, max_new_tokens=5, stop=()), 1)
@@ -180,6 +184,7 @@ def test_max_tokens_is_respected(served, greedy_replies):
             assert reply.completion_tokens == 5
 
 
+@pytest.mark.server
 def test_play_episodes_through_transformers_serve(served):
     cfg = EpisodeConfig(max_turns=2)
     problems = candidates_task(0, num_train=3, num_test=1).train
