@@ -191,8 +191,9 @@ def train_weighted_sft(
     accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.num_workers)
 
     ds = ray.data.read_parquet(weighted_dir)
-    require_columns(ds.columns(), TRAIN_INPUT, stage="weighted SFT", source=weighted_dir)
-    weight_type = dict(zip(ds.schema().names, ds.schema().types))[WEIGHT]
+    schema = ds.schema()
+    require_columns(schema.names, TRAIN_INPUT, stage="weighted SFT", source=weighted_dir)
+    weight_type = schema.types[schema.names.index(WEIGHT)]
     if not (pa.types.is_floating(weight_type) or pa.types.is_integer(weight_type)):
         raise ValueError(f"{weighted_dir}: column {WEIGHT!r} holds {weight_type}; expected numbers")
     invalid = ds.select_columns([TRAJECTORY_ID, WEIGHT]).map_batches(invalid_weights, batch_format="pyarrow").take(3)
@@ -317,7 +318,7 @@ def train_loop(config: dict[str, Any]) -> None:
             raise RuntimeError(f"rank {rank}: no DeepSpeed state under tag {DEEPSPEED_TAG!r} in the checkpoint")
     # Every step's metrics, carried through checkpoints so that a resumed run keeps the whole curve.
     history: list[dict[str, Any]] = list(progress.get("history", []))
-    tokens = int(progress.get("tokens", 0))
+    tokens = history[-1]["tokens"] if history else 0
     seconds = float(progress.get("seconds", 0.0))
     tokenized: dict[int, Any] = {}
     engine.train()
@@ -375,7 +376,7 @@ def train_loop(config: dict[str, Any]) -> None:
             }
             _report_final(engine, tokenizer, train, rank, final, history)
         elif train.checkpoint_every and done % train.checkpoint_every == 0:
-            progress = {"step": done, "history": history, "tokens": tokens, "seconds": seconds}
+            progress = {"step": done, "history": history, "seconds": seconds}
             _report_deepspeed_checkpoint(engine, rank, metrics, progress)
         elif rank == 0 and train.log_every and done % train.log_every == 0:
             # Logged, not reported: every ray.train.report is a barrier that waits for Ray Train's
