@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -41,7 +40,6 @@ from drift_ray.weighted_sft import (
     weighted_loss,
 )
 
-log = logging.getLogger("drift_ray")
 
 MODEL_DIR = "model"  # under out_dir: the trained model, loadable with from_pretrained
 STATS_FILE = "drift_train.json"  # inside MODEL_DIR: the training statistics
@@ -243,7 +241,6 @@ def train_weighted_sft(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("weighted SFT: %s", stats)
     return stats
 
 
