@@ -317,7 +317,7 @@ class MathVerifier:
                 )
                 # Not at exit: pebble stops its workers itself then, when new threads may be refused.
                 weakref.finalize(self, _stop_soon, self._pool).atexit = False
-            return self._pool, self._pool.schedule(function, args=args, timeout=self.timeout_s)
+            return self._pool, self._pool.submit(function, self.timeout_s, *args)
 
     def _discard(self, pool: pebble.ProcessPool) -> None:
         """Stop a broken or hung pool; the next call starts a fresh one."""
