@@ -27,7 +27,7 @@ from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import episodes_table, play_episodes  # noqa: E402
 from drift_ray.evaluation import episode_metrics  # noqa: E402
 from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  # noqa: E402
-from drift_ray.pipeline import TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
+from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
             drift_run = Path(cfg.run_dir)
         else:
             drift_run = args.drift_run
-        rows.append(drift_point(drift_run, load_config(drift_run / "config.json") if args.drift_run else cfg))
+        rows.append(drift_point(drift_run, load_config(drift_run / CONFIG_FILE) if args.drift_run else cfg))
     print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", "multi@5"])
     append_result(
         "online_rl",

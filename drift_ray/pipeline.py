@@ -18,12 +18,14 @@ import pyarrow.parquet as pq
 
 from drift_ray.config import DEMO_MODEL, Config
 from drift_ray.prompts import Task, load_task
-from drift_ray.rollouts import SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
-from drift_ray.trajectories import write_json_atomic
+from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
+from drift_ray.trajectories import require_same_settings, write_json_atomic
 
 log = logging.getLogger("drift_ray")
 
-TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run`
+CONFIG_FILE = "config.json"  # the config of the last `run` that finished
+TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run` that finished
+WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: the weights config and its rollouts
 
 
 def connect_ray(cfg: Config) -> None:
@@ -87,16 +89,27 @@ def run_weights(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     out = run_dir / "weighted"
     diagnostics_path = run_dir / "weighted.diagnostics.json"
+    settings_path = run_dir / WEIGHTS_SETTINGS_FILE
+    rollouts = rollouts_dir(cfg)
+    shards = sorted(rollouts.glob(SHARD_GLOB))
+    # The rollouts by their settings and shard names (one per batch of prompts), not by path: a run_dir
+    # that moved is still the same run.
+    settings = {
+        "weights": cfg.weights.model_dump(mode="json"),
+        "rollouts": json.loads((rollouts / MANIFEST).read_text()),
+        "rollout_shards": [shard.name for shard in shards],
+    }
     if out.is_dir() and diagnostics_path.exists():
+        require_same_settings(settings_path, settings, output=str(out))
         return json.loads(diagnostics_path.read_text())
-    shards = sorted(str(p) for p in rollouts_dir(cfg).glob(SHARD_GLOB))
-    ds = add_weights(ray.data.read_parquet(shards), cfg.weights, whole_groups=False)
+    ds = add_weights(ray.data.read_parquet([str(shard) for shard in shards]), cfg.weights, whole_groups=False)
     staging = run_dir / "weighted.staging"
     shutil.rmtree(staging, ignore_errors=True)
     ds.write_parquet(str(staging))
     diagnostics = weight_diagnostics(pq.read_table(staging))
     os.replace(staging, out)  # the directory appears whole or not at all
-    write_json_atomic(diagnostics, diagnostics_path)
+    write_json_atomic(settings, settings_path)
+    write_json_atomic(diagnostics, diagnostics_path)  # last: it marks the stage complete
     log.info("weights: %s", diagnostics)
     return diagnostics
 
@@ -178,7 +191,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         return result
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / "config.json")
     reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     timed("ray_start", connect_ray, cfg)
@@ -194,5 +206,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     report = timed("evaluation", run_eval, cfg, eval_task, models)
+    # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
+    write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / CONFIG_FILE)
     write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)
     return {"timings_s": timings, "weights_by_round": diagnostics_by_round, "models": models, **report}

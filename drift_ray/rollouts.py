@@ -9,7 +9,6 @@ are never read), and a retried batch rewrites the same shard name instead of add
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from drift_ray import schema
 from drift_ray.config import Config, EpisodeConfig, RolloutConfig
 from drift_ray.episode import SamplingParams, episodes_table, play_episodes, stable_seed
 from drift_ray.prompts import Problem, problems_table
-from drift_ray.trajectories import write_json_atomic, write_table_atomic
+from drift_ray.trajectories import require_same_settings, write_json_atomic, write_table_atomic
 from drift_ray.verifiers import get_verifier
 
 SHARD_GLOB = "part-*.parquet"
@@ -133,15 +132,8 @@ def completed_prompts(out_dir: str | Path, samples_per_prompt: int) -> set[str]:
 def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     """Record the settings of the trajectories in `out_dir`; refuse to mix trajectories of other settings."""
     path = out_dir / MANIFEST
-    settings = json.loads(json.dumps(settings))  # compare as stored: tuples read back as lists
     if path.exists():
-        recorded = json.loads(path.read_text())
-        if recorded != settings:
-            changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
-            raise RuntimeError(
-                f"{path}: existing trajectories were generated with other settings (differ in: {', '.join(changed)}). "
-                "Resume with the same config, or use a new run_dir."
-            )
+        require_same_settings(path, settings, output=str(out_dir))
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(settings, path)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from drift_ray.config import Config, LossKind, TrainConfig
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
-from drift_ray.trajectories import require_parquet
+from drift_ray.trajectories import require_parquet, require_same_settings
 from drift_ray.weights import invalid_weights
 from drift_ray.weighted_sft import (
     collate,
@@ -43,6 +43,7 @@ from drift_ray.weighted_sft import (
 
 MODEL_DIR = "model"  # under out_dir: the trained model, loadable with from_pretrained
 STATS_FILE = "drift_train.json"  # inside MODEL_DIR: the training statistics
+SETTINGS_FILE = "drift_train_settings.json"  # inside MODEL_DIR: what made it (train_settings)
 STEPS_FILE = "drift_train_steps.jsonl"  # inside MODEL_DIR: one line of metrics per optimizer step
 RUN_STORAGE_DIR = "ray_train"  # under out_dir: Ray Train's run directories and checkpoints
 HF_CHECKPOINT_DIR = "hf_model"  # inside the final checkpoint: the model as save_pretrained writes it
@@ -138,15 +139,20 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
-def run_name(cfg: Config, weighted_dir: str, model_path: str) -> str:
-    """A name that changes with anything that changes the run, so that only the same run resumes."""
-    identity = {
+def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Path) -> dict[str, Any]:
+    """Everything that changes a training run into `out_dir`. Local paths are relative to out_dir, so a
+    run_dir that moved (with its inputs) is the same run; URIs and hub ids stay as given."""
+    return {
         "train": cfg.train.model_dump(mode="json"),
         "seed": cfg.seed,
-        "weighted_dir": os.path.abspath(weighted_dir),
-        "model_path": model_path,
+        "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
+        "model_path": os.path.relpath(model_path, out_dir) if os.path.isdir(model_path) else model_path,
     }
-    return "weighted_sft-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_name(settings: dict[str, Any]) -> str:
+    """A name that changes with train_settings, so that only the same run resumes."""
+    return "weighted_sft-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def train_weighted_sft(
@@ -159,7 +165,8 @@ def train_weighted_sft(
 ) -> dict[str, Any]:
     """Weighted SFT of `model_path` on the weighted rollouts in `weighted_dir`; the model goes to out_dir/model.
 
-    Skipped when out_dir/model exists (it appears whole or not at all). A run killed part-way resumes
+    Skipped when out_dir/model exists (it appears whole or not at all), and refused when other settings
+    made it (out_dir/model/SETTINGS_FILE records them). A run killed part-way resumes
     from its latest checkpoint when called again with the same config. Checkpoints go under out_dir,
     which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
     Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
@@ -178,7 +185,9 @@ def train_weighted_sft(
 
     out = Path(out_dir).resolve()
     model_out = out / MODEL_DIR
+    settings = train_settings(cfg, weighted_dir, model_path, out)
     if (model_out / STATS_FILE).exists():
+        require_same_settings(model_out / SETTINGS_FILE, settings, output=str(model_out))
         return json.loads((model_out / STATS_FILE).read_text())
     if "://" not in weighted_dir:  # a URI (s3://…) is left to Ray Data to read, and to report
         require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
@@ -218,7 +227,7 @@ def train_weighted_sft(
         ),
         run_config=RunConfig(
             storage_path=str(out / RUN_STORAGE_DIR),
-            name=run_name(cfg, weighted_dir, model_path),
+            name=run_name(settings),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
@@ -236,6 +245,7 @@ def train_weighted_sft(
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
         )
         stats = {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
+        (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         os.replace(staging, model_out)
     except BaseException:

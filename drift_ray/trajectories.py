@@ -94,6 +94,43 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
     _write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+def require_same_settings(record: str | Path, settings: dict[str, Any], output: str) -> None:
+    """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
+
+    Stages skip an output that is already complete; without this check a rerun with, say, another β in
+    the same run_dir would report the old output as the new run's. An output without a record (written
+    before records were kept) is accepted. The message names every differing setting by its dotted path.
+    """
+    record = Path(record)
+    if not record.exists():
+        return
+    recorded, current = _dotted(json.loads(record.read_text())), _dotted(json.loads(json.dumps(settings)))
+    def shown(flat: dict[str, Any], key: str) -> str:
+        return _short(flat[key]) if key in flat else "unset"
+
+    changed = [
+        f"{key} ({shown(recorded, key)} then, {shown(current, key)} now)"
+        for key in sorted(recorded.keys() | current.keys())
+        if key not in recorded or key not in current or recorded[key] != current[key]
+    ]
+    if changed:
+        listed = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise RuntimeError(
+            f"{output}: made with other settings (differ in: {listed}), recorded in {record}. "
+            "Rerun with the same config, or use a new run_dir."
+        )
+
+
+def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A hidden name in the same directory: os.replace is atomic only within one file system.

@@ -52,6 +52,18 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     changed = [str(p) for p in before if before[p] != after[p] and p.name not in {"config.json", TIMINGS_FILE}]
     assert not changed
 
+    # A rerun with other settings is refused at the first stage whose finished output they would change,
+    # instead of reporting that output as theirs, and it changes nothing.
+    settled = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    for override, stage, setting in [
+        ("weights.beta=0.5", "weighted", "weights.beta (0.1 then, 0.5 now)"),
+        ("train.lr=0.001", "train/model", "train.lr"),
+    ]:
+        overrides = [*smoke_overrides(run_dir, tiny_model_dir), override]
+        assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 2
+        assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in capsys.readouterr().err
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == settled
+
 
 def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):
     """Decoupled use: rollouts collected elsewhere, in the authors' JSONL, weighed and trained on here."""

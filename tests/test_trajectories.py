@@ -17,6 +17,7 @@ from drift_ray.trajectories import (
     TrajectoryFileError,
     read_trajectories,
     require_parquet,
+    require_same_settings,
     write_json_atomic,
     write_table_atomic,
 )
@@ -175,6 +176,22 @@ def test_require_parquet_names_what_is_missing_or_not_parquet(tmp_path):
     (shards / "part-1.parquet").write_text("{}\n")  # a shard that only says it is Parquet
     with pytest.raises(TrajectoryFileError, match=r"part-1\.parquet: not a Parquet file"):
         require_parquet(shards, hint)
+
+
+def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp_path):
+    record = tmp_path / "settings.json"
+    settings = {"weights": {"beta": 0.1, "mode": "drift"}, "shards": ["a", "b"], "seed": None}
+    require_same_settings(record, settings, output="out")  # nothing recorded: an output of an older version
+    write_json_atomic(settings, record)
+    require_same_settings(record, {**settings, "shards": ("a", "b")}, output="out")  # compared as stored
+    changed = {"weights": {"beta": 0.5, "mode": "drift"}, "shards": ["a", "b", "c"], "lr": 1.0}
+    with pytest.raises(RuntimeError) as refused:
+        require_same_settings(record, changed, output="run/weighted")
+    assert str(refused.value) == (
+        "run/weighted: made with other settings (differ in: lr (unset then, 1.0 now); seed (None then, unset now); "
+        "shards (['a', 'b'] then, ['a', 'b', 'c'] now); weights.beta (0.1 then, 0.5 now)), "
+        f"recorded in {record}. Rerun with the same config, or use a new run_dir."
+    )
 
 
 def test_a_column_that_changes_type_names_its_line(tmp_path):
