@@ -6,6 +6,7 @@ so a killed job resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 from drift_ray.config import DEMO_MODEL, Config
 from drift_ray.prompts import Task, load_task
 from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
+from drift_ray.schema import PROMPT_ID
 from drift_ray.trajectories import require_same_settings, write_json_atomic
 
 log = logging.getLogger("drift_ray")
@@ -80,9 +82,11 @@ def run_rollouts(cfg: Config, task: Task, model: str) -> dict[str, Any]:
     return summary
 
 
-def run_weights(cfg: Config) -> dict[str, Any]:
-    """Returns and normalised weights over all rollouts, as a Ray Data map stage; skipped when done."""
+def run_weights(cfg: Config, task: Task) -> dict[str, Any]:
+    """Returns and normalised weights of the rollouts of the task's training prompts, as a Ray Data map
+    stage; skipped when done (refused when other settings made it)."""
     import ray.data
+    from ray.data.expressions import col
 
     from drift_ray.weights import add_weights, weight_diagnostics
 
@@ -91,18 +95,20 @@ def run_weights(cfg: Config) -> dict[str, Any]:
     diagnostics_path = run_dir / "weighted.diagnostics.json"
     settings_path = run_dir / WEIGHTS_SETTINGS_FILE
     rollouts = rollouts_dir(cfg)
-    shards = sorted(rollouts.glob(SHARD_GLOB))
-    # The rollouts by their settings and shard names (one per batch of prompts), not by path: a run_dir
-    # that moved is still the same run.
+    prompt_ids = sorted(p.prompt_id for p in task.train)
+    # The rollouts by their settings and prompts, not by path: a run_dir that moved is still the same run,
+    # and other runs may add prompts of their own to a shared rollout.output_dir.
     settings = {
         "weights": cfg.weights.model_dump(mode="json"),
         "rollouts": json.loads((rollouts / MANIFEST).read_text()),
-        "rollout_shards": [shard.name for shard in shards],
+        "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
     }
     if out.is_dir() and diagnostics_path.exists():
         require_same_settings(settings_path, settings, output=str(out))
         return json.loads(diagnostics_path.read_text())
-    ds = add_weights(ray.data.read_parquet([str(shard) for shard in shards]), cfg.weights, whole_groups=False)
+    shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
+    trajectories = ray.data.read_parquet(shards).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
+    ds = add_weights(trajectories, cfg.weights, whole_groups=False)
     staging = run_dir / "weighted.staging"
     shutil.rmtree(staging, ignore_errors=True)
     ds.write_parquet(str(staging))
@@ -144,6 +150,7 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
         )
 
     eval_dir = Path(cfg.run_dir) / "eval"
+    test_ids = [p.prompt_id for p in task.test]  # not the episodes of problems an earlier run's test split had
     metrics = {}
     for label, model in models.items():
         out = eval_dir / label
@@ -158,7 +165,7 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
             prompts_per_batch=cfg.eval.prompts_per_batch,
             num_actors=cfg.eval.num_actors,
         )
-        metrics[label] = episode_metrics(read_shards(out), cfg.episode.max_turns)
+        metrics[label] = episode_metrics(read_shards(out, prompt_ids=test_ids), cfg.episode.max_turns)
     paths = write_report(metrics, cfg.episode.max_turns, eval_dir)
     return {"metrics": metrics, "paths": paths}
 
@@ -201,7 +208,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         round_cfg = round_config(cfg, round_index)
         suffix = "" if round_index == 1 else f"_round{round_index}"
         timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy)
-        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg))
+        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task))
         policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -206,10 +206,13 @@ def run_episodes(
     return summary
 
 
-def read_shards(out_dir: str | Path) -> pa.Table:
-    """All trajectories of complete shards in `out_dir`, sorted by trajectory id."""
+def read_shards(out_dir: str | Path, prompt_ids: Collection[str] | None = None) -> pa.Table:
+    """The trajectories of complete shards in `out_dir` (of `prompt_ids` only, when given), sorted by
+    trajectory id."""
     shards = sorted(Path(out_dir).glob(SHARD_GLOB))
     if not shards:
         raise FileNotFoundError(f"{out_dir}: no trajectory shards ({SHARD_GLOB}); run the rollouts first")
     table = pa.concat_tables([pq.read_table(s, schema=schema.TRAJECTORY_SCHEMA) for s in shards])
+    if prompt_ids is not None:
+        table = table.filter(pc.is_in(table[schema.PROMPT_ID], value_set=pa.array(list(prompt_ids), pa.string())))
     return table.sort_by([(schema.PROMPT_ID, "ascending"), (schema.SAMPLE_INDEX, "ascending")])

@@ -58,11 +58,18 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     for override, stage, setting in [
         ("weights.beta=0.5", "weighted", "weights.beta (0.1 then, 0.5 now)"),
         ("train.lr=0.001", "train/model", "train.lr"),
+        ("task.num_train=6", "weighted", "prompts.count (8 then, 6 now)"),
     ]:
         overrides = [*smoke_overrides(run_dir, tiny_model_dir), override]
         assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 2
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in capsys.readouterr().err
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == settled
+
+    # A smaller test split is evaluated on its own problems, from the episodes already played.
+    overrides = [*smoke_overrides(run_dir, tiny_model_dir), "task.num_test=5"]
+    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 0
+    smaller = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert smaller["drift"]["num_problems"] == 5 and smaller["reference"]["num_problems"] == 5
 
 
 def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):

@@ -48,6 +48,13 @@ def test_completed_prompts_ignores_temporary_files_and_rejects_partial_groups(tm
         completed_prompts(tmp_path, 3)
 
 
+def test_read_shards_keeps_the_prompts_asked_for(tmp_path):
+    write_shard(tmp_path, ["a", "b"], k=2)
+    write_shard(tmp_path, ["c"], k=2)
+    assert read_shards(tmp_path).column(schema.PROMPT_ID).to_pylist() == ["a", "a", "b", "b", "c", "c"]
+    assert read_shards(tmp_path, prompt_ids={"c", "a", "z"}).column(schema.PROMPT_ID).to_pylist() == ["a", "a", "c", "c"]
+
+
 def test_manifest_refuses_other_settings(tmp_path):
     check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})
     check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})  # same settings: fine
