@@ -9,6 +9,7 @@ are never read), and a retried batch rewrites the same shard name instead of add
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,7 @@ from drift_ray import schema
 from drift_ray.config import Config, EpisodeConfig, RolloutConfig
 from drift_ray.episode import SamplingParams, episodes_table, play_episodes, stable_seed
 from drift_ray.prompts import Problem, problems_table
-from drift_ray.trajectories import require_same_settings, write_json_atomic, write_table_atomic
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, require_same_settings, write_json_atomic, write_table_atomic
 from drift_ray.verifiers import get_verifier
 
 SHARD_GLOB = "part-*.parquet"
@@ -129,6 +130,12 @@ def completed_prompts(out_dir: str | Path, samples_per_prompt: int) -> set[str]:
     return set(counts)
 
 
+def trained_by(model: str) -> dict[str, Any] | None:
+    """The settings weighted SFT recorded in the model directory `model`, or None."""
+    record = Path(model) / TRAIN_SETTINGS_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     """Record the settings of the trajectories in `out_dir`; refuse to mix trajectories of other settings."""
     path = out_dir / MANIFEST
@@ -163,6 +170,9 @@ def run_episodes(
         out_dir,
         {
             "model": model,
+            # What made a model weighted SFT wrote (None for any other): a model retrained at the same path
+            # is another policy.
+            "model_trained_by": trained_by(model),
             "samples_per_prompt": samples_per_prompt,
             "sampling": asdict(params),
             "episode": cfg.episode.model_dump(mode="json"),

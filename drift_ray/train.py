@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from drift_ray.config import Config, LossKind, TrainConfig
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
-from drift_ray.trajectories import require_parquet, require_same_settings
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, require_parquet, require_same_settings
 from drift_ray.weights import invalid_weights
 from drift_ray.weighted_sft import (
     collate,
@@ -43,7 +43,6 @@ from drift_ray.weighted_sft import (
 
 MODEL_DIR = "model"  # under out_dir: the trained model, loadable with from_pretrained
 STATS_FILE = "drift_train.json"  # inside MODEL_DIR: the training statistics
-SETTINGS_FILE = "drift_train_settings.json"  # inside MODEL_DIR: what made it (train_settings)
 STEPS_FILE = "drift_train_steps.jsonl"  # inside MODEL_DIR: one line of metrics per optimizer step
 RUN_STORAGE_DIR = "ray_train"  # under out_dir: Ray Train's run directories and checkpoints
 HF_CHECKPOINT_DIR = "hf_model"  # inside the final checkpoint: the model as save_pretrained writes it
@@ -166,7 +165,7 @@ def train_weighted_sft(
     """Weighted SFT of `model_path` on the weighted rollouts in `weighted_dir`; the model goes to out_dir/model.
 
     Skipped when out_dir/model exists (it appears whole or not at all), and refused when other settings
-    made it (out_dir/model/SETTINGS_FILE records them). A run killed part-way resumes
+    made it (out_dir/model/TRAIN_SETTINGS_FILE records them). A run killed part-way resumes
     from its latest checkpoint when called again with the same config. Checkpoints go under out_dir,
     which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
     Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
@@ -187,7 +186,7 @@ def train_weighted_sft(
     model_out = out / MODEL_DIR
     settings = train_settings(cfg, weighted_dir, model_path, out)
     if (model_out / STATS_FILE).exists():
-        require_same_settings(model_out / SETTINGS_FILE, settings, output=str(model_out))
+        require_same_settings(model_out / TRAIN_SETTINGS_FILE, settings, output=str(model_out))
         return json.loads((model_out / STATS_FILE).read_text())
     if "://" not in weighted_dir:  # a URI (s3://…) is left to Ray Data to read, and to report
         require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
@@ -245,7 +244,7 @@ def train_weighted_sft(
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
         )
         stats = {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
-        (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        (staging / TRAIN_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         os.replace(staging, model_out)
     except BaseException:

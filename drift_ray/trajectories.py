@@ -94,17 +94,22 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
     _write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+TRAIN_SETTINGS_FILE = "drift_train_settings.json"  # in a model directory weighted SFT wrote: what made it
+
+
 def require_same_settings(record: str | Path, settings: dict[str, Any], output: str) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
     Stages skip an output that is already complete; without this check a rerun with, say, another β in
-    the same run_dir would report the old output as the new run's. An output without a record (written
-    before records were kept) is accepted. The message names every differing setting by its dotted path.
+    the same run_dir would report the old output as the new run's. An output without a record, and a
+    setting its record lacks, come from a version of drift-ray that did not record them, and are accepted.
+    The message names every differing setting by its dotted path.
     """
     record = Path(record)
     if not record.exists():
         return
-    recorded, current = _dotted(json.loads(record.read_text())), _dotted(json.loads(json.dumps(settings)))
+    recorded = _dotted(json.loads(record.read_text()))
+    current = {key: value for key, value in _dotted(json.loads(json.dumps(settings))).items() if key in recorded}
     def shown(flat: dict[str, Any], key: str) -> str:
         return _short(flat[key]) if key in flat else "unset"
 

@@ -184,11 +184,13 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
     require_same_settings(record, settings, output="out")  # nothing recorded: an output of an older version
     write_json_atomic(settings, record)
     require_same_settings(record, {**settings, "shards": ("a", "b")}, output="out")  # compared as stored
+    # A setting the record lacks was added by a later version: not compared.
+    require_same_settings(record, {**settings, "weights": {"beta": 0.1, "mode": "drift", "new": 1}}, output="out")
     changed = {"weights": {"beta": 0.5, "mode": "drift"}, "shards": ["a", "b", "c"], "lr": 1.0}
     with pytest.raises(RuntimeError) as refused:
         require_same_settings(record, changed, output="run/weighted")
     assert str(refused.value) == (
-        "run/weighted: made with other settings (differ in: lr (unset then, 1.0 now); seed (None then, unset now); "
+        "run/weighted: made with other settings (differ in: seed (None then, unset now); "
         "shards (['a', 'b'] then, ['a', 'b', 'c'] now); weights.beta (0.1 then, 0.5 now)), "
         f"recorded in {record}. Rerun with the same config, or use a new run_dir."
     )
