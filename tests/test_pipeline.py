@@ -3,7 +3,6 @@ as a job submitted to a `ray start --head` cluster."""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -71,13 +70,6 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 0
     smaller = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert smaller["drift"]["num_problems"] == 5 and smaller["reference"]["num_problems"] == 5
-
-    # A model retrained at the same path is another policy: its old evaluation is not reported as its own.
-    shutil.rmtree(run_dir / "train")
-    overrides = [*smoke_overrides(run_dir, tiny_model_dir), "train.lr=0.001"]
-    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 2
-    refused = capsys.readouterr().err
-    assert f"{run_dir / 'eval' / 'drift'}: made with other settings (differ in: model_trained_by.train.lr" in refused
 
 
 def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):

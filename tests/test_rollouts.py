@@ -18,6 +18,7 @@ from drift_ray.rollouts import (
     shard_path,
     summarize,
 )
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, write_json_atomic
 
 
 def trajectory_rows(prompt_id: str, k: int) -> list[dict]:
@@ -53,6 +54,20 @@ def test_read_shards_keeps_the_prompts_asked_for(tmp_path):
     write_shard(tmp_path, ["c"], k=2)
     assert read_shards(tmp_path).column(schema.PROMPT_ID).to_pylist() == ["a", "a", "b", "b", "c", "c"]
     assert read_shards(tmp_path, prompt_ids={"c", "a", "z"}).column(schema.PROMPT_ID).to_pylist() == ["a", "a", "c", "c"]
+
+
+def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
+    model = tmp_path / "model"
+    write_json_atomic({"train": {"lr": 0.1}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
+    cfg = load_config(None, [])
+    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", params=rollout_sampling(cfg), samples_per_prompt=2,
+                  prompts_per_batch=2, num_actors=1)
+    run_episodes([], tmp_path / "eval", **kwargs)
+    run_episodes([], tmp_path / "eval", **kwargs)  # the same model: its episodes are reused
+    write_json_atomic({"train": {"lr": 0.2}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
+    changed = r"eval: made with other settings \(differ in: model_trained_by\.train\.lr \(0\.1 then, 0\.2 now\)\)"
+    with pytest.raises(RuntimeError, match=changed):
+        run_episodes([], tmp_path / "eval", **kwargs)
 
 
 def test_manifest_refuses_other_settings(tmp_path):
