@@ -27,7 +27,7 @@ log = logging.getLogger("drift_ray")
 
 CONFIG_FILE = "config.json"  # the config of the last `run` that finished
 TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run` that finished
-WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: the weights config and its rollouts
+WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: weights config, rollouts, prompts
 
 
 def connect_ray(cfg: Config) -> None:

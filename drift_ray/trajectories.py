@@ -109,14 +109,11 @@ def require_same_settings(record: str | Path, settings: dict[str, Any], output: 
     if not record.exists():
         return
     recorded = _dotted(json.loads(record.read_text()))
-    current = {key: value for key, value in _dotted(json.loads(json.dumps(settings))).items() if key in recorded}
-    def shown(flat: dict[str, Any], key: str) -> str:
-        return _short(flat[key]) if key in flat else "unset"
-
+    current = _dotted(json.loads(json.dumps(settings)))
     changed = [
-        f"{key} ({shown(recorded, key)} then, {shown(current, key)} now)"
-        for key in sorted(recorded.keys() | current.keys())
-        if key not in recorded or key not in current or recorded[key] != current[key]
+        f"{key} ({_short(value)} then, {_short(current[key]) if key in current else 'unset'} now)"
+        for key, value in sorted(recorded.items())
+        if key not in current or current[key] != value
     ]
     if changed:
         listed = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
