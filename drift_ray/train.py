@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from drift_ray.config import Config, LossKind, TrainConfig
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
-from drift_ray.trajectories import TRAIN_SETTINGS_FILE, require_parquet, require_same_settings
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, publish_directory, require_parquet, require_same_settings
 from drift_ray.weights import invalid_weights
 from drift_ray.weighted_sft import (
     collate,
@@ -246,7 +247,7 @@ def train_weighted_sft(
         stats = {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
         (staging / TRAIN_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-        os.replace(staging, model_out)
+        publish_directory(staging, model_out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -354,6 +355,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 totals[1] += batch["attention_mask"].sum()
         dist.all_reduce(totals)
         step_loss, step_tokens = totals.tolist()
+        if not math.isfinite(step_loss):
+            # Every rank holds the same reduced loss, so all of them stop here, before a checkpoint
+            # or a saved model could carry the broken weights on.
+            raise FloatingPointError(
+                f"weighted SFT diverged: the loss of step {step_index + 1} of {len(plan)} is {step_loss}. "
+                f"Lower train.lr (now {train.lr})" + (", or turn train.grad_clip on (now 0)" if not train.grad_clip else "")
+            )
         tokens += int(step_tokens)
         seconds += time.perf_counter() - step_started
         done = step_index + 1

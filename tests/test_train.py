@@ -371,3 +371,14 @@ def test_lora_adapter_saved_unmerged_is_loaded_by_the_engine_on_its_base(ray_clu
     assert any("lora_A" in name for name, _ in engine.model.named_parameters())
     [[reply]] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(0.0, max_new_tokens=4), 1)
     assert reply.completion_tokens >= 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_diverged_run_stops_naming_the_step_and_leaves_no_model(ray_cluster, tmp_path, weighted_dir, model_path):
+    from ray.train import TrainingFailedError
+
+    message = r"weighted SFT diverged: the loss of step 2 of 4 is nan\. Lower train\.lr \(now 1e\+30\)\n"
+    with pytest.raises(TrainingFailedError, match=message):
+        train_weighted_sft(make_config(lr=1e30), weighted_dir, model_path, str(tmp_path))
+    assert not (tmp_path / MODEL_DIR).exists()
