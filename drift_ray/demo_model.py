@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2Tokenizer
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task
 from drift_ray.config import EpisodeConfig, ExampleKind, LossKind, LrSchedule
 from drift_ray.episode import SamplingParams, play_episodes
+from drift_ray.trajectories import publish_directory
 from drift_ray.verifiers import get_verifier
 from drift_ray.weighted_sft import fit_plain
 
@@ -190,7 +190,7 @@ def ensure_demo_model(
         building.chmod(0o755)  # mkdtemp makes it private to this user
         try:
             _build(building, settings, episode)
-            os.replace(building, target)
+            publish_directory(building, target)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise

@@ -18,16 +18,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import pyarrow as pa
 
 from drift_ray import schema
+from drift_ray.trajectories import write_atomic
 
 EVALUATION_INPUT = (
     schema.PROMPT_ID,
@@ -202,22 +202,6 @@ def comparison_table(metrics_by_model: Mapping[str, Mapping[str, Any]], max_turn
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> str:
-    """Write through a temporary file in the same folder, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-        os.chmod(temporary, 0o644)  # mkstemp makes the file private; a report is for everyone
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return str(path)
-
-
 def plot_cumulative_accuracy(
     metrics_by_model: Mapping[str, Mapping[str, Any]],
     max_turns: int,
@@ -246,7 +230,7 @@ def plot_cumulative_accuracy(
     axes.grid(alpha=0.3)
     axes.legend(loc="best")
     figure.tight_layout()
-    return _write_atomically(path, lambda handle: figure.savefig(handle, format="png"))
+    return write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
 
 
 def write_report(
@@ -260,7 +244,7 @@ def write_report(
     text = json.dumps(metrics_by_model, indent=2, allow_nan=False) + "\n"
     table = comparison_table(metrics_by_model, max_turns)
     return {
-        "json": _write_atomically(out_dir / "eval.json", lambda handle: handle.write(text.encode())),
-        "markdown": _write_atomically(out_dir / "eval.md", lambda handle: handle.write(table.encode())),
+        "json": write_atomic(out_dir / "eval.json", lambda handle: handle.write(text.encode())),
+        "markdown": write_atomic(out_dir / "eval.md", lambda handle: handle.write(table.encode())),
         "plot": plot_cumulative_accuracy(metrics_by_model, max_turns, out_dir / "eval.png"),
     }

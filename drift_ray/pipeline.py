@@ -21,7 +21,7 @@ from drift_ray.config import DEMO_MODEL, Config
 from drift_ray.prompts import Task, load_task
 from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
 from drift_ray.schema import PROMPT_ID
-from drift_ray.trajectories import require_same_settings, write_json_atomic
+from drift_ray.trajectories import publish_directory, require_same_settings, write_json_atomic
 
 log = logging.getLogger("drift_ray")
 
@@ -113,7 +113,7 @@ def run_weights(cfg: Config, task: Task) -> dict[str, Any]:
     shutil.rmtree(staging, ignore_errors=True)
     ds.write_parquet(str(staging))
     diagnostics = weight_diagnostics(pq.read_table(staging))
-    os.replace(staging, out)  # the directory appears whole or not at all
+    publish_directory(staging, out)
     write_json_atomic(settings, settings_path)
     write_json_atomic(diagnostics, diagnostics_path)  # last: it marks the stage complete
     log.info("weights: %s", diagnostics)

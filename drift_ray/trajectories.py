@@ -85,13 +85,13 @@ def require_parquet(path: str | Path, hint: str) -> None:
 
 def write_table_atomic(table: pa.Table, path: str | Path) -> None:
     """Write Parquet so that `path` holds either the whole table or what it held before, even after a crash."""
-    _write_atomic(Path(path), lambda f: pq.write_table(table, f))
+    write_atomic(path, lambda f: pq.write_table(table, f))
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
     """Write `obj` as indented JSON, atomically like write_table_atomic."""
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _write_atomic(Path(path), lambda f: f.write(text.encode()))
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 TRAIN_SETTINGS_FILE = "drift_train_settings.json"  # in a model directory weighted SFT wrote: what made it
@@ -133,7 +133,10 @@ def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> str:
+    """Call `write` on a new file that then replaces `path`: `path` holds the whole file or its old
+    content, even after a crash or a power cut. Returns `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A hidden name in the same directory: os.replace is atomic only within one file system.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -147,8 +150,29 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    # The rename itself is durable only once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+    return str(path)
+
+
+def publish_directory(staging: str | Path, target: str | Path) -> None:
+    """Rename the finished directory `staging` to `target`, so that `target` appears whole or not at all.
+
+    Everything under `staging` reaches the disk before the rename: else a power cut soon after could
+    leave `target` in place with files that are empty or cut short.
+    """
+    staging, target = Path(staging), Path(target)
+    for directory, _, files in os.walk(staging):
+        for name in files:
+            with open(Path(directory) / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_directory(directory)
+    os.replace(staging, target)
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(path: str | Path) -> None:
+    """A new or renamed directory entry is durable only once its directory is on disk."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ from drift_ray.episode import Episode, Generation, first_messages
 from drift_ray.prompts import Problem
 from drift_ray.trajectories import (
     TrajectoryFileError,
+    publish_directory,
     read_trajectories,
     require_parquet,
     require_same_settings,
@@ -238,3 +240,47 @@ def test_write_json_atomic(tmp_path):
         write_json_atomic({"a": float("nan")}, path)
     assert json.loads(path.read_text()) == {"a": [0.5], "b": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["d.json"]
+
+
+def record_disk_syncs(monkeypatch) -> list[tuple[str, object]]:
+    """Events in order: ("fsync", inode) for every fsync, ("replace", source name) for every rename."""
+    events: list[tuple[str, object]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recording_replace(source, target):
+        events.append(("replace", Path(source).name))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+def test_publish_directory_puts_every_file_on_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    staging = tmp_path / ".model.staging"
+    (staging / "nested").mkdir(parents=True)
+    (staging / "weights.bin").write_bytes(b"w" * 1000)
+    (staging / "nested" / "config.json").write_text("{}")
+    before_rename = {p.stat().st_ino for p in [staging, *staging.rglob("*")]}
+    events = record_disk_syncs(monkeypatch)
+
+    publish_directory(staging, tmp_path / "model")
+
+    rename = events.index(("replace", ".model.staging"))
+    assert {inode for kind, inode in events[:rename]} == before_rename
+    assert events[rename + 1 :] == [("fsync", tmp_path.stat().st_ino)]
+    assert not staging.exists()
+    assert (tmp_path / "model" / "weights.bin").read_bytes() == b"w" * 1000
+    assert (tmp_path / "model" / "nested" / "config.json").read_text() == "{}"
+
+
+def test_an_atomic_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    events = record_disk_syncs(monkeypatch)
+    write_json_atomic({"a": 1}, tmp_path / "d.json")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    assert events[0][1] == (tmp_path / "d.json").stat().st_ino and events[2][1] == tmp_path.stat().st_ino
