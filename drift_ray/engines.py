@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from drift_ray.config import DEMO_MODEL, EngineKind, RolloutConfig
-from drift_ray.episode import Conversation, Engine, Generation, Message, SamplingParams
+from drift_ray.episode import Conversation, Engine, Generation, Message, SamplingParams, sample_seed
 
 # Chat models whose config names only the end-of-text eos still end a turn with one of these.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
@@ -403,15 +403,20 @@ class VLLMEngine:
         )
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
-        sampling = self._vllm.SamplingParams(
-            n=n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_new_tokens,
-            stop=list(params.stop),
-            include_stop_str_in_output=True,
-            seed=params.seed,
-        )
+        # One SamplingParams per conversation: vLLM seeds every request with its own seed, so one shared
+        # seed would make conversations with the same history reply alike.
+        sampling = [
+            self._vllm.SamplingParams(
+                n=n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                stop=list(params.stop),
+                include_stop_str_in_output=True,
+                seed=sample_seed(params.seed, i, 0, n),
+            )
+            for i in range(len(conversations))
+        ]
         outputs = self.llm.chat(list(conversations), sampling, use_tqdm=False, lora_request=self.lora_request)
         return [
             [Generation(o.text, len(request.prompt_token_ids), len(o.token_ids)) for o in request.outputs]

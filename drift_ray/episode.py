@@ -59,8 +59,22 @@ class Engine(Protocol):
     def generate(
         self, conversations: Sequence[Conversation], params: SamplingParams, n: int
     ) -> list[list[Generation]]:
-        """For each conversation, `n` replies of the assistant (the chat template applied by the engine)."""
+        """For each conversation, `n` replies of the assistant (the chat template applied by the engine).
+
+        `params.seed` seeds the whole call. An engine that seeds each request gives every sample its own
+        seed (see sample_seed): two conversations with the same history must still sample independently.
+        """
         ...
+
+
+def sample_seed(seed: int | None, conversation: int, sample: int, n: int) -> int | None:
+    """The seed of sample `sample` of the `conversation`-th conversation in a call for `n` samples each.
+
+    Consecutive and distinct over the call: a server that samples n choices from one request's seed
+    s gives choice j the seed s + j (vLLM does), so a request for all n choices of a conversation and
+    n single requests draw alike.
+    """
+    return None if seed is None else (seed + conversation * n + sample) % 2**63
 
 
 def first_messages(question: str, cfg: EpisodeConfig) -> Conversation:

@@ -10,7 +10,8 @@ and a copy would only add to its load.
 Servers differ in two ways that matter here; the engine learns each from the replies and remembers it:
 - `n`: vLLM and SGLang return n choices for one request, sharing the prompt's prefill; other servers reject
   n > 1 (HTTP 400/422) or return fewer choices. The engine then asks for each missing sample in a request
-  of its own, sample i with seed seed+i, and from then on sends one request per sample.
+  of its own, with the seed that choice would have had (episode.sample_seed), and from then on sends one
+  request per sample.
 - stop strings: like the other engines, a reply that stopped on a stop string ends with it. A reply is
   resolved in this order. It holds a stop string (transformers serve and TGI keep it): cut just after the
   earliest one, and note that this server keeps them. The choice names the stop it matched (vLLM
@@ -41,7 +42,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import aiohttp
 
 from drift_ray.engines import cut_at_stop
-from drift_ray.episode import Conversation, Generation, SamplingParams
+from drift_ray.episode import Conversation, Generation, SamplingParams, sample_seed
 
 _MAX_BACKOFF_S = 60.0
 _ERROR_BODY_CHARS = 500
@@ -107,14 +108,17 @@ class OpenAIEngine:
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
             post = functools.partial(self._post, session, asyncio.Semaphore(self.max_concurrency))
-            return list(await asyncio.gather(*(self._samples(post, c, params, n) for c in conversations)))
+            return list(await asyncio.gather(*(self._samples(post, c, params, n, i) for i, c in enumerate(conversations))))
 
-    async def _samples(self, post: Post, conversation: Conversation, params: SamplingParams, n: int) -> list[Generation]:
-        """n replies to one conversation: in one request while the server returns n choices, else one request each."""
+    async def _samples(
+        self, post: Post, conversation: Conversation, params: SamplingParams, n: int, index: int
+    ) -> list[Generation]:
+        """n replies to the `index`-th conversation: in one request while the server returns n choices, else one
+        request each."""
         replies: list[Generation] = []
         if n > 1 and self.n_per_request:
             try:
-                replies = await self._request(post, conversation, params, n, params.seed)
+                replies = await self._request(post, conversation, params, n, sample_seed(params.seed, index, 0, n))
             except OpenAIServerError as err:
                 # A refusal for another reason fails again below, in the single requests, and is raised there.
                 if err.status not in _REJECTED_STATUSES:
@@ -122,7 +126,10 @@ class OpenAIEngine:
             if len(replies) < n:
                 self.n_per_request = False
         singles = await asyncio.gather(
-            *(self._request(post, conversation, params, 1, _nth_seed(params.seed, i)) for i in range(len(replies), n))
+            *(
+                self._request(post, conversation, params, 1, sample_seed(params.seed, index, j, n))
+                for j in range(len(replies), n)
+            )
         )
         return replies[:n] + [single[0] for single in singles]
 
@@ -252,10 +259,6 @@ def _share(total: int, texts: list[str]) -> list[int]:
     for i in sorted(range(len(texts)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
         counts[i] += 1
     return counts
-
-
-def _nth_seed(seed: int | None, i: int) -> int | None:
-    return None if seed is None else (seed + i) % 2**63
 
 
 def _retry_after_s(header: str | None) -> float:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from drift_ray.config import EngineKind, RolloutConfig
-from drift_ray.engines import TransformersEngine, build_engine, cut_at_stop
+from drift_ray.engines import TransformersEngine, VLLMEngine, build_engine, cut_at_stop
 from drift_ray.episode import Generation, SamplingParams
 
 QUESTIONS = ["What is 2+2?", "hello", "x is between 12 and 31, and x+7 ends in 4. What is x?", "abc" * 5, "Why?"]
@@ -224,3 +226,23 @@ def test_vllm_engine_samples_n_replies_and_keeps_the_stop_string(tiny_model_dir)
         for generation in group:
             assert 1 <= generation.completion_tokens <= 16 and generation.prompt_tokens > 0
             assert "a" not in generation.text[:-1]
+
+
+def test_vllm_engine_gives_every_conversation_a_seed_of_its_own():
+    """vLLM seeds each request's sampler with the request's seed (its n children with seed + j): one
+    SamplingParams for all would make conversations with the same history reply alike."""
+    asked: list = []
+
+    def chat(conversations, sampling, use_tqdm, lora_request):
+        asked.append(sampling)
+        output = SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2])
+        return [SimpleNamespace(prompt_token_ids=[0], outputs=[output] * params.n) for params in sampling]
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # the request it builds, without vLLM or a GPU
+    engine._vllm = SimpleNamespace(SamplingParams=SimpleNamespace)
+    engine.llm, engine.lora_request = SimpleNamespace(chat=chat), None
+    replies = engine.generate([CONVERSATIONS[0]] * 3, SamplingParams(temperature=1.0, seed=100), 4)
+    [sampling] = asked
+    assert [params.seed for params in sampling] == [100, 104, 108]
+    assert all(params.n == 4 and params.temperature == 1.0 for params in sampling)
+    assert [len(group) for group in replies] == [4, 4, 4]

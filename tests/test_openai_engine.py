@@ -401,7 +401,17 @@ def test_without_n_the_missing_samples_come_from_seeded_single_requests(rejects_
         engine.generate([CONVERSATION, CONVERSATION], params, 3)
         later = server.requests[sent:]
     assert len(later) == 6 and all("n" not in r for r in later)
-    assert sorted(r["seed"] for r in later) == [10, 10, 11, 11, 12, 12]
+    assert sorted(r["seed"] for r in later) == [10, 11, 12, 13, 14, 15]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_conversations_with_the_same_history_get_seeds_of_their_own(n):
+    # Episodes whose turns so far agree ask again together; one seed for all would make them reply alike.
+    with FakeServer(seed_echo(honours_n=True, rejects_n=False)) as server:
+        replies = engine_for(server.api_base).generate([CONVERSATION] * 3, SamplingParams(stop=(), seed=10), n)
+    assert sorted(r["seed"] for r in server.requests) == [10, 10 + n, 10 + 2 * n]
+    texts = [g.text for group in replies for g in group]
+    assert len(set(texts)) == len(texts) == 3 * n
 
 
 def test_n_choices_in_one_request_share_the_usage():
