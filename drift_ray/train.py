@@ -398,9 +398,12 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"weighted SFT {json.dumps(metrics)}", flush=True)
 
 
-def _grad_norm(engine: Any) -> float:
-    """The gradient norm of the last update, before clipping, over all ranks."""
+def _grad_norm(engine: Any) -> float | None:
+    """The gradient norm of the last update, before clipping, over all ranks; None without ZeRO, where
+    DeepSpeed steps a torch optimizer that does not report it."""
     norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
     return float(norm.item() if hasattr(norm, "item") else norm)
 
 
