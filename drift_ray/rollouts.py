@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from drift_ray import schema
 from drift_ray.config import Config, EpisodeConfig, RolloutConfig
-from drift_ray.episode import SamplingParams, episodes_table, play_episodes, stable_seed
+from drift_ray.episode import SamplingParams, episodes_table, first_messages, play_episodes, stable_seed
 from drift_ray.prompts import Problem, problems_table
 from drift_ray.trajectories import TRAIN_SETTINGS_FILE, require_same_settings, write_json_atomic, write_table_atomic
 from drift_ray.verifiers import get_verifier
@@ -113,13 +113,29 @@ def summarize(problems: Sequence[Problem], trajectories: pa.Table, seconds: floa
     )
 
 
-def completed_prompts(out_dir: str | Path, samples_per_prompt: int) -> set[str]:
-    """Prompt ids whose K trajectories are already in complete shards of `out_dir`."""
+def completed_prompts(
+    out_dir: str | Path, problems: Sequence[Problem], samples_per_prompt: int, episode: EpisodeConfig
+) -> set[str]:
+    """Ids of `problems` whose K trajectories are already in complete shards of `out_dir`.
+
+    The ids of built-in and hub tasks are positions in a split, so another task config (its options or
+    the seed) can give an id to another problem: each reused prompt's stored gold and opening messages
+    must be the problem's, else the rerun is refused instead of reusing another problem's episodes.
+    """
     out_dir = Path(out_dir)
+    wanted = {p.prompt_id: p for p in problems}
     counts: dict[str, int] = {}
     for shard in sorted(out_dir.glob(SHARD_GLOB)):
-        for prompt_id in pq.read_table(shard, columns=[schema.PROMPT_ID]).column(0).to_pylist():
+        ids = pq.read_table(shard, columns=[schema.PROMPT_ID]).column(0).to_pylist()
+        first_rows: dict[str, int] = {}
+        for row, prompt_id in enumerate(ids):
             counts[prompt_id] = counts.get(prompt_id, 0) + 1
+            if prompt_id in wanted:
+                first_rows.setdefault(prompt_id, row)
+        if first_rows:
+            stored = pq.read_table(shard, columns=[schema.GOLD, schema.MESSAGES]).take(list(first_rows.values()))
+            for prompt_id, gold, messages in zip(first_rows, *stored.to_pydict().values()):
+                _require_same_problem(shard, wanted[prompt_id], gold, messages, episode)
     bad = {pid: n for pid, n in counts.items() if n != samples_per_prompt}
     if bad:
         pid, n = next(iter(bad.items()))
@@ -127,7 +143,25 @@ def completed_prompts(out_dir: str | Path, samples_per_prompt: int) -> set[str]:
             f"{out_dir}: prompt {pid!r} has {n} trajectories, expected {samples_per_prompt} "
             f"({len(bad)} such prompts); the directory holds rollouts of other settings. Use a new run_dir."
         )
-    return set(counts)
+    return set(counts) & set(wanted)
+
+
+def _require_same_problem(
+    shard: Path, problem: Problem, gold: str, messages: list[dict[str, str]], episode: EpisodeConfig
+) -> None:
+    opening = first_messages(problem.question, episode)
+    differs = [
+        name
+        for name, same in (("gold", gold == problem.gold), ("question", messages[: len(opening)] == opening))
+        if not same
+    ]
+    if differs:
+        raise RuntimeError(
+            f"{shard}: prompt {problem.prompt_id!r} was played on another problem (its {' and '.join(differs)} "
+            f"{'differ' if len(differs) > 1 else 'differs'} from the task's now): the task changed (task.* or seed) "
+            "since these episodes were played. "
+            "Rerun with the same config, or use a new run_dir."
+        )
 
 
 def trained_by(model: str) -> dict[str, Any] | None:
@@ -179,7 +213,7 @@ def run_episodes(
             "verifier": verifier,
         },
     )
-    done = completed_prompts(out_dir, samples_per_prompt)
+    done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)
     todo = [p for p in problems if p.prompt_id not in done]
     summary: dict[str, Any] = {"problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo)}
     start = time.perf_counter()

@@ -1,5 +1,6 @@
 """The rollout stage: shards, resume and manifests without Ray; the Ray Data actor pool on a local cluster."""
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -7,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_ray import schema
-from drift_ray.config import load_config
+from drift_ray.config import EpisodeConfig, load_config
+from drift_ray.episode import first_messages
 from drift_ray.prompts import Problem
 from drift_ray.rollouts import (
     check_manifest,
@@ -21,9 +23,19 @@ from drift_ray.rollouts import (
 from drift_ray.trajectories import TRAIN_SETTINGS_FILE, write_json_atomic
 
 
+EPISODE = EpisodeConfig()
+
+
+def problem(prompt_id: str) -> Problem:
+    return Problem(prompt_id, f"question {prompt_id}", f"gold {prompt_id}")
+
+
 def trajectory_rows(prompt_id: str, k: int) -> list[dict]:
+    played = problem(prompt_id)
+    messages = [*first_messages(played.question, EPISODE), {"role": "assistant", "content": "<answer>1</answer>"}]
     return [
         {schema.PROMPT_ID: prompt_id, schema.TRAJECTORY_ID: f"{prompt_id}/{i}", schema.SAMPLE_INDEX: i,
+         schema.GOLD: played.gold, schema.MESSAGES: messages,
          schema.T_STAR: 1 if i == 0 else None, schema.PROMPT_TOKENS: 3, schema.COMPLETION_TOKENS: 5}
         for i in range(k)
     ]
@@ -31,7 +43,7 @@ def trajectory_rows(prompt_id: str, k: int) -> list[dict]:
 
 def write_shard(out_dir: Path, prompt_ids: list[str], k: int) -> None:
     rows = [r for pid in prompt_ids for r in trajectory_rows(pid, k)]
-    pq.write_table(pa.Table.from_pylist(rows), shard_path(out_dir, [Problem(p, "q", "g") for p in prompt_ids]))
+    pq.write_table(pa.Table.from_pylist(rows), shard_path(out_dir, [problem(p) for p in prompt_ids]))
 
 
 def test_shard_names_depend_only_on_the_batch(tmp_path):
@@ -44,9 +56,29 @@ def test_shard_names_depend_only_on_the_batch(tmp_path):
 def test_completed_prompts_ignores_temporary_files_and_rejects_partial_groups(tmp_path):
     write_shard(tmp_path, ["a", "b"], k=2)
     (tmp_path / ".part-0000.parquet.1234.tmp").write_bytes(b"PAR1 half written")
-    assert completed_prompts(tmp_path, 2) == {"a", "b"}
+    asked = [problem("a"), problem("b"), problem("c")]
+    assert completed_prompts(tmp_path, asked, 2, EPISODE) == {"a", "b"}
+    assert completed_prompts(tmp_path, asked[1:], 2, EPISODE) == {"b"}  # other runs' prompts may share the directory
     with pytest.raises(RuntimeError, match="expected 3"):
-        completed_prompts(tmp_path, 3)
+        completed_prompts(tmp_path, asked, 3, EPISODE)
+
+
+@pytest.mark.parametrize(
+    "changed, differs",
+    [
+        (Problem("b", "question b", "another gold"), "gold differs"),
+        (Problem("b", "another question", "gold b"), "question differs"),
+        (Problem("b", "another question", "another gold"), "gold and question differ"),
+    ],
+)
+def test_a_prompt_id_now_naming_another_problem_is_not_reused(tmp_path, changed, differs):
+    write_shard(tmp_path, ["a", "b"], k=2)
+    [shard] = tmp_path.glob("part-*.parquet")
+    message = f"{shard}: prompt 'b' was played on another problem (its {differs} from the task's now)"
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        completed_prompts(tmp_path, [problem("a"), changed], 2, EPISODE)
+    with pytest.raises(RuntimeError, match="its question differs"):  # the instruction is part of the question asked
+        completed_prompts(tmp_path, [problem("a")], 2, EpisodeConfig(instruction="Q: {question}"))
 
 
 def test_read_shards_keeps_the_prompts_asked_for(tmp_path):
