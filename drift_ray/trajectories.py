@@ -75,7 +75,7 @@ def require_parquet(path: str | Path, hint: str) -> None:
     path = Path(path)
     if not path.exists():
         raise TrajectoryFileError(f"{path}: no such file or directory; {hint}")
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    files = _parquet_files(path)
     if not files:
         raise TrajectoryFileError(f"{path}: no *.parquet file in the directory; {hint}")
     for file in files:
@@ -196,9 +196,17 @@ def _field_error(where: str, field: str, expected: str, found: Any) -> Trajector
 # --- Parquet ------------------------------------------------------------------------------------------
 
 
+def _parquet_files(path: Path) -> list[Path]:
+    """`path`, or the Parquet files of the directory `path`: a rollouts directory also holds its manifest."""
+    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+
+
 def _read_parquet(path: Path) -> pa.Table:
+    files = _parquet_files(path)
+    if not files:
+        raise TrajectoryFileError(f"{path}: no *.parquet file in the directory")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table([str(file) for file in files])
     except (pa.ArrowException, OSError) as err:
         raise TrajectoryFileError(f"{path}: not a readable Parquet file: {err}") from err
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source=str(path))

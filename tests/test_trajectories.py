@@ -100,6 +100,19 @@ def test_our_jsonl_reads_like_our_parquet(tmp_path):
     assert from_jsonl == from_parquet == rows
 
 
+def test_a_rollouts_directory_reads_as_its_shards_beside_the_manifest_and_temporary_files(tmp_path):
+    rows = _episode_rows()
+    write_table_atomic(pa.Table.from_pylist(rows[1:]), tmp_path / "part-b.parquet")
+    write_table_atomic(pa.Table.from_pylist(rows[:1]), tmp_path / "part-a.parquet")
+    write_json_atomic({"model": "demo"}, tmp_path / "manifest.json")
+    (tmp_path / ".part-c.parquet.1234.tmp").write_bytes(b"PAR1 half written")
+    assert read_trajectories(tmp_path).to_pylist() == rows
+    for shard in tmp_path.glob("*.parquet"):
+        shard.unlink()
+    with pytest.raises(TrajectoryFileError, match="no \\*\\.parquet file in the directory"):
+        read_trajectories(tmp_path)
+
+
 def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
     ours = _episode_rows()[0]
     authors = AUTHORS_SAMPLE.read_text().splitlines()[0]
