@@ -110,7 +110,9 @@ def run_weights(cfg: Config, task: Task) -> dict[str, Any]:
     trajectories = ray.data.read_parquet(shards).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
     ds = add_weights(trajectories, cfg.weights, whole_groups=False)
     staging = run_dir / "weighted.staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    # A run killed after publishing `out` but before its diagnostics marked it complete: redo it.
+    for leftover in (staging, out):
+        shutil.rmtree(leftover, ignore_errors=True)
     ds.write_parquet(str(staging))
     diagnostics = weight_diagnostics(pq.read_table(staging))
     publish_directory(staging, out)

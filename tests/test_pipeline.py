@@ -65,9 +65,12 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in capsys.readouterr().err
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == settled
 
-    # A smaller test split is evaluated on its own problems, from the episodes already played.
+    # A smaller test split is evaluated on its own problems, from the episodes already played. And a run
+    # killed after publishing the weighted rollouts, before their diagnostics marked them complete, is redone.
+    (run_dir / "weighted.diagnostics.json").unlink()
     overrides = [*smoke_overrides(run_dir, tiny_model_dir), "task.num_test=5"]
     assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 0
+    assert json.loads((run_dir / "weighted.diagnostics.json").read_text()) == diagnostics
     smaller = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert smaller["drift"]["num_problems"] == 5 and smaller["reference"]["num_problems"] == 5
 
