@@ -171,9 +171,13 @@ def trained_by(model: str) -> dict[str, Any] | None:
 
 
 def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Record the settings of the trajectories in `out_dir`; refuse to mix trajectories of other settings."""
+    """Record the settings of the trajectories in `out_dir`; refuse to mix trajectories of other settings.
+
+    A manifest beside no shard guards nothing (a run that failed before its first batch, say on a mistyped
+    model): it is replaced, so that the corrected config can use the directory.
+    """
     path = out_dir / MANIFEST
-    if path.exists():
+    if path.exists() and any(out_dir.glob(SHARD_GLOB)):
         require_same_settings(path, settings, output=str(out_dir))
     else:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,7 @@ def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
     kwargs = dict(model=str(model), cfg=cfg, verifier="exact", params=rollout_sampling(cfg), samples_per_prompt=2,
                   prompts_per_batch=2, num_actors=1)
     run_episodes([], tmp_path / "eval", **kwargs)
+    write_shard(tmp_path / "eval", ["a"], k=2)  # as if it had played a problem
     run_episodes([], tmp_path / "eval", **kwargs)  # the same model: its episodes are reused
     write_json_atomic({"train": {"lr": 0.2}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
     changed = r"eval: made with other settings \(differ in: model_trained_by\.train\.lr \(0\.1 then, 0\.2 now\)\)"
@@ -102,8 +103,10 @@ def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
         run_episodes([], tmp_path / "eval", **kwargs)
 
 
-def test_manifest_refuses_other_settings(tmp_path):
-    check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})
+def test_manifest_refuses_other_settings_once_a_shard_is_there(tmp_path):
+    check_manifest(tmp_path, {"model": "mistyped", "samples_per_prompt": 2})
+    check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})  # no episode played yet: corrected
+    write_shard(tmp_path, ["a"], k=2)
     check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})  # same settings: fine
     with pytest.raises(RuntimeError, match="differ in: samples_per_prompt"):
         check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
