@@ -8,12 +8,13 @@ all errors are reported at once.
 from __future__ import annotations
 
 import difflib
+import string
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_model.py)
 
@@ -71,8 +72,17 @@ class EpisodeConfig(_Section):
     @field_validator("instruction")
     @classmethod
     def _has_question_slot(cls, value: str) -> str:
-        if "{question}" not in value:
-            raise ValueError("must contain the placeholder '{question}'")
+        # Checked as str.format will read it: '{{question}}' is literal text, and '{"a": 1}' a placeholder.
+        literal_braces = "write a literal brace as {{ or }}"
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as err:
+            raise ValueError(f"not a valid template ({err}); {literal_braces}") from None
+        if "question" not in fields:
+            raise ValueError("must contain the placeholder '{question}' ({{ and }} stand for literal braces)")
+        if fields != {"question"}:
+            others = ", ".join(repr(name) for name in sorted(fields - {"question"}))
+            raise ValueError(f"has placeholders other than '{{question}}': {others}; {literal_braces}")
         return value
 
 
@@ -102,7 +112,7 @@ class RolloutConfig(_Section):
     cpus_per_actor: float = Field(1.0, ge=0.0, description="CPUs reserved per rollout actor.")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per rollout actor (vLLM: = tensor_parallel_size).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size per actor.")
-    dtype: str = Field("auto", description="Model dtype for the engine: auto, float32, bfloat16, float16.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype for the engine.")
     torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
     output_dir: Optional[str] = Field(
@@ -185,6 +195,18 @@ class LoraConfig(_Section):
     merge: bool = Field(True, description="Save merged full weights (else the adapter alone).")
 
 
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per rank and optimizer step; the global batch must split evenly over ranks and micro-batches."""
+    per_pass = micro_batch_size * world_size
+    if global_batch_size % per_pass:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} must be a multiple of train.micro_batch_size × "
+            f"train.num_workers = {micro_batch_size} × {world_size} = {per_pass}; set train.global_batch_size "
+            f"to {max(per_pass, global_batch_size // per_pass * per_pass)} or change the other two"
+        )
+    return global_batch_size // per_pass
+
+
 class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -220,6 +242,12 @@ class TrainConfig(_Section):
         "that advertises them (see cluster/).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA through PEFT.")
+
+    @model_validator(mode="after")
+    def _global_batch_splits_evenly(self) -> "TrainConfig":
+        # At load time: else a bad split would fail only when training starts, after the rollouts.
+        accumulation_steps(self.global_batch_size, self.micro_batch_size, self.num_workers)
+        return self
 
 
 class EvalConfig(_Section):
@@ -294,7 +322,11 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        reason = getattr(err, "problem", None) or err  # the parser's one-line reason, without its excerpt
+        raise ConfigError(f"{source}: override {item!r}: {key}: not a valid YAML value ({reason})") from None
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):

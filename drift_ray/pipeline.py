@@ -137,7 +137,7 @@ def run_training(cfg: Config, reference: str, weighted: str | None = None) -> st
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
     if cfg.eval.task is not None:
-        return load_task(cfg.eval.task, cfg.seed)
+        return load_task(cfg.eval.task, cfg.seed, key="eval.task")
     return train_task or load_task(cfg.task, cfg.seed)
 
 

@@ -7,6 +7,7 @@ verifier that checks answers to them.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 
 from drift_ray import schema
 from drift_ray.config import TaskConfig
+from drift_ray.verifiers import require_known_verifier
 
 
 @dataclass(frozen=True)
@@ -70,44 +72,68 @@ def builtin_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
     return register
 
 
-def load_task(cfg: TaskConfig, seed: int) -> Task:
-    """The task the config names, truncated to task.num_train / task.num_test problems."""
+def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
+    """The task the config names, truncated to task.num_train / task.num_test problems.
+
+    Errors name the config keys under `key`, the config section `cfg` was read from (eval.task for a
+    task of the evaluation's own).
+    """
+    try:
+        task = _build_task(cfg, seed)
+        verifier = cfg.verifier or task.verifier
+        try:
+            require_known_verifier(verifier)
+        except ValueError as err:
+            # Named at load time: else the rollout actors would fail on it, after the model loaded.
+            raise TaskError(f"task.verifier: {err}" if cfg.verifier else f"task.name: task {task.name!r} asks for an {err}") from None
+    except TaskError as err:
+        message = str(err)
+        if key != "task" and message.startswith("task."):
+            raise TaskError(key + message[len("task"):]) from None
+        raise
+    return Task(task.name, task.train[: cfg.num_train], task.test[: cfg.num_test], verifier)
+
+
+def _build_task(cfg: TaskConfig, seed: int) -> Task:
     if cfg.kind == "builtin":
         importlib.import_module("drift_ray.builtin_tasks")  # registers the built-in builders
         if cfg.name not in _BUILTIN:
             raise TaskError(f"task.name: unknown builtin task {cfg.name!r}; known: {', '.join(sorted(_BUILTIN))}")
-        task = _BUILTIN[cfg.name](seed=seed, **cfg.options)
-    elif cfg.kind == "file":
+        return _call_builder(_BUILTIN[cfg.name], seed, cfg.options)
+    if cfg.kind == "file":
         if not cfg.train_path and not cfg.test_path:
             raise TaskError("task.train_path / task.test_path: a file task needs at least one of them")
-        task = Task(
+        return Task(
             cfg.name,
             read_problems(cfg.train_path, cfg.columns) if cfg.train_path else [],
             read_problems(cfg.test_path, cfg.columns) if cfg.test_path else [],
             cfg.verifier or "exact",
         )
-    elif cfg.kind == "plugin":
-        task = _load_plugin(cfg.name)(seed=seed, **cfg.options)
+    if cfg.kind == "plugin":
+        task = _call_builder(_load_plugin(cfg.name), seed, cfg.options)
         if not isinstance(task, Task):
             raise TaskError(f"task.name: plugin {cfg.name!r} returned {type(task).__name__}, expected drift_ray.prompts.Task")
-    elif cfg.kind == "hub":
+        return task
+    if cfg.kind == "hub":
         from drift_ray.hub_tasks import load_hub_task  # not at the top: hub_tasks builds on this module
 
-        task = load_hub_task(cfg, seed)
-    elif cfg.kind == "reasoning_gym":
+        return load_hub_task(cfg, seed)
+    if cfg.kind == "reasoning_gym":
         from drift_ray.gym_tasks import load_gym_task  # not at the top: gym_tasks builds on this module
 
-        task = load_gym_task(cfg, seed)
-    else:
-        raise TaskError(
-            f"task.kind: unknown kind {cfg.kind!r}; expected builtin, file, plugin, hub or reasoning_gym"
-        )
-    return Task(
-        task.name,
-        task.train[: cfg.num_train],
-        task.test[: cfg.num_test],
-        cfg.verifier or task.verifier,
-    )
+        return load_gym_task(cfg, seed)
+    raise TaskError(f"task.kind: unknown kind {cfg.kind!r}; expected builtin, file, plugin, hub or reasoning_gym")
+
+
+def _call_builder(builder: TaskBuilder, seed: int, options: dict[str, Any]) -> Task:
+    """`builder(seed=seed, **options)`, an option it does not take named as a config key."""
+    signature = inspect.signature(builder)
+    try:
+        signature.bind(seed=seed, **options)
+    except TypeError as err:
+        accepted = ", ".join(name for name in signature.parameters if name != "seed") or "none"
+        raise TaskError(f"task.options: {err}; accepted: {accepted}") from None
+    return builder(seed=seed, **options)
 
 
 def _load_plugin(spec: str) -> TaskBuilder:

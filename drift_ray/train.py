@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from drift_ray.config import Config, LossKind, TrainConfig
+from drift_ray.config import Config, LossKind, TrainConfig, accumulation_steps
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
 from drift_ray.trajectories import TRAIN_SETTINGS_FILE, publish_directory, require_parquet, require_same_settings
 from drift_ray.weights import invalid_weights
@@ -68,18 +68,6 @@ class OptimizerStep:
     epoch: int
     normalizer: float
     micro_batches: list[list[MicroBatch]]  # [rank][accumulation step]
-
-
-def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """Micro-batches per rank and optimizer step; the global batch must split evenly over ranks and micro-batches."""
-    per_pass = micro_batch_size * world_size
-    if global_batch_size % per_pass:
-        raise ValueError(
-            f"train.global_batch_size={global_batch_size} must be a multiple of train.micro_batch_size × "
-            f"train.num_workers = {micro_batch_size} × {world_size} = {per_pass}; set train.global_batch_size "
-            f"to {max(per_pass, global_batch_size // per_pass * per_pass)} or change the other two"
-        )
-    return global_batch_size // per_pass
 
 
 def plan_steps(

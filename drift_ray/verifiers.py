@@ -350,12 +350,16 @@ def register_verifier(name: str, factory: Callable[..., Verifier]) -> None:
     _REGISTRY[name] = factory
 
 
+def require_known_verifier(name: str) -> None:
+    """Fail unless a verifier is registered under `name`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown verifier {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+
+
 def get_verifier(name: str, **options: Any) -> Verifier:
     """A new verifier `name` built with `options`, e.g. get_verifier("numeric", rel_tol=1e-3)."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown verifier {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    require_known_verifier(name)
+    factory = _REGISTRY[name]
     signature = inspect.signature(factory)
     try:
         signature.bind(**options)

@@ -1,10 +1,11 @@
 """Config tree: YAML + overrides, dotted-path errors with hints, documented fields."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from drift_ray.config import ConfigError, LossKind, WeightMode, field_docs, load_config
+from drift_ray.config import ConfigError, LossKind, WeightMode, field_docs, load_config, validate_config
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -46,11 +47,30 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("weights.mode=rft", "weights.mode"),
         ("novalue", "key.path=value"),
         ("weights.beta.x=1", "weights.beta: Input should be a valid number"),
+        ("task.options=[a", "override 'task.options=[a': task.options: not a valid YAML value (expected ',' or ']'"),
+        ("rollout.dtype=fp16", "rollout.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        # Checked when the config loads, not when training starts after the rollouts.
+        ("train.micro_batch_size=3", "train.global_batch_size=128 must be a multiple of train.micro_batch_size"),
     ],
 )
 def test_bad_overrides(override, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "instruction, fragment",
+    [
+        ("{{question}}", "must contain the placeholder '{question}' ({{ and }} stand for literal braces)"),
+        ('Reply as {"answer": 1}. {question}', """has placeholders other than '{question}': '"answer"'"""),
+        ("{question} in {}", "has placeholders other than '{question}': ''"),
+        ("Q: {question", "not a valid template (expected '}' before end of string)"),
+    ],
+)
+def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment):
+    with pytest.raises(ConfigError, match="episode.instruction: Value error, " + re.escape(fragment)):
+        validate_config({"episode": {"instruction": instruction}})
+    assert validate_config({"episode": {"instruction": "{{Q}}: {question}"}}).episode.instruction == "{{Q}}: {question}"
 
 
 def test_bad_yaml_file(tmp_path):

@@ -1,6 +1,7 @@
 """Problem sources: the built-in task, local files with column mapping, plugins, and their errors."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,32 @@ def test_load_builtin_truncates_and_names_unknown():
     assert (len(task.train), len(task.test), task.verifier) == (7, 3, "exact")
     with pytest.raises(TaskError, match="unknown builtin task 'nope'"):
         load_task(TaskConfig(name="nope"), seed=0)
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (
+            TaskConfig(name="candidates", options={"nmu_test": 5}),
+            "task.options: got an unexpected keyword argument 'nmu_test'; "
+            "accepted: num_train, num_test, min_candidates, max_candidates",
+        ),
+        (
+            TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"sise": 3}),
+            "task.options: got an unexpected keyword argument 'sise'; accepted: size",
+        ),
+        (
+            TaskConfig(name="candidates", verifier="exactt"),
+            "task.verifier: unknown verifier 'exactt'; known: choice, exact, math, numeric, reasoning_gym",
+        ),
+    ],
+    ids=["builtin-option", "plugin-option", "verifier"],
+)
+def test_a_bad_task_key_is_named_at_load_time_under_the_section_it_came_from(cfg, message):
+    with pytest.raises(TaskError, match="^" + re.escape(message) + "$"):
+        load_task(cfg, seed=0)
+    with pytest.raises(TaskError, match="^eval\\." + re.escape(message) + "$"):
+        load_task(cfg, seed=0, key="eval.task")
 
 
 def test_read_jsonl_with_column_mapping(tmp_path):

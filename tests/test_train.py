@@ -20,11 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drift_ray import schema
-from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, TrainConfig
+from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, TrainConfig, accumulation_steps
 from drift_ray.train import (
     MODEL_DIR,
     STEPS_FILE,
-    accumulation_steps,
     plan_steps,
     train_loop,
     train_weighted_sft,
