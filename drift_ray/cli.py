@@ -37,7 +37,7 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     pipeline.connect_ray(cfg)
     summary = pipeline.run_rollouts(cfg, task, model)
     print(json.dumps(summary, indent=2))
-    print(f"trajectories in {Path(cfg.run_dir) / 'rollouts'}")
+    print(f"trajectories in {pipeline.rollouts_dir(cfg)}")
     return 0
 
 
@@ -62,6 +62,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for spec in args.model:
         label, sep, path = spec.partition("=")
         label, path = (label, path) if sep else (Path(spec).name or spec, spec)
+        if label in models:
+            raise ValueError(f"--model: two models labelled {label!r}; name each, e.g. --model a={path}")
         models[label] = pipeline.resolve_model(path, cfg)
     task = pipeline.evaluation_task(cfg)
     pipeline.connect_ray(cfg)

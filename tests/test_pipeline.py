@@ -160,3 +160,11 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
         assert set(round2.column(schema.MODEL).to_pylist()) == {str(run_dir / "train" / "model")}
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)
+
+
+def test_eval_refuses_two_models_under_one_label_before_starting_ray(tmp_path, tiny_model_dir, capsys):
+    other = tmp_path / "other" / Path(tiny_model_dir).name  # another model whose directory has the same name
+    args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    assert main([*args, "--model", tiny_model_dir, "--model", str(other)]) == 2
+    label = Path(tiny_model_dir).name
+    assert f"--model: two models labelled {label!r}; name each, e.g. --model a={other}" in capsys.readouterr().err
