@@ -150,16 +150,21 @@ def _load_plugin(spec: str) -> TaskBuilder:
     return builder
 
 
-def read_table(path: str | Path) -> pa.Table:
-    """A JSONL (.jsonl/.json) or Parquet file as an Arrow table; errors name the file and line."""
+def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a JSONL (.jsonl/.json) or Parquet file, each with where it is: "file:line" or
+    "file: row N".
+
+    JSONL rows stay as written: no common schema is forced on them, so a key that some rows lack and a
+    value whose type varies between rows (a gold of 5 here, "1/2" there) come through."""
     path = Path(path)
     if not path.exists():
         raise TaskError(f"{path}: no such file")
     if path.suffix == ".parquet":
         try:
-            return pq.read_table(path)
+            table = pq.read_table(path)
         except pa.ArrowException as err:
             raise TaskError(f"{path}: not a readable Parquet file: {err}") from err
+        return [(f"{path}: row {row_no}", row) for row_no, row in enumerate(table.to_pylist(), 1)]
     rows = []
     with path.open() as f:
         for line_no, line in enumerate(f, 1):
@@ -171,37 +176,39 @@ def read_table(path: str | Path) -> pa.Table:
                 raise TaskError(f"{path}:{line_no}: not valid JSON: {err.msg}") from None
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
-            rows.append(row)
-    return pa.Table.from_pylist(rows)
+            rows.append((f"{path}:{line_no}", row))
+    return rows
 
 
 def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> list[Problem]:
     """Problems from a JSONL/Parquet file; `columns` maps our names (prompt_id, question, gold) to the file's.
 
-    A file without an id column gets ids '<file stem>-<row>'. Metadata = every other column.
+    A row without an id gets the id '<file stem>-<row>' (its 1-based place among the rows). Metadata =
+    every other column.
     """
     columns = dict(columns or {})
     unknown = set(columns) - {schema.PROMPT_ID, schema.QUESTION, schema.GOLD}
     if unknown:
         raise TaskError(f"task.columns: unknown key(s) {sorted(unknown)}; expected prompt_id, question, gold")
-    table = read_table(path)
-    if table.num_rows == 0:
+    rows = read_rows(path)
+    if not rows:
         raise TaskError(f"{path}: no problems in the file")
     id_col = columns.get(schema.PROMPT_ID, schema.PROMPT_ID)
     question_col = columns.get(schema.QUESTION, schema.QUESTION)
     gold_col = columns.get(schema.GOLD, schema.GOLD)
-    missing = [c for c in (question_col, gold_col) if c not in table.column_names]
+    found = list(dict.fromkeys(key for _, row in rows for key in row))
+    missing = [c for c in (question_col, gold_col) if c not in found]
     if missing:
         raise TaskError(
-            f"{path}: missing column(s) {missing}; found {table.column_names}. "
+            f"{path}: missing column(s) {missing}; found {found}. "
             "Map your columns with task.columns, e.g. {question: problem, gold: answer}."
         )
     problems = []
     used = {id_col, question_col, gold_col}
-    for row_no, row in enumerate(table.to_pylist(), 1):
+    for row_no, (where, row) in enumerate(rows, 1):
         for col in (question_col, gold_col):
-            if row[col] is None or str(row[col]).strip() == "":
-                raise TaskError(f"{path}: row {row_no}: column {col!r} is empty")
+            if row.get(col) is None or str(row[col]).strip() == "":
+                raise TaskError(f"{where}: column {col!r} is missing or empty")
         prompt_id = row.get(id_col)
         problems.append(
             Problem(

@@ -71,6 +71,14 @@ def test_read_jsonl_with_column_mapping(tmp_path):
     assert problems[2] == Problem("probs-3", "q2", "2") and problems[2].metadata == {"level": 2}
 
 
+def test_jsonl_rows_keep_keys_the_first_row_lacks_and_golds_of_any_type(tmp_path):
+    path = tmp_path / "probs.jsonl"
+    rows = [{"question": "q1", "gold": 5}, {"question": "q2", "gold": "1/2", "prompt_id": "b"}, {"question": "q3", "gold": 0.5}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    problems = read_problems(path)
+    assert [(p.prompt_id, p.gold) for p in problems] == [("probs-1", "5"), ("b", "1/2"), ("probs-3", "0.5")]
+
+
 def test_read_parquet_file_task(tmp_path):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": ["x", "y"], "question": ["a", "b"], "gold": ["1", "2"]}), path)
@@ -83,7 +91,8 @@ def test_read_parquet_file_task(tmp_path):
     [
         ('{"question": "a", "gold": "1"}\n{not json}\n', {}, ":2: not valid JSON"),
         ('{"question": "a"}\n', {}, "missing column(s) ['gold']"),
-        ('{"question": "a", "gold": ""}\n', {}, "row 1: column 'gold' is empty"),
+        ('{"question": "a", "gold": ""}\n', {}, "bad.jsonl:1: column 'gold' is missing or empty"),
+        ('{"question": "a", "gold": "1"}\n\n{"question": "b"}\n', {}, "bad.jsonl:3: column 'gold' is missing or empty"),
         ('[1, 2]\n', {}, ":1: expected a JSON object"),
         ('{"prompt_id": "a", "question": "q", "gold": "1"}\n' * 2, {}, "prompt id 'a' appears more than once"),
         ("", {}, "no problems"),
