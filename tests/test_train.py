@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drift_ray import schema
-from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, TrainConfig, accumulation_steps
+from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, LrSchedule, TrainConfig, accumulation_steps
 from drift_ray.train import (
     MODEL_DIR,
     STEPS_FILE,
@@ -114,6 +114,10 @@ def parameters(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
+# The schedule of the run that the resumed one is compared with: a resume must pick it up mid-way.
+SCHEDULED = dict(warmup_ratio=0.25, lr_schedule=LrSchedule.cosine)
+
+
 # --- The step plan (no Ray) ---
 
 
@@ -175,7 +179,7 @@ def test_global_batch_that_does_not_split_evenly_names_the_config_keys():
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, tmp_path_factory, weighted_dir, model_path):
     out = tmp_path_factory.mktemp("zero2")
-    return out, train_weighted_sft(make_config(), weighted_dir, model_path, str(out))
+    return out, train_weighted_sft(make_config(**SCHEDULED), weighted_dir, model_path, str(out))
 
 
 @pytest.mark.ray
@@ -227,7 +231,7 @@ def test_bad_weights_are_refused_naming_the_file_and_trajectories(ray_cluster, t
 def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path):
     out, stats = zero2_run
     with mock.patch("ray.train.torch.TorchTrainer", side_effect=AssertionError("trained again")):
-        assert train_weighted_sft(make_config(), weighted_dir, model_path, str(out)) == stats
+        assert train_weighted_sft(make_config(**SCHEDULED), weighted_dir, model_path, str(out)) == stats
 
 
 @pytest.mark.ray
@@ -321,7 +325,7 @@ def train_loop_that_crashes_after_a_checkpoint(config: dict) -> None:
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
     zero2_run, tmp_path, weighted_dir, model_path
 ):
-    cfg = make_config(checkpoint_every=1)
+    cfg = make_config(checkpoint_every=1, **SCHEDULED)
     with pytest.raises(Exception, match="killed after the checkpoint"):
         train_weighted_sft(
             cfg, weighted_dir, model_path, str(tmp_path),
@@ -338,6 +342,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     resumed_steps, expected_steps = step_metrics(tmp_path), step_metrics(uninterrupted_out)
     assert [row["step"] for row in resumed_steps] == [row["step"] for row in expected_steps]
     assert [row["loss"] for row in resumed_steps] == pytest.approx([row["loss"] for row in expected_steps], rel=1e-5)
+    # The resumed run picks up the schedule where it stopped: one warmup step, then cosine to 0.
+    lr = make_config().train.lr
+    assert [row["lr"] for row in resumed_steps] == pytest.approx([lr / 2, lr, 0.75 * lr, 0.25 * lr], rel=1e-6)
     resumed, expected = parameters(tmp_path / MODEL_DIR), parameters(uninterrupted_out / MODEL_DIR)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7)
