@@ -119,7 +119,7 @@ def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], 
         row: dict[str, Any] = {"method": label, "seeds": len(per_seed)}
         for key in METRICS:
             values = [
-                (run["metrics"]["correction_rate"].get("2") or 0.0) if key == "correction@2" else run["metrics"][key]
+                run["metrics"]["correction_rate"].get("2") if key == "correction@2" else run["metrics"][key]
                 for run in per_seed
             ]
             mean, std = mean_std(values)
@@ -157,8 +157,9 @@ def evidence_checks(rows: list[dict[str, Any]]) -> list[str]:
             sft = row_of[sft_label]
             gap = row["multi@5_mean"] - sft["multi@5_mean"]
             noise = 2 * max(row["multi@5_std"], sft["multi@5_std"])
+            verdict = "NOT beyond" if abs(gap) <= noise else f"{label} {'ahead' if gap > 0 else 'behind'} beyond"
             checks.append(f"{label} multi@5 − {sft_label} multi@5 = {gap:+.3f}; 2 × the larger seed std = {noise:.3f}: "
-                          f"{'beyond' if gap > noise else 'NOT beyond'} seed noise")
+                          f"{verdict} seed noise")
             checks.append(paired_check(label, row["multi@5_per_seed"], sft_label, sft["multi@5_per_seed"]))
     return checks
 

@@ -152,12 +152,28 @@ def test_quality_checks_compare_each_drift_row_with_sft_of_its_round():
     checks = quality.evidence_checks(rows)
     assert checks[0] == "reference greedy multi@5 − acc@1 = +0.050"
     assert "uniform_round2 multi@5 − acc@1 = +0.150" in checks
-    assert "drift multi@5 − uniform multi@5 = +0.100; 2 × the larger seed std = 0.040: beyond seed noise" in checks
+    assert "drift multi@5 − uniform multi@5 = +0.100; 2 × the larger seed std = 0.040: drift ahead beyond seed noise" in checks
     # round 2 is compared with SFT's round 2, and its larger std makes the same kind of gap noise
     assert "drift_round2 multi@5 − uniform_round2 multi@5 = +0.070; 2 × the larger seed std = 0.100: NOT beyond seed noise" in checks
     assert sum(check.endswith("seed noise") for check in checks) == 2  # SFT rows are not compared with themselves
     # paired by seed: the differences +0.05 +0.09 −0.02 have mean +0.04 and sample std 0.0557
     assert "drift − uniform multi@5 paired by seed = +0.040 ± 0.056 (+0.050 +0.090 -0.020); drift ahead in 2 of 3 seeds" in checks
+    # A gap as large the other way is beyond noise too, and says so.
+    behind = quality.evidence_checks([rows[0], row("drift", 0.30, 0.30, 0.02), row("uniform", 0.30, 0.40, 0.01)])
+    assert "drift multi@5 − uniform multi@5 = -0.100; 2 × the larger seed std = 0.040: drift behind beyond seed noise" in behind
+
+
+def test_quality_averages_the_turn_2_correction_rate_over_the_seeds_where_it_is_defined():
+    quality = load_benchmark("quality.py")
+
+    def run(correction_at_2):
+        metrics = {key: 0.5 for key in quality.METRICS if key != "correction@2"}
+        return {"metrics": {**metrics, "correction_rate": {} if correction_at_2 is None else {"2": correction_at_2}}}
+
+    runs = {(0, "reference"): run(None), (1, "reference"): run(0.1), (2, "reference"): run(0.3)}
+    [reference] = quality.summary_rows(runs, [0, 1, 2], labels=[])
+    assert reference["correction@2_per_seed"] == [None, 0.1, 0.3]
+    assert reference["correction@2_mean"] == pytest.approx(0.2)  # no seed played turn 2: left out, not a 0
 
 
 def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
