@@ -339,9 +339,10 @@ class _StopStrings:
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        # A token decodes to at least one character (bar partial bytes), so this many trailing tokens
-        # cover the longest stop string; a stop found earlier would already have ended the completion.
-        self.tail = max(map(len, self.stop), default=0) + 1
+        # A token holds at least one byte of text, so this many trailing tokens cover the longest stop
+        # string, even one whose characters take several tokens each (byte-level BPE splits non-ASCII
+        # characters); a stop found earlier would already have ended the completion.
+        self.tail = max((len(s.encode("utf-8")) for s in self.stop), default=0) + 1
 
     def hit(self, completion: list[int]) -> bool:
         if not self.stop:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from drift_ray.config import EngineKind, RolloutConfig
-from drift_ray.engines import TransformersEngine, VLLMEngine, build_engine, cut_at_stop
+from drift_ray.engines import TransformersEngine, VLLMEngine, _StopStrings, build_engine, cut_at_stop
 from drift_ray.episode import Generation, SamplingParams
 
 QUESTIONS = ["What is 2+2?", "hello", "x is between 12 and 31, and x+7 ends in 4. What is x?", "abc" * 5, "Why?"]
@@ -246,3 +246,12 @@ def test_vllm_engine_gives_every_conversation_a_seed_of_its_own():
     assert [params.seed for params in sampling] == [100, 104, 108]
     assert all(params.n == 4 and params.temperature == 1.0 for params in sampling)
     assert [len(group) for group in replies] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("stop", ["</answer>", "答案"])
+def test_a_stop_string_is_seen_however_many_tokens_its_characters_take(engine, stop):
+    if not stop.isascii():  # the case at stake: the demo tokenizer spends 3 tokens on each of these characters
+        assert len(engine.tokenizer(stop, add_special_tokens=False)["input_ids"]) > len(stop) + 1
+    tokens = engine.tokenizer(f"some reply {stop}", add_special_tokens=False)["input_ids"]
+    stops = _StopStrings(engine.tokenizer, [stop])
+    assert stops.hit(tokens) and not stops.hit(tokens[:-1])
