@@ -182,3 +182,29 @@ def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
     labels = [label for method in methods for label in method.round_labels()]
     assert labels == ["drift", "drift_round2", "drift_beta0.5", "uniform", "uniform_round2", "success_only", "success_only_round2"]
     assert [m.overrides for m in methods if m.label == "drift_beta0.5"] == [("weights.beta=0.5",)]
+
+
+def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path):
+    from drift_ray.config import load_config
+    from drift_ray.episode import Episode, Generation, episodes_table, first_messages
+    from drift_ray.prompts import Problem
+    from drift_ray.rollouts import shard_path
+    from drift_ray.trajectories import write_json_atomic, write_table_atomic
+    from drift_ray.verifiers import ExactVerifier
+
+    online_rl = load_benchmark("online_rl.py")
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    problem = Problem("p", "What is 2+2?", "4")
+    episode = Episode(problem, 0, first_messages(problem.question, cfg.episode))
+    episode.take_turn(Generation("<answer>4</answer>", 10, 7), ExactVerifier(), cfg.episode)
+    write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(tmp_path / "rollouts", [problem]))
+    write_json_atomic({"drift": {"multi@1": 0.4, "multi@5": 0.5}}, tmp_path / "eval" / "eval.json")
+    write_json_atomic({"wall_seconds": 30.0}, tmp_path / "train" / "model" / "drift_train.json")
+
+    write_json_atomic({"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}, tmp_path / "timings.json")
+    point = online_rl.drift_point(tmp_path, cfg)
+    assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)
+
+    write_json_atomic({"rollouts": 0.1, "weights": 0.1, "weighted_sft": 0.2}, tmp_path / "timings.json")
+    with pytest.raises(SystemExit, match="the last run reused finished stages"):
+        online_rl.drift_point(tmp_path, cfg)
