@@ -44,8 +44,8 @@ class TransformersEngine:
     (sliding windows, linear attention) always prefill everything.
     Rows that finish leave the batch (once they are a quarter of it), so a long reply does not keep the
     finished ones computing. The cache is allocated once per batch for its whole length. Prompts are
-    sorted by length and decoded in chunks of at most `max_batch_tokens` (rows × (prompt + new tokens))
-    to bound memory and padding. `torch_threads` sets torch's (process-wide) CPU thread count.
+    sorted by length and decoded in chunks of at most `max_batch_tokens` (rows × (longest reused prefix +
+    longest fed prompt part + new tokens)) to bound memory and padding. `torch_threads` sets torch's (process-wide) CPU thread count.
     """
 
     def __init__(
@@ -100,15 +100,17 @@ class TransformersEngine:
         texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
         prompts: list[list[int]] = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         prefixes = [self._replies.get(_history_key(c)) for c in conversations]
+        reused = [prefix.usable_length(prompt) if prefix else 0 for prefix, prompt in zip(prefixes, prompts)]
         self._replies = {}
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         results: list[list[Generation]] = [[] for _ in prompts]
         carried = 0
-        for chunk in self._chunks(prompts, n, params.max_new_tokens):
-            chunk_prompts, chunk_prefixes = [prompts[i] for i in chunk], [prefixes[i] for i in chunk]
-            samples, held = self._sample(chunk_prompts, chunk_prefixes, params, n, generator)
+        for chunk in self._chunks(prompts, reused, n, params.max_new_tokens):
+            samples, held = self._sample(
+                [prompts[i] for i in chunk], [prefixes[i] for i in chunk], [reused[i] for i in chunk], params, n, generator
+            )
             for row, completion in enumerate(samples):
                 index = chunk[row // n]
                 generation = self._to_generation(completion, len(prompts[index]), params.stop)
@@ -121,17 +123,25 @@ class TransformersEngine:
                 prefixes[i] = None  # the next chunk's memory may reuse what this one held
         return results
 
-    def _chunks(self, prompts: list[list[int]], n: int, max_new_tokens: int) -> list[list[int]]:
-        """Prompt indices, shortest first, in groups whose batch (n rows per prompt, each as long as the
-        longest prompt plus max_new_tokens) holds at most max_batch_tokens; a prompt over it goes alone."""
+    def _chunks(self, prompts: list[list[int]], reused: list[int], n: int, max_new_tokens: int) -> list[list[int]]:
+        """Prompt indices, shortest first, in groups whose batch holds at most max_batch_tokens; a prompt
+        over it goes alone. `reused[i]`: the leading tokens of prompt i already in its cached prefix.
+
+        A batch has n rows per prompt, each as wide as the longest reused prefix, plus the longest run of
+        fed tokens, plus max_new_tokens (see _sample): two prompts of one length, one of them cached and
+        one not, make rows nearly twice that length.
+        """
         chunks: list[list[int]] = []
+        widths: tuple[int, int] = (0, 0)  # the longest reused prefix and fed run of the last chunk
         for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
-            # Sorted ascending, so prompt i is the longest of the chunk it would join.
-            cost = n * (len(prompts[i]) + max_new_tokens)
-            if chunks and (len(chunks[-1]) + 1) * cost <= self.max_batch_tokens:
+            own = (reused[i], len(prompts[i]) - reused[i])
+            joined = (max(widths[0], own[0]), max(widths[1], own[1]))
+            if chunks and (len(chunks[-1]) + 1) * n * (sum(joined) + max_new_tokens) <= self.max_batch_tokens:
                 chunks[-1].append(i)
+                widths = joined
             else:
                 chunks.append([i])
+                widths = own
         return chunks
 
     @torch.inference_mode()
@@ -139,6 +149,7 @@ class TransformersEngine:
         self,
         prompts: list[list[int]],
         prefixes: list[_CachedPrefix | None],
+        reused: list[int],
         params: SamplingParams,
         n: int,
         generator: torch.Generator | None,
@@ -146,14 +157,12 @@ class TransformersEngine:
         """n completions (token ids) of every prompt, in order: prompt 0's n samples, then prompt 1's, …;
         and, with carry_cache, the keys and values each completion leaves behind (else Nones).
 
-        A prompt whose leading tokens are in its prefix feeds only the rest. Batch columns: the reused
+        A prompt whose first `reused` tokens are in its prefix feeds only the rest. Batch columns: the reused
         prefixes, right-aligned, then the fed tokens, right-aligned; the attention mask hides the gaps.
         """
         if not self.share_prefill:
-            prompts = [p for p in prompts for _ in range(n)]
-            prefixes = [p for p in prefixes for _ in range(n)]
+            prompts, prefixes, reused = ([x for x in xs for _ in range(n)] for xs in (prompts, prefixes, reused))
         copies = n if self.share_prefill else 1
-        reused = [prefix.usable_length(prompt) if prefix else 0 for prefix, prompt in zip(prefixes, prompts)]
         fed = [prompt[r:] for prompt, r in zip(prompts, reused)]
         cache_width, fed_width = max(reused), max(map(len, fed))
         input_ids = torch.tensor([[self.pad_id] * (fed_width - len(f)) + f for f in fed], device=self.device)

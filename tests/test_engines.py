@@ -255,3 +255,13 @@ def test_a_stop_string_is_seen_however_many_tokens_its_characters_take(engine, s
     tokens = engine.tokenizer(f"some reply {stop}", add_special_tokens=False)["input_ids"]
     stops = _StopStrings(engine.tokenizer, [stop])
     assert stops.hit(tokens) and not stops.hit(tokens[:-1])
+
+
+def test_a_batch_is_budgeted_on_its_widest_cached_prefix_plus_its_widest_fed_part(tiny_model_dir):
+    engine = TransformersEngine(tiny_model_dir, torch_threads=1, max_batch_tokens=300)
+    prompts = [[1] * 100, [2] * 100]
+    # Uncached, the two rows are 100 + 10 wide: 220 tokens fit in one batch.
+    assert engine._chunks(prompts, [0, 0], 1, 10) == [[0, 1]]
+    # One of them 95 tokens into its cache: the rows are 95 + 100 + 10 wide, 410 tokens; apart, 110 and 105.
+    assert engine._chunks(prompts, [95, 0], 1, 10) == [[0], [1]]
+    assert engine._chunks(prompts, [95, 95], 1, 10) == [[0, 1]]
