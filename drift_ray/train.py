@@ -343,13 +343,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 totals[1] += batch["attention_mask"].sum()
         dist.all_reduce(totals)
         step_loss, step_tokens = totals.tolist()
-        if not math.isfinite(step_loss):
-            # Every rank holds the same reduced loss, so all of them stop here, before a checkpoint
-            # or a saved model could carry the broken weights on.
-            raise FloatingPointError(
-                f"weighted SFT diverged: the loss of step {step_index + 1} of {len(plan)} is {step_loss}. "
-                f"Lower train.lr (now {train.lr})" + (", or turn train.grad_clip on (now 0)" if not train.grad_clip else "")
-            )
+        # Every rank holds the same reduced loss, so all of them stop here, before a checkpoint or a
+        # saved model could carry the broken weights on.
+        require_finite_loss(step_loss, step_index + 1, len(plan), train)
         tokens += int(step_tokens)
         seconds += time.perf_counter() - step_started
         done = step_index + 1
@@ -384,6 +380,15 @@ def train_loop(config: dict[str, Any]) -> None:
             # Logged, not reported: every ray.train.report is a barrier that waits for Ray Train's
             # controller (about 2 s), which would dominate the step time of a small model.
             print(f"weighted SFT {json.dumps(metrics)}", flush=True)
+
+
+def require_finite_loss(loss: float, step: int, steps: int, train: TrainConfig) -> None:
+    """Stop a run whose loss turned NaN or infinite, naming the step and what to change."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"weighted SFT diverged: the loss of step {step} of {steps} is {loss}. Lower train.lr (now {train.lr})"
+            + (", or turn train.grad_clip on (now 0)" if not train.grad_clip else "")
+        )
 
 
 def _grad_norm(engine: Any) -> float | None:

@@ -25,6 +25,7 @@ from drift_ray.train import (
     MODEL_DIR,
     STEPS_FILE,
     plan_steps,
+    require_finite_loss,
     train_loop,
     train_weighted_sft,
 )
@@ -383,8 +384,18 @@ def test_lora_adapter_saved_unmerged_is_loaded_by_the_engine_on_its_base(ray_clu
     assert reply.completion_tokens >= 1
 
 
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), float("-inf")])
+def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step(loss):
+    with pytest.raises(FloatingPointError, match=rf"the loss of step 3 of 8 is {loss}\. Lower train\.lr \(now 0\.01\)$"):
+        require_finite_loss(loss, 3, 8, TrainConfig(lr=0.01))
+    with pytest.raises(FloatingPointError, match=r"\(now 0\.01\), or turn train\.grad_clip on \(now 0\)$"):
+        require_finite_loss(loss, 3, 8, TrainConfig(lr=0.01, grad_clip=0))
+    require_finite_loss(12.5, 3, 8, TrainConfig(lr=0.01))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.extended  # the check itself is tested above; this is its place in a real run
 def test_a_diverged_run_stops_naming_the_step_and_leaves_no_model(ray_cluster, tmp_path, weighted_dir, model_path):
     from ray.train import TrainingFailedError
 
