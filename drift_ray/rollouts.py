@@ -23,7 +23,13 @@ from drift_ray import schema
 from drift_ray.config import Config, EpisodeConfig, RolloutConfig
 from drift_ray.episode import SamplingParams, episodes_table, first_messages, play_episodes, stable_seed
 from drift_ray.prompts import Problem, problems_table
-from drift_ray.trajectories import TRAIN_SETTINGS_FILE, require_same_settings, write_json_atomic, write_table_atomic
+from drift_ray.trajectories import (
+    TRAIN_SETTINGS_FILE,
+    model_fingerprint,
+    require_same_settings,
+    write_json_atomic,
+    write_table_atomic,
+)
 from drift_ray.verifiers import get_verifier
 
 SHARD_GLOB = "part-*.parquet"
@@ -211,6 +217,8 @@ def run_episodes(
             # What made a model weighted SFT wrote (None for any other): a model retrained at the same path
             # is another policy.
             "model_trained_by": trained_by(model),
+            # Any local model replaced at the same path, whoever trained it.
+            "model_fingerprint": model_fingerprint(model),
             "samples_per_prompt": samples_per_prompt,
             "sampling": asdict(params),
             "episode": cfg.episode.model_dump(mode="json"),

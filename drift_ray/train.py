@@ -29,7 +29,13 @@ from typing import Any, Callable, Sequence
 
 from drift_ray.config import Config, LossKind, TrainConfig, accumulation_steps
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
-from drift_ray.trajectories import TRAIN_SETTINGS_FILE, publish_directory, require_parquet, require_same_settings
+from drift_ray.trajectories import (
+    TRAIN_SETTINGS_FILE,
+    model_fingerprint,
+    publish_directory,
+    require_parquet,
+    require_same_settings,
+)
 from drift_ray.weights import invalid_weights
 from drift_ray.weighted_sft import (
     collate,
@@ -135,6 +141,7 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
         "seed": cfg.seed,
         "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
         "model_path": os.path.relpath(model_path, out_dir) if os.path.isdir(model_path) else model_path,
+        "model_fingerprint": model_fingerprint(model_path),
     }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -95,6 +96,35 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
 
 
 TRAIN_SETTINGS_FILE = "drift_train_settings.json"  # in a model directory weighted SFT wrote: what made it
+
+# A file up to this size is read whole; a larger one through this many evenly spaced samples of this size.
+FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 1024, 4096
+
+
+def model_fingerprint(model: str) -> str | None:
+    """A digest of the local model directory `model`, None for a hub id: the names and sizes of its
+    files and their content, each file read whole up to 4 MiB, else in 1,024 evenly spaced 4 KiB samples.
+
+    A model retrained or replaced at the same path changes it: training changes whole weight matrices
+    (LoRA's merged ones included), each far larger than 1/1,024 of its file, and a sample falls in every
+    such stretch. Reading 4 MiB per file keeps the check quick on models of any size.
+    """
+    directory = Path(model)
+    if not directory.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as f:
+            if size <= FINGERPRINT_SAMPLES * FINGERPRINT_SAMPLE_BYTES:
+                digest.update(f.read())
+                continue
+            stride = (size - FINGERPRINT_SAMPLE_BYTES) // (FINGERPRINT_SAMPLES - 1)
+            for k in range(FINGERPRINT_SAMPLES):
+                f.seek(k * stride)
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def require_same_settings(record: str | Path, settings: dict[str, Any], output: str) -> None:

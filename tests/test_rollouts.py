@@ -1,6 +1,7 @@
 """The rollout stage: shards, resume and manifests without Ray; the Ray Data actor pool on a local cluster."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +21,7 @@ from drift_ray.rollouts import (
     shard_path,
     summarize,
 )
-from drift_ray.trajectories import TRAIN_SETTINGS_FILE, write_json_atomic
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, model_fingerprint, write_json_atomic
 
 
 EPISODE = EpisodeConfig()
@@ -98,8 +99,52 @@ def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
     write_shard(tmp_path / "eval", ["a"], k=2)  # as if it had played a problem
     run_episodes([], tmp_path / "eval", **kwargs)  # the same model: its episodes are reused
     write_json_atomic({"train": {"lr": 0.2}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
-    changed = r"eval: made with other settings \(differ in: model_trained_by\.train\.lr \(0\.1 then, 0\.2 now\)\)"
+    changed = r"eval: made with other settings \(differ in: model_fingerprint .*; model_trained_by\.train\.lr \(0\.1 then, 0\.2 now\)\)"
     with pytest.raises(RuntimeError, match=changed):
+        run_episodes([], tmp_path / "eval", **kwargs)
+
+
+def test_a_model_fingerprint_follows_the_content_wherever_the_directory_is(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = bytearray(range(256)) * (6 * 4096)  # 6 MiB: sampled, not read whole
+    (model / "model.safetensors").write_bytes(weights)
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    first = model_fingerprint(str(model))
+    assert model_fingerprint("Qwen/Qwen2.5-3B-Instruct") is None  # a hub id: nothing local to read
+    shutil.copytree(model, tmp_path / "copy")
+    assert model_fingerprint(str(tmp_path / "copy")) == first  # content, not path or modification time
+    (model / ".cache-lock").write_text("")
+    assert model_fingerprint(str(model)) == first  # hidden files are not the model's
+
+    def changed(edit) -> str:
+        shutil.rmtree(tmp_path / "edited", ignore_errors=True)
+        shutil.copytree(tmp_path / "copy", tmp_path / "edited")
+        edit(tmp_path / "edited")
+        return model_fingerprint(str(tmp_path / "edited"))
+
+    def retrain_a_stretch(directory, start=3_000_000, length=8192):  # 1/768 of the file: under the sample stride
+        data = bytearray((directory / "model.safetensors").read_bytes())
+        data[start : start + length] = bytes(length)
+        (directory / "model.safetensors").write_bytes(data)
+
+    assert changed(retrain_a_stretch) != first
+    assert changed(lambda d: (d / "config.json").write_text('{"hidden_size": 9}')) != first
+    assert changed(lambda d: (d / "generation_config.json").write_text("{}")) != first
+
+
+def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    cfg = load_config(None, [])
+    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", params=rollout_sampling(cfg), samples_per_prompt=2,
+                  prompts_per_batch=2, num_actors=1)
+    run_episodes([], tmp_path / "eval", **kwargs)
+    write_shard(tmp_path / "eval", ["a"], k=2)
+    run_episodes([], tmp_path / "eval", **kwargs)
+    (model / "config.json").write_text('{"hidden_size": 16}')
+    with pytest.raises(RuntimeError, match=r"eval: made with other settings \(differ in: model_fingerprint \("):
         run_episodes([], tmp_path / "eval", **kwargs)
 
 
