@@ -44,7 +44,8 @@ def trajectory_rows(prompt_id: str, k: int) -> list[dict]:
 
 def write_shard(out_dir: Path, prompt_ids: list[str], k: int) -> None:
     rows = [r for pid in prompt_ids for r in trajectory_rows(pid, k)]
-    pq.write_table(pa.Table.from_pylist(rows), shard_path(out_dir, [problem(p) for p in prompt_ids]))
+    columns = pa.schema([schema.TRAJECTORY_SCHEMA.field(name) for name in rows[0]])  # as the rollouts write them
+    pq.write_table(pa.Table.from_pylist(rows, schema=columns), shard_path(out_dir, [problem(p) for p in prompt_ids]))
 
 
 def test_shard_names_depend_only_on_the_batch(tmp_path):
