@@ -29,8 +29,8 @@ from drift_ray.evaluation import episode_metrics  # noqa: E402
 from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  # noqa: E402
 from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
-from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
+from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
