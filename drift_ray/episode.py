@@ -27,7 +27,8 @@ Message = dict[str, str]
 Conversation = list[Message]
 
 ANSWER_STOP = "</answer>"
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# The text after the last <answer> before a </answer>: "<answer>a <answer>b</answer>" answers b.
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _THINK_SENTENCE = "Think step by step inside <think> and </think> before answering."
 
 

@@ -42,6 +42,8 @@ CFG = EpisodeConfig(instruction="{question}", max_turns=4)
         ("<think>maybe 3</think><answer>\n3\n</answer>", "3"),
         ("<answer></answer>", None),
         ("<answer>unclosed", None),
+        ("<answer>a, or rather <answer>b</answer>", "b"),
+        ("<answer>\n<answer>\n</answer>", None),
         ("the answer is 5", None),
     ],
 )
