@@ -31,7 +31,6 @@ from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, resolve_model, run_pip
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
 from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
-from drift_ray.verifiers import get_verifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +84,7 @@ def main() -> None:
         cfg.rollout.model = reference
         reference_sha256 = weight_checksums(reference)  # while a --quick reference still exists
         task = load_task(cfg.task, cfg.seed)
-        verifier = get_verifier(task.verifier)
+        verifier = task.new_verifier()
         max_turns = cfg.episode.max_turns
 
         def evaluate(engine) -> dict[str, float]:

@@ -49,9 +49,9 @@ from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.engines import TransformersEngine  # noqa: E402
 from drift_ray.episode import SamplingParams, play_episodes  # noqa: E402
 from drift_ray.pipeline import resolve_model  # noqa: E402
-from drift_ray.prompts import Problem, load_task  # noqa: E402
+from drift_ray.prompts import Problem, Task, load_task  # noqa: E402
 from drift_ray.rollouts import rollout_sampling, run_episodes  # noqa: E402
-from drift_ray.verifiers import get_verifier  # noqa: E402
+from drift_ray.verifiers import Verifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_ONE_ACTOR_VS_IN_PROCESS = 0.5
@@ -62,16 +62,15 @@ QUICK = {"prompts": 4, "prompts_per_batch": 2, "samples_per_prompt": 4, "max_new
 def play_batches(
     engine: TransformersEngine,
     batches: Sequence[Sequence[Problem]],
-    verifier: str,
+    verifier: Verifier,
     params: SamplingParams,
     samples_per_prompt: int,
     episode: EpisodeConfig,
 ) -> dict[str, float]:
     """Play every batch as one actor call would; the generated tokens, trajectories and seconds."""
-    check = get_verifier(verifier)
     started = time.perf_counter()
     episodes = [
-        e for batch in batches for e in play_episodes(batch, engine, check, params, samples_per_prompt, episode)
+        e for batch in batches for e in play_episodes(batch, engine, verifier, params, samples_per_prompt, episode)
     ]
     return {
         "seconds": time.perf_counter() - started,
@@ -117,7 +116,7 @@ def measure_two_processes(model: str, workload: dict[str, Any]) -> dict[str, Any
 
 
 def measure_ray(
-    cfg: Config, model: str, problems: list[Problem], verifier: str, num_actors: int, work_dir: Path
+    cfg: Config, model: str, task: Task, problems: list[Problem], num_actors: int, work_dir: Path
 ) -> dict[str, Any]:
     """run_episodes with `num_actors` actors of 1 CPU and 1 thread; start-up ends when the actors start working."""
     rollout = cfg.rollout.model_copy(update={"num_actors": num_actors, "cpus_per_actor": 1, "torch_threads": 1})
@@ -127,7 +126,8 @@ def measure_ray(
         work_dir / f"ray-{num_actors}-actors",
         model=model,
         cfg=cfg.model_copy(update={"rollout": rollout}),
-        verifier=verifier,
+        verifier=task.verifier,
+        verifier_options=task.verifier_options,
         params=rollout_sampling(cfg),
         samples_per_prompt=rollout.samples_per_prompt,
         prompts_per_batch=rollout.prompts_per_batch,
@@ -211,7 +211,7 @@ def main() -> None:
     batches = [problems[i : i + r.prompts_per_batch] for i in range(0, len(problems), r.prompts_per_batch)]
     workload = {
         "batches": batches,
-        "verifier": task.verifier,
+        "verifier": task.new_verifier(),
         "params": rollout_sampling(cfg),
         "samples_per_prompt": r.samples_per_prompt,
         "episode": cfg.episode,
@@ -242,7 +242,7 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray_init_s = time.perf_counter() - started
         for actors in (1, 2):
-            figures = measure_ray(cfg, model, problems, task.verifier, actors, work_dir)
+            figures = measure_ray(cfg, model, task, problems, actors, work_dir)
             label = "Ray Data, 1 actor" if actors == 1 else f"Ray Data, {actors} actors"
             results.append(row(label, "1" if actors == 1 else "1 each", figures))
         ray.shutdown()

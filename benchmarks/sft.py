@@ -46,7 +46,6 @@ from drift_ray.config import Config, ExampleKind, LossKind, TrainConfig, Weights
 from drift_ray.demo_model import DEMO_EPISODE, build_tokenizer, save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import SamplingParams, episodes_table, play_episodes  # noqa: E402
 from drift_ray.train import plan_steps, train_loop, train_weighted_sft  # noqa: E402
-from drift_ray.verifiers import get_verifier  # noqa: E402
 from drift_ray.weighted_sft import fit_plain, length_buckets, tokenize_trajectory  # noqa: E402
 from drift_ray.weights import compute_weights  # noqa: E402
 
@@ -61,7 +60,7 @@ def weighted_trajectories(num_prompts: int, k: int) -> pa.Table:
     """K teacher episodes per candidates problem, weighted; only rows of positive weight, as training keeps."""
     task = candidates_task(seed=SEED, num_train=num_prompts)
     teacher = CandidatesTeacher()
-    verifier = get_verifier(task.verifier)
+    verifier = task.new_verifier()
     episodes = play_episodes(task.train, teacher, verifier, SamplingParams(seed=SEED), k, DEMO_EPISODE)
     weighted = compute_weights(episodes_table(episodes, DEMO_EPISODE, teacher.name), WeightsConfig())
     return weighted.filter(pc.greater(weighted.column(schema.WEIGHT), 0))

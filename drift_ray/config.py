@@ -45,7 +45,12 @@ class TaskConfig(_Section):
         "Unmapped columns are read under our own names (prompt_id, question, gold).",
     )
     verifier: Optional[str] = Field(
-        None, description="Verifier name (exact, numeric, choice, math); default: the task's own."
+        None, description="Verifier name (exact, numeric, choice, math, reasoning_gym); default: the task's own."
+    )
+    verifier_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the verifier, e.g. {rel_tol: 0.001} for numeric, {timeout_s: 10} for "
+        "math, {threshold: 0.5} for reasoning_gym. Recorded with the rollouts: other options are other rewards.",
     )
     num_train: Optional[int] = Field(None, ge=1, description="Use at most this many training problems (default: all).")
     num_test: Optional[int] = Field(None, ge=1, description="Use at most this many test problems (default: all).")
@@ -233,7 +238,12 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="Gradient-norm clip (0 = off). Paper: 1.0.")
     bf16: bool = Field(False, description="bf16 mixed precision (paper: true on GPUs).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
-    max_length: int = Field(2048, ge=8, description="Tokens per example; longer prompts are truncated on the left.")
+    max_length: int = Field(
+        2048,
+        ge=8,
+        description="Tokens per example. A longer one loses its earliest tokens (a last reply that alone is "
+        "longer is cut on the right); drift_train.json counts them (truncated_examples).",
+    )
     checkpoint_every: int = Field(0, ge=0, description="Report a Ray Train checkpoint every N steps (0 = at the end).")
     log_every: int = Field(10, ge=0, description="Rank 0 prints the step's metrics every N steps (0 = never).")
     resources: dict[str, float] = Field(

@@ -27,7 +27,6 @@ from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task
 from drift_ray.config import EpisodeConfig, ExampleKind, LossKind, LrSchedule
 from drift_ray.episode import SamplingParams, play_episodes
 from drift_ray.trajectories import publish_directory
-from drift_ray.verifiers import get_verifier
 from drift_ray.weighted_sft import fit_plain
 
 # Bump whenever the tokenizer, the architecture or the pre-training recipe changes meaning: it is part of
@@ -216,7 +215,7 @@ def _build(out_dir: Path, settings: dict[str, Any], episode: EpisodeConfig) -> N
     episodes = play_episodes(
         task.train,
         CandidatesTeacher(settings["repeat_prob"]),
-        get_verifier(task.verifier),
+        task.new_verifier(),
         SamplingParams(seed=seed),
         samples_per_prompt=settings["samples_per_prompt"],
         cfg=episode,

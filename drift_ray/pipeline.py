@@ -73,6 +73,7 @@ def run_rollouts(cfg: Config, task: Task, model: str) -> dict[str, Any]:
         model=model,
         cfg=cfg,
         verifier=task.verifier,
+        verifier_options=task.verifier_options,
         params=rollout_sampling(cfg),
         samples_per_prompt=cfg.rollout.samples_per_prompt,
         prompts_per_batch=cfg.rollout.prompts_per_batch,
@@ -131,6 +132,13 @@ def run_training(cfg: Config, reference: str, weighted: str | None = None) -> st
     weighted = weighted or str(Path(cfg.run_dir) / "weighted")
     stats = train_weighted_sft(cfg, weighted, reference, str(out))
     log.info("training: %s", stats)
+    if stats.get("truncated_examples"):
+        log.warning(
+            "training: %d examples (counted once per epoch) were longer than train.max_length=%d tokens and lost "
+            "their earliest tokens; raise train.max_length to train on them whole",
+            stats["truncated_examples"],
+            cfg.train.max_length,
+        )
     return str(out / "model")
 
 
@@ -162,6 +170,7 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
             model=model,
             cfg=cfg,
             verifier=task.verifier,
+            verifier_options=task.verifier_options,
             params=eval_sampling(cfg),
             samples_per_prompt=1,
             prompts_per_batch=cfg.eval.prompts_per_batch,

@@ -1,7 +1,7 @@
 """Problems and where they come from: built-in offline tasks, local JSONL/Parquet files, plugins.
 
 A task is a train split and a test split of problems (id, question, gold, metadata) plus the name of the
-verifier that checks answers to them.
+verifier that checks answers to them and the options it is built with.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_ray import schema
 from drift_ray.config import TaskConfig
-from drift_ray.verifiers import require_known_verifier
+from drift_ray.verifiers import Verifier, get_verifier, require_known_verifier
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class Task:
     train: list[Problem]
     test: list[Problem]
     verifier: str
+    verifier_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def new_verifier(self) -> Verifier:
+        return get_verifier(self.verifier, **self.verifier_options)
 
 
 class TaskError(ValueError):
@@ -81,17 +85,23 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
     try:
         task = _build_task(cfg, seed)
         verifier = cfg.verifier or task.verifier
+        # A task's own options for its own verifier, unless the config names them.
+        verifier_options = dict(cfg.verifier_options if cfg.verifier else {**task.verifier_options, **cfg.verifier_options})
+        # Named at load time: else the rollout actors would fail on them, after the model loaded.
         try:
             require_known_verifier(verifier)
         except ValueError as err:
-            # Named at load time: else the rollout actors would fail on it, after the model loaded.
             raise TaskError(f"task.verifier: {err}" if cfg.verifier else f"task.name: task {task.name!r} asks for an {err}") from None
+        try:
+            get_verifier(verifier, **verifier_options)  # its constructor checks the values
+        except (TypeError, ValueError) as err:
+            raise TaskError(f"task.verifier_options: {err}") from None
     except TaskError as err:
         message = str(err)
         if key != "task" and message.startswith("task."):
             raise TaskError(key + message[len("task"):]) from None
         raise
-    return Task(task.name, task.train[: cfg.num_train], task.test[: cfg.num_test], verifier)
+    return Task(task.name, task.train[: cfg.num_train], task.test[: cfg.num_test], verifier, verifier_options)
 
 
 def _build_task(cfg: TaskConfig, seed: int) -> Task:

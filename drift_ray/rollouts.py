@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,6 +70,7 @@ class EpisodeStage:
         rollout: RolloutConfig,
         episode: EpisodeConfig,
         verifier: str,
+        verifier_options: Mapping[str, Any],
         params: SamplingParams,
         samples_per_prompt: int,
         out_dir: str,
@@ -79,7 +80,7 @@ class EpisodeStage:
         self.engine = build_engine(rollout, model=model)
         self.model = model
         self.episode = episode
-        self.verifier = get_verifier(verifier)
+        self.verifier = get_verifier(verifier, **verifier_options)
         self.params = params
         self.samples_per_prompt = samples_per_prompt
         self.out_dir = Path(out_dir)
@@ -197,6 +198,7 @@ def run_episodes(
     model: str,
     cfg: Config,
     verifier: str,
+    verifier_options: Mapping[str, Any],
     params: SamplingParams,
     samples_per_prompt: int,
     prompts_per_batch: int,
@@ -223,6 +225,7 @@ def run_episodes(
             "sampling": asdict(params),
             "episode": cfg.episode.model_dump(mode="json"),
             "verifier": verifier,
+            "verifier_options": dict(verifier_options),
         },
     )
     done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)
@@ -241,6 +244,7 @@ def run_episodes(
                 "rollout": r,
                 "episode": cfg.episode,
                 "verifier": verifier,
+                "verifier_options": dict(verifier_options),
                 "params": params,
                 "samples_per_prompt": samples_per_prompt,
                 "out_dir": str(out_dir),

@@ -331,8 +331,9 @@ def train_loop(config: dict[str, Any]) -> None:
         # Dropout (LoRA) draws the same masks in a resumed run as in an uninterrupted one.
         torch.manual_seed(int(np.random.SeedSequence([seed, step_index, rank]).generate_state(1)[0]))
         lr = float(engine.get_lr()[0])  # the scheduler moves on inside the step's last engine.step()
-        # [loss, tokens] of this rank, on the device: NCCL reduces only device tensors.
-        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        # [loss, tokens, examples cut to max_length] of this rank, on the device: NCCL reduces only
+        # device tensors.
+        totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
         for micro in step.micro_batches[rank]:
             for i in micro.indices:
                 if i not in tokenized:
@@ -348,8 +349,9 @@ def train_loop(config: dict[str, Any]) -> None:
             totals[0] += loss.detach().double()
             if not micro.filler:
                 totals[1] += batch["attention_mask"].sum()
+                totals[2] += sum(tokenized[i].cut_tokens > 0 for i in micro.indices)
         dist.all_reduce(totals)
-        step_loss, step_tokens = totals.tolist()
+        step_loss, step_tokens, step_truncated = totals.tolist()
         # Every rank holds the same reduced loss, so all of them stop here, before a checkpoint or a
         # saved model could carry the broken weights on.
         require_finite_loss(step_loss, step_index + 1, len(plan), train)
@@ -363,6 +365,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "loss": step_loss,
             "lr": lr,
             "grad_norm": _grad_norm(engine),
+            "truncated": int(step_truncated),
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -376,6 +379,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "examples": len(conversations),
                 "world_size": world_size,
                 "initial_loss": history[0]["loss"],
+                # Counted once per epoch; the steps of a run begun before this count existed count 0.
+                "truncated_examples": sum(row.get("truncated", 0) for row in history),
                 "final_loss": float(np.mean([row["loss"] for row in history[-steps_per_epoch:]])),
                 "resumed_from_step": start_step,
             }

@@ -32,10 +32,12 @@ Message = dict[str, str]
 
 @dataclass
 class TokenizedExample:
-    """One training sequence; `labels` equals `input_ids` where supervised and IGNORE_INDEX elsewhere."""
+    """One training sequence; `labels` equals `input_ids` where supervised and IGNORE_INDEX elsewhere.
+    `cut_tokens`: how many tokens were dropped to fit max_length."""
 
     input_ids: list[int]
     labels: list[int]
+    cut_tokens: int = 0
 
 
 def tokenize_trajectory(
@@ -94,7 +96,9 @@ def tokenize_trajectory(
     if len(input_ids) <= max_length:
         return TokenizedExample(input_ids, labels)
     start = max(0, min(len(input_ids) - max_length, reply_start - 1))
-    return TokenizedExample(input_ids[start : start + max_length], labels[start : start + max_length])
+    return TokenizedExample(
+        input_ids[start : start + max_length], labels[start : start + max_length], len(input_ids) - max_length
+    )
 
 
 def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:

@@ -53,8 +53,22 @@ def test_load_builtin_truncates_and_names_unknown():
             TaskConfig(name="candidates", verifier="exactt"),
             "task.verifier: unknown verifier 'exactt'; known: choice, exact, math, numeric, reasoning_gym",
         ),
+        (
+            TaskConfig(name="candidates", verifier="numeric", verifier_options={"rel_tl": 0.1}),
+            "task.verifier_options: verifier 'numeric': got an unexpected keyword argument 'rel_tl'; "
+            "accepted options: rel_tol, abs_tol",
+        ),
+        (
+            TaskConfig(name="candidates", verifier_options={"timeout_s": 5}),
+            "task.verifier_options: verifier 'exact': got an unexpected keyword argument 'timeout_s'; "
+            "accepted options: none",
+        ),
+        (
+            TaskConfig(name="candidates", verifier="numeric", verifier_options={"rel_tol": -1}),
+            "task.verifier_options: numeric verifier: tolerances must be >= 0, found rel_tol=-1, abs_tol=1e-06",
+        ),
     ],
-    ids=["builtin-option", "plugin-option", "verifier"],
+    ids=["builtin-option", "plugin-option", "verifier", "verifier-option", "own-verifier-option", "verifier-value"],
 )
 def test_a_bad_task_key_is_named_at_load_time_under_the_section_it_came_from(cfg, message):
     with pytest.raises(TaskError, match="^" + re.escape(message) + "$"):
@@ -109,6 +123,26 @@ def test_bad_problem_files(tmp_path, content, columns, fragment):
 
 def make_plugin_task(seed, size=2):
     return Task("plugin", [Problem(f"p{i}", "q", "a") for i in range(size)], [], "exact")
+
+
+def make_tolerant_plugin_task(seed):
+    return Task("plugin", [Problem("p", "q", "100")], [], "numeric", {"rel_tol": 0.1, "abs_tol": 1.0})
+
+
+@pytest.mark.parametrize(
+    "verifier, options, tolerance",
+    [
+        (None, {}, (0.1, 1.0)),  # the task's own verifier with the task's own options
+        (None, {"abs_tol": 0.0}, (0.1, 0.0)),  # the config's options over the task's
+        ("numeric", {}, (1e-4, 1e-6)),  # a verifier the config names gets the config's options only
+    ],
+)
+def test_verifier_options_reach_the_verifier(verifier, options, tolerance):
+    cfg = TaskConfig(kind="plugin", name="tests.test_prompts:make_tolerant_plugin_task", verifier=verifier,
+                     verifier_options=options)
+    check = load_task(cfg, seed=0).new_verifier()
+    assert (check.rel_tol, check.abs_tol) == tolerance
+    assert check.check("109", "100") == (tolerance[0] == 0.1)
 
 
 def test_plugin_task_and_errors():

@@ -94,7 +94,7 @@ def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
     model = tmp_path / "model"
     write_json_atomic({"train": {"lr": 0.1}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
     cfg = load_config(None, [])
-    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", params=rollout_sampling(cfg), samples_per_prompt=2,
+    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg), samples_per_prompt=2,
                   prompts_per_batch=2, num_actors=1)
     run_episodes([], tmp_path / "eval", **kwargs)
     write_shard(tmp_path / "eval", ["a"], k=2)  # as if it had played a problem
@@ -103,6 +103,18 @@ def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
     changed = r"eval: made with other settings \(differ in: model_fingerprint .*; model_trained_by\.train\.lr \(0\.1 then, 0\.2 now\)\)"
     with pytest.raises(RuntimeError, match=changed):
         run_episodes([], tmp_path / "eval", **kwargs)
+
+
+def test_other_verifier_options_are_other_rewards(tmp_path):
+    cfg = load_config(None, [])
+    kwargs = dict(model="some/hub-model", cfg=cfg, verifier="numeric", params=rollout_sampling(cfg),
+                  samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+    run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.01})
+    write_shard(tmp_path / "eval", ["a"], k=2)
+    run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.01})
+    changed = r"eval: made with other settings \(differ in: verifier_options\.rel_tol \(0\.01 then, 0\.1 now\)\)"
+    with pytest.raises(RuntimeError, match=changed):
+        run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.1})
 
 
 def test_a_model_fingerprint_follows_the_content_wherever_the_directory_is(tmp_path):
@@ -139,7 +151,7 @@ def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):
     model.mkdir()
     (model / "config.json").write_text('{"hidden_size": 8}')
     cfg = load_config(None, [])
-    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", params=rollout_sampling(cfg), samples_per_prompt=2,
+    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg), samples_per_prompt=2,
                   prompts_per_batch=2, num_actors=1)
     run_episodes([], tmp_path / "eval", **kwargs)
     write_shard(tmp_path / "eval", ["a"], k=2)
@@ -182,7 +194,7 @@ def test_ray_rollouts_resume_after_interruption(tmp_path, ray_cluster, tiny_mode
                              "rollout.cpus_per_actor=1", "seed=7"])
     problems = [Problem(f"p{i}", f"x is between 10 and 29, and x+1 ends in {i}. What is x?", "9") for i in range(6)]
     out = tmp_path / "rollouts"
-    kwargs = dict(model=tiny_model_dir, cfg=cfg, verifier="exact", params=rollout_sampling(cfg),
+    kwargs = dict(model=tiny_model_dir, cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
                   samples_per_prompt=3, prompts_per_batch=2, num_actors=2)
 
     # A "killed" first run: only the first batch made it to disk, plus a half-written temporary file.

@@ -191,6 +191,7 @@ def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_mo
     assert stats["steps"] == 2 * NUM_POSITIVE // 8 and stats["resumed_from_step"] == 0
     assert stats["final_loss"] < stats["initial_loss"]
     assert stats["tokens"] > 0 and stats["tokens_per_s"] > 0
+    assert stats["truncated_examples"] == 0  # max_length 64 holds every conversation
     steps = step_metrics(out)
     assert [row["step"] for row in steps] == list(range(1, stats["steps"] + 1))
     assert [row["epoch"] for row in steps] == [0, 0, 1, 1]
@@ -254,20 +255,23 @@ def test_other_zero_stages_on_cpu_lower_the_loss_and_save_a_loadable_model(
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)
 
 
-def reference_loss_and_grad_norm(model_path: str, rows: list[dict], max_length: int) -> tuple[float, float]:
-    """Σ w_i·L_i / Σ w_i over all positive rows and the norm of its gradient, in one plain process."""
+def reference_loss_and_grad_norm(model_path: str, rows: list[dict], max_length: int) -> tuple[float, float, int]:
+    """Σ w_i·L_i / Σ w_i over all positive rows and the norm of its gradient, in one plain process; and how
+    many of the rows were cut to max_length."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # as the workers load it
     total = torch.zeros(())
+    truncated = 0
     positive = [row for row in rows if row[schema.WEIGHT] > 0]
     for row in positive:
         example = tokenize_trajectory(tokenizer, row[schema.MESSAGES], ExampleKind.last_turn, max_length)
+        truncated += example.cut_tokens > 0
         logits = model(input_ids=torch.tensor([example.input_ids])).logits
         total = total + row[schema.WEIGHT] * per_sample_nll(logits, torch.tensor([example.labels]))[0]
     loss = total / sum(row[schema.WEIGHT] for row in positive)
     loss.backward()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    return loss.item(), norm.item()
+    return loss.item(), norm.item(), truncated
 
 
 @pytest.mark.ray
@@ -275,19 +279,23 @@ def reference_loss_and_grad_norm(model_path: str, rows: list[dict], max_length: 
 def test_two_workers_make_the_same_update_as_one_with_four_accumulated_micro_batches(
     ray_cluster, tmp_path, weighted_dir, model_path, rows
 ):
-    """One optimizer step over the whole global batch: the loss, the gradient and the new weights match."""
-    loss, grad_norm = reference_loss_and_grad_norm(model_path, rows, max_length=64)
+    """One optimizer step over the whole global batch: the loss, the gradient and the new weights match,
+    with the conversations that opened with a wrong answer cut to max_length."""
+    max_length = 40
+    loss, grad_norm, truncated = reference_loss_and_grad_norm(model_path, rows, max_length)
+    assert 0 < truncated < NUM_POSITIVE
     lr = 1e-3
     trained = {}
     for workers in (1, 2):
         cfg = make_config(
             num_workers=workers, epochs=1, global_batch_size=NUM_POSITIVE, micro_batch_size=4,
-            loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0,
+            loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0, max_length=max_length,
         )
         stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path / f"w{workers}"))
         assert stats["steps"] == 1 and stats["world_size"] == workers
         assert stats["initial_loss"] == pytest.approx(loss, rel=1e-5)
         assert stats["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+        assert stats["truncated_examples"] == stats["truncated"] == truncated
         trained[workers] = parameters(tmp_path / f"w{workers}" / MODEL_DIR)
     initial = parameters(model_path)
     for name, one in trained[1].items():

@@ -134,6 +134,7 @@ def test_left_truncation_keeps_the_reply(tokenizer):
 
     assert len(full.input_ids) > max_length
     assert example.input_ids == full.input_ids[-max_length:]
+    assert (full.cut_tokens, example.cut_tokens) == (0, len(full.input_ids) - max_length)
     assert supervised_runs(tokenizer, example) == [reply]
 
 
@@ -145,6 +146,7 @@ def test_a_reply_longer_than_max_length_is_cut_on_the_right(tokenizer):
     example = tokenize_trajectory(tokenizer, long_reply, ExampleKind.last_turn, max_length=8)
 
     assert example.input_ids == full.input_ids[reply_start - 1 : reply_start + 7]
+    assert example.cut_tokens == len(full.input_ids) - 8
     assert example.labels[0] == IGNORE_INDEX
     assert supervised_runs(tokenizer, example) == ["1 2 3 4"]  # the first 7 reply tokens, each predicted
 
