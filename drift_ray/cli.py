@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 from drift_ray.config import Config, ConfigError, field_docs, load_config
+
+# An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..".
+_LABEL = re.compile(r"[\w:+-][\w.:+-]*")
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
@@ -62,8 +66,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for spec in args.model:
         label, sep, path = spec.partition("=")
         label, path = (label, path) if sep else (Path(spec).name or spec, spec)
+        if not _LABEL.fullmatch(label):
+            raise ValueError(
+                f"--model {spec}: the label {label!r} names the directory eval/{label}; give one of letters, digits "
+                "and _ . : + - that does not start with a dot, e.g. --model drift=PATH"
+            )
         if label in models:
-            raise ValueError(f"--model: two models labelled {label!r}; name each, e.g. --model a={path}")
+            raise ValueError(f"--model: two models labelled {label!r}; label each, e.g. --model {label}-2={path}")
         models[label] = pipeline.resolve_model(path, cfg)
     task = pipeline.evaluation_task(cfg)
     pipeline.connect_ray(cfg)

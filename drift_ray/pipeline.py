@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from drift_ray.config import DEMO_MODEL, Config
+from drift_ray.config import DEMO_MODEL, Config, EngineKind
 from drift_ray.prompts import Task, load_task
 from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
 from drift_ray.schema import PROMPT_ID
@@ -53,8 +53,20 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str, cfg: Config) -> str:
-    """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference."""
+    """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference.
+
+    A model that is neither a directory here nor a valid Hub id (a mistyped path such as
+    runs/a/train/modle) fails now, not inside a rollout actor or training worker. A server's model
+    name (rollout.engine=openai) is the server's to check.
+    """
     if model != DEMO_MODEL:
+        if cfg.rollout.engine is not EngineKind.openai and not os.path.exists(model):
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(model)
+            except HFValidationError as err:
+                raise ValueError(f"{model}: no such model directory, nor a Hugging Face Hub id ({err})") from None
         return model
     from drift_ray.demo_model import ensure_demo_model
 
@@ -211,6 +223,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     task = timed("prompts", load_task, cfg.task, cfg.seed)
+    # Before any stage: a mistake in eval.task must not surface only after the training.
+    eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     timed("ray_start", connect_ray, cfg)
     models = {"reference": reference}
     policy = reference
@@ -222,7 +236,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task))
         policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
-    eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     report = timed("evaluation", run_eval, cfg, eval_task, models)
     # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
     write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / CONFIG_FILE)

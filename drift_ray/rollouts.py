@@ -25,7 +25,7 @@ from drift_ray.episode import SamplingParams, episodes_table, first_messages, pl
 from drift_ray.prompts import Problem, problems_table
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
-    model_fingerprint,
+    files_fingerprint,
     require_same_settings,
     write_json_atomic,
     write_table_atomic,
@@ -220,7 +220,7 @@ def run_episodes(
             # is another policy.
             "model_trained_by": trained_by(model),
             # Any local model replaced at the same path, whoever trained it.
-            "model_fingerprint": model_fingerprint(model),
+            "model_fingerprint": files_fingerprint(model),
             "samples_per_prompt": samples_per_prompt,
             "sampling": asdict(params),
             "episode": cfg.episode.model_dump(mode="json"),

@@ -101,21 +101,31 @@ TRAIN_SETTINGS_FILE = "drift_train_settings.json"  # in a model directory weight
 FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 1024, 4096
 
 
-def model_fingerprint(model: str) -> str | None:
-    """A digest of the local model directory `model`, None for a hub id: the names and sizes of its
-    files and their content, each file read whole up to 4 MiB, else in 1,024 evenly spaced 4 KiB samples.
+def files_fingerprint(path: str) -> str | None:
+    """A digest of the local file or directory `path`, None when there is none (a hub id, a URI): the
+    relative paths and sizes of its files, subdirectories included, and their content, each file read
+    whole up to 4 MiB, else in 1,024 evenly spaced 4 KiB samples. Hidden files and directories are left
+    out (locks, staging files).
 
     A model retrained or replaced at the same path changes it: training changes whole weight matrices
     (LoRA's merged ones included), each far larger than 1/1,024 of its file, and a sample falls in every
     such stretch. Reading 4 MiB per file keeps the check quick on models of any size.
     """
-    directory = Path(model)
-    if not directory.is_dir():
+    root = Path(path)
+    if root.is_file():
+        files = {"": root}  # a file's own name is not its content
+    elif root.is_dir():
+        files = {
+            file.relative_to(root).as_posix(): file
+            for file in root.rglob("*")
+            if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
+        }
+    else:
         return None
     digest = hashlib.sha256()
-    for file in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for name, file in sorted(files.items()):
         size = file.stat().st_size
-        digest.update(f"{file.name}\0{size}\0".encode())
+        digest.update(f"{name}\0{size}\0".encode())
         with file.open("rb") as f:
             if size <= FINGERPRINT_SAMPLES * FINGERPRINT_SAMPLE_BYTES:
                 digest.update(f.read())

@@ -167,4 +167,27 @@ def test_eval_refuses_two_models_under_one_label_before_starting_ray(tmp_path, t
     args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
     assert main([*args, "--model", tiny_model_dir, "--model", str(other)]) == 2
     label = Path(tiny_model_dir).name
-    assert f"--model: two models labelled {label!r}; name each, e.g. --model a={other}" in capsys.readouterr().err
+    assert f"--model: two models labelled {label!r}; label each, e.g. --model {label}-2={other}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("label", ["", "..", "a/b", ".hidden"])
+def test_eval_refuses_a_label_that_is_no_directory_name_of_its_own(tmp_path, tiny_model_dir, capsys, label):
+    args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    assert main([*args, "--model", f"{label}={tiny_model_dir}"]) == 2
+    assert f"the label {label!r} names the directory eval/{label}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, tiny_model_dir, capsys):
+    mistyped = str(Path(tiny_model_dir) / "modle")
+    args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    assert main([*args, "--model", mistyped]) == 2
+    assert f"{mistyped}: no such model directory, nor a Hugging Face Hub id" in capsys.readouterr().err
+
+
+def test_a_mistake_in_eval_task_fails_before_the_rollouts(tmp_path, tiny_model_dir, capsys):
+    run_dir = tmp_path / "run"
+    args = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]
+    assert main([*args, "eval.task.name=candidats"]) == 2
+    assert "eval.task.name: unknown builtin task 'candidats'" in capsys.readouterr().err
+    assert not (run_dir / "rollouts").exists()

@@ -21,7 +21,7 @@ from drift_ray.rollouts import (
     shard_path,
     summarize,
 )
-from drift_ray.trajectories import TRAIN_SETTINGS_FILE, model_fingerprint, write_json_atomic
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, files_fingerprint, write_json_atomic
 
 
 EPISODE = EpisodeConfig()
@@ -117,24 +117,24 @@ def test_other_verifier_options_are_other_rewards(tmp_path):
         run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.1})
 
 
-def test_a_model_fingerprint_follows_the_content_wherever_the_directory_is(tmp_path):
+def test_a_fingerprint_follows_the_content_wherever_the_files_are(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     weights = bytearray(range(256)) * (6 * 4096)  # 6 MiB: sampled, not read whole
     (model / "model.safetensors").write_bytes(weights)
     (model / "config.json").write_text('{"hidden_size": 8}')
-    first = model_fingerprint(str(model))
-    assert model_fingerprint("Qwen/Qwen2.5-3B-Instruct") is None  # a hub id: nothing local to read
+    first = files_fingerprint(str(model))
+    assert files_fingerprint("Qwen/Qwen2.5-3B-Instruct") is None  # a hub id: nothing local to read
     shutil.copytree(model, tmp_path / "copy")
-    assert model_fingerprint(str(tmp_path / "copy")) == first  # content, not path or modification time
+    assert files_fingerprint(str(tmp_path / "copy")) == first  # content, not path or modification time
     (model / ".cache-lock").write_text("")
-    assert model_fingerprint(str(model)) == first  # hidden files are not the model's
+    assert files_fingerprint(str(model)) == first  # hidden files are not the model's
 
     def changed(edit) -> str:
         shutil.rmtree(tmp_path / "edited", ignore_errors=True)
         shutil.copytree(tmp_path / "copy", tmp_path / "edited")
         edit(tmp_path / "edited")
-        return model_fingerprint(str(tmp_path / "edited"))
+        return files_fingerprint(str(tmp_path / "edited"))
 
     def retrain_a_stretch(directory, start=3_000_000, length=8192):  # 1/768 of the file: under the sample stride
         data = bytearray((directory / "model.safetensors").read_bytes())
@@ -144,6 +144,13 @@ def test_a_model_fingerprint_follows_the_content_wherever_the_directory_is(tmp_p
     assert changed(retrain_a_stretch) != first
     assert changed(lambda d: (d / "config.json").write_text('{"hidden_size": 9}')) != first
     assert changed(lambda d: (d / "generation_config.json").write_text("{}")) != first
+    # Subdirectories are the model's too (e.g. an adapter beside its base); hidden ones are not.
+    assert changed(lambda d: (d / "adapter").mkdir() or (d / "adapter" / "adapter_config.json").write_text("{}")) != first
+    assert changed(lambda d: (d / ".locks").mkdir() or (d / ".locks" / "lock").write_text("")) == first
+    # A file: its content, whatever its name.
+    (tmp_path / "a.parquet").write_bytes(b"rows")
+    (tmp_path / "b.parquet").write_bytes(b"rows")
+    assert files_fingerprint(str(tmp_path / "a.parquet")) == files_fingerprint(str(tmp_path / "b.parquet"))
 
 
 def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):

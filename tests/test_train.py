@@ -23,12 +23,15 @@ from drift_ray import schema
 from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, LrSchedule, TrainConfig, accumulation_steps
 from drift_ray.train import (
     MODEL_DIR,
+    STATS_FILE,
     STEPS_FILE,
     plan_steps,
     require_finite_loss,
     train_loop,
+    train_settings,
     train_weighted_sft,
 )
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, write_json_atomic
 from drift_ray.weighted_sft import per_sample_nll, tokenize_trajectory
 
 NUM_POSITIVE = 16
@@ -226,6 +229,20 @@ def test_bad_weights_are_refused_naming_the_file_and_trajectories(ray_cluster, t
     with pytest.raises(ValueError, match=re.escape(str(weighted)) + ": " + message):
         train_weighted_sft(make_config(), str(weighted), model_path, str(tmp_path / "out"))
     assert not (tmp_path / "out" / MODEL_DIR).exists()
+
+
+def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_path, rows, model_path):
+    weighted = tmp_path / "weighted.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), weighted)
+    out, cfg = tmp_path / "train", make_config()
+    # A finished run, as train_weighted_sft leaves it.
+    write_json_atomic(train_settings(cfg, str(weighted), model_path, out), out / MODEL_DIR / TRAIN_SETTINGS_FILE)
+    write_json_atomic({"steps": 4}, out / MODEL_DIR / STATS_FILE)
+    assert train_weighted_sft(cfg, str(weighted), model_path, str(out)) == {"steps": 4}
+
+    pq.write_table(pa.Table.from_pylist(rows[::-1]), weighted)  # e.g. `drift-ray weights` again, another β
+    with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: weighted_fingerprint \("):
+        train_weighted_sft(cfg, str(weighted), model_path, str(out))
 
 
 @pytest.mark.ray
