@@ -115,7 +115,12 @@ class RolloutConfig(_Section):
     prompts_per_batch: int = Field(32, ge=1, description="Prompts per actor call (all K episodes each).")
     num_actors: int = Field(1, ge=1, description="Rollout actors (one engine each).")
     cpus_per_actor: float = Field(1.0, ge=0.0, description="CPUs reserved per rollout actor.")
-    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per rollout actor (vLLM: = tensor_parallel_size).")
+    gpus_per_actor: float = Field(
+        0.0,
+        ge=0.0,
+        description="GPUs per rollout actor (vLLM: = tensor_parallel_size; with tensor_parallel_size 1 a fraction "
+        "packs several actors on one GPU).",
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size per actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype for the engine.")
     torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
@@ -149,6 +154,21 @@ class RolloutConfig(_Section):
     retry_backoff_s: float = Field(
         1.0, ge=0.0, description="openai: wait before the first retry; doubles with each retry (capped at 60 s)."
     )
+
+    @model_validator(mode="after")
+    def _vllm_actors_hold_their_gpus(self) -> "RolloutConfig":
+        # At load time: else vLLM fails inside the actors, after the cluster scaled up for them.
+        if self.engine is EngineKind.vllm and self.gpus_per_actor == 0:
+            raise ValueError(
+                "rollout.engine=vllm runs on GPUs: set rollout.gpus_per_actor (to rollout.tensor_parallel_size, "
+                f"now {self.tensor_parallel_size})"
+            )
+        if self.engine is EngineKind.vllm and 1 < self.tensor_parallel_size != self.gpus_per_actor:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={self.tensor_parallel_size} shards the model over that many GPUs of "
+                f"the actor: set rollout.gpus_per_actor to it (now {self.gpus_per_actor:g})"
+            )
+        return self
 
 
 class WeightMode(str, Enum):
@@ -259,6 +279,13 @@ class TrainConfig(_Section):
         accumulation_steps(self.global_batch_size, self.micro_batch_size, self.num_workers)
         return self
 
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "TrainConfig":
+        if self.offload and self.zero_stage == 0:
+            # DeepSpeed offloads optimizer states through ZeRO only; without it CPU Adam meets GPU tensors.
+            raise ValueError("train.offload=true needs ZeRO: set train.zero_stage to 1, 2 or 3, or train.offload=false")
+        return self
+
 
 class EvalConfig(_Section):
     task: Optional[TaskConfig] = Field(
@@ -294,6 +321,14 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _later_rounds_train_full_models(self) -> "Config":
+        if self.rounds > 1 and self.train.lora.enabled and not self.train.lora.merge:
+            # Round r trains round r-1's model further; a saved adapter alone would be trained from fresh
+            # adapter weights on the base model, losing the earlier rounds.
+            raise ValueError("rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)")
+        return self
 
 
 class ConfigError(ValueError):
@@ -356,7 +391,15 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"; known keys: {', '.join(known)}"
         return f"{dotted}: unknown key{hint}"
     found = error.get("input")
-    shown = "" if isinstance(found, dict) else f" (found {found!r})"
+    if not loc:  # a check across sections: its message names the keys
+        return error["msg"]
+    if not isinstance(found, dict):
+        shown = f" (found {found!r})"
+    elif error["type"].endswith("_type"):
+        # YAML reads an unquoted `a: {b}` as a mapping.
+        shown = f" (found the mapping {found!r}; quote a value with ': ' or braces in it)"
+    else:  # a check across the keys of this section: the input is the whole section
+        shown = ""
     return f"{dotted}: {error['msg']}{shown}"
 
 

@@ -59,6 +59,48 @@ def test_bad_overrides(override, fragment):
 
 
 @pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (
+            ["episode.instruction=Q: {question}"],
+            "  episode.instruction: Input should be a valid string (found the mapping {'Q': {'question': None}}; "
+            "quote a value with ': ' or braces in it)",
+        ),
+        (
+            ["train.offload=true", "train.zero_stage=0"],
+            "  train: Value error, train.offload=true needs ZeRO: set train.zero_stage to 1, 2 or 3, or train.offload=false",
+        ),
+        (
+            ["rollout.engine=vllm"],
+            "  rollout: Value error, rollout.engine=vllm runs on GPUs: set rollout.gpus_per_actor (to "
+            "rollout.tensor_parallel_size, now 1)",
+        ),
+        (
+            ["rollout.engine=vllm", "rollout.tensor_parallel_size=2", "rollout.gpus_per_actor=1"],
+            "  rollout: Value error, rollout.tensor_parallel_size=2 shards the model over that many GPUs of the actor: "
+            "set rollout.gpus_per_actor to it (now 1)",
+        ),
+        (
+            ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],
+            "  Value error, rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
+        ),
+    ],
+    ids=["unquoted-mapping", "offload-without-zero", "vllm-without-gpu", "tensor-parallel-gpus", "rounds-of-adapters"],
+)
+def test_settings_that_would_fail_in_the_workers_fail_when_the_config_loads(overrides, line):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert line in str(error.value).splitlines()
+
+
+def test_settings_that_the_checks_across_keys_let_through():
+    load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5"])  # two actors share a GPU
+    load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=4", "rollout.gpus_per_actor=4"])
+    load_config(None, ["rounds=2", "train.lora.enabled=true"])  # merged: round 2 trains the merged model
+    load_config(None, ["train.offload=true", "train.zero_stage=1"])
+
+
+@pytest.mark.parametrize(
     "instruction, fragment",
     [
         ("{{question}}", "must contain the placeholder '{question}' ({{ and }} stand for literal braces)"),
