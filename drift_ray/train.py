@@ -297,8 +297,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if train.lora.enabled:
+        torch.manual_seed(seed)  # the adapter's initial weights
         model = _with_lora(model, train)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -342,7 +342,10 @@ def train_loop(config: dict[str, Any]) -> None:
                     tokenized[i] = tokenize_trajectory(tokenizer, conversations[i], train.examples, train.max_length)
             batch = collate([tokenized[i] for i in micro.indices], micro.weights, pad_token_id)
             batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # use_cache=False per call, not in the config: the saved model keeps its KV cache for generate().
+            logits = engine(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits
             loss = weighted_loss(per_sample_nll(logits, batch["labels"]), batch["weights"], step.normalizer)
             # The micro-batch losses of all ranks sum to the global loss: undo DeepSpeed's division by
             # the accumulation steps (scale_wrt_gas) and its averaging of gradients over ranks (× W).

@@ -157,7 +157,7 @@ def length_buckets(
 
     The indices are shuffled, cut into chunks of `batches_per_chunk` batches, sorted by length within
     each chunk and cut into batches; the batches are then shuffled. Sorting only within chunks keeps the
-    batches random while cutting most of the padding. Only the last batch may be smaller.
+    batches random while cutting most of the padding. One batch, anywhere in the order, may be smaller.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, found {batch_size}")

@@ -386,6 +386,8 @@ def test_lora_with_gradient_checkpointing_changes_only_the_adapted_matrices_and_
     train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
     trained, initial = parameters(tmp_path / MODEL_DIR), parameters(model_path)
     assert trained.keys() == initial.keys()  # merged: a plain model, no adapter weights
+    # Checkpointing is for the training: the saved model still generates with its KV cache.
+    assert json.loads((tmp_path / MODEL_DIR / "config.json").read_text()).get("use_cache", True) is True
     for name, tensor in initial.items():
         adapted = name.endswith(("q_proj.weight", "v_proj.weight"))
         assert torch.equal(trained[name], tensor) != adapted, name
