@@ -17,7 +17,6 @@ max_new_tokens every turn; --model PATH replaces the config's rollout.model in e
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from drift_ray.config import load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.pipeline import run_pipeline  # noqa: E402
 from drift_ray.rollouts import read_shards  # noqa: E402
-from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
+from drift_ray.train import MODEL_DIR, read_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_STAGES = ("reference_model", "ray_start")
@@ -51,7 +50,7 @@ def generated(shard_dirs: list[Path]) -> dict[str, int]:
 
 def stage_rows(timings: dict[str, float], run_dir: Path) -> list[dict[str, Any]]:
     """One row per stage of `timings` (run_pipeline's timings_s), with start-up and work where known."""
-    train_stats = json.loads((run_dir / "train" / MODEL_DIR / STATS_FILE).read_text())
+    train_stats = read_stats(run_dir / "train" / MODEL_DIR)
     work = {
         "rollouts": generated([run_dir / "rollouts"]),
         "evaluation": generated(sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir())),

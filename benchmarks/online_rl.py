@@ -30,7 +30,7 @@ from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  #
 from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
-from drift_ray.train import MODEL_DIR, STATS_FILE  # noqa: E402
+from drift_ray.train import MODEL_DIR, STATS_FILE, read_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """DRIFT's cost and result from a finished run: rollouts + weights + training time, rollout tokens."""
     timings = json.loads((run_dir / TIMINGS_FILE).read_text())
     # timings.json is the last run's: a rerun that reused the finished stages took seconds, not their cost.
-    trained_in = json.loads((run_dir / "train" / MODEL_DIR / STATS_FILE).read_text())["wall_seconds"]
+    trained_in = read_stats(run_dir / "train" / MODEL_DIR)["wall_seconds"]
     if timings["weighted_sft"] < trained_in:
         raise SystemExit(
             f"{run_dir / TIMINGS_FILE}: its weighted SFT took {timings['weighted_sft']} s, less than the training "

@@ -47,13 +47,13 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
-    from drift_ray.train import STATS_FILE
+    from drift_ray.train import read_stats
 
     cfg = _config(args)
     model = pipeline.resolve_model(args.model or cfg.rollout.model, cfg)
     pipeline.connect_ray(cfg)
     trained = pipeline.run_training(cfg, model, args.input)
-    print((Path(trained) / STATS_FILE).read_text(), end="")
+    print(json.dumps(read_stats(trained), indent=2, sort_keys=True))
     print(f"trained model in {trained}")
     return 0
 

@@ -147,6 +147,11 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
     }
 
 
+def read_stats(model_dir: str | Path) -> dict[str, Any]:
+    """The statistics weighted SFT wrote beside the model in `model_dir` (STATS_FILE)."""
+    return json.loads((Path(model_dir) / STATS_FILE).read_text())
+
+
 def run_name(settings: dict[str, Any]) -> str:
     """A name that changes with train_settings, so that only the same run resumes."""
     return "weighted_sft-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -185,7 +190,7 @@ def train_weighted_sft(
     settings = train_settings(cfg, weighted_dir, model_path, out)
     if (model_out / STATS_FILE).exists():
         require_same_settings(model_out / TRAIN_SETTINGS_FILE, settings, output=str(model_out))
-        return json.loads((model_out / STATS_FILE).read_text())
+        return read_stats(model_out)
     if "://" not in weighted_dir:  # a URI (s3://…) is left to Ray Data to read, and to report
         require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
     out.mkdir(parents=True, exist_ok=True)
