@@ -209,7 +209,9 @@ def train_weighted_sft(
     if invalid:
         found = ", ".join(f"{row[WEIGHT]!r} at {row[TRAJECTORY_ID]!r}" for row in invalid)
         raise ValueError(f"{weighted_dir}: {WEIGHT!r} must be finite and >= 0; found {found}")
-    # success_only weighting gives weight 0 to most rows: they would cost compute and move nothing.
+    # success_only weighting gives weight 0 to most rows. Dropped rather than trained with weight 0: they
+    # would cost compute, and under train.loss=sample_mean only shrink each step by the share of failures.
+    # So success_only trains as SFT on the successes (RFT).
     # Materialized before the workers start: the rows are text, and a read after the workers took
     # every CPU of a small cluster would wait forever.
     ds = ds.select_columns(list(TRAIN_INPUT)).filter(expr=col(WEIGHT) > 0).materialize()
