@@ -11,8 +11,9 @@ from pathlib import Path
 
 from drift_ray.config import Config, ConfigError, field_docs, load_config
 
-# An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..".
-_LABEL = re.compile(r"[\w:+-][\w.:+-]*")
+# An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..",
+# and not the name of a report file there.
+_LABEL = re.compile(r"(?!eval\.(?:json|md|png)$)[\w:+-][\w.:+-]*")
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
@@ -65,7 +66,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     models = {}
     for spec in args.model:
         label, sep, path = spec.partition("=")
-        label, path = (label, path) if sep else (Path(spec).name or spec, spec)
+        if not sep or "/" in label:  # no label, or an "=" inside a path such as runs/lr=1e-5/model
+            label, path = Path(spec).name or spec, spec
         if not _LABEL.fullmatch(label):
             raise ValueError(
                 f"--model {spec}: the label {label!r} names the directory eval/{label}; give one of letters, digits "

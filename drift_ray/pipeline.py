@@ -55,18 +55,15 @@ def cache_dir() -> Path:
 def resolve_model(model: str, cfg: Config) -> str:
     """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference.
 
-    A model that is neither a directory here nor a valid Hub id (a mistyped path such as
-    runs/a/train/modle) fails now, not inside a rollout actor or training worker. A server's model
-    name (rollout.engine=openai) is the server's to check.
+    A relative path that is not here and cannot be a Hub id ('name' or 'namespace/name'), such as a
+    mistyped runs/a/train/modle, fails now, not inside a rollout actor or training worker. An absolute
+    path may exist on the workers only (a cluster's shared volume), and a server's model name
+    (rollout.engine=openai) is the server's to check.
     """
     if model != DEMO_MODEL:
-        if cfg.rollout.engine is not EngineKind.openai and not os.path.exists(model):
-            from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-            try:
-                validate_repo_id(model)
-            except HFValidationError as err:
-                raise ValueError(f"{model}: no such model directory, nor a Hugging Face Hub id ({err})") from None
+        hub_id = model.count("/") <= 1 and not model.startswith((".", "~"))
+        if cfg.rollout.engine is not EngineKind.openai and not (os.path.exists(model) or os.path.isabs(model) or hub_id):
+            raise ValueError(f"{model}: no such model directory, nor a Hub id ('name' or 'namespace/name')")
         return model
     from drift_ray.demo_model import ensure_demo_model
 

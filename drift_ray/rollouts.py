@@ -30,7 +30,7 @@ from drift_ray.trajectories import (
     write_json_atomic,
     write_table_atomic,
 )
-from drift_ray.verifiers import get_verifier
+from drift_ray.verifiers import get_verifier, verifier_settings
 
 SHARD_GLOB = "part-*.parquet"
 MANIFEST = "manifest.json"
@@ -225,7 +225,7 @@ def run_episodes(
             "sampling": asdict(params),
             "episode": cfg.episode.model_dump(mode="json"),
             "verifier": verifier,
-            "verifier_options": dict(verifier_options),
+            "verifier_options": verifier_settings(verifier, verifier_options),
         },
     )
     done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)

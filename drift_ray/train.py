@@ -391,8 +391,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "examples": len(conversations),
                 "world_size": world_size,
                 "initial_loss": history[0]["loss"],
-                # Counted once per epoch; the steps of a run begun before this count existed count 0.
-                "truncated_examples": sum(row.get("truncated", 0) for row in history),
+                "truncated_examples": sum(row["truncated"] for row in history),  # once per epoch
                 "final_loss": float(np.mean([row["loss"] for row in history[-steps_per_epoch:]])),
                 "resumed_from_step": start_step,
             }

@@ -24,7 +24,7 @@ import threading
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import pebble
 
@@ -354,6 +354,17 @@ def require_known_verifier(name: str) -> None:
     """Fail unless a verifier is registered under `name`."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown verifier {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+
+
+def verifier_settings(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with the defaults of the options they leave out: every setting the verifier is built
+    with, so that a record of them changes when an option is added, not only when one changes."""
+    defaults = {
+        parameter.name: parameter.default
+        for parameter in inspect.signature(_REGISTRY[name]).parameters.values()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **options}
 
 
 def get_verifier(name: str, **options: Any) -> Verifier:

@@ -170,7 +170,7 @@ def test_eval_refuses_two_models_under_one_label_before_starting_ray(tmp_path, t
     assert f"--model: two models labelled {label!r}; label each, e.g. --model {label}-2={other}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("label", ["", "..", "a/b", ".hidden"])
+@pytest.mark.parametrize("label", ["", "..", ".hidden", "eval.json"])
 def test_eval_refuses_a_label_that_is_no_directory_name_of_its_own(tmp_path, tiny_model_dir, capsys, label):
     args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
     assert main([*args, "--model", f"{label}={tiny_model_dir}"]) == 2
@@ -178,11 +178,12 @@ def test_eval_refuses_a_label_that_is_no_directory_name_of_its_own(tmp_path, tin
     assert not (tmp_path / "run").exists()
 
 
-def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, tiny_model_dir, capsys):
-    mistyped = str(Path(tiny_model_dir) / "modle")
+@pytest.mark.parametrize("mistyped", ["runs/a/train/modle", "runs/lr=1e-5/train/modle"])
+def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, mistyped):
     args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
-    assert main([*args, "--model", mistyped]) == 2
-    assert f"{mistyped}: no such model directory, nor a Hugging Face Hub id" in capsys.readouterr().err
+    assert main([*args, "--model", mistyped]) == 2  # the "=" of a path is no label
+    assert f"{mistyped}: no such model directory, nor a Hub id ('name' or 'namespace/name')" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_mistake_in_eval_task_fails_before_the_rollouts(tmp_path, tiny_model_dir, capsys):

@@ -115,6 +115,10 @@ def test_other_verifier_options_are_other_rewards(tmp_path):
     changed = r"eval: made with other settings \(differ in: verifier_options\.rel_tol \(0\.01 then, 0\.1 now\)\)"
     with pytest.raises(RuntimeError, match=changed):
         run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.1})
+    # An option set now that was left at its default then is a change too.
+    added = r"eval: made with other settings \(differ in: verifier_options\.abs_tol \(1e-06 then, 5\.0 now\)\)"
+    with pytest.raises(RuntimeError, match=added):
+        run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.01, "abs_tol": 5.0})
 
 
 def test_a_fingerprint_follows_the_content_wherever_the_files_are(tmp_path):
