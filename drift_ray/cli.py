@@ -48,9 +48,10 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
-    from drift_ray.train import read_stats
+    from drift_ray.train import read_stats, require_training_input
 
     cfg = _config(args)
+    require_training_input(args.input)  # before the model is built and Ray starts
     model = pipeline.resolve_model(args.model or cfg.rollout.model, cfg)
     pipeline.connect_ray(cfg)
     trained = pipeline.run_training(cfg, model, args.input)

@@ -147,6 +147,13 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
     }
 
 
+def require_training_input(weighted_dir: str) -> None:
+    """Fail unless `weighted_dir` holds Parquet for weighted SFT; a URI (s3://…) is left to Ray Data to
+    read, and to report."""
+    if "://" not in weighted_dir:
+        require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
+
+
 def read_stats(model_dir: str | Path) -> dict[str, Any]:
     """The statistics weighted SFT wrote beside the model in `model_dir` (STATS_FILE)."""
     return json.loads((Path(model_dir) / STATS_FILE).read_text())
@@ -191,8 +198,7 @@ def train_weighted_sft(
     if (model_out / STATS_FILE).exists():
         require_same_settings(model_out / TRAIN_SETTINGS_FILE, settings, output=str(model_out))
         return read_stats(model_out)
-    if "://" not in weighted_dir:  # a URI (s3://…) is left to Ray Data to read, and to report
-        require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
+    require_training_input(weighted_dir)
     out.mkdir(parents=True, exist_ok=True)
     if os.path.isdir(model_path):
         model_path = os.path.abspath(model_path)  # the workers need not share the driver's working directory

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -184,6 +185,17 @@ def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, mistype
     assert main([*args, "--model", mistyped]) == 2  # the "=" of a path is no label
     assert f"{mistyped}: no such model directory, nor a Hub id ('name' or 'namespace/name')" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_names_a_missing_input_before_building_the_model_or_starting_ray(tmp_path, capsys):
+    import ray
+
+    missing = tmp_path / "weighted.parquet"
+    args = ["train", "--config", str(REPO / "jobs/smoke.yaml"), "--input", str(missing), f"run_dir={tmp_path / 'run'}"]
+    with mock.patch("drift_ray.pipeline.resolve_model", side_effect=AssertionError("the model was resolved")):
+        assert main(args) == 2
+    assert f"{missing}: no such file or directory; weighted SFT reads the Parquet" in capsys.readouterr().err
+    assert not ray.is_initialized()
 
 
 def test_a_mistake_in_eval_task_fails_before_the_rollouts(tmp_path, tiny_model_dir, capsys):
