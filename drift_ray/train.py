@@ -35,6 +35,7 @@ from drift_ray.trajectories import (
     publish_directory,
     require_parquet,
     require_same_settings,
+    weighted_fingerprint,
 )
 from drift_ray.weights import invalid_weights
 from drift_ray.weighted_sft import (
@@ -141,7 +142,7 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
         "seed": cfg.seed,
         "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
         # `drift-ray weights` may have rewritten the file at that path since (another β, other rollouts).
-        "weighted_fingerprint": files_fingerprint(weighted_dir),
+        "weighted_fingerprint": weighted_fingerprint(weighted_dir),
         "model_path": os.path.relpath(model_path, out_dir) if os.path.isdir(model_path) else model_path,
         "model_fingerprint": files_fingerprint(model_path),
     }

@@ -102,26 +102,23 @@ FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 1024, 4096
 
 
 def files_fingerprint(path: str) -> str | None:
-    """A digest of the local file or directory `path`, None when there is none (a hub id, a URI): the
-    relative paths and sizes of its files, subdirectories included, and their content, each file read
-    whole up to 4 MiB, else in 1,024 evenly spaced 4 KiB samples. Hidden files and directories are left
-    out (locks, staging files).
+    """A digest of the local directory `path`, None when there is none (a hub id): the relative paths and
+    sizes of its files, subdirectories included, and their content, each file read whole up to 4 MiB,
+    else in 1,024 evenly spaced 4 KiB samples. Hidden files and directories are left out (locks,
+    staging files).
 
     A model retrained or replaced at the same path changes it: training changes whole weight matrices
     (LoRA's merged ones included), each far larger than 1/1,024 of its file, and a sample falls in every
     such stretch. Reading 4 MiB per file keeps the check quick on models of any size.
     """
     root = Path(path)
-    if root.is_file():
-        files = {"": root}  # a file's own name is not its content
-    elif root.is_dir():
-        files = {
-            file.relative_to(root).as_posix(): file
-            for file in root.rglob("*")
-            if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
-        }
-    else:
+    if not root.is_dir():
         return None
+    files = {
+        file.relative_to(root).as_posix(): file
+        for file in root.rglob("*")
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
+    }
     digest = hashlib.sha256()
     for name, file in sorted(files.items()):
         size = file.stat().st_size
@@ -134,6 +131,27 @@ def files_fingerprint(path: str) -> str | None:
             for k in range(FINGERPRINT_SAMPLES):
                 f.seek(k * stride)
                 digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def weighted_fingerprint(path: str) -> str | None:
+    """A digest of the (trajectory id, weight) pairs in the weighted Parquet file or directory `path`;
+    None for a URI, or where there is no readable Parquet with those columns (reading it reports that).
+
+    By content, not by file: Ray Data writes the same weights under new file names each time, and that is
+    the same training input; other weights (another β, other rollouts) are not. Weights count to 12
+    significant digits, so a last-bit change from summing in another order is the same input.
+    """
+    if "://" in path or not Path(path).exists():
+        return None
+    try:
+        files = [str(file) for file in _parquet_files(Path(path))]
+        table = pq.read_table(files, columns=[schema.TRAJECTORY_ID, schema.WEIGHT]).sort_by(schema.TRAJECTORY_ID)
+    except (pa.ArrowException, OSError):
+        return None
+    digest = hashlib.sha256()
+    for trajectory_id, weight in zip(table[schema.TRAJECTORY_ID].to_pylist(), table[schema.WEIGHT].to_pylist()):
+        digest.update(f"{trajectory_id}\0{weight:.12g}\n".encode())
     return digest.hexdigest()
 
 

@@ -240,7 +240,10 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
     write_json_atomic({"steps": 4}, out / MODEL_DIR / STATS_FILE)
     assert train_weighted_sft(cfg, str(weighted), model_path, str(out)) == {"steps": 4}
 
-    pq.write_table(pa.Table.from_pylist(rows[::-1]), weighted)  # e.g. `drift-ray weights` again, another β
+    pq.write_table(pa.Table.from_pylist(rows[::-1]), weighted)  # the same weights in another order
+    assert train_weighted_sft(cfg, str(weighted), model_path, str(out)) == {"steps": 4}
+    reweighted = [{**row, schema.WEIGHT: 2 * row[schema.WEIGHT]} for row in rows]  # `drift-ray weights`, another β
+    pq.write_table(pa.Table.from_pylist(reweighted), weighted)
     with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: weighted_fingerprint \("):
         train_weighted_sft(cfg, str(weighted), model_path, str(out))
 

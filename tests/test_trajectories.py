@@ -20,6 +20,7 @@ from drift_ray.trajectories import (
     read_trajectories,
     require_parquet,
     require_same_settings,
+    weighted_fingerprint,
     write_json_atomic,
     write_table_atomic,
 )
@@ -297,3 +298,24 @@ def test_an_atomic_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_p
     kinds = [kind for kind, _ in events]
     assert kinds == ["fsync", "replace", "fsync"]
     assert events[0][1] == (tmp_path / "d.json").stat().st_ino and events[2][1] == tmp_path.stat().st_ino
+
+
+def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_path):
+    table = pa.table({schema.TRAJECTORY_ID: [f"p/{i}" for i in range(6)], schema.WEIGHT: [0.5, 1.5, 1.0, 2.0, 0.25, 0.75],
+                      schema.MESSAGES: [[{"role": "assistant", "content": str(i)}] for i in range(6)]})
+    pq.write_table(table, tmp_path / "one.parquet")
+    first = weighted_fingerprint(str(tmp_path / "one.parquet"))
+    # As Ray Data writes it again: other file names, other blocks, other order.
+    (tmp_path / "again").mkdir()
+    pq.write_table(table.slice(3), tmp_path / "again" / "7f3a_000000.parquet")
+    pq.write_table(table.slice(0, 3), tmp_path / "again" / "7f3a_000001.parquet")
+    assert weighted_fingerprint(str(tmp_path / "again")) == first
+    weights = table[schema.WEIGHT].to_pylist()
+    summed_otherwise = table.set_column(1, schema.WEIGHT, pa.array([weights[0] * (1 + 1e-15), *weights[1:]]))
+    pq.write_table(summed_otherwise, tmp_path / "last-bit.parquet")
+    assert weighted_fingerprint(str(tmp_path / "last-bit.parquet")) == first
+    reweighted = table.set_column(1, schema.WEIGHT, pa.array([weights[0] + 1e-3, *weights[1:]]))
+    pq.write_table(reweighted, tmp_path / "other-beta.parquet")
+    assert weighted_fingerprint(str(tmp_path / "other-beta.parquet")) != first
+    assert weighted_fingerprint("s3://bucket/weighted") is None
+    assert weighted_fingerprint(str(tmp_path / "missing.parquet")) is None
