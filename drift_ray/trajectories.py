@@ -136,7 +136,8 @@ def files_fingerprint(path: str) -> str | None:
 
 def weighted_fingerprint(path: str) -> str | None:
     """A digest of the (trajectory id, weight) pairs in the weighted Parquet file or directory `path`;
-    None for a URI, or where there is no readable Parquet with those columns (reading it reports that).
+    None for a URI, or where there is no readable Parquet with those columns and numeric weights (reading it
+    reports that).
 
     By content, not by file: Ray Data writes the same weights under new file names each time, and that is
     the same training input; other weights (another β, other rollouts) are not. Weights count to 12
@@ -148,6 +149,8 @@ def weighted_fingerprint(path: str) -> str | None:
         files = [str(file) for file in _parquet_files(Path(path))]
         table = pq.read_table(files, columns=[schema.TRAJECTORY_ID, schema.WEIGHT]).sort_by(schema.TRAJECTORY_ID)
     except (pa.ArrowException, OSError):
+        return None
+    if not _is_number(table.schema.field(schema.WEIGHT).type):
         return None
     digest = hashlib.sha256()
     for trajectory_id, weight in zip(table[schema.TRAJECTORY_ID].to_pylist(), table[schema.WEIGHT].to_pylist()):

@@ -319,3 +319,5 @@ def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_pa
     assert weighted_fingerprint(str(tmp_path / "other-beta.parquet")) != first
     assert weighted_fingerprint("s3://bucket/weighted") is None
     assert weighted_fingerprint(str(tmp_path / "missing.parquet")) is None
+    pq.write_table(table.set_column(1, schema.WEIGHT, pa.array(["1"] * 6)), tmp_path / "strings.parquet")
+    assert weighted_fingerprint(str(tmp_path / "strings.parquet")) is None  # for the training's check to name
