@@ -24,7 +24,7 @@ class _Section(BaseModel):
 
 
 class TaskConfig(_Section):
-    kind: str = Field(
+    kind: Literal["builtin", "file", "plugin", "hub", "reasoning_gym"] = Field(
         "builtin",
         description="Where problems come from: 'builtin' (offline tasks shipped with drift-ray), "
         "'file' (local JSONL/Parquet), 'plugin' (a `module:function` returning a Task), "

@@ -128,11 +128,9 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         from drift_ray.hub_tasks import load_hub_task  # not at the top: hub_tasks builds on this module
 
         return load_hub_task(cfg, seed)
-    if cfg.kind == "reasoning_gym":
-        from drift_ray.gym_tasks import load_gym_task  # not at the top: gym_tasks builds on this module
+    from drift_ray.gym_tasks import load_gym_task  # reasoning_gym; not at the top: gym_tasks builds on this module
 
-        return load_gym_task(cfg, seed)
-    raise TaskError(f"task.kind: unknown kind {cfg.kind!r}; expected builtin, file, plugin, hub or reasoning_gym")
+    return load_gym_task(cfg, seed)
 
 
 def _call_builder(builder: TaskBuilder, seed: int, options: dict[str, Any]) -> Task:

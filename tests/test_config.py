@@ -49,6 +49,7 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("weights.beta.x=1", "weights.beta: Input should be a valid number"),
         ("task.options=[a", "override 'task.options=[a': task.options: not a valid YAML value (expected ',' or ']'"),
         ("rollout.dtype=fp16", "rollout.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        ("task.kind=hf", "task.kind: Input should be 'builtin', 'file', 'plugin', 'hub' or 'reasoning_gym' (found 'hf')"),
         # Checked when the config loads, not when training starts after the rollouts.
         ("train.micro_batch_size=3", "train.global_batch_size=128 must be a multiple of train.micro_batch_size"),
     ],
