@@ -51,7 +51,6 @@ from drift_ray.episode import SamplingParams, play_episodes  # noqa: E402
 from drift_ray.pipeline import resolve_model  # noqa: E402
 from drift_ray.prompts import Problem, Task, load_task  # noqa: E402
 from drift_ray.rollouts import rollout_sampling, run_episodes  # noqa: E402
-from drift_ray.verifiers import Verifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_ONE_ACTOR_VS_IN_PROCESS = 0.5
@@ -62,12 +61,14 @@ QUICK = {"prompts": 4, "prompts_per_batch": 2, "samples_per_prompt": 4, "max_new
 def play_batches(
     engine: TransformersEngine,
     batches: Sequence[Sequence[Problem]],
-    verifier: Verifier,
+    task: Task,
     params: SamplingParams,
     samples_per_prompt: int,
     episode: EpisodeConfig,
 ) -> dict[str, float]:
-    """Play every batch as one actor call would; the generated tokens, trajectories and seconds."""
+    """Play every batch as one actor call would, with a verifier of its own (as an actor builds; no answers
+    cached by an earlier measurement); the generated tokens, trajectories and seconds."""
+    verifier = task.new_verifier()
     started = time.perf_counter()
     episodes = [
         e for batch in batches for e in play_episodes(batch, engine, verifier, params, samples_per_prompt, episode)
@@ -211,7 +212,7 @@ def main() -> None:
     batches = [problems[i : i + r.prompts_per_batch] for i in range(0, len(problems), r.prompts_per_batch)]
     workload = {
         "batches": batches,
-        "verifier": task.new_verifier(),
+        "task": task,
         "params": rollout_sampling(cfg),
         "samples_per_prompt": r.samples_per_prompt,
         "episode": cfg.episode,
