@@ -236,7 +236,14 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs per Ray Train worker.")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (paper: 3).")
+    zero_stage: int = Field(
+        2,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage (paper: 3). At 3 each GPU holds a slice of every parameter, and the "
+        "trained model is gathered one module at a time into rank 0's CPU memory to be saved (each worker "
+        "loads the whole model into CPU memory first).",
+    )
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer states (and parameters at stage 3).")
     examples: ExampleKind = Field(
         ExampleKind.last_turn,

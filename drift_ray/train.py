@@ -490,21 +490,47 @@ def _report_final(
 ) -> None:
     """Rank 0 writes the trained model as save_pretrained does (LoRA merged unless lora.merge is off),
     with every step's metrics beside it."""
-    import deepspeed
     import ray.train
 
+    model = engine.module
+    if engine.zero_optimization_partition_weights():
+        # Each rank holds a slice of every parameter. DeepSpeed gathers them one module at a time into rank
+        # 0's CPU memory, so no GPU ever holds the whole model (every rank must take part).
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+        model = _module_with_weights(model, state_dict) if rank == 0 else None
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as checkpoint_dir:
-        # Under ZeRO-3 each rank holds a slice of every parameter: all ranks gather them, rank 0 writes.
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            if rank == 0:
-                model = engine.module
-                if train.lora.enabled and train.lora.merge:
-                    model = model.merge_and_unload()
-                model.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
-                tokenizer.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
-                (Path(checkpoint_dir) / HF_CHECKPOINT_DIR / STEPS_FILE).write_text(
-                    "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
-                )
-                (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True}))
+        if rank == 0:
+            if train.lora.enabled and train.lora.merge:
+                model = model.merge_and_unload()
+            model.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
+            tokenizer.save_pretrained(Path(checkpoint_dir) / HF_CHECKPOINT_DIR)
+            (Path(checkpoint_dir) / HF_CHECKPOINT_DIR / STEPS_FILE).write_text(
+                "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+            )
+            (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True}))
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _module_with_weights(module: Any, state_dict: dict[str, Any]) -> Any:
+    """A CPU twin of `module` (a transformers model, or a PEFT model around one) holding `state_dict`'s
+    tensors, to be saved: built on the meta device, so no memory is spent on weights that are replaced at
+    once. Its non-persistent buffers (rotary frequencies) stay on meta: it cannot run a forward pass."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    peft_config = getattr(module, "peft_config", None)
+    base = module.get_base_model() if peft_config else module
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(base.config)
+        # from_config derives a generation config from config.json; the model's own (generation_config.json:
+        # end-of-turn ids, sampling defaults) must be saved with it.
+        twin.generation_config = copy.deepcopy(base.generation_config)
+        if peft_config:
+            from peft import get_peft_model
+
+            twin = get_peft_model(twin, peft_config["default"])
+    twin.load_state_dict(state_dict, assign=True)
+    return twin

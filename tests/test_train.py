@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from drift_ray import schema
 from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, LrSchedule, TrainConfig, accumulation_steps
@@ -260,7 +260,12 @@ def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, offload",
-    [(3, False), pytest.param(3, True, marks=pytest.mark.extended), pytest.param(0, False, marks=pytest.mark.extended)],
+    # ZeRO-3 on two workers is in the default run: test_two_workers_make_the_update_of_one_plain_…
+    [
+        pytest.param(3, False, marks=pytest.mark.extended),
+        pytest.param(3, True, marks=pytest.mark.extended),
+        pytest.param(0, False, marks=pytest.mark.extended),
+    ],
     ids=["zero3", "zero3-offload", "zero0"],
 )
 def test_other_zero_stages_on_cpu_lower_the_loss_and_save_a_loadable_model(
@@ -275,9 +280,9 @@ def test_other_zero_stages_on_cpu_lower_the_loss_and_save_a_loadable_model(
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)
 
 
-def reference_loss_and_grad_norm(model_path: str, rows: list[dict], max_length: int) -> tuple[float, float, int]:
-    """Σ w_i·L_i / Σ w_i over all positive rows and the norm of its gradient, in one plain process; and how
-    many of the rows were cut to max_length."""
+def reference_update(model_path: str, rows: list[dict], max_length: int, lr: float) -> dict:
+    """One plain AdamW step on Σ w_i·L_i / Σ w_i over all positive rows, in one process: the loss, its
+    gradient's norm, the weights after the step, and how many of the rows were cut to max_length."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # as the workers load it
     total = torch.zeros(())
@@ -291,39 +296,88 @@ def reference_loss_and_grad_norm(model_path: str, rows: list[dict], max_length: 
     loss = total / sum(row[schema.WEIGHT] for row in positive)
     loss.backward()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    return loss.item(), norm.item(), truncated
+    torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0).step()  # the workers' optimizer
+    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return {"loss": loss.item(), "grad_norm": norm.item(), "weights": weights, "truncated": truncated}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_make_the_same_update_as_one_with_four_accumulated_micro_batches(
-    ray_cluster, tmp_path, weighted_dir, model_path, rows
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_two_workers_make_the_update_of_one_plain_optimizer_step_over_the_global_batch(
+    ray_cluster, tmp_path, weighted_dir, model_path, rows, stage
 ):
-    """One optimizer step over the whole global batch: the loss, the gradient and the new weights match,
-    with the conversations that opened with a wrong answer cut to max_length."""
-    max_length = 40
-    loss, grad_norm, truncated = reference_loss_and_grad_norm(model_path, rows, max_length)
-    assert 0 < truncated < NUM_POSITIVE
-    lr = 1e-3
-    trained = {}
-    for workers in (1, 2):
-        cfg = make_config(
-            num_workers=workers, epochs=1, global_batch_size=NUM_POSITIVE, micro_batch_size=4,
-            loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0, max_length=max_length,
-        )
-        stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path / f"w{workers}"))
-        assert stats["steps"] == 1 and stats["world_size"] == workers
-        assert stats["initial_loss"] == pytest.approx(loss, rel=1e-5)
-        assert stats["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
-        assert stats["truncated_examples"] == stats["truncated"] == truncated
-        trained[workers] = parameters(tmp_path / f"w{workers}" / MODEL_DIR)
-    initial = parameters(model_path)
-    for name, one in trained[1].items():
+    """Two workers of two accumulated micro-batches each: the loss, the gradient and the new weights are
+    those of one plain AdamW step over the whole global batch, with the conversations that opened with a
+    wrong answer cut to max_length. Under ZeRO-3 each worker trains a slice of every parameter, and the
+    saved model is gathered from both."""
+    max_length, lr = 40, 1e-3
+    expected = reference_update(model_path, rows, max_length, lr)
+    assert 0 < expected["truncated"] < NUM_POSITIVE
+    cfg = make_config(
+        num_workers=2, zero_stage=stage, epochs=1, global_batch_size=NUM_POSITIVE, micro_batch_size=4,
+        loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0, max_length=max_length,
+    )
+    stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    assert stats["steps"] == 1 and stats["world_size"] == 2 and stats["lr"] == lr
+    assert stats["initial_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert stats["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    assert stats["truncated_examples"] == stats["truncated"] == expected["truncated"]
+    trained, initial = parameters(tmp_path / MODEL_DIR), parameters(model_path)
+    assert trained.keys() == expected["weights"].keys()
+    for name, tensor in expected["weights"].items():
         # Adam's first step is lr·g/(|g|+ε): where the micro-batches' gradients cancel to near ε (~1e-8),
         # summing them in another order (float32 rounding of the larger terms) is not small against g,
         # and moves that element's step by a few 1e-3·lr (seen: 1.6e-3·lr in 1 of 16k elements).
-        torch.testing.assert_close(trained[2][name], one, rtol=1e-5, atol=1e-2 * lr)
-        assert not torch.equal(one, initial[name]), name
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-5, atol=1e-2 * lr)
+        assert not torch.equal(trained[name], initial[name]), name
+
+
+@pytest.mark.parametrize("saved", ["model", "lora-merged", "lora-adapter"])
+def test_the_saved_twin_of_a_zero3_model_holds_the_gathered_weights_with_tied_embeddings_kept_tied(tmp_path, saved):
+    """What rank 0 saves under ZeRO-3: a model rebuilt around the gathered state dict, in which DeepSpeed
+    gives tied parameters one tensor (Qwen2.5 up to 3B ties its input and output embeddings)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    from drift_ray.demo_model import build_model_config
+    from drift_ray.train import _module_with_weights
+
+    config = build_model_config(vocab_size=320)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    original = AutoModelForCausalLM.from_config(config)
+    # As an instruct model ships it: generation_config.json, which config.json does not imply.
+    original.generation_config = GenerationConfig(eos_token_id=[config.eos_token_id, 3], temperature=0.7, do_sample=True)
+    original.save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if saved != "model":
+        lora = PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+        model = get_peft_model(model, lora)
+    # One tensor per parameter, shared by the names of a tied one, as DeepSpeed's gathered state dict has it.
+    gathered = {name: param.detach().clone() for name, param in model.named_parameters(remove_duplicate=False)}
+    embeddings = next(name for name in gathered if name.endswith("embed_tokens.weight"))
+    gathered[embeddings.replace("model.embed_tokens", "lm_head")] = gathered[embeddings]
+
+    twin = _module_with_weights(model, gathered)
+    if saved == "lora-merged":
+        twin, model = twin.merge_and_unload(), model.merge_and_unload()
+    twin.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        base if saved == "lora-adapter" else tmp_path / "saved", dtype=torch.float32
+    )
+    if saved == "lora-adapter":
+        assert json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+        loaded = PeftModel.from_pretrained(loaded, tmp_path / "saved")
+    else:
+        generation = GenerationConfig.from_pretrained(tmp_path / "saved").to_diff_dict()
+        assert generation == GenerationConfig.from_pretrained(base).to_diff_dict()
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    expected = model.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 class SimulatedCrash(RuntimeError):
@@ -384,7 +438,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
 def test_lora_with_gradient_checkpointing_changes_only_the_adapted_matrices_and_saves_them_merged(
     ray_cluster, tmp_path, weighted_dir, model_path
 ):
-    cfg = make_config(gradient_checkpointing=True)
+    """Under ZeRO-3: the merge runs on a twin of the model that holds the gathered weights."""
+    cfg = make_config(gradient_checkpointing=True, zero_stage=3)
     cfg.train.lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
     train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
     trained, initial = parameters(tmp_path / MODEL_DIR), parameters(model_path)
