@@ -113,9 +113,12 @@ def step_metrics(out: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def parameters(path: str | Path) -> dict[str, torch.Tensor]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def parameters(path: str | Path) -> dict[str, torch.Tensor]:
+    return weights_of(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
 
 
 # The schedule of the run that the resumed one is compared with: a resume must pick it up mid-way.
@@ -258,16 +261,8 @@ def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "stage, offload",
-    # ZeRO-3 on two workers is in the default run: test_lora_with_gradient_checkpointing_…
-    [
-        pytest.param(3, False, marks=pytest.mark.extended),
-        pytest.param(3, True, marks=pytest.mark.extended),
-        pytest.param(0, False, marks=pytest.mark.extended),
-    ],
-    ids=["zero3", "zero3-offload", "zero0"],
-)
+@pytest.mark.extended  # ZeRO-3 on two workers is in the default run: test_lora_with_gradient_checkpointing_…
+@pytest.mark.parametrize("stage, offload", [(3, False), (3, True), (0, False)], ids=["zero3", "zero3-offload", "zero0"])
 def test_other_zero_stages_on_cpu_lower_the_loss_and_save_a_loadable_model(
     ray_cluster, tmp_path, weighted_dir, model_path, stage, offload
 ):
@@ -297,8 +292,7 @@ def reference_update(model_path: str, rows: list[dict], max_length: int, lr: flo
     loss.backward()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0).step()  # the workers' optimizer
-    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    return {"loss": loss.item(), "grad_norm": norm.item(), "weights": weights, "truncated": truncated}
+    return {"loss": loss.item(), "grad_norm": norm.item(), "weights": weights_of(model), "truncated": truncated}
 
 
 @pytest.mark.ray
