@@ -272,7 +272,13 @@ class TrainConfig(_Section):
         "longer is cut on the right); drift_train.json counts them (truncated_examples).",
     )
     checkpoint_every: int = Field(0, ge=0, description="Report a Ray Train checkpoint every N steps (0 = at the end).")
-    log_every: int = Field(10, ge=0, description="Rank 0 prints the step's metrics every N steps (0 = never).")
+    log_every: int = Field(10, ge=0, description="Rank 0 logs the step's metrics every N steps (0 = never).")
+    tensorboard: bool = Field(
+        False,
+        description="Rank 0 writes every step's metrics (loss, lr, grad_norm, tokens_per_s, truncated) as "
+        "TensorBoard scalars under <run_dir>/train/tensorboard while it trains (`tensorboard --logdir` on it). "
+        "Observes the run only: turning it on or off neither restarts nor refuses a run.",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources per worker, e.g. {train_gpu: 1} to place workers on a node type "

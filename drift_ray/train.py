@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -56,6 +57,10 @@ RUN_STORAGE_DIR = "ray_train"  # under out_dir: Ray Train's run directories and 
 HF_CHECKPOINT_DIR = "hf_model"  # inside the final checkpoint: the model as save_pretrained writes it
 DEEPSPEED_TAG = "deepspeed"  # inside an intermediate checkpoint: DeepSpeed's state
 PROGRESS_FILE = "progress.json"  # inside every checkpoint: the step reached and the statistics so far
+TENSORBOARD_DIR = "tensorboard"  # under out_dir: rank 0's event files, with train.tensorboard
+TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "truncated")  # as train/<name>
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": train.grad_clip,
         "bf16": {"enabled": train.bf16},
         "zero_optimization": zero,
-        "steps_per_print": 10**9,  # progress is printed by rank 0 (train.log_every)
+        "steps_per_print": 10**9,  # progress is logged by rank 0 (train.log_every)
     }
     if train.offload:
         # With offload the optimizer runs on the CPU: DeepSpeed's CPU Adam is many times faster than torch's.
@@ -138,7 +143,9 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
     """Everything that changes a training run into `out_dir`. Local paths are relative to out_dir, so a
     run_dir that moved (with its inputs) is the same run; URIs and hub ids stay as given."""
     return {
-        "train": cfg.train.model_dump(mode="json"),
+        # tensorboard only observes the run: toggling it must neither refuse a finished model nor, through
+        # run_name, start a new run instead of resuming.
+        "train": cfg.train.model_dump(mode="json", exclude={"tensorboard"}),
         "seed": cfg.seed,
         "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
         # `drift-ray weights` may have rewritten the file at that path since (another β, other rollouts).
@@ -230,7 +237,12 @@ def train_weighted_sft(
 
     trainer = TorchTrainer(
         train_loop_per_worker or train_loop,
-        train_loop_config={"train": cfg.train.model_dump(mode="json"), "seed": cfg.seed, "model_path": model_path},
+        train_loop_config={
+            "train": cfg.train.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "model_path": model_path,
+            "tensorboard_dir": str(out / TENSORBOARD_DIR),
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -268,7 +280,7 @@ def train_weighted_sft(
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed ZeRO weighted SFT over this rank's share of every global batch.
 
-    config: {"train": TrainConfig as JSON, "seed": int, "model_path": str}.
+    config: {"train": TrainConfig as JSON, "seed": int, "model_path": str, "tensorboard_dir": str}.
     """
     train = TrainConfig.model_validate(config["train"])
     seed = int(config["seed"])
@@ -339,6 +351,11 @@ def train_loop(config: dict[str, Any]) -> None:
     tokens = history[-1]["tokens"] if history else 0
     seconds = float(progress.get("seconds", 0.0))
     tokenized: dict[int, Any] = {}
+    scalars = None
+    if train.tensorboard and rank == 0:
+        from tensorboardX import SummaryWriter
+
+        scalars = SummaryWriter(config["tensorboard_dir"])  # a resumed run adds an event file beside the earlier ones
     engine.train()
 
     for step_index in range(start_step, len(plan)):
@@ -390,6 +407,17 @@ def train_loop(config: dict[str, Any]) -> None:
             "tokens_per_s": tokens / seconds if seconds else 0.0,
         }
         history.append(metrics)
+        # Logged and written, not reported: every ray.train.report is a barrier that waits for Ray Train's
+        # controller (about 2 s), which would dominate the step time of a small model.
+        if rank == 0 and train.log_every and done % train.log_every == 0:
+            # Through logging, not print: Ray Train turns a worker's print into a log record and, as Ray's
+            # workers redirect stdout, prints it as well, so every line would show twice.
+            log.info("weighted SFT %s", json.dumps(metrics))
+        if scalars is not None:
+            for name in TENSORBOARD_SCALARS:
+                if metrics[name] is not None:
+                    scalars.add_scalar(f"train/{name}", metrics[name], done)
+            scalars.flush()  # a step shows in TensorBoard as soon as it is done
         if done == len(plan):
             steps_per_epoch = len(plan) // train.epochs
             final = {
@@ -406,10 +434,8 @@ def train_loop(config: dict[str, Any]) -> None:
         elif train.checkpoint_every and done % train.checkpoint_every == 0:
             progress = {"step": done, "history": history, "seconds": seconds}
             _report_deepspeed_checkpoint(engine, rank, metrics, progress)
-        elif rank == 0 and train.log_every and done % train.log_every == 0:
-            # Logged, not reported: every ray.train.report is a barrier that waits for Ray Train's
-            # controller (about 2 s), which would dominate the step time of a small model.
-            print(f"weighted SFT {json.dumps(metrics)}", flush=True)
+    if scalars is not None:
+        scalars.close()
 
 
 def require_finite_loss(loss: float, step: int, steps: int, train: TrainConfig) -> None:

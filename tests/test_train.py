@@ -25,6 +25,8 @@ from drift_ray.train import (
     MODEL_DIR,
     STATS_FILE,
     STEPS_FILE,
+    TENSORBOARD_DIR,
+    TENSORBOARD_SCALARS,
     plan_steps,
     require_finite_loss,
     train_loop,
@@ -123,6 +125,8 @@ def parameters(path: str | Path) -> dict[str, torch.Tensor]:
 
 # The schedule of the run that the resumed one is compared with: a resume must pick it up mid-way.
 SCHEDULED = dict(warmup_ratio=0.25, lr_schedule=LrSchedule.cosine)
+# zero2_run logs every step, which its checks of the step log and of TensorBoard read.
+ZERO2 = dict(log_every=1, **SCHEDULED)
 
 
 # --- The step plan (no Ray) ---
@@ -186,7 +190,7 @@ def test_global_batch_that_does_not_split_evenly_names_the_config_keys():
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, tmp_path_factory, weighted_dir, model_path):
     out = tmp_path_factory.mktemp("zero2")
-    return out, train_weighted_sft(make_config(**SCHEDULED), weighted_dir, model_path, str(out))
+    return out, train_weighted_sft(make_config(tensorboard=True, **ZERO2), weighted_dir, model_path, str(out))
 
 
 @pytest.mark.ray
@@ -255,8 +259,30 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
 @pytest.mark.slow
 def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path):
     out, stats = zero2_run
+    # With train.tensorboard off: it only observed the run, which stays the same run.
     with mock.patch("ray.train.torch.TorchTrainer", side_effect=AssertionError("trained again")):
-        assert train_weighted_sft(make_config(**SCHEDULED), weighted_dir, model_path, str(out)) == stats
+        assert train_weighted_sft(make_config(**ZERO2), weighted_dir, model_path, str(out)) == stats
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rank_0_logs_every_step_once_and_writes_it_to_tensorboard(ray_cluster, zero2_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = zero2_run
+    steps = step_metrics(out)
+    events = EventAccumulator(str(out / TENSORBOARD_DIR))
+    events.Reload()
+    for name in TENSORBOARD_SCALARS:
+        scalars = events.Scalars(f"train/{name}")
+        assert [event.step for event in scalars] == [row["step"] for row in steps]
+        assert [event.value for event in scalars] == pytest.approx([row[name] for row in steps], rel=1e-6)
+
+    # Every worker's output, as Ray keeps it; other tests' runs log other metrics.
+    logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
+    lines = [line for path in logs.glob("worker-*") for line in path.read_text(errors="replace").splitlines()]
+    logged = [json.loads(line.split("weighted SFT ", 1)[1]) for line in lines if "weighted SFT {" in line]
+    assert [row for row in logged if row in steps] == steps
 
 
 @pytest.mark.ray
