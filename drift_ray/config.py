@@ -241,8 +241,10 @@ class TrainConfig(_Section):
         ge=0,
         le=3,
         description="DeepSpeed ZeRO stage (paper: 3). At 3 each GPU holds a slice of every parameter, and the "
-        "trained model is gathered one module at a time into rank 0's CPU memory to be saved (each worker "
-        "loads the whole model into CPU memory first).",
+        "trained model is gathered one module at a time into rank 0's CPU memory to be saved. With transformers "
+        ">= 5.24 each worker also loads only its slice (zero.Init; rank 0 reads the checkpoint); with older "
+        "releases, which loaded some weights wrong that way, each worker loads the whole model into CPU memory "
+        "first. drift_train.json says which (loaded_partitioned).",
     )
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer states (and parameters at stage 3).")
     examples: ExampleKind = Field(

@@ -101,9 +101,12 @@ def build_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_model_config(vocab_size: int, size: str = "tiny", *, tokenizer: Qwen2Tokenizer | None = None) -> Qwen2Config:
-    """A small Qwen2 config (`tiny`: hidden 128, 4 layers, ~1M parameters); token ids from `tokenizer` when given."""
-    if size not in MODEL_SIZES:
+def build_model_config(
+    vocab_size: int, size: str | dict[str, int] = "tiny", *, tokenizer: Qwen2Tokenizer | None = None
+) -> Qwen2Config:
+    """A small Qwen2 config (`tiny`: hidden 128, 4 layers, ~1M parameters), or one of other dimensions given as
+    a dict of MODEL_SIZES' keys; token ids from `tokenizer` when given."""
+    if isinstance(size, str) and size not in MODEL_SIZES:
         raise ValueError(f"demo model size {size!r} is unknown; expected one of {sorted(MODEL_SIZES)}")
     tokenizer = tokenizer or build_tokenizer()
     return Qwen2Config(
@@ -115,7 +118,7 @@ def build_model_config(vocab_size: int, size: str = "tiny", *, tokenizer: Qwen2T
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        **MODEL_SIZES[size],
+        **(MODEL_SIZES[size] if isinstance(size, str) else size),
     )
 
 

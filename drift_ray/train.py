@@ -16,6 +16,7 @@ checkpoint holds a transformers model directory, which the driver moves to `out_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,6 +60,9 @@ DEEPSPEED_TAG = "deepspeed"  # inside an intermediate checkpoint: DeepSpeed's st
 PROGRESS_FILE = "progress.json"  # inside every checkpoint: the step reached and the statistics so far
 TENSORBOARD_DIR = "tensorboard"  # under out_dir: rank 0's event files, with train.tensorboard
 TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "truncated")  # as train/<name>
+# The oldest transformers release whose ZeRO-3 loading (zero.Init) was checked to load every weight right
+# on several ranks: 5.0.0 loaded some attention projections wrong, differently from run to run.
+PARTITIONED_LOADING_SINCE = (5, 24)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,14 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
+def loads_partitioned(train: TrainConfig, transformers_version: str) -> bool:
+    """Whether each rank loads only its share of the model (ZeRO-3 with a transformers release from
+    PARTITIONED_LOADING_SINCE on); otherwise every rank loads the whole model into CPU memory and
+    DeepSpeed partitions it when the engine starts."""
+    major_minor = tuple(int(part) for part in transformers_version.split(".")[:2])
+    return train.zero_stage == 3 and major_minor >= PARTITIONED_LOADING_SINCE
+
+
 def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Path) -> dict[str, Any]:
     """Everything that changes a training run into `out_dir`. Local paths are relative to out_dir, so a
     run_dir that moved (with its inputs) is the same run; URIs and hub ids stay as given."""
@@ -188,7 +200,9 @@ def train_weighted_sft(
     which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
     Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
     last epoch's steps), grad_norm and lr of the last step, seconds (training), tokens_per_s,
-    wall_seconds (all of it, start-up included) and resumed_from_step. The metrics of every step
+    wall_seconds (all of it, start-up included), resumed_from_step, loaded_partitioned (whether each
+    rank loaded only its share of the model, see loads_partitioned) and peak_rss_mb (the largest peak
+    resident memory of a worker process, in MiB). The metrics of every step
     (step, epoch, loss, lr, grad_norm, cumulative tokens and seconds) go to out_dir/model/STEPS_FILE,
     steps before a resume included.
     `train_loop_per_worker` replaces `train_loop` (tests wrap it to inject failures).
@@ -292,6 +306,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     context = ray.train.get_context()
@@ -320,16 +335,20 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if train.lora.enabled:
-        torch.manual_seed(seed)  # the adapter's initial weights
-        model = _with_lora(model, train)
+    deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")  # joins Ray Train's group
+    ds_config = deepspeed_config(train, world_size)
+    with _zero3_loading(ds_config) if loads_partitioned(train, transformers.__version__) else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
+        # What happened, not what was asked for: zero.Init marks every parameter it partitions.
+        loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+        if train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.lora.enabled:
+            torch.manual_seed(seed)  # the adapter's initial weights
+            model = _with_lora(model, train)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None if train.offload else torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-    deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")  # joins Ray Train's group
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=trainable,
@@ -337,7 +356,7 @@ def train_loop(config: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_lambda(step, len(plan), train.warmup_ratio, train.lr_schedule)
         ),
-        config=deepspeed_config(train, world_size),
+        config=ds_config,
         dist_init_required=False,
     )
     start_step = int(progress.get("step", 0))
@@ -429,6 +448,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 "truncated_examples": sum(row["truncated"] for row in history),  # once per epoch
                 "final_loss": float(np.mean([row["loss"] for row in history[-steps_per_epoch:]])),
                 "resumed_from_step": start_step,
+                "loaded_partitioned": loaded_partitioned,
+                "peak_rss_mb": _peak_rss_mb_of_all_ranks(engine.device),
             }
             _report_final(engine, tokenizer, train, rank, final, history)
         elif train.checkpoint_every and done % train.checkpoint_every == 0:
@@ -436,6 +457,21 @@ def train_loop(config: dict[str, Any]) -> None:
             _report_deepspeed_checkpoint(engine, rank, metrics, progress)
     if scalars is not None:
         scalars.close()
+
+
+def _peak_rss_mb_of_all_ranks(device: Any) -> float:
+    """The largest peak resident memory of any rank's worker process so far, in MiB (every rank must call it)."""
+    import resource
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    # ru_maxrss counts KiB on Linux, bytes on macOS.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    peak = torch.tensor([peak_mb], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return round(peak.item(), 1)
 
 
 def require_finite_loss(loss: float, step: int, steps: int, train: TrainConfig) -> None:
@@ -470,6 +506,21 @@ def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
             f"found {len(duplicates)} ids on several rows, e.g. {duplicates[:3]}"
         )
     return table.column(MESSAGES).to_pylist(), [float(w) for w in table.column(WEIGHT).to_pylist()]
+
+
+@contextlib.contextmanager
+def _zero3_loading(ds_config: dict[str, Any]) -> Any:
+    """transformers loads models inside it under zero.Init: each rank keeps its share of every parameter,
+    and only rank 0 reads the checkpoint's values. Left at once after: with it, transformers would build
+    every later model partitioned too, such as the twin rank 0 alone builds to save the trained weights."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield hf_config  # alive until the block ends: transformers holds it by a weak reference only
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def _with_lora(model: Any, train: TrainConfig) -> Any:

@@ -91,6 +91,17 @@ def test_saved_tokenizer_and_model_load_with_the_auto_classes(tiny_model_dir):
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
 
 
+@pytest.mark.parametrize("size", ["tiny", "small", {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                                              "num_key_value_heads": 1, "intermediate_size": 96}])
+def test_model_configs_take_a_named_size_or_dimensions_of_their_own(size):
+    config = demo_model.build_model_config(len(TOKENIZER), size, tokenizer=TOKENIZER)
+    dimensions = demo_model.MODEL_SIZES[size] if isinstance(size, str) else size
+    assert {key: getattr(config, key) for key in dimensions} == dimensions
+    assert len(config.layer_types) == dimensions["num_hidden_layers"]
+    with pytest.raises(ValueError, match="demo model size 'huge' is unknown"):
+        demo_model.build_model_config(len(TOKENIZER), "huge")
+
+
 def test_demo_model_is_built_once_then_found_in_the_cache(tmp_path):
     path = ensure_demo_model(tmp_path, **TINY_RECIPE)
     record = json.loads((Path(path) / METADATA_FILE).read_text())

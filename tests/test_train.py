@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from drift_ray import schema
@@ -27,6 +28,7 @@ from drift_ray.train import (
     STEPS_FILE,
     TENSORBOARD_DIR,
     TENSORBOARD_SCALARS,
+    loads_partitioned,
     plan_steps,
     require_finite_loss,
     train_loop,
@@ -197,7 +199,7 @@ def zero2_run(ray_cluster, tmp_path_factory, weighted_dir, model_path):
 @pytest.mark.slow
 def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_model(zero2_run, model_path):
     out, stats = zero2_run
-    assert stats["examples"] == NUM_POSITIVE
+    assert stats["examples"] == NUM_POSITIVE and stats["loaded_partitioned"] is False  # ZeRO-2 loads whole
     assert stats["steps"] == 2 * NUM_POSITIVE // 8 and stats["resumed_from_step"] == 0
     assert stats["final_loss"] < stats["initial_loss"]
     assert stats["tokens"] > 0 and stats["tokens_per_s"] > 0
@@ -342,6 +344,7 @@ def test_two_workers_make_the_update_of_one_plain_optimizer_step_over_the_global
     )
     stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
     assert stats["steps"] == 1 and stats["world_size"] == 2 and stats["lr"] == lr
+    assert stats["loaded_partitioned"] == loads_partitioned(cfg.train, transformers.__version__)
     assert stats["initial_loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert stats["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
     assert stats["truncated_examples"] == stats["truncated"] == expected["truncated"]
@@ -353,6 +356,15 @@ def test_two_workers_make_the_update_of_one_plain_optimizer_step_over_the_global
         # and moves that element's step by a few 1e-3·lr (seen: 1.6e-3·lr in 1 of 16k elements).
         torch.testing.assert_close(trained[name], tensor, rtol=1e-5, atol=1e-2 * lr)
         assert not torch.equal(trained[name], initial[name]), name
+
+
+@pytest.mark.parametrize(
+    "stage, version, partitioned",
+    [(3, "5.24.0", True), (3, "5.25.0.dev0", True), (3, "6.0.0", True), (3, "5.23.1", False), (3, "5.0.0", False),
+     (2, "5.24.0", False), (0, "6.1.0", False)],
+)
+def test_only_zero3_with_a_transformers_release_that_loads_right_loads_each_rank_its_share(stage, version, partitioned):
+    assert loads_partitioned(TrainConfig(zero_stage=stage), version) is partitioned
 
 
 @pytest.mark.parametrize("saved", ["model", "lora-merged", "lora-adapter"])
@@ -461,10 +473,12 @@ def test_lora_with_gradient_checkpointing_changes_only_the_adapted_matrices_and_
     ray_cluster, tmp_path, weighted_dir, model_path
 ):
     """Under ZeRO-3 on two workers: the merge runs on a twin of the model that holds the weights gathered
-    from both ranks, and every weight outside the adapted matrices comes back bit for bit."""
+    from both ranks, and every weight outside the adapted matrices comes back bit for bit. With a recent
+    transformers each rank also loaded only its share: those weights were loaded right on both ranks."""
     cfg = make_config(gradient_checkpointing=True, num_workers=2, zero_stage=3)
     cfg.train.lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
-    train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    assert stats["loaded_partitioned"] == loads_partitioned(cfg.train, transformers.__version__)
     trained, initial = parameters(tmp_path / MODEL_DIR), parameters(model_path)
     assert trained.keys() == initial.keys()  # merged: a plain model, no adapter weights
     # Checkpointing is for the training: the saved model still generates with its KV cache.

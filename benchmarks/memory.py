@@ -1,0 +1,183 @@
+"""Memory of weighted-SFT workers: ZeRO-3 with each rank loading only its share of the model, against
+ZeRO-3 with every rank loading the whole model first, and ZeRO-2.
+
+A randomly initialised Qwen2 model of the demo's tokenizer, wider and deeper than the demo (`--hidden`,
+`--layers`), saved in bfloat16 as released checkpoints are (`--checkpoint-dtype`), trains for a few steps on the scripted teacher's weighted trajectories (as in sft.py), on
+2 Ray Train workers of one CPU each. The "whole" row runs the same ZeRO-3 training with partitioned
+loading turned off in the workers, as it is with a transformers release before
+`train.PARTITIONED_LOADING_SINCE`. Per run:
+- anon_after_loading_mb: each rank's anonymous resident memory (RssAnon of /proc/self/status) right after
+  `from_pretrained` returned, as a wrapper around it in the workers reads it. Anonymous: the checkpoint's
+  file pages that a rank reads through mmap are page cache, which the kernel can drop and which processes
+  reading the same file share. Training loads in float32, so a bfloat16 checkpoint is converted into
+  memory of the rank's own; a float32 one may stay mapped from the file;
+- peak_rss_mb and loaded_partitioned from the run's statistics: the largest peak resident memory of a
+  worker process (start-up, loading, training and the final save included), and whether every rank held
+  only its share of the weights after loading.
+
+    .venv/bin/python benchmarks/memory.py [--hidden 1024] [--layers 12] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_result, argument_parser, print_table  # noqa: E402
+from sft import weighted_trajectories  # noqa: E402
+
+from drift_ray import train as train_module  # noqa: E402
+from drift_ray.config import Config, TrainConfig  # noqa: E402
+from drift_ray.demo_model import build_model_config, build_tokenizer  # noqa: E402
+
+SEED = 0
+WORKERS = 2
+MICRO_BATCH = 2
+
+
+def save_model(path: Path, hidden: int, layers: int, dtype: torch.dtype) -> int:
+    """A random demo-tokenizer Qwen2 of `hidden` width and `layers` layers in `path`, its weights in `dtype`;
+    returns its parameter count."""
+    tokenizer = build_tokenizer()
+    heads = max(1, hidden // 64)
+    size = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 4), intermediate_size=int(hidden * 2.75))
+    config = build_model_config(len(tokenizer), size, tokenizer=tokenizer)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[dict[str, Any]], None]:
+    """train_loop that writes this rank's anonymous resident memory right after every from_pretrained to
+    `record_dir`/rank-<r>.json; with `partitioned` off, every rank loads the whole model (train_loop reads
+    loads_partitioned through its module, which the wrapper replaces in the worker process)."""
+
+    def loop(config: dict[str, Any]) -> None:
+        import ray.train
+        from transformers import AutoModelForCausalLM
+
+        rank = ray.train.get_context().get_world_rank()
+        load = AutoModelForCausalLM.from_pretrained
+
+        def load_and_record(*args: Any, **kwargs: Any) -> Any:
+            model = load(*args, **kwargs)
+            Path(record_dir, f"rank-{rank}.json").write_text(json.dumps(anonymous_resident_mb()))
+            return model
+
+        AutoModelForCausalLM.from_pretrained = load_and_record
+        if not partitioned:
+            train_module.loads_partitioned = lambda train, version: False
+        train_module.train_loop(config)
+
+    return loop
+
+
+def anonymous_resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+    return round(kib / 1024, 1)
+
+
+def measure(
+    label: str, zero_stage: int, partitioned: bool, model_dir: Path, weighted_dir: Path, work_dir: Path, steps: int
+) -> dict:
+    train = TrainConfig(
+        num_workers=WORKERS,
+        cpus_per_worker=1,
+        zero_stage=zero_stage,
+        global_batch_size=MICRO_BATCH * WORKERS,
+        micro_batch_size=MICRO_BATCH,
+        lr=1e-4,
+        warmup_ratio=0.0,
+        epochs=1,
+        max_length=256,
+    )
+    run_dir = work_dir / label.replace(" ", "-")
+    record_dir = run_dir / "memory"
+    record_dir.mkdir(parents=True)
+    stats = train_module.train_weighted_sft(
+        Config(seed=SEED, train=train),
+        str(weighted_dir),
+        str(model_dir),
+        str(run_dir),
+        train_loop_per_worker=memory_after_loading_loop(str(record_dir), partitioned),
+    )
+    assert stats["steps"] == steps, stats["steps"]
+    after_loading = [json.loads((record_dir / f"rank-{rank}.json").read_text()) for rank in range(WORKERS)]
+    return {
+        "run": label,
+        "zero_stage": zero_stage,
+        "loaded_partitioned": stats["loaded_partitioned"],
+        "anon_after_loading_mb": " / ".join(f"{mb:,.0f}" for mb in after_loading),
+        "anon_after_loading_sum_mb": round(sum(after_loading), 1),
+        "peak_rss_mb": stats["peak_rss_mb"],
+        "wall_s": stats["wall_seconds"],
+    }
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the model")
+    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the model")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
+    parser.add_argument("--checkpoint-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    args = parser.parse_args()
+    hidden, layers, steps = (256, 2, 2) if args.quick else (args.hidden, args.layers, args.steps)
+
+    table = weighted_trajectories(num_prompts=16, k=4).slice(0, steps * MICRO_BATCH * WORKERS)
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work_dir = Path(tmp)
+        model_dir = work_dir / "model"
+        parameters = save_model(model_dir, hidden, layers, getattr(torch, args.checkpoint_dtype))
+        weighted_dir = work_dir / "weighted"
+        weighted_dir.mkdir()
+        pq.write_table(table, weighted_dir / "part-0.parquet")
+        # Logical CPUs: two 1-CPU workers plus Ray Data's tasks must fit on a 2-core machine.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            runs = [
+                measure(label, stage, partitioned, model_dir, weighted_dir, work_dir, steps)
+                for label, stage, partitioned in [
+                    ("ZeRO-3 partitioned", 3, True), ("ZeRO-3 whole", 3, False), ("ZeRO-2", 2, False)
+                ]
+            ]
+        finally:
+            ray.shutdown()
+
+    model_mb = parameters * 4 / 2**20
+    print(
+        f"\nweighted SFT, {WORKERS} workers, {steps} steps of {MICRO_BATCH * WORKERS} trajectories; model "
+        f"{parameters / 1e6:.1f}M parameters ({model_mb:.0f} MiB in float32), checkpoint in {args.checkpoint_dtype}\n"
+    )
+    print_table(runs, list(runs[0]))
+    config = {
+        "hidden": hidden,
+        "layers": layers,
+        "parameters": parameters,
+        "checkpoint_dtype": args.checkpoint_dtype,
+        "workers": WORKERS,
+        "steps": steps,
+        "micro_batch": MICRO_BATCH,
+        "quick": args.quick,
+    }
+    print(f"appended to {append_result('memory', config, runs, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
