@@ -1,11 +1,11 @@
 """Memory of weighted-SFT workers: ZeRO-3 with each rank loading only its share of the model, against
 ZeRO-3 with every rank loading the whole model first, and ZeRO-2.
 
-A randomly initialised Qwen2 model of the demo's tokenizer, wider and deeper than the demo (`--hidden`,
-`--layers`), saved in bfloat16 as released checkpoints are (`--checkpoint-dtype`), trains for a few steps on the scripted teacher's weighted trajectories (as in sft.py), on
-2 Ray Train workers of one CPU each. The "whole" row runs the same ZeRO-3 training with partitioned
-loading turned off in the workers, as it is with a transformers release before
-`train.PARTITIONED_LOADING_SINCE`. Per run:
+A randomly initialised model of the demo architecture, wider and deeper (`--hidden`, `--layers`) and saved
+in bfloat16 as released checkpoints are (`--checkpoint-dtype`), trains for a few steps on the scripted
+teacher's weighted trajectories (as in sft.py), on 2 Ray Train workers of one CPU each. The "whole" row
+runs the same ZeRO-3 training with partitioned loading turned off in the workers, as it is with a
+transformers release before `train.PARTITIONED_LOADING_SINCE`. Per run:
 - anon_after_loading_mb: each rank's anonymous resident memory (RssAnon of /proc/self/status) right after
   `from_pretrained` returned, as a wrapper around it in the workers reads it. Anonymous: the checkpoint's
   file pages that a rank reads through mmap are page cache, which the kernel can drop and which processes
@@ -30,7 +30,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import append_result, argument_parser, print_table  # noqa: E402
@@ -38,7 +37,7 @@ from sft import weighted_trajectories  # noqa: E402
 
 from drift_ray import train as train_module  # noqa: E402
 from drift_ray.config import Config, TrainConfig  # noqa: E402
-from drift_ray.demo_model import build_model_config, build_tokenizer  # noqa: E402
+from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 
 SEED = 0
 WORKERS = 2
@@ -46,18 +45,19 @@ MICRO_BATCH = 2
 
 
 def save_model(path: Path, hidden: int, layers: int, dtype: torch.dtype) -> int:
-    """A random demo-tokenizer Qwen2 of `hidden` width and `layers` layers in `path`, its weights in `dtype`;
-    returns its parameter count."""
-    tokenizer = build_tokenizer()
+    """A random demo-architecture model of `hidden` width and `layers` layers in `path`, its weights in
+    `dtype`; returns its parameter count."""
     heads = max(1, hidden // 64)
     size = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=max(1, heads // 4), intermediate_size=int(hidden * 2.75))
-    config = build_model_config(len(tokenizer), size, tokenizer=tokenizer)
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    counted = []
+
+    def cast(model: torch.nn.Module, tokenizer: Any) -> None:
+        counted.append(sum(p.numel() for p in model.parameters()))
+        model.to(dtype)
+
+    save_untrained_demo_model(path, seed=SEED, size=size, prepare=cast)
+    return counted[0]
 
 
 def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[dict[str, Any]], None]:
@@ -137,7 +137,10 @@ def main() -> None:
     args = parser.parse_args()
     hidden, layers, steps = (256, 2, 2) if args.quick else (args.hidden, args.layers, args.steps)
 
-    table = weighted_trajectories(num_prompts=16, k=4).slice(0, steps * MICRO_BATCH * WORKERS)
+    table = weighted_trajectories(num_prompts=16, k=4)
+    if table.num_rows < steps * MICRO_BATCH * WORKERS:
+        parser.error(f"--steps {steps} needs {steps * MICRO_BATCH * WORKERS} trajectories; there are {table.num_rows}")
+    table = table.slice(0, steps * MICRO_BATCH * WORKERS)
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -108,6 +108,8 @@ def build_model_config(
     a dict of MODEL_SIZES' keys; token ids from `tokenizer` when given."""
     if isinstance(size, str) and size not in MODEL_SIZES:
         raise ValueError(f"demo model size {size!r} is unknown; expected one of {sorted(MODEL_SIZES)}")
+    if not isinstance(size, str) and set(size) != set(MODEL_SIZES["tiny"]):
+        raise ValueError(f"demo model dimensions {sorted(size)}; expected exactly {sorted(MODEL_SIZES['tiny'])}")
     tokenizer = tokenizer or build_tokenizer()
     return Qwen2Config(
         vocab_size=vocab_size,
@@ -123,7 +125,12 @@ def build_model_config(
 
 
 def save_untrained_demo_model(
-    path: str | Path, *, seed: int = 0, size: str = "tiny", initializer_range: float = 0.02, prepare: Any = None
+    path: str | Path,
+    *,
+    seed: int = 0,
+    size: str | dict[str, int] = "tiny",
+    initializer_range: float = 0.02,
+    prepare: Any = None,
 ) -> str:
     """Save the demo tokenizer and a randomly initialised demo-architecture model into `path`.
 

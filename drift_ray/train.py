@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -61,7 +62,8 @@ PROGRESS_FILE = "progress.json"  # inside every checkpoint: the step reached and
 TENSORBOARD_DIR = "tensorboard"  # under out_dir: rank 0's event files, with train.tensorboard
 TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "truncated")  # as train/<name>
 # The oldest transformers release whose ZeRO-3 loading (zero.Init) was checked to load every weight right
-# on several ranks: 5.0.0 loaded some attention projections wrong, differently from run to run.
+# on several ranks: 5.0.0 loaded some attention projections wrong, differently from run to run. The
+# releases in between were not tried, so they load the whole model.
 PARTITIONED_LOADING_SINCE = (5, 24)
 
 log = logging.getLogger(__name__)
@@ -146,9 +148,12 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
 def loads_partitioned(train: TrainConfig, transformers_version: str) -> bool:
     """Whether each rank loads only its share of the model (ZeRO-3 with a transformers release from
     PARTITIONED_LOADING_SINCE on); otherwise every rank loads the whole model into CPU memory and
-    DeepSpeed partitions it when the engine starts."""
-    major_minor = tuple(int(part) for part in transformers_version.split(".")[:2])
-    return train.zero_stage == 3 and major_minor >= PARTITIONED_LOADING_SINCE
+    DeepSpeed partitions it when the engine starts. A version string without a leading major.minor counts
+    as an older release."""
+    if train.zero_stage != 3:
+        return False
+    major_minor = re.match(r"(\d+)\.(\d+)", transformers_version)
+    return major_minor is not None and tuple(map(int, major_minor.groups())) >= PARTITIONED_LOADING_SINCE
 
 
 def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Path) -> dict[str, Any]:
@@ -156,7 +161,8 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
     run_dir that moved (with its inputs) is the same run; URIs and hub ids stay as given."""
     return {
         # tensorboard only observes the run: toggling it must neither refuse a finished model nor, through
-        # run_name, start a new run instead of resuming.
+        # run_name, start a new run instead of resuming. (log_every only observes too, but the records of
+        # finished runs hold it: leaving it out now would refuse them all.)
         "train": cfg.train.model_dump(mode="json", exclude={"tensorboard"}),
         "seed": cfg.seed,
         "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
@@ -255,7 +261,8 @@ def train_weighted_sft(
             "train": cfg.train.model_dump(mode="json"),
             "seed": cfg.seed,
             "model_path": model_path,
-            "tensorboard_dir": str(out / TENSORBOARD_DIR),
+            # One directory per run: a rerun with other settings is another curve, not the same one continued.
+            "tensorboard_dir": str(out / TENSORBOARD_DIR / run_name(settings)),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -337,7 +344,8 @@ def train_loop(config: dict[str, Any]) -> None:
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")  # joins Ray Train's group
     ds_config = deepspeed_config(train, world_size)
-    with _zero3_loading(ds_config) if loads_partitioned(train, transformers.__version__) else contextlib.nullcontext():
+    partitioned = loads_partitioned(train, transformers.__version__)
+    with _zero3_loading(ds_config) if partitioned else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
         # What happened, not what was asked for: zero.Init marks every parameter it partitions.
         loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
@@ -370,11 +378,11 @@ def train_loop(config: dict[str, Any]) -> None:
     tokens = history[-1]["tokens"] if history else 0
     seconds = float(progress.get("seconds", 0.0))
     tokenized: dict[int, Any] = {}
-    scalars = None
+    # A resumed run purges the steps a killed run wrote after its last checkpoint (all of them without
+    # checkpoints), which it now trains again.
+    writer = None
     if train.tensorboard and rank == 0:
-        from tensorboardX import SummaryWriter
-
-        scalars = SummaryWriter(config["tensorboard_dir"])  # a resumed run adds an event file beside the earlier ones
+        writer = _event_writer(config["tensorboard_dir"], start_step + 1, purge=True)
     engine.train()
 
     for step_index in range(start_step, len(plan)):
@@ -432,11 +440,11 @@ def train_loop(config: dict[str, Any]) -> None:
             # Through logging, not print: Ray Train turns a worker's print into a log record and, as Ray's
             # workers redirect stdout, prints it as well, so every line would show twice.
             log.info("weighted SFT %s", json.dumps(metrics))
-        if scalars is not None:
+        if writer is not None:
             for name in TENSORBOARD_SCALARS:
                 if metrics[name] is not None:
-                    scalars.add_scalar(f"train/{name}", metrics[name], done)
-            scalars.flush()  # a step shows in TensorBoard as soon as it is done
+                    writer.add_scalar(f"train/{name}", metrics[name], done)
+            writer.flush()
         if done == len(plan):
             steps_per_epoch = len(plan) // train.epochs
             final = {
@@ -449,18 +457,33 @@ def train_loop(config: dict[str, Any]) -> None:
                 "final_loss": float(np.mean([row["loss"] for row in history[-steps_per_epoch:]])),
                 "resumed_from_step": start_step,
                 "loaded_partitioned": loaded_partitioned,
-                "peak_rss_mb": _peak_rss_mb_of_all_ranks(engine.device),
             }
             _report_final(engine, tokenizer, train, rank, final, history)
         elif train.checkpoint_every and done % train.checkpoint_every == 0:
+            if writer is not None:
+                # A background thread writes the events: closing waits for it, so the steps up to a checkpoint
+                # outlive a crash after it (a run resumed from it purges only the later ones).
+                writer.close()
+                writer = _event_writer(config["tensorboard_dir"], done + 1, purge=False)
             progress = {"step": done, "history": history, "seconds": seconds}
             _report_deepspeed_checkpoint(engine, rank, metrics, progress)
-    if scalars is not None:
-        scalars.close()
+    if writer is not None:
+        writer.close()
+
+
+def _event_writer(logdir: str, first_step: int, purge: bool) -> Any:
+    """A TensorBoard event writer for the steps from `first_step` on, into a file of its own in `logdir`;
+    with `purge`, TensorBoard drops the steps from `first_step` on that earlier files of the run hold."""
+    from tensorboardX import SummaryWriter
+
+    # tensorboardX names a file by the second it was opened in: the suffix keeps two of one second apart.
+    suffix = f".from_step_{first_step}"
+    return SummaryWriter(logdir, purge_step=first_step if purge else None, filename_suffix=suffix)
 
 
 def _peak_rss_mb_of_all_ranks(device: Any) -> float:
-    """The largest peak resident memory of any rank's worker process so far, in MiB (every rank must call it)."""
+    """The largest peak resident memory of any rank's worker process so far, in MiB (every rank must call it;
+    a resumed run's processes count from the resume)."""
     import resource
     import sys
 
@@ -511,14 +534,16 @@ def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
 @contextlib.contextmanager
 def _zero3_loading(ds_config: dict[str, Any]) -> Any:
     """transformers loads models inside it under zero.Init: each rank keeps its share of every parameter,
-    and only rank 0 reads the checkpoint's values. Left at once after: with it, transformers would build
-    every later model partitioned too, such as the twin rank 0 alone builds to save the trained weights."""
+    and only rank 0 reads the checkpoint's values. PEFT, whose adapter set-up gathers partitioned base
+    weights, runs inside it too. Left right after: transformers would otherwise build every later model
+    partitioned as well, such as the twin that rank 0 alone builds to save the trained weights, and
+    zero.Init on one rank waits forever for the others."""
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     hf_config = HfDeepSpeedConfig(ds_config)
     try:
-        yield hf_config  # alive until the block ends: transformers holds it by a weak reference only
+        yield hf_config  # held here until the block ends: transformers keeps only a weak reference
     finally:
         unset_hf_deepspeed_config()
 
@@ -585,6 +610,8 @@ def _report_final(
                 "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
             )
             (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True}))
+        # After the save, which under ZeRO-3 holds the whole model in rank 0's memory.
+        metrics = {**metrics, "peak_rss_mb": _peak_rss_mb_of_all_ranks(engine.device)}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)
 

@@ -98,8 +98,14 @@ def test_model_configs_take_a_named_size_or_dimensions_of_their_own(size):
     dimensions = demo_model.MODEL_SIZES[size] if isinstance(size, str) else size
     assert {key: getattr(config, key) for key in dimensions} == dimensions
     assert len(config.layer_types) == dimensions["num_hidden_layers"]
+
+
+def test_an_unknown_model_size_or_dimension_is_refused():
     with pytest.raises(ValueError, match="demo model size 'huge' is unknown"):
         demo_model.build_model_config(len(TOKENIZER), "huge")
+    misspelt = {**demo_model.MODEL_SIZES["tiny"], "num_layers": 3}
+    with pytest.raises(ValueError, match=r"demo model dimensions \[.*'num_layers'.*\]; expected exactly"):
+        demo_model.build_model_config(len(TOKENIZER), misspelt)
 
 
 def test_demo_model_is_built_once_then_found_in_the_cache(tmp_path):

@@ -273,7 +273,8 @@ def test_rank_0_logs_every_step_once_and_writes_it_to_tensorboard(ray_cluster, z
 
     out, _ = zero2_run
     steps = step_metrics(out)
-    events = EventAccumulator(str(out / TENSORBOARD_DIR))
+    [run] = (out / TENSORBOARD_DIR).iterdir()  # one directory per run
+    events = EventAccumulator(str(run))
     events.Reload()
     for name in TENSORBOARD_SCALARS:
         scalars = events.Scalars(f"train/{name}")
@@ -442,7 +443,7 @@ def train_loop_that_crashes_after_a_checkpoint(config: dict) -> None:
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
     zero2_run, tmp_path, weighted_dir, model_path
 ):
-    cfg = make_config(checkpoint_every=1, **SCHEDULED)
+    cfg = make_config(checkpoint_every=1, tensorboard=True, **SCHEDULED)
     with pytest.raises(Exception, match="killed after the checkpoint"):
         train_weighted_sft(
             cfg, weighted_dir, model_path, str(tmp_path),
@@ -465,6 +466,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     resumed, expected = parameters(tmp_path / MODEL_DIR), parameters(uninterrupted_out / MODEL_DIR)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7)
+    # TensorBoard shows one curve: the killed run's event file and the resumed run's, in one directory.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [run] = (tmp_path / TENSORBOARD_DIR).iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in resumed_steps
+    ]
 
 
 @pytest.mark.ray
