@@ -48,12 +48,16 @@ def generated(shard_dirs: list[Path]) -> dict[str, int]:
     }
 
 
-def stage_rows(timings: dict[str, float], run_dir: Path) -> list[dict[str, Any]]:
-    """One row per stage of `timings` (run_pipeline's timings_s), with start-up and work where known."""
+def stage_rows(timings: dict[str, float], run_dir: Path, final_multi: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per stage of `timings` (run_pipeline's timings_s), with start-up and work where known; the
+    evaluation's row also holds `final_multi`, each model's multi@T, so a line shows the run trained sensibly."""
     train_stats = read_stats(run_dir / "train" / MODEL_DIR)
     work = {
         "rollouts": generated([run_dir / "rollouts"]),
-        "evaluation": generated(sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir())),
+        "evaluation": {
+            **generated(sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir())),
+            "final_multi": final_multi,
+        },
         "weighted_sft": {"tokens": train_stats["tokens"], "steps": train_stats["steps"]},
     }
     rows = []
@@ -107,7 +111,11 @@ def main() -> None:
         started = time.perf_counter()
         result = run_pipeline(cfg)
         wall = time.perf_counter() - started
-        rows = stage_rows(result["timings_s"], run_dir)
+        turns = cfg.episode.max_turns
+        rows = stage_rows(
+            result["timings_s"], run_dir, {label: m[f"multi@{turns}"] for label, m in result["metrics"].items()}
+        )
+        evaluation_table = Path(result["paths"]["markdown"]).read_text()
         reference_sha256 = weight_checksums(result["models"]["reference"])
 
     import ray
@@ -129,7 +137,8 @@ def main() -> None:
     columns = ["stage", "seconds", "share", "startup_s", "steady_s", "trajectories", "completion_tokens", "tokens",
                "steps", "tokens_per_steady_s"]
     print_table(rows, columns)
-    print(f"\nappended to {append_result('end_to_end', config, rows, args.out)}")
+    print(f"\n{evaluation_table}")
+    print(f"appended to {append_result('end_to_end', config, rows, args.out)}")
 
 
 if __name__ == "__main__":
