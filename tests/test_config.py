@@ -135,3 +135,30 @@ def test_every_field_is_documented():
 @pytest.mark.parametrize("job", sorted(p.name for p in JOBS.glob("*.yaml")))
 def test_shipped_job_configs_load(job):
     load_config(JOBS / job)
+
+
+def test_the_gpu_demo_differs_from_the_cpu_demo_only_in_where_it_runs():
+    """jobs/demo_gpu.yaml says its task, episodes, weights and training schedule are demo_cpu.yaml's."""
+    placement = {
+        ("run_dir",),
+        ("rollout", "gpus_per_actor"),
+        ("train", "num_workers"),
+        ("train", "use_gpu"),
+        ("train", "zero_stage"),
+        ("train", "bf16"),
+        ("train", "micro_batch_size"),  # the whole global batch on the one worker
+        ("ray", "num_cpus"),
+    }
+
+    def leaves(tree, prefix=()):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                yield from leaves(value, prefix + (key,))
+        else:
+            yield prefix, tree
+
+    cpu = dict(leaves(load_config(JOBS / "demo_cpu.yaml").model_dump(mode="json")))
+    gpu = dict(leaves(load_config(JOBS / "demo_gpu.yaml").model_dump(mode="json")))
+    assert cpu.keys() == gpu.keys()
+    assert {key for key in cpu if cpu[key] != gpu[key]} == placement
+    assert gpu[("train", "use_gpu")] and gpu[("rollout", "gpus_per_actor")] > 0
