@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Mapping
 
 import pyarrow.parquet as pq
 
@@ -30,8 +30,15 @@ TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run` 
 WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: weights config, rollouts, prompts
 
 
-def connect_ray(cfg: Config) -> None:
-    """Join the cluster of `ray.address` or RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connect_ray's check
+
+
+def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
+    """Join the cluster of `ray.address` or RAY_ADDRESS (as under `ray job submit`), else start a local one.
+
+    A local cluster that cannot run `stages` as configured is shut down again with an error naming the
+    settings (see local_cluster_shortfalls): else Ray would wait for the missing resources forever.
+    """
     import ray
 
     if ray.is_initialized():
@@ -43,9 +50,52 @@ def connect_ray(cfg: Config) -> None:
         # With Ray's default, the dashboard starts: it serves the State API, which Ray Train's placement-group
         # cleaner polls (without it every run logs "Failed to query Ray Train Controller actor state").
         ray.init(num_cpus=cfg.ray.num_cpus, log_to_driver=True)
+        shortfalls = local_cluster_shortfalls(cfg, stages, ray.cluster_resources())
+        if shortfalls:
+            ray.shutdown()
+            raise ValueError(
+                "the local Ray cluster cannot run this config, and it does not grow: "
+                + "; ".join(shortfalls)
+                + ". Lower these settings, run on a machine that has what they ask for, or join a cluster that "
+                "has it (ray.address or RAY_ADDRESS)"
+            )
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def local_cluster_shortfalls(cfg: Config, stages: Collection[str], available: Mapping[str, float]) -> list[str]:
+    """What a local Ray cluster with `available` resources (ray.cluster_resources()) lacks to run `stages`
+    (of STAGES), one message per resource, naming the settings that ask for it.
+
+    The rollout and evaluation actor pools need one actor to fit (Ray Data runs the actors that fit); Ray
+    Train needs all its workers at once.
+    """
+    r, t = cfg.rollout, cfg.train
+    actor = {"CPU": (r.cpus_per_actor, "rollout.cpus_per_actor"), "GPU": (r.gpus_per_actor, "rollout.gpus_per_actor")}
+    actor.update({name: (amount, f"rollout.resources.{name}") for name, amount in r.resources.items()})
+    workers = f"× train.num_workers={t.num_workers}"
+    worker = {
+        "CPU": (t.cpus_per_worker * t.num_workers, f"train.cpus_per_worker={t.cpus_per_worker:g} {workers}"),
+        "GPU": (t.num_workers if t.use_gpu else 0, f"train.use_gpu=true: one per worker {workers}"),
+    }
+    worker.update(
+        {name: (amount * t.num_workers, f"train.resources.{name}={amount:g} {workers}") for name, amount in t.resources.items()}
+    )
+    demands = []
+    if {"rollouts", "eval"} & set(stages):
+        demands.append(("one rollout or evaluation actor needs", actor))
+    if "train" in stages:
+        demands.append(("the training workers need", worker))
+    cpus_from = "ray.num_cpus" if cfg.ray.num_cpus else "all of this machine's"
+    shortfalls = []
+    for who, needs in demands:
+        for resource, (amount, setting) in needs.items():
+            have = available.get(resource, 0.0)
+            if amount > have:
+                source = f" ({cpus_from})" if resource == "CPU" else ""
+                shortfalls.append(f"{who} {resource} {amount:g} ({setting}), the cluster has {have:g}{source}")
+    return shortfalls
 
 
 def cache_dir() -> Path:

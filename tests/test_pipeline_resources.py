@@ -1,0 +1,60 @@
+"""What a local Ray cluster lacks to run a config: checked when drift-ray starts one, since a local
+cluster never grows and Ray would wait for the missing resources forever (no Ray here; the check's use
+in `drift-ray run` is in test_pipeline.py)."""
+
+from pathlib import Path
+
+import pytest
+
+from drift_ray.config import load_config
+from drift_ray.pipeline import STAGES, local_cluster_shortfalls
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def test_the_cpu_demo_fits_the_two_cores_it_asks_for():
+    assert local_cluster_shortfalls(load_config(JOBS / "demo_cpu.yaml"), STAGES, {"CPU": 2.0}) == []
+
+
+def test_the_gpu_demo_on_a_machine_without_a_gpu_names_both_gpu_settings():
+    cfg = load_config(JOBS / "demo_gpu.yaml")
+    assert local_cluster_shortfalls(cfg, STAGES, {"CPU": 2.0}) == [
+        "one rollout or evaluation actor needs GPU 0.5 (rollout.gpus_per_actor), the cluster has 0",
+        "the training workers need GPU 1 (train.use_gpu=true: one per worker × train.num_workers=1), the cluster has 0",
+    ]
+    assert local_cluster_shortfalls(cfg, STAGES, {"CPU": 16.0, "GPU": 1.0}) == []
+
+
+@pytest.mark.parametrize(
+    ("stages", "settings"),
+    [(("rollouts",), ["rollout.gpus_per_actor"]), (("eval",), ["rollout.gpus_per_actor"]), (("train",), ["train.use_gpu"])],
+)
+def test_a_command_is_checked_for_the_stages_it_runs_only(stages, settings):
+    shortfalls = local_cluster_shortfalls(load_config(JOBS / "demo_gpu.yaml"), stages, {"CPU": 2.0})
+    assert [next(s for s in settings if s in line) for line in shortfalls] == settings
+
+
+def test_training_needs_every_worker_at_once_but_an_actor_pool_only_one_actor():
+    cfg = load_config(
+        JOBS / "smoke.yaml",
+        ["train.num_workers=2", "train.cpus_per_worker=1.5", "rollout.num_actors=8", "ray.num_cpus=2"],
+    )
+    assert local_cluster_shortfalls(cfg, STAGES, {"CPU": 2.0}) == [
+        "the training workers need CPU 3 (train.cpus_per_worker=1.5 × train.num_workers=2), the cluster has 2 "
+        "(ray.num_cpus)"
+    ]
+    assert local_cluster_shortfalls(cfg, STAGES, {"CPU": 3.0}) == []  # exactly enough
+
+
+def test_custom_resources_of_a_cluster_node_type_are_named():
+    cfg = load_config(JOBS / "qwen2.5-3b-metamath.yaml")
+    shortfalls = local_cluster_shortfalls(cfg, STAGES, {"CPU": 128.0, "GPU": 8.0})
+    assert shortfalls == [
+        "one rollout or evaluation actor needs rollout_gpu 1 (rollout.resources.rollout_gpu), the cluster has 0",
+        "the training workers need train_gpu 8 (train.resources.train_gpu=1 × train.num_workers=8), the cluster has 0",
+    ]
+    cpus = local_cluster_shortfalls(cfg, STAGES, {"CPU": 16.0, "GPU": 8.0, "rollout_gpu": 1.0, "train_gpu": 8.0})
+    assert cpus == [
+        "the training workers need CPU 80 (train.cpus_per_worker=10 × train.num_workers=8), the cluster has 16 "
+        "(all of this machine's)"
+    ]
