@@ -315,7 +315,9 @@ class EvalConfig(_Section):
 
 class RayConfig(_Section):
     address: Optional[str] = Field(
-        None, description="Ray cluster to join; default: RAY_ADDRESS, else start a local cluster."
+        None,
+        description="Ray cluster to join ('auto': the one `ray start` runs on this machine); default: RAY_ADDRESS, "
+        "else start a new local cluster.",
     )
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local cluster (default: all).")
 

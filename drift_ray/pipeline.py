@@ -47,9 +47,11 @@ def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # With Ray's default, the dashboard starts: it serves the State API, which Ray Train's placement-group
-        # cleaner polls (without it every run logs "Failed to query Ray Train Controller actor state").
-        ray.init(num_cpus=cfg.ray.num_cpus, log_to_driver=True)
+        # "local": a new cluster of ray.num_cpus even where `ray start` runs one on this machine, which a bare
+        # ray.init() would join (and refuse num_cpus for). With Ray's default, the dashboard starts: it serves
+        # the State API, which Ray Train's placement-group cleaner polls (without it every run logs "Failed to
+        # query Ray Train Controller actor state").
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, log_to_driver=True)
         shortfalls = local_cluster_shortfalls(cfg, stages, ray.cluster_resources())
         if shortfalls:
             ray.shutdown()
@@ -72,6 +74,8 @@ def local_cluster_shortfalls(cfg: Config, stages: Collection[str], available: Ma
     Train needs all its workers at once.
     """
     r, t = cfg.rollout, cfg.train
+    # As rollouts.run_episodes and train.train_weighted_sft ask Ray for them; a custom resource of the same
+    # name as CPU or GPU replaces it there too.
     actor = {"CPU": (r.cpus_per_actor, "rollout.cpus_per_actor"), "GPU": (r.gpus_per_actor, "rollout.gpus_per_actor")}
     actor.update({name: (amount, f"rollout.resources.{name}") for name, amount in r.resources.items()})
     workers = f"× train.num_workers={t.num_workers}"
@@ -92,7 +96,7 @@ def local_cluster_shortfalls(cfg: Config, stages: Collection[str], available: Ma
     for who, needs in demands:
         for resource, (amount, setting) in needs.items():
             have = available.get(resource, 0.0)
-            if amount > have:
+            if round(amount * 10_000) > round(have * 10_000):  # Ray counts resources in steps of 1e-4
                 source = f" ({cpus_from})" if resource == "CPU" else ""
                 shortfalls.append(f"{who} {resource} {amount:g} ({setting}), the cluster has {have:g}{source}")
     return shortfalls

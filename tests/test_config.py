@@ -137,9 +137,10 @@ def test_shipped_job_configs_load(job):
     load_config(JOBS / job)
 
 
-def test_the_gpu_demo_differs_from_the_cpu_demo_only_in_where_it_runs():
-    """jobs/demo_gpu.yaml says its task, episodes, weights and training schedule are demo_cpu.yaml's."""
-    placement = {
+def test_the_gpu_demo_differs_from_the_cpu_demo_only_in_its_gpu_settings():
+    """jobs/demo_gpu.yaml says its task, episodes, weights and training schedule are demo_cpu.yaml's; what
+    differs is where it runs and how it trains there (ZeRO-3, bf16, one worker)."""
+    gpu_settings = {
         ("run_dir",),
         ("rollout", "gpus_per_actor"),
         ("train", "num_workers"),
@@ -160,5 +161,5 @@ def test_the_gpu_demo_differs_from_the_cpu_demo_only_in_where_it_runs():
     cpu = dict(leaves(load_config(JOBS / "demo_cpu.yaml").model_dump(mode="json")))
     gpu = dict(leaves(load_config(JOBS / "demo_gpu.yaml").model_dump(mode="json")))
     assert cpu.keys() == gpu.keys()
-    assert {key for key in cpu if cpu[key] != gpu[key]} == placement
+    assert {key for key in cpu if cpu[key] != gpu[key]} == gpu_settings
     assert gpu[("train", "use_gpu")] and gpu[("rollout", "gpus_per_actor")] > 0

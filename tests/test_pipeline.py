@@ -207,15 +207,16 @@ def test_a_mistake_in_eval_task_fails_before_the_rollouts(tmp_path, tiny_model_d
 
 
 def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_path, tiny_model_dir, capsys):
-    """A local cluster never grows: without the check, Ray Data waits for a GPU actor forever."""
+    """A local cluster never grows: without the check, Ray Data waits forever for an actor that asks for a
+    resource the cluster lacks (a GPU on a machine without one, or as here, what no machine has)."""
     import ray
 
     run_dir = tmp_path / "run"
     args = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]
-    assert main([*args, "rollout.gpus_per_actor=1", "train.use_gpu=true"]) == 2
+    assert main([*args, "rollout.resources={no_such_node_type: 1}", "train.cpus_per_worker=1000"]) == 2
     err = capsys.readouterr().err
     assert "the local Ray cluster cannot run this config, and it does not grow:" in err
-    assert "one rollout or evaluation actor needs GPU 1 (rollout.gpus_per_actor), the cluster has 0" in err
-    assert "the training workers need GPU 1 (train.use_gpu=true: one per worker × train.num_workers=1)" in err
+    assert "one rollout or evaluation actor needs no_such_node_type 1 (rollout.resources.no_such_node_type)" in err
+    assert "the training workers need CPU 1000 (train.cpus_per_worker=1000 × train.num_workers=1), the cluster has 2" in err
     assert not ray.is_initialized()
     assert not (run_dir / "rollouts").exists()
