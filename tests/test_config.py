@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from drift_ray.config import ConfigError, LossKind, WeightMode, field_docs, load_config, validate_config
+from drift_ray.trajectories import _dotted
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -141,25 +142,18 @@ def test_the_gpu_demo_differs_from_the_cpu_demo_only_in_its_gpu_settings():
     """jobs/demo_gpu.yaml says its task, episodes, weights and training schedule are demo_cpu.yaml's; what
     differs is where it runs and how it trains there (ZeRO-3, bf16, one worker)."""
     gpu_settings = {
-        ("run_dir",),
-        ("rollout", "gpus_per_actor"),
-        ("train", "num_workers"),
-        ("train", "use_gpu"),
-        ("train", "zero_stage"),
-        ("train", "bf16"),
-        ("train", "micro_batch_size"),  # the whole global batch on the one worker
-        ("ray", "num_cpus"),
+        "run_dir",
+        "rollout.gpus_per_actor",
+        "train.num_workers",
+        "train.use_gpu",
+        "train.zero_stage",
+        "train.bf16",
+        "train.micro_batch_size",  # the whole global batch on the one worker
+        "ray.num_cpus",
     }
-
-    def leaves(tree, prefix=()):
-        if isinstance(tree, dict):
-            for key, value in tree.items():
-                yield from leaves(value, prefix + (key,))
-        else:
-            yield prefix, tree
-
-    cpu = dict(leaves(load_config(JOBS / "demo_cpu.yaml").model_dump(mode="json")))
-    gpu = dict(leaves(load_config(JOBS / "demo_gpu.yaml").model_dump(mode="json")))
+    # By dotted key, as a refused rerun names the settings that changed.
+    cpu = _dotted(load_config(JOBS / "demo_cpu.yaml").model_dump(mode="json"))
+    gpu = _dotted(load_config(JOBS / "demo_gpu.yaml").model_dump(mode="json"))
     assert cpu.keys() == gpu.keys()
     assert {key for key in cpu if cpu[key] != gpu[key]} == gpu_settings
-    assert gpu[("train", "use_gpu")] and gpu[("rollout", "gpus_per_actor")] > 0
+    assert gpu["train.use_gpu"] and gpu["rollout.gpus_per_actor"] > 0
