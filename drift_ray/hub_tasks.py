@@ -268,7 +268,7 @@ def load_hub_task(cfg: TaskConfig, seed: int) -> Task:
     seed = options.pop("seed", seed)
     subsets = options.pop("subsets", None)
     if options:
-        raise TaskError(f"task.options: unknown option(s) {sorted(options)} for task.kind=hub; accepted: seed, subsets")
+        raise TaskError(f"task.options: unknown option(s) {sorted(options)} for task.kind=hub; accepted options: seed, subsets")
     local = {"train": cfg.train_path, "test": cfg.test_path}
     if any(local.values()):
         if subsets is not None:

@@ -7,7 +7,6 @@ verifier that checks answers to them and the options it is built with.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_ray import schema
-from drift_ray.config import TaskConfig
+from drift_ray.config import TaskConfig, options_mismatch
 from drift_ray.verifiers import Verifier, get_verifier, require_known_verifier
 
 
@@ -135,12 +134,9 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
 
 def _call_builder(builder: TaskBuilder, seed: int, options: dict[str, Any]) -> Task:
     """`builder(seed=seed, **options)`, an option it does not take named as a config key."""
-    signature = inspect.signature(builder)
-    try:
-        signature.bind(seed=seed, **options)
-    except TypeError as err:
-        accepted = ", ".join(name for name in signature.parameters if name != "seed") or "none"
-        raise TaskError(f"task.options: {err}; accepted: {accepted}") from None
+    mismatch = options_mismatch(builder, options, seed=seed)
+    if mismatch:
+        raise TaskError(f"task.options: {mismatch}")
     return builder(seed=seed, **options)
 
 

@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import pebble
 
+from drift_ray.config import options_mismatch
+
 logger = logging.getLogger(__name__)
 
 
@@ -371,10 +373,7 @@ def get_verifier(name: str, **options: Any) -> Verifier:
     """A new verifier `name` built with `options`, e.g. get_verifier("numeric", rel_tol=1e-3)."""
     require_known_verifier(name)
     factory = _REGISTRY[name]
-    signature = inspect.signature(factory)
-    try:
-        signature.bind(**options)
-    except TypeError as error:
-        accepted = ", ".join(signature.parameters) or "none"
-        raise ValueError(f"verifier {name!r}: {error}; accepted options: {accepted}") from None
+    mismatch = options_mismatch(factory, options)
+    if mismatch:
+        raise ValueError(f"verifier {name!r}: {mismatch}")
     return factory(**options)

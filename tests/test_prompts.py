@@ -43,11 +43,11 @@ def test_load_builtin_truncates_and_names_unknown():
         (
             TaskConfig(name="candidates", options={"nmu_test": 5}),
             "task.options: got an unexpected keyword argument 'nmu_test'; "
-            "accepted: num_train, num_test, min_candidates, max_candidates",
+            "accepted options: num_train, num_test, min_candidates, max_candidates",
         ),
         (
             TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"sise": 3}),
-            "task.options: got an unexpected keyword argument 'sise'; accepted: size",
+            "task.options: got an unexpected keyword argument 'sise'; accepted options: size",
         ),
         (
             TaskConfig(name="candidates", verifier="exactt"),
