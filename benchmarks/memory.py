@@ -21,7 +21,6 @@ transformers release before `train.PARTITIONED_LOADING_SINCE`. Per run:
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import tempfile
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table  # noqa: E402
+from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
 from sft import weighted_trajectories  # noqa: E402
 
 from drift_ray import train as train_module  # noqa: E402
@@ -141,8 +140,6 @@ def main() -> None:
     if table.num_rows < steps * MICRO_BATCH * WORKERS:
         parser.error(f"--steps {steps} needs {steps * MICRO_BATCH * WORKERS} trajectories; there are {table.num_rows}")
     table = table.slice(0, steps * MICRO_BATCH * WORKERS)
-    import ray
-
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
         model_dir = work_dir / "model"
@@ -151,17 +148,13 @@ def main() -> None:
         weighted_dir.mkdir()
         pq.write_table(table, weighted_dir / "part-0.parquet")
         # Logical CPUs: two 1-CPU workers plus Ray Data's tasks must fit on a 2-core machine.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
+        with local_ray(num_cpus=4):
             runs = [
                 measure(label, stage, partitioned, model_dir, weighted_dir, work_dir, steps)
                 for label, stage, partitioned in [
                     ("ZeRO-3 partitioned", 3, True), ("ZeRO-3 whole", 3, False), ("ZeRO-2", 2, False)
                 ]
             ]
-        finally:
-            ray.shutdown()
 
     model_mb = parameters * 4 / 2**20
     print(

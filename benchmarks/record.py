@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: their command line, a printed table, and one JSON line per run.
+"""Shared by the benchmark scripts: their command line, a local Ray cluster, a printed table, and one JSON line
+per run.
 
 Every script takes `--quick` (tiny sizes, for the smoke test) and `--out DIR` (where `<benchmark>.jsonl`
 gets one line per run: benchmark, time, git commit, machine, config, results).
@@ -7,16 +8,18 @@ gets one line per run: benchmark, time, git commit, machine, config, results).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -30,6 +33,25 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the <benchmark>.jsonl results")
     return parser
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int) -> Iterator[float]:
+    """A new Ray cluster of `num_cpus` logical CPUs for the measurement, shut down after it; yields the seconds
+    it took to start.
+
+    address="local": a bare ray.init would join a cluster that `ray start` runs on this machine (and refuse
+    num_cpus there), so the figures would come from a cluster of another size.
+    """
+    import ray.data
+
+    started = time.perf_counter()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield time.perf_counter() - started
+    finally:
+        ray.shutdown()
 
 
 def machine() -> dict[str, Any]:

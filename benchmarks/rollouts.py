@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table  # noqa: E402
+from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
 
 from drift_ray.config import Config, EpisodeConfig, load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
@@ -236,17 +236,11 @@ def main() -> None:
             row("in-process, carry_cache=False", "1", measure_in_process(model, 1, workload, carry_cache=False)),
             row("2 processes (practical limit)", "1 each", measure_two_processes(model, workload)),
         ]
-        import ray
-
-        started = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        ray_init_s = time.perf_counter() - started
-        for actors in (1, 2):
-            figures = measure_ray(cfg, model, task, problems, actors, work_dir)
-            label = "Ray Data, 1 actor" if actors == 1 else f"Ray Data, {actors} actors"
-            results.append(row(label, "1" if actors == 1 else "1 each", figures))
-        ray.shutdown()
+        with local_ray(num_cpus=2) as ray_init_s:
+            for actors in (1, 2):
+                figures = measure_ray(cfg, model, task, problems, actors, work_dir)
+                label = "Ray Data, 1 actor" if actors == 1 else f"Ray Data, {actors} actors"
+                results.append(row(label, "1" if actors == 1 else "1 each", figures))
 
     in_process, two_threads, unshared, uncarried, limit, one_actor, two_actors = results
     for result in results:

@@ -22,7 +22,6 @@ Throughput counts non-padding tokens. Ray Train's wall time splits into:
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table  # noqa: E402
+from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task  # noqa: E402
@@ -226,8 +225,6 @@ def main() -> None:
     weights = table.column(schema.WEIGHT).to_pylist()
     padding, tokenize_s = measure_padding(conversations, weights, args.micro_batch)
 
-    import ray
-
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
         model_dir = save_untrained_demo_model(work_dir / "model", seed=SEED)
@@ -236,14 +233,10 @@ def main() -> None:
         pq.write_table(table, weighted_dir / "part-0.parquet")
         runs = [measure_plain(model_dir, conversations, weights, args.micro_batch)]
         # Logical CPUs: two 1-CPU workers plus Ray Data's tasks must fit on a 2-core machine.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
+        with local_ray(num_cpus=4):
             for zero_stage, workers in ray_runs:
                 run = measure_ray_train(model_dir, str(weighted_dir), work_dir, args.micro_batch, zero_stage, workers)
                 runs.append(run)
-        finally:
-            ray.shutdown()
 
     for run in runs:
         run["vs_plain"] = run["effective_tokens_per_s"] / runs[0]["effective_tokens_per_s"]

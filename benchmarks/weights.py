@@ -10,7 +10,6 @@ timed. In-process figures are the best of a few repeats; the Ray Data stage runs
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table  # noqa: E402
+from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import WeightsConfig  # noqa: E402
@@ -136,11 +135,9 @@ def measure_in_process(table: pa.Table, cfg: WeightsConfig, repeats: int) -> lis
 
 def measure_ray_data(table: pa.Table, cfg: WeightsConfig, k: int) -> list[dict[str, Any]]:
     """add_weights over blocks shaped like rollout output (whole groups), as given and hash-repartitioned."""
-    import ray
+    import ray.data
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    with local_ray(num_cpus=2):
         rows_per_block = PROMPTS_PER_BLOCK * k
         blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
         ds = ray.data.from_arrow(blocks).materialize()
@@ -152,8 +149,6 @@ def measure_ray_data(table: pa.Table, cfg: WeightsConfig, k: int) -> list[dict[s
             blocks_are = "whole groups per block" if whole_groups else "hash repartition by prompt"
             results.append(throughput(f"Ray Data map stage, {blocks_are}", table.num_rows, time.perf_counter() - start))
         return results
-    finally:
-        ray.shutdown()
 
 
 def main() -> None:

@@ -105,64 +105,6 @@ def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_
     assert not (tmp_path / "unweighted" / "train").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def submit_when_ready(client, entrypoint: str, wait_s: float = 120.0) -> str:
-    """Submit the job; the head's job agent may still be starting ("No available agent"), so retry."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-        except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
-def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_path, tiny_model_dir):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    ray_bin = Path(sys.executable).with_name("ray")
-    dashboard_port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    started = subprocess.run(
-        [str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--include-dashboard=true"],
-        env=env, capture_output=True, text=True,
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard_port}")
-        run_dir = tmp_path / "job_run"
-        entrypoint = " ".join(
-            [sys.executable, "-m", "drift_ray", "run", "--config", str(REPO / "jobs/smoke.yaml"),
-             *smoke_overrides(run_dir, tiny_model_dir), "train.zero_stage=3", "rounds=2"]
-        )
-        job = submit_when_ready(client, entrypoint)
-        deadline = time.monotonic() + 600
-        status = client.get_job_status(job)
-        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
-            time.sleep(2)
-            status = client.get_job_status(job)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs[-4000:]
-        assert "| drift " in logs and "| drift_round2 " in logs  # iterated DRIFT: both rounds evaluated
-        assert (run_dir / "eval" / "eval.md").exists()
-        assert (run_dir / "round-2" / "train" / "model" / "config.json").exists()
-        # Round 2 collects its own rollouts, from the policy round 1 trained.
-        from drift_ray import schema
-        from drift_ray.rollouts import read_shards
-
-        round2 = read_shards(run_dir / "round-2" / "rollouts")
-        assert set(round2.column(schema.MODEL).to_pylist()) == {str(run_dir / "train" / "model")}
-    finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)
-
-
 def test_eval_refuses_two_models_under_one_label_before_starting_ray(tmp_path, tiny_model_dir, capsys):
     other = tmp_path / "other" / Path(tiny_model_dir).name  # another model whose directory has the same name
     args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
@@ -220,3 +162,96 @@ def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_pat
     assert "the training workers need CPU 1000 (train.cpus_per_worker=1000 × train.num_workers=1), the cluster has 2" in err
     assert not ray.is_initialized()
     assert not (run_dir / "rollouts").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit_when_ready(client, entrypoint: str, wait_s: float = 120.0) -> str:
+    """Submit the job; the head's job agent may still be starting ("No available agent"), so retry."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+HEAD_NODE_CPUS = 2
+
+
+@pytest.fixture(scope="module")
+def head_node_dashboard():
+    """A `ray start --head` cluster of HEAD_NODE_CPUS on this machine, as on a cluster's head node; yields
+    its dashboard address."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    dashboard_port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    started = subprocess.run(
+        [str(ray_bin), "start", "--head", f"--num-cpus={HEAD_NODE_CPUS}", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true"],
+        env=env, capture_output=True, text=True,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)
+
+
+def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_path, tiny_model_dir, head_node_dashboard):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head_node_dashboard)
+    run_dir = tmp_path / "job_run"
+    entrypoint = " ".join(
+        [sys.executable, "-m", "drift_ray", "run", "--config", str(REPO / "jobs/smoke.yaml"),
+         *smoke_overrides(run_dir, tiny_model_dir), "train.zero_stage=3", "rounds=2"]
+    )
+    job = submit_when_ready(client, entrypoint)
+    deadline = time.monotonic() + 600
+    status = client.get_job_status(job)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "| drift " in logs and "| drift_round2 " in logs  # iterated DRIFT: both rounds evaluated
+    assert (run_dir / "eval" / "eval.md").exists()
+    assert (run_dir / "round-2" / "train" / "model" / "config.json").exists()
+    # Round 2 collects its own rollouts, from the policy round 1 trained.
+    from drift_ray import schema
+    from drift_ray.rollouts import read_shards
+
+    round2 = read_shards(run_dir / "round-2" / "rollouts")
+    assert set(round2.column(schema.MODEL).to_pylist()) == {str(run_dir / "train" / "model")}
+
+
+def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_dashboard):
+    """A config without ray.address, and every benchmark, start a cluster of their own size; a bare
+    ray.init would join the one `ray start` runs on the machine (and refuse num_cpus)."""
+    import ray
+
+    from drift_ray.config import load_config
+    from drift_ray.pipeline import connect_ray
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from record import local_ray
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    smoke = REPO / "jobs/smoke.yaml"
+    own_cpus = HEAD_NODE_CPUS + 1
+    connect_ray(load_config(smoke, [f"ray.num_cpus={own_cpus}"]), stages=())
+    assert ray.cluster_resources()["CPU"] == own_cpus
+    ray.shutdown()
+    with local_ray(num_cpus=own_cpus):
+        assert ray.cluster_resources()["CPU"] == own_cpus
+    connect_ray(load_config(smoke, ["ray.address=auto"]), stages=())
+    assert ray.cluster_resources()["CPU"] == HEAD_NODE_CPUS
