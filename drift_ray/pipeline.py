@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import pyarrow.parquet as pq
 
@@ -34,7 +34,9 @@ STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connec
 
 
 def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
-    """Join the cluster of `ray.address` or RAY_ADDRESS (as under `ray job submit`), else start a local one.
+    """Join the cluster of `ray.address` or RAY_ADDRESS (as under `ray job submit`), else start a local one;
+    nothing when Ray runs already. The stages below call it (as their `start_ray`) only when they have work,
+    so a rerun with nothing left to do starts no Ray.
 
     A local cluster that cannot run `stages` as configured is shut down again with an error naming the
     settings (see local_cluster_shortfalls): else Ray would wait for the missing resources forever.
@@ -128,7 +130,7 @@ def rollouts_dir(cfg: Config) -> Path:
     return Path(cfg.rollout.output_dir) if cfg.rollout.output_dir else Path(cfg.run_dir) / "rollouts"
 
 
-def run_rollouts(cfg: Config, task: Task, model: str) -> dict[str, Any]:
+def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], None]) -> dict[str, Any]:
     out = rollouts_dir(cfg)
     summary = run_episodes(
         task.train,
@@ -141,12 +143,13 @@ def run_rollouts(cfg: Config, task: Task, model: str) -> dict[str, Any]:
         samples_per_prompt=cfg.rollout.samples_per_prompt,
         prompts_per_batch=cfg.rollout.prompts_per_batch,
         num_actors=cfg.rollout.num_actors,
+        start_ray=start_ray,
     )
     log.info("rollouts: %s", summary)
     return summary
 
 
-def run_weights(cfg: Config, task: Task) -> dict[str, Any]:
+def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[str, Any]:
     """Returns and normalised weights of the rollouts of the task's training prompts, as a Ray Data map
     stage; skipped when done (refused when other settings made it)."""
     import ray.data
@@ -170,6 +173,7 @@ def run_weights(cfg: Config, task: Task) -> dict[str, Any]:
     if out.is_dir() and diagnostics_path.exists():
         require_same_settings(settings_path, settings, output=str(out))
         return json.loads(diagnostics_path.read_text())
+    start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
     trajectories = ray.data.read_parquet(shards).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
     ds = add_weights(trajectories, cfg.weights, whole_groups=False)
@@ -186,14 +190,14 @@ def run_weights(cfg: Config, task: Task) -> dict[str, Any]:
     return diagnostics
 
 
-def run_training(cfg: Config, reference: str, weighted: str | None = None) -> str:
+def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], weighted: str | None = None) -> str:
     """Weighted SFT of the reference on weighted trajectories (default: the run's own, run_dir/weighted)
     into run_dir/train; returns the trained model's directory."""
     from drift_ray.train import train_weighted_sft
 
     out = Path(cfg.run_dir) / "train"
     weighted = weighted or str(Path(cfg.run_dir) / "weighted")
-    stats = train_weighted_sft(cfg, weighted, reference, str(out))
+    stats = train_weighted_sft(cfg, weighted, reference, str(out), start_ray=start_ray)
     log.info("training: %s", stats)
     if stats.get("truncated_examples"):
         log.warning(
@@ -212,7 +216,7 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     return train_task or load_task(cfg.task, cfg.seed)
 
 
-def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
+def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callable[[], None]) -> dict[str, Any]:
     """Greedy multi-turn episodes of every model on the test split; metrics, table and plot under run_dir/eval."""
     from drift_ray.evaluation import episode_metrics, write_report
 
@@ -238,6 +242,7 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str]) -> dict[str, Any]:
             samples_per_prompt=1,
             prompts_per_batch=cfg.eval.prompts_per_batch,
             num_actors=cfg.eval.num_actors,
+            start_ray=start_ray,
         )
         metrics[label] = episode_metrics(read_shards(out, prompt_ids=test_ids), cfg.episode.max_turns)
     paths = write_report(metrics, cfg.episode.max_turns, eval_dir)
@@ -266,28 +271,33 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
-        start = time.perf_counter()
+        start, nested_before = time.perf_counter(), sum(timings.values())
         result = fn(*args)
-        timings[name] = round(time.perf_counter() - start, 2)
+        # Less a ray_start inside it: the stage that starts Ray is timed without that.
+        timings[name] = round(time.perf_counter() - start - (sum(timings.values()) - nested_before), 2)
         return result
+
+    def start_ray() -> None:
+        # At the first stage with work to do; every stage is checked then, finished ones included.
+        if "ray_start" not in timings:
+            timed("ray_start", connect_ray, cfg)
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     # Before any stage: a mistake in eval.task must not surface only after the training.
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
-    timed("ray_start", connect_ray, cfg)
     models = {"reference": reference}
     policy = reference
     diagnostics_by_round = []
     for round_index in range(1, cfg.rounds + 1):
         round_cfg = round_config(cfg, round_index)
         suffix = "" if round_index == 1 else f"_round{round_index}"
-        timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy)
-        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task))
-        policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy)
+        timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, start_ray)
+        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task, start_ray))
+        policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy, start_ray)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
-    report = timed("evaluation", run_eval, cfg, eval_task, models)
+    report = timed("evaluation", run_eval, cfg, eval_task, models, start_ray)
     # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
     write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / CONFIG_FILE)
     write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)

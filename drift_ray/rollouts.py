@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -177,18 +177,23 @@ def trained_by(model: str) -> dict[str, Any] | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
-def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Record the settings of the trajectories in `out_dir`; refuse to mix trajectories of other settings.
+def _manifest_guards(out_dir: Path) -> bool:
+    # A manifest beside no shard guards nothing (a run that failed before its first batch, say on a
+    # mistyped model): it is replaced, so that the corrected config can use the directory.
+    return (out_dir / MANIFEST).exists() and any(out_dir.glob(SHARD_GLOB))
 
-    A manifest beside no shard guards nothing (a run that failed before its first batch, say on a mistyped
-    model): it is replaced, so that the corrected config can use the directory.
-    """
-    path = out_dir / MANIFEST
-    if path.exists() and any(out_dir.glob(SHARD_GLOB)):
-        require_same_settings(path, settings, output=str(out_dir))
-    else:
+
+def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add trajectories of `settings` to those of other settings in `out_dir`."""
+    if _manifest_guards(out_dir):
+        require_same_settings(out_dir / MANIFEST, settings, output=str(out_dir))
+
+
+def record_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Record `settings` as those of the trajectories in `out_dir`, unless its shards have theirs already."""
+    if not _manifest_guards(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(settings, path)
+        write_json_atomic(settings, out_dir / MANIFEST)
 
 
 def run_episodes(
@@ -203,33 +208,36 @@ def run_episodes(
     samples_per_prompt: int,
     prompts_per_batch: int,
     num_actors: int,
+    start_ray: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Play every problem not yet in `out_dir` through a Ray Data actor pool; return a run summary.
 
-    Needs a running Ray (see pipeline.connect_ray). Returns counts of new and reused problems, generated
-    tokens and wall-clock seconds.
+    Needs a running Ray (see pipeline.connect_ray), or `start_ray`, called only when there are episodes to
+    play, so that a rerun with nothing left to do starts none. Returns counts of new and reused problems,
+    generated tokens and wall-clock seconds.
     """
     import ray.data
 
     out_dir = Path(out_dir)
-    check_manifest(
-        out_dir,
-        {
-            "model": model,
-            # What made a model weighted SFT wrote (None for any other): a model retrained at the same path
-            # is another policy.
-            "model_trained_by": trained_by(model),
-            # Any local model replaced at the same path, whoever trained it.
-            "model_fingerprint": files_fingerprint(model),
-            "samples_per_prompt": samples_per_prompt,
-            "sampling": asdict(params),
-            "episode": cfg.episode.model_dump(mode="json"),
-            "verifier": verifier,
-            "verifier_options": verifier_settings(verifier, verifier_options),
-        },
-    )
+    settings = {
+        "model": model,
+        # What made a model weighted SFT wrote (None for any other): a model retrained at the same path
+        # is another policy.
+        "model_trained_by": trained_by(model),
+        # Any local model replaced at the same path, whoever trained it.
+        "model_fingerprint": files_fingerprint(model),
+        "samples_per_prompt": samples_per_prompt,
+        "sampling": asdict(params),
+        "episode": cfg.episode.model_dump(mode="json"),
+        "verifier": verifier,
+        "verifier_options": verifier_settings(verifier, verifier_options),
+    }
+    check_manifest(out_dir, settings)
     done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)
     todo = [p for p in problems if p.prompt_id not in done]
+    if todo and start_ray:
+        start_ray()  # before the directory is made: a cluster that cannot run the actors leaves nothing behind
+    record_manifest(out_dir, settings)
     summary: dict[str, Any] = {"problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo)}
     start = time.perf_counter()
     if todo:

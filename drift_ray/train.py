@@ -196,6 +196,7 @@ def train_weighted_sft(
     model_path: str,
     out_dir: str,
     *,
+    start_ray: Callable[[], None] | None = None,
     train_loop_per_worker: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Weighted SFT of `model_path` on the weighted rollouts in `weighted_dir`; the model goes to out_dir/model.
@@ -211,6 +212,7 @@ def train_weighted_sft(
     resident memory of a worker process, in MiB). The metrics of every step
     (step, epoch, loss, lr, grad_norm, cumulative tokens and seconds) go to out_dir/model/STEPS_FILE,
     steps before a resume included.
+    Needs a running Ray, or `start_ray`, called only when there is training to do.
     `train_loop_per_worker` replaces `train_loop` (tests wrap it to inject failures).
     """
     import pyarrow as pa
@@ -227,6 +229,8 @@ def train_weighted_sft(
         require_same_settings(model_out / TRAIN_SETTINGS_FILE, settings, output=str(model_out))
         return read_stats(model_out)
     require_training_input(weighted_dir)
+    if start_ray:
+        start_ray()
     out.mkdir(parents=True, exist_ok=True)
     if os.path.isdir(model_path):
         model_path = os.path.abspath(model_path)  # the workers need not share the driver's working directory

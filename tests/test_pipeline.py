@@ -46,9 +46,15 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     diagnostics = json.loads((run_dir / "weighted.diagnostics.json").read_text())
     assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9
 
-    # A rerun finds every stage's output and redoes nothing.
+    # A rerun finds every stage's output, redoes nothing and starts no Ray; it prints the same table.
+    import ray
+
+    ray.shutdown()
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts}
     assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]) == 0
+    assert not ray.is_initialized()
+    assert "ray_start" not in json.loads((run_dir / TIMINGS_FILE).read_text())
+    assert capsys.readouterr().out.split("\n| ", 1)[1] == out.split("\n| ", 1)[1]
     after = {p: p.stat().st_mtime_ns for p in before}
     changed = [str(p) for p in before if before[p] != after[p] and p.name not in {"config.json", TIMINGS_FILE}]
     assert not changed

@@ -16,6 +16,7 @@ from drift_ray.rollouts import (
     check_manifest,
     completed_prompts,
     read_shards,
+    record_manifest,
     rollout_sampling,
     run_episodes,
     shard_path,
@@ -169,10 +170,17 @@ def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):
 
 
 def test_manifest_refuses_other_settings_once_a_shard_is_there(tmp_path):
-    check_manifest(tmp_path, {"model": "mistyped", "samples_per_prompt": 2})
-    check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})  # no episode played yet: corrected
+    def check_and_record(settings):  # as run_episodes does
+        check_manifest(tmp_path, settings)
+        record_manifest(tmp_path, settings)
+
+    check_and_record({"model": "mistyped", "samples_per_prompt": 2})
+    check_and_record({"model": "m", "samples_per_prompt": 2})  # no episode played yet: corrected
     write_shard(tmp_path, ["a"], k=2)
-    check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})  # same settings: fine
+    check_and_record({"model": "m", "samples_per_prompt": 2})  # same settings: fine
+    with pytest.raises(RuntimeError, match="differ in: samples_per_prompt"):
+        check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
+    record_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})  # the shards keep the record of theirs
     with pytest.raises(RuntimeError, match="differ in: samples_per_prompt"):
         check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
 
