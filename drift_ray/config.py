@@ -8,11 +8,10 @@ all errors are reported at once.
 from __future__ import annotations
 
 import difflib
-import inspect
 import string
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -347,19 +346,6 @@ class Config(_Section):
             # adapter weights on the base model, losing the earlier rounds.
             raise ValueError("rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)")
         return self
-
-
-def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed: Any) -> str | None:
-    """Why `fn(**fixed, **options)` would fail to bind, with the options it accepts (`fixed` left out), for an
-    error that names the config key; None when it binds. Checked before the call, so a TypeError raised
-    inside `fn` is not mistaken for a wrong option."""
-    signature = inspect.signature(fn)
-    try:
-        signature.bind(**fixed, **options)
-    except TypeError as error:
-        accepted = ", ".join(name for name in signature.parameters if name not in fixed) or "none"
-        return f"{error}; accepted options: {accepted}"
-    return None
 
 
 class ConfigError(ValueError):

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_ray import schema
-from drift_ray.config import TaskConfig, options_mismatch
-from drift_ray.verifiers import Verifier, get_verifier, require_known_verifier
+from drift_ray.config import TaskConfig
+from drift_ray.verifiers import Verifier, get_verifier, options_mismatch, require_known_verifier
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,6 @@ from typing import Any, Callable, Mapping, Protocol
 
 import pebble
 
-from drift_ray.config import options_mismatch
-
 logger = logging.getLogger(__name__)
 
 
@@ -367,6 +365,23 @@ def verifier_settings(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         if parameter.default is not inspect.Parameter.empty
     }
     return {**defaults, **options}
+
+
+def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed: Any) -> str | None:
+    """Why `fn(**fixed, **options)` would fail to bind, with the options it accepts (`fixed` left out), for an
+    error that names the config key; None when it binds. Checked before the call, so a TypeError raised
+    inside `fn` is not mistaken for a wrong option. (Here, not in config.py: the math verifier's helper
+    processes import this module, and need not import pydantic.)"""
+    signature = inspect.signature(fn)
+    accepted = ", ".join(name for name in signature.parameters if name not in fixed) or "none"
+    passed_by_drift_ray = sorted(set(options) & set(fixed))
+    if passed_by_drift_ray:
+        return f"{', '.join(passed_by_drift_ray)}: drift-ray sets it from the config, not from these options; accepted options: {accepted}"
+    try:
+        signature.bind(**fixed, **options)
+    except TypeError as error:
+        return f"{error}; accepted options: {accepted}"
+    return None
 
 
 def get_verifier(name: str, **options: Any) -> Verifier:

@@ -30,6 +30,18 @@ def save_random_tiny_model(path: Path, *, initializer_range: float = 0.02, ascii
     )
 
 
+@pytest.fixture(scope="module")
+def ray_cluster(request: pytest.FixtureRequest):
+    """A new local Ray cluster for a module's tests, of its RAY_NUM_CPUS logical CPUs (default 2); yields
+    the ray module. address="local": a bare ray.init would join a cluster that `ray start` runs on the
+    machine (and refuse num_cpus)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=getattr(request.module, "RAY_NUM_CPUS", 2), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random-init tiny model directory (standard init: near-uniform next-token distributions)."""

@@ -45,6 +45,9 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
     diagnostics = json.loads((run_dir / "weighted.diagnostics.json").read_text())
     assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9
+    printed = json.JSONDecoder().raw_decode(out, out.index('{\n  "timings_s"'))[0]
+    stages = list(printed["timings_s"])  # in the order they ran (timings.json sorts them)
+    assert stages.index("ray_start") == stages.index("rollouts") - 1  # started by the rollouts, timed apart
 
     # A rerun finds every stage's output, redoes nothing and starts no Ray; it prints the same table.
     import ray
@@ -71,6 +74,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 2
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in capsys.readouterr().err
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == settled
+        assert not ray.is_initialized()
 
     # A smaller test split is evaluated on its own problems, from the episodes already played. And a run
     # killed after publishing the weighted rollouts, before their diagnostics marked them complete, is redone.
@@ -103,6 +107,13 @@ def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_
     trained = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not trained[name].equal(initial[name]) for name in initial)
+
+    # A rerun finds the model and starts no Ray.
+    import ray
+
+    ray.shutdown()
+    assert main([*args, f"run_dir={run_dir}", "train.global_batch_size=2", "train.micro_batch_size=1"]) == 0
+    assert not ray.is_initialized() and json.loads((model_dir / "drift_train.json").read_text()) == stats
 
     # The JSONL itself, unweighted, is refused with its name before any training starts.
     args[args.index("--input") + 1] = str(authors)
@@ -246,11 +257,9 @@ def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_das
     from drift_ray.config import load_config
     from drift_ray.pipeline import connect_ray
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from record import local_ray
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from tests.test_benchmarks import load_benchmark
+
+    local_ray = load_benchmark("record.py").local_ray
 
     smoke = REPO / "jobs/smoke.yaml"
     own_cpus = HEAD_NODE_CPUS + 1

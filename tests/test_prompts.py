@@ -46,6 +46,11 @@ def test_load_builtin_truncates_and_names_unknown():
             "accepted options: num_train, num_test, min_candidates, max_candidates",
         ),
         (
+            TaskConfig(name="candidates", options={"seed": 3}),
+            "task.options: seed: drift-ray sets it from the config, not from these options; "
+            "accepted options: num_train, num_test, min_candidates, max_candidates",
+        ),
+        (
             TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"sise": 3}),
             "task.options: got an unexpected keyword argument 'sise'; accepted options: size",
         ),
@@ -68,7 +73,7 @@ def test_load_builtin_truncates_and_names_unknown():
             "task.verifier_options: numeric verifier: tolerances must be >= 0, found rel_tol=-1, abs_tol=1e-06",
         ),
     ],
-    ids=["builtin-option", "plugin-option", "verifier", "verifier-option", "own-verifier-option", "verifier-value"],
+    ids=["builtin-option", "builtin-seed-option", "plugin-option", "verifier", "verifier-option", "own-verifier-option", "verifier-value"],
 )
 def test_a_bad_task_key_is_named_at_load_time_under_the_section_it_came_from(cfg, message):
     with pytest.raises(TaskError, match="^" + re.escape(message) + "$"):

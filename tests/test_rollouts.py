@@ -3,6 +3,7 @@
 import re
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -169,6 +170,21 @@ def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):
         run_episodes([], tmp_path / "eval", **kwargs)
 
 
+def test_ray_starts_only_for_episodes_to_play_and_before_anything_is_written(tmp_path):
+    cfg = load_config(None, [])
+    kwargs = dict(model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
+                  samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+    out = tmp_path / "rollouts"
+    refused = mock.Mock(side_effect=ValueError("no cluster here"))
+    with pytest.raises(ValueError, match="no cluster here"):
+        run_episodes([problem("a")], out, **kwargs, start_ray=refused)
+    assert not out.exists()  # no manifest beside no shard
+    out.mkdir()
+    write_shard(out, ["a"], k=2)  # as if "a" had been played
+    summary = run_episodes([problem("a")], out, **kwargs, start_ray=refused)
+    assert (summary["new"], summary["reused"], refused.call_count) == (0, 1, 1)
+
+
 def test_manifest_refuses_other_settings_once_a_shard_is_there(tmp_path):
     def check_and_record(settings):  # as run_episodes does
         check_manifest(tmp_path, settings)
@@ -192,15 +208,6 @@ def test_summary_counts_per_prompt():
     assert table.column("trajectories").to_pylist() == [3, 3]
     assert table.column("solved").to_pylist() == [1, 1]
     assert table.column(schema.COMPLETION_TOKENS).to_pylist() == [15, 15]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray

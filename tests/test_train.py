@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from unittest import mock
@@ -85,16 +86,8 @@ def model_path(tiny_model_dir) -> str:
     return tiny_model_dir
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    # Logical CPUs: two 1-CPU workers plus Ray Data's tasks must fit, even on a 2-core machine.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+# The ray_cluster fixture's logical CPUs: two 1-CPU workers plus Ray Data's tasks must fit, even on a 2-core machine.
+RAY_NUM_CPUS = 4
 
 
 def make_config(**train: object) -> Config:
@@ -240,21 +233,32 @@ def test_bad_weights_are_refused_naming_the_file_and_trajectories(ray_cluster, t
     assert not (tmp_path / "out" / MODEL_DIR).exists()
 
 
+def no_ray_start() -> None:
+    raise AssertionError("started Ray with nothing to train")
+
+
 def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_path, rows, model_path):
+    """Reused or refused without starting Ray."""
     weighted = tmp_path / "weighted.parquet"
     pq.write_table(pa.Table.from_pylist(rows), weighted)
     out, cfg = tmp_path / "train", make_config()
     # A finished run, as train_weighted_sft leaves it.
     write_json_atomic(train_settings(cfg, str(weighted), model_path, out), out / MODEL_DIR / TRAIN_SETTINGS_FILE)
     write_json_atomic({"steps": 4}, out / MODEL_DIR / STATS_FILE)
-    assert train_weighted_sft(cfg, str(weighted), model_path, str(out)) == {"steps": 4}
+    assert train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
 
     pq.write_table(pa.Table.from_pylist(rows[::-1]), weighted)  # the same weights in another order
-    assert train_weighted_sft(cfg, str(weighted), model_path, str(out)) == {"steps": 4}
+    assert train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
     reweighted = [{**row, schema.WEIGHT: 2 * row[schema.WEIGHT]} for row in rows]  # `drift-ray weights`, another β
     pq.write_table(pa.Table.from_pylist(reweighted), weighted)
     with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: weighted_fingerprint \("):
-        train_weighted_sft(cfg, str(weighted), model_path, str(out))
+        train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start)
+
+    # With training to do, Ray starts first of all: a cluster that refuses the config leaves no output.
+    shutil.rmtree(out)
+    with pytest.raises(ValueError, match="no cluster here"):
+        train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=mock.Mock(side_effect=ValueError("no cluster here")))
+    assert not out.exists()
 
 
 @pytest.mark.ray

@@ -350,14 +350,6 @@ def test_weights_file_refuses_empty_input_and_bad_beta(tmp_path):
 # --- Ray Data -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_add_weights_groups_interleaved_blocks(ray_cluster):
     rng = np.random.default_rng(0)
