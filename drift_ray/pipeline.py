@@ -279,14 +279,21 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - start - (ray_start_s - ray_start_before), 2)
         return result
 
-    def start_ray() -> None:
-        # At the first stage with work to do; every stage is checked then, finished ones included.
-        nonlocal ray_start_s
-        if "ray_start" not in timings:
-            start = time.perf_counter()
-            connect_ray(cfg)
-            ray_start_s = time.perf_counter() - start
-            timings["ray_start"] = round(ray_start_s, 2)
+    def ray_starter(first_stage: str, round_index: int = cfg.rounds) -> Callable[[], None]:
+        """The start_ray of a stage of round `round_index` whose work needs `first_stage` (of STAGES) on Ray."""
+        # The stages before it are finished, so a local cluster is checked for it and those after it only
+        # (a run that trained on a larger cluster may still evaluate on this one); a later round runs all.
+        left = STAGES[STAGES.index(first_stage):] if round_index == cfg.rounds else STAGES
+
+        def start_ray() -> None:
+            nonlocal ray_start_s
+            if "ray_start" not in timings:
+                start = time.perf_counter()
+                connect_ray(cfg, left)
+                ray_start_s = time.perf_counter() - start
+                timings["ray_start"] = round(ray_start_s, 2)
+
+        return start_ray
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
@@ -299,11 +306,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     for round_index in range(1, cfg.rounds + 1):
         round_cfg = round_config(cfg, round_index)
         suffix = "" if round_index == 1 else f"_round{round_index}"
-        timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, start_ray)
-        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task, start_ray))
-        policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy, start_ray)
+        timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
+        # The weights stage asks Ray Data for no more than a CPU: the training after it is what to check.
+        start_before_training = ray_starter("train", round_index)
+        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task, start_before_training))
+        policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy, start_before_training)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
-    report = timed("evaluation", run_eval, cfg, eval_task, models, start_ray)
+    report = timed("evaluation", run_eval, cfg, eval_task, models, ray_starter("eval"))
     # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
     write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / CONFIG_FILE)
     write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)

@@ -3,6 +3,7 @@ as a job submitted to a `ray start --head` cluster."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +36,10 @@ def smoke_overrides(run_dir: Path, model: str) -> list[str]:
 
 def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, capsys):
     run_dir = tmp_path / "run"
-    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]) == 0
+    # Training takes both CPUs of the smoke cluster, so that only evaluation fits one (the end of this test).
+    run = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir),
+           "train.cpus_per_worker=2"]
+    assert main(run) == 0
     out = capsys.readouterr().out
     assert "| reference" in out and "| drift" in out and "eval.png" in out
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())
@@ -54,7 +58,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
 
     ray.shutdown()
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts}
-    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]) == 0
+    assert main(run) == 0
     assert not ray.is_initialized()
     assert "ray_start" not in json.loads((run_dir / TIMINGS_FILE).read_text())
     assert capsys.readouterr().out.split("\n| ", 1)[1] == out.split("\n| ", 1)[1]
@@ -70,8 +74,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         ("train.lr=0.001", "train/model", "train.lr"),
         ("task.num_train=6", "weighted", "prompts.count (8 then, 6 now)"),
     ]:
-        overrides = [*smoke_overrides(run_dir, tiny_model_dir), override]
-        assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 2
+        assert main([*run, override]) == 2
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in capsys.readouterr().err
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == settled
         assert not ray.is_initialized()
@@ -79,11 +82,19 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     # A smaller test split is evaluated on its own problems, from the episodes already played. And a run
     # killed after publishing the weighted rollouts, before their diagnostics marked them complete, is redone.
     (run_dir / "weighted.diagnostics.json").unlink()
-    overrides = [*smoke_overrides(run_dir, tiny_model_dir), "task.num_test=5"]
-    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *overrides]) == 0
+    assert main([*run, "task.num_test=5"]) == 0
     assert json.loads((run_dir / "weighted.diagnostics.json").read_text()) == diagnostics
     smaller = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert smaller["drift"]["num_problems"] == 5 and smaller["reference"]["num_problems"] == 5
+
+    # A run whose training is finished evaluates on a cluster too small to train: a local cluster is
+    # checked for the stages with work left, not for the finished ones.
+    shutil.rmtree(run_dir / "eval" / "drift")
+    ray.shutdown()
+    assert main([*run, "task.num_test=5", "ray.num_cpus=1"]) == 0
+    assert ray.cluster_resources()["CPU"] == 1
+    assert json.loads((run_dir / "eval" / "eval.json").read_text())["drift"]["num_problems"] == 5
+    assert (run_dir / "eval" / "drift").is_dir()
 
 
 def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):
