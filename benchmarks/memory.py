@@ -6,11 +6,16 @@ in bfloat16 as released checkpoints are (`--checkpoint-dtype`), trains for a few
 teacher's weighted trajectories (as in sft.py), on 2 Ray Train workers of one CPU each. The "whole" row
 runs the same ZeRO-3 training with partitioned loading turned off in the workers, as it is with a
 transformers release before `train.PARTITIONED_LOADING_SINCE`. Per run:
-- anon_after_loading_mb: each rank's anonymous resident memory (RssAnon of /proc/self/status) right after
-  `from_pretrained` returned, as a wrapper around it in the workers reads it. Anonymous: the checkpoint's
-  file pages that a rank reads through mmap are page cache, which the kernel can drop and which processes
-  reading the same file share. Training loads in float32, so a bfloat16 checkpoint is converted into
-  memory of the rank's own; a float32 one may stay mapped from the file;
+- anon_before_loading_mb, anon_after_loading_mb: each rank's anonymous resident memory (RssAnon of
+  /proc/self/status) right before `from_pretrained` and right after it returned, as a wrapper around it in
+  the workers reads them. Anonymous: the checkpoint's file pages that a rank reads through mmap are page
+  cache, which the kernel can drop and which processes reading the same file share. Training loads in
+  float32, so a bfloat16 checkpoint is converted into memory of the rank's own; a float32 one may stay
+  mapped from the file;
+- anon_after_trim_mb and added_by_loading_mb: the same right after that, once glibc's malloc_trim(0) has
+  returned the heap's free pages to the kernel, and how much more that is than before loading. A rank
+  that loads its share still builds each whole tensor for a moment; glibc keeps most of the memory those
+  freed in its heap (for the process's next allocations), where RssAnon still counts it;
 - peak_rss_mb and loaded_partitioned from the run's statistics: the largest peak resident memory of a
   worker process (start-up, loading, training and the final save included), and whether every rank held
   only its share of the weights after loading.
@@ -20,6 +25,8 @@ transformers release before `train.PARTITIONED_LOADING_SINCE`. Per run:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import sys
 import tempfile
@@ -72,8 +79,11 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
         load = AutoModelForCausalLM.from_pretrained
 
         def load_and_record(*args: Any, **kwargs: Any) -> Any:
+            before = anonymous_resident_mb()
             model = load(*args, **kwargs)
-            Path(record_dir, f"rank-{rank}.json").write_text(json.dumps(anonymous_resident_mb()))
+            after = anonymous_resident_mb()
+            record = {"before": before, "after": after, "after_trim": anonymous_resident_mb(trim=True)}
+            Path(record_dir, f"rank-{rank}.json").write_text(json.dumps(record))
             return model
 
         AutoModelForCausalLM.from_pretrained = load_and_record
@@ -84,7 +94,9 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
     return loop
 
 
-def anonymous_resident_mb() -> float:
+def anonymous_resident_mb(trim: bool = False) -> float:
+    if trim:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     with open("/proc/self/status") as status:
         kib = next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
     return round(kib / 1024, 1)
@@ -115,13 +127,15 @@ def measure(
         train_loop_per_worker=memory_after_loading_loop(str(record_dir), partitioned),
     )
     assert stats["steps"] == steps, stats["steps"]
-    after_loading = [json.loads((record_dir / f"rank-{rank}.json").read_text()) for rank in range(WORKERS)]
+    records = [json.loads((record_dir / f"rank-{rank}.json").read_text()) for rank in range(WORKERS)]
     return {
         "run": label,
         "zero_stage": zero_stage,
         "loaded_partitioned": stats["loaded_partitioned"],
-        "anon_after_loading_mb": " / ".join(f"{mb:,.0f}" for mb in after_loading),
-        "anon_after_loading_sum_mb": round(sum(after_loading), 1),
+        "anon_before_loading_mb": " / ".join(f"{r['before']:,.0f}" for r in records),
+        "anon_after_loading_mb": " / ".join(f"{r['after']:,.0f}" for r in records),
+        "anon_after_trim_mb": " / ".join(f"{r['after_trim']:,.0f}" for r in records),
+        "added_by_loading_mb": " / ".join(f"{r['after_trim'] - r['before']:,.0f}" for r in records),
         "peak_rss_mb": stats["peak_rss_mb"],
         "wall_s": stats["wall_seconds"],
     }
