@@ -18,7 +18,8 @@ transformers release before `train.PARTITIONED_LOADING_SINCE`. Per run:
   freed in its heap (for the process's next allocations), where RssAnon still counts it;
 - peak_rss_mb and loaded_partitioned from the run's statistics: the largest peak resident memory of a
   worker process (start-up, loading, training and the final save included), and whether every rank held
-  only its share of the weights after loading.
+  only its share of the weights after loading; peak_rss_training_mb: the same peak before the final
+  save, from the last line of the steps file.
 
     .venv/bin/python benchmarks/memory.py [--hidden 1024] [--layers 12] [--quick] [--out DIR]
 """
@@ -94,6 +95,11 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
     return loop
 
 
+def steps_file_peak(run_dir: Path) -> float:
+    last_step = (run_dir / train_module.MODEL_DIR / train_module.STEPS_FILE).read_text().splitlines()[-1]
+    return json.loads(last_step)["peak_rss_mb"]
+
+
 def anonymous_resident_mb(trim: bool = False) -> float:
     if trim:
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
@@ -136,6 +142,7 @@ def measure(
         "anon_after_loading_mb": " / ".join(f"{r['after']:,.0f}" for r in records),
         "anon_after_trim_mb": " / ".join(f"{r['after_trim']:,.0f}" for r in records),
         "added_by_loading_mb": " / ".join(f"{r['after_trim'] - r['before']:,.0f}" for r in records),
+        "peak_rss_training_mb": steps_file_peak(run_dir),
         "peak_rss_mb": stats["peak_rss_mb"],
         "wall_s": stats["wall_seconds"],
     }

@@ -277,7 +277,7 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=0, description="Rank 0 logs the step's metrics every N steps (0 = never).")
     tensorboard: bool = Field(
         False,
-        description="Rank 0 writes every step's metrics (loss, lr, grad_norm, tokens_per_s, truncated) as "
+        description="Rank 0 writes every step's metrics (loss, lr, grad_norm, tokens_per_s, truncated, peak_rss_mb) as "
         "TensorBoard scalars under <run_dir>/train/tensorboard while it trains (`tensorboard --logdir` on it). "
         "Observes the run only: turning it on or off neither restarts nor refuses a run.",
     )

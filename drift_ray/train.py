@@ -60,7 +60,7 @@ HF_CHECKPOINT_DIR = "hf_model"  # inside the final checkpoint: the model as save
 DEEPSPEED_TAG = "deepspeed"  # inside an intermediate checkpoint: DeepSpeed's state
 PROGRESS_FILE = "progress.json"  # inside every checkpoint: the step reached and the statistics so far
 TENSORBOARD_DIR = "tensorboard"  # under out_dir: rank 0's event files, with train.tensorboard
-TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "truncated")  # as train/<name>
+TENSORBOARD_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "truncated", "peak_rss_mb")  # as train/<name>
 # The oldest transformers release whose ZeRO-3 loading (zero.Init) was checked to load every weight right
 # on several ranks: 5.0.0 loaded some attention projections wrong, differently from run to run. The
 # releases in between were not tried, so they load the whole model.
@@ -209,9 +209,9 @@ def train_weighted_sft(
     last epoch's steps), grad_norm and lr of the last step, seconds (training), tokens_per_s,
     wall_seconds (all of it, start-up included), resumed_from_step, loaded_partitioned (whether each
     rank loaded only its share of the model, see loads_partitioned) and peak_rss_mb (the largest peak
-    resident memory of a worker process, in MiB). The metrics of every step
-    (step, epoch, loss, lr, grad_norm, cumulative tokens and seconds) go to out_dir/model/STEPS_FILE,
-    steps before a resume included.
+    resident memory of a worker process, in MiB, the final save included). The metrics of every step
+    (step, epoch, loss, lr, grad_norm, cumulative tokens and seconds, peak_rss_mb so far) go to
+    out_dir/model/STEPS_FILE, steps before a resume included.
     Needs a running Ray, or `start_ray`, called only when there is training to do.
     `train_loop_per_worker` replaces `train_loop` (tests wrap it to inject failures).
     """
@@ -436,6 +436,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "peak_rss_mb": _peak_rss_mb_of_all_ranks(engine.device),
         }
         history.append(metrics)
         # Logged and written, not reported: every ray.train.report is a barrier that waits for Ray Train's

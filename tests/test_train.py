@@ -204,6 +204,9 @@ def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_mo
     assert np.mean([row["loss"] for row in steps[2:]]) == pytest.approx(stats["final_loss"])
     assert steps[-1]["tokens"] == stats["tokens"] and steps[-1]["grad_norm"] == stats["grad_norm"]
     assert all(a["tokens"] < b["tokens"] for a, b in zip(steps, steps[1:]))
+    # The peak so far, in MiB (a worker with torch loaded holds more than 100), which the save may raise.
+    peaks = [row["peak_rss_mb"] for row in steps]
+    assert peaks == sorted(peaks) and 100 < peaks[0] and peaks[-1] <= stats["peak_rss_mb"]
     trained, initial = parameters(out / MODEL_DIR), parameters(model_path)
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)
