@@ -13,13 +13,15 @@ transformers release before `train.PARTITIONED_LOADING_SINCE`. Per run:
   float32, so a bfloat16 checkpoint is converted into memory of the rank's own; a float32 one may stay
   mapped from the file;
 - anon_after_trim_mb and added_by_loading_mb: the same right after that, once glibc's malloc_trim(0) has
-  returned the heap's free pages to the kernel, and how much more that is than before loading. A rank
-  that loads its share still builds each whole tensor for a moment; glibc keeps most of the memory those
-  freed in its heap (for the process's next allocations), where RssAnon still counts it;
-- peak_rss_mb and loaded_partitioned from the run's statistics: the largest peak resident memory of a
-  worker process (start-up, loading, training and the final save included), and whether every rank held
-  only its share of the weights after loading; peak_rss_training_mb: the same peak before the final
-  save, from the last line of the steps file.
+  returned the heap's free pages to the kernel, and how much more that is than before loading (read after
+  a trim too). Freed memory that glibc keeps in its heap for the process's next allocations still counts
+  in RssAnon: what the trim returns is memory loading used for a while and let go;
+- peak_rss_after_loading_mb, peak_rss_training_mb, peak_rss_mb: the largest peak resident memory of a
+  worker process (ru_maxrss) when loading returned, before the final save (the last line of the steps
+  file) and over the whole run (the run's statistics). The trims above run in the workers before
+  training, so these are peaks of trimmed processes;
+- loaded_partitioned, from the run's statistics: whether every rank held only its share of the weights
+  after loading.
 
     .venv/bin/python benchmarks/memory.py [--hidden 1024] [--layers 12] [--quick] [--out DIR]
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import resource
 import sys
 import tempfile
 from collections.abc import Callable
@@ -68,8 +71,8 @@ def save_model(path: Path, hidden: int, layers: int, dtype: torch.dtype) -> int:
 
 
 def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[dict[str, Any]], None]:
-    """train_loop that writes this rank's anonymous resident memory right after every from_pretrained to
-    `record_dir`/rank-<r>.json; with `partitioned` off, every rank loads the whole model (train_loop reads
+    """train_loop that writes this rank's memory around every from_pretrained (see the module's docstring)
+    to `record_dir`/rank-<r>.json; with `partitioned` off, every rank loads the whole model (train_loop reads
     loads_partitioned through its module, which the wrapper replaces in the worker process)."""
 
     def loop(config: dict[str, Any]) -> None:
@@ -80,10 +83,14 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
         load = AutoModelForCausalLM.from_pretrained
 
         def load_and_record(*args: Any, **kwargs: Any) -> Any:
-            before = anonymous_resident_mb()
+            before = anonymous_resident_mb(trim=True)
             model = load(*args, **kwargs)
-            after = anonymous_resident_mb()
-            record = {"before": before, "after": after, "after_trim": anonymous_resident_mb(trim=True)}
+            record = {
+                "before": before,
+                "after": anonymous_resident_mb(),
+                "after_trim": anonymous_resident_mb(trim=True),
+                "peak": peak_resident_mb(),
+            }
             Path(record_dir, f"rank-{rank}.json").write_text(json.dumps(record))
             return model
 
@@ -98,6 +105,10 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
 def steps_file_peak(run_dir: Path) -> float:
     last_step = (run_dir / train_module.MODEL_DIR / train_module.STEPS_FILE).read_text().splitlines()[-1]
     return json.loads(last_step)["peak_rss_mb"]
+
+
+def peak_resident_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def anonymous_resident_mb(trim: bool = False) -> float:
@@ -142,6 +153,7 @@ def measure(
         "anon_after_loading_mb": " / ".join(f"{r['after']:,.0f}" for r in records),
         "anon_after_trim_mb": " / ".join(f"{r['after_trim']:,.0f}" for r in records),
         "added_by_loading_mb": " / ".join(f"{r['after_trim'] - r['before']:,.0f}" for r in records),
+        "peak_rss_after_loading_mb": max(r["peak"] for r in records),
         "peak_rss_training_mb": steps_file_peak(run_dir),
         "peak_rss_mb": stats["peak_rss_mb"],
         "wall_s": stats["wall_seconds"],

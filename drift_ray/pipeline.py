@@ -104,6 +104,14 @@ def local_cluster_shortfalls(cfg: Config, stages: Collection[str], available: Ma
     return shortfalls
 
 
+def stages_left(first_stage: str, round_index: int, rounds: int) -> tuple[str, ...]:
+    """The stages (of STAGES) a local cluster must run when `first_stage` of round `round_index` of
+    `rounds` is the first with work: the stages before it are finished, so it and those after it, and
+    every stage while a later round remains. A run that trained on a larger cluster may still evaluate
+    on a smaller one."""
+    return STAGES[STAGES.index(first_stage):] if round_index == rounds else STAGES
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DRIFT_RAY_CACHE", Path.home() / ".cache" / "drift_ray"))
 
@@ -280,16 +288,14 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         return result
 
     def ray_starter(first_stage: str, round_index: int = cfg.rounds) -> Callable[[], None]:
-        """The start_ray of a stage of round `round_index` whose work needs `first_stage` (of STAGES) on Ray."""
-        # The stages before it are finished, so a local cluster is checked for it and those after it only
-        # (a run that trained on a larger cluster may still evaluate on this one); a later round runs all.
-        left = STAGES[STAGES.index(first_stage):] if round_index == cfg.rounds else STAGES
+        """The start_ray of a stage of round `round_index` whose work needs `first_stage` on Ray."""
+        stages = stages_left(first_stage, round_index, cfg.rounds)
 
         def start_ray() -> None:
             nonlocal ray_start_s
             if "ray_start" not in timings:
                 start = time.perf_counter()
-                connect_ray(cfg, left)
+                connect_ray(cfg, stages)
                 ray_start_s = time.perf_counter() - start
                 timings["ray_start"] = round(ray_start_s, 2)
 
@@ -307,7 +313,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         round_cfg = round_config(cfg, round_index)
         suffix = "" if round_index == 1 else f"_round{round_index}"
         timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
-        # The weights stage asks Ray Data for no more than a CPU: the training after it is what to check.
+        # The weights stage asks Ray Data for no more than a CPU. New weights are new training input, so
+        # the training after it is checked too (even in the rare rerun whose weights come out the same).
         start_before_training = ray_starter("train", round_index)
         diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task, start_before_training))
         policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy, start_before_training)

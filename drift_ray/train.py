@@ -425,6 +425,8 @@ def train_loop(config: dict[str, Any]) -> None:
         tokens += int(step_tokens)
         seconds += time.perf_counter() - step_started
         done = step_index + 1
+        # A resumed run's processes count their peak from the resume; the killed run's still counts.
+        earlier_peak_mb = history[-1].get("peak_rss_mb", 0.0) if history else 0.0
         metrics = {
             "step": done,
             "total_steps": len(plan),
@@ -436,7 +438,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_s": tokens / seconds if seconds else 0.0,
-            "peak_rss_mb": _peak_rss_mb_of_all_ranks(engine.device),
+            "peak_rss_mb": max(_peak_rss_mb_of_all_ranks(engine.device), earlier_peak_mb),
         }
         history.append(metrics)
         # Logged and written, not reported: every ray.train.report is a barrier that waits for Ray Train's
@@ -616,7 +618,7 @@ def _report_final(
             )
             (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True}))
         # After the save, which under ZeRO-3 holds the whole model in rank 0's memory.
-        metrics = {**metrics, "peak_rss_mb": _peak_rss_mb_of_all_ranks(engine.device)}
+        metrics = {**metrics, "peak_rss_mb": max(metrics["peak_rss_mb"], _peak_rss_mb_of_all_ranks(engine.device))}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)
 

@@ -36,7 +36,8 @@ def smoke_overrides(run_dir: Path, model: str) -> list[str]:
 
 def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, capsys):
     run_dir = tmp_path / "run"
-    # Training takes both CPUs of the smoke cluster, so that only evaluation fits one (the end of this test).
+    # Training takes both CPUs of the smoke cluster, so that a 1-CPU cluster can evaluate but not train
+    # (the end of this test).
     run = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir),
            "train.cpus_per_worker=2"]
     assert main(run) == 0

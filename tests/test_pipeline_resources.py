@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from drift_ray.config import load_config
-from drift_ray.pipeline import STAGES, local_cluster_shortfalls
+from drift_ray.pipeline import STAGES, local_cluster_shortfalls, stages_left
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -66,3 +66,11 @@ def test_fractions_that_add_up_to_the_cluster_fit_it():
     assert 0.28 * 25 > 7  # in floating point
     assert local_cluster_shortfalls(cfg, STAGES, {"CPU": 7.0}) == []
     assert len(local_cluster_shortfalls(cfg, STAGES, {"CPU": 6.9999})) == 1
+
+
+def test_a_run_checks_the_stage_that_starts_ray_and_those_after_it():
+    assert stages_left("rollouts", 1, 1) == ("rollouts", "train", "eval")
+    assert stages_left("train", 1, 1) == ("train", "eval")
+    assert stages_left("eval", 1, 1) == ("eval",)  # trained elsewhere: evaluation alone must fit
+    assert stages_left("train", 1, 2) == STAGES  # round 2 still collects rollouts
+    assert stages_left("train", 2, 2) == ("train", "eval")

@@ -429,10 +429,15 @@ class SimulatedCrash(RuntimeError):
 CRASH_AT_STEP = 2
 
 
+KILLED_RUN_EXTRA_MB = 512
+
+
 def train_loop_that_crashes_after_a_checkpoint(config: dict) -> None:
-    """train_loop, killed right after the checkpoint of step CRASH_AT_STEP is registered."""
+    """train_loop, killed right after the checkpoint of step CRASH_AT_STEP is registered. It first touches
+    KILLED_RUN_EXTRA_MB more memory than the resumed run will, so that its peak stands out."""
     import ray.train
 
+    torch.ones(KILLED_RUN_EXTRA_MB * 2**18)  # float32: 4 bytes each, freed at once
     report = ray.train.report
 
     def report_then_crash(metrics, checkpoint=None, **kwargs):
@@ -467,6 +472,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     resumed_steps, expected_steps = step_metrics(tmp_path), step_metrics(uninterrupted_out)
     assert [row["step"] for row in resumed_steps] == [row["step"] for row in expected_steps]
     assert [row["loss"] for row in resumed_steps] == pytest.approx([row["loss"] for row in expected_steps], rel=1e-5)
+    # The killed run's peak still counts, though the resumed run's processes never reached it.
+    peaks = [row["peak_rss_mb"] for row in resumed_steps]
+    assert peaks == sorted(peaks) and peaks[-1] <= stats["peak_rss_mb"]
+    assert peaks[CRASH_AT_STEP - 1] > expected_steps[CRASH_AT_STEP - 1]["peak_rss_mb"] + KILLED_RUN_EXTRA_MB / 2
     # The resumed run picks up the schedule where it stopped: one warmup step, then cosine to 0.
     lr = make_config().train.lr
     assert [row["lr"] for row in resumed_steps] == pytest.approx([lr / 2, lr, 0.75 * lr, 0.25 * lr], rel=1e-6)
@@ -496,6 +505,8 @@ def test_lora_with_gradient_checkpointing_changes_only_the_adapted_matrices_and_
     cfg.train.lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
     stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
     assert stats["loaded_partitioned"] == loads_partitioned(cfg.train, transformers.__version__)
+    peaks = [row["peak_rss_mb"] for row in step_metrics(tmp_path)]  # the larger of the two ranks' so far
+    assert peaks == sorted(peaks) and 100 < peaks[0] and peaks[-1] <= stats["peak_rss_mb"]
     trained, initial = parameters(tmp_path / MODEL_DIR), parameters(model_path)
     assert trained.keys() == initial.keys()  # merged: a plain model, no adapter weights
     # Checkpointing is for the training: the saved model still generates with its KV cache.
