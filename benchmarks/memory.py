@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
-import resource
 import sys
 import tempfile
 from collections.abc import Callable
@@ -89,7 +88,7 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
                 "before": before,
                 "after": anonymous_resident_mb(),
                 "after_trim": anonymous_resident_mb(trim=True),
-                "peak": peak_resident_mb(),
+                "peak": round(train_module.peak_rss_mb(), 1),
             }
             Path(record_dir, f"rank-{rank}.json").write_text(json.dumps(record))
             return model
@@ -105,10 +104,6 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
 def steps_file_peak(run_dir: Path) -> float:
     last_step = (run_dir / train_module.MODEL_DIR / train_module.STEPS_FILE).read_text().splitlines()[-1]
     return json.loads(last_step)["peak_rss_mb"]
-
-
-def peak_resident_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def anonymous_resident_mb(trim: bool = False) -> float:

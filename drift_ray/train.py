@@ -380,6 +380,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # Every step's metrics, carried through checkpoints so that a resumed run keeps the whole curve.
     history: list[dict[str, Any]] = list(progress.get("history", []))
     tokens = history[-1]["tokens"] if history else 0
+    # This run's processes count their peak from the resume; the killed run's still counts.
+    resumed_peak_mb = history[-1].get("peak_rss_mb", 0.0) if history else 0.0
     seconds = float(progress.get("seconds", 0.0))
     tokenized: dict[int, Any] = {}
     # A resumed run purges the steps a killed run wrote after its last checkpoint (all of them without
@@ -425,8 +427,6 @@ def train_loop(config: dict[str, Any]) -> None:
         tokens += int(step_tokens)
         seconds += time.perf_counter() - step_started
         done = step_index + 1
-        # A resumed run's processes count their peak from the resume; the killed run's still counts.
-        earlier_peak_mb = history[-1].get("peak_rss_mb", 0.0) if history else 0.0
         metrics = {
             "step": done,
             "total_steps": len(plan),
@@ -438,7 +438,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "tokens": tokens,
             "seconds": round(seconds, 3),
             "tokens_per_s": tokens / seconds if seconds else 0.0,
-            "peak_rss_mb": max(_peak_rss_mb_of_all_ranks(engine.device), earlier_peak_mb),
+            "peak_rss_mb": max(_peak_rss_mb_of_all_ranks(engine.device), resumed_peak_mb),
         }
         history.append(metrics)
         # Logged and written, not reported: every ray.train.report is a barrier that waits for Ray Train's
@@ -488,18 +488,22 @@ def _event_writer(logdir: str, first_step: int, purge: bool) -> Any:
     return SummaryWriter(logdir, purge_step=first_step if purge else None, filename_suffix=suffix)
 
 
-def _peak_rss_mb_of_all_ranks(device: Any) -> float:
-    """The largest peak resident memory of any rank's worker process so far, in MiB (every rank must call it;
-    a resumed run's processes count from the resume)."""
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process so far, in MiB."""
     import resource
     import sys
 
+    # ru_maxrss counts KiB on Linux, bytes on macOS.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _peak_rss_mb_of_all_ranks(device: Any) -> float:
+    """The largest peak_rss_mb of any rank's worker process so far (every rank must call it; a resumed
+    run's processes count from the resume)."""
     import torch
     import torch.distributed as dist
 
-    # ru_maxrss counts KiB on Linux, bytes on macOS.
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    peak = torch.tensor([peak_mb], dtype=torch.float64, device=device)
+    peak = torch.tensor([peak_rss_mb()], dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return round(peak.item(), 1)
 
