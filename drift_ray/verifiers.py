@@ -106,9 +106,12 @@ def canonical_number(value: Fraction) -> str:
 
 
 class NumericVerifier:
-    """Correct when |answer − gold| <= abs_tol + rel_tol·|gold|; an answer that is not a number is wrong.
+    """Correct when the answer equals an integer gold exactly, or is within abs_tol + rel_tol·|gold| of
+    any other gold (a rounded decimal, 0.33333 for 1/3); an answer that is not a number is wrong.
 
-    A gold that is not a number makes every answer wrong (a sign that the task needs another verifier).
+    Integers need the exact value because a tolerance relative to a large one accepts its neighbours
+    (100010 for a GSM8K gold of 100000). A gold that is not a number makes every answer wrong (a sign
+    that the task needs another verifier).
     """
 
     name = "numeric"
@@ -127,6 +130,8 @@ class NumericVerifier:
         value, gold_value = parse_number(answer), parse_number(gold)
         if value is None or gold_value is None:
             return False
+        if gold_value.denominator == 1:
+            return value == gold_value
         return abs(float(value) - float(gold_value)) <= self.abs_tol + self.rel_tol * abs(float(gold_value))
 
 
@@ -135,10 +140,14 @@ class NumericVerifier:
 _CHOICE_PATTERNS = (
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]?\s*"),  # whole answer: B, (B), b), B.
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]\s.*", re.DOTALL),  # leading letter: B. text, (B) text, B: text
-    # a phrase naming it (upper-case letter only, so "the answer is a cat" names nothing):
-    # The answer is B, Option B: text, answer: (C), the correct choice is option D.
-    re.compile(
-        r".*?\b(?i:answer|option|choice)\b(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s+)?[(\[]?([A-J])\b.*", re.DOTALL
+    # a phrase naming it (upper-case letter only, so "the answer is a cat" names nothing), "answer" before
+    # "option" or "choice", which may name a rejected one (Option A is wrong; the answer is B):
+    # The answer is B, answer: (C), Option B: text, the correct choice is option D.
+    *(
+        re.compile(
+            rf".*?\b(?i:{words})\b(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s+)?[(\[]?([A-J])\b.*", re.DOTALL
+        )
+        for words in ("answer", "option|choice")
     ),
 )
 

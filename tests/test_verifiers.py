@@ -43,8 +43,12 @@ def math_verifier():
         ("12 cm", "12", True),
         ("5 km/h", "5", True),
         ("0.33333", "1/3", True),  # within rel_tol
-        ("100.005", "100", True),  # within rel_tol
-        ("100.02", "100", False),
+        ("100.005", "100.01", True),  # within rel_tol
+        ("100.03", "100.01", False),
+        ("100.005", "100", False),  # an integer gold needs its exact value
+        ("123460", "123456", False),  # within rel_tol of it
+        ("100010", "100000", False),
+        ("1.0e5", "100,000", True),
         ("12", "13", False),
         ("-12", "12", False),
         ("twelve", "12", False),
@@ -91,10 +95,11 @@ def test_parse_number_is_exact():
 
 
 def test_numeric_tolerance_options():
-    assert not get_verifier("numeric").check("105", "100")
-    assert get_verifier("numeric", rel_tol=0.1).check("105", "100")
-    assert get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.4", "100")
-    assert not get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.6", "100")
+    assert not get_verifier("numeric").check("10.5", "10.1")
+    assert get_verifier("numeric", rel_tol=0.1).check("10.5", "10.1")
+    assert get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.4", "100.1")
+    assert not get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.7", "100.1")
+    assert not get_verifier("numeric", rel_tol=0.1).check("105", "100")  # integer golds ignore them
     with pytest.raises(ValueError, match="rel_tol=-1"):
         get_verifier("numeric", rel_tol=-1)
 
@@ -117,6 +122,10 @@ def test_numeric_tolerance_options():
         ("(a) Paris", "A"),
         ("Answer: (C)", "C"),
         ("The correct answer is option J.", "J"),
+        ("The correct choice is option D", "D"),
+        ("Option A is wrong; the answer is B", "B"),
+        ("Choice A and C are wrong, answer: D", "D"),
+        ("The answer is B. Option A is wrong", "B"),
         ("K", None),
         ("B or C", None),
         ("A B", None),
