@@ -42,13 +42,17 @@ def trajectory_returns(
         returns += format_penalty * _count_format_failures(table, format_penalty)
     returns -= rep_lambda * (1.0 - _unique_answer_ratio(table.column(schema.ANSWER_NORMS)))
 
+    # The Ray Data path reads shards directly, not through read_trajectories' checks.
+    no_turns = np.flatnonzero(np.bincount(rows, minlength=n) == 0)
     bad = np.flatnonzero(~np.isfinite(returns))
-    if bad.size:
-        row = int(bad[0])
-        raise ValueError(
-            f"row {row + 1} (prompt {table.column(schema.PROMPT_ID)[row].as_py()!r}): return is {returns[row]}; "
-            f"expected finite {schema.TURN_REWARDS!r} and {schema.FORMAT_PENALTY!r} values"
-        )
+    for rows_found, problem in ((no_turns, "has no turns"), (bad, "has a return of {}")):
+        if rows_found.size:
+            row = int(rows_found[0])
+            raise ValueError(
+                f"row {row + 1} (prompt {table.column(schema.PROMPT_ID)[row].as_py()!r}) "
+                f"{problem.format(returns[row])}; expected a finite reward for each turn in "
+                f"{schema.TURN_REWARDS!r}, at least one, and a finite {schema.FORMAT_PENALTY!r}"
+            )
     return returns
 
 
@@ -221,11 +225,12 @@ def _weights_within_groups(
     """group_weights for group codes 0..G−1 that are all used."""
     if not beta > 0:
         raise ValueError(f"weights.beta must be > 0, found {beta}")
-    scaled = returns / beta
     sizes = np.bincount(group)
     group_max = np.full(sizes.size, -np.inf)
-    np.maximum.at(group_max, group, scaled)
-    shifted = scaled - group_max[group]  # ≤ 0, and 0 for a group's best: exp never overflows
+    np.maximum.at(group_max, group, returns)
+    # ≤ 0, and 0 for a group's best: exp never overflows. Shifted before dividing, so a tiny β cannot
+    # turn returns into inf − inf.
+    shifted = (returns - group_max[group]) / beta
     log_sum = np.log(np.bincount(group, weights=np.exp(shifted), minlength=sizes.size))
     return np.exp(np.log(sizes)[group] + shifted - log_sum[group])
 

@@ -88,8 +88,14 @@ def test_format_penalty_repriced_from_format_failures():
 
 def test_non_finite_return_of_an_in_memory_table_is_refused():
     table = _table([{"prompt": "a", "rewards": [0]}, {"prompt": "b", "rewards": [math.nan]}])
-    with pytest.raises(ValueError, match=r"row 2 \(prompt 'b'\)"):
+    with pytest.raises(ValueError, match=r"row 2 \(prompt 'b'\) has a return of nan; expected a finite reward"):
         trajectory_returns(table, 0.9, 0.5)
+    for no_turns in (pa.array([[0.0], []]), pa.array([[0.0], None], pa.list_(pa.float64()))):
+        # as a shard read without read_trajectories' checks can hold
+        table = _table([{"prompt": "a", "rewards": [0]}, {"prompt": "b", "rewards": [0]}])
+        table = table.set_column(table.schema.get_field_index(schema.TURN_REWARDS), schema.TURN_REWARDS, no_turns)
+        with pytest.raises(ValueError, match=r"row 2 \(prompt 'b'\) has no turns; .* at least one"):
+            trajectory_returns(table, 0.9, 0.5)
 
 
 # --- weights ------------------------------------------------------------------------------------------
@@ -122,6 +128,9 @@ def test_extreme_returns_stay_finite():
     weights = group_weights([1000.0, -1000.0, 1000.0, -1000.0], ["a", "a", "a", "b"], beta=0.1)
     assert np.isfinite(weights).all()
     np.testing.assert_allclose(weights, [1.5, 0.0, 1.5, 1.0], rtol=1e-12, atol=0)
+    # R/β itself overflows to ±inf: inf − inf would give NaN weights.
+    weights = group_weights([1.0, 2.0, -1.0, 2.0], ["a", "a", "a", "b"], beta=1e-320)
+    np.testing.assert_allclose(weights, [0.0, 3.0, 0.0, 1.0], rtol=1e-12, atol=0)
 
 
 _answers = st.lists(st.sampled_from(["1", "2", "x", "", " ", None]), max_size=5)
