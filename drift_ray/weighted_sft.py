@@ -53,8 +53,11 @@ def tokenize_trajectory(
     content, the end-of-turn token (e.g. <|im_end|>) and whatever the template appends to it (ChatML's
     trailing newline). All of it is supervised: generation stops at the end-of-turn token, so the
     trailing text is never asked of the model, and the rule needs no knowledge of which token ends a
-    turn. Context and reply are tokenized separately, exactly as the engine sees a prompt and then
-    generates, so the mask boundary is exact.
+    turn. Each piece (a context, then a reply) takes the tokens that the whole text so far gets after
+    the tokens before it, as the engine tokenizes a prompt whole and the model continues it: a
+    SentencePiece tokenizer's word-start marker goes to the reply's first word, not to a token of its
+    own. Where a token would merge across the boundary (which generation cannot produce), the piece is
+    tokenized alone. Either way the mask boundary falls between the two pieces' tokens.
 
     Longer than `max_length`: tokens are dropped from the left, keeping the last reply whole. A last
     reply that alone does not fit is cut on the right, after the one context token that lets its first
@@ -79,8 +82,8 @@ def tokenize_trajectory(
         _require_prefix(tokenizer, rendered, context, f"messages[:{turn}] with the generation prompt", kind)
         full = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
         _require_prefix(tokenizer, context, full, f"messages[:{turn + 1}]", kind)
-        context_ids = _encode(tokenizer, context[len(rendered) :])
-        reply_ids = _encode(tokenizer, full[len(context) :])
+        context_ids = _continuation(tokenizer, input_ids, context, len(rendered))
+        reply_ids = _continuation(tokenizer, input_ids + context_ids, full, len(context))
         if not reply_ids:
             raise ValueError(
                 f"{_name(tokenizer)}: the chat template renders assistant message {turn} as no tokens at all; "
@@ -108,6 +111,15 @@ def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: b
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _continuation(tokenizer: Any, ids: list[int], text: str, start: int) -> list[int]:
+    """The tokens of text[start:] after `ids`, the tokens of text[:start]: the whole text's tokens after
+    them where those begin with `ids`, else text[start:] tokenized alone."""
+    whole = _encode(tokenizer, text)
+    if whole[: len(ids)] == ids:
+        return whole[len(ids) :]
+    return _encode(tokenizer, text[start:])
 
 
 def _name(tokenizer: Any) -> str:
@@ -267,16 +279,20 @@ def fit_plain(
 ) -> dict[str, float]:
     """Weighted SFT in one process: AdamW, length-bucketed batches, one optimizer step per batch.
 
-    `weights` None means 1 for every conversation. Deterministic for a seed on CPU. Returns steps,
-    tokens (non-padding tokens seen), initial_loss (the first step's), final_loss (mean over the last
-    epoch's steps), seconds and tokens_per_s.
+    `weights` None means 1 for every conversation. Conversations of weight 0 are left out, as the
+    distributed loop leaves them out (train.train_weighted_sft). Deterministic for a seed on CPU.
+    Returns steps, tokens (non-padding tokens seen), initial_loss (the first step's), final_loss (mean
+    over the last epoch's steps), seconds and tokens_per_s.
     """
     weights = [1.0] * len(conversations) if weights is None else [float(w) for w in weights]
-    if not conversations or len(weights) != len(conversations) or epochs < 1:
+    if len(weights) != len(conversations) or epochs < 1:
         raise ValueError(
-            f"fit_plain needs at least one conversation, one weight per conversation and epochs >= 1; "
+            f"fit_plain needs one weight per conversation and epochs >= 1; "
             f"found {len(conversations)} conversations, {len(weights)} weights and epochs={epochs}"
         )
+    conversations, weights = [c for c, w in zip(conversations, weights) if w > 0], [w for w in weights if w > 0]
+    if not conversations:
+        raise ValueError("fit_plain needs at least one conversation with a positive weight; found none")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_token_id is None:
         raise ValueError(f"{_name(tokenizer)}: the tokenizer has neither a pad token nor an EOS token to pad with")

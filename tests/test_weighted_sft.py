@@ -7,7 +7,7 @@ import string
 
 import pytest
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from drift_ray.config import ExampleKind, LossKind, LrSchedule
@@ -38,12 +38,19 @@ CONVERSATION = [
 ]
 
 
-def make_tokenizer(chat_template: str = CHATML) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with ChatML special tokens."""
+def make_tokenizer(
+    chat_template: str = CHATML, word_start: bool = False, merges: list[tuple[str, str]] = ()
+) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with ChatML special tokens. `word_start`: it marks each text's start
+    and its spaces with "▁", as SentencePiece tokenizers (Llama 2, Mistral v1) do, so a reply tokenized
+    alone begins with a "▁" of its own. `merges`: pairs of characters it makes one token of."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(string.printable)))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    characters = sorted(set(string.printable)) + (["▁"] if word_start else [])
+    vocab = {token: i for i, token in enumerate(specials + characters + [a + b for a, b in merges])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token="<unk>"))
     core.decoder = decoders.Fuse()
+    if word_start:
+        core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     core.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -110,6 +117,35 @@ def test_all_turns_supervises_every_reply_and_nothing_else(tokenizer):
     for message in CONVERSATION:
         if message["role"] != "assistant":
             assert message["content"] not in supervised_text
+
+
+@pytest.mark.parametrize("kind", list(ExampleKind))
+def test_a_reply_gets_the_tokens_of_the_whole_text_not_a_word_start_of_its_own(kind):
+    tokenizer = make_tokenizer(word_start=True)
+    assert tokenizer.tokenize("a b") == ["▁", "a", "▁", "b"]
+    conversation = [{**message, "content": f"so {message['content']}"} for message in CONVERSATION]
+    example = tokenize_trajectory(tokenizer, conversation, kind, max_length=512)
+
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert example.input_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    context = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
+    reply_start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    assert example.labels[reply_start:] == example.input_ids[reply_start:]
+    assert example.labels[reply_start - 1] == IGNORE_INDEX
+    assert len(supervised_runs(tokenizer, example)) == (2 if kind is ExampleKind.all_turns else 1)
+    assert tokenizer.convert_ids_to_tokens(example.labels[reply_start]) == "s"  # of "so", no "▁" before it
+
+
+def test_a_token_across_the_reply_boundary_is_split_there():
+    # The generation prompt ends in "\n", and a reply that starts with one would merge with it: the
+    # engine's model, continuing the prompt's tokens, produced the reply's "\n" as a token of its own.
+    tokenizer = make_tokenizer(merges=[("\n", "\n")])
+    conversation = [*CONVERSATION[:-1], {"role": "assistant", "content": "\n<answer>5</answer>"}]
+    example = tokenize_trajectory(tokenizer, conversation, ExampleKind.last_turn, max_length=512)
+
+    assert supervised_runs(tokenizer, example) == ["\n<answer>5</answer><|im_end|>\n"]
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert example.input_ids != tokenizer(tokenizer.decode(example.input_ids), add_special_tokens=False)["input_ids"]
 
 
 def test_messages_after_the_last_reply_are_dropped(tokenizer):
@@ -344,13 +380,13 @@ def mean_nll(model, tokenizer, conversations) -> float:
     return per_sample_nll(logits, batch["labels"]).mean().item()
 
 
-def fit(tokenizer, conversations, seed: int, epochs: int):
+def fit(tokenizer, conversations, seed: int, epochs: int, weights=None):
     model = make_model(len(tokenizer))
     stats = fit_plain(
         model,
         tokenizer,
         conversations,
-        None,
+        weights,
         kind=ExampleKind.last_turn,
         loss=LossKind.sample_mean,
         lr=1e-2,
@@ -379,6 +415,18 @@ def test_fit_plain_lowers_the_loss(tokenizer):
     assert stats["final_loss"] < stats["initial_loss"] / 2
     assert math.isfinite(stats["tokens_per_s"]) and stats["seconds"] > 0
 
+
+
+def test_fit_plain_leaves_out_weight_0_as_the_distributed_loop_does(tokenizer):
+    conversations = demo_conversations()
+    weights = [float(i % 2) for i in range(len(conversations))]
+    model, stats = fit(tokenizer, conversations, seed=0, epochs=2, weights=weights)
+    kept, kept_stats = fit(tokenizer, conversations[1::2], seed=0, epochs=2)
+
+    assert stats == {**kept_stats, "seconds": stats["seconds"], "tokens_per_s": stats["tokens_per_s"]}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), kept.parameters()))
+    with pytest.raises(ValueError, match="at least one conversation with a positive weight"):
+        fit(tokenizer, conversations, seed=0, epochs=1, weights=[0.0] * len(conversations))
 
 
 def test_fit_plain_is_deterministic_for_a_seed(tokenizer):
