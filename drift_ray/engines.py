@@ -367,13 +367,17 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def _end_of_turn_ids(tokenizer, model) -> set[int]:
-    ids: set[int] = set()
+    ids = set(_chat_turn_end_ids(tokenizer))
     for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         if source is not None:
             ids.update(source if isinstance(source, (list, tuple)) else [source])
-    special = tokenizer.added_tokens_encoder
-    ids.update(special[t] for t in _END_OF_TURN_TOKENS if t in special)
     return ids
+
+
+def _chat_turn_end_ids(tokenizer) -> list[int]:
+    """The ids of the tokens of _END_OF_TURN_TOKENS that `tokenizer` has."""
+    added = tokenizer.get_added_vocab()
+    return sorted(added[token] for token in _END_OF_TURN_TOKENS if token in added)
 
 
 class VLLMEngine:
@@ -411,6 +415,9 @@ class VLLMEngine:
             seed=seed,
             enable_lora=adapter is not None,
         )
+        # vLLM stops at the eos of the model's configs only; a turn ends at the same tokens as with
+        # TransformersEngine, so both engines play the same episodes.
+        self.stop_token_ids = _chat_turn_end_ids(self.llm.get_tokenizer())
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
         # One SamplingParams per conversation: vLLM seeds every request with its own seed, so one shared
@@ -422,6 +429,7 @@ class VLLMEngine:
                 top_p=params.top_p,
                 max_tokens=params.max_new_tokens,
                 stop=list(params.stop),
+                stop_token_ids=self.stop_token_ids,
                 include_stop_str_in_output=True,
                 seed=sample_seed(params.seed, i, 0, n),
             )

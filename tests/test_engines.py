@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from drift_ray.config import EngineKind, RolloutConfig
 from drift_ray.engines import TransformersEngine, VLLMEngine, _StopStrings, build_engine, cut_at_stop
@@ -228,24 +230,35 @@ def test_vllm_engine_samples_n_replies_and_keeps_the_stop_string(tiny_model_dir)
             assert "a" not in generation.text[:-1]
 
 
-def test_vllm_engine_gives_every_conversation_a_seed_of_its_own():
+def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transformers_does(
+    tiny_model_dir, engine, monkeypatch
+):
     """vLLM seeds each request's sampler with the request's seed (its n children with seed + j): one
-    SamplingParams for all would make conversations with the same history reply alike."""
+    SamplingParams for all would make conversations with the same history reply alike. And it stops at
+    the eos of the model's configs only, which for a base model's config is not the chat's end of turn."""
     asked: list = []
 
-    def chat(conversations, sampling, use_tqdm, lora_request):
-        asked.append(sampling)
-        output = SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2])
-        return [SimpleNamespace(prompt_token_ids=[0], outputs=[output] * params.n) for params in sampling]
+    class FakeLLM:  # the requests VLLMEngine builds, without vLLM or a GPU
+        def __init__(self, model, **options):
+            self.model = model
 
-    engine = VLLMEngine.__new__(VLLMEngine)  # the request it builds, without vLLM or a GPU
-    engine._vllm = SimpleNamespace(SamplingParams=SimpleNamespace)
-    engine.llm, engine.lora_request = SimpleNamespace(chat=chat), None
-    replies = engine.generate([CONVERSATIONS[0]] * 3, SamplingParams(temperature=1.0, seed=100), 4)
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(self.model)
+
+        def chat(self, conversations, sampling, use_tqdm, lora_request):
+            asked.append(sampling)
+            output = SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2])
+            return [SimpleNamespace(prompt_token_ids=[0], outputs=[output] * params.n) for params in sampling]
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM, SamplingParams=SimpleNamespace))
+    replies = VLLMEngine(tiny_model_dir).generate([CONVERSATIONS[0]] * 3, SamplingParams(temperature=1.0, seed=100), 4)
     [sampling] = asked
     assert [params.seed for params in sampling] == [100, 104, 108]
     assert all(params.n == 4 and params.temperature == 1.0 for params in sampling)
     assert [len(group) for group in replies] == [4, 4, 4]
+    turn_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert turn_end in engine.end_of_turn_ids
+    assert all(params.stop_token_ids == [turn_end] for params in sampling)
 
 
 @pytest.mark.parametrize("stop", ["</answer>", "答案"])
