@@ -226,6 +226,9 @@ def run_episodes(
         "model_trained_by": trained_by(model),
         # Any local model replaced at the same path, whoever trained it.
         "model_fingerprint": files_fingerprint(model),
+        # Another engine samples (and another dtype computes) the same policy otherwise: its episodes
+        # would not replay from the seeds, and greedy ones can differ.
+        "engine": {"kind": cfg.rollout.engine.value, "dtype": cfg.rollout.dtype},
         "samples_per_prompt": samples_per_prompt,
         "sampling": asdict(params),
         "episode": cfg.episode.model_dump(mode="json"),

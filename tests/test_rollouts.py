@@ -123,6 +123,21 @@ def test_other_verifier_options_are_other_rewards(tmp_path):
         run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.01, "abs_tol": 5.0})
 
 
+def test_another_engine_or_dtype_plays_other_episodes(tmp_path):
+    def play(*overrides: str) -> None:
+        cfg = load_config(None, list(overrides))
+        run_episodes([], tmp_path / "eval", model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={},
+                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+
+    play()
+    write_shard(tmp_path / "eval", ["a"], k=2)
+    play("rollout.torch_threads=1")  # how fast, not what it plays
+    with pytest.raises(RuntimeError, match=r"\(differ in: engine\.dtype \('auto' then, 'bfloat16' now\)\)"):
+        play("rollout.dtype=bfloat16")
+    with pytest.raises(RuntimeError, match=r"\(differ in: engine\.kind \('transformers' then, 'vllm' now\)\)"):
+        play("rollout.engine=vllm", "rollout.gpus_per_actor=1")
+
+
 def test_a_fingerprint_follows_the_content_wherever_the_files_are(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
