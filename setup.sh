@@ -13,7 +13,9 @@ cd "$(dirname "$0")"
 python=${PYTHON:-python3}
 extras=${DRIFT_EXTRAS:-dev}
 venv=${DRIFT_VENV:-.venv}
+gpu=
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpu=yes
   torch_spec=${DRIFT_TORCH_SPEC:-torch}
 else
   torch_spec=${DRIFT_TORCH_SPEC:-torch==2.13.0}
@@ -34,3 +36,9 @@ fi
 "$venv"/bin/python -m pip install --quiet "${constraints[@]}" -e ".[$extras]"
 echo "$stamp_want" > "$venv"/.drift-setup
 echo "drift-ray installed in $venv ($("$venv"/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+# Whether the pin got a CPU build depends on the package index pip reads; a CUDA build runs on CPU too.
+if [ -z "$gpu" ] && "$venv"/bin/python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+  echo "setup.sh: warning: this machine has no NVIDIA GPU but the index served a CUDA build of torch, whose" \
+    "CUDA packages take gigabytes; for a CPU build, add a CPU-only torch index with PIP_EXTRA_INDEX_URL or" \
+    "set DRIFT_TORCH_SPEC, then run setup.sh again in a new virtual environment (DRIFT_VENV)" >&2
+fi
