@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up: a virtual environment (.venv unless DRIFT_VENV says otherwise) with drift-ray installed in editable mode.
 # Idempotent: a second run with an unchanged pyproject.toml returns at once.
-#   DRIFT_TORCH_SPEC   torch requirement to install first (default: the CPU build 2.13.0 on a machine
-#                      without an NVIDIA GPU, the registry's default CUDA build otherwise)
+#   DRIFT_TORCH_SPEC   torch requirement to install first (default: torch==2.13.0 on a machine without an
+#                      NVIDIA GPU, a CPU build where the index serves one; the index's default build otherwise)
 #   DRIFT_EXTRAS       extras to install (default: dev; add vllm on GPU machines: "dev,vllm")
 #   DRIFT_CONSTRAINTS  a pip constraints file to install under (default: none). benchmarks/constraints.txt
 #                      holds the versions behind the committed benchmark results; .ci/floors.txt the oldest

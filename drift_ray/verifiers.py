@@ -4,8 +4,8 @@ Pluggable by name through `get_verifier(name, **options)`. Every verifier has th
 `normalize` gives the canonical form used to count distinct answers (the repetition term of the return).
 
 - exact:   normalised strings are equal (lowercase, whitespace removed).
-- numeric: both sides read as numbers ("1,234", "-3.5", "1/2", "$12", "50%", "3.0e2", "12 cm") and equal
-           within a tolerance.
+- numeric: both sides read as numbers ("1,234", "-3.5", "1/2", "$12", "50%", "3.0e2", "12 cm") and equal:
+           exactly for a gold written as an integer, else within a tolerance.
 - choice:  the multiple-choice letter (A–J) of the answer equals the gold letter.
 - math:    symbolic equivalence through math-verify, in killable helper processes (pebble) with a per-answer
            timeout.
@@ -85,6 +85,12 @@ def parse_number(text: str) -> Fraction | None:
     A percent sign is read as a unit ("50%" is 50): questions that ask for a percentage give the gold in
     percent, so "50%" must match a gold of "50".
     """
+    parsed = _parse_number(text)
+    return None if parsed is None else parsed[0]
+
+
+def _parse_number(text: str) -> tuple[Fraction, bool] | None:
+    """parse_number's value, and whether `text` writes it as an integer ("1,234", not "1234.0" or "2/1")."""
     match = _NUMBER.fullmatch(text.strip().replace("−", "-"))
     if match is None or (match["sign"] and match["number"][0] in "+-"):
         return None
@@ -95,7 +101,8 @@ def parse_number(text: str) -> Fraction | None:
         float(value)  # rejects values no float can hold, so tolerance checks and formatting stay finite
     except (ZeroDivisionError, OverflowError, ValueError):
         return None
-    return -value if match["sign"] == "-" else value
+    written_as_integer = match["denominator"] is None and re.fullmatch(r"[-+]?[\d,]+", match["number"]) is not None
+    return (-value if match["sign"] == "-" else value), written_as_integer
 
 
 def canonical_number(value: Fraction) -> str:
@@ -106,31 +113,34 @@ def canonical_number(value: Fraction) -> str:
 
 
 class NumericVerifier:
-    """Correct when the answer equals an integer gold exactly, or is within abs_tol + rel_tol·|gold| of
-    any other gold (a rounded decimal, 0.33333 for 1/3); an answer that is not a number is wrong.
+    """Correct when |answer − gold| <= abs_tol + rel_tol·|gold|; an answer that is not a number is wrong.
 
-    Integers need the exact value because a tolerance relative to a large one accepts its neighbours
-    (100010 for a GSM8K gold of 100000). A gold that is not a number makes every answer wrong (a sign
-    that the task needs another verifier).
+    With neither tolerance set, a gold written as an integer needs its exact value, and any other gold (a
+    rounded decimal: 0.33333 for 1/3) is within rel_tol 1e-4 and abs_tol 1e-6: a tolerance relative to a
+    large integer would accept its neighbours (100010 for a GSM8K gold of 100000). A tolerance that is
+    set applies to every gold. A gold that is not a number makes every answer wrong (a sign that the
+    task needs another verifier).
     """
 
     name = "numeric"
 
-    def __init__(self, rel_tol: float = 1e-4, abs_tol: float = 1e-6):
-        if rel_tol < 0 or abs_tol < 0:
+    def __init__(self, rel_tol: float | None = None, abs_tol: float | None = None):
+        if (rel_tol or 0) < 0 or (abs_tol or 0) < 0:
             raise ValueError(f"numeric verifier: tolerances must be >= 0, found rel_tol={rel_tol}, abs_tol={abs_tol}")
-        self.rel_tol = rel_tol
-        self.abs_tol = abs_tol
+        self.integers_exact = rel_tol is None and abs_tol is None
+        self.rel_tol = 1e-4 if rel_tol is None else rel_tol
+        self.abs_tol = 1e-6 if abs_tol is None else abs_tol
 
     def normalize(self, answer: str) -> str:
         value = parse_number(answer)
         return basic_normalize(answer) if value is None else canonical_number(value)
 
     def check(self, answer: str, gold: str) -> bool:
-        value, gold_value = parse_number(answer), parse_number(gold)
-        if value is None or gold_value is None:
+        value, parsed_gold = parse_number(answer), _parse_number(gold)
+        if value is None or parsed_gold is None:
             return False
-        if gold_value.denominator == 1:
+        gold_value, gold_is_integer = parsed_gold
+        if gold_is_integer and self.integers_exact:
             return value == gold_value
         return abs(float(value) - float(gold_value)) <= self.abs_tol + self.rel_tol * abs(float(gold_value))
 

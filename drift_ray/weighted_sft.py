@@ -75,15 +75,15 @@ def tokenize_trajectory(
 
     input_ids: list[int] = []
     labels: list[int] = []
-    rendered = ""
+    rendered, rendered_ids = "", []  # the text so far, and its tokens as one text
     reply_start = 0
     for turn in supervised_turns:
         context = _render(tokenizer, messages[:turn], add_generation_prompt=True)
         _require_prefix(tokenizer, rendered, context, f"messages[:{turn}] with the generation prompt", kind)
         full = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
         _require_prefix(tokenizer, context, full, f"messages[:{turn + 1}]", kind)
-        context_ids = _continuation(tokenizer, input_ids, context, len(rendered))
-        reply_ids = _continuation(tokenizer, input_ids + context_ids, full, len(context))
+        context_ids, context_whole_ids = _continuation(tokenizer, rendered, rendered_ids, context)
+        reply_ids, rendered_ids = _continuation(tokenizer, context, context_whole_ids, full)
         if not reply_ids:
             raise ValueError(
                 f"{_name(tokenizer)}: the chat template renders assistant message {turn} as no tokens at all; "
@@ -113,13 +113,14 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _continuation(tokenizer: Any, ids: list[int], text: str, start: int) -> list[int]:
-    """The tokens of text[start:] after `ids`, the tokens of text[:start]: the whole text's tokens after
-    them where those begin with `ids`, else text[start:] tokenized alone."""
+def _continuation(tokenizer: Any, prefix: str, prefix_ids: list[int], text: str) -> tuple[list[int], list[int]]:
+    """The tokens of what `text` adds to `prefix` (whose tokens as one text are `prefix_ids`), and the
+    tokens of `text` as one text: the latter after `prefix_ids` where they begin with them, else the
+    addition tokenized alone."""
     whole = _encode(tokenizer, text)
-    if whole[: len(ids)] == ids:
-        return whole[len(ids) :]
-    return _encode(tokenizer, text[start:])
+    if whole[: len(prefix_ids)] == prefix_ids:
+        return whole[len(prefix_ids) :], whole
+    return _encode(tokenizer, text[len(prefix) :]), whole
 
 
 def _name(tokenizer: Any) -> str:
@@ -290,6 +291,9 @@ def fit_plain(
             f"fit_plain needs one weight per conversation and epochs >= 1; "
             f"found {len(conversations)} conversations, {len(weights)} weights and epochs={epochs}"
         )
+    invalid = [(i, w) for i, w in enumerate(weights) if not (math.isfinite(w) and w >= 0)]
+    if invalid:
+        raise ValueError(f"fit_plain: weights must be finite and >= 0; found {invalid[0][1]} at conversation {invalid[0][0]}")
     conversations, weights = [c for c, w in zip(conversations, weights) if w > 0], [w for w in weights if w > 0]
     if not conversations:
         raise ValueError("fit_plain needs at least one conversation with a positive weight; found none")

@@ -230,7 +230,8 @@ def _weights_within_groups(
     np.maximum.at(group_max, group, returns)
     # ≤ 0, and 0 for a group's best: exp never overflows. Shifted before dividing, so a tiny β cannot
     # turn returns into inf − inf.
-    shifted = (returns - group_max[group]) / beta
+    with np.errstate(over="ignore"):  # to -inf, whose exp is 0
+        shifted = (returns - group_max[group]) / beta
     log_sum = np.log(np.bincount(group, weights=np.exp(shifted), minlength=sizes.size))
     return np.exp(np.log(sizes)[group] + shifted - log_sum[group])
 

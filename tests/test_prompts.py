@@ -70,7 +70,7 @@ def test_load_builtin_truncates_and_names_unknown():
         ),
         (
             TaskConfig(name="candidates", verifier="numeric", verifier_options={"rel_tol": -1}),
-            "task.verifier_options: numeric verifier: tolerances must be >= 0, found rel_tol=-1, abs_tol=1e-06",
+            "task.verifier_options: numeric verifier: tolerances must be >= 0, found rel_tol=-1, abs_tol=None",
         ),
     ],
     ids=["builtin-option", "builtin-seed-option", "plugin-option", "verifier", "verifier-option", "own-verifier-option", "verifier-value"],

@@ -118,7 +118,7 @@ def test_other_verifier_options_are_other_rewards(tmp_path):
     with pytest.raises(RuntimeError, match=changed):
         run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.1})
     # An option set now that was left at its default then is a change too.
-    added = r"eval: made with other settings \(differ in: verifier_options\.abs_tol \(1e-06 then, 5\.0 now\)\)"
+    added = r"eval: made with other settings \(differ in: verifier_options\.abs_tol \(None then, 5\.0 now\)\)"
     with pytest.raises(RuntimeError, match=added):
         run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.01, "abs_tol": 5.0})
 

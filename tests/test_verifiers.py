@@ -49,6 +49,8 @@ def math_verifier():
         ("123460", "123456", False),  # within rel_tol of it
         ("100010", "100000", False),
         ("1.0e5", "100,000", True),
+        ("2.9999999", "3.0", True),  # a gold written as a decimal is one
+        ("2.9999999", "3", False),
         ("12", "13", False),
         ("-12", "12", False),
         ("twelve", "12", False),
@@ -95,11 +97,11 @@ def test_parse_number_is_exact():
 
 
 def test_numeric_tolerance_options():
-    assert not get_verifier("numeric").check("10.5", "10.1")
-    assert get_verifier("numeric", rel_tol=0.1).check("10.5", "10.1")
-    assert get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.4", "100.1")
-    assert not get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.7", "100.1")
-    assert not get_verifier("numeric", rel_tol=0.1).check("105", "100")  # integer golds ignore them
+    assert not get_verifier("numeric").check("105", "100")
+    assert get_verifier("numeric", rel_tol=0.1).check("105", "100")  # a tolerance set applies to integer golds too
+    assert get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.4", "100")
+    assert not get_verifier("numeric", rel_tol=0.0, abs_tol=0.5).check("100.6", "100")
+    assert not get_verifier("numeric").check("100.4", "100")
     with pytest.raises(ValueError, match="rel_tol=-1"):
         get_verifier("numeric", rel_tol=-1)
 

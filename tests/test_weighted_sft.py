@@ -148,6 +148,18 @@ def test_a_token_across_the_reply_boundary_is_split_there():
     assert example.input_ids != tokenizer(tokenizer.decode(example.input_ids), add_special_tokens=False)["input_ids"]
 
 
+def test_a_split_at_one_reply_leaves_the_next_pieces_their_whole_text_tokens():
+    tokenizer = make_tokenizer(word_start=True, merges=[("\n", "\n")])
+    conversation = [*CONVERSATION[:2], {"role": "assistant", "content": "\nno"}, CONVERSATION[3],
+                    {"role": "assistant", "content": "so <answer>5</answer>"}]
+    example = tokenize_trajectory(tokenizer, conversation, ExampleKind.all_turns, max_length=512)
+
+    run_starts = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX and example.labels[i - 1] == IGNORE_INDEX]
+    # Reply 1 would merge with the generation prompt's "\n", so it was tokenized alone (a word start of
+    # its own comes with that); reply 2 still gets the whole text's tokens.
+    assert tokenizer.convert_ids_to_tokens([example.input_ids[i] for i in run_starts]) == ["▁", "s"]
+
+
 def test_messages_after_the_last_reply_are_dropped(tokenizer):
     trailing = CONVERSATION + [{"role": "user", "content": "Incorrect. Please think again."}]
     for kind in ExampleKind:
@@ -427,6 +439,9 @@ def test_fit_plain_leaves_out_weight_0_as_the_distributed_loop_does(tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), kept.parameters()))
     with pytest.raises(ValueError, match="at least one conversation with a positive weight"):
         fit(tokenizer, conversations, seed=0, epochs=1, weights=[0.0] * len(conversations))
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ValueError, match=f"finite and >= 0; found {bad} at conversation 2$"):
+            fit(tokenizer, conversations, seed=0, epochs=1, weights=[1.0, 1.0, bad] + weights[3:])
 
 
 def test_fit_plain_is_deterministic_for_a_seed(tokenizer):
