@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--drift-run", type=Path, default=None, help="a finished `drift-ray run` of --config to compare with")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     overrides = QUICK_PIPELINE_OVERRIDES if args.quick else []
@@ -92,7 +93,7 @@ def main() -> None:
             metrics = episode_metrics(episodes_table(episodes, cfg.episode, engine.name), max_turns)
             return {"multi@1": metrics["multi@1"], "multi@5": metrics[f"multi@{max_turns}"]}
 
-        model = AutoModelForCausalLM.from_pretrained(reference)
+        model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)  # as weighted SFT loads it
         tokenizer = AutoTokenizer.from_pretrained(reference)
         curve = train_online(model, tokenizer, task.train, verifier, cfg, settings, evaluate)
         rows = [{"method": f"online GRPO (single process), update {p['update']}", **p} for p in curve]

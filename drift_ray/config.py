@@ -8,6 +8,7 @@ all errors are reported at once.
 from __future__ import annotations
 
 import difflib
+import re
 import string
 from enum import Enum
 from pathlib import Path
@@ -348,6 +349,21 @@ class Config(_Section):
         return self
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, but for numbers in exponent form without a dot (1e-3, 5E4): YAML 1.1
+    reads them as strings. Typed fields would convert them; free-form options (task.options,
+    task.verifier_options) would keep a string where a number was meant."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: data is never executed
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message lists every problem with its dotted path."""
 
@@ -362,7 +378,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OSError as err:
             raise ConfigError(f"{source}: cannot read config: {err.strerror}") from err
         try:
-            data = yaml.safe_load(text) or {}
+            data = _load_yaml(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -385,14 +401,16 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     if not sep or not key:
         raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         reason = getattr(err, "problem", None) or err  # the parser's one-line reason, without its excerpt
         raise ConfigError(f"{source}: override {item!r}: {key}: not a valid YAML value ({reason})") from None
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section left empty in the file ("task:")
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{source}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child

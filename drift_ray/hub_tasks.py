@@ -3,9 +3,9 @@
 `task.name` picks an entry of HUB_DATASETS: where the benchmark lives on the hub, which of its splits
 are our train/test splits, the columns every row needs, one function that turns a row into a problem,
 and the benchmark's default verifier. With `task.train_path` / `task.test_path` the same conversion
-reads local JSONL, CSV or Parquet files in the hub's column layout and the hub is not contacted at all
-(splits without a file are empty); without them each split is read with `datasets.load_dataset`, from
-its cache when offline.
+reads local JSONL, CSV or Parquet files in the hub's column layout (not CSV where a column is a list:
+MMLU's choices) and the hub is not contacted at all (splits without a file are empty); without them
+each split is read with `datasets.load_dataset`, from its cache when offline.
 
 task.options:
 - seed: the seed of the choice order (gpqa_diamond) and of the train split's order (default: the run's
@@ -91,6 +91,8 @@ def last_boxed(text: str) -> str | None:
     if start < 0:
         return None
     rest = text[start + len(command) :]
+    if rest.lstrip().startswith("{"):  # "\boxed {5}" is "\boxed{5}" to LaTeX
+        rest = rest.lstrip()
     if not rest.startswith("{"):
         bare = rest.strip().split("$")[0].split()  # "\boxed 5$" → "5"
         return bare[0] if rest[:1].isspace() and bare else None
@@ -151,10 +153,13 @@ def _theoremqa(row: dict[str, Any], seed: int) -> Converted | None:
 def _gpqa(row: dict[str, Any], seed: int) -> Converted:
     question = _text(row, "Question")
     correct = _text(row, "Correct Answer")
-    choices = [correct] + [_text(row, f"Incorrect Answer {i}") for i in (1, 2, 3)]
-    # Seeded by the question, not the row's position: truncation or reordering keeps every order.
-    random.Random(f"gpqa-{seed}-{question}").shuffle(choices)
-    gold = CHOICE_LETTERS[choices.index(correct)]
+    answers = [correct] + [_text(row, f"Incorrect Answer {i}") for i in (1, 2, 3)]
+    # Seeded by the question, not the row's position: truncation or reordering keeps every order. The
+    # positions are shuffled, not the texts: a wrong answer may read like the correct one.
+    order = list(range(len(answers)))
+    random.Random(f"gpqa-{seed}-{question}").shuffle(order)
+    choices = [answers[i] for i in order]
+    gold = CHOICE_LETTERS[order.index(0)]
     metadata = _present(domain=row.get("High-level domain"), subdomain=row.get("Subdomain"))
     return render_choices(question, choices), gold, metadata
 
@@ -162,7 +167,7 @@ def _gpqa(row: dict[str, Any], seed: int) -> Converted:
 def _mmlu_redux(row: dict[str, Any], seed: int) -> Converted | None:
     if row.get("error_type") not in (None, "ok"):
         return None
-    choices = list(row["choices"] or [])
+    choices = _list_column(row, "choices")
     answer = row["answer"]
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(f"column 'answer' is {answer!r}; expected the index (0 to {len(choices) - 1}) of a choice")
@@ -170,12 +175,22 @@ def _mmlu_redux(row: dict[str, Any], seed: int) -> Converted | None:
 
 
 def _mmlu_pro(row: dict[str, Any], seed: int) -> Converted:
-    options = list(row["options"] or [])
+    options = _list_column(row, "options")
     answer = _text(row, "answer")
-    if answer not in CHOICE_LETTERS[: len(options)]:
+    if answer not in list(CHOICE_LETTERS[: len(options)]):
         raise ValueError(f"column 'answer' is {answer!r}; expected a letter A to {CHOICE_LETTERS[len(options) - 1]}")
     metadata = _present(category=row.get("category"), src=row.get("src"))
     return render_choices(_text(row, "question"), options), answer, metadata
+
+
+def _list_column(row: dict[str, Any], column: str) -> list[Any]:
+    value = row[column]
+    if isinstance(value, str):
+        raise ValueError(
+            f"column {column!r} holds text ({value[:60]!r}), not a list (a CSV file cannot hold one); give this "
+            "task's local files as JSONL or Parquet"
+        )
+    return list(value or [])
 
 
 MATH_SUBJECTS = (

@@ -125,12 +125,13 @@ def policy_gradient_step(
 ) -> None:
     """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
     examples = [tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length) for m in conversations]
     for start in range(0, len(examples), micro_batch_size):
         chunk = slice(start, start + micro_batch_size)
-        tensors = collate(examples[chunk], advantages[chunk].tolist(), pad_id)
+        tensors = {name: t.to(device) for name, t in collate(examples[chunk], advantages[chunk].tolist(), pad_id).items()}
         logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
         loss = weighted_loss(per_sample_nll(logits, tensors["labels"]), tensors["weights"], float(len(examples)))
         loss.backward()

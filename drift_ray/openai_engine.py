@@ -120,17 +120,18 @@ class OpenAIEngine:
             try:
                 replies = await self._request(post, conversation, params, n, sample_seed(params.seed, index, 0, n))
             except OpenAIServerError as err:
-                # A refusal for another reason fails again below, in the single requests, and is raised there.
+                # A refusal for another reason (a prompt too long) fails again below, in the single requests,
+                # and is raised there.
                 if err.status not in _REJECTED_STATUSES:
                     raise
-            if len(replies) < n:
-                self.n_per_request = False
         singles = await asyncio.gather(
             *(
                 self._request(post, conversation, params, 1, sample_seed(params.seed, index, j, n))
                 for j in range(len(replies), n)
             )
         )
+        if singles and n > 1:  # only once they went through: else the refusal was not about n
+            self.n_per_request = False
         return replies[:n] + [single[0] for single in singles]
 
     async def _request(

@@ -421,9 +421,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 totals[2] += sum(tokenized[i].cut_tokens > 0 for i in micro.indices)
         dist.all_reduce(totals)
         step_loss, step_tokens, step_truncated = totals.tolist()
-        # Every rank holds the same reduced loss, so all of them stop here, before a checkpoint or a
-        # saved model could carry the broken weights on.
-        require_finite_loss(step_loss, step_index + 1, len(plan), train)
+        grad_norm = _grad_norm(engine)
+        # Every rank holds the same reduced loss and global gradient norm, so all of them stop here,
+        # before a checkpoint or a saved model could carry the broken weights on.
+        require_finite_step(step_loss, grad_norm, step_index + 1, len(plan), train)
         tokens += int(step_tokens)
         seconds += time.perf_counter() - step_started
         done = step_index + 1
@@ -433,7 +434,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "epoch": step.epoch,
             "loss": step_loss,
             "lr": lr,
-            "grad_norm": _grad_norm(engine),
+            "grad_norm": grad_norm,
             "truncated": int(step_truncated),
             "tokens": tokens,
             "seconds": round(seconds, 3),
@@ -508,13 +509,22 @@ def _peak_rss_mb_of_all_ranks(device: Any) -> float:
     return round(peak.item(), 1)
 
 
-def require_finite_loss(loss: float, step: int, steps: int, train: TrainConfig) -> None:
-    """Stop a run whose loss turned NaN or infinite, naming the step and what to change."""
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"weighted SFT diverged: the loss of step {step} of {steps} is {loss}. Lower train.lr (now {train.lr})"
-            + (", or turn train.grad_clip on (now 0)" if not train.grad_clip else "")
-        )
+def require_finite_step(loss: float, grad_norm: float | None, step: int, steps: int, train: TrainConfig) -> None:
+    """Stop a run whose loss or gradient norm turned NaN or infinite, naming the step and what to change.
+
+    A gradient that is not finite under a finite loss is divergence too: with ZeRO, DeepSpeed takes it
+    for an overflow and silently skips the update (and the scheduler's step), and there is no fp16 loss
+    scale here whose overflows would be expected.
+    """
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    what = f"the loss of step {step} of {steps} is {loss}"
+    if math.isfinite(loss):
+        what = f"the gradient norm of step {step} of {steps} is {grad_norm} (its loss {loss:.6g})"
+    raise FloatingPointError(
+        f"weighted SFT diverged: {what}. Lower train.lr (now {train.lr})"
+        + (", or turn train.grad_clip on (now 0)" if not train.grad_clip else "")
+    )
 
 
 def _grad_norm(engine: Any) -> float | None:

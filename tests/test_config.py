@@ -28,6 +28,20 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.episode.instruction == "Q: {question}"
 
 
+def test_numbers_in_exponent_form_are_numbers_in_free_form_options_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n  verifier_options:\n    rel_tol: 1e-3\n")
+    cfg = load_config(path, ["task.verifier_options.abs_tol=5E-7", "weights.beta=2e-1", 'task.options.name="1e-3"'])
+    assert cfg.task.verifier_options == {"rel_tol": 0.001, "abs_tol": 5e-7}
+    assert cfg.weights.beta == 0.2 and cfg.task.options == {"name": "1e-3"}  # quoted, it stays a string
+
+
+def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n")
+    assert load_config(path, ["task.name=gsm8k", "task.kind=hub"]).task.name == "gsm8k"
+
+
 def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("rollout:\n  modle: x\n  samples_per_prompt: zero\nweights:\n  beta: -1\ntrainn: {}\n")

@@ -55,6 +55,7 @@ def choice_lines(question: str) -> dict[str, str]:
         ("The sum is $\\boxed{x^{2^{3}}+1}$ indeed", "x^{2^{3}}+1"),
         ("the answer is \\fbox{7}.", "7"),
         ("so $\\boxed 5$.", "5"),
+        ("so $\\boxed {5}$.", "5"),
         ("no box here: 12", None),
         ("unbalanced \\boxed{\\frac{1}{2}", None),
     ],
@@ -277,6 +278,16 @@ def test_mmlu_redux_maps_the_answer_index_to_a_letter_and_keeps_error_free_rows(
     assert task.test[1].metadata == {"source": "s3"}
 
 
+def test_a_csv_file_for_a_task_with_a_list_column_is_refused(tmp_path):
+    path = tmp_path / "test.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "choices", "answer", "error_type"])
+        writer.writerow(["Q", '["1", "2", "3"]', 1, "ok"])
+    with pytest.raises(TaskError, match=r"test\.csv.*row 1.*column 'choices' holds text .*not a list.*JSONL or Parquet"):
+        hub_task("mmlu_redux", test_path=str(path))
+
+
 def test_mmlu_redux_answer_out_of_range_is_an_error(tmp_path):
     rows = [{"question": "Q", "choices": ["a", "b"], "answer": 2, "error_type": "ok"}]
     with pytest.raises(TaskError, match=r"row 1 .*column 'answer' is 2; expected the index \(0 to 1\)"):
@@ -316,6 +327,9 @@ def test_mmlu_pro_up_to_ten_letters(tmp_path):
         TaskError, match=r"row 2 \(prompt id mmlu_pro-test-71\): column 'answer' is 'E'; expected a letter A to D"
     ):
         hub_task("mmlu_pro", test_path=write_jsonl(tmp_path / "bad.jsonl", rows))
+    rows[1]["answer"] = "AB"
+    with pytest.raises(TaskError, match=r"column 'answer' is 'AB'; expected a letter A to D"):
+        hub_task("mmlu_pro", test_path=write_jsonl(tmp_path / "bad2.jsonl", rows))
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -45,12 +45,16 @@ def test_online_updates_regenerate_episodes_change_the_policy_and_report_a_curve
         return {"multi@1": 0.0}
 
     settings = OnlineRLSettings(updates=3, prompts_per_update=2, samples_per_prompt=3, lr=1e-2, eval_every=2)
+    before = [p.detach().clone() for p in model.parameters()]
     curve = train_online(model, tokenizer, problems, get_verifier("exact"), cfg, settings, evaluate)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert [point["update"] for point in curve] == [0, 2, 3]
     tokens = [point["generated_tokens"] for point in curve]
     assert tokens[0] == 0 and 0 < tokens[1] < tokens[2]  # every update generates anew
     assert len(evaluations) == 3
-    assert all(np.isfinite(point["mean_return"]) for point in curve[1:])
+    # At most one reward of 1; at least a format penalty on each turn and the whole repetition penalty.
+    lowest = cfg.episode.max_turns * cfg.episode.format_penalty - cfg.weights.rep_lambda
+    assert all(lowest <= point["mean_return"] <= 1.0 for point in curve[1:])
 
 
 def test_a_policy_gradient_step_favours_the_trajectory_with_the_higher_return(tiny_model_dir):
@@ -75,3 +79,22 @@ def test_a_policy_gradient_step_favours_the_trajectory_with_the_higher_return(ti
     policy_gradient_step(model, tokenizer, conversations, advantages, optimizer, cfg, micro_batch_size=3)
     after = nll()
     assert after[0] < before[0] and after[1] > before[1]
+
+
+def test_a_policy_gradient_step_is_one_step_on_all_the_conversations_however_they_are_split(tiny_model_dir):
+    cfg = load_config(None, ["train.grad_clip=0"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    question = {"role": "user", "content": "x is between 10 and 29 and ends in 4. What is x?"}
+    conversations = [[question, {"role": "assistant", "content": f"<answer>{x}</answer>"}] for x in (14, 24, 4, 114)]
+    advantages = group_advantages([1.0, 0.0, 0.5, 0.0], 4, "grpo")
+
+    def step(micro_batch_size: int) -> list[torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        policy_gradient_step(model, tokenizer, conversations, advantages, optimizer, cfg, micro_batch_size)
+        return [p.detach() for p in model.parameters()]
+
+    whole, split, start = step(4), step(3), [p.detach() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(whole, start))
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

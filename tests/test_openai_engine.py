@@ -408,6 +408,17 @@ def test_without_n_the_missing_samples_come_from_seeded_single_requests(rejects_
     assert sorted(r["seed"] for r in later) == [10, 11, 12, 13, 14, 15]
 
 
+def test_a_refusal_that_single_requests_get_too_keeps_n_per_request():
+    async def handler(body, headers):
+        return web.json_response({"error": "this prompt is longer than the context"}, status=400)
+
+    with FakeServer(handler) as server:
+        engine = engine_for(server.api_base)
+        with pytest.raises(OpenAIServerError, match="HTTP 400"):
+            engine.generate([CONVERSATION], SamplingParams(), 3)
+    assert server.requests[0]["n"] == 3 and engine.n_per_request is True
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_conversations_with_the_same_history_get_seeds_of_their_own(n):
     # Episodes whose turns so far agree ask again together; one seed for all would make them reply alike.

@@ -31,7 +31,7 @@ from drift_ray.train import (
     TENSORBOARD_SCALARS,
     loads_partitioned,
     plan_steps,
-    require_finite_loss,
+    require_finite_step,
     train_loop,
     train_settings,
     train_weighted_sft,
@@ -535,12 +535,16 @@ def test_lora_adapter_saved_unmerged_is_loaded_by_the_engine_on_its_base(ray_clu
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), float("-inf")])
-def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step(loss):
+def test_a_loss_or_gradient_norm_that_is_not_finite_stops_the_run_naming_the_step(loss):
     with pytest.raises(FloatingPointError, match=rf"the loss of step 3 of 8 is {loss}\. Lower train\.lr \(now 0\.01\)$"):
-        require_finite_loss(loss, 3, 8, TrainConfig(lr=0.01))
+        require_finite_step(loss, 1.0, 3, 8, TrainConfig(lr=0.01))
     with pytest.raises(FloatingPointError, match=r"\(now 0\.01\), or turn train\.grad_clip on \(now 0\)$"):
-        require_finite_loss(loss, 3, 8, TrainConfig(lr=0.01, grad_clip=0))
-    require_finite_loss(12.5, 3, 8, TrainConfig(lr=0.01))
+        require_finite_step(loss, None, 3, 8, TrainConfig(lr=0.01, grad_clip=0))
+    # With ZeRO, DeepSpeed skips an update whose gradient is not finite, as if it were an fp16 overflow.
+    with pytest.raises(FloatingPointError, match=rf"the gradient norm of step 3 of 8 is {loss} \(its loss 12\.5\)\. Lower"):
+        require_finite_step(12.5, loss, 3, 8, TrainConfig(lr=0.01))
+    require_finite_step(12.5, 0.5, 3, 8, TrainConfig(lr=0.01))
+    require_finite_step(12.5, None, 3, 8, TrainConfig(lr=0.01))  # ZeRO-0 reports no gradient norm
 
 
 @pytest.mark.ray
