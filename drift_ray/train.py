@@ -528,8 +528,8 @@ def require_finite_step(loss: float, grad_norm: float | None, step: int, steps: 
 
 
 def _grad_norm(engine: Any) -> float | None:
-    """The gradient norm of the last update, before clipping, over all ranks; None without ZeRO, where
-    DeepSpeed steps a torch optimizer that does not report it."""
+    """The gradient norm of the last update, before clipping, over all ranks; None at ZeRO-0 without bf16,
+    where DeepSpeed steps a torch optimizer that does not report it."""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None

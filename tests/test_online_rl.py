@@ -33,7 +33,11 @@ def test_groups_must_tile_the_returns():
 
 
 def test_online_updates_regenerate_episodes_change_the_policy_and_report_a_curve(tiny_model_dir):
-    cfg = load_config(None, ['episode.instruction="{question}"', "episode.max_turns=2", "rollout.max_new_tokens=4"])
+    cfg = load_config(
+        None,
+        # No weight decay: it would change the weights even where every advantage is 0.
+        ['episode.instruction="{question}"', "episode.max_turns=2", "rollout.max_new_tokens=4", "train.weight_decay=0"],
+    )
     problems = [Problem(f"p{i}", f"x is between 10 and 29 and ends in {i}. What is x?", f"1{i}") for i in range(4)]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
