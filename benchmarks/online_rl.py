@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table, weight_checksums  # noqa: E402
+from record import (  # noqa: E402
+    QUICK_PIPELINE_OVERRIDES,
+    append_result,
+    argument_parser,
+    print_table,
+    reused_training,
+    weight_checksums,
+)
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import Config, load_config  # noqa: E402
@@ -30,21 +37,19 @@ from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  #
 from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
-from drift_ray.train import MODEL_DIR, STATS_FILE, read_stats  # noqa: E402
+from drift_ray.train import STATS_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """DRIFT's cost and result from a finished run: rollouts + weights + training time, rollout tokens."""
-    timings = json.loads((run_dir / TIMINGS_FILE).read_text())
-    # timings.json is the last run's: a rerun that reused the finished stages took seconds, not their cost.
-    trained_in = read_stats(run_dir / "train" / MODEL_DIR)["wall_seconds"]
-    if timings["weighted_sft"] < trained_in:
+    timings = json.loads((run_dir / TIMINGS_FILE).read_text())  # the last run's
+    if reused_training(run_dir, timings["weighted_sft"]):
         raise SystemExit(
             f"{run_dir / TIMINGS_FILE}: its weighted SFT took {timings['weighted_sft']} s, less than the training "
-            f"itself ({trained_in} s in {STATS_FILE}): the last run reused finished stages, so its timings are "
-            "not DRIFT's cost. Give --drift-run a run_dir whose last run did the work."
+            f"itself (in {STATS_FILE}): the last run reused finished stages, so its timings are not DRIFT's cost. "
+            "Give --drift-run a run_dir whose last run did the work."
         )
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())[cfg.weights.mode.value]
     tokens = sum(read_shards(cfg.rollout.output_dir or run_dir / "rollouts").column(schema.COMPLETION_TOKENS).to_pylist())

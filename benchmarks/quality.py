@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import QUICK_PIPELINE_OVERRIDES, append_result, argument_parser, print_table, weight_checksums  # noqa: E402
+from record import (  # noqa: E402
+    QUICK_PIPELINE_OVERRIDES,
+    append_result,
+    argument_parser,
+    print_table,
+    reused_training,
+    weight_checksums,
+)
 
 from drift_ray.config import WeightMode, load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
@@ -86,9 +93,12 @@ def run_method(config: Path, overrides: list[str], seed: int, method: Method, wo
     models = {REFERENCE: {"metrics": result["metrics"][REFERENCE]}}
     for r, label in enumerate(method.round_labels(), start=1):
         suffix = "" if r == 1 else f"_round{r}"
+        timings = {stage: result["timings_s"][stage + suffix] for stage in STAGES}
         models[label] = {
             "metrics": result["metrics"][method.mode + suffix],
-            "timings_s": {stage: result["timings_s"][stage + suffix] for stage in STAGES},
+            "timings_s": timings,
+            # A --work-dir that holds this run already: its stages took seconds, not their cost.
+            "reused": reused_training(run_dir if r == 1 else run_dir / f"round-{r}", timings["weighted_sft"]),
             "weight_share": result["weights_by_round"][r - 1]["weight_share_by_first_correct_turn"],
         }
     return models
@@ -127,8 +137,12 @@ def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], 
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
             row[f"{key}_per_seed"] = values  # in `seeds` order, for comparisons paired by seed
         if label != REFERENCE:
+            reused = [seed for seed, run in zip(seeds, per_seed) if run["reused"]]
             for stage in STAGES:
-                row[f"{stage}_s"] = round(float(np.mean([run["timings_s"][stage] for run in per_seed])), 1)
+                mean_s = float(np.mean([run["timings_s"][stage] for run in per_seed]))
+                row[f"{stage}_s"] = None if reused else round(mean_s, 1)
+            if reused:
+                row["reused_in_seeds"] = reused
             for part in WEIGHT_SHARES:
                 row[f"weight_{part}"] = round(float(np.mean([grouped_weight_share(run["weight_share"])[part] for run in per_seed])), 3)
         rows.append(row)
@@ -209,6 +223,10 @@ def main() -> None:
         print_table(rows, ["method", "seeds", *METRICS, *(f"{stage}_s" for stage in STAGES)])
         print("(rollouts_s: the first method of a seed samples the reference's rollouts, the others reuse them; "
               "a later round samples its own)")
+        for row in rows:
+            if "reused_in_seeds" in row:
+                print(f"({row['method']}: no stage times, its runs of seeds {row['reused_in_seeds']} were finished in "
+                      "--work-dir already and reused)")
         print("\nshare of the training weight by the turn of the trajectory's first correct answer (mean over seeds):")
         print_table([row for row in rows if row["method"] != REFERENCE], ["method", *(f"weight_{p}" for p in WEIGHT_SHARES)])
         # --quick leaves no plot behind: its results directory holds the JSON line alone.

@@ -27,6 +27,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 QUICK_PIPELINE_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samples_per_prompt=4", "train.epochs=1"]
 
 
+def reused_training(run_dir: Path, weighted_sft_s: float) -> bool:
+    """Whether the weighted SFT stage of a pipeline run in `run_dir`, timed at `weighted_sft_s` seconds,
+    reused the model a run before it trained there: it took less than that training's own wall-clock.
+    A rerun that reuses finished stages reports seconds, not their cost."""
+    from drift_ray.train import MODEL_DIR, read_stats
+
+    return weighted_sft_s < read_stats(run_dir / "train" / MODEL_DIR)["wall_seconds"]
+
+
 def argument_parser(doc: str) -> argparse.ArgumentParser:
     """A parser with the options every benchmark has; `doc` is the script's docstring (its first line describes it)."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])

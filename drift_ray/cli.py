@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        # Expected user errors: one clear line, no traceback.
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        # Expected user errors (OSError: a path that is a file, a directory or not allowed): one clear line,
+        # no traceback.
         print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
 

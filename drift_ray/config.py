@@ -89,6 +89,10 @@ class EpisodeConfig(_Section):
         if fields != {"question"}:
             others = ", ".join(repr(name) for name in sorted(fields - {"question"}))
             raise ValueError(f"has placeholders other than '{{question}}': {others}; {literal_braces}")
+        try:  # a format spec or conversion of its own: {question:{x}}, {question!z}, {question:d}
+            value.format(question="a question")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"fails in str.format ({type(err).__name__}: {err}); {literal_braces}") from None
         return value
 
 

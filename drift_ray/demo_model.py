@@ -191,10 +191,10 @@ def ensure_demo_model(
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"demo-{key}"
     with _exclusive_lock(cache_dir / f".demo-{key}.lock"):
-        if target.is_dir():
+        if (target / METADATA_FILE).is_file():  # written last by a build, so a copy cut short lacks it
             return str(target)
-        for leftover in cache_dir.glob(f".demo-{key}.building-*"):
-            shutil.rmtree(leftover, ignore_errors=True)  # a build that crashed; we hold the lock
+        for leftover in [*cache_dir.glob(f".demo-{key}.building-*"), target]:
+            shutil.rmtree(leftover, ignore_errors=True)  # a build that crashed, or that copy; we hold the lock
         building = Path(tempfile.mkdtemp(prefix=f".demo-{key}.building-", dir=cache_dir))
         building.chmod(0o755)  # mkdtemp makes it private to this user
         try:

@@ -125,6 +125,7 @@ def resolve_model(model: str, cfg: Config) -> str:
     (rollout.engine=openai) is the server's to check.
     """
     if model != DEMO_MODEL:
+        model = os.path.expanduser(model) if cfg.rollout.engine is not EngineKind.openai else model
         hub_id = model.count("/") <= 1 and not model.startswith((".", "~"))
         if cfg.rollout.engine is not EngineKind.openai and not (os.path.exists(model) or os.path.isabs(model) or hub_id):
             raise ValueError(f"{model}: no such model directory, nor a Hub id ('name' or 'namespace/name')")

@@ -160,7 +160,11 @@ def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsCo
     weighted = compute_weights(read_trajectories(input_path), cfg)
     diagnostics = weight_diagnostics(weighted)
     write_json_atomic(diagnostics, diagnostics_path(output_path))
-    write_table_atomic(weighted, output_path)
+    try:
+        write_table_atomic(weighted, output_path)
+    except BaseException:
+        diagnostics_path(output_path).unlink(missing_ok=True)
+        raise
     return diagnostics
 
 

@@ -176,6 +176,22 @@ def test_quality_averages_the_turn_2_correction_rate_over_the_seeds_where_it_is_
     assert reference["correction@2_mean"] == pytest.approx(0.2)  # no seed played turn 2: left out, not a 0
 
 
+def test_quality_gives_no_stage_times_for_a_method_whose_runs_were_reused():
+    quality = load_benchmark("quality.py")
+    metrics = {key: 0.5 for key in quality.METRICS if key != "correction@2"} | {"correction_rate": {"2": 0.1}}
+
+    def run(reused: bool, seconds: float):
+        timings = {stage: seconds for stage in quality.STAGES}
+        return {"metrics": metrics, "timings_s": timings, "reused": reused, "weight_share": {"1": 1.0}}
+
+    runs = {(seed, "reference"): {"metrics": metrics} for seed in (0, 1)}
+    runs |= {(0, "drift"): run(False, 30.0), (1, "drift"): run(False, 50.0)}
+    runs |= {(0, "uniform"): run(False, 30.0), (1, "uniform"): run(True, 0.1)}
+    _, drift, uniform = quality.summary_rows(runs, [0, 1], labels=["drift", "uniform"])
+    assert drift["weighted_sft_s"] == 40.0 and "reused_in_seeds" not in drift
+    assert uniform["weighted_sft_s"] is None and uniform["reused_in_seeds"] == [1]
+
+
 def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
     quality = load_benchmark("quality.py")
     methods = quality.comparison_methods(["drift", "uniform", "success_only"], [0.5], rounds=2)

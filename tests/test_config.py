@@ -123,6 +123,9 @@ def test_settings_that_the_checks_across_keys_let_through():
         ('Reply as {"answer": 1}. {question}', """has placeholders other than '{question}': '"answer"'"""),
         ("{question} in {}", "has placeholders other than '{question}': ''"),
         ("Q: {question", "not a valid template (expected '}' before end of string)"),
+        ("Q: {question:{x}}", "fails in str.format (KeyError: 'x')"),
+        ("Q: {question!z}", "fails in str.format (ValueError: Unknown conversion specifier z)"),
+        ("Q: {question:d}", "fails in str.format (ValueError: Unknown format code 'd'"),
     ],
 )
 def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment):

@@ -141,6 +141,12 @@ def test_a_crashed_build_leaves_nothing_that_looks_like_a_model(tmp_path, monkey
     assert rebuilt == tmp_path / path.name and (rebuilt / METADATA_FILE).exists()
     assert not leftover.exists()
 
+    # A copy of the cache cut short lacks the metadata, which a build writes last: rebuilt, not loaded.
+    for name in (METADATA_FILE, "model.safetensors"):
+        (rebuilt / name).unlink()
+    assert Path(ensure_demo_model(tmp_path, **TINY_RECIPE)) == rebuilt
+    assert (rebuilt / METADATA_FILE).exists() and (rebuilt / "model.safetensors").exists()
+
 
 def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
     builds = []

@@ -14,7 +14,8 @@ from unittest import mock
 import pytest
 
 from drift_ray.cli import main
-from drift_ray.pipeline import TIMINGS_FILE
+from drift_ray.config import load_config
+from drift_ray.pipeline import TIMINGS_FILE, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -148,6 +149,21 @@ def test_eval_refuses_a_label_that_is_no_directory_name_of_its_own(tmp_path, tin
     assert main([*args, "--model", f"{label}={tiny_model_dir}"]) == 2
     assert f"the label {label!r} names the directory eval/{label}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behind(tmp_path, capsys):
+    authors = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
+    taken = tmp_path / "weighted.parquet"
+    taken.mkdir()
+    assert main(["weights", "--input", str(authors), "--output", str(taken)]) == 2
+    assert "Is a directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["weighted.parquet"]  # no weighted.diagnostics.json
+
+
+def test_a_model_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("HOME", str(Path(tiny_model_dir).parent))
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    assert resolve_model(f"~/{Path(tiny_model_dir).name}", cfg) == tiny_model_dir
 
 
 @pytest.mark.parametrize("mistyped", ["runs/a/train/modle", "runs/lr=1e-5/train/modle"])
