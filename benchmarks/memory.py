@@ -33,7 +33,7 @@ import ctypes.util
 import json
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,11 @@ def memory_after_loading_loop(record_dir: str, partitioned: bool) -> Callable[[d
     return loop
 
 
+def per_rank(megabytes: Iterable[float]) -> str:
+    """Rank 0's value / rank 1's …, in whole MiB."""
+    return " / ".join(f"{mb:,.0f}" for mb in megabytes)
+
+
 def steps_file_peak(run_dir: Path) -> float:
     last_step = (run_dir / train_module.MODEL_DIR / train_module.STEPS_FILE).read_text().splitlines()[-1]
     return json.loads(last_step)["peak_rss_mb"]
@@ -144,10 +149,10 @@ def measure(
         "run": label,
         "zero_stage": zero_stage,
         "loaded_partitioned": stats["loaded_partitioned"],
-        "anon_before_loading_mb": " / ".join(f"{r['before']:,.0f}" for r in records),
-        "anon_after_loading_mb": " / ".join(f"{r['after']:,.0f}" for r in records),
-        "anon_after_trim_mb": " / ".join(f"{r['after_trim']:,.0f}" for r in records),
-        "added_by_loading_mb": " / ".join(f"{r['after_trim'] - r['before']:,.0f}" for r in records),
+        "anon_before_loading_mb": per_rank(r["before"] for r in records),
+        "anon_after_loading_mb": per_rank(r["after"] for r in records),
+        "anon_after_trim_mb": per_rank(r["after_trim"] for r in records),
+        "added_by_loading_mb": per_rank(r["after_trim"] - r["before"] for r in records),
         "peak_rss_after_loading_mb": max(r["peak"] for r in records),
         "peak_rss_training_mb": steps_file_peak(run_dir),
         "peak_rss_mb": stats["peak_rss_mb"],

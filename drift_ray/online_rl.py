@@ -131,7 +131,7 @@ def policy_gradient_step(
     examples = [tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length) for m in conversations]
     for start in range(0, len(examples), micro_batch_size):
         chunk = slice(start, start + micro_batch_size)
-        tensors = {name: t.to(device) for name, t in collate(examples[chunk], advantages[chunk].tolist(), pad_id).items()}
+        tensors = collate(examples[chunk], advantages[chunk].tolist(), pad_id, device)
         logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
         loss = weighted_loss(per_sample_nll(logits, tensors["labels"]), tensors["weights"], float(len(examples)))
         loss.backward()

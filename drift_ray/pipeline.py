@@ -124,15 +124,17 @@ def resolve_model(model: str, cfg: Config) -> str:
     path may exist on the workers only (a cluster's shared volume), and a server's model name
     (rollout.engine=openai) is the server's to check.
     """
-    if model != DEMO_MODEL:
-        model = os.path.expanduser(model) if cfg.rollout.engine is not EngineKind.openai else model
-        hub_id = model.count("/") <= 1 and not model.startswith((".", "~"))
-        if cfg.rollout.engine is not EngineKind.openai and not (os.path.exists(model) or os.path.isabs(model) or hub_id):
-            raise ValueError(f"{model}: no such model directory, nor a Hub id ('name' or 'namespace/name')")
-        return model
-    from drift_ray.demo_model import ensure_demo_model
+    if model == DEMO_MODEL:
+        from drift_ray.demo_model import ensure_demo_model
 
-    return ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
+        return ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
+    if cfg.rollout.engine is EngineKind.openai:
+        return model
+    model = os.path.expanduser(model)
+    hub_id = model.count("/") <= 1 and not model.startswith((".", "~"))
+    if not (os.path.exists(model) or os.path.isabs(model) or hub_id):
+        raise ValueError(f"{model}: no such model directory, nor a Hub id ('name' or 'namespace/name')")
+    return model
 
 
 def rollouts_dir(cfg: Config) -> Path:

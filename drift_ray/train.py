@@ -404,8 +404,7 @@ def train_loop(config: dict[str, Any]) -> None:
             for i in micro.indices:
                 if i not in tokenized:
                     tokenized[i] = tokenize_trajectory(tokenizer, conversations[i], train.examples, train.max_length)
-            batch = collate([tokenized[i] for i in micro.indices], micro.weights, pad_token_id)
-            batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+            batch = collate([tokenized[i] for i in micro.indices], micro.weights, pad_token_id, engine.device)
             # use_cache=False per call, not in the config: the saved model keeps its KV cache for generate().
             logits = engine(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False

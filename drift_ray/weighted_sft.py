@@ -141,9 +141,13 @@ def _require_prefix(tokenizer: Any, prefix: str, text: str, what: str, kind: Exa
 
 
 def collate(
-    examples: Sequence[TokenizedExample], weights: Sequence[float], pad_token_id: int
+    examples: Sequence[TokenizedExample],
+    weights: Sequence[float],
+    pad_token_id: int,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask and labels (IGNORE_INDEX on padding) [B, T]; weights [B]."""
+    """Right-pad a batch: input_ids, attention_mask and labels (IGNORE_INDEX on padding) [B, T]; weights [B].
+    On `device` when given, else on the CPU."""
     if len(weights) != len(examples):
         raise ValueError(f"collate got {len(examples)} examples but {len(weights)} weights; expected one per example")
     width = max(len(example.input_ids) for example in examples)
@@ -155,12 +159,13 @@ def collate(
         input_ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "weights": torch.tensor(list(weights), dtype=torch.float32),
     }
+    return batch if device is None else {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def length_buckets(
@@ -318,8 +323,7 @@ def fit_plain(
     for epoch in range(epochs):
         for indices in length_buckets(lengths, batch_size, (seed, epoch)):
             batch_weights = [weights[i] for i in indices]
-            batch = collate([examples[i] for i in indices], batch_weights, pad_token_id)
-            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            batch = collate([examples[i] for i in indices], batch_weights, pad_token_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll = per_sample_nll(logits, batch["labels"])
             batch_loss = weighted_loss(nll, batch["weights"], loss_normalizer(batch_weights, loss))
