@@ -390,6 +390,10 @@ def train_loop(config: dict[str, Any]) -> None:
     if train.tensorboard and rank == 0:
         writer = _event_writer(config["tensorboard_dir"], start_step + 1, purge=True)
     engine.train()
+    # At ZeRO-0 without bf16 DeepSpeed steps a plain torch optimizer, which reports no gradient norm:
+    # measure it on the reduced gradients just before that step, or a diverged last step would go unseen.
+    measure_grad_norm = train.zero_stage == 0 and not train.bf16
+    grad_norm = None
 
     for step_index in range(start_step, len(plan)):
         step = plan[step_index]
@@ -413,6 +417,8 @@ def train_loop(config: dict[str, Any]) -> None:
             # The micro-batch losses of all ranks sum to the global loss: undo DeepSpeed's division by
             # the accumulation steps (scale_wrt_gas) and its averaging of gradients over ranks (× W).
             engine.backward(loss * world_size, scale_wrt_gas=False)
+            if measure_grad_norm and engine.is_gradient_accumulation_boundary():
+                grad_norm = _norm_of_gradients(engine.module)
             engine.step()
             totals[0] += loss.detach().double()
             if not micro.filler:
@@ -420,7 +426,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 totals[2] += sum(tokenized[i].cut_tokens > 0 for i in micro.indices)
         dist.all_reduce(totals)
         step_loss, step_tokens, step_truncated = totals.tolist()
-        grad_norm = _grad_norm(engine)
+        if not measure_grad_norm:
+            grad_norm = _grad_norm(engine)
         # Every rank holds the same reduced loss and global gradient norm, so all of them stop here,
         # before a checkpoint or a saved model could carry the broken weights on.
         require_finite_step(step_loss, grad_norm, step_index + 1, len(plan), train)
@@ -527,12 +534,18 @@ def require_finite_step(loss: float, grad_norm: float | None, step: int, steps: 
 
 
 def _grad_norm(engine: Any) -> float | None:
-    """The gradient norm of the last update, before clipping, over all ranks; None at ZeRO-0 without bf16,
-    where DeepSpeed steps a torch optimizer that does not report it."""
+    """The gradient norm of the last update, before clipping, over all ranks, as DeepSpeed reports it."""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
     return float(norm.item() if hasattr(norm, "item") else norm)
+
+
+def _norm_of_gradients(module: Any) -> float:
+    """The global norm of `module`'s gradients; at ZeRO-0 every rank holds them whole once reduced."""
+    import torch
+
+    return float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
 
 
 def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
