@@ -268,6 +268,7 @@ def _read_parquet(path: Path) -> pa.Table:
         raise TrajectoryFileError(f"{path}: no *.parquet file in the directory")
     try:
         table = pq.read_table([str(file) for file in files])
+        row_counts = [pq.read_metadata(file).num_rows for file in files]
     except (pa.ArrowException, OSError) as err:
         raise TrajectoryFileError(f"{path}: not a readable Parquet file: {err}") from err
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source=str(path))
@@ -281,7 +282,7 @@ def _read_parquet(path: Path) -> pa.Table:
         if not accepts(column.type):
             raise _field_error(str(path), name, f"a column of type {_TYPES[name]}", f"type {column.type}")
         table = table.set_column(table.schema.get_field_index(name), name, column.cast(_TYPES[name]))
-    _check_parquet_values(table, path)
+    _check_parquet_values(table, files, row_counts)
     return table
 
 
@@ -297,14 +298,17 @@ def _is_list_of(accepts: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType
     return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and accepts(t.value_type)
 
 
-def _check_parquet_values(table: pa.Table, path: Path) -> None:
-    """Nulls, empty reward lists and non-finite numbers in the weights input, named by 1-based row."""
+def _check_parquet_values(table: pa.Table, files: list[Path], row_counts: list[int]) -> None:
+    """Nulls, empty reward lists and non-finite numbers in the weights input of `files` (read into `table`
+    in this order), named by file and 1-based row within it."""
+    file_starts = np.cumsum([0, *row_counts])
 
     def fail(rows: np.ndarray, field: str, expected: str) -> None:
         if rows.size:
             row = int(rows[0])
             found = _short(table.column(field)[row].as_py())
-            raise _field_error(f"{path}: row {row + 1}", field, expected, found)
+            file = int(np.searchsorted(file_starts, row, side="right")) - 1
+            raise _field_error(f"{files[file]}: row {row - file_starts[file] + 1}", field, expected, found)
 
     for field in schema.WEIGHTS_INPUT:
         fail(np.flatnonzero(table.column(field).is_null().to_numpy(zero_copy_only=False)), field, "a value")

@@ -42,15 +42,19 @@ def trajectory_returns(
         returns += format_penalty * _count_format_failures(table, format_penalty)
     returns -= rep_lambda * (1.0 - _unique_answer_ratio(table.column(schema.ANSWER_NORMS)))
 
-    # The Ray Data path reads shards directly, not through read_trajectories' checks.
+    # The Ray Data path reads shards directly, not through read_trajectories' checks, and its rows are
+    # numbered within a block: name the trajectory where the table says which.
     no_turns = np.flatnonzero(np.bincount(rows, minlength=n) == 0)
     bad = np.flatnonzero(~np.isfinite(returns))
     for rows_found, problem in ((no_turns, "has no turns"), (bad, "has a return of {}")):
         if rows_found.size:
             row = int(rows_found[0])
+            if schema.TRAJECTORY_ID in table.column_names:
+                which = f"trajectory {table.column(schema.TRAJECTORY_ID)[row].as_py()!r}"
+            else:
+                which = f"row {row + 1} (prompt {table.column(schema.PROMPT_ID)[row].as_py()!r})"
             raise ValueError(
-                f"row {row + 1} (prompt {table.column(schema.PROMPT_ID)[row].as_py()!r}) "
-                f"{problem.format(returns[row])}; expected a finite reward for each turn in "
+                f"{which} {problem.format(returns[row])}; expected a finite reward for each turn in "
                 f"{schema.TURN_REWARDS!r}, at least one, and a finite {schema.FORMAT_PENALTY!r}"
             )
     return returns

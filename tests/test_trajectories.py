@@ -142,6 +142,13 @@ def test_bad_parquet_value_names_file_row_and_field(tmp_path, change, field):
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(TrajectoryFileError, match=rf"bad\.parquet: row 2: field '{field}'"):
         read_trajectories(path)
+    # In a directory of shards: the shard that holds it, and its row there.
+    shards = tmp_path / "rollouts"
+    shards.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:1]), shards / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1:]), shards / "part-b.parquet")
+    with pytest.raises(TrajectoryFileError, match=rf"rollouts/part-b\.parquet: row 1: field '{field}'"):
+        read_trajectories(shards)
 
 
 def test_parquet_with_wrong_column_type_or_missing_column(tmp_path):

@@ -88,13 +88,16 @@ def test_format_penalty_repriced_from_format_failures():
 
 def test_non_finite_return_of_an_in_memory_table_is_refused():
     table = _table([{"prompt": "a", "rewards": [0]}, {"prompt": "b", "rewards": [math.nan]}])
-    with pytest.raises(ValueError, match=r"row 2 \(prompt 'b'\) has a return of nan; expected a finite reward"):
+    with pytest.raises(ValueError, match=r"^trajectory 'b/1' has a return of nan; expected a finite reward"):
         trajectory_returns(table, 0.9, 0.5)
+    # A table without trajectory ids: by row.
+    with pytest.raises(ValueError, match=r"^row 2 \(prompt 'b'\) has a return of nan; expected a finite reward"):
+        trajectory_returns(table.drop_columns([schema.TRAJECTORY_ID]), 0.9, 0.5)
     for no_turns in (pa.array([[0.0], []]), pa.array([[0.0], None], pa.list_(pa.float64()))):
         # as a shard read without read_trajectories' checks can hold
         table = _table([{"prompt": "a", "rewards": [0]}, {"prompt": "b", "rewards": [0]}])
         table = table.set_column(table.schema.get_field_index(schema.TURN_REWARDS), schema.TURN_REWARDS, no_turns)
-        with pytest.raises(ValueError, match=r"row 2 \(prompt 'b'\) has no turns; .* at least one"):
+        with pytest.raises(ValueError, match=r"^trajectory 'b/1' has no turns; .* at least one"):
             trajectory_returns(table, 0.9, 0.5)
 
 
