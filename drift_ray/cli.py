@@ -107,6 +107,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__)
+    parser.add_argument(
+        "--traceback", action="store_true", help="on an error, show its whole traceback instead of one line"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn, help: str, config_required: bool = True) -> argparse.ArgumentParser:
@@ -142,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
-        # Expected user errors (OSError: a path that is a file, a directory or not allowed): one clear line,
-        # no traceback.
+        # Expected user errors (OSError: a path that is a file, a directory or not allowed): one clear line.
+        # The same types come from bugs too, whose traceback --traceback shows.
+        if args.traceback:
+            raise
         print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -156,8 +156,11 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
     taken = tmp_path / "weighted.parquet"
     taken.mkdir()
     assert main(["weights", "--input", str(authors), "--output", str(taken)]) == 2
-    assert "Is a directory" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "Is a directory" in error and len(error.splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["weighted.parquet"]  # no weighted.diagnostics.json
+    with pytest.raises(IsADirectoryError):  # where it came from, for a bug report
+        main(["--traceback", "weights", "--input", str(authors), "--output", str(taken)])
 
 
 def test_a_model_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch, tiny_model_dir):
