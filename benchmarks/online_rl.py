@@ -4,7 +4,8 @@ The online baseline (`drift_ray.online_rl`, GRPO advantages, single process, lab
 same reference as DRIFT and regenerates episodes from its current policy at every update; its greedy
 multi@1/multi@5 on the test split is measured every few updates (evaluation time excluded). DRIFT's
 point is one `drift-ray run` of the same config: its one-time rollouts plus training, with the tokens
-its rollouts generated (`--drift-run DIR` reuses a finished run that wrote timings.json).
+its rollouts generated (`--drift-run DIR` reuses a finished run that wrote timings.json; its seed, task,
+episode, eval.task and max_new_tokens must be --config's; its reference is not compared).
 
     .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--quick] [--out DIR]
 """
@@ -38,12 +39,21 @@ from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, resolve_model, run_pip
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
 from drift_ray.train import STATS_FILE  # noqa: E402
+from drift_ray.trajectories import require_same_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The settings that make the problems, the episodes and the evaluation: the two methods must share them.
+COMPARED = ("seed", "task", "episode", "eval.task", "eval.max_new_tokens", "rollout.max_new_tokens")
 
 
 def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
-    """DRIFT's cost and result from a finished run: rollouts + weights + training time, rollout tokens."""
+    """DRIFT's cost and result from a finished run of the problems and episodes of `cfg` (the online
+    baseline's): rollouts + weights + training time, rollout tokens."""
+    # What the two methods are measured on must be the same; how DRIFT trained is the run's own.
+    require_same_settings(
+        run_dir / CONFIG_FILE, cfg.model_dump(mode="json"), output=f"--drift-run {run_dir}", only=COMPARED
+    )
+    cfg = load_config(run_dir / CONFIG_FILE)
     timings = json.loads((run_dir / TIMINGS_FILE).read_text())  # the last run's
     if reused_training(run_dir, timings["weighted_sft"]):
         raise SystemExit(
@@ -105,10 +115,7 @@ def main() -> None:
 
         if args.drift_run is None:
             run_pipeline(cfg)
-            drift_run = Path(cfg.run_dir)
-        else:
-            drift_run = args.drift_run
-        rows.append(drift_point(drift_run, load_config(drift_run / CONFIG_FILE) if args.drift_run else cfg))
+        rows.append(drift_point(args.drift_run or Path(cfg.run_dir), cfg))
     print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", "multi@5"])
     append_result(
         "online_rl",

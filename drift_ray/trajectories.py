@@ -24,7 +24,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Collection
 
 import numpy as np
 import pyarrow as pa
@@ -158,18 +158,23 @@ def weighted_fingerprint(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def require_same_settings(record: str | Path, settings: dict[str, Any], output: str) -> None:
+def require_same_settings(
+    record: str | Path, settings: dict[str, Any], output: str, only: Collection[str] | None = None
+) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
     Stages skip an output that is already complete; without this check a rerun with, say, another β in
     the same run_dir would report the old output as the new run's. An output without a record, and a
     setting its record lacks, come from a version of drift-ray that did not record them, and are accepted.
-    The message names every differing setting by its dotted path.
+    `only`: compare only these settings (dotted paths) and those under them. The message names every
+    differing setting by its dotted path.
     """
     record = Path(record)
     if not record.exists():
         return
     recorded = _dotted(json.loads(record.read_text()))
+    if only is not None:
+        recorded = {key: value for key, value in recorded.items() if any(key == o or key.startswith(f"{o}.") for o in only)}
     current = _dotted(json.loads(json.dumps(settings)))
     changed = [
         f"{key} ({_short(value)} then, {_short(current[key]) if key in current else 'unset'} now)"

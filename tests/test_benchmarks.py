@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -200,27 +201,54 @@ def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
     assert [m.overrides for m in methods if m.label == "drift_beta0.5"] == [("weights.beta=0.5",)]
 
 
-def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path):
-    from drift_ray.config import load_config
+def finished_drift_run(run_dir: Path, cfg, timings: dict[str, float]) -> None:
+    """What `drift-ray run` of `cfg` leaves in run_dir: one prompt's rollouts (7 tokens), eval.json, the
+    training's statistics (30 s), config.json and `timings`."""
     from drift_ray.episode import Episode, Generation, episodes_table, first_messages
     from drift_ray.prompts import Problem
     from drift_ray.rollouts import shard_path
     from drift_ray.trajectories import write_json_atomic, write_table_atomic
     from drift_ray.verifiers import ExactVerifier
 
-    online_rl = load_benchmark("online_rl.py")
-    cfg = load_config(None, [f"run_dir={tmp_path}"])
     problem = Problem("p", "What is 2+2?", "4")
     episode = Episode(problem, 0, first_messages(problem.question, cfg.episode))
     episode.take_turn(Generation("<answer>4</answer>", 10, 7), ExactVerifier(), cfg.episode)
-    write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(tmp_path / "rollouts", [problem]))
-    write_json_atomic({"drift": {"multi@1": 0.4, "multi@5": 0.5}}, tmp_path / "eval" / "eval.json")
-    write_json_atomic({"wall_seconds": 30.0}, tmp_path / "train" / "model" / "drift_train.json")
+    write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
+    write_json_atomic({"drift": {"multi@1": 0.4, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
+    write_json_atomic({"wall_seconds": 30.0}, run_dir / "train" / "model" / "drift_train.json")
+    write_json_atomic(cfg.model_dump(mode="json"), run_dir / "config.json")
+    write_json_atomic(timings, run_dir / "timings.json")
 
-    write_json_atomic({"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}, tmp_path / "timings.json")
+
+def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path):
+    from drift_ray.config import load_config
+
+    online_rl = load_benchmark("online_rl.py")
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    finished_drift_run(tmp_path, cfg, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
     point = online_rl.drift_point(tmp_path, cfg)
     assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)
 
-    write_json_atomic({"rollouts": 0.1, "weights": 0.1, "weighted_sft": 0.2}, tmp_path / "timings.json")
+    finished_drift_run(tmp_path, cfg, {"rollouts": 0.1, "weights": 0.1, "weighted_sft": 0.2})
     with pytest.raises(SystemExit, match="the last run reused finished stages"):
         online_rl.drift_point(tmp_path, cfg)
+
+
+def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(tmp_path):
+    from drift_ray.config import load_config
+
+    online_rl = load_benchmark("online_rl.py")
+    # How DRIFT trains, and how many actors evaluate it, are the run's own.
+    run = load_config(None, [f"run_dir={tmp_path}", "weights.beta=0.5", "eval.num_actors=1"])
+    finished_drift_run(tmp_path, run, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
+    online = load_config(None, [f"run_dir={tmp_path / 'online'}"])
+    assert online_rl.drift_point(tmp_path, online)["seconds"] == 55.0
+    for override, differs in [
+        ("episode.max_turns=3", "episode.max_turns (5 then, 3 now)"),
+        ("seed=7", "seed"),
+        ("eval.max_new_tokens=9", "eval.max_new_tokens (None then, 9 now)"),
+    ]:
+        online = load_config(None, [f"run_dir={tmp_path / 'online'}", override])
+        message = rf"--drift-run {re.escape(str(tmp_path))}: made with other settings \(differ in: {re.escape(differs)}"
+        with pytest.raises(RuntimeError, match=message):
+            online_rl.drift_point(tmp_path, online)
