@@ -5,7 +5,7 @@ same reference as DRIFT and regenerates episodes from its current policy at ever
 multi@1/multi@5 on the test split is measured every few updates (evaluation time excluded). DRIFT's
 point is one `drift-ray run` of the same config: its one-time rollouts plus training, with the tokens
 its rollouts generated (`--drift-run DIR` reuses a finished run that wrote timings.json; its seed, task,
-episode, eval.task and max_new_tokens must be --config's; its reference is not compared).
+episode, eval.task and max_new_tokens must be written as in --config; its reference is not compared).
 
     .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--quick] [--out DIR]
 """
@@ -35,7 +35,7 @@ from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import episodes_table, play_episodes  # noqa: E402
 from drift_ray.evaluation import episode_metrics  # noqa: E402
 from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  # noqa: E402
-from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, resolve_model, run_pipeline  # noqa: E402
+from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, evaluation_task, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
 from drift_ray.train import STATS_FILE  # noqa: E402
@@ -100,17 +100,18 @@ def main() -> None:
         cfg.rollout.model = reference
         reference_sha256 = weight_checksums(reference)  # while a --quick reference still exists
         task = load_task(cfg.task, cfg.seed)
-        verifier = task.new_verifier()
+        eval_task = evaluation_task(cfg, task)  # as DRIFT's run evaluates: eval.task when set
+        eval_verifier = eval_task.new_verifier()
         max_turns = cfg.episode.max_turns
 
         def evaluate(engine) -> dict[str, float]:
-            episodes = play_episodes(task.test, engine, verifier, eval_sampling(cfg), 1, cfg.episode)
+            episodes = play_episodes(eval_task.test, engine, eval_verifier, eval_sampling(cfg), 1, cfg.episode)
             metrics = episode_metrics(episodes_table(episodes, cfg.episode, engine.name), max_turns)
             return {"multi@1": metrics["multi@1"], "multi@5": metrics[f"multi@{max_turns}"]}
 
         model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)  # as weighted SFT loads it
         tokenizer = AutoTokenizer.from_pretrained(reference)
-        curve = train_online(model, tokenizer, task.train, verifier, cfg, settings, evaluate)
+        curve = train_online(model, tokenizer, task.train, task.new_verifier(), cfg, settings, evaluate)
         rows = [{"method": f"online GRPO (single process), update {p['update']}", **p} for p in curve]
 
         if args.drift_run is None:

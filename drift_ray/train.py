@@ -545,7 +545,9 @@ def _norm_of_gradients(module: Any) -> float:
     """The global norm of `module`'s gradients; at ZeRO-0 every rank holds them whole once reduced."""
     import torch
 
-    return float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+    # Norms of norms: no copy of the gradients (torch.nn.utils.get_total_norm is newer than torch 2.4).
+    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
