@@ -18,6 +18,13 @@ Python's per-process string hashing, so another process would build another puzz
 correct when its score is at least `threshold`, default 1.0: full marks only, partial credit (say 0.5
 for a right number in the wrong format) is wrong.
 
+Some scorers run the answer as Python: `eval` (string_insertion, spiral_matrix, binary_matrix, n_queens)
+or sympy's `parse_expr` (countdown, puzzle24, polynomial_multiplication, ...), which evaluates too. A
+model's answer is data, so one that could reach more than arithmetic scores 0 without being shown to the
+scorer: one holding a double underscore, a call of a Python builtin outside plain arithmetic (exec, open,
+getattr, chr, input, exit, ...) or of a sympy function that runs code or other programs (lambdify, sympify,
+preview, plot...), a method call on a name (`os.system(…)`), or a power too large to compute (`9**9**9`).
+
 Loading checks that each problem's own answer is correct through the stored gold, so a generator whose
 metadata JSON cannot carry (arc_agi and rearc keep grids as tuples) is refused instead of marking every
 answer wrong. Generators without a single reference answer (answer None: rubiks_cube, rush_hour, ...)
@@ -29,8 +36,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import builtins
 import json
 import logging
+import re
 from typing import Any
 
 from drift_ray.config import TaskConfig
@@ -42,6 +51,17 @@ log = logging.getLogger(__name__)
 
 VERIFIER = "reasoning_gym"
 DEFAULT_SIZE = 500
+
+_ARITHMETIC_BUILTINS = {"abs", "divmod", "float", "int", "max", "min", "pow", "round", "sum"}
+_CODE_RUNNING_CALLS = {name for name in dir(builtins) if not name.startswith("_")} - _ARITHMETIC_BUILTINS | {
+    "lambdify", "sympify", "parse_expr", "S", "preview", "var", "init_printing"
+}
+_MAY_RUN_CODE = re.compile(
+    r"__"
+    rf"|\b(?:{'|'.join(sorted(_CODE_RUNNING_CALLS))}|plot\w*)\s*\("
+    r"|[A-Za-z_]\w*\s*\.\s*[A-Za-z_]\w*\s*\("  # a method of a name: os.system(…)
+    r"|\*\*\s*\(?\s*\d{3,}|\*\*\s*\(?\s*\w+\s*\)?\s*\*\*"  # an exponent of 100 or more, or a power of a power
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +109,12 @@ class ReasoningGymVerifier:
         return basic_normalize(answer)
 
     def score(self, answer: str, gold: str) -> float:
-        """The generator's score of `answer` (0 when the scorer fails on it)."""
+        """The generator's score of `answer` (0 when the scorer fails on it, or when the answer could run
+        code in a scorer that evaluates it)."""
         stored = GymGold.from_json(gold)
+        if _MAY_RUN_CODE.search(answer):
+            log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
+            return 0.0
         generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))
         try:
             return float(generator.score_answer(answer, {"answer": stored.answer, "metadata": stored.metadata}))

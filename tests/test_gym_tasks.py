@@ -92,6 +92,21 @@ def test_verifier_pickles_and_normalizes():
     assert verifier.threshold == 0.5 and verifier.normalize(" 4 2 ") == "42"
 
 
+def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_it(capfd):
+    """string_insertion's scorer evals an answer that is not the reference; countdown's parses it with sympy."""
+    problem = gym_task("string_insertion", options={"size": 3}).test[0]
+    answer = reference_answer(problem)
+    verifier = ReasoningGymVerifier()
+    assert verifier.score(answer, problem.gold) == 1.0
+    assert verifier.score(str(list(answer)), problem.gold) == 0.1  # evaluated: a list of its characters
+    assert verifier.score(f"print('ran') or {list(answer)}", problem.gold) == 0.0
+    assert "ran" not in capfd.readouterr().out
+    for code in ["__import__('os').getpid()", "exec ('x=1')", "os.system('true')", "chr(95)", "9**9**9", "2**1000"]:
+        assert verifier.score(code, problem.gold) == 0.0, code
+    countdown = gym_task("countdown", options={"size": 3}).test[0]
+    assert verifier.check(reference_answer(countdown), countdown.gold)  # arithmetic still reaches sympy
+
+
 def test_a_gold_from_another_task_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="is not a reasoning-gym gold"):
         ReasoningGymVerifier().check("42", "42")
