@@ -189,7 +189,10 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     trajectories = ray.data.read_parquet(shards).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
     ds = add_weights(trajectories, cfg.weights, whole_groups=False)
     staging = run_dir / "weighted.staging"
-    # A run killed after publishing `out` but before its diagnostics marked it complete: redo it.
+    # A run killed after publishing `out` but before its diagnostics marked it complete: redo it. Diagnostics
+    # left from weights deleted by hand go first, or a run killed after recording its settings would find
+    # them beside its own output and report them as its own.
+    diagnostics_path.unlink(missing_ok=True)
     for leftover in (staging, out):
         shutil.rmtree(leftover, ignore_errors=True)
     ds.write_parquet(str(staging))

@@ -154,7 +154,8 @@ def weighted_fingerprint(path: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for trajectory_id, weight in zip(table[schema.TRAJECTORY_ID].to_pylist(), table[schema.WEIGHT].to_pylist()):
-        digest.update(f"{trajectory_id}\0{weight:.12g}\n".encode())
+        # A null weight still fingerprints: the training input check then names its trajectory.
+        digest.update(f"{trajectory_id}\0{'null' if weight is None else format(weight, '.12g')}\n".encode())
     return digest.hexdigest()
 
 
@@ -271,23 +272,37 @@ def _read_parquet(path: Path) -> pa.Table:
     files = _parquet_files(path)
     if not files:
         raise TrajectoryFileError(f"{path}: no *.parquet file in the directory")
+    tables = []
+    for file in files:
+        try:
+            tables.append(pq.read_table(file))
+        except (pa.ArrowException, OSError) as err:
+            raise TrajectoryFileError(f"{file}: not a readable Parquet file: {err}") from err
+    # Read together, files would all take the first one's columns: another file's extra ones would be lost.
+    for file, other in zip(files[1:], tables[1:]):
+        if set(other.column_names) != set(tables[0].column_names):
+            differ = sorted(set(other.column_names) ^ set(tables[0].column_names))
+            raise TrajectoryFileError(
+                f"{file}: its columns differ from those of {files[0]} in the same directory (in: {', '.join(differ)})"
+            )
     try:
-        table = pq.read_table([str(file) for file in files])
-        row_counts = [pq.read_metadata(file).num_rows for file in files]
-    except (pa.ArrowException, OSError) as err:
-        raise TrajectoryFileError(f"{path}: not a readable Parquet file: {err}") from err
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowException, TypeError) as err:
+        odd = next((f for f, t in zip(files, tables) if not t.schema.equals(tables[0].schema)), files[-1])
+        raise TrajectoryFileError(f"{odd}: its column types differ from those of {files[0]}: {err}") from err
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source=str(path))
     for name, accepts in (
         (schema.PROMPT_ID, _is_string),
         (schema.TURN_REWARDS, _is_list_of(_is_number)),
         (schema.FORMAT_PENALTY, _is_number),
-        (schema.ANSWER_NORMS, _is_list_of(_is_string)),
+        # list<null>: what Arrow infers when no trajectory had a parsable answer
+        (schema.ANSWER_NORMS, _is_list_of(lambda t: _is_string(t) or pa.types.is_null(t))),
     ):
         column = table.column(name)
         if not accepts(column.type):
             raise _field_error(str(path), name, f"a column of type {_TYPES[name]}", f"type {column.type}")
         table = table.set_column(table.schema.get_field_index(name), name, column.cast(_TYPES[name]))
-    _check_parquet_values(table, files, row_counts)
+    _check_parquet_values(table, files, [len(t) for t in tables])
     return table
 
 
@@ -436,7 +451,14 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
     except (pa.ArrowException, OverflowError):
         pass
     if expected is None:  # inferred: every line must hold the type of the first value given
-        expected = pa.array([next(v for v in values if v is not None)]).type
+        first, line = next((v, line) for v, line in zip(values, lines) if v is not None)
+        try:
+            expected = pa.array([first]).type
+        except (pa.ArrowException, OverflowError):
+            raise _field_error(
+                f"{path}:{line}", name, "a value of one type (lists of one element type, integers of 64 bits)",
+                _short(first),
+            ) from None
     for value, line in zip(values, lines):
         try:
             pa.array([value], type=expected)

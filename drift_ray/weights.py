@@ -160,9 +160,12 @@ def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsCo
     """Weigh a trajectory file (ours or the authors') into Parquet at `output_path`; returns the diagnostics.
 
     Nothing is written unless every step succeeds; the table is written last, so its presence means done.
+    An earlier table at `output_path` is removed before the new diagnostics are written, so a run killed
+    between the two writes cannot leave them beside it.
     """
     weighted = compute_weights(read_trajectories(input_path), cfg)
     diagnostics = weight_diagnostics(weighted)
+    Path(output_path).unlink(missing_ok=True)
     write_json_atomic(diagnostics, diagnostics_path(output_path))
     try:
         write_table_atomic(weighted, output_path)

@@ -98,6 +98,16 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert json.loads((run_dir / "eval" / "eval.json").read_text())["drift"]["num_problems"] == 5
     assert (run_dir / "eval" / "drift").is_dir()
 
+    # Weights deleted by hand to redo them with another β, and that run killed after recording its settings
+    # but before its diagnostics: no diagnostics of the old β are left beside the new weights to be taken
+    # for theirs.
+    ray.shutdown()
+    shutil.rmtree(run_dir / "weighted")
+    with mock.patch("drift_ray.pipeline.write_json_atomic", side_effect=[None, KeyboardInterrupt]):
+        with pytest.raises(KeyboardInterrupt):
+            main([*run, "weights.beta=0.5"])
+    assert (run_dir / "weighted").is_dir() and not (run_dir / "weighted.diagnostics.json").exists()
+
 
 def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):
     """Decoupled use: rollouts collected elsewhere, in the authors' JSONL, weighed and trained on here."""

@@ -226,6 +226,34 @@ def test_a_column_that_changes_type_names_its_line(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{schema.NUM_TURNS}'.*'three'"):
         read_trajectories(path)
+    # A field of no fixed type whose first value Arrow cannot store at all.
+    for extra in ([1, "x"], 2**64):
+        path.write_text(json.dumps({**_episode_rows()[0], "tags": extra}) + "\n")
+        with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: field 'tags'"):
+            read_trajectories(path)
+
+
+def test_the_shards_of_a_directory_keep_their_own_columns_or_are_named(tmp_path):
+    rows = _episode_rows()
+    pq.write_table(pa.Table.from_pylist(rows[:1]).drop_columns([schema.CORRECT]), tmp_path / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "part-b.parquet")
+    differ = rf"part-b\.parquet: its columns differ from those of .*part-a\.parquet .*\(in: {schema.CORRECT}\)"
+    with pytest.raises(TrajectoryFileError, match=differ):
+        read_trajectories(tmp_path)
+    # An integer penalty in one shard and a fractional one in another: one float column.
+    pq.write_table(pa.Table.from_pylist([{**rows[0], schema.FORMAT_PENALTY: 0}]), tmp_path / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist([{**rows[1], schema.FORMAT_PENALTY: -0.5}]), tmp_path / "part-b.parquet")
+    assert read_trajectories(tmp_path).column(schema.FORMAT_PENALTY).to_pylist() == [0.0, -0.5]
+
+
+def test_parquet_answers_that_are_all_empty_lists_read_as_no_answers(tmp_path):
+    rows = [{**row, schema.ANSWER_NORMS: []} for row in _episode_rows()]
+    table = pa.Table.from_pylist(rows)
+    assert table.schema.field(schema.ANSWER_NORMS).type == pa.list_(pa.null())  # as Arrow infers it
+    pq.write_table(table, tmp_path / "none.parquet")
+    read = read_trajectories(tmp_path / "none.parquet")
+    assert read.column(schema.ANSWER_NORMS).type == pa.list_(pa.string())
+    assert read.column(schema.ANSWER_NORMS).to_pylist() == [[], []]
 
 
 def test_write_table_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
@@ -328,3 +356,6 @@ def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_pa
     assert weighted_fingerprint(str(tmp_path / "missing.parquet")) is None
     pq.write_table(table.set_column(1, schema.WEIGHT, pa.array(["1"] * 6)), tmp_path / "strings.parquet")
     assert weighted_fingerprint(str(tmp_path / "strings.parquet")) is None  # for the training's check to name
+    null_weight = table.set_column(1, schema.WEIGHT, pa.array([None, *weights[1:]], pa.float64()))
+    pq.write_table(null_weight, tmp_path / "null.parquet")
+    assert weighted_fingerprint(str(tmp_path / "null.parquet")) not in {None, first}  # for that check to name too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -287,6 +288,16 @@ def test_weights_file_on_the_authors_sample(tmp_path):
     assert json.loads(diagnostics_path(output).read_text()) == diagnostics
     assert diagnostics["num_groups"] == 2 and diagnostics["num_trajectories"] == 6
     assert sorted(p.name for p in output.parent.iterdir()) == ["weighted.diagnostics.json", "weighted.parquet"]
+
+    # Redone with another β and stopped before its table is written (here by an error; a killed process
+    # stops the same way, past the cleanup): the earlier table is not left to pass for the new one.
+    def stopped(*args):
+        assert diagnostics_path(output).exists() and not output.exists()  # new diagnostics, no old table
+        raise KeyboardInterrupt
+
+    with mock.patch("drift_ray.weights.write_table_atomic", side_effect=stopped), pytest.raises(KeyboardInterrupt):
+        weights_file(AUTHORS_SAMPLE, output, WeightsConfig(beta=0.5))
+    assert list(output.parent.iterdir()) == []
 
 
 _GOOD = {
