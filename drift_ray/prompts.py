@@ -218,7 +218,7 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
             Problem(
                 str(prompt_id) if prompt_id is not None else f"{Path(path).stem}-{row_no}",
                 str(row[question_col]),
-                str(row[gold_col]),
+                _gold_text(row[gold_col]),
                 {k: v for k, v in row.items() if k not in used},
             )
         )
@@ -227,6 +227,14 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise TaskError(f"{path}: prompt id {duplicate!r} appears more than once; ids must be unique")
     return problems
+
+
+def _gold_text(value: Any) -> str:
+    """A gold as text. A whole number that a float column holds (100000.0: pandas stores integers with
+    gaps as floats) is written as the integer it is, so the numeric verifier asks for it exactly."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def problems_table(problems: list[Problem]) -> pa.Table:

@@ -68,7 +68,7 @@ _NUMBER = re.compile(
     (?P<sign>[-+]?)\s*
     (?:\\?\$\s*)?                                   # currency: $12, \$12
     (?P<number>[-+]?(?:
-        \d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?            # 1,234,567.5
+        \d{{1,3}}(?:,\d{{3}})+(?:\.\d*)?            # 1,234,567.5, 1,000.
       | \d+(?:\.\d*)?(?:[eE][-+]?\d{{1,3}})?        # 12, 12., 3.0e2 (exponent bounded: 1e99999999 would hang)
       | \.\d+(?:[eE][-+]?\d{{1,3}})?                # .5
     ))
@@ -79,8 +79,13 @@ _NUMBER = re.compile(
 )
 
 
+# Math mode or a box around the whole answer: $18$, \(18\), \[18\], \boxed{18}.
+_MATH_WRAPPER = re.compile(r"\s*(?:\$(.*)\$|\\\((.*)\\\)|\\\[(.*)\\\]|\\boxed\s*\{(.*)\})\s*", re.DOTALL)
+
+
 def parse_number(text: str) -> Fraction | None:
-    """The number `text` states, exactly; None when it is not one number (with optional currency/unit).
+    """The number `text` states, exactly; None when it is not one number (with optional currency/unit, in
+    math mode or a box or not).
 
     A percent sign is read as a unit ("50%" is 50): questions that ask for a percentage give the gold in
     percent, so "50%" must match a gold of "50".
@@ -91,6 +96,8 @@ def parse_number(text: str) -> Fraction | None:
 
 def _parse_number(text: str) -> tuple[Fraction, bool] | None:
     """parse_number's value, and whether `text` writes it as an integer ("1,234", not "1234.0" or "2/1")."""
+    while (wrapped := _MATH_WRAPPER.fullmatch(text)) is not None:
+        text = next(inner for inner in wrapped.groups() if inner is not None)
     match = _NUMBER.fullmatch(text.strip().replace("−", "-"))
     if match is None or (match["sign"] and match["number"][0] in "+-"):
         return None
@@ -147,23 +154,30 @@ class NumericVerifier:
 
 # ----------------------------------------------------------------------------------------------- choice
 
+# A letter named in a phrase: upper-case ("the answer is a cat" names nothing), or either case in brackets.
+_NAMED_LETTER = r"(?:[(\[](?=[A-Ja-j][)\]])|(?=[A-J]\b))([A-Ja-j])"
 _CHOICE_PATTERNS = (
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]?\s*"),  # whole answer: B, (B), b), B.
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]\s.*", re.DOTALL),  # leading letter: B. text, (B) text, B: text
-    # a phrase naming it (upper-case letter only, so "the answer is a cat" names nothing), "answer" before
-    # "option" or "choice", which may name a rejected one (Option A is wrong; the answer is B):
-    # The answer is B, answer: (C), Option B: text, the correct choice is option D.
-    *(
-        re.compile(
-            rf".*?\b(?i:{words})\b(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s+)?[(\[]?([A-J])\b.*", re.DOTALL
-        )
-        for words in ("answer", "option|choice")
+    re.compile(r"\s*[(\[]?([A-J])[)\]]?\s+(?i:is\s+(?:the\s+)?(?:correct|right))\b.*", re.DOTALL),  # C is correct
+    # A phrase naming it, "answer is"/"answer:" before "option"/"choice", which may name a rejected one
+    # (Option A is wrong; the answer is B). "answer" needs its "is" or colon: "Answer A is wrong" names
+    # the rejected one. The answer is B, answer: (C), Option B: text, the correct choice is option D.
+    re.compile(
+        rf".*?\b(?i:answer)\b(?:\s+(?i:is)\s*:?|\s*:)\s*(?:(?i:option|choice)\s+)?{_NAMED_LETTER}\W*(?:\s.*)?",
+        re.DOTALL,
     ),
+    re.compile(rf".*?\b(?i:option|choice)\b(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s+)?{_NAMED_LETTER}\b.*", re.DOTALL),
 )
+# Markup around a letter: **B**, $B$, \boxed{B}, \text{(B)}.
+_CHOICE_MARKUP = re.compile(r"\\(?:boxed|text|textbf|mathrm)\s*\{([^{}]*)\}")
 
 
 def parse_choice(text: str) -> str | None:
     """The upper-case choice letter (A–J) that `text` states, or None."""
+    for _ in range(2):  # \boxed{\text{B}}
+        text = _CHOICE_MARKUP.sub(r"\1", text)
+    text = text.replace("*", "").replace("$", "")
     for pattern in _CHOICE_PATTERNS:
         match = pattern.fullmatch(text)
         if match is not None:
@@ -216,9 +230,10 @@ def _init_math_helper() -> None:
 def _parse_math(text: str) -> list[Any]:
     from math_verify import parse
 
-    # Bare LaTeX ("\frac12", "x^2+1", "\sqrt{2}") parses only between math delimiters; an extra pair
-    # around text that already has them ("$\frac{1}{2}$", "\boxed{3}") changes nothing.
-    return parse(f"${text}$", parsing_timeout=None)
+    # Bare LaTeX ("\frac12", "x^2+1", "\sqrt{2}") parses only between math delimiters. Text that has its
+    # own keeps them: $…$ around \[5\] would hide the 5.
+    has_delimiters = any(delimiter in text for delimiter in ("$", "\\[", "\\("))
+    return parse(text if has_delimiters else f"${text}$", parsing_timeout=None)
 
 
 def _math_equivalent(answer: str, gold: str) -> bool:

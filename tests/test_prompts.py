@@ -10,6 +10,7 @@ import pytest
 from drift_ray.builtin_tasks import candidate_values, candidates_task
 from drift_ray.config import TaskConfig
 from drift_ray.prompts import Problem, Task, TaskError, load_task, read_problems
+from drift_ray.verifiers import get_verifier
 
 
 def test_candidates_task_splits_are_disjoint_and_golds_are_candidates():
@@ -96,6 +97,12 @@ def test_jsonl_rows_keep_keys_the_first_row_lacks_and_golds_of_any_type(tmp_path
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     problems = read_problems(path)
     assert [(p.prompt_id, p.gold) for p in problems] == [("probs-1", "5"), ("b", "1/2"), ("probs-3", "0.5")]
+    # A whole number in a float column is the integer it is: the numeric verifier then asks for it exactly.
+    path.write_text(json.dumps({"question": "q", "gold": 100000.0}) + "\n")
+    (problem,) = read_problems(path)
+    assert problem.gold == "100000"
+    numeric = get_verifier("numeric")
+    assert not numeric.check("100010", problem.gold) and numeric.check("1e5", problem.gold)
 
 
 def test_read_parquet_file_task(tmp_path):
