@@ -29,7 +29,16 @@ stamp_want="$(cat pyproject.toml ${DRIFT_CONSTRAINTS:+"$DRIFT_CONSTRAINTS"} | sh
 if [ -f "$venv"/.drift-setup ] && [ "$(cat "$venv"/.drift-setup)" = "$stamp_want" ]; then
   exit 0
 fi
-[ -x "$venv"/bin/python ] || "$python" -m venv "$venv"
+# DeepSpeed compiles ops on first use (on CPU its communication op, always): fail here, not after the rollouts.
+cxx=${CXX:-c++}
+if ! command -v "$cxx" >/dev/null 2>&1 ||
+  ! "$python" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  echo "setup.sh: DeepSpeed needs a C++ compiler ($cxx) and Python's headers (Python.h of $("$python" -c 'import sys; print(sys.executable)'))" \
+    "to build its ops; on Debian or Ubuntu: apt install g++ python3-dev" >&2
+  [ -n "$gpu" ] || exit 2  # on a GPU machine only ZeRO offload builds one (CPU Adam)
+fi
+# A virtual environment that lost its pip (venv without ensurepip) is made again.
+"$venv"/bin/python -m pip --version >/dev/null 2>&1 || "$python" -m venv --clear "$venv"
 "$venv"/bin/python -m pip install --quiet --upgrade pip
 # torch first: with it in place, the package's "torch>=2.4" is satisfied and no other build is pulled.
 "$venv"/bin/python -m pip install --quiet "${constraints[@]}" "$torch_spec"
