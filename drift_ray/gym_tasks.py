@@ -25,6 +25,10 @@ scorer: one holding a double underscore, a call of a Python builtin outside plai
 getattr, chr, input, exit, ...) or of a sympy function that runs code or other programs (lambdify, sympify,
 preview, plot...), a method call on a name (`os.system(…)`), or a power too large to compute (`9**9**9`).
 
+Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; this one when it has it),
+so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
+run`, a job's driver. The scorers' dependence on hashing is met by the stored entry, as above.
+
 Loading checks that each problem's own answer is correct through the stored gold, so a generator whose
 metadata JSON cannot carry (arc_agi and rearc keep grids as tuples) is refused instead of marking every
 answer wrong. Generators without a single reference answer (answer None: rubiks_cube, rush_hour, ...)
@@ -37,9 +41,13 @@ import dataclasses
 import difflib
 import functools
 import builtins
+import contextlib
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from typing import Any
 
 from drift_ray.config import TaskConfig
@@ -142,16 +150,54 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
         raise TaskError("task.train_path / task.test_path: reasoning-gym problems are generated, not read; unset them")
     options = dict(cfg.options)
     seed = options.pop("seed", seed)
+    if not sys.flags.hash_randomization:  # PYTHONHASHSEED=0 when this process started
+        train, test = _splits(cfg.name, options, seed)
+    else:
+        train, test = _splits_in_fixed_hash_process(cfg.name, json.dumps(options, sort_keys=True), seed)
+    return Task(cfg.name, list(train), list(test), VERIFIER)
+
+
+def _splits(name: str, options: dict[str, Any], seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(train, test) of generator `name`: train problems whose question is also a test one are dropped."""
     size = options.pop("size", DEFAULT_SIZE)
-    test = _generate(cfg.name, "test", {**options, "seed": stable_seed(cfg.name, seed, "test") % 2**32, "size": size})
+    test = _generate(name, "test", {**options, "seed": stable_seed(name, seed, "test") % 2**32, "size": size})
     test_questions = {p.question for p in test}
-    train = _generate(
-        cfg.name, "train", {**options, "seed": stable_seed(cfg.name, seed, "train") % 2**32, "size": size}
-    )
+    train = _generate(name, "train", {**options, "seed": stable_seed(name, seed, "train") % 2**32, "size": size})
     kept = [p for p in train if p.question not in test_questions]
     if len(kept) < len(train):
-        log.info("%s: dropped %d train problems that are also in the test split", cfg.name, len(train) - len(kept))
-    return Task(cfg.name, kept, test, VERIFIER)
+        log.info("%s: dropped %d train problems that are also in the test split", name, len(train) - len(kept))
+    return kept, test
+
+
+@functools.lru_cache(maxsize=16)  # a process that loads a task again (a run's train and eval tasks) starts no second one
+def _splits_in_fixed_hash_process(name: str, options_json: str, seed: int) -> tuple[tuple[Problem, ...], ...]:
+    """_splits, run by `python -m drift_ray.gym_tasks` under PYTHONHASHSEED=0."""
+    request = json.dumps({"name": name, "options": json.loads(options_json), "seed": seed})
+    done = subprocess.run(
+        [sys.executable, "-m", "drift_ray.gym_tasks"],
+        input=request,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    if done.returncode != 0:
+        raise TaskError(f"task.name {name!r}: generating its problems failed: {done.stderr.strip()[-2000:]}")
+    reply = json.loads(done.stdout)
+    if "error" in reply:
+        raise TaskError(reply["error"])
+    return tuple(tuple(Problem(**problem) for problem in reply[split]) for split in ("train", "test"))
+
+
+def _serve_splits() -> None:
+    """`python -m drift_ray.gym_tasks`: the request's splits (or its TaskError) as JSON on stdout."""
+    request = json.load(sys.stdin)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the reply owns stdout
+            splits = _splits(request["name"], request["options"], request["seed"])
+        reply = {split: [dataclasses.asdict(p) for p in problems] for split, problems in zip(("train", "test"), splits)}
+    except TaskError as err:
+        reply = {"error": str(err)}
+    json.dump(reply, sys.stdout)
 
 
 def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
@@ -182,3 +228,7 @@ def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
             )
         problems.append(Problem(prompt_id, entry["question"], gold, {"dataset": name, "index": index}))
     return problems
+
+
+if __name__ == "__main__":
+    _serve_splits()

@@ -132,6 +132,26 @@ def test_a_generator_that_depends_on_string_hashing_is_scored_right_in_another_p
     assert result.stdout.strip() == "True"
 
 
+def test_every_process_generates_the_same_problems_whatever_its_hash_seed():
+    """isomorphic_strings builds other puzzles under other hash seeds: a resumed run or a separate
+    `drift-ray eval` must still get the problems of the first process."""
+    script = (
+        "import hashlib, json; from drift_ray.config import TaskConfig; from drift_ray.prompts import load_task; "
+        "task = load_task(TaskConfig(kind='reasoning_gym', name='isomorphic_strings', options={'size': 8}), seed=0); "
+        "print(json.dumps([[p.prompt_id, p.question, p.gold] for p in task.train + task.test]))"
+    )
+    problems = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        ).stdout
+        for hash_seed in ("0", "1", "2")
+    }
+    assert len(problems) == 1
+    task = gym_task("isomorphic_strings", options={"size": 8})
+    assert json.loads(problems.pop()) == [[p.prompt_id, p.question, p.gold] for p in task.train + task.test]
+
+
 class GymScriptedEngine:
     """Answers wrong on the first turn and with the reference answer after feedback."""
 
