@@ -31,14 +31,18 @@ if [ -f "$venv"/.drift-setup ] && [ "$(cat "$venv"/.drift-setup)" = "$stamp_want
 fi
 # DeepSpeed compiles ops on first use (on CPU its communication op, always): fail here, not after the rollouts.
 cxx=${CXX:-c++}
-if ! command -v "$cxx" >/dev/null 2>&1 ||
+if ! command -v "${cxx%% *}" >/dev/null 2>&1 ||  # CXX may carry a launcher: "ccache g++"
   ! "$python" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
   echo "setup.sh: DeepSpeed needs a C++ compiler ($cxx) and Python's headers (Python.h of $("$python" -c 'import sys; print(sys.executable)'))" \
     "to build its ops; on Debian or Ubuntu: apt install g++ python3-dev" >&2
   [ -n "$gpu" ] || exit 2  # on a GPU machine only ZeRO offload builds one (CPU Adam)
 fi
-# A virtual environment that lost its pip (venv without ensurepip) is made again.
-"$venv"/bin/python -m pip --version >/dev/null 2>&1 || "$python" -m venv --clear "$venv"
+[ -x "$venv"/bin/python ] || "$python" -m venv "$venv"
+if ! "$venv"/bin/python -m pip --version >/dev/null 2>&1; then
+  echo "setup.sh: $venv has no pip (was it made without ensurepip, e.g. before python3-venv was installed?);" \
+    "delete it and run setup.sh again" >&2
+  exit 2
+fi
 "$venv"/bin/python -m pip install --quiet --upgrade pip
 # torch first: with it in place, the package's "torch>=2.4" is satisfied and no other build is pulled.
 "$venv"/bin/python -m pip install --quiet "${constraints[@]}" "$torch_spec"

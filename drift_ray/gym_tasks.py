@@ -19,11 +19,15 @@ correct when its score is at least `threshold`, default 1.0: full marks only, pa
 for a right number in the wrong format) is wrong.
 
 Some scorers run the answer as Python: `eval` (string_insertion, spiral_matrix, binary_matrix, n_queens)
-or sympy's `parse_expr` (countdown, puzzle24, polynomial_multiplication, ...), which evaluates too. A
-model's answer is data, so one that could reach more than arithmetic scores 0 without being shown to the
-scorer: one holding a double underscore, a call of a Python builtin outside plain arithmetic (exec, open,
-getattr, chr, input, exit, ...) or of a sympy function that runs code or other programs (lambdify, sympify,
-preview, plot...), a method call on a name (`os.system(…)`), or a power too large to compute (`9**9**9`).
+or sympy (countdown, puzzle24, polynomial_multiplication, ...), which parses text by evaluating it. A
+model's answer is data: for a generator whose module evals or uses sympy (and for composite, which mixes
+others), an answer that could do more than arithmetic on numbers, symbols and lists scores 0 without
+reaching the scorer. Read as Python tokens: a name of a builtin beyond arithmetic or of a sympy function
+that runs code, called or not (`exec`, `(exec)(…)`, `open`, `chr`, `pow`, `lambda`, `sympify`, `plot…`),
+a double underscore (in any Unicode form Python reads as one), attribute access (`os.system`), a power of
+a power (`9**9**9`) or an exponent above 10,000. Text Python cannot tokenize cannot be evaluated and goes
+to the scorer as it is. The time and memory of what remains is not bounded: `[0]*10**10` would still
+fill memory (that would need the scorer in a process of its own).
 
 Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; this one when it has it),
 so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
@@ -42,12 +46,16 @@ import difflib
 import functools
 import builtins
 import contextlib
+import inspect
+import io
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import tokenize
+import unicodedata
 from typing import Any
 
 from drift_ray.config import TaskConfig
@@ -60,16 +68,72 @@ log = logging.getLogger(__name__)
 VERIFIER = "reasoning_gym"
 DEFAULT_SIZE = 500
 
-_ARITHMETIC_BUILTINS = {"abs", "divmod", "float", "int", "max", "min", "pow", "round", "sum"}
-_CODE_RUNNING_CALLS = {name for name in dir(builtins) if not name.startswith("_")} - _ARITHMETIC_BUILTINS | {
-    "lambdify", "sympify", "parse_expr", "S", "preview", "var", "init_printing"
+_HARMLESS_BUILTINS = {"abs", "complex", "divmod", "float", "int", "max", "min", "round", "sum", "True", "False", "None"}
+_CODE_RUNNING_NAMES = ({name for name in dir(builtins) if not name.startswith("_")} - _HARMLESS_BUILTINS) | {
+    "lambda", "lambdify", "sympify", "parse_expr", "S", "preview", "var", "init_printing"
 }
-_MAY_RUN_CODE = re.compile(
-    r"__"
-    rf"|\b(?:{'|'.join(sorted(_CODE_RUNNING_CALLS))}|plot\w*)\s*\("
-    r"|[A-Za-z_]\w*\s*\.\s*[A-Za-z_]\w*\s*\("  # a method of a name: os.system(…)
-    r"|\*\*\s*\(?\s*\d{3,}|\*\*\s*\(?\s*\w+\s*\)?\s*\*\*"  # an exponent of 100 or more, or a power of a power
-)
+_EVALUATES = re.compile(r"\beval\(|\bexec\(|\bsympy\b|\bsympify\b|\bparse_expr\b")
+_MAX_EXPONENT = 10_000
+_LAYOUT_TOKENS = {tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT}
+
+
+@functools.lru_cache(maxsize=None)
+def evaluates_answers(dataset: str) -> bool:
+    """Whether the scorer of generator `dataset` may evaluate an answer: its module evals or uses sympy
+    (which parses text by evaluating it); composite mixes other generators."""
+    import reasoning_gym
+
+    generator_class, _ = reasoning_gym.factory.DATASETS[dataset]
+    return dataset == "composite" or _EVALUATES.search(inspect.getsource(inspect.getmodule(generator_class))) is not None
+
+
+def may_run_code(answer: str) -> bool:
+    """Whether evaluating `answer` as Python (or through sympy) could do more than arithmetic (see the module
+    docstring); False for text Python cannot tokenize, which neither can evaluate."""
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(answer).readline) if t.type not in _LAYOUT_TOKENS]
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    # Python reads identifiers NFKC-normalised: a fullwidth "＿＿class＿＿" is __class__.
+    texts = [unicodedata.normalize("NFKC", t.string) if t.type == tokenize.NAME else t.string for t in tokens]
+    for i, (token, text) in enumerate(zip(tokens, texts)):
+        if token.type == tokenize.NAME and ("__" in text or text in _CODE_RUNNING_NAMES or text.startswith("plot")):
+            return True
+        if token.type == tokenize.OP and text == ".":  # attribute access; decimal points are inside numbers
+            return True
+        binary = i > 0 and (tokens[i - 1].type in (tokenize.NAME, tokenize.NUMBER) or texts[i - 1] in (")", "]"))
+        if text == "**" and binary and _huge_power(texts[i + 1 :]):  # not markdown bold: **57**
+            return True
+    return False
+
+
+def _huge_power(exponent: list[str]) -> bool:
+    """Whether the tokens after a `**` make a power too large to compute: an exponent above _MAX_EXPONENT,
+    a power in a bracketed exponent, or a second `**` right after the exponent."""
+    signs = 0
+    while signs < len(exponent) and exponent[signs] in "+-":
+        signs += 1
+    rest = exponent[signs:]
+    if not rest:
+        return False
+    if rest[0] == "(":
+        depth, end = 0, len(rest)
+        for j, text in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(text, 0)
+            if depth == 0:
+                end = j
+                break
+        if "**" in rest[1:end]:
+            return True
+        after = rest[end + 1 : end + 2]
+    else:
+        try:
+            if int(rest[0], 0) > _MAX_EXPONENT:  # 12_000, 0xFFFF as well
+                return True
+        except ValueError:  # a name or a non-integer number
+            pass
+        after = rest[1:2]
+    return after == ["**"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +184,7 @@ class ReasoningGymVerifier:
         """The generator's score of `answer` (0 when the scorer fails on it, or when the answer could run
         code in a scorer that evaluates it)."""
         stored = GymGold.from_json(gold)
-        if _MAY_RUN_CODE.search(answer):
+        if evaluates_answers(stored.dataset) and may_run_code(answer):
             log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
             return 0.0
         generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))

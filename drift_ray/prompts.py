@@ -232,7 +232,7 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
 def _gold_text(value: Any) -> str:
     """A gold as text. A whole number that a float column holds (100000.0: pandas stores integers with
     gaps as floats) is written as the integer it is, so the numeric verifier asks for it exactly."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # beyond, floats skip integers
         return str(int(value))
     return str(value)
 

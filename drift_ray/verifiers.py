@@ -159,7 +159,9 @@ _NAMED_LETTER = r"(?:[(\[](?=[A-Ja-j][)\]])|(?=[A-J]\b))([A-Ja-j])"
 _CHOICE_PATTERNS = (
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]?\s*"),  # whole answer: B, (B), b), B.
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]\s.*", re.DOTALL),  # leading letter: B. text, (B) text, B: text
-    re.compile(r"\s*[(\[]?([A-J])[)\]]?\s+(?i:is\s+(?:the\s+)?(?:correct|right))\b.*", re.DOTALL),  # C is correct
+    re.compile(  # the whole answer: C is correct, B is the right one
+        r"\s*[(\[]?([A-J])[)\]]?\s+(?i:is\s+(?:the\s+)?(?:correct|right)(?:\s+(?:answer|option|choice|one))?)\s*[.!]?\s*"
+    ),
     # A phrase naming it, "answer is"/"answer:" before "option"/"choice", which may name a rejected one
     # (Option A is wrong; the answer is B). "answer" needs its "is" or colon: "Answer A is wrong" names
     # the rejected one. The answer is B, answer: (C), Option B: text, the correct choice is option D.
@@ -232,7 +234,7 @@ def _parse_math(text: str) -> list[Any]:
 
     # Bare LaTeX ("\frac12", "x^2+1", "\sqrt{2}") parses only between math delimiters. Text that has its
     # own keeps them: $…$ around \[5\] would hide the 5.
-    has_delimiters = any(delimiter in text for delimiter in ("$", "\\[", "\\("))
+    has_delimiters = re.search(r"(?<!\\)\$|\\\[|\\\(", text) is not None  # \$ is a dollar sign, not one
     return parse(text if has_delimiters else f"${text}$", parsing_timeout=None)
 
 

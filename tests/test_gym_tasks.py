@@ -15,7 +15,7 @@ pytest.importorskip("reasoning_gym")
 
 from drift_ray.config import EpisodeConfig, TaskConfig  # noqa: E402
 from drift_ray.episode import Generation, SamplingParams, play_episodes  # noqa: E402
-from drift_ray.gym_tasks import VERIFIER, GymGold, ReasoningGymVerifier  # noqa: E402
+from drift_ray.gym_tasks import VERIFIER, GymGold, ReasoningGymVerifier, evaluates_answers, may_run_code  # noqa: E402
 from drift_ray.prompts import TaskError, load_task  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
 
@@ -101,10 +101,19 @@ def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_i
     assert verifier.score(str(list(answer)), problem.gold) == 0.1  # evaluated: a list of its characters
     assert verifier.score(f"print('ran') or {list(answer)}", problem.gold) == 0.0
     assert "ran" not in capfd.readouterr().out
-    for code in ["__import__('os').getpid()", "exec ('x=1')", "os.system('true')", "chr(95)", "9**9**9", "2**1000"]:
-        assert verifier.score(code, problem.gold) == 0.0, code
+    for code in [
+        "__import__('os').getpid()", "exec ('x=1')", "(exec)('x=1')", "[exec][0]('x=1')", "exec\\\n('x=1')",
+        "().\uff3f\uff3fclass\uff3f\uff3f", "os.system('true')", "chr(95)", "9**9**9", "9**(9**9)", "2**100000",
+        "pow(9, pow(9, 9))",
+    ]:
+        assert may_run_code(code) and verifier.score(code, problem.gold) == 0.0, code
     countdown = gym_task("countdown", options={"size": 3}).test[0]
     assert verifier.check(reference_answer(countdown), countdown.gold)  # arithmetic still reaches sympy
+    for arithmetic in ["x**2 + 3*x", "2*x**(3/2)/3 + C", "sqrt(2)*sin(x)", "max(3, 4)", "2**1000", "**57**"]:
+        assert not may_run_code(arithmetic), arithmetic
+    # Only scorers that may evaluate an answer are guarded: prose elsewhere keeps its brackets and dots.
+    assert evaluates_answers("string_insertion") and evaluates_answers("countdown") and evaluates_answers("composite")
+    assert not evaluates_answers("leg_counting") and not evaluates_answers("emoji_mystery")
 
 
 def test_a_gold_from_another_task_is_refused_with_a_clear_error():

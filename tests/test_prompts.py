@@ -103,6 +103,9 @@ def test_jsonl_rows_keep_keys_the_first_row_lacks_and_golds_of_any_type(tmp_path
     assert problem.gold == "100000"
     numeric = get_verifier("numeric")
     assert not numeric.check("100010", problem.gold) and numeric.check("1e5", problem.gold)
+    # Beyond 2**53 a float is not the integer it was written as: kept as the float reads.
+    path.write_text(json.dumps({"question": "q", "gold": 12345678901234567.0}) + "\n")
+    assert read_problems(path)[0].gold == str(12345678901234567.0)
 
 
 def test_read_parquet_file_task(tmp_path):
