@@ -18,16 +18,19 @@ Python's per-process string hashing, so another process would build another puzz
 correct when its score is at least `threshold`, default 1.0: full marks only, partial credit (say 0.5
 for a right number in the wrong format) is wrong.
 
-Some scorers run the answer as Python: `eval` (string_insertion, spiral_matrix, binary_matrix, n_queens)
-or sympy (countdown, puzzle24, polynomial_multiplication, ...), which parses text by evaluating it. A
-model's answer is data: for a generator whose module evals or uses sympy (and for composite, which mixes
-others), an answer that could do more than arithmetic on numbers, symbols and lists scores 0 without
-reaching the scorer. Read as Python tokens: a name of a builtin beyond arithmetic or of a sympy function
-that runs code, called or not (`exec`, `(exec)(…)`, `open`, `chr`, `pow`, `lambda`, `sympify`, `plot…`),
-a double underscore (in any Unicode form Python reads as one), attribute access (`os.system`), a power of
-a power (`9**9**9`) or an exponent above 10,000. Text Python cannot tokenize cannot be evaluated and goes
-to the scorer as it is. The time and memory of what remains is not bounded: `[0]*10**10` would still
-fill memory (that would need the scorer in a process of its own).
+Some scorers evaluate the answer: Python's `eval` (string_insertion, spiral_matrix, binary_matrix,
+n_queens) or sympy (countdown, puzzle24, polynomial_multiplication, ...), whose parsing evaluates text.
+A model's answer is data, so for a generator whose score_answer (or a method it calls) evals, execs or
+parses with sympy (and for composite, which mixes others) an answer reaches the scorer only when it is
+inert: it parses as one Python expression
+(Python's own parser, as eval reads it) of numbers, names, strings, lists, tuples, comparisons and
+arithmetic, calls only of elementary functions (sin, sqrt, exp, log, Abs, ...) with no string inside, no
+sequence repeated by `*`, no power inside a power or with an integer exponent above 10,000, and for
+Python's eval, which looks names up among the scorer's variables, no name as an operand. Anything
+else scores 0: attribute access, subscripts, lambdas, f-strings, any other call (exec, open, simplify,
+factorial, nextprime, ...). Text that does not parse cannot reach Python's eval, so it goes to an
+eval-based scorer as it is (a grid "3 9 5 ..."); sympy's transformations could still turn it into code
+("99999999!" is a factorial), so for sympy it scores 0.
 
 Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; this one when it has it),
 so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
@@ -44,18 +47,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import builtins
+import ast
 import contextlib
 import inspect
-import io
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
-import tokenize
-import unicodedata
 from typing import Any
 
 from drift_ray.config import TaskConfig
@@ -68,72 +68,98 @@ log = logging.getLogger(__name__)
 VERIFIER = "reasoning_gym"
 DEFAULT_SIZE = 500
 
-_HARMLESS_BUILTINS = {"abs", "complex", "divmod", "float", "int", "max", "min", "round", "sum", "True", "False", "None"}
-_CODE_RUNNING_NAMES = ({name for name in dir(builtins) if not name.startswith("_")} - _HARMLESS_BUILTINS) | {
-    "lambda", "lambdify", "sympify", "parse_expr", "S", "preview", "var", "init_printing"
-}
-_EVALUATES = re.compile(r"\beval\(|\bexec\(|\bsympy\b|\bsympify\b|\bparse_expr\b")
+# Functions an answer of an evaluating scorer may call: elementary ones, quick on any argument, and
+# Integral (intermediate_integration's answers leave some unevaluated).
+_ELEMENTARY_FUNCTIONS = frozenset(
+    "sin cos tan cot sec csc asin acos atan acot asec acsc atan2 sinh cosh tanh coth asinh acosh atanh "
+    "exp log ln sqrt cbrt Abs abs sign Integral".split()
+)
+_ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.UAdd, ast.USub, ast.Not)
+_INERT_NODES = (
+    ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.And, ast.Or, ast.Compare, ast.Eq, ast.NotEq, ast.Lt,
+    ast.LtE, ast.Gt, ast.GtE, ast.Constant, ast.Name, ast.Load, ast.List, ast.Tuple, ast.Call, *_ARITHMETIC,
+)
 _MAX_EXPONENT = 10_000
-_LAYOUT_TOKENS = {tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT}
 
 
 @functools.lru_cache(maxsize=None)
-def evaluates_answers(dataset: str) -> bool:
-    """Whether the scorer of generator `dataset` may evaluate an answer: its module evals or uses sympy
-    (which parses text by evaluating it); composite mixes other generators."""
+def answer_evaluation(dataset: str) -> str | None:
+    """How the scorer of generator `dataset` may evaluate an answer, from the source of its score_answer and
+    of the methods and functions that calls: "sympy" (parse_expr, sympify or S parse text by evaluating it; composite,
+    which mixes generators, counts as this), "python" (eval or exec), or None."""
     import reasoning_gym
 
+    if dataset == "composite":
+        return "sympy"
     generator_class, _ = reasoning_gym.factory.DATASETS[dataset]
-    return dataset == "composite" or _EVALUATES.search(inspect.getsource(inspect.getmodule(generator_class))) is not None
+    seen, pending = set(), [generator_class.score_answer]
+    while pending:  # score_answer, and the methods and Python functions it calls, and theirs
+        function = pending.pop()
+        if not inspect.isfunction(function) or function in seen:
+            continue
+        seen.add(function)
+        called = inspect.getsource(function)
+        pending += [getattr(generator_class, name, None) for name in re.findall(r"\bself\.(\w+)\(", called)]
+        pending += [function.__globals__.get(name) for name in re.findall(r"(?<![.\w])(\w+)\(", called)]
+    source = "\n".join(inspect.getsource(function) for function in seen)
+    if re.search(r"\b(?:parse_expr|sympify|S)\(", source):
+        return "sympy"
+    return "python" if re.search(r"\b(?:eval|exec)\(", source) else None
 
 
-def may_run_code(answer: str) -> bool:
-    """Whether evaluating `answer` as Python (or through sympy) could do more than arithmetic (see the module
-    docstring); False for text Python cannot tokenize, which neither can evaluate."""
+def may_run_code(answer: str, sympy: bool) -> bool:
+    """Whether `answer` is not inert for a scorer that evaluates it (see the module docstring): with `sympy`,
+    also text that does not parse, which sympy's transformations could still make code of."""
     try:
-        tokens = [t for t in tokenize.generate_tokens(io.StringIO(answer).readline) if t.type not in _LAYOUT_TOKENS]
-    except (tokenize.TokenError, SyntaxError):
-        return False
-    # Python reads identifiers NFKC-normalised: a fullwidth "＿＿class＿＿" is __class__.
-    texts = [unicodedata.normalize("NFKC", t.string) if t.type == tokenize.NAME else t.string for t in tokens]
-    for i, (token, text) in enumerate(zip(tokens, texts)):
-        if token.type == tokenize.NAME and ("__" in text or text in _CODE_RUNNING_NAMES or text.startswith("plot")):
+        tree = ast.parse(answer, mode="eval")  # eval's parser: what it reads (after a comment and "\r", say)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return sympy
+    for node in ast.walk(tree):
+        if not isinstance(node, _INERT_NODES):
             return True
-        if token.type == tokenize.OP and text == ".":  # attribute access; decimal points are inside numbers
+        if isinstance(node, ast.Name) and "__" in node.id:
             return True
-        binary = i > 0 and (tokens[i - 1].type in (tokenize.NAME, tokenize.NUMBER) or texts[i - 1] in (")", "]"))
-        if text == "**" and binary and _huge_power(texts[i + 1 :]):  # not markdown bold: **57**
+        # Python's eval looks names up among the scorer's variables (its reference answer among them): a name
+        # is inert alone, not as an operand (oracle_answer * 10**9).
+        if not sympy and isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Call)):
+            if any(isinstance(n, ast.Name) for n in ast.iter_child_nodes(node) if n is not getattr(node, "func", None)):
+                return True
+        if isinstance(node, ast.Call) and not _elementary_call(node):
+            return True
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Pow)) and _is_sequence(node):
+            return True
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and _huge_power(node):
             return True
     return False
 
 
-def _huge_power(exponent: list[str]) -> bool:
-    """Whether the tokens after a `**` make a power too large to compute: an exponent above _MAX_EXPONENT,
-    a power in a bracketed exponent, or a second `**` right after the exponent."""
-    signs = 0
-    while signs < len(exponent) and exponent[signs] in "+-":
-        signs += 1
-    rest = exponent[signs:]
-    if not rest:
-        return False
-    if rest[0] == "(":
-        depth, end = 0, len(rest)
-        for j, text in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(text, 0)
-            if depth == 0:
-                end = j
-                break
-        if "**" in rest[1:end]:
-            return True
-        after = rest[end + 1 : end + 2]
-    else:
-        try:
-            if int(rest[0], 0) > _MAX_EXPONENT:  # 12_000, 0xFFFF as well
-                return True
-        except ValueError:  # a name or a non-integer number
-            pass
-        after = rest[1:2]
-    return after == ["**"]
+def _elementary_call(call: ast.Call) -> bool:
+    """A call of an elementary function by its name, without keywords or strings (sympy parses those)."""
+    return (
+        isinstance(call.func, ast.Name)
+        and call.func.id in _ELEMENTARY_FUNCTIONS
+        and not call.keywords
+        and not any(isinstance(n, ast.Constant) and isinstance(n.value, str) for a in call.args for n in ast.walk(a))
+    )
+
+
+def _is_sequence(operation: ast.BinOp) -> bool:
+    """Whether an operand is a string, list or tuple: repeated by a number, it could fill memory."""
+    return any(
+        isinstance(side, (ast.List, ast.Tuple)) or (isinstance(side, ast.Constant) and isinstance(side.value, str))
+        for side in (operation.left, operation.right)
+    )
+
+
+def _huge_power(power: ast.BinOp) -> bool:
+    """A power inside a power (9**9**9, (10**9)**9) or an integer exponent above _MAX_EXPONENT."""
+    inner = [n for side in (power.left, power.right) for n in ast.walk(side)]
+    if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in inner):
+        return True
+    return any(
+        isinstance(n, ast.Constant) and isinstance(n.value, int) and abs(n.value) > _MAX_EXPONENT
+        for n in ast.walk(power.right)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +210,8 @@ class ReasoningGymVerifier:
         """The generator's score of `answer` (0 when the scorer fails on it, or when the answer could run
         code in a scorer that evaluates it)."""
         stored = GymGold.from_json(gold)
-        if evaluates_answers(stored.dataset) and may_run_code(answer):
+        evaluation = answer_evaluation(stored.dataset)
+        if evaluation is not None and may_run_code(answer, sympy=evaluation == "sympy"):
             log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
             return 0.0
         generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))

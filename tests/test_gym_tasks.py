@@ -15,7 +15,7 @@ pytest.importorskip("reasoning_gym")
 
 from drift_ray.config import EpisodeConfig, TaskConfig  # noqa: E402
 from drift_ray.episode import Generation, SamplingParams, play_episodes  # noqa: E402
-from drift_ray.gym_tasks import VERIFIER, GymGold, ReasoningGymVerifier, evaluates_answers, may_run_code  # noqa: E402
+from drift_ray.gym_tasks import VERIFIER, GymGold, ReasoningGymVerifier, answer_evaluation, may_run_code  # noqa: E402
 from drift_ray.prompts import TaskError, load_task  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
 
@@ -103,17 +103,26 @@ def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_i
     assert "ran" not in capfd.readouterr().out
     for code in [
         "__import__('os').getpid()", "exec ('x=1')", "(exec)('x=1')", "[exec][0]('x=1')", "exec\\\n('x=1')",
-        "().\uff3f\uff3fclass\uff3f\uff3f", "os.system('true')", "chr(95)", "9**9**9", "9**(9**9)", "2**100000",
-        "pow(9, pow(9, 9))",
+        "\uff45\uff58\uff45\uff43('x=1')",  # fullwidth letters: Python reads exec
+        "#c\r__import__('os').getpid()",  # Python's parser reads \r as a line end, after the comment
+        "os.system('true')", "chr(95)", "f'{1}'", "9**9**9", "9**(9**9)", "9**~-10**9", "2**100000",
+        "pow(9, pow(9, 9))", "[0]*10**10", "oracle_answer*10**9",
     ]:
-        assert may_run_code(code) and verifier.score(code, problem.gold) == 0.0, code
+        assert may_run_code(code, sympy=False) and verifier.score(code, problem.gold) == 0.0, code
     countdown = gym_task("countdown", options={"size": 3}).test[0]
     assert verifier.check(reference_answer(countdown), countdown.gold)  # arithmetic still reaches sympy
-    for arithmetic in ["x**2 + 3*x", "2*x**(3/2)/3 + C", "sqrt(2)*sin(x)", "max(3, 4)", "2**1000", "**57**"]:
-        assert not may_run_code(arithmetic), arithmetic
+    for code in ["simplify('x')", "sin('x')", "test()", "nextprime(10**9999)", "factorial(99999999)", "99999999!"]:
+        assert may_run_code(code, sympy=True) and verifier.score(code, countdown.gold) == 0.0, code
+    for arithmetic in ["x**2 + 3*x", "2*x**(3/2)/3 + C", "sqrt(2)*sin(x)", "abs(-3)", "2**1000", "x**(-1)"]:
+        assert not may_run_code(arithmetic, sympy=True), arithmetic
+    for inert in ["['E', 'B', 'C']", "[[1, 2], [3, 4]]", "3 9 5\n6 2 7"]:  # the last cannot even parse
+        assert not may_run_code(inert, sympy=False), inert
     # Only scorers that may evaluate an answer are guarded: prose elsewhere keeps its brackets and dots.
-    assert evaluates_answers("string_insertion") and evaluates_answers("countdown") and evaluates_answers("composite")
-    assert not evaluates_answers("leg_counting") and not evaluates_answers("emoji_mystery")
+    evaluations = [answer_evaluation(name) for name in ("string_insertion", "countdown", "composite")]
+    assert evaluations == ["python", "sympy", "sympy"]
+    # advanced_geometry imports sympy, but its scorer reads answers with float(): "19.01°" reaches it
+    assert answer_evaluation("advanced_geometry") is None
+    assert answer_evaluation("leg_counting") is None and answer_evaluation("emoji_mystery") is None
 
 
 def test_a_gold_from_another_task_is_refused_with_a_clear_error():
