@@ -20,17 +20,19 @@ for a right number in the wrong format) is wrong.
 
 Some scorers evaluate the answer: Python's `eval` (string_insertion, spiral_matrix, binary_matrix,
 n_queens) or sympy (countdown, puzzle24, polynomial_multiplication, ...), whose parsing evaluates text.
-A model's answer is data, so for a generator whose score_answer (or a method it calls) evals, execs or
-parses with sympy (and for composite, which mixes others) an answer reaches the scorer only when it is
-inert: it parses as one Python expression
-(Python's own parser, as eval reads it) of numbers, names, strings, lists, tuples, comparisons and
-arithmetic, calls only of elementary functions (sin, sqrt, exp, log, Abs, ...) with no string inside, no
-sequence repeated by `*`, no power inside a power or with an integer exponent above 10,000, and for
-Python's eval, which looks names up among the scorer's variables, no name as an operand. Anything
-else scores 0: attribute access, subscripts, lambdas, f-strings, any other call (exec, open, simplify,
-factorial, nextprime, ...). Text that does not parse cannot reach Python's eval, so it goes to an
-eval-based scorer as it is (a grid "3 9 5 ..."); sympy's transformations could still turn it into code
-("99999999!" is a factorial), so for sympy it scores 0.
+A model's answer is data, so for a generator whose score_answer (or a method or function it calls) evals,
+execs or parses with sympy, an answer reaches the scorer only when it is inert: one Python expression
+(read by Python's parser as eval reads it) of numbers, names, strings, lists, tuples, comparisons and
+arithmetic, where calls are only of elementary functions (sin, sqrt, exp, log, Abs, ...) on no string and
+no number above 1,000, no string, list or tuple is an operand (`[0]*10**10`, `'%09999999d' % 0`), a
+power has no power inside it and no integer exponent above 20, and no float literal is infinite
+(`1e999999`); for eval, which looks names up among the scorer's variables, no name is an operand.
+Anything else scores 0: attribute access, subscripts, lambdas, f-strings, any other call (exec, open,
+simplify, factorial, nextprime, ...). Text that does not parse cannot reach Python's eval, so it goes to
+an eval-based scorer as it is (a grid "3 9 5 ..."); sympy's transformations could still turn it into
+code ("99999999!" is a factorial), so for sympy it scores 0. The limits bound the work, not to the
+second: sympy's simplify on an inert but large expression, or an unevaluated Integral it tries to
+evaluate, can still take seconds (bounding that would need the scorer in a process with a timeout).
 
 Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; this one when it has it),
 so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
@@ -48,6 +50,7 @@ import dataclasses
 import difflib
 import functools
 import ast
+import cmath
 import contextlib
 import inspect
 import json
@@ -79,18 +82,19 @@ _INERT_NODES = (
     ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.And, ast.Or, ast.Compare, ast.Eq, ast.NotEq, ast.Lt,
     ast.LtE, ast.Gt, ast.GtE, ast.Constant, ast.Name, ast.Load, ast.List, ast.Tuple, ast.Call, *_ARITHMETIC,
 )
-_MAX_EXPONENT = 10_000
+# Far above the reference answers' (exponents up to 10, numbers in calls up to 5), far below what would
+# take sympy seconds: simplify expands a power of a sum, int() computes every digit of exp(n).
+_MAX_EXPONENT = 20
+_MAX_CALL_NUMBER = 1000
 
 
 @functools.lru_cache(maxsize=None)
 def answer_evaluation(dataset: str) -> str | None:
     """How the scorer of generator `dataset` may evaluate an answer, from the source of its score_answer and
-    of the methods and functions that calls: "sympy" (parse_expr, sympify or S parse text by evaluating it; composite,
-    which mixes generators, counts as this), "python" (eval or exec), or None."""
+    of the methods and functions that calls: "sympy" (parse_expr, sympify or S parse text by evaluating
+    it), "python" (eval or exec), or None."""
     import reasoning_gym
 
-    if dataset == "composite":
-        return "sympy"
     generator_class, _ = reasoning_gym.factory.DATASETS[dataset]
     seen, pending = set(), [generator_class.score_answer]
     while pending:  # score_answer, and the methods and Python functions it calls, and theirs
@@ -111,7 +115,8 @@ def may_run_code(answer: str, sympy: bool) -> bool:
     """Whether `answer` is not inert for a scorer that evaluates it (see the module docstring): with `sympy`,
     also text that does not parse, which sympy's transformations could still make code of."""
     try:
-        tree = ast.parse(answer, mode="eval")  # eval's parser: what it reads (after a comment and "\r", say)
+        # As eval reads it: its parser (which reads past a comment and "\r"), after eval's own stripping.
+        tree = ast.parse(answer.lstrip(" \t"), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return sympy
     for node in ast.walk(tree):
@@ -119,6 +124,8 @@ def may_run_code(answer: str, sympy: bool) -> bool:
             return True
         if isinstance(node, ast.Name) and "__" in node.id:
             return True
+        if isinstance(node, ast.Constant) and isinstance(node.value, (float, complex)) and not cmath.isfinite(node.value):
+            return True  # 1e999999: sympy reads the digits itself, slowly
         # Python's eval looks names up among the scorer's variables (its reference answer among them): a name
         # is inert alone, not as an operand (oracle_answer * 10**9).
         if not sympy and isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Call)):
@@ -126,7 +133,7 @@ def may_run_code(answer: str, sympy: bool) -> bool:
                 return True
         if isinstance(node, ast.Call) and not _elementary_call(node):
             return True
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Pow)) and _is_sequence(node):
+        if isinstance(node, ast.BinOp) and _is_sequence(node):
             return True
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and _huge_power(node):
             return True
@@ -134,17 +141,20 @@ def may_run_code(answer: str, sympy: bool) -> bool:
 
 
 def _elementary_call(call: ast.Call) -> bool:
-    """A call of an elementary function by its name, without keywords or strings (sympy parses those)."""
+    """A call of an elementary function by its name, without keywords, strings (sympy parses those) or
+    numbers above _MAX_CALL_NUMBER."""
+    constants = [n.value for a in call.args for n in ast.walk(a) if isinstance(n, ast.Constant)]
     return (
         isinstance(call.func, ast.Name)
         and call.func.id in _ELEMENTARY_FUNCTIONS
         and not call.keywords
-        and not any(isinstance(n, ast.Constant) and isinstance(n.value, str) for a in call.args for n in ast.walk(a))
+        and not any(isinstance(c, str) or (isinstance(c, (int, float)) and abs(c) > _MAX_CALL_NUMBER) for c in constants)
     )
 
 
 def _is_sequence(operation: ast.BinOp) -> bool:
-    """Whether an operand is a string, list or tuple: repeated by a number, it could fill memory."""
+    """Whether an operand is a string, list or tuple: repeated or formatted ('%0999999999d' % 0), it
+    could fill memory."""
     return any(
         isinstance(side, (ast.List, ast.Tuple)) or (isinstance(side, ast.Constant) and isinstance(side.value, str))
         for side in (operation.left, operation.right)
@@ -239,6 +249,8 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
         raise TaskError(f"task.name: unknown reasoning-gym generator {cfg.name!r}; {hint}")
     if cfg.train_path or cfg.test_path:
         raise TaskError("task.train_path / task.test_path: reasoning-gym problems are generated, not read; unset them")
+    if cfg.name == "composite":  # its config holds configs of other generators, which it cannot rebuild from JSON
+        raise TaskError("task.name: reasoning-gym's composite is not supported; train on one generator per task")
     options = dict(cfg.options)
     seed = options.pop("seed", seed)
     if not sys.flags.hash_randomization:  # PYTHONHASHSEED=0 when this process started
@@ -311,6 +323,13 @@ def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
             gold = GymGold(entry["answer"], name, config, entry["metadata"]).to_json()
         except TypeError as err:
             raise TaskError(f"{prompt_id}: reasoning-gym {name!r} makes entries JSON cannot store: {err}") from None
+        evaluation = answer_evaluation(name)
+        if entry["answer"] is not None and evaluation and may_run_code(entry["answer"], sympy=evaluation == "sympy"):
+            raise TaskError(
+                f"{prompt_id}: reasoning-gym {name!r} gives the answer {entry['answer'][:80]!r}, which its scorer "
+                "would evaluate and which is beyond what answers may hold (numbers, exponents and calls are bounded: "
+                "see drift_ray/gym_tasks.py); this generator or config is not supported"
+            )
         if entry["answer"] is not None and not verifier.check(entry["answer"], gold):
             raise TaskError(
                 f"{prompt_id}: reasoning-gym {name!r} scores its own answer {entry['answer'][:80]!r} "

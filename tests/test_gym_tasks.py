@@ -106,20 +106,23 @@ def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_i
         "\uff45\uff58\uff45\uff43('x=1')",  # fullwidth letters: Python reads exec
         "#c\r__import__('os').getpid()",  # Python's parser reads \r as a line end, after the comment
         "os.system('true')", "chr(95)", "f'{1}'", "9**9**9", "9**(9**9)", "9**~-10**9", "2**100000",
-        "pow(9, pow(9, 9))", "[0]*10**10", "oracle_answer*10**9",
+        "pow(9, pow(9, 9))", "[0]*10**10", "'%0999999999d' % 0", "oracle_answer*10**9",
+        " open('x', 'w')", "\topen('x', 'w')",  # eval strips leading spaces and tabs before it parses
     ]:
         assert may_run_code(code, sympy=False) and verifier.score(code, problem.gold) == 0.0, code
     countdown = gym_task("countdown", options={"size": 3}).test[0]
     assert verifier.check(reference_answer(countdown), countdown.gold)  # arithmetic still reaches sympy
-    for code in ["simplify('x')", "sin('x')", "test()", "nextprime(10**9999)", "factorial(99999999)", "99999999!"]:
+    for code in [
+        "simplify('x')", "sin('x')", "test()", "nextprime(10**9999)", "factorial(99999999)", "99999999!",
+        "1e999999", "exp(999999999)", "(x+1)**9999",  # work enough to stall a scorer
+    ]:
         assert may_run_code(code, sympy=True) and verifier.score(code, countdown.gold) == 0.0, code
-    for arithmetic in ["x**2 + 3*x", "2*x**(3/2)/3 + C", "sqrt(2)*sin(x)", "abs(-3)", "2**1000", "x**(-1)"]:
+    for arithmetic in ["x**2 + 3*x", "2*x**(3/2)/3 + C", "sqrt(2)*sin(x)", "abs(-3)", "2**10", "x**(-1)"]:
         assert not may_run_code(arithmetic, sympy=True), arithmetic
     for inert in ["['E', 'B', 'C']", "[[1, 2], [3, 4]]", "3 9 5\n6 2 7"]:  # the last cannot even parse
         assert not may_run_code(inert, sympy=False), inert
     # Only scorers that may evaluate an answer are guarded: prose elsewhere keeps its brackets and dots.
-    evaluations = [answer_evaluation(name) for name in ("string_insertion", "countdown", "composite")]
-    assert evaluations == ["python", "sympy", "sympy"]
+    assert [answer_evaluation(name) for name in ("string_insertion", "countdown")] == ["python", "sympy"]
     # advanced_geometry imports sympy, but its scorer reads answers with float(): "19.01°" reaches it
     assert answer_evaluation("advanced_geometry") is None
     assert answer_evaluation("leg_counting") is None and answer_evaluation("emoji_mystery") is None
@@ -209,6 +212,11 @@ def test_errors_name_the_problem():
         gym_task("chain_sum", options={"min_termz": 3})
     with pytest.raises(TaskError, match=r"generated, not read"):
         gym_task("chain_sum", test_path="problems.jsonl")
+    with pytest.raises(TaskError, match=r"composite is not supported"):
+        gym_task("composite")
+    # Degree 12 polynomials multiplied: exponents up to 36, beyond what an answer may hold.
+    with pytest.raises(TaskError, match=r"polynomial_multiplication-test-\d+: .* which its scorer would evaluate"):
+        gym_task("polynomial_multiplication", options={"size": 5, "min_degree": 12, "max_degree": 12})
     with pytest.raises(
         TaskError, match=r"arc_agi-test-0: reasoning-gym 'arc_agi' scores its own answer .* not supported"
     ):
