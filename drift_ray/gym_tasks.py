@@ -23,10 +23,12 @@ n_queens) or sympy (countdown, puzzle24, polynomial_multiplication, ...), whose 
 A model's answer is data, so for a generator whose score_answer (or a method or function it calls) evals,
 execs or parses with sympy, an answer reaches the scorer only when it is inert: one Python expression
 (read by Python's parser as eval reads it) of numbers, names, strings, lists, tuples, comparisons and
-arithmetic, where calls are only of elementary functions (sin, sqrt, exp, log, Abs, ...) on no string and
-no number above 1,000, no string, list or tuple is an operand (`[0]*10**10`, `'%09999999d' % 0`), a
-power has no power inside it and no integer exponent above 20, and no float literal is infinite
-(`1e999999`); for eval, which looks names up among the scorer's variables, no name is an operand.
+arithmetic, where calls are only of elementary functions (sin, sqrt, exp, log, Abs, ...) on no string, no
+number above 1,000, no other call (but in an Integral) and no product or power of numbers alone, no
+string, list or tuple is an operand (`[0]*10**10`, `'%09999999d' % 0`), a power has no power inside it
+and no integer exponent above 20, and no float literal is infinite (`1e999999`); for sympy, no string at
+all (it turns strings back into code) and no exponent of four digits in a number (`1e-999999`); for eval,
+which looks names up among the scorer's variables, no name is an operand.
 Anything else scores 0: attribute access, subscripts, lambdas, f-strings, any other call (exec, open,
 simplify, factorial, nextprime, ...). Text that does not parse cannot reach Python's eval, so it goes to
 an eval-based scorer as it is (a grid "3 9 5 ..."); sympy's transformations could still turn it into
@@ -119,8 +121,14 @@ def may_run_code(answer: str, sympy: bool) -> bool:
         tree = ast.parse(answer.lstrip(" \t"), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return sympy
+    # sympy reads a float literal's digits itself: 1e-999999 is 0.0 to Python and seconds of work to sympy.
+    if sympy and re.search(r"[eE][-+]?\d{4,}", answer):
+        return True
     for node in ast.walk(tree):
         if not isinstance(node, _INERT_NODES):
+            return True
+        # sympy turns a string back into code wherever it meets one (diff of a str sympifies it).
+        if sympy and isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
             return True
         if isinstance(node, ast.Name) and "__" in node.id:
             return True
@@ -141,15 +149,24 @@ def may_run_code(answer: str, sympy: bool) -> bool:
 
 
 def _elementary_call(call: ast.Call) -> bool:
-    """A call of an elementary function by its name, without keywords, strings (sympy parses those) or
-    numbers above _MAX_CALL_NUMBER."""
-    constants = [n.value for a in call.args for n in ast.walk(a) if isinstance(n, ast.Constant)]
+    """A call of an elementary function by its name, without keywords, strings (sympy parses those),
+    numbers above _MAX_CALL_NUMBER, calls, or products or powers of numbers alone in its arguments."""
+    inside = [n for a in call.args for n in ast.walk(a)]
+    constants = [n.value for n in inside if isinstance(n, ast.Constant)]
     return (
         isinstance(call.func, ast.Name)
         and call.func.id in _ELEMENTARY_FUNCTIONS
         and not call.keywords
         and not any(isinstance(c, str) or (isinstance(c, (int, float)) and abs(c) > _MAX_CALL_NUMBER) for c in constants)
+        # exp(exp(exp(5))), exp(1000*1000*1000): what the numbers compute to is not bounded by each of them.
+        # (Integral's integrand may hold calls: each is checked as a call of its own.)
+        and (call.func.id == "Integral" or not any(isinstance(n, ast.Call) for n in inside))
+        and not any(_numbers_only(a) and any(isinstance(n, (ast.Mult, ast.Pow)) for n in ast.walk(a)) for a in call.args)
     )
+
+
+def _numbers_only(node: ast.AST) -> bool:
+    return not any(isinstance(n, ast.Name) for n in ast.walk(node))
 
 
 def _is_sequence(operation: ast.BinOp) -> bool:

@@ -114,10 +114,14 @@ def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_i
     assert verifier.check(reference_answer(countdown), countdown.gold)  # arithmetic still reaches sympy
     for code in [
         "simplify('x')", "sin('x')", "test()", "nextprime(10**9999)", "factorial(99999999)", "99999999!",
-        "1e999999", "exp(999999999)", "(x+1)**9999",  # work enough to stall a scorer
+        "1e999999", "1e-999999", "exp(999999999)", "exp(1000*1000*1000)", "exp(exp(exp(5)))", "(x+1)**9999",
+        '"open(\'x\', \'w\')"',  # a string: diff of it sympifies it
     ]:
         assert may_run_code(code, sympy=True) and verifier.score(code, countdown.gold) == 0.0, code
-    for arithmetic in ["x**2 + 3*x", "2*x**(3/2)/3 + C", "sqrt(2)*sin(x)", "abs(-3)", "2**10", "x**(-1)"]:
+    for arithmetic in [
+        "x**2 + 3*x", "2*x**(3/2)/3 + C", "sqrt(2)*sin(x)", "abs(-3)", "2**10", "x**(-1)", "exp(3/2)",
+        "-Integral(x**2*cos(x), x) + C",
+    ]:
         assert not may_run_code(arithmetic, sympy=True), arithmetic
     for inert in ["['E', 'B', 'C']", "[[1, 2], [3, 4]]", "3 9 5\n6 2 7"]:  # the last cannot even parse
         assert not may_run_code(inert, sympy=False), inert
