@@ -113,6 +113,13 @@ def answer_evaluation(dataset: str) -> str | None:
     return "python" if re.search(r"\b(?:eval|exec)\(", source) else None
 
 
+def refused_answer(dataset: str, answer: str) -> bool:
+    """Whether `answer` must not reach the scorer of generator `dataset`: it evaluates answers, and this
+    one may run code there."""
+    evaluation = answer_evaluation(dataset)
+    return evaluation is not None and may_run_code(answer, sympy=evaluation == "sympy")
+
+
 def may_run_code(answer: str, sympy: bool) -> bool:
     """Whether `answer` is not inert for a scorer that evaluates it (see the module docstring): with `sympy`,
     also text that does not parse, which sympy's transformations could still make code of."""
@@ -237,8 +244,7 @@ class ReasoningGymVerifier:
         """The generator's score of `answer` (0 when the scorer fails on it, or when the answer could run
         code in a scorer that evaluates it)."""
         stored = GymGold.from_json(gold)
-        evaluation = answer_evaluation(stored.dataset)
-        if evaluation is not None and may_run_code(answer, sympy=evaluation == "sympy"):
+        if refused_answer(stored.dataset, answer):
             log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
             return 0.0
         generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))
@@ -340,8 +346,7 @@ def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
             gold = GymGold(entry["answer"], name, config, entry["metadata"]).to_json()
         except TypeError as err:
             raise TaskError(f"{prompt_id}: reasoning-gym {name!r} makes entries JSON cannot store: {err}") from None
-        evaluation = answer_evaluation(name)
-        if entry["answer"] is not None and evaluation and may_run_code(entry["answer"], sympy=evaluation == "sympy"):
+        if entry["answer"] is not None and refused_answer(name, entry["answer"]):
             raise TaskError(
                 f"{prompt_id}: reasoning-gym {name!r} gives the answer {entry['answer'][:80]!r}, which its scorer "
                 "would evaluate and which is beyond what answers may hold (numbers, exponents and calls are bounded: "
