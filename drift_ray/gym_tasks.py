@@ -34,7 +34,9 @@ simplify, factorial, nextprime, ...). Text that does not parse cannot reach Pyth
 an eval-based scorer as it is (a grid "3 9 5 ..."); sympy's transformations could still turn it into
 code ("99999999!" is a factorial), so for sympy it scores 0. The limits bound the work, not to the
 second: sympy's simplify on an inert but large expression, or an unevaluated Integral it tries to
-evaluate, can still take seconds (bounding that would need the scorer in a process with a timeout).
+evaluate, can still take long. So these scorers run in killable helper processes (the verifier option
+`timeout_s`, default 10 s per answer, and `max_processes`, default 2), and an answer that runs out of
+time scores 0. The guard is still needed: a timeout bounds time, not what code does.
 
 Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; this one when it has it),
 so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
@@ -54,6 +56,7 @@ import functools
 import ast
 import cmath
 import contextlib
+import importlib
 import inspect
 import json
 import logging
@@ -66,7 +69,7 @@ from typing import Any
 from drift_ray.config import TaskConfig
 from drift_ray.episode import stable_seed
 from drift_ray.prompts import Problem, Task, TaskError
-from drift_ray.verifiers import basic_normalize
+from drift_ray.verifiers import HelperProcesses, basic_normalize, get_verifier, kill_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -227,36 +230,69 @@ def _generator(dataset: str, config_json: str) -> Any:
     return reasoning_gym.create_dataset(dataset, **json.loads(config_json))
 
 
+def _score(answer: str, stored: GymGold) -> float:
+    """The generator's score of `answer`; 0 when the scorer fails on it (an odd answer is a wrong one)."""
+    generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))
+    try:
+        return float(generator.score_answer(answer, {"answer": stored.answer, "metadata": stored.metadata}))
+    except Exception as err:
+        log.debug("%s: score_answer failed on %r: %r", stored.dataset, answer[:200], err)
+        return 0.0
+
+
+def _init_scoring_helper() -> None:
+    kill_on_sigterm()
+    importlib.import_module("reasoning_gym")  # and sympy: imports are not an answer's work
+
+
 class ReasoningGymVerifier:
-    """Correct when the generator's score_answer gives the answer at least `threshold` (default 1.0)."""
+    """Correct when the generator's score_answer gives the answer at least `threshold`.
+
+    A scorer that evaluates answers runs in one of `max_processes` helper processes with `timeout_s`
+    seconds per answer (HelperProcesses): sympy may take long on an inert answer. Other scorers run here.
+    Scores are cached per (answer, gold), so an answer repeated over turns and samples costs one timeout.
+    """
 
     name = VERIFIER
 
-    def __init__(self, threshold: float = 1.0):
+    def __init__(self, threshold: float, timeout_s: float, max_processes: int, cache_size: int):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"{VERIFIER} verifier: threshold must be in (0, 1], found {threshold}")
-        self.threshold = threshold
+        self._helpers = HelperProcesses(
+            f"{VERIFIER} verifier", timeout_s, max_processes, _init_scoring_helper,
+            "each imports reasoning-gym before it takes the first answer",
+        )
+        self.threshold, self.timeout_s, self.max_processes, self.cache_size = threshold, timeout_s, max_processes, cache_size
+        self._cached_score = functools.lru_cache(maxsize=cache_size)(self._score_uncached)
+
+    def __reduce__(self) -> tuple[type[ReasoningGymVerifier], tuple[float, float, int, int]]:
+        # Ray ships objects between processes: send the settings, not the helper processes or the cache.
+        return (type(self), (self.threshold, self.timeout_s, self.max_processes, self.cache_size))
 
     def normalize(self, answer: str) -> str:
         return basic_normalize(answer)
 
     def score(self, answer: str, gold: str) -> float:
-        """The generator's score of `answer` (0 when the scorer fails on it, or when the answer could run
-        code in a scorer that evaluates it)."""
-        stored = GymGold.from_json(gold)
-        if refused_answer(stored.dataset, answer):
-            log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
-            return 0.0
-        generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))
-        try:
-            return float(generator.score_answer(answer, {"answer": stored.answer, "metadata": stored.metadata}))
-        except Exception as err:  # a scorer failing on an odd answer: the answer is wrong, the run goes on
-            log.debug("%s: score_answer failed on %r: %r", stored.dataset, answer[:200], err)
-            return 0.0
+        """The generator's score of `answer`: 0 when the scorer fails on it, takes longer than timeout_s, or
+        evaluates answers and this one could run code there."""
+        return self._cached_score(answer, gold)
 
     def check(self, answer: str, gold: str) -> bool:
         return self.score(answer, gold) >= self.threshold
 
+    def close(self) -> None:
+        """Stop the helper processes (see HelperProcesses.close)."""
+        self._helpers.close()
+
+    def _score_uncached(self, answer: str, gold: str) -> float:
+        stored = GymGold.from_json(gold)
+        if answer_evaluation(stored.dataset) is None:
+            return _score(answer, stored)
+        if refused_answer(stored.dataset, answer):
+            log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
+            return 0.0
+        score = self._helpers.run(_score, answer, stored)
+        return 0.0 if score is None else score
 
 
 def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
@@ -286,9 +322,13 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
 def _splits(name: str, options: dict[str, Any], seed: int) -> tuple[list[Problem], list[Problem]]:
     """(train, test) of generator `name`: train problems whose question is also a test one are dropped."""
     size = options.pop("size", DEFAULT_SIZE)
-    test = _generate(name, "test", {**options, "seed": stable_seed(name, seed, "test") % 2**32, "size": size})
-    test_questions = {p.question for p in test}
-    train = _generate(name, "train", {**options, "seed": stable_seed(name, seed, "train") % 2**32, "size": size})
+    verifier = get_verifier(VERIFIER)
+    try:
+        test = _generate(name, "test", {**options, "seed": stable_seed(name, seed, "test") % 2**32, "size": size}, verifier)
+        test_questions = {p.question for p in test}
+        train = _generate(name, "train", {**options, "seed": stable_seed(name, seed, "train") % 2**32, "size": size}, verifier)
+    finally:
+        verifier.close()
     kept = [p for p in train if p.question not in test_questions]
     if len(kept) < len(train):
         log.info("%s: dropped %d train problems that are also in the test split", name, len(train) - len(kept))
@@ -326,7 +366,7 @@ def _serve_splits() -> None:
     json.dump(reply, sys.stdout)
 
 
-def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
+def _generate(name: str, split: str, config: dict[str, Any], verifier: ReasoningGymVerifier) -> list[Problem]:
     import reasoning_gym
 
     try:
@@ -337,7 +377,6 @@ def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
         raise TaskError(
             f"task.options: reasoning-gym {name!r} rejects the config {config}: {err!r}; its fields: {fields}"
         ) from None
-    verifier = ReasoningGymVerifier()
     problems = []
     for index in range(len(generator)):
         entry = generator[index]
@@ -355,8 +394,9 @@ def _generate(name: str, split: str, config: dict[str, Any]) -> list[Problem]:
         if entry["answer"] is not None and not verifier.check(entry["answer"], gold):
             raise TaskError(
                 f"{prompt_id}: reasoning-gym {name!r} scores its own answer {entry['answer'][:80]!r} "
-                f"{verifier.score(entry['answer'], gold)} once the entry is stored as JSON (its scorer needs "
-                "metadata that JSON does not keep, e.g. tuples); this generator is not supported"
+                f"{verifier.score(entry['answer'], gold)} once the entry is stored as JSON: its scorer needs "
+                "metadata that JSON does not keep (e.g. tuples), or took longer than the verifier's timeout_s "
+                f"({verifier.timeout_s:g} s; a warning above says so); this generator is not supported"
             )
         problems.append(Problem(prompt_id, entry["question"], gold, {"dataset": name, "index": index}))
     return problems

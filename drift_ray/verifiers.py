@@ -7,8 +7,8 @@ Pluggable by name through `get_verifier(name, **options)`. Every verifier has th
 - numeric: both sides read as numbers ("1,234", "-3.5", "1/2", "$12", "50%", "3.0e2", "12 cm") and equal:
            exactly for a gold written as an integer, else within a tolerance.
 - choice:  the multiple-choice letter (A–J) of the answer equals the gold letter.
-- math:    symbolic equivalence through math-verify, in killable helper processes (pebble) with a per-answer
-           timeout.
+- math:    symbolic equivalence through math-verify, in killable helper processes (HelperProcesses, on
+           pebble) with a per-answer timeout.
 """
 
 from __future__ import annotations
@@ -200,30 +200,119 @@ class ChoiceVerifier:
         return letter is not None and letter == parse_choice(gold)
 
 
-# ------------------------------------------------------------------------------------------------- math
+# ------------------------------------------------------------------------------------- helper processes
 # Why helper processes: math-verify's own timeouts use signal.alarm, which works only in the main thread,
-# and rollouts verify from Ray actor threads. A thread cannot be killed, so a runaway sympy computation
-# (e.g. "(10^{7})!", minutes of big-integer arithmetic) would keep a core busy long after its caller gave
-# up. A process can be killed. pebble's ProcessPool kills just the worker whose task ran out of time and
-# starts a new one, so a timeout cannot touch another answer's computation; the standard library cannot
-# do this (ProcessPoolExecutor cannot stop one running task, multiprocessing.Pool.terminate() kills every
-# caller's work). "spawn" because forking a multi-threaded process (Ray, torch) can copy locks held by
-# other threads; as with any spawned process, a script that uses this verifier needs an
-# `if __name__ == "__main__":` guard.
+# and rollouts verify from Ray actor threads; reasoning-gym's sympy-based scorers have no timeout at all. A
+# thread cannot be killed, so a runaway sympy computation (e.g. "(10^{7})!", minutes of big-integer
+# arithmetic) would keep a core busy long after its caller gave up. A process can be killed. pebble's
+# ProcessPool kills just the worker whose task ran out of time and starts a new one, so a timeout cannot
+# touch another answer's computation; the standard library cannot do this (ProcessPoolExecutor cannot stop
+# one running task, multiprocessing.Pool.terminate() kills every caller's work). "spawn" because forking a
+# multi-threaded process (Ray, torch) can copy locks held by other threads; as with any spawned process, a
+# script that uses these verifiers needs an `if __name__ == "__main__":` guard.
 
 _START_TIMEOUT_S = 120.0  # start-up (importing sympy) is not an answer's fault: it gets its own, generous limit
 
 
-def _init_math_helper() -> None:
-    """Prepare a helper process before it takes its first answer (pebble's timeouts start after this).
-
-    SIGTERM kills at once: pebble's own handler runs only when the computation next checks for signals,
-    which C code such as GMP (sympy's arithmetic when gmpy2 is installed) may not do for long, and pebble
-    waits 3 s for it before it sends SIGKILL. math-verify's warning that its own timeout is off is
-    silenced (we time it out from outside), and one check runs so that lazy imports never eat an
-    answer's timeout.
-    """
+def kill_on_sigterm() -> None:
+    """For a helper's initializer: SIGTERM kills at once. pebble's own handler runs only when the
+    computation next checks for signals, which C code such as GMP (sympy's arithmetic when gmpy2 is
+    installed) may not do for long, and pebble waits 3 s for it before it sends SIGKILL."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop_soon(pool: pebble.ProcessPool) -> None:
+    """Stop `pool` and its helper processes without waiting: callable from any thread, even one of the
+    pool's own (a garbage collection can run there), which could not join itself."""
+    pool.stop()
+    threading.Thread(target=pool.join, name="stop-verifier-helpers", daemon=True).start()
+
+
+class HelperProcesses:
+    """Runs a verifier's checks in `max_processes` killable helper processes, `timeout_s` seconds each (see
+    the note above `_START_TIMEOUT_S`). `initializer` runs in each helper before its first check, untimed:
+    it should call kill_on_sigterm and do the imports and warm-up that `start_up` describes. Helpers that
+    cannot start at all raise RuntimeError: a broken environment must not pass for wrong answers."""
+
+    def __init__(self, owner: str, timeout_s: float, max_processes: int, initializer: Callable[[], None], start_up: str):
+        if timeout_s <= 0:
+            raise ValueError(f"{owner}: timeout_s must be > 0, found {timeout_s}")
+        if max_processes < 1:
+            raise ValueError(f"{owner}: max_processes must be >= 1, found {max_processes}")
+        self.owner, self.timeout_s, self.max_processes = owner, timeout_s, max_processes
+        self._initializer, self._start_up = initializer, start_up
+        # At most one call per helper: a call then finds its helper idle or starting, so it waits at most
+        # one start-up plus its own timeout, and waiting for a free helper never counts against an answer.
+        self._slots = threading.BoundedSemaphore(max_processes)
+        self._pool: pebble.ProcessPool | None = None
+        self._pool_lock = threading.Lock()
+
+    def run(self, function: Callable[..., Any], answer: str, *args: Any) -> Any:
+        """function(answer, *args) in a helper process; None when it timed out or failed."""
+        # pebble calls its pool broken when a worker exits while no task runs: while starting (a broken
+        # environment) or while idle (say, the OOM killer; not this answer's fault). A fresh pool (started
+        # by _schedule) tells which.
+        for _ in range(2):
+            with self._slots:
+                pool, future = self._schedule(function, (answer, *args))
+                finished = concurrent.futures.wait([future], timeout=_START_TIMEOUT_S + self.timeout_s).done
+            if not finished:
+                self._discard(pool)
+                raise RuntimeError(
+                    f"{self.owner}: no helper process started within {_START_TIMEOUT_S:g} s ({self._start_up})"
+                )
+            error = future.exception()
+            if not isinstance(error, BrokenProcessPool):
+                break
+        else:
+            raise RuntimeError(
+                f"{self.owner}: its helper processes exited while starting (their errors are on stderr). A "
+                "script that uses this verifier needs an `if __name__ == '__main__':` guard (helpers are spawned)"
+            ) from error
+        if error is not None:  # timed out, the helper died, or the check failed
+            logger.warning("%s: gave up on answer %r (it counts as wrong): %r", self.owner, answer[:200], error)
+            return None
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the helper processes once the calls in flight end (they also stop with this process); a
+        later call starts new ones."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    def _schedule(self, function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[pebble.ProcessPool, pebble.ProcessFuture]:
+        pool = self._pool
+        if pool is not None and not pool.active:  # broken (see run)
+            self._discard(pool)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = pebble.ProcessPool(
+                    max_workers=self.max_processes,
+                    initializer=self._initializer,
+                    context=multiprocessing.get_context("spawn"),
+                )
+                # Not at exit: pebble stops its workers itself then, when new threads may be refused.
+                weakref.finalize(self, _stop_soon, self._pool).atexit = False
+            return self._pool, self._pool.submit(function, self.timeout_s, *args)
+
+    def _discard(self, pool: pebble.ProcessPool) -> None:
+        """Stop a broken or hung pool; the next call starts a fresh one."""
+        with self._pool_lock:
+            if self._pool is not pool:  # another call discarded it already
+                return
+            self._pool = None
+        _stop_soon(pool)
+
+
+# ------------------------------------------------------------------------------------------------- math
+
+def _init_math_helper() -> None:
+    """A math helper's start: math-verify's warning that its own timeout is off is silenced (we time it out
+    from outside), and one check runs so that lazy imports never eat an answer's timeout."""
+    kill_on_sigterm()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     _math_equivalent("1", "1")
 
@@ -250,38 +339,23 @@ def _math_canonical(answer: str) -> str | None:
     return str(parsed[0]) if parsed and not isinstance(parsed[0], str) else None
 
 
-def _stop_soon(pool: pebble.ProcessPool) -> None:
-    """Stop `pool` and its helper processes without waiting: callable from any thread, even one of the
-    pool's own (a garbage collection can run there), which could not join itself."""
-    pool.stop()
-    threading.Thread(target=pool.join, name="stop-math-helpers", daemon=True).start()
-
-
 class MathVerifier:
     """Correct when math-verify finds the answer equivalent to the gold ("\\frac{1}{2}", "0.5", "1/2").
 
-    Each answer gets `timeout_s` seconds in one of `max_processes` helper processes (see the note above
-    `_START_TIMEOUT_S`); one that takes longer, or makes math-verify fail, counts as wrong and normalises
-    with basic_normalize. Results are cached per (answer, gold) since the K samples of a prompt repeat
-    answers; a timeout is cached too, so a pathological answer costs its timeout once. Helpers that cannot
-    start at all raise RuntimeError: a broken environment must not pass for wrong answers.
+    Each answer gets `timeout_s` seconds in one of `max_processes` helper processes (HelperProcesses); one
+    that takes longer, or makes math-verify fail, counts as wrong and normalises with basic_normalize.
+    Results are cached per (answer, gold) since the K samples of a prompt repeat answers; a timeout is
+    cached too, so a pathological answer costs its timeout once.
     """
 
     name = "math"
 
     def __init__(self, timeout_s: float = 5.0, max_processes: int = 2, cache_size: int = 65536):
-        if timeout_s <= 0:
-            raise ValueError(f"math verifier: timeout_s must be > 0, found {timeout_s}")
-        if max_processes < 1:
-            raise ValueError(f"math verifier: max_processes must be >= 1, found {max_processes}")
-        self.timeout_s = timeout_s
-        self.max_processes = max_processes
-        self.cache_size = cache_size
-        # At most one call per helper: a call then finds its helper idle or starting, so it waits at most
-        # one start-up plus its own timeout, and waiting for a free helper never counts against an answer.
-        self._slots = threading.BoundedSemaphore(max_processes)
-        self._pool: pebble.ProcessPool | None = None
-        self._pool_lock = threading.Lock()
+        self._helpers = HelperProcesses(
+            "math verifier", timeout_s, max_processes, _init_math_helper,
+            "each imports math-verify and checks one answer before it takes the first",
+        )
+        self.timeout_s, self.max_processes, self.cache_size = timeout_s, max_processes, cache_size
         self._cached_check = functools.lru_cache(maxsize=cache_size)(self._check_uncached)
         self._cached_normalize = functools.lru_cache(maxsize=cache_size)(self._normalize_uncached)
 
@@ -296,81 +370,25 @@ class MathVerifier:
         return self._cached_check(answer, gold)
 
     def close(self) -> None:
-        """Stop the helper processes once the calls in flight end (they also stop with this process); a
-        later call starts new ones."""
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
-            pool.join()
+        """Stop the helper processes (see HelperProcesses.close)."""
+        self._helpers.close()
 
     def _normalize_uncached(self, answer: str) -> str:
-        return self._run(_math_canonical, answer) or basic_normalize(answer)
+        return self._helpers.run(_math_canonical, answer) or basic_normalize(answer)
 
     def _check_uncached(self, answer: str, gold: str) -> bool:
-        return self._run(_math_equivalent, answer, gold) is True
-
-    def _run(self, function: Callable[..., Any], answer: str, *args: str) -> Any:
-        """function(answer, *args) in a helper process; None when it timed out or failed."""
-        # pebble calls its pool broken when a worker exits while no task runs: while starting (a broken
-        # environment) or while idle (say, the OOM killer; not this answer's fault). A fresh pool (started
-        # by _schedule) tells which.
-        for _ in range(2):
-            with self._slots:
-                pool, future = self._schedule(function, (answer, *args))
-                finished = concurrent.futures.wait([future], timeout=_START_TIMEOUT_S + self.timeout_s).done
-            if not finished:
-                self._discard(pool)
-                raise RuntimeError(
-                    f"math verifier: no helper process started within {_START_TIMEOUT_S:g} s (each imports "
-                    "math-verify and checks one answer before it takes the first)"
-                )
-            error = future.exception()
-            if not isinstance(error, BrokenProcessPool):
-                break
-        else:
-            raise RuntimeError(
-                "math verifier: its helper processes exited while starting (their errors are on stderr). A "
-                "script that uses this verifier needs an `if __name__ == '__main__':` guard (helpers are spawned)"
-            ) from error
-        if error is not None:  # timed out, the helper died, or math-verify failed
-            logger.warning("math verifier: gave up on answer %r (it counts as wrong): %r", answer[:200], error)
-            return None
-        return future.result()
-
-    def _schedule(
-        self, function: Callable[..., Any], args: tuple[str, ...]
-    ) -> tuple[pebble.ProcessPool, pebble.ProcessFuture]:
-        pool = self._pool
-        if pool is not None and not pool.active:  # broken (see _run)
-            self._discard(pool)
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = pebble.ProcessPool(
-                    max_workers=self.max_processes,
-                    initializer=_init_math_helper,
-                    context=multiprocessing.get_context("spawn"),
-                )
-                # Not at exit: pebble stops its workers itself then, when new threads may be refused.
-                weakref.finalize(self, _stop_soon, self._pool).atexit = False
-            return self._pool, self._pool.submit(function, self.timeout_s, *args)
-
-    def _discard(self, pool: pebble.ProcessPool) -> None:
-        """Stop a broken or hung pool; the next call starts a fresh one."""
-        with self._pool_lock:
-            if self._pool is not pool:  # another call discarded it already
-                return
-            self._pool = None
-        _stop_soon(pool)
+        return self._helpers.run(_math_equivalent, answer, gold) is True
 
 
 # --------------------------------------------------------------------------------------------- registry
 
-def _reasoning_gym_verifier(threshold: float = 1.0) -> Verifier:
+def _reasoning_gym_verifier(
+    threshold: float = 1.0, timeout_s: float = 10.0, max_processes: int = 2, cache_size: int = 8192
+) -> Verifier:
     # Imported on use: reasoning-gym is optional and heavy, and rollout actors build verifiers by name.
     from drift_ray.gym_tasks import ReasoningGymVerifier
 
-    return ReasoningGymVerifier(threshold)
+    return ReasoningGymVerifier(threshold, timeout_s, max_processes, cache_size)
 
 
 _REGISTRY: dict[str, Callable[..., Verifier]] = {

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,7 +16,7 @@ pytest.importorskip("reasoning_gym")
 
 from drift_ray.config import EpisodeConfig, TaskConfig  # noqa: E402
 from drift_ray.episode import Generation, SamplingParams, play_episodes  # noqa: E402
-from drift_ray.gym_tasks import VERIFIER, GymGold, ReasoningGymVerifier, answer_evaluation, may_run_code  # noqa: E402
+from drift_ray.gym_tasks import VERIFIER, GymGold, answer_evaluation, may_run_code  # noqa: E402
 from drift_ray.prompts import TaskError, load_task  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
 
@@ -79,24 +80,46 @@ def test_threshold_decides_partial_credit():
     problem = gym_task("leg_counting", options={"size": 3}).test[0]
     answer = reference_answer(problem)
     padded = f"{answer} legs"  # leg_counting gives len(answer)/len(padded) when the answer is inside
-    score = ReasoningGymVerifier().score(padded, problem.gold)
+    score = get_verifier(VERIFIER).score(padded, problem.gold)
     assert 0.0 < score < 1.0
     assert not get_verifier(VERIFIER).check(padded, problem.gold)
     assert get_verifier(VERIFIER, threshold=score).check(padded, problem.gold)
     with pytest.raises(ValueError, match="threshold must be in"):
-        ReasoningGymVerifier(threshold=0.0)
+        get_verifier(VERIFIER, threshold=0.0)
 
 
-def test_verifier_pickles_and_normalizes():
-    verifier = pickle.loads(pickle.dumps(get_verifier(VERIFIER, threshold=0.5)))
-    assert verifier.threshold == 0.5 and verifier.normalize(" 4 2 ") == "42"
+def test_verifier_pickles_as_settings_and_normalizes():
+    verifier = pickle.loads(pickle.dumps(get_verifier(VERIFIER, threshold=0.5, timeout_s=2.5, max_processes=3, cache_size=9)))
+    assert (verifier.threshold, verifier.timeout_s, verifier.max_processes, verifier.cache_size) == (0.5, 2.5, 3, 9)
+    assert verifier.normalize(" 4 2 ") == "42"
+
+
+def test_a_slow_answer_to_a_scorer_that_evaluates_it_runs_out_of_time_and_is_wrong():
+    """simple_integration's scorer simplifies the derivative of the answer: 20 s of sympy for this inert one."""
+    problem = gym_task("simple_integration", options={"size": 3}).test[0]
+    variable = GymGold.from_json(problem.gold).metadata["variable"]
+    slow = "*".join(f"({variable}+{k})**20" for k in range(1, 9))
+    assert not may_run_code(slow, sympy=True)
+    timeout_s, margin_s = 1.5, 2.0
+    verifier = get_verifier(VERIFIER, timeout_s=timeout_s, max_processes=1)
+    try:
+        assert verifier.check(reference_answer(problem), problem.gold)  # starts the helper: start-up is not timed
+        started = time.monotonic()
+        assert verifier.score(slow, problem.gold) == 0.0
+        assert timeout_s <= time.monotonic() - started < timeout_s + margin_s
+        assert verifier.check(reference_answer(problem), problem.gold)  # a new helper took over
+        started = time.monotonic()
+        assert verifier.score(slow, problem.gold) == 0.0
+        assert time.monotonic() - started < 0.1  # cached: the timeout is paid once
+    finally:
+        verifier.close()
 
 
 def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_it(capfd):
     """string_insertion's scorer evals an answer that is not the reference; countdown's parses it with sympy."""
     problem = gym_task("string_insertion", options={"size": 3}).test[0]
     answer = reference_answer(problem)
-    verifier = ReasoningGymVerifier()
+    verifier = get_verifier(VERIFIER)
     assert verifier.score(answer, problem.gold) == 1.0
     assert verifier.score(str(list(answer)), problem.gold) == 0.1  # evaluated: a list of its characters
     assert verifier.score(f"print('ran') or {list(answer)}", problem.gold) == 0.0
@@ -134,7 +157,7 @@ def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_i
 
 def test_a_gold_from_another_task_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="is not a reasoning-gym gold"):
-        ReasoningGymVerifier().check("42", "42")
+        get_verifier(VERIFIER).check("42", "42")
 
 
 def test_a_generator_that_depends_on_string_hashing_is_scored_right_in_another_process():
