@@ -42,10 +42,11 @@ Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; th
 so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
 run`, a job's driver. The scorers' dependence on hashing is met by the stored entry, as above.
 
-Loading checks that each problem's own answer is correct through the stored gold, so a generator whose
-metadata JSON cannot carry (arc_agi and rearc keep grids as tuples) is refused instead of marking every
-answer wrong. Generators without a single reference answer (answer None: rubiks_cube, rush_hour, ...)
-have nothing to check there.
+Loading checks that each problem's own answer is correct through the stored gold, with the task's verifier
+options, so a generator whose metadata JSON cannot carry (arc_agi and rearc keep grids as tuples), or
+whose scorer takes longer than `timeout_s` on its own answer, is refused instead of marking every answer
+wrong. Generators without a single reference answer (answer None: rubiks_cube, rush_hour, ...) have
+nothing to check there.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ import difflib
 import functools
 import ast
 import cmath
-import contextlib
 import importlib
 import inspect
 import json
@@ -275,6 +275,11 @@ class ReasoningGymVerifier:
     def score(self, answer: str, gold: str) -> float:
         """The generator's score of `answer`: 0 when the scorer fails on it, takes longer than timeout_s, or
         evaluates answers and this one could run code there."""
+        score = self.score_unless_given_up(answer, gold)
+        return 0.0 if score is None else score
+
+    def score_unless_given_up(self, answer: str, gold: str) -> float | None:
+        """score, but None where it gave up: the scorer took longer than timeout_s or its helper died."""
         return self._cached_score(answer, gold)
 
     def check(self, answer: str, gold: str) -> bool:
@@ -284,15 +289,14 @@ class ReasoningGymVerifier:
         """Stop the helper processes (see HelperProcesses.close)."""
         self._helpers.close()
 
-    def _score_uncached(self, answer: str, gold: str) -> float:
+    def _score_uncached(self, answer: str, gold: str) -> float | None:
         stored = GymGold.from_json(gold)
         if answer_evaluation(stored.dataset) is None:
             return _score(answer, stored)
         if refused_answer(stored.dataset, answer):
             log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
             return 0.0
-        score = self._helpers.run(_score, answer, stored)
-        return 0.0 if score is None else score
+        return self._helpers.run(_score, answer, stored)
 
 
 def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
@@ -312,17 +316,27 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
         raise TaskError("task.name: reasoning-gym's composite is not supported; train on one generator per task")
     options = dict(cfg.options)
     seed = options.pop("seed", seed)
+    # The check of the reference answers scores them as the run will (another verifier: as a plain one would)
+    verifier_options = dict(cfg.verifier_options) if cfg.verifier in (None, VERIFIER) else {}
+    try:
+        get_verifier(VERIFIER, **verifier_options)  # checks the options; starts no helper process
+    except (TypeError, ValueError) as err:
+        raise TaskError(f"task.verifier_options: {err}") from None
     if not sys.flags.hash_randomization:  # PYTHONHASHSEED=0 when this process started
-        train, test = _splits(cfg.name, options, seed)
+        train, test = _splits(cfg.name, options, seed, verifier_options)
     else:
-        train, test = _splits_in_fixed_hash_process(cfg.name, json.dumps(options, sort_keys=True), seed)
+        train, test = _splits_in_fixed_hash_process(
+            cfg.name, json.dumps(options, sort_keys=True), seed, json.dumps(verifier_options, sort_keys=True)
+        )
     return Task(cfg.name, list(train), list(test), VERIFIER)
 
 
-def _splits(name: str, options: dict[str, Any], seed: int) -> tuple[list[Problem], list[Problem]]:
+def _splits(
+    name: str, options: dict[str, Any], seed: int, verifier_options: dict[str, Any]
+) -> tuple[list[Problem], list[Problem]]:
     """(train, test) of generator `name`: train problems whose question is also a test one are dropped."""
     size = options.pop("size", DEFAULT_SIZE)
-    verifier = get_verifier(VERIFIER)
+    verifier = get_verifier(VERIFIER, **verifier_options)
     try:
         test = _generate(name, "test", {**options, "seed": stable_seed(name, seed, "test") % 2**32, "size": size}, verifier)
         test_questions = {p.question for p in test}
@@ -336,11 +350,17 @@ def _splits(name: str, options: dict[str, Any], seed: int) -> tuple[list[Problem
 
 
 @functools.lru_cache(maxsize=16)  # a process that loads a task again (a run's train and eval tasks) starts no second one
-def _splits_in_fixed_hash_process(name: str, options_json: str, seed: int) -> tuple[tuple[Problem, ...], ...]:
-    """_splits, run by `python -m drift_ray.gym_tasks` under PYTHONHASHSEED=0."""
-    request = json.dumps({"name": name, "options": json.loads(options_json), "seed": seed})
+def _splits_in_fixed_hash_process(
+    name: str, options_json: str, seed: int, verifier_options_json: str
+) -> tuple[tuple[Problem, ...], ...]:
+    """_splits, run by serve_splits in a child process under PYTHONHASHSEED=0."""
+    request = json.dumps(
+        {"name": name, "options": json.loads(options_json), "seed": seed, "verifier_options": json.loads(verifier_options_json)}
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "drift_ray.gym_tasks"],
+        # Not `-m drift_ray.gym_tasks`: that runs this file as __main__ beside the drift_ray.gym_tasks that
+        # the verifier imports, two copies of the module and its caches.
+        [sys.executable, "-c", "from drift_ray.gym_tasks import serve_splits; serve_splits()"],
         input=request,
         capture_output=True,
         text=True,
@@ -354,23 +374,28 @@ def _splits_in_fixed_hash_process(name: str, options_json: str, seed: int) -> tu
     return tuple(tuple(Problem(**problem) for problem in reply[split]) for split in ("train", "test"))
 
 
-def _serve_splits() -> None:
-    """`python -m drift_ray.gym_tasks`: the request's splits (or its TaskError) as JSON on stdout."""
+def serve_splits() -> None:
+    """The splits a JSON request on stdin asks for (or its TaskError), as JSON on stdout."""
     request = json.load(sys.stdin)
+    # The reply owns stdout: whatever else writes there, this process or the helper processes it starts
+    # (which inherit file descriptor 1), goes to stderr.
+    sys.stdout.flush()
+    reply_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # the reply owns stdout
-            splits = _splits(request["name"], request["options"], request["seed"])
+        splits = _splits(request["name"], request["options"], request["seed"], request["verifier_options"])
         reply = {split: [dataclasses.asdict(p) for p in problems] for split, problems in zip(("train", "test"), splits)}
     except TaskError as err:
         reply = {"error": str(err)}
-    json.dump(reply, sys.stdout)
+    with reply_stream:
+        json.dump(reply, reply_stream)
 
 
 def _generate(name: str, split: str, config: dict[str, Any], verifier: ReasoningGymVerifier) -> list[Problem]:
     import reasoning_gym
 
     try:
-        generator = _generator(name, json.dumps(config, sort_keys=True))  # the instance the verifier will use
+        generator = _generator(name, json.dumps(config, sort_keys=True))  # cached: a verifier in this process reuses it
     except (TypeError, ValueError, AssertionError) as err:
         _, config_cls = reasoning_gym.factory.DATASETS[name]
         fields = [f.name for f in dataclasses.fields(config_cls)]
@@ -385,22 +410,30 @@ def _generate(name: str, split: str, config: dict[str, Any], verifier: Reasoning
             gold = GymGold(entry["answer"], name, config, entry["metadata"]).to_json()
         except TypeError as err:
             raise TaskError(f"{prompt_id}: reasoning-gym {name!r} makes entries JSON cannot store: {err}") from None
-        if entry["answer"] is not None and refused_answer(name, entry["answer"]):
-            raise TaskError(
-                f"{prompt_id}: reasoning-gym {name!r} gives the answer {entry['answer'][:80]!r}, which its scorer "
-                "would evaluate and which is beyond what answers may hold (numbers, exponents and calls are bounded: "
-                "see drift_ray/gym_tasks.py); this generator or config is not supported"
-            )
-        if entry["answer"] is not None and not verifier.check(entry["answer"], gold):
-            raise TaskError(
-                f"{prompt_id}: reasoning-gym {name!r} scores its own answer {entry['answer'][:80]!r} "
-                f"{verifier.score(entry['answer'], gold)} once the entry is stored as JSON: its scorer needs "
-                "metadata that JSON does not keep (e.g. tuples), or took longer than the verifier's timeout_s "
-                f"({verifier.timeout_s:g} s; a warning above says so); this generator is not supported"
-            )
+        if entry["answer"] is not None:
+            _require_reference_scores(verifier, prompt_id, entry["answer"], gold)
         problems.append(Problem(prompt_id, entry["question"], gold, {"dataset": name, "index": index}))
     return problems
 
 
-if __name__ == "__main__":
-    _serve_splits()
+def _require_reference_scores(verifier: ReasoningGymVerifier, prompt_id: str, answer: str, gold: str) -> None:
+    """Refuse the generator unless `verifier` finds the reference `answer` of its problem `prompt_id` right."""
+    name = GymGold.from_json(gold).dataset
+    if refused_answer(name, answer):
+        raise TaskError(
+            f"{prompt_id}: reasoning-gym {name!r} gives the answer {answer[:80]!r}, which its scorer would "
+            "evaluate and which is beyond what answers may hold (numbers, exponents and calls are bounded: see "
+            "drift_ray/gym_tasks.py); this generator or config is not supported"
+        )
+    score = verifier.score_unless_given_up(answer, gold)
+    if score is None:
+        raise TaskError(
+            f"{prompt_id}: reasoning-gym {name!r} takes longer than task.verifier_options.timeout_s "
+            f"({verifier.timeout_s:g} s) to score its own answer {answer[:80]!r} (or its helper process died)"
+        )
+    if score < verifier.threshold:
+        raise TaskError(
+            f"{prompt_id}: reasoning-gym {name!r} scores its own answer {answer[:80]!r} {score} once the entry is "
+            "stored as JSON (its scorer needs metadata that JSON does not keep, e.g. tuples); this generator is "
+            "not supported"
+        )

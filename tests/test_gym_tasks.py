@@ -115,11 +115,18 @@ def test_a_slow_answer_to_a_scorer_that_evaluates_it_runs_out_of_time_and_is_wro
         verifier.close()
 
 
-def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_it(capfd):
+@pytest.fixture
+def gym_verifier():
+    verifier = get_verifier(VERIFIER)
+    yield verifier
+    verifier.close()
+
+
+def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_it(gym_verifier, capfd):
     """string_insertion's scorer evals an answer that is not the reference; countdown's parses it with sympy."""
     problem = gym_task("string_insertion", options={"size": 3}).test[0]
     answer = reference_answer(problem)
-    verifier = get_verifier(VERIFIER)
+    verifier = gym_verifier
     assert verifier.score(answer, problem.gold) == 1.0
     assert verifier.score(str(list(answer)), problem.gold) == 0.1  # evaluated: a list of its characters
     assert verifier.score(f"print('ran') or {list(answer)}", problem.gold) == 0.0
@@ -200,6 +207,21 @@ def test_every_process_generates_the_same_problems_whatever_its_hash_seed():
     assert json.loads(problems.pop()) == [[p.prompt_id, p.question, p.gold] for p in task.train + task.test]
 
 
+def test_the_child_that_generates_problems_replies_on_stdout_whatever_else_writes_there():
+    """Its helper processes inherit file descriptor 1, so the reply must not share it with anything."""
+    script = (
+        "import os; import drift_ray.gym_tasks as gym; generate = gym._generate\n"
+        "def noisy(*args):\n    print('noise'); os.write(1, b'more noise'); return generate(*args)\n"
+        "gym._generate = noisy; gym.serve_splits()"
+    )
+    request = {"name": "chain_sum", "options": {"size": 2}, "seed": 0, "verifier_options": {}}
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(request), capture_output=True, text=True, check=True, timeout=120
+    )
+    reply = json.loads(done.stdout)
+    assert [len(reply["train"]), len(reply["test"])] == [2, 2] and "more noise" in done.stderr
+
+
 class GymScriptedEngine:
     """Answers wrong on the first turn and with the reference answer after feedback."""
 
@@ -248,3 +270,10 @@ def test_errors_name_the_problem():
         TaskError, match=r"arc_agi-test-0: reasoning-gym 'arc_agi' scores its own answer .* not supported"
     ):
         gym_task("arc_agi", options={"size": 2})
+    # Reference answers are checked with the task's verifier options: sympy cannot simplify in a millisecond.
+    with pytest.raises(
+        TaskError, match=r"simple_integration-test-0: .* longer than task.verifier_options.timeout_s \(0.001 s\)"
+    ):
+        gym_task("simple_integration", options={"size": 2}, verifier_options={"timeout_s": 0.001})
+    with pytest.raises(TaskError, match=r"task.verifier_options: .*'timeout'.*accepted options: threshold, timeout_s"):
+        gym_task("chain_sum", verifier_options={"timeout": 5})
