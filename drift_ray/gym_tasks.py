@@ -241,8 +241,14 @@ def _score(answer: str, stored: GymGold) -> float:
 
 
 def _init_scoring_helper() -> None:
+    """A scoring helper's start: reasoning-gym, sympy, and sympy's lazy set-up on first use (a few tenths of
+    a second) are not an answer's work."""
+    import sympy
+
     kill_on_sigterm()
-    importlib.import_module("reasoning_gym")  # and sympy: imports are not an answer's work
+    importlib.import_module("reasoning_gym")
+    x = sympy.Symbol("x")
+    sympy.simplify(sympy.diff(sympy.parse_expr("x**2/2 + sin(x) + C", local_dict={"x": x}), x) - x)
 
 
 class ReasoningGymVerifier:
@@ -379,9 +385,8 @@ def serve_splits() -> None:
     request = json.load(sys.stdin)
     # The reply owns stdout: whatever else writes there, this process or the helper processes it starts
     # (which inherit file descriptor 1), goes to stderr.
-    sys.stdout.flush()
     reply_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # and what sys.stdout holds in its buffer
     try:
         splits = _splits(request["name"], request["options"], request["seed"], request["verifier_options"])
         reply = {split: [dataclasses.asdict(p) for p in problems] for split, problems in zip(("train", "test"), splits)}
@@ -428,7 +433,7 @@ def _require_reference_scores(verifier: ReasoningGymVerifier, prompt_id: str, an
     score = verifier.score_unless_given_up(answer, gold)
     if score is None:
         raise TaskError(
-            f"{prompt_id}: reasoning-gym {name!r} takes longer than task.verifier_options.timeout_s "
+            f"{prompt_id}: reasoning-gym {name!r} takes longer than the {VERIFIER} verifier's option timeout_s "
             f"({verifier.timeout_s:g} s) to score its own answer {answer[:80]!r} (or its helper process died)"
         )
     if score < verifier.threshold:

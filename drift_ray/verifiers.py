@@ -232,7 +232,8 @@ class HelperProcesses:
     """Runs a verifier's checks in `max_processes` killable helper processes, `timeout_s` seconds each (see
     the note above `_START_TIMEOUT_S`). `initializer` runs in each helper before its first check, untimed:
     it should call kill_on_sigterm and do the imports and warm-up that `start_up` describes. Helpers that
-    cannot start at all raise RuntimeError: a broken environment must not pass for wrong answers."""
+    cannot start at all raise RuntimeError: a broken environment must not pass for wrong answers. pebble
+    looks at the clock every 0.1 s, so a timeout_s below that is not kept precisely."""
 
     def __init__(self, owner: str, timeout_s: float, max_processes: int, initializer: Callable[[], None], start_up: str):
         if timeout_s <= 0:

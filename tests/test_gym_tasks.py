@@ -16,7 +16,8 @@ pytest.importorskip("reasoning_gym")
 
 from drift_ray.config import EpisodeConfig, TaskConfig  # noqa: E402
 from drift_ray.episode import Generation, SamplingParams, play_episodes  # noqa: E402
-from drift_ray.gym_tasks import VERIFIER, GymGold, answer_evaluation, may_run_code  # noqa: E402
+from drift_ray import gym_tasks  # noqa: E402
+from drift_ray.gym_tasks import VERIFIER, GymGold, ReasoningGymVerifier, answer_evaluation, may_run_code  # noqa: E402
 from drift_ray.prompts import TaskError, load_task  # noqa: E402
 from drift_ray.verifiers import get_verifier  # noqa: E402
 
@@ -96,7 +97,7 @@ def test_verifier_pickles_as_settings_and_normalizes():
 
 def test_a_slow_answer_to_a_scorer_that_evaluates_it_runs_out_of_time_and_is_wrong():
     """simple_integration's scorer simplifies the derivative of the answer: 20 s of sympy for this inert one."""
-    problem = gym_task("simple_integration", options={"size": 3}).test[0]
+    problem, other = gym_task("simple_integration", options={"size": 3}).test[:2]
     variable = GymGold.from_json(problem.gold).metadata["variable"]
     slow = "*".join(f"({variable}+{k})**20" for k in range(1, 9))
     assert not may_run_code(slow, sympy=True)
@@ -107,7 +108,7 @@ def test_a_slow_answer_to_a_scorer_that_evaluates_it_runs_out_of_time_and_is_wro
         started = time.monotonic()
         assert verifier.score(slow, problem.gold) == 0.0
         assert timeout_s <= time.monotonic() - started < timeout_s + margin_s
-        assert verifier.check(reference_answer(problem), problem.gold)  # a new helper took over
+        assert verifier.check(reference_answer(other), other.gold)  # a new helper took over
         started = time.monotonic()
         assert verifier.score(slow, problem.gold) == 0.0
         assert time.monotonic() - started < 0.1  # cached: the timeout is paid once
@@ -214,12 +215,29 @@ def test_the_child_that_generates_problems_replies_on_stdout_whatever_else_write
         "def noisy(*args):\n    print('noise'); os.write(1, b'more noise'); return generate(*args)\n"
         "gym._generate = noisy; gym.serve_splits()"
     )
-    request = {"name": "chain_sum", "options": {"size": 2}, "seed": 0, "verifier_options": {}}
+    request = {"name": "string_insertion", "options": {"size": 2}, "seed": 0, "verifier_options": {}}
     done = subprocess.run(
         [sys.executable, "-c", script], input=json.dumps(request), capture_output=True, text=True, check=True, timeout=120
     )
     reply = json.loads(done.stdout)
     assert [len(reply["train"]), len(reply["test"])] == [2, 2] and "more noise" in done.stderr
+
+
+def test_a_reference_answer_the_scorer_runs_out_of_time_on_is_refused_at_load_naming_the_timeout(monkeypatch):
+    """Reference answers are checked with the task's verifier options, so that a run does not score its own
+    problems' right answers 0."""
+    given_up = []
+    monkeypatch.setattr(
+        ReasoningGymVerifier, "score_unless_given_up", lambda self, answer, gold: given_up.append(self.timeout_s)
+    )
+    # In this process, where the patch holds (countdown's problems do not depend on the hash seed)
+    monkeypatch.setattr(
+        gym_tasks, "_splits_in_fixed_hash_process",
+        lambda name, options, seed, verifier_options: gym_tasks._splits(name, json.loads(options), seed, json.loads(verifier_options)),
+    )
+    with pytest.raises(TaskError, match=r"countdown-test-0: .* longer than the reasoning_gym verifier's option timeout_s \(2.5 s\)"):
+        gym_task("countdown", options={"size": 2}, verifier_options={"timeout_s": 2.5})
+    assert given_up == [2.5]
 
 
 class GymScriptedEngine:
@@ -270,10 +288,5 @@ def test_errors_name_the_problem():
         TaskError, match=r"arc_agi-test-0: reasoning-gym 'arc_agi' scores its own answer .* not supported"
     ):
         gym_task("arc_agi", options={"size": 2})
-    # Reference answers are checked with the task's verifier options: sympy cannot simplify in a millisecond.
-    with pytest.raises(
-        TaskError, match=r"simple_integration-test-0: .* longer than task.verifier_options.timeout_s \(0.001 s\)"
-    ):
-        gym_task("simple_integration", options={"size": 2}, verifier_options={"timeout_s": 0.001})
     with pytest.raises(TaskError, match=r"task.verifier_options: .*'timeout'.*accepted options: threshold, timeout_s"):
         gym_task("chain_sum", verifier_options={"timeout": 5})
