@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_ray import schema
-from drift_ray.config import EpisodeConfig, load_config
+from drift_ray.config import EpisodeConfig, TaskConfig, load_config
 from drift_ray.episode import first_messages
 from drift_ray.prompts import Problem
 from drift_ray.rollouts import (
@@ -24,6 +25,7 @@ from drift_ray.rollouts import (
     summarize,
 )
 from drift_ray.trajectories import TRAIN_SETTINGS_FILE, files_fingerprint, write_json_atomic
+from drift_ray.verifiers import get_verifier
 
 
 EPISODE = EpisodeConfig()
@@ -260,3 +262,36 @@ def test_ray_rollouts_resume_after_interruption(tmp_path, ray_cluster, tiny_mode
 
     with pytest.raises(RuntimeError, match="other settings"):
         run_episodes(problems, out, **{**kwargs, "samples_per_prompt": 2})
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("verifier", ["math", "reasoning_gym"])
+def test_a_verifier_in_a_ray_actor_times_out_in_its_helper_processes(ray_cluster, verifier):
+    """Rollout actors verify answers in helper processes spawned from a Ray worker, which a runaway answer
+    cannot hold up past its timeout."""
+    if verifier == "math":
+        right, right_too, runaway, gold = "\\frac{1}{2}", "1/2", "(10^{7})!", "0.5"
+    else:
+        pytest.importorskip("reasoning_gym")
+        from drift_ray.gym_tasks import GymGold
+        from drift_ray.prompts import load_task
+
+        problem = load_task(TaskConfig(kind="reasoning_gym", name="simple_integration", options={"size": 2}), seed=0).test[0]
+        stored = GymGold.from_json(problem.gold)
+        right, right_too, gold = stored.answer, f"{stored.answer} + 0", problem.gold
+        runaway = "*".join(f"({stored.metadata['variable']}+{k})**20" for k in range(1, 9))  # 20 s of simplify
+
+    @ray_cluster.remote(num_cpus=0)
+    class Checker:
+        def __init__(self):
+            self.verifier = get_verifier(verifier, timeout_s=2.0)
+
+        def check(self, answer: str) -> tuple[bool, float]:
+            started = time.monotonic()
+            return self.verifier.check(answer, gold), time.monotonic() - started
+
+    checker = Checker.remote()
+    assert ray_cluster.get(checker.check.remote(right))[0]  # starts the helpers: start-up is not timed
+    correct, seconds = ray_cluster.get(checker.check.remote(runaway))
+    assert not correct and 2.0 <= seconds < 6.0
+    assert ray_cluster.get(checker.check.remote(right_too))[0]  # not cached: a new helper took over
