@@ -322,7 +322,8 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
         raise TaskError("task.name: reasoning-gym's composite is not supported; train on one generator per task")
     options = dict(cfg.options)
     seed = options.pop("seed", seed)
-    # The check of the reference answers scores them as the run will (another verifier: as a plain one would)
+    # Reference answers are checked with the options the run will score with (the defaults when task.verifier
+    # names another verifier)
     verifier_options = dict(cfg.verifier_options) if cfg.verifier in (None, VERIFIER) else {}
     try:
         get_verifier(VERIFIER, **verifier_options)  # checks the options; starts no helper process
