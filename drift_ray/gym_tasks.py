@@ -417,14 +417,13 @@ def _generate(name: str, split: str, config: dict[str, Any], verifier: Reasoning
         except TypeError as err:
             raise TaskError(f"{prompt_id}: reasoning-gym {name!r} makes entries JSON cannot store: {err}") from None
         if entry["answer"] is not None:
-            _require_reference_scores(verifier, prompt_id, entry["answer"], gold)
+            _require_reference_scores(verifier, name, prompt_id, entry["answer"], gold)
         problems.append(Problem(prompt_id, entry["question"], gold, {"dataset": name, "index": index}))
     return problems
 
 
-def _require_reference_scores(verifier: ReasoningGymVerifier, prompt_id: str, answer: str, gold: str) -> None:
-    """Refuse the generator unless `verifier` finds the reference `answer` of its problem `prompt_id` right."""
-    name = GymGold.from_json(gold).dataset
+def _require_reference_scores(verifier: ReasoningGymVerifier, name: str, prompt_id: str, answer: str, gold: str) -> None:
+    """Refuse generator `name` unless `verifier` finds the reference `answer` of its problem `prompt_id` right."""
     if refused_answer(name, answer):
         raise TaskError(
             f"{prompt_id}: reasoning-gym {name!r} gives the answer {answer[:80]!r}, which its scorer would "
