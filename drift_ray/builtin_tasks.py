@@ -47,22 +47,23 @@ def candidates_task(
         raise ValueError(f"task.options: at most {len(questions)} distinct questions, asked for {num_train + num_test}")
     rng = random.Random(f"candidates-{seed}")
     rng.shuffle(questions)
+    test, train = questions[:num_test], questions[num_test:]
+    # Every question's gold is drawn, whatever num_train keeps, so that the test split's golds do not
+    # change with the size of the train split.
+    golds = {question: rng.choice(candidate_values(*question)) for question in train + test}
 
     def make(split: str, chosen: list[tuple[int, int, int]]) -> list[Problem]:
-        problems = []
-        for i, (low, high, digit) in enumerate(chosen):
-            values = candidate_values(low, high, digit)
-            problems.append(
-                Problem(
-                    f"candidates-{split}-{i:05d}",
-                    f"x is between {low} and {high} and ends in {digit}. What is x?",
-                    str(rng.choice(values)),
-                    {"candidates": values},
-                )
+        return [
+            Problem(
+                f"candidates-{split}-{i:05d}",
+                f"x is between {low} and {high} and ends in {digit}. What is x?",
+                str(golds[low, high, digit]),
+                {"candidates": candidate_values(low, high, digit)},
             )
-        return problems
+            for i, (low, high, digit) in enumerate(chosen)
+        ]
 
-    return Task("candidates", make("train", questions[num_test : num_test + num_train]), make("test", questions[:num_test]), "exact")
+    return Task("candidates", make("train", train[:num_train]), make("test", test), "exact")
 
 
 def teacher_reply(answer: int) -> str:

@@ -26,6 +26,14 @@ def test_candidates_task_splits_are_disjoint_and_golds_are_candidates():
     assert candidates_task(seed=3, num_train=5, num_test=5) == candidates_task(seed=3, num_train=5, num_test=5)
 
 
+def test_candidates_task_num_train_keeps_the_first_train_problems_and_leaves_the_test_split_as_it_is():
+    full = candidates_task(seed=3, num_test=50)
+    for num_train in (1, 7, 300):
+        small = candidates_task(seed=3, num_train=num_train, num_test=50)
+        assert small.train == full.train[:num_train]
+        assert small.test == full.test
+
+
 def test_candidate_values():
     assert candidate_values(23, 52, 6) == [26, 36, 46]
 
