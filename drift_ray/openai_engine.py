@@ -20,7 +20,8 @@ Servers differ in two ways that matter here; the engine learns each from the rep
   stop strings, the reply ended on its end of turn; from any other (OpenAI's hosted API strips the stop
   string and names none) a stop string and an end of turn look the same, so the request is sent again
   without `stop`, the reply is cut here after its first stop string, and the engine never sends `stop` to
-  this server again. The token counts of such replies include what the server generated past the stop.
+  this server again. The token counts of such replies include what the server generated past the stop,
+  and the tokens of the request that was sent again.
 
 Token counts come from the response's `usage` (0 when a server reports none). A request for n choices
 reports only their sum, which is shared among the choices in proportion to their length.
@@ -153,15 +154,18 @@ class OpenAIEngine:
         if stop_on_server:
             payload["stop"] = stop
         choices, usage = self._choices(await post(payload))
+        usages = [usage]
         texts = self._texts(choices, stop, stop_on_server)
         if texts is None:
             self.stop_on_server = False
             del payload["stop"]
             choices, usage = self._choices(await post(payload))
+            usages.append(usage)
             texts = self._texts(choices, stop, False)
             assert texts is not None  # without `stop` sent, every reply is cut here
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = _share(int(usage.get("completion_tokens") or 0), texts)
+        # The server spent the tokens of a request that had to be sent again too.
+        prompt_tokens = sum(int(u.get("prompt_tokens") or 0) for u in usages)
+        completion_tokens = _share(sum(int(u.get("completion_tokens") or 0) for u in usages), texts)
         return [Generation(text, prompt_tokens, tokens) for text, tokens in zip(texts, completion_tokens)]
 
     def _texts(self, choices: list[dict[str, Any]], stop: list[str], stop_on_server: bool) -> list[str] | None:

@@ -471,13 +471,14 @@ def test_a_server_that_hides_which_stop_it_hit_gets_no_stop_and_is_cut_here():
     async def like_openai(body, headers):
         # Stripped stop string, no stop_reason: "stop" could be the stop string or the end of turn.
         if "stop" in body:
-            return completion(choice("<answer>4"))
-        return completion(choice("<answer>4</answer> because 2+2=4"), completion_tokens=12)
+            return completion(choice("<answer>4"), prompt_tokens=7, completion_tokens=3)
+        return completion(choice("<answer>4</answer> because 2+2=4"), prompt_tokens=7, completion_tokens=12)
 
     with FakeServer(like_openai) as server:
         engine = engine_for(server.api_base)
         [[reply]] = engine.generate([CONVERSATION], SamplingParams(), 1)
-        assert (reply.text, reply.completion_tokens) == ("<answer>4</answer>", 12)
+        # Both requests count: the server generated and was billed for both.
+        assert (reply.text, reply.prompt_tokens, reply.completion_tokens) == ("<answer>4</answer>", 14, 15)
         assert [("stop" in r) for r in server.requests] == [True, False]
         assert engine.stop_on_server is False
         engine.generate([CONVERSATION], SamplingParams(), 1)
