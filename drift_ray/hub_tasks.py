@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from drift_ray.config import TaskConfig
-from drift_ray.prompts import Problem, Task, TaskError
+from drift_ray.prompts import Problem, Task, TaskError, require_unique_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -373,13 +373,7 @@ def _problems(name: str, split: str, spec: HubDataset, parts: list[_Part], seed:
             if part.subset:
                 metadata = {**metadata, "subset": part.subset}
             problems.append(Problem(prompt_id, question, gold, metadata))
-    seen: set[str] = set()
-    for problem in problems:
-        if problem.prompt_id in seen:
-            raise TaskError(
-                f"task {name!r}, {split} split: prompt id {problem.prompt_id!r} appears twice; ids must be unique"
-            )
-        seen.add(problem.prompt_id)
+    require_unique_prompt_ids(problems, f"task {name!r}, {split} split")
     if parts and not problems:
         log.warning("task %r: the %s split has no problems (every row was left out)", name, split)
     return problems

@@ -10,7 +10,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,6 +122,8 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         task = _call_builder(_load_plugin(cfg.name), seed, cfg.options)
         if not isinstance(task, Task):
             raise TaskError(f"task.name: plugin {cfg.name!r} returned {type(task).__name__}, expected drift_ray.prompts.Task")
+        for split, problems in (("train", task.train), ("test", task.test)):
+            require_unique_prompt_ids(problems, f"task.name: plugin {cfg.name!r}, {split} split")
         return task
     if cfg.kind == "hub":
         from drift_ray.hub_tasks import load_hub_task  # not at the top: hub_tasks builds on this module
@@ -222,11 +224,18 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
                 {k: v for k, v in row.items() if k not in used},
             )
         )
-    ids = [p.prompt_id for p in problems]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise TaskError(f"{path}: prompt id {duplicate!r} appears more than once; ids must be unique")
+    require_unique_prompt_ids(problems, str(path))
     return problems
+
+
+def require_unique_prompt_ids(problems: Sequence[Problem], where: str) -> None:
+    """Refuse a split that holds a prompt id twice: rollouts, weights and evaluation key on it, so two
+    problems under one id would be weighted as one prompt's group and refused on a rerun."""
+    seen: set[str] = set()
+    for problem in problems:
+        if problem.prompt_id in seen:
+            raise TaskError(f"{where}: prompt id {problem.prompt_id!r} appears more than once; ids must be unique")
+        seen.add(problem.prompt_id)
 
 
 def _gold_text(value: Any) -> str:

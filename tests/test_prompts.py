@@ -148,6 +148,11 @@ def make_plugin_task(seed, size=2):
     return Task("plugin", [Problem(f"p{i}", "q", "a") for i in range(size)], [], "exact")
 
 
+def make_plugin_task_with_repeated_ids(seed):
+    # Ids from an index that restarts per source: two different problems under "src-0".
+    return Task("plugin", [], [Problem(f"src-{i}", f"q{n}", "a") for n in range(2) for i in range(2)], "exact")
+
+
 def make_tolerant_plugin_task(seed):
     return Task("plugin", [Problem("p", "q", "100")], [], "numeric", {"rel_tol": 0.1, "abs_tol": 1.0})
 
@@ -175,3 +180,9 @@ def test_plugin_task_and_errors():
         load_task(TaskConfig(kind="plugin", name="no_colon"), seed=0)
     with pytest.raises(TaskError, match="cannot import plugin module"):
         load_task(TaskConfig(kind="plugin", name="no_such_module_xyz:f"), seed=0)
+    with pytest.raises(TaskError) as err:
+        load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task_with_repeated_ids"), seed=0)
+    assert str(err.value) == (
+        "task.name: plugin 'tests.test_prompts:make_plugin_task_with_repeated_ids', test split: "
+        "prompt id 'src-0' appears more than once; ids must be unique"
+    )
