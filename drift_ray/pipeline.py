@@ -141,7 +141,16 @@ def rollouts_dir(cfg: Config) -> Path:
     return Path(cfg.rollout.output_dir) if cfg.rollout.output_dir else Path(cfg.run_dir) / "rollouts"
 
 
+def require_training_problems(task: Task) -> None:
+    if not task.train:
+        raise ValueError(
+            f"task {task.name!r} has no training problems; give it a train split "
+            "(task.train_path for a file task)"
+        )
+
+
 def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], None]) -> dict[str, Any]:
+    require_training_problems(task)
     out = rollouts_dir(cfg)
     summary = run_episodes(
         task.train,
@@ -168,6 +177,7 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
 
     from drift_ray.weights import add_weights, weight_diagnostics
 
+    require_training_problems(task)
     run_dir = Path(cfg.run_dir)
     out = run_dir / "weighted"
     diagnostics_path = run_dir / "weighted.diagnostics.json"
@@ -225,20 +235,18 @@ def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], wei
 
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
-    if cfg.eval.task is not None:
-        return load_task(cfg.eval.task, cfg.seed, key="eval.task")
-    return train_task or load_task(cfg.task, cfg.seed)
-
-
-def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callable[[], None]) -> dict[str, Any]:
-    """Greedy multi-turn episodes of every model on the test split; metrics, table and plot under run_dir/eval."""
-    from drift_ray.evaluation import episode_metrics, write_report
-
+    task = load_task(cfg.eval.task, cfg.seed, key="eval.task") if cfg.eval.task else train_task or load_task(cfg.task, cfg.seed)
     if not task.test:
         raise ValueError(
             f"task {task.name!r} has no test problems to evaluate on; set eval.task to a task with a test "
             "split (e.g. eval.task.kind=hub eval.task.name=math500)"
         )
+    return task
+
+
+def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callable[[], None]) -> dict[str, Any]:
+    """Greedy multi-turn episodes of every model on the test split; metrics, table and plot under run_dir/eval."""
+    from drift_ray.evaluation import episode_metrics, write_report
 
     eval_dir = Path(cfg.run_dir) / "eval"
     test_ids = [p.prompt_id for p in task.test]  # not the episodes of problems an earlier run's test split had

@@ -206,6 +206,23 @@ def test_a_mistake_in_eval_task_fails_before_the_rollouts(tmp_path, tiny_model_d
     assert not (run_dir / "rollouts").exists()
 
 
+@pytest.mark.parametrize(
+    "split_given, refusal",
+    [("test", "has no training problems; give it a train split"), ("train", "has no test problems to evaluate on")],
+)
+def test_a_task_without_the_split_a_run_needs_fails_before_ray_starts(tmp_path, tiny_model_dir, capsys, split_given, refusal):
+    import ray
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"question": "x is between 10 and 29 and ends in 3. What is x?", "gold": "13"}\n')
+    run_dir = tmp_path / "run"
+    args = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]
+    task = ["task.kind=file", "task.name=mine", "task.options={}", f"task.{split_given}_path={problems}"]
+    assert main([*args, *task]) == 2
+    assert f"task 'mine' {refusal}" in capsys.readouterr().err
+    assert not (run_dir / "rollouts").exists() and not ray.is_initialized()
+
+
 def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_path, tiny_model_dir, capsys):
     """A local cluster never grows: without the check, Ray Data waits forever for an actor that asks for a
     resource the cluster lacks (a GPU on a machine without one, or as here, what no machine has)."""
