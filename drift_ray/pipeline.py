@@ -197,7 +197,7 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
     trajectories = ray.data.read_parquet(shards).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
-    ds = add_weights(trajectories, cfg.weights, whole_groups=False)
+    ds = add_weights(trajectories, cfg.weights, whole_groups=False, group_size=settings["rollouts"].get("samples_per_prompt"))
     staging = run_dir / "weighted.staging"
     # A run killed after publishing `out` but before its diagnostics marked it complete: redo it. Diagnostics
     # left from weights deleted by hand go first, or a run killed after recording its settings would find

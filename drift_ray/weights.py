@@ -92,9 +92,14 @@ def first_correct_turn(table: pa.Table) -> npt.NDArray[np.int64]:
     return np.where(first == np.iinfo(np.int64).max, 0, first)
 
 
-def compute_weights(table: pa.Table, cfg: WeightsConfig) -> pa.Table:
-    """Every input column plus RETURN and WEIGHT (float64). The table must hold whole prompt groups."""
+def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None = None) -> pa.Table:
+    """Every input column plus RETURN and WEIGHT (float64). The table must hold whole prompt groups.
+
+    group_size: the K every prompt's group has, checked, so that a table holding part of a group fails
+    instead of normalising the weights over that part."""
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source="weights input")
+    if group_size is not None:
+        _require_group_size(table, group_size)
     returns = trajectory_returns(table, cfg.gamma, cfg.rep_lambda, cfg.format_penalty)
     if cfg.mode == WeightMode.drift:
         weights = _weights_within_groups(returns, _group_codes(table), cfg.beta)
@@ -176,13 +181,19 @@ def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsCo
 
 
 def add_weights(
-    ds: ray.data.Dataset, cfg: WeightsConfig, whole_groups: bool, num_blocks: int | None = None
+    ds: ray.data.Dataset,
+    cfg: WeightsConfig,
+    whole_groups: bool,
+    group_size: int | None = None,
+    num_blocks: int | None = None,
 ) -> ray.data.Dataset:
     """compute_weights as a Ray Data map stage over blocks that each hold whole prompt groups.
 
     whole_groups: every block already holds whole groups (rollout output: all K episodes of a prompt
     come from one actor call). Otherwise rows are first hash-partitioned by prompt id into `num_blocks`
-    blocks (default: the cluster's CPUs), which puts all rows of a prompt in one block.
+    blocks (default: the cluster's CPUs), which puts all rows of a prompt in one block. That a block is
+    never split afterwards is Ray Data's behaviour, not its contract (its default shuffle strategy keeps
+    blocks whole, and others may not): give `group_size` to have every block checked.
     """
     if not whole_groups:
         if num_blocks is None:
@@ -190,7 +201,9 @@ def add_weights(
 
             num_blocks = max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ds.repartition(num_blocks, keys=[schema.PROMPT_ID])
-    return ds.map_batches(compute_weights, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=None)
+    return ds.map_batches(
+        compute_weights, fn_kwargs={"cfg": cfg, "group_size": group_size}, batch_format="pyarrow", batch_size=None
+    )
 
 
 def _flatten(column: pa.ChunkedArray, value_type: pa.DataType) -> tuple[npt.NDArray[np.int64], pa.ChunkedArray]:
@@ -266,6 +279,19 @@ def _count_format_failures(table: pa.Table, format_penalty: float) -> npt.NDArra
     rows, failures = _flatten(column, pa.bool_())
     hits = pc.fill_null(failures, False).to_numpy(zero_copy_only=False).astype(np.float64)
     return np.bincount(rows, weights=hits, minlength=table.num_rows)
+
+
+def _require_group_size(table: pa.Table, group_size: int) -> None:
+    counts = pc.value_counts(table.column(schema.PROMPT_ID))
+    wrong = pc.filter(counts, pc.not_equal(counts.field("counts"), group_size))
+    if len(wrong):
+        prompt_id, count = wrong[0]["values"].as_py(), wrong[0]["counts"].as_py()
+        raise RuntimeError(
+            f"weights: {count} trajectories of prompt {prompt_id!r} in one block, expected {group_size} "
+            "(rollout.samples_per_prompt): a block must hold every prompt's group whole, or the weights are "
+            "normalised over the wrong trajectories. Ray Data's default shuffle strategy keeps hash-partitioned "
+            "blocks whole: is RAY_DATA_DEFAULT_SHUFFLE_STRATEGY set to another?"
+        )
 
 
 def _group_codes(table: pa.Table) -> npt.NDArray[np.int64]:

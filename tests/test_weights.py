@@ -210,6 +210,16 @@ def _success_table() -> pa.Table:
     return _table(rows)
 
 
+def test_a_table_holding_part_of_a_group_is_refused_when_the_group_size_is_given():
+    table = _table([{"prompt": p, "rewards": [1], "answers": ["1"]} for p in ("a", "a", "b", "b", "b")])
+    assert compute_weights(table.slice(0, 4), WeightsConfig()).num_rows == 4  # without it, b's one row is a group
+    with pytest.raises(RuntimeError, match="1 trajectories of prompt 'b' in one block, expected 2"):
+        compute_weights(table.slice(0, 3), WeightsConfig(), group_size=2)
+    with pytest.raises(RuntimeError, match="3 trajectories of prompt 'b' in one block, expected 2"):
+        compute_weights(table, WeightsConfig(), group_size=2)
+    assert compute_weights(table.slice(0, 4), WeightsConfig(), group_size=2).num_rows == 4
+
+
 def test_modes_uniform_and_success_only():
     table = _success_table()
     uniform = compute_weights(table, WeightsConfig(mode="uniform"))
@@ -400,8 +410,11 @@ def test_add_weights_groups_interleaved_blocks(ray_cluster):
     assert len(set(expected.values())) > 1
     # Blocks that split groups give wrong weights (every block sees groups of one) ...
     assert set(weights_by_id(add_weights(ds, cfg, whole_groups=True)).values()) == {1.0}
-    # ... hash partitioning by prompt id gathers each group into one block.
-    grouped = weights_by_id(add_weights(ds, cfg, whole_groups=False))
+    # ... which the group size, when given, refuses ...
+    with pytest.raises(Exception, match=f"1 trajectories of prompt 'p.' in one block, expected {k}"):
+        add_weights(ds, cfg, whole_groups=True, group_size=k).materialize()
+    # ... and hash partitioning by prompt id gathers each group into one block.
+    grouped = weights_by_id(add_weights(ds, cfg, whole_groups=False, group_size=k))
     assert grouped.keys() == expected.keys()
     for trajectory_id, weight in expected.items():
         assert grouped[trajectory_id] == pytest.approx(weight, rel=1e-12)
