@@ -134,7 +134,8 @@ def measure_in_process(table: pa.Table, cfg: WeightsConfig, repeats: int) -> lis
 
 
 def measure_ray_data(table: pa.Table, cfg: WeightsConfig, k: int) -> list[dict[str, Any]]:
-    """add_weights over blocks shaped like rollout output (whole groups), as given and hash-repartitioned."""
+    """add_weights over blocks shaped like rollout output (whole groups), as given and hash-repartitioned,
+    each block checked to hold whole groups of K, as the pipeline has it checked."""
     import ray.data
 
     with local_ray(num_cpus=2):
@@ -145,7 +146,7 @@ def measure_ray_data(table: pa.Table, cfg: WeightsConfig, k: int) -> list[dict[s
         results = []
         for whole_groups in (True, False):
             start = time.perf_counter()
-            add_weights(ds, cfg, whole_groups=whole_groups).materialize()
+            add_weights(ds, cfg, whole_groups=whole_groups, group_size=k).materialize()
             blocks_are = "whole groups per block" if whole_groups else "hash repartition by prompt"
             results.append(throughput(f"Ray Data map stage, {blocks_are}", table.num_rows, time.perf_counter() - start))
         return results
