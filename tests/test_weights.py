@@ -94,12 +94,26 @@ def test_non_finite_return_of_an_in_memory_table_is_refused():
     # A table without trajectory ids: by row.
     with pytest.raises(ValueError, match=r"^row 2 \(prompt 'b'\) has a return of nan; expected a finite reward"):
         trajectory_returns(table.drop_columns([schema.TRAJECTORY_ID]), 0.9, 0.5)
-    for no_turns in (pa.array([[0.0], []]), pa.array([[0.0], None], pa.list_(pa.float64()))):
+    # A null list may keep values behind it in an Arrow array built from offsets; it still holds none.
+    offsets, values = pa.array([0, 1, 3], pa.int32()), pa.array([0.0, 1.0, 1.0])
+    hidden = pa.ListArray.from_arrays(offsets, values, mask=pa.array([False, True]))
+    for no_turns in (pa.array([[0.0], []]), pa.array([[0.0], None], pa.list_(pa.float64())), hidden):
         # as a shard read without read_trajectories' checks can hold
         table = _table([{"prompt": "a", "rewards": [0]}, {"prompt": "b", "rewards": [0]}])
         table = table.set_column(table.schema.get_field_index(schema.TURN_REWARDS), schema.TURN_REWARDS, no_turns)
         with pytest.raises(ValueError, match=r"^trajectory 'b/1' has no turns; .* at least one"):
             trajectory_returns(table, 0.9, 0.5)
+
+
+def test_answers_behind_a_null_list_do_not_count():
+    offsets, values = pa.array([0, 2, 4], pa.int32()), pa.array(["1", "1", "2", "3"])
+    hidden = pa.ListArray.from_arrays(offsets, values, mask=pa.array([False, True]))
+    table = _table([{"prompt": "a", "rewards": [0, 0]}, {"prompt": "a", "rewards": [1]}])
+    index = table.schema.get_field_index(schema.ANSWER_NORMS)
+    nulls = table.set_column(index, schema.ANSWER_NORMS, pa.array([["1", "1"], None], pa.list_(pa.string())))
+    returns = trajectory_returns(table.set_column(index, schema.ANSWER_NORMS, hidden), 0.9, 0.5)
+    np.testing.assert_allclose(returns, trajectory_returns(nulls, 0.9, 0.5))
+    np.testing.assert_allclose(returns, [-0.25, 1.0])
 
 
 # --- weights ------------------------------------------------------------------------------------------
