@@ -219,16 +219,21 @@ def plot_cumulative_accuracy(
     figure = Figure(figsize=(6.4, 4.4), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    lines = []
     for (model, metrics), marker in zip(metrics_by_model.items(), itertools.cycle(_MARKERS)):
         accuracy = [_metric(metrics, model, f"multi@{k}") for k in turns]
-        axes.plot(turns, accuracy, marker=marker, label=model, clip_on=False)
+        lines += axes.plot(turns, accuracy, marker=marker, clip_on=False)
     axes.set_xticks(turns)
     axes.set_ylim(0.0, 1.0)
     axes.set_xlabel("turn k")
     axes.set_ylabel("multi@k (share solved by turn k)")
     axes.set_title(title or "Cumulative accuracy over correction turns")
     axes.grid(alpha=0.3)
-    axes.legend(loc="best")
+    # The names are set on the legend's texts: matplotlib leaves out a line whose label starts with "_"
+    # (older versions even when the labels are given), and a model may be called "_final".
+    legend = axes.legend(lines, [f"model {i}" for i in range(len(lines))], loc="best")
+    for text, model in zip(legend.get_texts(), metrics_by_model):
+        text.set_text(model)
     figure.tight_layout()
     return write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
 

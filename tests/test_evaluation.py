@@ -144,6 +144,26 @@ def test_plot_is_a_png_written_atomically(tmp_path) -> None:
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["multi.png"]  # no temporary file left
 
 
+def test_the_plot_legend_names_every_model_even_one_named_with_a_leading_underscore(tmp_path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    plotted = []
+    save = Figure.savefig
+
+    def keep_and_save(figure, *args, **kwargs):
+        plotted.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_and_save)
+    metrics = two_models()
+    models = dict(zip(["_final", *list(metrics)[1:]], metrics.values()))
+    plot_cumulative_accuracy(models, 3, tmp_path / "multi.png")
+    [figure] = plotted
+    legend = figure.axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == list(models)
+    assert len(legend.legend_handles) == len(figure.axes[0].get_lines()) == len(models)
+
+
 def test_write_report_writes_json_markdown_and_png(tmp_path) -> None:
     metrics_by_model = two_models()
     paths = write_report(metrics_by_model, 3, tmp_path)
