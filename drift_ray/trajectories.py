@@ -364,8 +364,8 @@ def _read_jsonl(path: Path) -> pa.Table:
             k = lines_of_prompt[row[schema.PROMPT_ID]]
             lines_of_prompt[row[schema.PROMPT_ID]] += 1
             if authors:
-                row.setdefault(schema.TRAJECTORY_ID, f"{row[schema.PROMPT_ID]}/{k}")
                 row.setdefault(schema.SAMPLE_INDEX, k)
+                row.setdefault(schema.TRAJECTORY_ID, f"{row[schema.PROMPT_ID]}/{row[schema.SAMPLE_INDEX]}")
             row[schema.SOURCE_LINE] = line_no
             rows.append(row)
     names = dict.fromkeys(name for row in rows for name in row)
@@ -400,6 +400,16 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
     t_star = record.get(schema.T_STAR)
     if t_star is not None and (type(t_star) is not int or not 1 <= t_star <= len(rewards)):
         raise _field_error(where, schema.T_STAR, f"null or a turn number 1..{len(rewards)}", _short(t_star))
+    if schema.T_STAR in record and schema.CORRECT in row:
+        # The diagnostics count a trajectory under its t_star: it must be the verifier's first correct turn.
+        first_correct = next((turn for turn, correct in enumerate(row[schema.CORRECT], 1) if correct), None)
+        if t_star != first_correct:
+            expected = (
+                f"{first_correct}, the first turn {AUTHORS_VERIFIER!r} marks 1"
+                if first_correct
+                else f"null, as {AUTHORS_VERIFIER!r} marks no turn 1"
+            )
+            raise _field_error(where, schema.T_STAR, expected, _short(t_star))
     return row
 
 
@@ -446,6 +456,11 @@ def _check_row(row: dict[str, Any], where: str) -> None:
 def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Array:
     """One column of a JSONL file; a value that does not fit is reported with its line."""
     expected = _TYPES.get(name)
+    if expected is not None and pa.types.is_integer(expected):
+        # Arrow would truncate 1.7 to 1; an integral 2.0 (pandas writes integers beside nulls so) is fine.
+        for value, line in zip(values, lines):
+            if isinstance(value, float) and not value.is_integer():
+                raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", _short(value))
     try:
         return pa.array(values, type=expected)
     except (pa.ArrowException, OverflowError):

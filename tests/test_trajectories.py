@@ -87,6 +87,14 @@ def test_authors_line_without_optional_fields(tmp_path):
     assert schema.FORMAT_FAILURES not in table.column_names
 
 
+def test_an_authors_line_with_its_own_sample_index_gets_the_trajectory_id_of_that_sample(tmp_path):
+    record = {"prompt_id": "q", "turn_rewards": {"t1": 1.0}, "answer_norms": ["a"], "format_penalty": 0.0}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({**record, "sample_index": 5}) + "\n" + json.dumps(record) + "\n")
+    rows = read_trajectories(path).to_pylist()
+    assert [(r[schema.TRAJECTORY_ID], r[schema.SAMPLE_INDEX]) for r in rows] == [("q/5", 5), ("q/1", 1)]
+
+
 def test_our_jsonl_reads_like_our_parquet(tmp_path):
     rows = _episode_rows()
     parquet = tmp_path / "rollouts.parquet"

@@ -367,6 +367,20 @@ def _without(key: str) -> dict:
         (json.dumps({**_GOOD, "reward_details": {"t1": {}}}), r"field 'reward_details\.t1\.format_penalty'"),
         (json.dumps({**_GOOD, "answer_norms": "4"}), r"field 'answer_norms': expected a list of strings"),
         (json.dumps({**_GOOD, "t_star": 3}), r"field 't_star'"),
+        (
+            json.dumps(
+                {**_without("reward_details"), "verifier": {"t1": 0, "t2": 1}, "turn_rewards": {"t1": 0.0, "t2": 1.0}}
+            ),
+            r"field 't_star': expected 2, the first turn 'verifier' marks 1, found 1",
+        ),
+        (
+            json.dumps({**_GOOD, "verifier": {"t1": 0}}),
+            r"field 't_star': expected null, as 'verifier' marks no turn 1, found 1",
+        ),
+        (
+            json.dumps({**_GOOD, "sample_index": 1.7}),
+            r"field 'sample_index': expected a value of type int64, found 1\.7",
+        ),
         ("[1, 2]", r"expected a JSON object, found list"),
     ],
 )
