@@ -317,6 +317,17 @@ class EvalConfig(_Section):
     prompts_per_batch: int = Field(64, ge=1, description="Problems per actor call.")
     num_actors: int = Field(1, ge=1, description="Evaluation actors.")
 
+    @model_validator(mode="after")
+    def _eval_task_names_its_task(self) -> "EvalConfig":
+        if self.task is not None and not {"kind", "name"} & self.task.model_fields_set:
+            # Else `eval.task.num_test=50`, meant for the task evaluated by default, would evaluate the
+            # built-in candidates task that TaskConfig's own defaults name.
+            raise ValueError(
+                "eval.task names no task (neither eval.task.kind nor eval.task.name is set): set them, or leave "
+                "eval.task unset to evaluate on task's test split (task.num_test sets how many problems)"
+            )
+        return self
+
 
 class RayConfig(_Section):
     address: Optional[str] = Field(

@@ -83,6 +83,11 @@ def test_bad_overrides(override, fragment):
             "quote a value with ': ' or braces in it)",
         ),
         (
+            ["eval.task.num_test=50"],
+            "  eval: Value error, eval.task names no task (neither eval.task.kind nor eval.task.name is set): set "
+            "them, or leave eval.task unset to evaluate on task's test split (task.num_test sets how many problems)",
+        ),
+        (
             ["train.offload=true", "train.zero_stage=0"],
             "  train: Value error, train.offload=true needs ZeRO: set train.zero_stage to 1, 2 or 3, or train.offload=false",
         ),
@@ -101,7 +106,14 @@ def test_bad_overrides(override, fragment):
             "  Value error, rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
         ),
     ],
-    ids=["unquoted-mapping", "offload-without-zero", "vllm-without-gpu", "tensor-parallel-gpus", "rounds-of-adapters"],
+    ids=[
+        "unquoted-mapping",
+        "eval-task-naming-no-task",
+        "offload-without-zero",
+        "vllm-without-gpu",
+        "tensor-parallel-gpus",
+        "rounds-of-adapters",
+    ],
 )
 def test_settings_that_would_fail_in_the_workers_fail_when_the_config_loads(overrides, line):
     with pytest.raises(ConfigError) as error:
@@ -114,6 +126,7 @@ def test_settings_that_the_checks_across_keys_let_through():
     load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=4", "rollout.gpus_per_actor=4"])
     load_config(None, ["rounds=2", "train.lora.enabled=true"])  # merged: round 2 trains the merged model
     load_config(None, ["train.offload=true", "train.zero_stage=1"])
+    load_config(None, ["eval.task.name=candidates", "eval.task.num_test=50"])
 
 
 @pytest.mark.parametrize(
