@@ -365,13 +365,13 @@ class Config(_Section):
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML as PyYAML reads it, but for numbers in exponent form without a dot (1e-3, 5E4): YAML 1.1
-    reads them as strings. Typed fields would convert them; free-form options (task.options,
-    task.verifier_options) would keep a string where a number was meant."""
+    """YAML as PyYAML reads it, but for numbers in exponent form without a dot or without a signed
+    exponent (1e-3, 5E4, 2.5e3): YAML 1.1 reads them as strings. Typed fields would convert them; free-form
+    options (task.options, task.verifier_options) would keep a string where a number was meant."""
 
 
 _ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
 
 

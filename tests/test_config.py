@@ -31,9 +31,12 @@ def test_yaml_and_overrides(tmp_path):
 def test_numbers_in_exponent_form_are_numbers_in_free_form_options_too(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("task:\n  verifier_options:\n    rel_tol: 1e-3\n")
-    cfg = load_config(path, ["task.verifier_options.abs_tol=5E-7", "weights.beta=2e-1", 'task.options.name="1e-3"'])
+    overrides = ["task.verifier_options.abs_tol=5E-7", "task.options.size=2.5e3", "weights.beta=2e-1"]
+    overrides.append('task.options.name="1e-3"')
+    cfg = load_config(path, overrides)
     assert cfg.task.verifier_options == {"rel_tol": 0.001, "abs_tol": 5e-7}
-    assert cfg.weights.beta == 0.2 and cfg.task.options == {"name": "1e-3"}  # quoted, it stays a string
+    assert cfg.task.options["size"] == 2500.0  # with a dot but an unsigned exponent: a string to plain YAML 1.1
+    assert cfg.weights.beta == 0.2 and cfg.task.options["name"] == "1e-3"  # quoted, it stays a string
 
 
 def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
