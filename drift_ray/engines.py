@@ -401,11 +401,13 @@ class VLLMEngine:
         self._vllm = vllm
         self.name = model
         # A LoRA adapter saved unmerged (train.lora.merge: false) runs on its base model as a LoRA request.
-        base, adapter = lora_adapter_base(model), None
+        base, adapter, lora_options = lora_adapter_base(model), None, {}
         if base is not None:
             from vllm.lora.request import LoRARequest
 
             adapter = LoRARequest("drift-adapter", 1, model)
+            # vLLM refuses an adapter above max_lora_rank, 16 unless told.
+            lora_options = {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(model)}
         self.lora_request = adapter
         self.llm = vllm.LLM(
             model=base or model,
@@ -413,7 +415,7 @@ class VLLMEngine:
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
-            enable_lora=adapter is not None,
+            **lora_options,
         )
         # vLLM stops at the eos of the model's configs only; a turn ends at the same tokens as with
         # TransformersEngine, so both engines play the same episodes.
@@ -451,6 +453,25 @@ def lora_adapter_base(model: str) -> str | None:
     if not base:
         raise ValueError(f"{config}: no base_model_name_or_path; cannot tell which model the adapter extends")
     return base
+
+
+# The values vLLM's LoRAConfig accepts for max_lora_rank.
+_VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(adapter: str) -> int:
+    """The smallest max_lora_rank vLLM accepts that serves the PEFT adapter in `adapter`: its rank `r`, or
+    a larger one its `rank_pattern` gives some modules."""
+    config_path = Path(adapter) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    rank = max([int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    fitting = [limit for limit in _VLLM_MAX_LORA_RANKS if limit >= rank]
+    if not fitting:
+        raise ValueError(
+            f"{config_path}: LoRA rank {rank} is above the largest vLLM serves ({_VLLM_MAX_LORA_RANKS[-1]}); "
+            "train with train.lora.merge=true or a smaller train.lora.r"
+        )
+    return fitting[0]
 
 
 def build_engine(cfg: RolloutConfig, model: str | None = None) -> Engine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from types import SimpleNamespace
 
@@ -259,6 +260,38 @@ def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transfo
     turn_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert turn_end in engine.end_of_turn_ids
     assert all(params.stop_token_ids == [turn_end] for params in sampling)
+
+
+@pytest.mark.parametrize(
+    "ranks, max_lora_rank", [({"r": 8}, 8), ({"r": 32}, 32), ({"r": 16, "rank_pattern": {"q_proj": 48}}, 64)]
+)
+def test_the_vllm_engine_serves_an_adapter_of_any_rank_it_accepts(
+    tiny_model_dir, tmp_path, monkeypatch, ranks, max_lora_rank
+):
+    built: list = []
+
+    class FakeLLM:  # what VLLMEngine asks of vLLM, without vLLM or a GPU
+        def __init__(self, model, **options):
+            built.append((model, options))
+            self.model = model
+
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(self.model)
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model_dir, **ranks}))
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setitem(sys.modules, "vllm.lora", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", SimpleNamespace(LoRARequest=lambda *args: args))
+    engine = VLLMEngine(str(adapter))
+    [(model, options)] = built
+    assert model == tiny_model_dir and engine.lora_request == ("drift-adapter", 1, str(adapter))
+    assert options["enable_lora"] is True and options["max_lora_rank"] == max_lora_rank
+
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model_dir, "r": 1024}))
+    with pytest.raises(ValueError, match=r"json: LoRA rank 1024 is above the largest vLLM serves \(512\)"):
+        VLLMEngine(str(adapter))
 
 
 @pytest.mark.parametrize("stop", ["</answer>", "答案"])
