@@ -12,7 +12,7 @@ Throughput per stage: generated tokens and trajectories of the stage's shards ov
 --quick runs jobs/smoke.yaml with a randomly initialised demo-architecture model (no build), which writes
 max_new_tokens every turn; --model PATH replaces the config's rollout.model in either mode.
 
-    .venv/bin/python benchmarks/end_to_end.py [--config jobs/demo_cpu.yaml] [--model PATH] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/end_to_end.py [--config jobs/demo_cpu.yaml] [--model PATH] [--tmp-dir DIR] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, print_table, weight_checksums  # noqa: E402
+from record import add_tmp_dir_option, append_result, argument_parser, print_table, weight_checksums  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import load_config  # noqa: E402
@@ -97,11 +97,12 @@ def main() -> None:
         "--config", type=Path, help="job config (default: jobs/demo_cpu.yaml; --quick: jobs/smoke.yaml)"
     )
     parser.add_argument("--model", help="reference model directory, replacing the config's rollout.model")
+    add_tmp_dir_option(parser)
     args = parser.parse_args()
     config_path = args.config or ROOT / "jobs" / ("smoke.yaml" if args.quick else "demo_cpu.yaml")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    with tempfile.TemporaryDirectory(prefix="drift-e2e-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="drift-e2e-bench-", dir=args.tmp_dir) as tmp:
         run_dir = Path(tmp) / "run"
         model = args.model
         if model is None and args.quick:

@@ -7,7 +7,7 @@ point is one `drift-ray run` of the same config: its one-time rollouts plus trai
 its rollouts generated (`--drift-run DIR` reuses a finished run that wrote timings.json; its seed, task,
 episode, eval.task and max_new_tokens must be written as in --config; its reference is not compared).
 
-    .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--tmp-dir DIR] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import (  # noqa: E402
     QUICK_PIPELINE_OVERRIDES,
+    add_tmp_dir_option,
     append_result,
     argument_parser,
     print_table,
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--drift-run", type=Path, default=None, help="a finished `drift-ray run` of --config to compare with")
+    add_tmp_dir_option(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -94,7 +96,7 @@ def main() -> None:
         lr=args.lr,
         eval_every=1 if args.quick else args.eval_every,
     )
-    with tempfile.TemporaryDirectory(prefix="drift-online-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="drift-online-", dir=args.tmp_dir) as tmp:
         cfg = load_config(args.config, [*overrides, f"run_dir={Path(tmp) / 'drift'}"])
         reference = save_untrained_demo_model(Path(tmp) / "untrained") if args.quick else resolve_model(cfg.rollout.model, cfg)
         cfg.rollout.model = reference

@@ -44,6 +44,23 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_tmp_dir_option(parser: argparse.ArgumentParser) -> None:
+    """--tmp-dir, for a benchmark that runs the pipeline in a run_dir of its own, made and removed there."""
+    parser.add_argument(
+        "--tmp-dir",
+        type=_made_directory,
+        default=None,
+        help="where the benchmark's temporary run_dir is made (default: the system's temporary directory); on a "
+        "cluster of several nodes, storage every node sees, as for run_dir",
+    )
+
+
+def _made_directory(value: str) -> Path:
+    path = Path(value).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int) -> Iterator[float]:
     """A new Ray cluster of `num_cpus` logical CPUs for the measurement, shut down after it; yields the seconds

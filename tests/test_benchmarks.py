@@ -30,6 +30,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py") if path.name != "record.py")
 RAY_FREE_ARGS = {"weights.py": ["--no-ray"]}
 SCRIPTS_WITH_A_REFERENCE = {"end_to_end.py", "online_rl.py", "quality.py"}  # their lines checksum its weights
+SCRIPTS_WITH_A_TMP_DIR = {"end_to_end.py", "online_rl.py"}  # their run_dir must be shared storage on several nodes
 RECORD_KEYS = {"benchmark", "time", "commit", "machine", "config", "results"}
 TIMEOUT_S = 900  # a hung script fails the test instead of blocking the suite
 
@@ -77,7 +78,11 @@ def load_benchmark(script: str):
 @pytest.mark.ray
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_run_appends_one_record(script, tmp_path):
-    record = run_quick(script, tmp_path, [])
+    scratch = tmp_path / "scratch" / "made"
+    takes_tmp_dir = script in SCRIPTS_WITH_A_TMP_DIR
+    record = run_quick(script, tmp_path / "out", ["--tmp-dir", str(scratch)] if takes_tmp_dir else [])
+    if takes_tmp_dir:  # made, and left empty once the run_dir made in it is removed
+        assert scratch.is_dir() and not list(scratch.iterdir())
     if script in SCRIPTS_WITH_A_REFERENCE:
         assert list(record["config"]["reference_sha256"]) == ["model.safetensors"]
 
