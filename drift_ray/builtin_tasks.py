@@ -41,10 +41,13 @@ def candidates_task(
         for low in range(10, 101 - 10 * n)
         for digit in range(10)
     ]
+    if num_test < 0 or (num_train is not None and num_train < 0):
+        raise ValueError(f"task.options: num_train and num_test must be >= 0, found {num_train}, {num_test}")
+    asked = num_test + (num_train or 0)
+    if asked > len(questions):
+        raise ValueError(f"task.options: at most {len(questions)} distinct questions, asked for {asked}")
     if num_train is None:
         num_train = len(questions) - num_test
-    if num_train + num_test > len(questions):
-        raise ValueError(f"task.options: at most {len(questions)} distinct questions, asked for {num_train + num_test}")
     rng = random.Random(f"candidates-{seed}")
     rng.shuffle(questions)
     test, train = questions[:num_test], questions[num_test:]

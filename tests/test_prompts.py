@@ -34,6 +34,20 @@ def test_candidates_task_num_train_keeps_the_first_train_problems_and_leaves_the
         assert small.test == full.test
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_test": 3000}, "at most 2550 distinct questions, asked for 3000"),
+        ({"min_candidates": 8, "max_candidates": 8}, "at most 110 distinct questions, asked for 200"),
+        ({"num_train": 2400}, "at most 2550 distinct questions, asked for 2600"),
+        ({"num_train": -5}, "num_train and num_test must be >= 0, found -5, 200"),
+    ],
+)
+def test_candidates_task_refuses_more_questions_than_it_has(options, message):
+    with pytest.raises(ValueError, match=f"^task.options: {message}$"):
+        candidates_task(seed=0, **options)
+
+
 def test_candidate_values():
     assert candidate_values(23, 52, 6) == [26, 36, 46]
 
