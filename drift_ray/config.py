@@ -72,7 +72,9 @@ class EpisodeConfig(_Section):
         description="Template of the first user message; must contain '{question}'.",
     )
     think: bool = Field(
-        False, description="Also ask for reasoning inside <think>…</think> before the answer (adds a sentence)."
+        False,
+        description="Also ask for reasoning inside <think>…</think> before the answer (adds a sentence). A turn "
+        "still ends at its first </answer>, one written inside the reasoning too.",
     )
 
     @field_validator("instruction")
