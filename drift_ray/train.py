@@ -34,6 +34,7 @@ from drift_ray.config import Config, LossKind, TrainConfig, accumulation_steps
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
+    conversations_fingerprint,
     files_fingerprint,
     publish_directory,
     require_parquet,
@@ -168,6 +169,7 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
         "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
         # `drift-ray weights` may have rewritten the file at that path since (another β, other rollouts).
         "weighted_fingerprint": weighted_fingerprint(weighted_dir),
+        "conversations_fingerprint": conversations_fingerprint(weighted_dir),
         "model_path": os.path.relpath(model_path, out_dir) if os.path.isdir(model_path) else model_path,
         "model_fingerprint": files_fingerprint(model_path),
     }

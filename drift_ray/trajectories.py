@@ -143,20 +143,41 @@ def weighted_fingerprint(path: str) -> str | None:
     the same training input; other weights (another β, other rollouts) are not. Weights count to 12
     significant digits, so a last-bit change from summing in another order is the same input.
     """
-    if "://" in path or not Path(path).exists():
-        return None
-    try:
-        files = [str(file) for file in _parquet_files(Path(path))]
-        table = pq.read_table(files, columns=[schema.TRAJECTORY_ID, schema.WEIGHT]).sort_by(schema.TRAJECTORY_ID)
-    except (pa.ArrowException, OSError):
-        return None
-    if not _is_number(table.schema.field(schema.WEIGHT).type):
+    table = _by_trajectory(path, schema.WEIGHT)
+    if table is None or not _is_number(table.schema.field(schema.WEIGHT).type):
         return None
     digest = hashlib.sha256()
     for trajectory_id, weight in zip(table[schema.TRAJECTORY_ID].to_pylist(), table[schema.WEIGHT].to_pylist()):
         # A null weight still fingerprints: the training input check then names its trajectory.
         digest.update(f"{trajectory_id}\0{'null' if weight is None else format(weight, '.12g')}\n".encode())
     return digest.hexdigest()
+
+
+def conversations_fingerprint(path: str) -> str | None:
+    """A digest of the (trajectory id, messages) pairs in the weighted Parquet file or directory `path`:
+    what weighted SFT fits, which weighted_fingerprint leaves out (other rollouts can have the same ids
+    and weights: uniform weights always do). None where there is no readable Parquet with those columns."""
+    table = _by_trajectory(path, schema.MESSAGES)
+    if table is None:
+        return None
+    digest = hashlib.sha256()
+    for batch in table.to_batches(max_chunksize=4096):
+        for trajectory_id, messages in zip(batch[schema.TRAJECTORY_ID].to_pylist(), batch[schema.MESSAGES].to_pylist()):
+            digest.update(f"{trajectory_id}\0{json.dumps(messages, ensure_ascii=False, sort_keys=True)}\n".encode())
+    return digest.hexdigest()
+
+
+def _by_trajectory(path: str, column: str) -> pa.Table | None:
+    """The trajectory ids and `column` of the Parquet at `path`, sorted by id (so by content, not by file:
+    Ray Data writes the same rows under new file names and in other blocks); None for a URI, or where
+    there is no readable Parquet with those columns (reading it reports that)."""
+    if "://" in path or not Path(path).exists():
+        return None
+    try:
+        files = [str(file) for file in _parquet_files(Path(path))]
+        return pq.read_table(files, columns=[schema.TRAJECTORY_ID, column]).sort_by(schema.TRAJECTORY_ID)
+    except (pa.ArrowException, OSError):
+        return None
 
 
 def require_same_settings(

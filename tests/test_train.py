@@ -256,6 +256,20 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
     pq.write_table(pa.Table.from_pylist(reweighted), weighted)
     with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: weighted_fingerprint \("):
         train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start)
+    # Other rollouts under the same ids and weights (uniform weights always give that): other conversations.
+    replied_otherwise = [
+        {**row, schema.MESSAGES: [*row[schema.MESSAGES][:-1], {"role": "assistant", "content": "<answer>0</answer>"}]}
+        for row in rows
+    ]
+    pq.write_table(pa.Table.from_pylist(replied_otherwise), weighted)
+    with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: conversations_fingerprint \("):
+        train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start)
+    # A record from before the conversations were fingerprinted lacks the setting, and is accepted.
+    pq.write_table(pa.Table.from_pylist(rows), weighted)
+    settings = train_settings(cfg, str(weighted), model_path, out)
+    del settings["conversations_fingerprint"]
+    write_json_atomic(settings, out / MODEL_DIR / TRAIN_SETTINGS_FILE)
+    assert train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
 
     # With training to do, Ray starts first of all: a cluster that refuses the config leaves no output.
     shutil.rmtree(out)

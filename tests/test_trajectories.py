@@ -16,6 +16,7 @@ from drift_ray.episode import Episode, Generation, first_messages
 from drift_ray.prompts import Problem
 from drift_ray.trajectories import (
     TrajectoryFileError,
+    conversations_fingerprint,
     publish_directory,
     read_trajectories,
     require_parquet,
@@ -341,6 +342,24 @@ def test_an_atomic_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_p
     kinds = [kind for kind, _ in events]
     assert kinds == ["fsync", "replace", "fsync"]
     assert events[0][1] == (tmp_path / "d.json").stat().st_ino and events[2][1] == tmp_path.stat().st_ino
+
+
+def test_a_conversations_fingerprint_follows_the_ids_and_messages_not_the_files_or_weights(tmp_path):
+    table = pa.table({schema.TRAJECTORY_ID: [f"p/{i}" for i in range(4)], schema.WEIGHT: [1.0] * 4,
+                      schema.MESSAGES: [[{"role": "assistant", "content": str(i)}] for i in range(4)]})
+    pq.write_table(table, tmp_path / "one.parquet")
+    first = conversations_fingerprint(str(tmp_path / "one.parquet"))
+    (tmp_path / "again").mkdir()
+    pq.write_table(table.slice(2), tmp_path / "again" / "a.parquet")
+    pq.write_table(table.slice(0, 2), tmp_path / "again" / "b.parquet")
+    assert conversations_fingerprint(str(tmp_path / "again")) == first
+    pq.write_table(table.set_column(1, schema.WEIGHT, pa.array([2.0] * 4)), tmp_path / "reweighted.parquet")
+    assert conversations_fingerprint(str(tmp_path / "reweighted.parquet")) == first
+    other = [[{"role": "assistant", "content": "x" if i == 3 else str(i)}] for i in range(4)]
+    pq.write_table(table.set_column(2, schema.MESSAGES, pa.array(other)), tmp_path / "other-rollouts.parquet")
+    assert conversations_fingerprint(str(tmp_path / "other-rollouts.parquet")) not in {None, first}
+    assert conversations_fingerprint("s3://bucket/weighted") is None
+    assert conversations_fingerprint(str(tmp_path / "missing.parquet")) is None
 
 
 def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_path):
