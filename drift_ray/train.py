@@ -286,6 +286,9 @@ def train_weighted_sft(
     )
     result = trainer.fit()
 
+    # A copy left by a process killed while copying: a whole model's size on disk, never to be published.
+    for leftover in out.glob(f".{MODEL_DIR}.staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}.staging-", dir=out))
     try:
         pyarrow.fs.copy_files(

@@ -478,8 +478,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
             train_loop_per_worker=train_loop_that_crashes_after_a_checkpoint,
         )
     assert not (tmp_path / MODEL_DIR).exists()
+    leftover = tmp_path / f".{MODEL_DIR}.staging-killed"  # as a process killed while copying the model leaves it
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"cut short")
 
     stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    assert not list(tmp_path.glob(f".{MODEL_DIR}.staging-*"))
     uninterrupted_out, uninterrupted = zero2_run
     assert stats["resumed_from_step"] == CRASH_AT_STEP
     assert stats["steps"] == uninterrupted["steps"]
