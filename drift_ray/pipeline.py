@@ -197,7 +197,8 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
     trajectories = ray.data.read_parquet(shards).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
-    ds = add_weights(trajectories, cfg.weights, whole_groups=False, group_size=settings["rollouts"].get("samples_per_prompt"))
+    group_size = settings["rollouts"]["samples_per_prompt"]
+    ds = add_weights(trajectories, cfg.weights, whole_groups=False, group_size=group_size)
     staging = run_dir / "weighted.staging"
     # A run killed after publishing `out` but before its diagnostics marked it complete: redo it. Diagnostics
     # left from weights deleted by hand go first, or a run killed after recording its settings would find
@@ -236,7 +237,10 @@ def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], wei
 
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
-    task = load_task(cfg.eval.task, cfg.seed, key="eval.task") if cfg.eval.task else train_task or load_task(cfg.task, cfg.seed)
+    if cfg.eval.task is not None:
+        task = load_task(cfg.eval.task, cfg.seed, key="eval.task")
+    else:
+        task = train_task or load_task(cfg.task, cfg.seed)
     if not task.test:
         raise ValueError(
             f"task {task.name!r} has no test problems to evaluate on; set eval.task to a task with a test "

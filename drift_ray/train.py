@@ -167,7 +167,8 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
         "train": cfg.train.model_dump(mode="json", exclude={"tensorboard"}),
         "seed": cfg.seed,
         "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
-        # `drift-ray weights` may have rewritten the file at that path since (another β, other rollouts).
+        # `drift-ray weights` may have rewritten the file at that path since: another β changes the weights,
+        # other rollouts the conversations (and the weights too, unless they come out the same).
         "weighted_fingerprint": weighted_fingerprint(weighted_dir),
         "conversations_fingerprint": conversations_fingerprint(weighted_dir),
         "model_path": os.path.relpath(model_path, out_dir) if os.path.isdir(model_path) else model_path,

@@ -162,7 +162,8 @@ def conversations_fingerprint(path: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for batch in table.to_batches(max_chunksize=4096):
-        for trajectory_id, messages in zip(batch[schema.TRAJECTORY_ID].to_pylist(), batch[schema.MESSAGES].to_pylist()):
+        ids, conversations = batch[schema.TRAJECTORY_ID].to_pylist(), batch[schema.MESSAGES].to_pylist()
+        for trajectory_id, messages in zip(ids, conversations):
             digest.update(f"{trajectory_id}\0{json.dumps(messages, ensure_ascii=False, sort_keys=True)}\n".encode())
     return digest.hexdigest()
 
