@@ -143,14 +143,15 @@ def test_no_cache_is_carried_beyond_max_carried_tokens(chaotic_dir, monkeypatch)
     assert capped_fed == fresh_fed
 
 
-def test_carried_cache_is_not_used_for_a_conversation_whose_reply_was_changed(chaotic_dir, chaotic):
+def test_carried_cache_is_not_used_for_a_conversation_whose_reply_was_changed(chaotic_dir):
     carried = TransformersEngine(chaotic_dir, torch_threads=1, carry_cache=True)
     first = carried.generate(CONVERSATIONS, GREEDY, 1)
     edited = [
         [*c, {"role": "assistant", "content": group[0].text[:-1] + "#"}, {"role": "user", "content": "Wrong."}]
         for c, group in zip(CONVERSATIONS, first)
     ]
-    assert carried.generate(edited, GREEDY, 1) == chaotic.generate(edited, GREEDY, 1)
+    fresh = TransformersEngine(chaotic_dir, torch_threads=1, carry_cache=False)
+    assert carried.generate(edited, GREEDY, 1) == fresh.generate(edited, GREEDY, 1)
 
 
 def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(chaotic):
@@ -256,6 +257,8 @@ def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transfo
     [sampling] = asked
     assert [params.seed for params in sampling] == [100, 104, 108]
     assert all(params.n == 4 and params.temperature == 1.0 for params in sampling)
+    # A reply that stops on "</answer>" keeps it, as the transformers engine's replies do.
+    assert all(params.stop == ["</answer>"] and params.include_stop_str_in_output is True for params in sampling)
     assert [len(group) for group in replies] == [4, 4, 4]
     turn_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert turn_end in engine.end_of_turn_ids

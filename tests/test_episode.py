@@ -105,8 +105,12 @@ def test_custom_feedback_and_max_turns():
     assert [m["content"] for m in episode.messages] == ["q", "<answer>1</answer>", "Wrong, try again.", "<answer>1</answer>"]
 
 
+STABLE_SEED_OF_1_A = 475944544596965755  # pinned: the seeds of recorded runs replay only while it holds
+
+
 def test_seeds_are_stable_and_distinct():
-    assert stable_seed(1, "a") == stable_seed(1, "a")
+    # A constant, not a second call: Python's own hash of a string changes from process to process.
+    assert stable_seed(1, "a") == STABLE_SEED_OF_1_A
     assert stable_seed(1, "a") != stable_seed(2, "a")
     assert 0 <= stable_seed("x") < 2**63
 

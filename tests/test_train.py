@@ -303,10 +303,23 @@ def test_rank_0_logs_every_step_once_and_writes_it_to_tensorboard(ray_cluster, z
         assert [event.value for event in scalars] == pytest.approx([row[name] for row in steps], rel=1e-6)
 
     # Every worker's output, as Ray keeps it; other tests' runs log other metrics.
-    logs = Path(ray_cluster._private.worker._global_node.get_logs_dir_path())
-    lines = [line for path in logs.glob("worker-*") for line in path.read_text(errors="replace").splitlines()]
-    logged = [json.loads(line.split("weighted SFT ", 1)[1]) for line in lines if "weighted SFT {" in line]
-    assert [row for row in logged if row in steps] == steps
+    assert [row for row in logged_steps(ray_cluster) if row in steps] == steps
+
+
+def logged_steps(ray_cluster, since: dict[Path, int] | None = None) -> list[dict]:
+    """The step metrics the training workers logged, as Ray keeps their output (`since`: only what the
+    log files gained after their sizes then, from worker_log_sizes)."""
+    rows = []
+    for path in worker_logs(ray_cluster):
+        with path.open("rb") as log_file:
+            log_file.seek((since or {}).get(path, 0))
+            lines = log_file.read().decode(errors="replace").splitlines()
+        rows += [json.loads(line.split("weighted SFT ", 1)[1]) for line in lines if "weighted SFT {" in line]
+    return rows
+
+
+def worker_logs(ray_cluster) -> list[Path]:
+    return list(Path(ray_cluster._private.worker._global_node.get_logs_dir_path()).glob("worker-*"))
 
 
 @pytest.mark.ray
@@ -364,10 +377,15 @@ def test_two_workers_make_the_update_of_one_plain_optimizer_step_over_the_global
     assert 0 < expected["truncated"] < NUM_POSITIVE
     cfg = make_config(
         num_workers=2, zero_stage=stage, epochs=1, global_batch_size=NUM_POSITIVE, micro_batch_size=4,
-        loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0, max_length=max_length,
+        loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0, max_length=max_length, log_every=1, tensorboard=True,
     )
+    log_sizes = {path: path.stat().st_size for path in worker_logs(ray_cluster)}
     stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
     assert stats["steps"] == 1 and stats["world_size"] == 2 and stats["lr"] == lr
+    # Rank 0 alone logs the step and writes it to TensorBoard.
+    assert [row["step"] for row in logged_steps(ray_cluster, since=log_sizes)] == [1]
+    [run] = (tmp_path / TENSORBOARD_DIR).iterdir()
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
     assert stats["loaded_partitioned"] == loads_partitioned(cfg.train, transformers.__version__)
     assert stats["initial_loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert stats["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
