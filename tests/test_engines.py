@@ -232,29 +232,38 @@ def test_vllm_engine_samples_n_replies_and_keeps_the_stop_string(tiny_model_dir)
             assert "a" not in generation.text[:-1]
 
 
-def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transformers_does(
-    tiny_model_dir, engine, monkeypatch
-):
-    """vLLM seeds each request's sampler with the request's seed (its n children with seed + j): one
-    SamplingParams for all would make conversations with the same history reply alike. And it stops at
-    the eos of the model's configs only, which for a base model's config is not the chat's end of turn."""
-    asked: list = []
+@pytest.fixture
+def fake_vllm(monkeypatch) -> SimpleNamespace:
+    """vLLM as VLLMEngine uses it, without vLLM or a GPU: records each LLM's options and each chat's requests."""
+    calls = SimpleNamespace(built=[], asked=[])
 
-    class FakeLLM:  # the requests VLLMEngine builds, without vLLM or a GPU
+    class FakeLLM:
         def __init__(self, model, **options):
+            calls.built.append((model, options))
             self.model = model
 
         def get_tokenizer(self):
             return AutoTokenizer.from_pretrained(self.model)
 
         def chat(self, conversations, sampling, use_tqdm, lora_request):
-            asked.append(sampling)
+            calls.asked.append(sampling)
             output = SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2])
             return [SimpleNamespace(prompt_token_ids=[0], outputs=[output] * params.n) for params in sampling]
 
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM, SamplingParams=SimpleNamespace))
+    monkeypatch.setitem(sys.modules, "vllm.lora", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", SimpleNamespace(LoRARequest=lambda *args: args))
+    return calls
+
+
+def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transformers_does(
+    tiny_model_dir, engine, fake_vllm
+):
+    """vLLM seeds each request's sampler with the request's seed (its n children with seed + j): one
+    SamplingParams for all would make conversations with the same history reply alike. And it stops at
+    the eos of the model's configs only, which for a base model's config is not the chat's end of turn."""
     replies = VLLMEngine(tiny_model_dir).generate([CONVERSATIONS[0]] * 3, SamplingParams(temperature=1.0, seed=100), 4)
-    [sampling] = asked
+    [sampling] = fake_vllm.asked
     assert [params.seed for params in sampling] == [100, 104, 108]
     assert all(params.n == 4 and params.temperature == 1.0 for params in sampling)
     # A reply that stops on "</answer>" keeps it, as the transformers engine's replies do.
@@ -269,26 +278,13 @@ def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transfo
     "ranks, max_lora_rank", [({"r": 8}, 8), ({"r": 32}, 32), ({"r": 16, "rank_pattern": {"q_proj": 48}}, 64)]
 )
 def test_the_vllm_engine_serves_an_adapter_of_any_rank_it_accepts(
-    tiny_model_dir, tmp_path, monkeypatch, ranks, max_lora_rank
+    tiny_model_dir, tmp_path, fake_vllm, ranks, max_lora_rank
 ):
-    built: list = []
-
-    class FakeLLM:  # what VLLMEngine asks of vLLM, without vLLM or a GPU
-        def __init__(self, model, **options):
-            built.append((model, options))
-            self.model = model
-
-        def get_tokenizer(self):
-            return AutoTokenizer.from_pretrained(self.model)
-
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model_dir, **ranks}))
-    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM))
-    monkeypatch.setitem(sys.modules, "vllm.lora", SimpleNamespace())
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", SimpleNamespace(LoRARequest=lambda *args: args))
     engine = VLLMEngine(str(adapter))
-    [(model, options)] = built
+    [(model, options)] = fake_vllm.built
     assert model == tiny_model_dir and engine.lora_request == ("drift-adapter", 1, str(adapter))
     assert options["enable_lora"] is True and options["max_lora_rank"] == max_lora_rank
 

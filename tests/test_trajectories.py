@@ -344,15 +344,29 @@ def test_an_atomic_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_p
     assert events[0][1] == (tmp_path / "d.json").stat().st_ino and events[2][1] == tmp_path.stat().st_ino
 
 
+def weighted_table(weights: list[float]) -> pa.Table:
+    """Weighted SFT input: trajectory p/i has weight weights[i] and one reply, "i"."""
+    return pa.table({
+        schema.TRAJECTORY_ID: [f"p/{i}" for i in range(len(weights))],
+        schema.WEIGHT: weights,
+        schema.MESSAGES: [[{"role": "assistant", "content": str(i)}] for i in range(len(weights))],
+    })
+
+
+def written_again(table: pa.Table, directory: Path) -> str:
+    """`table` as Ray Data writes it again: other file names, other blocks, other order."""
+    directory.mkdir()
+    half = table.num_rows // 2
+    pq.write_table(table.slice(half), directory / "7f3a_000000.parquet")
+    pq.write_table(table.slice(0, half), directory / "7f3a_000001.parquet")
+    return str(directory)
+
+
 def test_a_conversations_fingerprint_follows_the_ids_and_messages_not_the_files_or_weights(tmp_path):
-    table = pa.table({schema.TRAJECTORY_ID: [f"p/{i}" for i in range(4)], schema.WEIGHT: [1.0] * 4,
-                      schema.MESSAGES: [[{"role": "assistant", "content": str(i)}] for i in range(4)]})
+    table = weighted_table([1.0] * 4)
     pq.write_table(table, tmp_path / "one.parquet")
     first = conversations_fingerprint(str(tmp_path / "one.parquet"))
-    (tmp_path / "again").mkdir()
-    pq.write_table(table.slice(2), tmp_path / "again" / "a.parquet")
-    pq.write_table(table.slice(0, 2), tmp_path / "again" / "b.parquet")
-    assert conversations_fingerprint(str(tmp_path / "again")) == first
+    assert conversations_fingerprint(written_again(table, tmp_path / "again")) == first
     pq.write_table(table.set_column(1, schema.WEIGHT, pa.array([2.0] * 4)), tmp_path / "reweighted.parquet")
     assert conversations_fingerprint(str(tmp_path / "reweighted.parquet")) == first
     other = [[{"role": "assistant", "content": "x" if i == 3 else str(i)}] for i in range(4)]
@@ -363,15 +377,10 @@ def test_a_conversations_fingerprint_follows_the_ids_and_messages_not_the_files_
 
 
 def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_path):
-    table = pa.table({schema.TRAJECTORY_ID: [f"p/{i}" for i in range(6)], schema.WEIGHT: [0.5, 1.5, 1.0, 2.0, 0.25, 0.75],
-                      schema.MESSAGES: [[{"role": "assistant", "content": str(i)}] for i in range(6)]})
+    table = weighted_table([0.5, 1.5, 1.0, 2.0, 0.25, 0.75])
     pq.write_table(table, tmp_path / "one.parquet")
     first = weighted_fingerprint(str(tmp_path / "one.parquet"))
-    # As Ray Data writes it again: other file names, other blocks, other order.
-    (tmp_path / "again").mkdir()
-    pq.write_table(table.slice(3), tmp_path / "again" / "7f3a_000000.parquet")
-    pq.write_table(table.slice(0, 3), tmp_path / "again" / "7f3a_000001.parquet")
-    assert weighted_fingerprint(str(tmp_path / "again")) == first
+    assert weighted_fingerprint(written_again(table, tmp_path / "again")) == first
     weights = table[schema.WEIGHT].to_pylist()
     summed_otherwise = table.set_column(1, schema.WEIGHT, pa.array([weights[0] * (1 + 1e-15), *weights[1:]]))
     pq.write_table(summed_otherwise, tmp_path / "last-bit.parquet")
