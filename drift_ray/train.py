@@ -157,14 +157,17 @@ def loads_partitioned(train: TrainConfig, transformers_version: str) -> bool:
     return major_minor is not None and tuple(map(int, major_minor.groups())) >= PARTITIONED_LOADING_SINCE
 
 
+# They observe or place the run, and leave the model as it was: changing one must neither refuse a
+# finished model nor, through run_name, start a killed run again from step 0 instead of resuming it.
+# (cpus_per_worker is not one: it sets torch's threads, and with them the order of float sums.)
+UNCHANGING_TRAIN_SETTINGS = ("tensorboard", "log_every", "checkpoint_every", "resources")
+
+
 def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Path) -> dict[str, Any]:
     """Everything that changes a training run into `out_dir`. Local paths are relative to out_dir, so a
     run_dir that moved (with its inputs) is the same run; URIs and hub ids stay as given."""
     return {
-        # tensorboard only observes the run: toggling it must neither refuse a finished model nor, through
-        # run_name, start a new run instead of resuming. (log_every only observes too, but the records of
-        # finished runs hold it: leaving it out now would refuse them all.)
-        "train": cfg.train.model_dump(mode="json", exclude={"tensorboard"}),
+        "train": cfg.train.model_dump(mode="json", exclude=set(UNCHANGING_TRAIN_SETTINGS)),
         "seed": cfg.seed,
         "weighted_dir": weighted_dir if "://" in weighted_dir else os.path.relpath(weighted_dir, out_dir),
         # `drift-ray weights` may have rewritten the file at that path since: another β changes the weights,
@@ -229,7 +232,12 @@ def train_weighted_sft(
     model_out = out / MODEL_DIR
     settings = train_settings(cfg, weighted_dir, model_path, out)
     if (model_out / STATS_FILE).exists():
-        require_same_settings(model_out / TRAIN_SETTINGS_FILE, settings, output=str(model_out))
+        require_same_settings(
+            model_out / TRAIN_SETTINGS_FILE,
+            settings,
+            output=str(model_out),
+            ignore=[f"train.{name}" for name in UNCHANGING_TRAIN_SETTINGS],  # which older records hold
+        )
         return read_stats(model_out)
     require_training_input(weighted_dir)
     if start_ray:

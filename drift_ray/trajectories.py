@@ -182,22 +182,28 @@ def _by_trajectory(path: str, column: str) -> pa.Table | None:
 
 
 def require_same_settings(
-    record: str | Path, settings: dict[str, Any], output: str, only: Collection[str] | None = None
+    record: str | Path,
+    settings: dict[str, Any],
+    output: str,
+    only: Collection[str] | None = None,
+    ignore: Collection[str] = (),
 ) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
     Stages skip an output that is already complete; without this check a rerun with, say, another β in
     the same run_dir would report the old output as the new run's. An output without a record, and a
     setting its record lacks, come from a version of drift-ray that did not record them, and are accepted.
-    `only`: compare only these settings (dotted paths) and those under them. The message names every
-    differing setting by its dotted path.
+    `only`: compare only these settings (dotted paths) and those under them; `ignore`: not these, which
+    older records may hold. The message names every differing setting by its dotted path.
     """
     record = Path(record)
     if not record.exists():
         return
-    recorded = _dotted(json.loads(record.read_text()))
-    if only is not None:
-        recorded = {key: value for key, value in recorded.items() if any(key == o or key.startswith(f"{o}.") for o in only)}
+    recorded = {
+        key: value
+        for key, value in _dotted(json.loads(record.read_text())).items()
+        if (only is None or _under(key, only)) and not _under(key, ignore)
+    }
     current = _dotted(json.loads(json.dumps(settings)))
     changed = [
         f"{key} ({_short(value)} then, {_short(current[key]) if key in current else 'unset'} now)"
@@ -210,6 +216,10 @@ def require_same_settings(
             f"{output}: made with other settings (differ in: {listed}), recorded in {record}. "
             "Rerun with the same config, or use a new run_dir."
         )
+
+
+def _under(key: str, paths: Collection[str]) -> bool:
+    return any(key == path or key.startswith(f"{path}.") for path in paths)
 
 
 def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

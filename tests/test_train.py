@@ -32,6 +32,7 @@ from drift_ray.train import (
     loads_partitioned,
     plan_steps,
     require_finite_step,
+    run_name,
     train_loop,
     train_settings,
     train_weighted_sft,
@@ -271,6 +272,17 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
     write_json_atomic(settings, out / MODEL_DIR / TRAIN_SETTINGS_FILE)
     assert train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
 
+    # Settings that only observe or place the run leave it the same run, also for a record that holds them.
+    recorded = {**settings, "train": cfg.train.model_dump(mode="json")}
+    write_json_atomic(recorded, out / MODEL_DIR / TRAIN_SETTINGS_FILE)
+    placed_otherwise = make_config(tensorboard=True, log_every=1, checkpoint_every=2, resources={"trainer": 1.0})
+    assert train_weighted_sft(placed_otherwise, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
+    assert run_name(train_settings(placed_otherwise, str(weighted), model_path, out)) == run_name(
+        train_settings(cfg, str(weighted), model_path, out)
+    )
+    with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: train\.cpus_per_worker \(1\.0 then, 2\.0 now\)\)"):
+        train_weighted_sft(make_config(cpus_per_worker=2.0), str(weighted), model_path, str(out), start_ray=no_ray_start)
+
     # With training to do, Ray starts first of all: a cluster that refuses the config leaves no output.
     shutil.rmtree(out)
     with pytest.raises(ValueError, match="no cluster here"):
@@ -500,7 +512,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"cut short")
 
-    stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
+    # Resumed with settings that only observe or place the run changed: still the same run.
+    resumed_cfg = make_config(checkpoint_every=2, log_every=1, tensorboard=True, **SCHEDULED)
+    stats = train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
     assert not list(tmp_path.glob(f".{MODEL_DIR}.staging-*"))
     uninterrupted_out, uninterrupted = zero2_run
     assert stats["resumed_from_step"] == CRASH_AT_STEP

@@ -218,7 +218,12 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
     require_same_settings(record, {**settings, "shards": ("a", "b")}, output="out")  # compared as stored
     # A setting the record lacks was added by a later version: not compared.
     require_same_settings(record, {**settings, "weights": {"beta": 0.1, "mode": "drift", "new": 1}}, output="out")
+    # Ignored settings, and those under them, may differ or be gone.
+    require_same_settings(record, {"shards": ["a", "b"], "seed": None}, output="out", ignore=["weights"])
+    require_same_settings(record, {**settings, "weights": {"mode": "drift"}}, output="out", ignore=["weights.beta"])
     changed = {"weights": {"beta": 0.5, "mode": "drift"}, "shards": ["a", "b", "c"], "lr": 1.0}
+    with pytest.raises(RuntimeError, match=r"differ in: seed \(None then, unset now\)\)"):
+        require_same_settings(record, changed, output="out", ignore=["weights", "shards"])
     with pytest.raises(RuntimeError) as refused:
         require_same_settings(record, changed, output="run/weighted")
     assert str(refused.value) == (
