@@ -32,7 +32,7 @@ from record import (  # noqa: E402
     append_result,
     argument_parser,
     print_table,
-    reused_training,
+    reused_work,
     weight_checksums,
 )
 
@@ -72,9 +72,12 @@ def comparison_methods(modes: list[str], betas: list[float], rounds: int) -> lis
     return methods
 
 
-def run_method(config: Path, overrides: list[str], seed: int, method: Method, work: Path, reference: str) -> dict[str, dict[str, Any]]:
+def run_method(
+    config: Path, overrides: list[str], seed: int, method: Method, work: Path, reference: str, samples_rollouts: bool
+) -> dict[str, dict[str, Any]]:
     """One seed × method through the whole pipeline; metrics, per-stage wall-clock and weight shares of
-    every model it evaluated, by row label (the reference included)."""
+    every model it evaluated, by row label (the reference included). `samples_rollouts`: whether this is
+    the seed's first method, which samples the reference's rollouts that the others reuse."""
     run_dir = work / f"seed{seed}" / method.label
     cfg = load_config(
         config,
@@ -97,8 +100,12 @@ def run_method(config: Path, overrides: list[str], seed: int, method: Method, wo
         models[label] = {
             "metrics": result["metrics"][method.mode + suffix],
             "timings_s": timings,
-            # A --work-dir that holds this run already: its stages took seconds, not their cost.
-            "reused": reused_training(run_dir if r == 1 else run_dir / f"round-{r}", timings["weighted_sft"]),
+            # A --work-dir that holds this run already, in whole or part: its stages took seconds, not their cost.
+            "reused": reused_work(
+                run_dir if r == 1 else run_dir / f"round-{r}",
+                timings["weighted_sft"],
+                result["rollouts_by_round"][r - 1] if r > 1 or samples_rollouts else None,
+            ),
             "weight_share": result["weights_by_round"][r - 1]["weight_share_by_first_correct_turn"],
         }
     return models
@@ -216,7 +223,7 @@ def main() -> None:
         runs: dict[tuple[int, str], dict[str, Any]] = {}
         for seed in seeds:
             for i, method in enumerate(methods):
-                for label, run in run_method(args.config, overrides, seed, method, work, reference).items():
+                for label, run in run_method(args.config, overrides, seed, method, work, reference, i == 0).items():
                     if label != REFERENCE or i == 0:  # the reference's row: from the seed's first run
                         runs[(seed, label)] = run
         rows = summary_rows(runs, seeds, labels)
@@ -225,8 +232,8 @@ def main() -> None:
               "a later round samples its own)")
         for row in rows:
             if "reused_in_seeds" in row:
-                print(f"({row['method']}: no stage times, its runs of seeds {row['reused_in_seeds']} were finished in "
-                      "--work-dir already and reused)")
+                print(f"({row['method']}: no stage times, its runs of seeds {row['reused_in_seeds']} took over work "
+                      "that a run in --work-dir had done)")
         print("\nshare of the training weight by the turn of the trajectory's first correct answer (mean over seeds):")
         print_table([row for row in rows if row["method"] != REFERENCE], ["method", *(f"weight_{p}" for p in WEIGHT_SHARES)])
         # --quick leaves no plot behind: its results directory holds the JSON line alone.

@@ -27,6 +27,9 @@ log = logging.getLogger("drift_ray")
 
 CONFIG_FILE = "config.json"  # the config of the last `run` that finished
 TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run` that finished
+# The rollouts stage's summary, per round, of the last `run` that finished: prompts it took from earlier
+# runs ("reused") and sampled itself ("new"), tokens and seconds. So its seconds can be told from a cost.
+ROLLOUTS_SUMMARY_FILE = "rollouts.summary.json"
 WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: weights config, rollouts, prompts
 
 
@@ -290,7 +293,7 @@ def round_config(cfg: Config, round_index: int) -> Config:
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """All stages in order; returns per-stage wall-clock (with ray_start apart, absent when no stage had
-    work left), the weight diagnostics of every round, the evaluated models' directories by label (the
+    work left), the rollouts' summary and the weight diagnostics of every round, the evaluated models' directories by label (the
     reference's included) and the evaluation report.
 
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
@@ -327,11 +330,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     models = {"reference": reference}
     policy = reference
-    diagnostics_by_round = []
+    rollouts_by_round, diagnostics_by_round = [], []
     for round_index in range(1, cfg.rounds + 1):
         round_cfg = round_config(cfg, round_index)
         suffix = "" if round_index == 1 else f"_round{round_index}"
-        timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
+        rollouts_by_round.append(
+            timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
+        )
         # The weights stage asks Ray Data for no more than a CPU. New weights are new training input, so
         # the training after it is checked too (even in the rare rerun whose weights come out the same).
         start_before_training = ray_starter("train", round_index)
@@ -342,4 +347,11 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
     write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / CONFIG_FILE)
     write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)
-    return {"timings_s": timings, "weights_by_round": diagnostics_by_round, "models": models, **report}
+    write_json_atomic(rollouts_by_round, Path(cfg.run_dir) / ROLLOUTS_SUMMARY_FILE)
+    return {
+        "timings_s": timings,
+        "rollouts_by_round": rollouts_by_round,
+        "weights_by_round": diagnostics_by_round,
+        "models": models,
+        **report,
+    }

@@ -206,9 +206,12 @@ def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
     assert [m.overrides for m in methods if m.label == "drift_beta0.5"] == [("weights.beta=0.5",)]
 
 
-def finished_drift_run(run_dir: Path, cfg, timings: dict[str, float]) -> None:
+def finished_drift_run(
+    run_dir: Path, cfg, timings: dict[str, float], resumed_from_step: int = 0, reused_prompts: int | None = 0
+) -> None:
     """What `drift-ray run` of `cfg` leaves in run_dir: one prompt's rollouts (7 tokens), eval.json, the
-    training's statistics (30 s), config.json and `timings`."""
+    training's statistics (30 s), config.json, `timings` and the rollouts' summary (none when
+    `reused_prompts` is None, as a drift-ray that wrote none left it)."""
     from drift_ray.episode import Episode, Generation, episodes_table, first_messages
     from drift_ray.prompts import Problem
     from drift_ray.rollouts import shard_path
@@ -220,9 +223,15 @@ def finished_drift_run(run_dir: Path, cfg, timings: dict[str, float]) -> None:
     episode.take_turn(Generation("<answer>4</answer>", 10, 7), ExactVerifier(), cfg.episode)
     write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
     write_json_atomic({"drift": {"multi@1": 0.4, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
-    write_json_atomic({"wall_seconds": 30.0}, run_dir / "train" / "model" / "drift_train.json")
+    write_json_atomic(
+        {"wall_seconds": 30.0, "resumed_from_step": resumed_from_step}, run_dir / "train" / "model" / "drift_train.json"
+    )
     write_json_atomic(cfg.model_dump(mode="json"), run_dir / "config.json")
     write_json_atomic(timings, run_dir / "timings.json")
+    summary = run_dir / "rollouts.summary.json"
+    summary.unlink(missing_ok=True)
+    if reused_prompts is not None:
+        write_json_atomic([{"problems": 1, "reused": reused_prompts, "new": 1 - reused_prompts}], summary)
 
 
 def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path):
@@ -234,9 +243,18 @@ def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path
     point = online_rl.drift_point(tmp_path, cfg)
     assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)
 
-    finished_drift_run(tmp_path, cfg, {"rollouts": 0.1, "weights": 0.1, "weighted_sft": 0.2})
-    with pytest.raises(SystemExit, match="the last run reused finished stages"):
-        online_rl.drift_point(tmp_path, cfg)
+    # Without a rollouts summary (an older drift-ray's run_dir) the rollouts cannot be checked.
+    finished_drift_run(tmp_path, cfg, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}, reused_prompts=None)
+    assert online_rl.drift_point(tmp_path, cfg)["seconds"] == 55.0
+
+    for timings, took_over in [
+        ({"rollouts": 0.1, "weights": 0.1, "weighted_sft": 0.2}, {}),  # a rerun of a finished run
+        ({"rollouts": 0.1, "weights": 2.0, "weighted_sft": 33.0}, {"reused_prompts": 1}),  # killed after the rollouts
+        ({"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}, {"resumed_from_step": 3}),  # killed in training
+    ]:
+        finished_drift_run(tmp_path, cfg, timings, **took_over)
+        with pytest.raises(SystemExit, match="the last run took over work an earlier run did"):
+            online_rl.drift_point(tmp_path, cfg)
 
 
 def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(tmp_path):
