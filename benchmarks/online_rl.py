@@ -1,11 +1,12 @@
-"""Cost of online multi-turn RL against DRIFT: multi@5 against wall-clock and generated tokens.
+"""Cost of online multi-turn RL against DRIFT: multi@T against wall-clock and generated tokens.
 
-The online baseline (`drift_ray.online_rl`, GRPO advantages, single process, labelled so) starts from the
-same reference as DRIFT and regenerates episodes from its current policy at every update; its greedy
-multi@1/multi@5 on the test split is measured every few updates (evaluation time excluded). DRIFT's
-point is one `drift-ray run` of the same config: its one-time rollouts plus training, with the tokens
-its rollouts generated (`--drift-run DIR` reuses a finished run that wrote timings.json; its seed, task,
-episode, eval.task and max_new_tokens must be written as in --config; its reference is not compared).
+The online baseline (`drift_ray.online_rl`, GRPO advantages, one process on its CPU with the transformers
+engine in float32, labelled so) starts from the same reference as DRIFT and regenerates episodes from its
+current policy at every update; its greedy multi@1/multi@T (T = episode.max_turns, 5 in the demo) on the
+test split is measured every few updates (evaluation time excluded). DRIFT's point is one `drift-ray run`
+of the same config: its one-time rollouts plus training, with the tokens its rollouts generated
+(`--drift-run DIR` reuses a finished run that wrote timings.json; its seed, task, episode, eval.task and
+max_new_tokens must be written as in --config; its reference is not compared).
 
     .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--tmp-dir DIR] [--quick] [--out DIR]
 """
@@ -72,7 +73,7 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "seconds": round(timings["rollouts"] + timings["weights"] + timings["weighted_sft"], 1),
         "generated_tokens": int(tokens),
         "multi@1": metrics["multi@1"],
-        "multi@5": metrics[f"multi@{cfg.episode.max_turns}"],
+        f"multi@{cfg.episode.max_turns}": metrics[f"multi@{cfg.episode.max_turns}"],
     }
 
 
@@ -112,7 +113,7 @@ def main() -> None:
         def evaluate(engine) -> dict[str, float]:
             episodes = play_episodes(eval_task.test, engine, eval_verifier, eval_sampling(cfg), 1, cfg.episode)
             metrics = episode_metrics(episodes_table(episodes, cfg.episode, engine.name), max_turns)
-            return {"multi@1": metrics["multi@1"], "multi@5": metrics[f"multi@{max_turns}"]}
+            return {"multi@1": metrics["multi@1"], f"multi@{max_turns}": metrics[f"multi@{max_turns}"]}
 
         model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)  # as weighted SFT loads it
         tokenizer = AutoTokenizer.from_pretrained(reference)
@@ -122,7 +123,7 @@ def main() -> None:
         if args.drift_run is None:
             run_pipeline(cfg)
         rows.append(drift_point(args.drift_run or Path(cfg.run_dir), cfg))
-    print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", "multi@5"])
+    print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", f"multi@{max_turns}"])
     append_result(
         "online_rl",
         {"config": str(args.config), "quick": args.quick, "settings": settings_dict(settings), "reference": reference,

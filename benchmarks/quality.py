@@ -210,11 +210,13 @@ def main() -> None:
     # smoke test checks the plumbing: one seed of DRIFT, with its rounds, is enough.
     methods = comparison_methods([DRIFT] if args.quick else args.modes, [] if args.quick else args.betas, args.rounds)
     labels = [label for method in methods for label in method.round_labels()]
+    base = load_config(args.config, overrides)
+    if base.episode.max_turns < 5:
+        parser.error(f"episode.max_turns is {base.episode.max_turns}: the comparison reports multi@3 and multi@5")
     args.out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="drift-quality-") as tmp:
         work = args.work_dir or Path(tmp)
-        base = load_config(args.config, overrides)
         if args.quick:  # plumbing only: an untrained model instead of building the demo reference
             reference = save_untrained_demo_model(work / "untrained-reference")
         else:

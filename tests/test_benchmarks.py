@@ -222,7 +222,7 @@ def finished_drift_run(
     episode = Episode(problem, 0, first_messages(problem.question, cfg.episode))
     episode.take_turn(Generation("<answer>4</answer>", 10, 7), ExactVerifier(), cfg.episode)
     write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
-    write_json_atomic({"drift": {"multi@1": 0.4, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
+    write_json_atomic({"drift": {"multi@1": 0.4, "multi@3": 0.45, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
     write_json_atomic(
         {"wall_seconds": 30.0, "resumed_from_step": resumed_from_step}, run_dir / "train" / "model" / "drift_train.json"
     )
@@ -241,7 +241,12 @@ def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     finished_drift_run(tmp_path, cfg, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
     point = online_rl.drift_point(tmp_path, cfg)
-    assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)
+    assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)  # episode.max_turns=5
+
+    # The last turn's multi@k, named by its turn.
+    three_turns = load_config(None, [f"run_dir={tmp_path}", "episode.max_turns=3"])
+    finished_drift_run(tmp_path, three_turns, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
+    assert online_rl.drift_point(tmp_path, three_turns)["multi@3"] == 0.45
 
     # Without a rollouts summary (an older drift-ray's run_dir) the rollouts cannot be checked.
     finished_drift_run(tmp_path, cfg, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}, reused_prompts=None)
