@@ -140,7 +140,8 @@ def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], 
                 for run in per_seed
             ]
             mean, std = mean_std(values)
-            row[key] = f"{mean:.3f} ± {std:.3f}"
+            defined = sum(v is not None for v in values)
+            row[key] = f"{mean:.3f} ± {std:.3f}" + (f" ({defined} seeds)" if defined < len(values) else "")
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
             row[f"{key}_per_seed"] = values  # in `seeds` order, for comparisons paired by seed
         if label != REFERENCE:
