@@ -293,8 +293,8 @@ def round_config(cfg: Config, round_index: int) -> Config:
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """All stages in order; returns per-stage wall-clock (with ray_start apart, absent when no stage had
-    work left), the rollouts' summary and the weight diagnostics of every round, the evaluated models' directories by label (the
-    reference's included) and the evaluation report.
+    work left), the rollouts' summary and the weight diagnostics of every round, the evaluated models'
+    directories by label (the reference's included) and the evaluation report.
 
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
     round trained and train it further; the evaluation compares the reference with every round's model.
