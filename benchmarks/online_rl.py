@@ -37,10 +37,9 @@ from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import episodes_table, play_episodes  # noqa: E402
 from drift_ray.evaluation import episode_metrics  # noqa: E402
 from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  # noqa: E402
-from drift_ray.pipeline import CONFIG_FILE, ROLLOUTS_SUMMARY_FILE, TIMINGS_FILE, evaluation_task, resolve_model, run_pipeline  # noqa: E402
+from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, WORK_FILE, evaluation_task, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
-from drift_ray.train import STATS_FILE  # noqa: E402
 from drift_ray.trajectories import require_same_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,14 +56,17 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
     )
     cfg = load_config(run_dir / CONFIG_FILE)
     timings = json.loads((run_dir / TIMINGS_FILE).read_text())  # the last run's
-    # A run_dir of a drift-ray that wrote no summary: its rollouts cannot be checked.
-    summary = run_dir / ROLLOUTS_SUMMARY_FILE
-    rollouts = json.loads(summary.read_text())[0] if summary.exists() else None
-    if reused_work(run_dir, timings["weighted_sft"], rollouts):
+    work = run_dir / WORK_FILE
+    if not work.exists():
         raise SystemExit(
-            f"{run_dir / TIMINGS_FILE}: the last run took over work an earlier run did (finished or resumed weighted "
-            f"SFT, see {STATS_FILE}; or rollouts, see {ROLLOUTS_SUMMARY_FILE}), so its timings are not DRIFT's "
-            "cost. Give --drift-run a run_dir whose last run did all the work."
+            f"--drift-run {run_dir}: no {WORK_FILE} (a run of an older drift-ray), so what its last run took over "
+            "from earlier runs cannot be told. Give --drift-run a run_dir that this drift-ray ran."
+        )
+    if reused_work(json.loads(work.read_text())[0], samples_rollouts=True):
+        raise SystemExit(
+            f"{run_dir / TIMINGS_FILE}: the last run took over work an earlier run did (rollouts, weights, the model "
+            f"or a checkpoint; see {work}), so its timings are not DRIFT's cost. Give --drift-run a run_dir whose "
+            "last run did all the work."
         )
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())[cfg.weights.mode.value]
     tokens = sum(read_shards(cfg.rollout.output_dir or run_dir / "rollouts").column(schema.COMPLETION_TOKENS).to_pylist())

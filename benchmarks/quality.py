@@ -101,11 +101,7 @@ def run_method(
             "metrics": result["metrics"][method.mode + suffix],
             "timings_s": timings,
             # A --work-dir that holds this run already, in whole or part: its stages took seconds, not their cost.
-            "reused": reused_work(
-                run_dir if r == 1 else run_dir / f"round-{r}",
-                timings["weighted_sft"],
-                result["rollouts_by_round"][r - 1] if r > 1 or samples_rollouts else None,
-            ),
+            "reused": reused_work(result["work_by_round"][r - 1], samples_rollouts=r > 1 or samples_rollouts),
             "weight_share": result["weights_by_round"][r - 1]["weight_share_by_first_correct_turn"],
         }
     return models

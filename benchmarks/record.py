@@ -27,19 +27,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 QUICK_PIPELINE_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samples_per_prompt=4", "train.epochs=1"]
 
 
-def reused_work(run_dir: Path, weighted_sft_s: float, rollouts: dict[str, Any] | None = None) -> bool:
-    """Whether a pipeline run in `run_dir` took over work that a run before it did, so that its timings are
-    seconds, not cost: its weighted SFT, timed at `weighted_sft_s` seconds, reused a finished model (it took
-    less than that training's own wall-clock) or resumed a killed run (whose wall-clock covers only the
-    part after the resume); or, given the run's `rollouts` summary (pipeline.ROLLOUTS_SUMMARY_FILE), it
-    took some prompts' rollouts from an earlier run."""
-    from drift_ray.train import MODEL_DIR, read_stats
-
-    stats = read_stats(run_dir / "train" / MODEL_DIR)
+def reused_work(work: dict[str, Any], samples_rollouts: bool) -> bool:
+    """Whether a round of a pipeline run (its entry in pipeline.WORK_FILE) took over work that a run before
+    it did, so that its timings are seconds, not cost: finished weights or a finished model, a killed
+    training resumed from its checkpoint, or, where the round was to sample its rollouts itself
+    (`samples_rollouts`), some prompts' rollouts."""
     return (
-        weighted_sft_s < stats["wall_seconds"]
-        or stats["resumed_from_step"] > 0
-        or (rollouts is not None and rollouts["reused"] > 0)
+        work["weights_reused"]
+        or work["model_reused"]
+        or work["resumed_from_step"] > 0
+        or (samples_rollouts and work["rollouts"]["reused"] > 0)
     )
 
 

@@ -27,9 +27,13 @@ log = logging.getLogger("drift_ray")
 
 CONFIG_FILE = "config.json"  # the config of the last `run` that finished
 TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run` that finished
-# The rollouts stage's summary, per round, of the last `run` that finished: prompts it took from earlier
-# runs ("reused") and sampled itself ("new"), tokens and seconds. So its seconds can be told from a cost.
-ROLLOUTS_SUMMARY_FILE = "rollouts.summary.json"
+# Per round of the last `run` that finished, what its stages took over from earlier runs, so that their
+# seconds can be told from a cost: the rollouts' summary (prompts "reused" and "new", tokens, seconds),
+# whether the weights and the model were finished already, and the step a killed training resumed from.
+WORK_FILE = "work.json"
+WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
+TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model
+WEIGHTS_DIAGNOSTICS_FILE = "weighted.diagnostics.json"
 WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: weights config, rollouts, prompts
 
 
@@ -172,6 +176,11 @@ def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], No
     return summary
 
 
+def weights_finished(run_dir: Path) -> bool:
+    """Whether the weights stage in `run_dir` finished: its diagnostics, written last, mark it complete."""
+    return (run_dir / WEIGHTED_DIR).is_dir() and (run_dir / WEIGHTS_DIAGNOSTICS_FILE).exists()
+
+
 def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[str, Any]:
     """Returns and normalised weights of the rollouts of the task's training prompts, as a Ray Data map
     stage; skipped when done (refused when other settings made it)."""
@@ -182,8 +191,8 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
 
     require_training_problems(task)
     run_dir = Path(cfg.run_dir)
-    out = run_dir / "weighted"
-    diagnostics_path = run_dir / "weighted.diagnostics.json"
+    out = run_dir / WEIGHTED_DIR
+    diagnostics_path = run_dir / WEIGHTS_DIAGNOSTICS_FILE
     settings_path = run_dir / WEIGHTS_SETTINGS_FILE
     rollouts = rollouts_dir(cfg)
     prompt_ids = sorted(p.prompt_id for p in task.train)
@@ -194,7 +203,7 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
         "rollouts": json.loads((rollouts / MANIFEST).read_text()),
         "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
     }
-    if out.is_dir() and diagnostics_path.exists():
+    if weights_finished(run_dir):
         require_same_settings(settings_path, settings, output=str(out))
         return json.loads(diagnostics_path.read_text())
     start_ray()
@@ -221,10 +230,10 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
 def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], weighted: str | None = None) -> str:
     """Weighted SFT of the reference on weighted trajectories (default: the run's own, run_dir/weighted)
     into run_dir/train; returns the trained model's directory."""
-    from drift_ray.train import train_weighted_sft
+    from drift_ray.train import MODEL_DIR, train_weighted_sft
 
-    out = Path(cfg.run_dir) / "train"
-    weighted = weighted or str(Path(cfg.run_dir) / "weighted")
+    out = Path(cfg.run_dir) / TRAIN_DIR
+    weighted = weighted or str(Path(cfg.run_dir) / WEIGHTED_DIR)
     stats = train_weighted_sft(cfg, weighted, reference, str(out), start_ray=start_ray)
     log.info("training: %s", stats)
     if stats.get("truncated_examples"):
@@ -235,7 +244,7 @@ def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], wei
             stats["truncated_examples"],
             cfg.train.max_length,
         )
-    return str(out / "model")
+    return str(out / MODEL_DIR)
 
 
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
@@ -293,12 +302,14 @@ def round_config(cfg: Config, round_index: int) -> Config:
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """All stages in order; returns per-stage wall-clock (with ray_start apart, absent when no stage had
-    work left), the rollouts' summary and the weight diagnostics of every round, the evaluated models'
-    directories by label (the reference's included) and the evaluation report.
+    work left), what the stages of every round took over from earlier runs (as WORK_FILE) and its weight
+    diagnostics, the evaluated models' directories by label (the reference's included) and the evaluation report.
 
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
     round trained and train it further; the evaluation compares the reference with every round's model.
     """
+    from drift_ray.train import finished_model, read_stats
+
     timings: dict[str, float] = {}
     ray_start_s = 0.0
 
@@ -330,27 +341,30 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     models = {"reference": reference}
     policy = reference
-    rollouts_by_round, diagnostics_by_round = [], []
+    work_by_round, diagnostics_by_round = [], []
     for round_index in range(1, cfg.rounds + 1):
         round_cfg = round_config(cfg, round_index)
+        round_dir = Path(round_cfg.run_dir)
         suffix = "" if round_index == 1 else f"_round{round_index}"
-        rollouts_by_round.append(
-            timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
-        )
+        rollouts = timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
+        work = {"rollouts": rollouts, "weights_reused": weights_finished(round_dir)}
         # The weights stage asks Ray Data for no more than a CPU. New weights are new training input, so
         # the training after it is checked too (even in the rare rerun whose weights come out the same).
         start_before_training = ray_starter("train", round_index)
         diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task, start_before_training))
+        work["model_reused"] = finished_model(round_dir / TRAIN_DIR)
         policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy, start_before_training)
+        work["resumed_from_step"] = read_stats(policy)["resumed_from_step"]
+        work_by_round.append(work)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
     report = timed("evaluation", run_eval, cfg, eval_task, models, ray_starter("eval"))
     # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
     write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / CONFIG_FILE)
     write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)
-    write_json_atomic(rollouts_by_round, Path(cfg.run_dir) / ROLLOUTS_SUMMARY_FILE)
+    write_json_atomic(work_by_round, Path(cfg.run_dir) / WORK_FILE)
     return {
         "timings_s": timings,
-        "rollouts_by_round": rollouts_by_round,
+        "work_by_round": work_by_round,
         "weights_by_round": diagnostics_by_round,
         "models": models,
         **report,

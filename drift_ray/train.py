@@ -159,7 +159,7 @@ def loads_partitioned(train: TrainConfig, transformers_version: str) -> bool:
 
 # They observe or place the run, and leave the model as it was: changing one must neither refuse a
 # finished model nor, through run_name, start a killed run again from step 0 instead of resuming it.
-# (cpus_per_worker is not one: it sets torch's threads, and with them the order of float sums.)
+# (cpus_per_worker is not one: on CPU it sets torch's threads, and with them the order of float sums.)
 UNCHANGING_TRAIN_SETTINGS = ("tensorboard", "log_every", "checkpoint_every", "resources")
 
 
@@ -184,6 +184,11 @@ def require_training_input(weighted_dir: str) -> None:
     read, and to report."""
     if "://" not in weighted_dir:
         require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
+
+
+def finished_model(out_dir: str | Path) -> bool:
+    """Whether weighted SFT into `out_dir` finished: the statistics beside the model mark it whole."""
+    return (Path(out_dir) / MODEL_DIR / STATS_FILE).exists()
 
 
 def read_stats(model_dir: str | Path) -> dict[str, Any]:
@@ -231,7 +236,7 @@ def train_weighted_sft(
     out = Path(out_dir).resolve()
     model_out = out / MODEL_DIR
     settings = train_settings(cfg, weighted_dir, model_path, out)
-    if (model_out / STATS_FILE).exists():
+    if finished_model(out):
         require_same_settings(
             model_out / TRAIN_SETTINGS_FILE,
             settings,

@@ -208,11 +208,11 @@ def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
 
 
 def finished_drift_run(
-    run_dir: Path, cfg, timings: dict[str, float], resumed_from_step: int = 0, reused_prompts: int | None = 0
+    run_dir: Path, cfg, timings: dict[str, float], took_over: dict | None = None, wrote_work: bool = True
 ) -> None:
     """What `drift-ray run` of `cfg` leaves in run_dir: one prompt's rollouts (7 tokens), eval.json, the
-    training's statistics (30 s), config.json, `timings` and the rollouts' summary (none when
-    `reused_prompts` is None, as a drift-ray that wrote none left it)."""
+    training's statistics (30 s), config.json, `timings` and work.json, what the run took over from
+    earlier ones: nothing, but for `took_over` (none at all without `wrote_work`, as an older drift-ray)."""
     from drift_ray.episode import Episode, Generation, episodes_table, first_messages
     from drift_ray.prompts import Problem
     from drift_ray.rollouts import shard_path
@@ -224,15 +224,14 @@ def finished_drift_run(
     episode.take_turn(Generation("<answer>4</answer>", 10, 7), ExactVerifier(), cfg.episode)
     write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
     write_json_atomic({"drift": {"multi@1": 0.4, "multi@3": 0.45, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
-    write_json_atomic(
-        {"wall_seconds": 30.0, "resumed_from_step": resumed_from_step}, run_dir / "train" / "model" / "drift_train.json"
-    )
+    write_json_atomic({"wall_seconds": 30.0}, run_dir / "train" / "model" / "drift_train.json")
     write_json_atomic(cfg.model_dump(mode="json"), run_dir / "config.json")
     write_json_atomic(timings, run_dir / "timings.json")
-    summary = run_dir / "rollouts.summary.json"
-    summary.unlink(missing_ok=True)
-    if reused_prompts is not None:
-        write_json_atomic([{"problems": 1, "reused": reused_prompts, "new": 1 - reused_prompts}], summary)
+    work = {"rollouts": {"problems": 1, "reused": 0, "new": 1}, "weights_reused": False, "model_reused": False,
+            "resumed_from_step": 0} | (took_over or {})
+    (run_dir / "work.json").unlink(missing_ok=True)
+    if wrote_work:
+        write_json_atomic([work], run_dir / "work.json")
 
 
 def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path):
@@ -240,27 +239,36 @@ def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path
 
     online_rl = load_benchmark("online_rl.py")
     cfg = load_config(None, [f"run_dir={tmp_path}"])
-    finished_drift_run(tmp_path, cfg, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
+    timings = {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}
+    finished_drift_run(tmp_path, cfg, timings)
     point = online_rl.drift_point(tmp_path, cfg)
-    assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)  # episode.max_turns=5
+    assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)
 
     # The last turn's multi@k, named by its turn.
     three_turns = load_config(None, [f"run_dir={tmp_path}", "episode.max_turns=3"])
-    finished_drift_run(tmp_path, three_turns, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
+    finished_drift_run(tmp_path, three_turns, timings)
     assert online_rl.drift_point(tmp_path, three_turns)["multi@3"] == 0.45
 
-    # Without a rollouts summary (an older drift-ray's run_dir) the rollouts cannot be checked.
-    finished_drift_run(tmp_path, cfg, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}, reused_prompts=None)
-    assert online_rl.drift_point(tmp_path, cfg)["seconds"] == 55.0
-
-    for timings, took_over in [
-        ({"rollouts": 0.1, "weights": 0.1, "weighted_sft": 0.2}, {}),  # a rerun of a finished run
-        ({"rollouts": 0.1, "weights": 2.0, "weighted_sft": 33.0}, {"reused_prompts": 1}),  # killed after the rollouts
-        ({"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0}, {"resumed_from_step": 3}),  # killed in training
+    for took_over in [
+        {"rollouts": {"problems": 1, "reused": 1, "new": 0}},  # killed after the rollouts
+        {"weights_reused": True},
+        {"model_reused": True},  # a rerun of a finished run
+        {"resumed_from_step": 3},  # killed in training
     ]:
-        finished_drift_run(tmp_path, cfg, timings, **took_over)
+        finished_drift_run(tmp_path, cfg, timings, took_over)
         with pytest.raises(SystemExit, match="the last run took over work an earlier run did"):
             online_rl.drift_point(tmp_path, cfg)
+    finished_drift_run(tmp_path, cfg, timings, wrote_work=False)
+    with pytest.raises(SystemExit, match=r"no work\.json \(a run of an older drift-ray\)"):
+        online_rl.drift_point(tmp_path, cfg)
+
+
+def test_reused_work_counts_reused_rollouts_only_where_the_round_was_to_sample_them():
+    record = load_benchmark("record.py")
+    work = {"rollouts": {"reused": 8, "new": 0}, "weights_reused": False, "model_reused": False, "resumed_from_step": 0}
+    assert record.reused_work(work, samples_rollouts=True)
+    assert not record.reused_work(work, samples_rollouts=False)  # a later method of a seed shares the first's
+    assert record.reused_work({**work, "weights_reused": True}, samples_rollouts=False)
 
 
 def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from drift_ray.cli import main
 from drift_ray.config import load_config
-from drift_ray.pipeline import ROLLOUTS_SUMMARY_FILE, TIMINGS_FILE, resolve_model
+from drift_ray.pipeline import TIMINGS_FILE, WORK_FILE, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -54,8 +54,10 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     printed = json.JSONDecoder().raw_decode(out, out.index('{\n  "timings_s"'))[0]
     stages = list(printed["timings_s"])  # in the order they ran (timings.json sorts them)
     assert stages.index("ray_start") == stages.index("rollouts") - 1  # started by the rollouts, timed apart
-    [rollouts] = json.loads((run_dir / ROLLOUTS_SUMMARY_FILE).read_text())
+    [work] = json.loads((run_dir / WORK_FILE).read_text())
+    rollouts = work["rollouts"]
     assert (rollouts["problems"], rollouts["reused"], rollouts["new"], rollouts["trajectories"]) == (8, 0, 8, 8 * 4)
+    assert (work["weights_reused"], work["model_reused"], work["resumed_from_step"]) == (False, False, 0)
 
     # A rerun finds every stage's output, redoes nothing and starts no Ray; it prints the same table.
     import ray
@@ -65,11 +67,13 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert main(run) == 0
     assert not ray.is_initialized()
     assert "ray_start" not in json.loads((run_dir / TIMINGS_FILE).read_text())
-    [rollouts] = json.loads((run_dir / ROLLOUTS_SUMMARY_FILE).read_text())
-    assert (rollouts["reused"], rollouts["new"]) == (8, 0)  # so its seconds are not taken for a cost
+    [work] = json.loads((run_dir / WORK_FILE).read_text())  # so that its seconds are not taken for a cost
+    assert (work["rollouts"]["reused"], work["rollouts"]["new"], work["weights_reused"], work["model_reused"]) == (
+        8, 0, True, True
+    )
     assert capsys.readouterr().out.split("\n| ", 1)[1] == out.split("\n| ", 1)[1]
     after = {p: p.stat().st_mtime_ns for p in before}
-    rewritten = {"config.json", TIMINGS_FILE, ROLLOUTS_SUMMARY_FILE}
+    rewritten = {"config.json", TIMINGS_FILE, WORK_FILE}
     changed = [str(p) for p in before if before[p] != after[p] and p.name not in rewritten]
     assert not changed
 
