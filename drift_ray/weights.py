@@ -98,11 +98,13 @@ def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None 
     group_size: the K every prompt's group has, checked, so that a table holding part of a group fails
     instead of normalising the weights over that part."""
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source="weights input")
+    # One encoding of the prompt ids serves the check and DRIFT's normalisation.
+    groups = _group_codes(table) if group_size is not None or cfg.mode == WeightMode.drift else None
     if group_size is not None:
-        _require_group_size(table, group_size)
+        _require_group_size(table, groups, group_size)
     returns = trajectory_returns(table, cfg.gamma, cfg.rep_lambda, cfg.format_penalty)
     if cfg.mode == WeightMode.drift:
-        weights = _weights_within_groups(returns, _group_codes(table), cfg.beta)
+        weights = _weights_within_groups(returns, groups, cfg.beta)
     elif cfg.mode == WeightMode.uniform:
         weights = np.ones(table.num_rows)
     elif cfg.mode == WeightMode.success_only:
@@ -283,11 +285,13 @@ def _count_format_failures(table: pa.Table, format_penalty: float) -> npt.NDArra
     return np.bincount(rows, weights=hits, minlength=table.num_rows)
 
 
-def _require_group_size(table: pa.Table, group_size: int) -> None:
-    counts = pc.value_counts(table.column(schema.PROMPT_ID))
-    wrong = pc.filter(counts, pc.not_equal(counts.field("counts"), group_size))
+def _require_group_size(table: pa.Table, groups: npt.NDArray[np.int64], group_size: int) -> None:
+    """`groups`: _group_codes(table)."""
+    rows_in_group = np.bincount(groups)[groups]
+    wrong = np.flatnonzero(rows_in_group != group_size)
     if len(wrong):
-        prompt_id, count = wrong[0]["values"].as_py(), wrong[0]["counts"].as_py()
+        row = int(wrong[0])
+        prompt_id, count = table.column(schema.PROMPT_ID)[row].as_py(), int(rows_in_group[row])
         raise RuntimeError(
             f"weights: {count} trajectories of prompt {prompt_id!r} in one block, expected {group_size} "
             "(rollout.samples_per_prompt): a block must hold every prompt's group whole, or the weights are "
