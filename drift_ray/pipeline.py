@@ -29,7 +29,8 @@ CONFIG_FILE = "config.json"  # the config of the last `run` that finished
 TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run` that finished
 # Per round of the last `run` that finished, what its stages took over from earlier runs, so that their
 # seconds can be told from a cost: the rollouts' summary (prompts "reused" and "new", tokens, seconds),
-# whether the weights and the model were finished already, and the step a killed training resumed from.
+# whether the weights and the model were finished already, and the step a killed training resumed from
+# (its last: killed after training, before the model was published).
 WORK_FILE = "work.json"
 WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
 TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model

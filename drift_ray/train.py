@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -218,7 +219,9 @@ def train_weighted_sft(
     which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
     Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
     last epoch's steps), grad_norm and lr of the last step, seconds (training), tokens_per_s,
-    wall_seconds (all of it, start-up included), resumed_from_step, loaded_partitioned (whether each
+    wall_seconds (all of it, start-up included), resumed_from_step (the number of steps an earlier, killed
+    call had done: all of them when it was killed after training, before the model was published),
+    loaded_partitioned (whether each
     rank loaded only its share of the model, see loads_partitioned) and peak_rss_mb (the largest peak
     resident memory of a worker process, in MiB, the final save included). The metrics of every step
     (step, epoch, loss, lr, grad_norm, cumulative tokens and seconds, peak_rss_mb so far) go to
@@ -275,12 +278,15 @@ def train_weighted_sft(
             f"(with weights.mode=success_only: no rollout reached a correct answer)"
         )
 
+    # Stamped on the final metrics: a final checkpoint with another stamp was written by an earlier call.
+    call_id = uuid.uuid4().hex
     trainer = TorchTrainer(
         train_loop_per_worker or train_loop,
         train_loop_config={
             "train": cfg.train.model_dump(mode="json"),
             "seed": cfg.seed,
             "model_path": model_path,
+            "call_id": call_id,
             # One directory per run: a rerun with other settings is another curve, not the same one continued.
             "tensorboard_dir": str(out / TENSORBOARD_DIR / run_name(settings)),
         },
@@ -312,6 +318,9 @@ def train_weighted_sft(
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
         )
         stats = {**result.metrics, "wall_seconds": round(time.perf_counter() - started, 2)}
+        if stats.pop("call_id", None) != call_id:
+            # Killed after its final checkpoint, before the model was published: no step was trained now.
+            stats["resumed_from_step"] = stats["steps"]
         (staging / TRAIN_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         publish_directory(staging, model_out)
@@ -324,7 +333,8 @@ def train_weighted_sft(
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed ZeRO weighted SFT over this rank's share of every global batch.
 
-    config: {"train": TrainConfig as JSON, "seed": int, "model_path": str, "tensorboard_dir": str}.
+    config: {"train": TrainConfig as JSON, "seed": int, "model_path": str, "call_id": str (goes into the final
+    metrics), "tensorboard_dir": str}.
     """
     train = TrainConfig.model_validate(config["train"])
     seed = int(config["seed"])
@@ -490,6 +500,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "final_loss": float(np.mean([row["loss"] for row in history[-steps_per_epoch:]])),
                 "resumed_from_step": start_step,
                 "loaded_partitioned": loaded_partitioned,
+                "call_id": config["call_id"],
             }
             _report_final(engine, tokenizer, train, rank, final, history)
         elif train.checkpoint_every and done % train.checkpoint_every == 0:

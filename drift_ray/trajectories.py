@@ -196,6 +196,9 @@ def require_same_settings(
     `only`: compare only these settings (dotted paths) and those under them; `ignore`: not these, which
     older records may hold. The message names every differing setting by its dotted path.
     """
+    for name, paths in (("only", only), ("ignore", ignore)):
+        if isinstance(paths, str):  # a bare string would be read as its characters, and match nothing
+            raise TypeError(f"require_same_settings: {name} takes a collection of dotted paths, not {paths!r}")
     record = Path(record)
     if not record.exists():
         return

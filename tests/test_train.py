@@ -512,12 +512,25 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"cut short")
 
-    # Resumed with settings that only observe or place the run changed: still the same run.
+    # Resumed with settings that only observe or place the run changed: still the same run. Killed once
+    # more, after its final checkpoint and before the model was published.
     resumed_cfg = make_config(checkpoint_every=2, log_every=1, tensorboard=True, **SCHEDULED)
+    staged = []
+
+    def killed_before_publishing(staging, target):
+        staged.append(json.loads((Path(staging) / STATS_FILE).read_text()))
+        raise SimulatedCrash("killed before publishing the model")
+
+    with mock.patch("drift_ray.train.publish_directory", killed_before_publishing):
+        with pytest.raises(SimulatedCrash):
+            train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
+    [resumed_stats] = staged
+    assert resumed_stats["resumed_from_step"] == CRASH_AT_STEP
+    # The next call trains no step: it publishes the finished training, and says that it took it over.
     stats = train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
     assert not list(tmp_path.glob(f".{MODEL_DIR}.staging-*"))
     uninterrupted_out, uninterrupted = zero2_run
-    assert stats["resumed_from_step"] == CRASH_AT_STEP
+    assert stats == {**resumed_stats, "resumed_from_step": stats["steps"], "wall_seconds": stats["wall_seconds"]}
     assert stats["steps"] == uninterrupted["steps"]
     assert stats["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-5)
     # The steps before the crash come from the checkpoint: the resumed run's curve is the whole curve.

@@ -231,6 +231,10 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
         "shards (['a', 'b'] then, ['a', 'b', 'c'] now); weights.beta (0.1 then, 0.5 now)), "
         f"recorded in {record}. Rerun with the same config, or use a new run_dir."
     )
+    with pytest.raises(TypeError, match=r"ignore takes a collection of dotted paths, not 'weights'"):
+        require_same_settings(record, changed, output="out", ignore="weights")
+    with pytest.raises(TypeError, match=r"only takes a collection"):
+        require_same_settings(record, changed, output="out", only="seed")
 
 
 def test_a_column_that_changes_type_names_its_line(tmp_path):
