@@ -5,7 +5,7 @@ engine in float32, labelled so) starts from the same reference as DRIFT and rege
 current policy at every update; its greedy multi@1/multi@T (T = episode.max_turns, 5 in the demo) on the
 test split is measured every few updates (evaluation time excluded). DRIFT's point is one `drift-ray run`
 of the same config: its one-time rollouts plus training, with the tokens its rollouts generated
-(`--drift-run DIR` reuses a finished run that wrote timings.json; its seed, task, episode, eval.task and
+(`--drift-run DIR` reuses a finished run, from the run.json it wrote; its seed, task, episode, eval.task and
 max_new_tokens must be written as in --config; its reference is not compared).
 
     .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--tmp-dir DIR] [--quick] [--out DIR]
@@ -32,12 +32,12 @@ from record import (  # noqa: E402
 )
 
 from drift_ray import schema  # noqa: E402
-from drift_ray.config import Config, load_config  # noqa: E402
+from drift_ray.config import Config, load_config, validate_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import episodes_table, play_episodes  # noqa: E402
 from drift_ray.evaluation import episode_metrics  # noqa: E402
 from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  # noqa: E402
-from drift_ray.pipeline import CONFIG_FILE, TIMINGS_FILE, WORK_FILE, evaluation_task, resolve_model, run_pipeline  # noqa: E402
+from drift_ray.pipeline import RUN_RECORD_FILE, evaluation_task, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
 from drift_ray.trajectories import require_same_settings  # noqa: E402
@@ -50,24 +50,29 @@ COMPARED = ("seed", "task", "episode", "eval.task", "eval.max_new_tokens", "roll
 def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """DRIFT's cost and result from a finished run of the problems and episodes of `cfg` (the online
     baseline's): rollouts + weights + training time, rollout tokens."""
+    record_path = run_dir / RUN_RECORD_FILE
+    if not record_path.exists():
+        raise SystemExit(
+            f"--drift-run {run_dir}: no {RUN_RECORD_FILE} (not a finished run, or one of an older drift-ray), so "
+            "what its last run took over from earlier runs cannot be told. Give --drift-run a run_dir that this "
+            "drift-ray ran."
+        )
     # What the two methods are measured on must be the same; how DRIFT trained is the run's own.
     require_same_settings(
-        run_dir / CONFIG_FILE, cfg.model_dump(mode="json"), output=f"--drift-run {run_dir}", only=COMPARED
+        record_path,
+        {"config": cfg.model_dump(mode="json")},
+        output=f"--drift-run {run_dir}",
+        only=[f"config.{name}" for name in COMPARED],
     )
-    cfg = load_config(run_dir / CONFIG_FILE)
-    timings = json.loads((run_dir / TIMINGS_FILE).read_text())  # the last run's
-    work = run_dir / WORK_FILE
-    if not work.exists():
+    record = json.loads(record_path.read_text())
+    cfg = validate_config(record["config"], f"{record_path}: config")
+    if reused_work(record["work_by_round"][0], samples_rollouts=True):
         raise SystemExit(
-            f"--drift-run {run_dir}: no {WORK_FILE} (a run of an older drift-ray), so what its last run took over "
-            "from earlier runs cannot be told. Give --drift-run a run_dir that this drift-ray ran."
+            f"{record_path}: the last run took over work an earlier run did (rollouts, weights, the model or a "
+            "checkpoint), so its timings are not DRIFT's cost. Give --drift-run a run_dir whose last run did all "
+            "the work."
         )
-    if reused_work(json.loads(work.read_text())[0], samples_rollouts=True):
-        raise SystemExit(
-            f"{run_dir / TIMINGS_FILE}: the last run took over work an earlier run did (rollouts, weights, the model "
-            f"or a checkpoint; see {work}), so its timings are not DRIFT's cost. Give --drift-run a run_dir whose "
-            "last run did all the work."
-        )
+    timings = record["timings_s"]
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())[cfg.weights.mode.value]
     tokens = sum(read_shards(cfg.rollout.output_dir or run_dir / "rollouts").column(schema.COMPLETION_TOKENS).to_pylist())
     return {

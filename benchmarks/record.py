@@ -28,7 +28,7 @@ QUICK_PIPELINE_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samp
 
 
 def reused_work(work: dict[str, Any], samples_rollouts: bool) -> bool:
-    """Whether a round of a pipeline run (its entry in pipeline.WORK_FILE) took over work that a run before
+    """Whether a round of a pipeline run (its entry in pipeline.RUN_RECORD_FILE) took over work that a run before
     it did, so that its timings are seconds, not cost: finished weights or a finished model, a killed
     training resumed from its checkpoint, or, where the round was to sample its rollouts itself
     (`samples_rollouts`), some prompts' rollouts."""

@@ -25,13 +25,14 @@ from drift_ray.trajectories import publish_directory, require_same_settings, wri
 
 log = logging.getLogger("drift_ray")
 
-CONFIG_FILE = "config.json"  # the config of the last `run` that finished
-TIMINGS_FILE = "timings.json"  # wall-clock seconds per stage of the last `run` that finished
-# Per round of the last `run` that finished, what its stages took over from earlier runs, so that their
-# seconds can be told from a cost: the rollouts' summary (prompts "reused" and "new", tokens, seconds),
-# whether the weights and the model were finished already, and the step a killed training resumed from
-# (its last: killed after training, before the model was published).
-WORK_FILE = "work.json"
+CONFIG_FILE = "config.json"  # the config of the last `run` that finished, to rerun it
+# The record of the last `run` that finished, in one file so that its parts always come from one run:
+# "config"; "timings_s", wall-clock seconds per stage; "work_by_round", what the stages of every round
+# took over from earlier runs, so that their seconds can be told from a cost: the rollouts' summary
+# (prompts "reused" and "new", tokens, seconds), whether the weights and the model were finished
+# already, and the step a killed training resumed from (its last: killed after training, before the
+# model was published).
+RUN_RECORD_FILE = "run.json"
 WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
 TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model
 WEIGHTS_DIAGNOSTICS_FILE = "weighted.diagnostics.json"
@@ -303,7 +304,7 @@ def round_config(cfg: Config, round_index: int) -> Config:
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """All stages in order; returns per-stage wall-clock (with ray_start apart, absent when no stage had
-    work left), what the stages of every round took over from earlier runs (as WORK_FILE) and its weight
+    work left), what the stages of every round took over from earlier runs (as RUN_RECORD_FILE) and its weight
     diagnostics, the evaluated models' directories by label (the reference's included) and the evaluation report.
 
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
@@ -360,9 +361,10 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
     report = timed("evaluation", run_eval, cfg, eval_task, models, ray_starter("eval"))
     # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
-    write_json_atomic(cfg.model_dump(mode="json"), Path(cfg.run_dir) / CONFIG_FILE)
-    write_json_atomic(timings, Path(cfg.run_dir) / TIMINGS_FILE)
-    write_json_atomic(work_by_round, Path(cfg.run_dir) / WORK_FILE)
+    config = cfg.model_dump(mode="json")
+    write_json_atomic(config, Path(cfg.run_dir) / CONFIG_FILE)
+    record = {"config": config, "timings_s": timings, "work_by_round": work_by_round}
+    write_json_atomic(record, Path(cfg.run_dir) / RUN_RECORD_FILE)
     return {
         "timings_s": timings,
         "work_by_round": work_by_round,

@@ -208,11 +208,11 @@ def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
 
 
 def finished_drift_run(
-    run_dir: Path, cfg, timings: dict[str, float], took_over: dict | None = None, wrote_work: bool = True
+    run_dir: Path, cfg, timings: dict[str, float], took_over: dict | None = None, wrote_record: bool = True
 ) -> None:
     """What `drift-ray run` of `cfg` leaves in run_dir: one prompt's rollouts (7 tokens), eval.json, the
-    training's statistics (30 s), config.json, `timings` and work.json, what the run took over from
-    earlier ones: nothing, but for `took_over` (none at all without `wrote_work`, as an older drift-ray)."""
+    training's statistics (30 s) and run.json: the config, `timings` and what the run took over from
+    earlier ones: nothing, but for `took_over` (no run.json without `wrote_record`, as an older drift-ray)."""
     from drift_ray.episode import Episode, Generation, episodes_table, first_messages
     from drift_ray.prompts import Problem
     from drift_ray.rollouts import shard_path
@@ -225,13 +225,12 @@ def finished_drift_run(
     write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
     write_json_atomic({"drift": {"multi@1": 0.4, "multi@3": 0.45, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
     write_json_atomic({"wall_seconds": 30.0}, run_dir / "train" / "model" / "drift_train.json")
-    write_json_atomic(cfg.model_dump(mode="json"), run_dir / "config.json")
-    write_json_atomic(timings, run_dir / "timings.json")
     work = {"rollouts": {"problems": 1, "reused": 0, "new": 1}, "weights_reused": False, "model_reused": False,
             "resumed_from_step": 0} | (took_over or {})
-    (run_dir / "work.json").unlink(missing_ok=True)
-    if wrote_work:
-        write_json_atomic([work], run_dir / "work.json")
+    (run_dir / "run.json").unlink(missing_ok=True)
+    if wrote_record:
+        record = {"config": cfg.model_dump(mode="json"), "timings_s": timings, "work_by_round": [work]}
+        write_json_atomic(record, run_dir / "run.json")
 
 
 def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path):
@@ -258,8 +257,8 @@ def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path
         finished_drift_run(tmp_path, cfg, timings, took_over)
         with pytest.raises(SystemExit, match="the last run took over work an earlier run did"):
             online_rl.drift_point(tmp_path, cfg)
-    finished_drift_run(tmp_path, cfg, timings, wrote_work=False)
-    with pytest.raises(SystemExit, match=r"no work\.json \(a run of an older drift-ray\)"):
+    finished_drift_run(tmp_path, cfg, timings, wrote_record=False)
+    with pytest.raises(SystemExit, match=r"no run\.json \(not a finished run, or one of an older drift-ray\)"):
         online_rl.drift_point(tmp_path, cfg)
 
 
@@ -281,9 +280,9 @@ def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(t
     online = load_config(None, [f"run_dir={tmp_path / 'online'}"])
     assert online_rl.drift_point(tmp_path, online)["seconds"] == 55.0
     for override, differs in [
-        ("episode.max_turns=3", "episode.max_turns (5 then, 3 now)"),
-        ("seed=7", "seed"),
-        ("eval.max_new_tokens=9", "eval.max_new_tokens (None then, 9 now)"),
+        ("episode.max_turns=3", "config.episode.max_turns (5 then, 3 now)"),
+        ("seed=7", "config.seed"),
+        ("eval.max_new_tokens=9", "config.eval.max_new_tokens (None then, 9 now)"),
     ]:
         online = load_config(None, [f"run_dir={tmp_path / 'online'}", override])
         message = rf"--drift-run {re.escape(str(tmp_path))}: made with other settings \(differ in: {re.escape(differs)}"

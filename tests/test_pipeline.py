@@ -15,7 +15,7 @@ import pytest
 
 from drift_ray.cli import main
 from drift_ray.config import load_config
-from drift_ray.pipeline import TIMINGS_FILE, WORK_FILE, resolve_model
+from drift_ray.pipeline import CONFIG_FILE, RUN_RECORD_FILE, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -52,9 +52,13 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     diagnostics = json.loads((run_dir / "weighted.diagnostics.json").read_text())
     assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9
     printed = json.JSONDecoder().raw_decode(out, out.index('{\n  "timings_s"'))[0]
-    stages = list(printed["timings_s"])  # in the order they ran (timings.json sorts them)
+    stages = list(printed["timings_s"])  # in the order they ran (run.json sorts them)
     assert stages.index("ray_start") == stages.index("rollouts") - 1  # started by the rollouts, timed apart
-    [work] = json.loads((run_dir / WORK_FILE).read_text())
+    record = json.loads((run_dir / RUN_RECORD_FILE).read_text())
+    assert record["timings_s"] == printed["timings_s"]
+    assert record["config"] == json.loads((run_dir / CONFIG_FILE).read_text())
+    assert record["config"]["run_dir"] == str(run_dir)
+    [work] = record["work_by_round"]
     rollouts = work["rollouts"]
     assert (rollouts["problems"], rollouts["reused"], rollouts["new"], rollouts["trajectories"]) == (8, 0, 8, 8 * 4)
     assert (work["weights_reused"], work["model_reused"], work["resumed_from_step"]) == (False, False, 0)
@@ -66,14 +70,15 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts}
     assert main(run) == 0
     assert not ray.is_initialized()
-    assert "ray_start" not in json.loads((run_dir / TIMINGS_FILE).read_text())
-    [work] = json.loads((run_dir / WORK_FILE).read_text())  # so that its seconds are not taken for a cost
+    record = json.loads((run_dir / RUN_RECORD_FILE).read_text())
+    assert "ray_start" not in record["timings_s"]
+    [work] = record["work_by_round"]  # so that its seconds are not taken for a cost
     assert (work["rollouts"]["reused"], work["rollouts"]["new"], work["weights_reused"], work["model_reused"]) == (
         8, 0, True, True
     )
     assert capsys.readouterr().out.split("\n| ", 1)[1] == out.split("\n| ", 1)[1]
     after = {p: p.stat().st_mtime_ns for p in before}
-    rewritten = {"config.json", TIMINGS_FILE, WORK_FILE}
+    rewritten = {CONFIG_FILE, RUN_RECORD_FILE}
     changed = [str(p) for p in before if before[p] != after[p] and p.name not in rewritten]
     assert not changed
 
