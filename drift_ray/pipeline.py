@@ -30,8 +30,8 @@ CONFIG_FILE = "config.json"  # the config of the last `run` that finished, to re
 # "config"; "timings_s", wall-clock seconds per stage; "work_by_round", what the stages of every round
 # took over from earlier runs, so that their seconds can be told from a cost: the rollouts' summary
 # (prompts "reused" and "new", tokens, seconds), whether the weights and the model were finished
-# already, and the step a killed training resumed from (its last: killed after training, before the
-# model was published).
+# already, and the steps an earlier, killed training had done (all of them when it was killed after
+# training, before the model was published).
 RUN_RECORD_FILE = "run.json"
 WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
 TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model
@@ -360,11 +360,12 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         work_by_round.append(work)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy
     report = timed("evaluation", run_eval, cfg, eval_task, models, ray_starter("eval"))
-    # At the end, as the timings: a run refused or killed part-way leaves the last finished run's config.
+    # At the end: a run refused or killed part-way leaves the last finished run's record (config.json, a
+    # copy of its config written after it, may be newer).
     config = cfg.model_dump(mode="json")
-    write_json_atomic(config, Path(cfg.run_dir) / CONFIG_FILE)
     record = {"config": config, "timings_s": timings, "work_by_round": work_by_round}
     write_json_atomic(record, Path(cfg.run_dir) / RUN_RECORD_FILE)
+    write_json_atomic(config, Path(cfg.run_dir) / CONFIG_FILE)
     return {
         "timings_s": timings,
         "work_by_round": work_by_round,

@@ -219,15 +219,15 @@ def train_weighted_sft(
     which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
     Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
     last epoch's steps), grad_norm and lr of the last step, seconds (training), tokens_per_s,
-    wall_seconds (all of it, start-up included), resumed_from_step (the number of steps an earlier, killed
-    call had done: all of them when it was killed after training, before the model was published),
-    loaded_partitioned (whether each
-    rank loaded only its share of the model, see loads_partitioned) and peak_rss_mb (the largest peak
-    resident memory of a worker process, in MiB, the final save included). The metrics of every step
+    wall_seconds (all of it, start-up included), resumed_from_step (the steps an earlier, killed call had
+    done: `steps` when it was killed after training, before the model was published), loaded_partitioned
+    (whether each rank loaded only its share of the model, see loads_partitioned) and peak_rss_mb (the
+    largest peak resident memory of a worker process, in MiB, the final save included). The metrics of every step
     (step, epoch, loss, lr, grad_norm, cumulative tokens and seconds, peak_rss_mb so far) go to
     out_dir/model/STEPS_FILE, steps before a resume included.
     Needs a running Ray, or `start_ray`, called only when there is training to do.
-    `train_loop_per_worker` replaces `train_loop` (tests wrap it to inject failures).
+    `train_loop_per_worker` replaces `train_loop` (tests and benchmarks wrap it to inject failures or
+    measure); its final metrics must hold train_loop's, call_id included.
     """
     import pyarrow as pa
     import pyarrow.fs
