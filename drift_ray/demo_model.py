@@ -196,7 +196,6 @@ def ensure_demo_model(
         for leftover in [*cache_dir.glob(f".demo-{key}.building-*"), target]:
             shutil.rmtree(leftover, ignore_errors=True)  # a build that crashed, or that copy; we hold the lock
         building = Path(tempfile.mkdtemp(prefix=f".demo-{key}.building-", dir=cache_dir))
-        building.chmod(0o755)  # mkdtemp makes it private to this user
         try:
             _build(building, settings, episode)
             publish_directory(building, target)

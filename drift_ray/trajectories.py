@@ -261,15 +261,35 @@ def publish_directory(staging: str | Path, target: str | Path) -> None:
 
     Everything under `staging` reaches the disk before the rename: else a power cut soon after could
     leave `target` in place with files that are empty or cut short.
+
+    The published tree gets the modes that mkdir and open give under the process umask, whatever
+    `staging` had: mkdtemp makes a directory private and safetensors 0.8 writes its files 0600, which
+    left a trained model unreadable to any other user, such as a serving container's.
     """
     staging, target = Path(staging), Path(target)
+    umask = _umask()
     for directory, _, files in os.walk(staging):
+        os.chmod(directory, 0o777 & ~umask)
         for name in files:
-            with open(Path(directory) / name, "rb") as f:
+            path = Path(directory) / name
+            os.chmod(path, 0o666 & ~umask)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_directory(directory)
     os.replace(staging, target)
     _fsync_directory(target.parent)
+
+
+def _umask(status_file: str | Path = "/proc/self/status") -> int:
+    try:
+        with open(status_file) as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        # Where the kernel does not report it, os.umask is the only reader, and it also sets the mask:
+        # briefly the strictest one, so that a file another thread makes meanwhile is never too open.
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
 
 
 def _fsync_directory(path: str | Path) -> None:

@@ -48,6 +48,14 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert set(metrics) == {"reference", "drift"}
     assert metrics["drift"]["num_problems"] == 8
     assert (run_dir / "train" / "model" / "config.json").exists()
+    # Readable as any file this user makes, by a serving process of another user too (see publish_directory).
+    (tmp_path / "probe").touch()
+    (tmp_path / "probe-dir").mkdir()
+    model_dir = run_dir / "train" / "model"
+    model_files = list(model_dir.iterdir())
+    assert "model.safetensors" in {p.name for p in model_files}
+    assert {p.stat().st_mode & 0o777 for p in model_files} == {(tmp_path / "probe").stat().st_mode & 0o777}
+    assert model_dir.stat().st_mode & 0o777 == (tmp_path / "probe-dir").stat().st_mode & 0o777
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
     diagnostics = json.loads((run_dir / "weighted.diagnostics.json").read_text())
     assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9

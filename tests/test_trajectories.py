@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import safetensors.numpy
 
 from drift_ray import schema
 from drift_ray.config import EpisodeConfig
@@ -16,6 +19,7 @@ from drift_ray.episode import Episode, Generation, first_messages
 from drift_ray.prompts import Problem
 from drift_ray.trajectories import (
     TrajectoryFileError,
+    _umask,
     conversations_fingerprint,
     publish_directory,
     read_trajectories,
@@ -343,6 +347,38 @@ def test_publish_directory_puts_every_file_on_disk_before_the_rename_and_the_ren
     assert not staging.exists()
     assert (tmp_path / "model" / "weights.bin").read_bytes() == b"w" * 1000
     assert (tmp_path / "model" / "nested" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_published_directory_gets_the_modes_of_the_umask_not_the_private_ones_it_was_staged_with(tmp_path, umask):
+    staging = Path(tempfile.mkdtemp(dir=tmp_path))  # mkdtemp: 0700
+    safetensors.numpy.save_file({"w": np.zeros(2, dtype=np.float32)}, str(staging / "model.safetensors"))
+    (staging / "nested").mkdir(mode=0o700)
+    (staging / "nested" / "config.json").write_text("{}")
+    previous = os.umask(umask)
+    try:
+        publish_directory(staging, tmp_path / "model")
+    finally:
+        os.umask(previous)
+
+    published = [tmp_path / "model", *(tmp_path / "model").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in published}
+    assert modes == {
+        "model": 0o777 & ~umask,
+        "model/model.safetensors": 0o666 & ~umask,
+        "model/nested": 0o777 & ~umask,
+        "model/nested/config.json": 0o666 & ~umask,
+    }
+
+
+def test_the_umask_read_without_the_kernels_report_is_the_processs_and_stays_so(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        assert _umask(tmp_path / "no-status-file") == 0o027
+        assert _umask() == 0o027
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(previous)
 
 
 def test_an_atomic_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
