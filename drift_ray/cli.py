@@ -40,7 +40,8 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     cfg = _config(args)
     model = pipeline.resolve_model(cfg.rollout.model, cfg)
     task = load_task(cfg.task, cfg.seed)
-    summary = pipeline.run_rollouts(cfg, task, model, start_ray=functools.partial(pipeline.connect_ray, cfg, ("rollouts",)))
+    with pipeline.lock_run_dir(cfg.run_dir):
+        summary = pipeline.run_rollouts(cfg, task, model, functools.partial(pipeline.connect_ray, cfg, ("rollouts",)))
     print(json.dumps(summary, indent=2))
     print(f"trajectories in {pipeline.rollouts_dir(cfg)}")
     return 0
@@ -53,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     require_training_input(args.input)  # before the model is built and Ray starts
     model = pipeline.resolve_model(args.model or cfg.rollout.model, cfg)
-    trained = pipeline.run_training(cfg, model, functools.partial(pipeline.connect_ray, cfg, ("train",)), args.input)
+    with pipeline.lock_run_dir(cfg.run_dir):
+        trained = pipeline.run_training(cfg, model, functools.partial(pipeline.connect_ray, cfg, ("train",)), args.input)
     print(json.dumps(read_stats(trained), indent=2, sort_keys=True))
     print(f"trained model in {trained}")
     return 0
@@ -77,7 +79,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--model: two models labelled {label!r}; label each, e.g. --model {label}-2={path}")
         models[label] = pipeline.resolve_model(path, cfg)
     task = pipeline.evaluation_task(cfg)
-    report = pipeline.run_eval(cfg, task, models, start_ray=functools.partial(pipeline.connect_ray, cfg, ("eval",)))
+    with pipeline.lock_run_dir(cfg.run_dir):
+        report = pipeline.run_eval(cfg, task, models, start_ray=functools.partial(pipeline.connect_ray, cfg, ("eval",)))
     print(Path(report["paths"]["markdown"]).read_text())
     print(f"plot: {report['paths']['plot']}")
     return 0

@@ -9,15 +9,13 @@ under greedy decoding it keeps repeating a wrong answer. The result is an ordina
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -26,7 +24,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2Tokenizer
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task
 from drift_ray.config import EpisodeConfig, ExampleKind, LossKind, LrSchedule
 from drift_ray.episode import SamplingParams, play_episodes
-from drift_ray.trajectories import publish_directory
+from drift_ray.trajectories import exclusive_lock, publish_directory
 from drift_ray.weighted_sft import fit_plain
 
 # Bump whenever the tokenizer, the architecture or the pre-training recipe changes meaning: it is part of
@@ -190,7 +188,7 @@ def ensure_demo_model(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"demo-{key}"
-    with _exclusive_lock(cache_dir / f".demo-{key}.lock"):
+    with exclusive_lock(cache_dir / f".demo-{key}.lock"):
         if (target / METADATA_FILE).is_file():  # written last by a build, so a copy cut short lacks it
             return str(target)
         for leftover in [*cache_dir.glob(f".demo-{key}.building-*"), target]:
@@ -203,16 +201,6 @@ def ensure_demo_model(
             shutil.rmtree(building, ignore_errors=True)
             raise
     return str(target)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(out_dir: Path, settings: dict[str, Any], episode: EpisodeConfig) -> None:

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, ContextManager, Mapping
 
 import pyarrow.parquet as pq
 
@@ -21,7 +21,7 @@ from drift_ray.config import DEMO_MODEL, Config, EngineKind
 from drift_ray.prompts import Task, load_task
 from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
 from drift_ray.schema import PROMPT_ID
-from drift_ray.trajectories import publish_directory, require_same_settings, write_json_atomic
+from drift_ray.trajectories import exclusive_lock, publish_directory, require_same_settings, write_json_atomic
 
 log = logging.getLogger("drift_ray")
 
@@ -37,9 +37,17 @@ WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
 TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model
 WEIGHTS_DIAGNOSTICS_FILE = "weighted.diagnostics.json"
 WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: weights config, rollouts, prompts
+RUN_LOCK_FILE = ".drift-ray.lock"  # in run_dir: held by the process writing it, naming that process
 
 
 STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connect_ray's check
+
+
+def lock_run_dir(run_dir: str | Path) -> ContextManager[None]:
+    """Held while a process writes `run_dir`: a second one, such as a job resubmitted while the first still
+    runs, is refused at once instead of overwriting the stages the first is writing."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(Path(run_dir) / RUN_LOCK_FILE, wait=False)
 
 
 def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
@@ -303,13 +311,19 @@ def round_config(cfg: Config, round_index: int) -> Config:
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """All stages in order; returns per-stage wall-clock (with ray_start apart, absent when no stage had
-    work left), what the stages of every round took over from earlier runs (as RUN_RECORD_FILE) and its weight
-    diagnostics, the evaluated models' directories by label (the reference's included) and the evaluation report.
+    """All stages in order, holding run_dir's lock; returns per-stage wall-clock (with ray_start apart,
+    absent when no stage had work left), what the stages of every round took over from earlier runs (as
+    RUN_RECORD_FILE) and its weight diagnostics, the evaluated models' directories by label (the
+    reference's included) and the evaluation report.
 
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
     round trained and train it further; the evaluation compares the reference with every round's model.
     """
+    with lock_run_dir(cfg.run_dir):
+        return _run_stages(cfg)
+
+
+def _run_stages(cfg: Config) -> dict[str, Any]:
     from drift_ray.train import finished_model, read_stats
 
     timings: dict[str, float] = {}
@@ -336,7 +350,6 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 
         return start_ray
 
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     # Before any stage: a mistake in eval.task must not surface only after the training.

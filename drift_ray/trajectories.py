@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
+import socket
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable, Collection
+from typing import IO, Any, Callable, Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from drift_ray import schema
+
+log = logging.getLogger(__name__)
 
 
 class TrajectoryFileError(ValueError):
@@ -262,22 +268,67 @@ def publish_directory(staging: str | Path, target: str | Path) -> None:
     Everything under `staging` reaches the disk before the rename: else a power cut soon after could
     leave `target` in place with files that are empty or cut short.
 
-    The published tree gets the modes that mkdir and open give under the process umask, whatever
-    `staging` had: mkdtemp makes a directory private and safetensors 0.8 writes its files 0600, which
-    left a trained model unreadable to any other user, such as a serving container's.
+    The published tree gets at least the permissions that mkdir and open give under the process umask,
+    whatever `staging` had: mkdtemp makes a directory private and safetensors 0.8 writes its files 0600,
+    which left a trained model unreadable to any other user, such as a serving container's. Symbolic
+    links, and what they point to, are left as they are.
     """
     staging, target = Path(staging), Path(target)
     umask = _umask()
     for directory, _, files in os.walk(staging):
-        os.chmod(directory, 0o777 & ~umask)
+        _grant(directory, 0o777 & ~umask)
         for name in files:
             path = Path(directory) / name
-            os.chmod(path, 0o666 & ~umask)
+            if path.is_symlink():
+                continue
+            _grant(path, 0o666 & ~umask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_directory(directory)
     os.replace(staging, target)
     _fsync_directory(target.parent)
+
+
+class DirectoryInUseError(RuntimeError):
+    """Another process holds the lock of a directory this one was to write."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, *, wait: bool = True) -> Iterator[None]:
+    """Hold an flock on `path`, which names its holder (pid and host) meanwhile. The kernel drops the lock
+    when its holder dies, so a killed process leaves none behind. With `wait` off, a lock held elsewhere
+    raises DirectoryInUseError at once, naming the holder. On a file system that takes no locks (NFSv3
+    without its lock service, some FUSE mounts) it warns and goes on without one."""
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise DirectoryInUseError(
+                f"{Path(path).parent} is in use by {holder} (lock file {path}): wait for it to finish or stop it"
+            ) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.warning("%s: %s; nothing keeps another process from writing %s meanwhile", path,
+                        err.strerror, Path(path).parent)
+            yield
+            return
+        try:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _grant(path: str | Path, bits: int) -> None:
+    """Add the permission `bits` that `path` lacks; chmod only then, as it needs the file's owner."""
+    mode = os.stat(path).st_mode & 0o7777
+    if mode & bits != bits:
+        os.chmod(path, mode | bits)
 
 
 def _umask(status_file: str | Path = "/proc/self/status") -> int:

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from drift_ray.cli import main
 from drift_ray.config import load_config
-from drift_ray.pipeline import CONFIG_FILE, RUN_RECORD_FILE, resolve_model
+from drift_ray.pipeline import CONFIG_FILE, RUN_LOCK_FILE, RUN_RECORD_FILE, lock_run_dir, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -86,13 +88,13 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     )
     assert capsys.readouterr().out.split("\n| ", 1)[1] == out.split("\n| ", 1)[1]
     after = {p: p.stat().st_mtime_ns for p in before}
-    rewritten = {CONFIG_FILE, RUN_RECORD_FILE}
+    rewritten = {CONFIG_FILE, RUN_RECORD_FILE, RUN_LOCK_FILE}  # the lock: by each run that takes it
     changed = [str(p) for p in before if before[p] != after[p] and p.name not in rewritten]
     assert not changed
 
     # A rerun with other settings is refused at the first stage whose finished output they would change,
     # instead of reporting that output as theirs, and it changes nothing.
-    settled = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    settled = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != RUN_LOCK_FILE}
     for override, stage, setting in [
         ("weights.beta=0.5", "weighted", "weights.beta (0.1 then, 0.5 now)"),
         ("train.lr=0.001", "train/model", "train.lr"),
@@ -100,7 +102,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     ]:
         assert main([*run, override]) == 2
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in capsys.readouterr().err
-        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == settled
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != RUN_LOCK_FILE} == settled
         assert not ray.is_initialized()
 
     # A smaller test split is evaluated on its own problems, from the episodes already played. And a run
@@ -181,6 +183,22 @@ def test_eval_refuses_a_label_that_is_no_directory_name_of_its_own(tmp_path, tin
     assert main([*args, "--model", f"{label}={tiny_model_dir}"]) == 2
     assert f"the label {label!r} names the directory eval/{label}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "rollouts", "train", "eval"])
+def test_a_command_into_a_run_dir_another_process_writes_is_refused_before_any_work(
+    tmp_path, tiny_model_dir, capsys, command
+):
+    run_dir = tmp_path / "run"
+    weighted = tmp_path / "weighted.parquet"
+    pq.write_table(pa.table({"weight": [1.0]}), weighted)
+    extra = {"train": ["--input", str(weighted)], "eval": ["--model", tiny_model_dir]}.get(command, [])
+    args = [command, "--config", str(REPO / "jobs/smoke.yaml"), *extra, *smoke_overrides(run_dir, tiny_model_dir)]
+    with lock_run_dir(run_dir):  # in this process: an flock conflicts with every other open of its file
+        assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"{run_dir} is in use by pid {os.getpid()} on " in error and len(error.splitlines()) == 1
+    assert [p.name for p in run_dir.iterdir()] == [RUN_LOCK_FILE]
 
 
 def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behind(tmp_path, capsys):

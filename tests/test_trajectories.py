@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,9 +23,11 @@ from drift_ray.config import EpisodeConfig
 from drift_ray.episode import Episode, Generation, first_messages
 from drift_ray.prompts import Problem
 from drift_ray.trajectories import (
+    DirectoryInUseError,
     TrajectoryFileError,
     _umask,
     conversations_fingerprint,
+    exclusive_lock,
     publish_directory,
     read_trajectories,
     require_parquet,
@@ -351,24 +358,43 @@ def test_publish_directory_puts_every_file_on_disk_before_the_rename_and_the_ren
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_a_published_directory_gets_the_modes_of_the_umask_not_the_private_ones_it_was_staged_with(tmp_path, umask):
-    staging = Path(tempfile.mkdtemp(dir=tmp_path))  # mkdtemp: 0700
-    safetensors.numpy.save_file({"w": np.zeros(2, dtype=np.float32)}, str(staging / "model.safetensors"))
-    (staging / "nested").mkdir(mode=0o700)
-    (staging / "nested" / "config.json").write_text("{}")
-    previous = os.umask(umask)
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    outside.chmod(0o600)
+    previous = os.umask(umask)  # the process's all along, as in a run
     try:
+        staging = Path(tempfile.mkdtemp(dir=tmp_path))  # mkdtemp: 0700
+        safetensors.numpy.save_file({"w": np.zeros(2, dtype=np.float32)}, str(staging / "model.safetensors"))
+        (staging / "nested").mkdir(mode=0o700)
+        (staging / "nested" / "config.json").write_text("{}")
+        (staging / "run.sh").write_text("exit 0\n")
+        (staging / "run.sh").chmod(0o700)
+        (staging / "link.json").symlink_to(outside)
         publish_directory(staging, tmp_path / "model")
     finally:
         os.umask(previous)
 
     published = [tmp_path / "model", *(tmp_path / "model").rglob("*")]
-    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in published}
+    modes = {p.relative_to(tmp_path).as_posix(): p.lstat().st_mode & 0o777 for p in published if not p.is_symlink()}
     assert modes == {
         "model": 0o777 & ~umask,
         "model/model.safetensors": 0o666 & ~umask,
         "model/nested": 0o777 & ~umask,
         "model/nested/config.json": 0o666 & ~umask,
+        "model/run.sh": 0o700 | (0o666 & ~umask),  # permissions are added, never taken
     }
+    assert outside.stat().st_mode & 0o777 == 0o600  # a link's target is not the tree's to change
+
+
+def test_a_lock_on_a_file_system_that_takes_none_warns_and_lets_the_work_go_on(tmp_path, monkeypatch, caplog):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with exclusive_lock(tmp_path / ".lock", wait=False):
+        worked = True
+    assert worked
+    assert f"{tmp_path / '.lock'}: No locks available; nothing keeps another process from writing {tmp_path}" in caplog.text
 
 
 def test_the_umask_read_without_the_kernels_report_is_the_processs_and_stays_so(tmp_path):
@@ -379,6 +405,26 @@ def test_the_umask_read_without_the_kernels_report_is_the_processs_and_stays_so(
         assert os.umask(0o027) == 0o027
     finally:
         os.umask(previous)
+
+
+def test_a_held_lock_refuses_another_holder_by_name_and_is_gone_when_its_holder_is_killed(tmp_path):
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from drift_ray.trajectories import exclusive_lock\n"
+         "with exclusive_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DirectoryInUseError, match=f"{lock.parent} is in use by pid {holder.pid} on "):
+            with exclusive_lock(lock, wait=False):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_lock(lock, wait=False):
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
 
 
 def test_an_atomic_write_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
