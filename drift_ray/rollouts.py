@@ -25,6 +25,7 @@ from drift_ray.episode import SamplingParams, episodes_table, first_messages, pl
 from drift_ray.prompts import Problem, problems_table
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
+    exclusive_lock,
     files_fingerprint,
     require_same_settings,
     write_json_atomic,
@@ -196,6 +197,13 @@ def record_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
         write_json_atomic(settings, out_dir / MANIFEST)
 
 
+def rollouts_lock_file(out_dir: str | Path) -> Path:
+    """The lock of the runs that play episodes into `out_dir`: beside it, so that a run that fails before
+    playing leaves no directory."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
 def run_episodes(
     problems: Sequence[Problem],
     out_dir: str | Path,
@@ -235,45 +243,51 @@ def run_episodes(
         "verifier": verifier,
         "verifier_options": verifier_settings(verifier, verifier_options),
     }
-    check_manifest(out_dir, settings)
-    done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)
-    todo = [p for p in problems if p.prompt_id not in done]
-    if todo and start_ray:
-        start_ray()  # before the directory is made: a cluster that cannot run the actors leaves nothing behind
-    record_manifest(out_dir, settings)
-    summary: dict[str, Any] = {"problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo)}
-    start = time.perf_counter()
-    if todo:
-        r = cfg.rollout
-        # One block per batch, so every actor of the pool gets inputs (a single block feeds one actor).
-        table = problems_table(todo)
-        blocks = [table.slice(i, prompts_per_batch) for i in range(0, len(todo), prompts_per_batch)]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            EpisodeStage,
-            fn_constructor_kwargs={
-                "model": model,
-                "rollout": r,
-                "episode": cfg.episode,
-                "verifier": verifier,
-                "verifier_options": dict(verifier_options),
-                "params": params,
-                "samples_per_prompt": samples_per_prompt,
-                "out_dir": str(out_dir),
-            },
-            batch_size=prompts_per_batch,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=r.cpus_per_actor,
-            num_gpus=r.gpus_per_actor,
-            resources=r.resources or None,
-        )
-        produced = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
-        summary.update(
-            trajectories=int(pc.sum(produced["trajectories"]).as_py()),
-            completion_tokens=int(pc.sum(produced[schema.COMPLETION_TOKENS]).as_py()),
-            prompt_tokens=int(pc.sum(produced[schema.PROMPT_TOKENS]).as_py()),
-        )
-    summary["seconds"] = time.perf_counter() - start
+    lock = rollouts_lock_file(out_dir)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # Runs that share a rollout.output_dir take turns: the one that waited reuses what the other played,
+    # instead of playing the same prompts in batches of its own, which would put them in two shards.
+    with exclusive_lock(lock):
+        check_manifest(out_dir, settings)
+        done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)
+        todo = [p for p in problems if p.prompt_id not in done]
+        if todo and start_ray:
+            # Before the directory is made: a cluster that cannot run the actors leaves nothing behind.
+            start_ray()
+        record_manifest(out_dir, settings)
+        summary: dict[str, Any] = {"problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo)}
+        start = time.perf_counter()
+        if todo:
+            r = cfg.rollout
+            # One block per batch, so every actor of the pool gets inputs (a single block feeds one actor).
+            table = problems_table(todo)
+            blocks = [table.slice(i, prompts_per_batch) for i in range(0, len(todo), prompts_per_batch)]
+            ds = ray.data.from_arrow(blocks).map_batches(
+                EpisodeStage,
+                fn_constructor_kwargs={
+                    "model": model,
+                    "rollout": r,
+                    "episode": cfg.episode,
+                    "verifier": verifier,
+                    "verifier_options": dict(verifier_options),
+                    "params": params,
+                    "samples_per_prompt": samples_per_prompt,
+                    "out_dir": str(out_dir),
+                },
+                batch_size=prompts_per_batch,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=num_actors),
+                num_cpus=r.cpus_per_actor,
+                num_gpus=r.gpus_per_actor,
+                resources=r.resources or None,
+            )
+            produced = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+            summary.update(
+                trajectories=int(pc.sum(produced["trajectories"]).as_py()),
+                completion_tokens=int(pc.sum(produced[schema.COMPLETION_TOKENS]).as_py()),
+                prompt_tokens=int(pc.sum(produced[schema.PROMPT_TOKENS]).as_py()),
+            )
+        summary["seconds"] = time.perf_counter() - start
     return summary
 
 

@@ -296,23 +296,12 @@ class DirectoryInUseError(RuntimeError):
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, *, wait: bool = True) -> Iterator[None]:
     """Hold an flock on `path`, which names its holder (pid and host) meanwhile. The kernel drops the lock
-    when its holder dies, so a killed process leaves none behind. With `wait` off, a lock held elsewhere
-    raises DirectoryInUseError at once, naming the holder. On a file system that takes no locks (NFSv3
-    without its lock service, some FUSE mounts) it warns and goes on without one."""
+    when its holder dies, so a killed process leaves none behind. A lock held elsewhere is waited for,
+    with a line in the log naming its holder, or with `wait` off raises DirectoryInUseError at once. On a
+    file system that takes no locks (NFSv3 without its lock service, some FUSE mounts) it warns and goes
+    on without one."""
     with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise DirectoryInUseError(
-                f"{Path(path).parent} is in use by {holder} (lock file {path}): wait for it to finish or stop it"
-            ) from None
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            log.warning("%s: %s; nothing keeps another process from writing %s meanwhile", path,
-                        err.strerror, Path(path).parent)
+        if not _lock(handle, Path(path), wait):
             yield
             return
         try:
@@ -322,6 +311,27 @@ def exclusive_lock(path: str | Path, *, wait: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock(handle: IO[str], path: Path, wait: bool) -> bool:
+    """Take the lock on the open lock file `handle` as exclusive_lock says; False where there is none to take."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        if not wait:
+            raise DirectoryInUseError(
+                f"{path.parent} is in use by {holder} (lock file {path}): wait for it to finish or stop it"
+            ) from None
+        log.info("waiting for %s, which holds %s", holder, path)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        log.warning("%s: %s; nothing keeps another process from writing %s meanwhile", path, err.strerror, path.parent)
+        return False
+    return True
 
 
 def _grant(path: str | Path, bits: int) -> None:

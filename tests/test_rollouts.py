@@ -1,7 +1,10 @@
 """The rollout stage: shards, resume and manifests without Ray; the Ray Data actor pool on a local cluster."""
 
+import logging
+import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -20,11 +23,12 @@ from drift_ray.rollouts import (
     read_shards,
     record_manifest,
     rollout_sampling,
+    rollouts_lock_file,
     run_episodes,
     shard_path,
     summarize,
 )
-from drift_ray.trajectories import TRAIN_SETTINGS_FILE, files_fingerprint, write_json_atomic
+from drift_ray.trajectories import TRAIN_SETTINGS_FILE, exclusive_lock, files_fingerprint, write_json_atomic
 from drift_ray.verifiers import get_verifier
 
 
@@ -200,6 +204,28 @@ def test_ray_starts_only_for_episodes_to_play_and_before_anything_is_written(tmp
     write_shard(out, ["a"], k=2)  # as if "a" had been played
     summary = run_episodes([problem("a")], out, **kwargs, start_ray=refused)
     assert (summary["new"], summary["reused"], refused.call_count) == (0, 1, 1)
+
+
+def test_runs_sharing_rollouts_take_turns_and_the_one_that_waited_reuses_what_the_other_played(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="drift_ray")
+    cfg = load_config(None, [])
+    kwargs = dict(model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
+                  samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+    out = tmp_path / "rollouts"
+    no_cluster = mock.Mock(side_effect=ValueError("nothing was left to play"))
+    summaries = []
+    second = threading.Thread(target=lambda: summaries.append(run_episodes([problem("a")], out, **kwargs, start_ray=no_cluster)))
+    with exclusive_lock(rollouts_lock_file(out)):  # a first run, playing "a"
+        second.start()
+        deadline = time.monotonic() + 30
+        while "waiting for pid" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"waiting for pid {os.getpid()} on " in caplog.text and second.is_alive()
+        out.mkdir()
+        write_shard(out, ["a"], k=2)  # what the first run played
+    second.join(timeout=30)
+    [summary] = summaries
+    assert (summary["new"], summary["reused"], no_cluster.call_count) == (0, 1, 0)
 
 
 def test_manifest_refuses_other_settings_once_a_shard_is_there(tmp_path):
