@@ -69,8 +69,8 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
     if reused_work(record["work_by_round"][0], samples_rollouts=True):
         raise SystemExit(
             f"{record_path}: the last run took over work an earlier run did (rollouts, weights, the model or a "
-            "checkpoint), so its timings are not DRIFT's cost. Give --drift-run a run_dir whose last run did all "
-            "the work."
+            "checkpoint) or waited for another run's turn at shared rollouts, so its timings are not DRIFT's cost. "
+            "Give --drift-run a run_dir whose last run did all the work."
         )
     timings = record["timings_s"]
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())[cfg.weights.mode.value]

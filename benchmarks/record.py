@@ -29,14 +29,16 @@ QUICK_PIPELINE_OVERRIDES = ["task.num_train=8", "task.num_test=8", "rollout.samp
 
 def reused_work(work: dict[str, Any], samples_rollouts: bool) -> bool:
     """Whether a round of a pipeline run (its entry in pipeline.RUN_RECORD_FILE) took over work that a run before
-    it did, so that its timings are seconds, not cost: finished weights or a finished model, a killed
-    training resumed from its checkpoint, or, where the round was to sample its rollouts itself
-    (`samples_rollouts`), some prompts' rollouts."""
+    it did, or waited for another run, so that its timings are seconds, not cost: finished weights or a
+    finished model, a killed training resumed from its checkpoint, where the round was to sample its
+    rollouts itself (`samples_rollouts`), some prompts' rollouts, or a wait for another run's turn at
+    shared rollouts (absent from the records of older runs)."""
     return (
         work["weights_reused"]
         or work["model_reused"]
         or work["resumed_from_step"] > 0
         or (samples_rollouts and work["rollouts"]["reused"] > 0)
+        or work["rollouts"].get("waited_seconds", 0) > 0
     )
 
 

@@ -29,9 +29,9 @@ CONFIG_FILE = "config.json"  # the config of the last `run` that finished, to re
 # The record of the last `run` that finished, in one file so that its parts always come from one run:
 # "config"; "timings_s", wall-clock seconds per stage; "work_by_round", what the stages of every round
 # took over from earlier runs, so that their seconds can be told from a cost: the rollouts' summary
-# (prompts "reused" and "new", tokens, seconds), whether the weights and the model were finished
-# already, and the steps an earlier, killed training had done (all of them when it was killed after
-# training, before the model was published).
+# (prompts "reused" and "new", tokens, seconds, and those it waited for its turn at a shared rollouts
+# directory), whether the weights and the model were finished already, and the steps an earlier, killed
+# training had done (all of them when it was killed after training, before the model was published).
 RUN_RECORD_FILE = "run.json"
 WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
 TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model

@@ -9,6 +9,7 @@ are never read), and a retried batch rewrites the same shard name instead of add
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -199,9 +200,9 @@ def record_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
 
 def rollouts_lock_file(out_dir: str | Path) -> Path:
     """The lock of the runs that play episodes into `out_dir`: beside it, so that a run that fails before
-    playing leaves no directory."""
-    out_dir = Path(out_dir)
-    return out_dir.parent / f".{out_dir.name}.lock"
+    playing leaves no directory; of the resolved path, so that every spelling of it names one lock."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.parent / f".{out_dir.name}.play.lock"
 
 
 def run_episodes(
@@ -243,19 +244,29 @@ def run_episodes(
         "verifier": verifier,
         "verifier_options": verifier_settings(verifier, verifier_options),
     }
-    lock = rollouts_lock_file(out_dir)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    # Runs that share a rollout.output_dir take turns: the one that waited reuses what the other played,
-    # instead of playing the same prompts in batches of its own, which would put them in two shards.
-    with exclusive_lock(lock):
+
+    def left_to_play() -> list[Problem]:
         check_manifest(out_dir, settings)
         done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)
-        todo = [p for p in problems if p.prompt_id not in done]
+        return [p for p in problems if p.prompt_id not in done]
+
+    todo, waited = left_to_play(), 0.0
+    with contextlib.ExitStack() as turn:
+        if todo:
+            # Runs that share a rollout.output_dir take turns at playing: the one that waited reuses what
+            # the other played, instead of playing those prompts in batches of its own, which would put them
+            # in two shards. A run with nothing to play only reads: it neither waits nor writes a lock.
+            lock = rollouts_lock_file(out_dir)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            waited = turn.enter_context(exclusive_lock(lock))
+            todo = left_to_play()
         if todo and start_ray:
-            # Before the directory is made: a cluster that cannot run the actors leaves nothing behind.
-            start_ray()
+            start_ray()  # before the directory is made: a cluster that cannot run the actors leaves none
         record_manifest(out_dir, settings)
-        summary: dict[str, Any] = {"problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo)}
+        summary: dict[str, Any] = {
+            "problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo),
+            "waited_seconds": waited,
+        }
         start = time.perf_counter()
         if todo:
             r = cfg.rollout

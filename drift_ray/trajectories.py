@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import IO, Any, Callable, Collection, Iterator
@@ -294,29 +295,32 @@ class DirectoryInUseError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | Path, *, wait: bool = True) -> Iterator[None]:
-    """Hold an flock on `path`, which names its holder (pid and host) meanwhile. The kernel drops the lock
-    when its holder dies, so a killed process leaves none behind. A lock held elsewhere is waited for,
-    with a line in the log naming its holder, or with `wait` off raises DirectoryInUseError at once. On a
-    file system that takes no locks (NFSv3 without its lock service, some FUSE mounts) it warns and goes
-    on without one."""
+def exclusive_lock(path: str | Path, *, wait: bool = True) -> Iterator[float]:
+    """Hold an flock on `path`, which names its holder (pid and host) meanwhile; yields the seconds it
+    waited for it. The kernel drops the lock when its holder dies, so a killed process leaves none behind.
+    A lock held elsewhere is waited for, with a line in the log naming its holder, or with `wait` off
+    raises DirectoryInUseError at once. On a file system that takes no locks (NFSv3 without its lock
+    service, some FUSE mounts) it warns and goes on without one."""
     with open(path, "a+") as handle:
-        if not _lock(handle, Path(path), wait):
-            yield
+        waited = _lock(handle, Path(path), wait)
+        if waited is None:
+            yield 0.0
             return
         try:
             handle.truncate(0)
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             handle.flush()
-            yield
+            yield waited
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _lock(handle: IO[str], path: Path, wait: bool) -> bool:
-    """Take the lock on the open lock file `handle` as exclusive_lock says; False where there is none to take."""
+def _lock(handle: IO[str], path: Path, wait: bool) -> float | None:
+    """Take the lock on the open lock file `handle` as exclusive_lock says; returns the seconds it waited
+    (0 when it was free), or None where there is no lock to take."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return 0.0
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
@@ -325,13 +329,14 @@ def _lock(handle: IO[str], path: Path, wait: bool) -> bool:
                 f"{path.parent} is in use by {holder} (lock file {path}): wait for it to finish or stop it"
             ) from None
         log.info("waiting for %s, which holds %s", holder, path)
+        asked = time.perf_counter()
         fcntl.flock(handle, fcntl.LOCK_EX)
+        return time.perf_counter() - asked
     except OSError as err:
         if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         log.warning("%s: %s; nothing keeps another process from writing %s meanwhile", path, err.strerror, path.parent)
-        return False
-    return True
+        return None
 
 
 def _grant(path: str | Path, bits: int) -> None:

@@ -262,12 +262,16 @@ def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path
         online_rl.drift_point(tmp_path, cfg)
 
 
-def test_reused_work_counts_reused_rollouts_only_where_the_round_was_to_sample_them():
+def test_reused_work_counts_reused_rollouts_only_where_the_round_was_to_sample_them_and_any_wait():
     record = load_benchmark("record.py")
     work = {"rollouts": {"reused": 8, "new": 0}, "weights_reused": False, "model_reused": False, "resumed_from_step": 0}
     assert record.reused_work(work, samples_rollouts=True)
     assert not record.reused_work(work, samples_rollouts=False)  # a later method of a seed shares the first's
     assert record.reused_work({**work, "weights_reused": True}, samples_rollouts=False)
+    sampled = {**work, "rollouts": {"reused": 0, "new": 8, "waited_seconds": 0.0}}
+    assert not record.reused_work(sampled, samples_rollouts=True)
+    # Its seconds include another run's turn at shared rollouts.
+    assert record.reused_work({**sampled, "rollouts": {**sampled["rollouts"], "waited_seconds": 2.5}}, samples_rollouts=True)
 
 
 def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(tmp_path):

@@ -1,5 +1,6 @@
 """The rollout stage: shards, resume and manifests without Ray; the Ray Data actor pool on a local cluster."""
 
+import contextlib
 import logging
 import os
 import re
@@ -212,20 +213,57 @@ def test_runs_sharing_rollouts_take_turns_and_the_one_that_waited_reuses_what_th
     kwargs = dict(model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
                   samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
     out = tmp_path / "rollouts"
-    no_cluster = mock.Mock(side_effect=ValueError("nothing was left to play"))
+    first_has_its_turn, first_may_end = threading.Event(), threading.Event()
+
+    def first_plays_a():  # stands for the actors: "a" is written while the first run holds its turn
+        first_has_its_turn.set()
+        assert first_may_end.wait(timeout=30)
+        raise RuntimeError("the first run ends here")
+
+    def caught(fn):
+        def run():
+            with contextlib.suppress(RuntimeError):
+                fn()
+        return run
+
+    first = threading.Thread(target=caught(lambda: run_episodes([problem("a")], out, **kwargs, start_ray=first_plays_a)))
     summaries = []
+    no_cluster = mock.Mock(side_effect=ValueError("nothing was left to play"))
     second = threading.Thread(target=lambda: summaries.append(run_episodes([problem("a")], out, **kwargs, start_ray=no_cluster)))
-    with exclusive_lock(rollouts_lock_file(out)):  # a first run, playing "a"
-        second.start()
-        deadline = time.monotonic() + 30
-        while "waiting for pid" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert f"waiting for pid {os.getpid()} on " in caplog.text and second.is_alive()
-        out.mkdir()
-        write_shard(out, ["a"], k=2)  # what the first run played
+    first.start()
+    assert first_has_its_turn.wait(timeout=30)
+    second.start()
+    deadline = time.monotonic() + 30
+    while "waiting for pid" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"waiting for pid {os.getpid()} on " in caplog.text and second.is_alive()
+    out.mkdir()
+    write_shard(out, ["a"], k=2)  # what the first run's actors played
+    first_may_end.set()
+    first.join(timeout=30)
     second.join(timeout=30)
     [summary] = summaries
     assert (summary["new"], summary["reused"], no_cluster.call_count) == (0, 1, 0)
+    assert summary["waited_seconds"] > 0
+
+
+def test_a_run_with_nothing_left_to_play_neither_waits_for_its_turn_nor_writes_beside_the_rollouts(tmp_path):
+    cfg = load_config(None, [])
+    kwargs = dict(model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
+                  samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+    out = tmp_path / "rollouts"
+    out.mkdir()
+    write_shard(out, ["a"], k=2)
+    summaries = []
+    reuse = threading.Thread(target=lambda: summaries.append(run_episodes([problem("a")], out, **kwargs)))
+    reuse.start()
+    reuse.join(timeout=30)
+    assert not rollouts_lock_file(out).exists()  # so a directory of another user's can be reused
+    with exclusive_lock(rollouts_lock_file(out)):  # another run, playing other prompts into it
+        reuse = threading.Thread(target=lambda: summaries.append(run_episodes([problem("a")], out, **kwargs)))
+        reuse.start()
+        reuse.join(timeout=30)
+    assert [(s["new"], s["reused"], s["waited_seconds"]) for s in summaries] == [(0, 1, 0), (0, 1, 0)]
 
 
 def test_manifest_refuses_other_settings_once_a_shard_is_there(tmp_path):
