@@ -186,7 +186,6 @@ def ensure_demo_model(
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"demo-{key}"
     with exclusive_lock(cache_dir / f".demo-{key}.lock"):
         if (target / METADATA_FILE).is_file():  # written last by a build, so a copy cut short lacks it

@@ -43,10 +43,9 @@ RUN_LOCK_FILE = ".drift-ray.lock"  # in run_dir: held by the process writing it,
 STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connect_ray's check
 
 
-def lock_run_dir(run_dir: str | Path) -> ContextManager[None]:
-    """Held while a process writes `run_dir`: a second one, such as a job resubmitted while the first still
-    runs, is refused at once instead of overwriting the stages the first is writing."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+def lock_run_dir(run_dir: str | Path) -> ContextManager[float]:
+    """Held while a process writes `run_dir` (made if new): a second one, such as a job resubmitted while
+    the first still runs, is refused at once instead of overwriting the stages the first is writing."""
     return exclusive_lock(Path(run_dir) / RUN_LOCK_FILE, wait=False)
 
 

@@ -256,9 +256,7 @@ def run_episodes(
             # Runs that share a rollout.output_dir take turns at playing: the one that waited reuses what
             # the other played, instead of playing those prompts in batches of its own, which would put them
             # in two shards. A run with nothing to play only reads: it neither waits nor writes a lock.
-            lock = rollouts_lock_file(out_dir)
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            waited = turn.enter_context(exclusive_lock(lock))
+            waited = turn.enter_context(exclusive_lock(rollouts_lock_file(out_dir)))
             todo = left_to_play()
         if todo and start_ray:
             start_ray()  # before the directory is made: a cluster that cannot run the actors leaves none

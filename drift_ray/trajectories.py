@@ -300,7 +300,8 @@ def exclusive_lock(path: str | Path, *, wait: bool = True) -> Iterator[float]:
     waited for it. The kernel drops the lock when its holder dies, so a killed process leaves none behind.
     A lock held elsewhere is waited for, with a line in the log naming its holder, or with `wait` off
     raises DirectoryInUseError at once. On a file system that takes no locks (NFSv3 without its lock
-    service, some FUSE mounts) it warns and goes on without one."""
+    service, some FUSE mounts) it warns and goes on without one. Makes the directory of `path`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         waited = _lock(handle, Path(path), wait)
         if waited is None:

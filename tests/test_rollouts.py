@@ -57,6 +57,13 @@ def write_shard(out_dir: Path, prompt_ids: list[str], k: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=columns), shard_path(out_dir, [problem(p) for p in prompt_ids]))
 
 
+def episode_kwargs(model: str = "some/hub-model") -> dict:
+    """run_episodes' arguments besides the problems and their directory: the default config, K = 2."""
+    cfg = load_config(None, [])
+    return dict(model=model, cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
+                samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+
+
 def test_shard_names_depend_only_on_the_batch(tmp_path):
     a = [Problem("p1", "q", "1"), Problem("p2", "q", "2")]
     assert shard_path(tmp_path, a) == shard_path(tmp_path, list(a))
@@ -102,9 +109,7 @@ def test_read_shards_keeps_the_prompts_asked_for(tmp_path):
 def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
     model = tmp_path / "model"
     write_json_atomic({"train": {"lr": 0.1}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
-    cfg = load_config(None, [])
-    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg), samples_per_prompt=2,
-                  prompts_per_batch=2, num_actors=1)
+    kwargs = episode_kwargs(str(model))
     run_episodes([], tmp_path / "eval", **kwargs)
     write_shard(tmp_path / "eval", ["a"], k=2)  # as if it had played a problem
     run_episodes([], tmp_path / "eval", **kwargs)  # the same model: its episodes are reused
@@ -181,9 +186,7 @@ def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text('{"hidden_size": 8}')
-    cfg = load_config(None, [])
-    kwargs = dict(model=str(model), cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg), samples_per_prompt=2,
-                  prompts_per_batch=2, num_actors=1)
+    kwargs = episode_kwargs(str(model))
     run_episodes([], tmp_path / "eval", **kwargs)
     write_shard(tmp_path / "eval", ["a"], k=2)
     run_episodes([], tmp_path / "eval", **kwargs)
@@ -193,9 +196,7 @@ def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):
 
 
 def test_ray_starts_only_for_episodes_to_play_and_before_anything_is_written(tmp_path):
-    cfg = load_config(None, [])
-    kwargs = dict(model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
-                  samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+    kwargs = episode_kwargs()
     out = tmp_path / "rollouts"
     refused = mock.Mock(side_effect=ValueError("no cluster here"))
     with pytest.raises(ValueError, match="no cluster here"):
@@ -209,9 +210,7 @@ def test_ray_starts_only_for_episodes_to_play_and_before_anything_is_written(tmp
 
 def test_runs_sharing_rollouts_take_turns_and_the_one_that_waited_reuses_what_the_other_played(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="drift_ray")
-    cfg = load_config(None, [])
-    kwargs = dict(model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
-                  samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+    kwargs = episode_kwargs()
     out = tmp_path / "rollouts"
     first_has_its_turn, first_may_end = threading.Event(), threading.Event()
 
@@ -248,9 +247,7 @@ def test_runs_sharing_rollouts_take_turns_and_the_one_that_waited_reuses_what_th
 
 
 def test_a_run_with_nothing_left_to_play_neither_waits_for_its_turn_nor_writes_beside_the_rollouts(tmp_path):
-    cfg = load_config(None, [])
-    kwargs = dict(model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={}, params=rollout_sampling(cfg),
-                  samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+    kwargs = episode_kwargs()
     out = tmp_path / "rollouts"
     out.mkdir()
     write_shard(out, ["a"], k=2)

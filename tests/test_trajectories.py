@@ -391,9 +391,8 @@ def test_a_lock_on_a_file_system_that_takes_none_warns_and_lets_the_work_go_on(t
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with exclusive_lock(tmp_path / ".lock", wait=False):
-        worked = True
-    assert worked
+    with exclusive_lock(tmp_path / ".lock", wait=False) as waited:
+        assert waited == 0.0 and (tmp_path / ".lock").read_text() == ""  # claims no holder: it holds nothing
     assert f"{tmp_path / '.lock'}: No locks available; nothing keeps another process from writing {tmp_path}" in caplog.text
 
 
