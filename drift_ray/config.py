@@ -10,18 +10,29 @@ from __future__ import annotations
 import difflib
 import re
 import string
+import urllib.parse
+from collections.abc import Hashable
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_model.py)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # No inf or NaN: an infinite weights.beta would make every weight 1 without a word.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
+
+
+_TASK_KEY_READERS = {
+    "train_path": ("file", "hub"),
+    "test_path": ("file", "hub"),
+    "columns": ("file",),
+    "options": ("builtin", "plugin", "hub", "reasoning_gym"),
+}
 
 
 class TaskConfig(_Section):
@@ -38,8 +49,12 @@ class TaskConfig(_Section):
         "candidates",
         description="builtin: task name; plugin: 'module:function'; file: a label used in reports.",
     )
-    train_path: Optional[str] = Field(None, description="file: JSONL or Parquet with the training problems.")
-    test_path: Optional[str] = Field(None, description="file: JSONL or Parquet with the held-out problems.")
+    train_path: Optional[str] = Field(
+        None, description="file: JSONL or Parquet with the training problems; hub: a local copy in the hub's columns."
+    )
+    test_path: Optional[str] = Field(
+        None, description="file: JSONL or Parquet with the held-out problems; hub: a local copy in the hub's columns."
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="file: our column name → the file's column name, e.g. {question: problem, gold: answer}. "
@@ -55,7 +70,19 @@ class TaskConfig(_Section):
     )
     num_train: Optional[int] = Field(None, ge=1, description="Use at most this many training problems (default: all).")
     num_test: Optional[int] = Field(None, ge=1, description="Use at most this many test problems (default: all).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the task builder.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the task builder (any kind but file)."
+    )
+
+    @field_validator("train_path", "test_path", "columns", "options")
+    @classmethod
+    def _read_by_its_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        # Else the key is dropped without a word: a train_path with kind left at builtin trains on the built-in task.
+        kind, readers = info.data.get("kind"), _TASK_KEY_READERS[info.field_name]
+        if value and kind is not None and kind not in readers:
+            only = ", ".join(map(repr, readers))
+            raise ValueError(f"kind {kind!r} does not read it, only {only} do: change kind, or remove the key")
+        return value
 
 
 class EpisodeConfig(_Section):
@@ -161,6 +188,33 @@ class RolloutConfig(_Section):
     retry_backoff_s: float = Field(
         1.0, ge=0.0, description="openai: wait before the first retry; doubles with each retry (capped at 60 s)."
     )
+
+    @field_validator("api_base")
+    @classmethod
+    def _url_without_secrets(cls, value: str) -> str:
+        url = urllib.parse.urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("expected an http:// or https:// URL, up to and including /v1")
+        if url.username is not None or url.password is not None:
+            raise ValueError(
+                "holds credentials, which every error would show: put the API key in the environment variable "
+                "that rollout.api_key_env names"
+            )
+        if "?" in value or "#" in value:
+            raise ValueError(
+                "holds a query or fragment: /chat/completions is appended to it, so that would not be the path requested"
+            )
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _names_a_variable(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(
+                "expected the name of an environment variable (letters, digits and _, not starting with a digit), "
+                "not the API key itself"
+            )
+        return value
 
     @model_validator(mode="after")
     def _vllm_actors_hold_their_gpus(self) -> "RolloutConfig":
@@ -341,7 +395,7 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    run_dir: str = Field("runs/demo", description="Directory of every artifact of the run.")
+    run_dir: str = Field("runs/demo", min_length=1, description="Directory of every artifact of the run.")
     seed: int = Field(0, description="Seed of problem sampling, generation and training.")
     rounds: int = Field(
         1,
@@ -367,9 +421,26 @@ class Config(_Section):
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML as PyYAML reads it, but for numbers in exponent form without a dot or without a signed
-    exponent (1e-3, 5E4, 2.5e3): YAML 1.1 reads them as strings. Typed fields would convert them; free-form
-    options (task.options, task.verifier_options) would keep a string where a number was meant."""
+    """YAML as PyYAML reads it, but
+    - for numbers in exponent form without a dot or without a signed exponent (1e-3, 5E4, 2.5e3): YAML 1.1
+      reads them as strings. Typed fields would convert them; free-form options (task.options,
+      task.verifier_options) would keep a string where a number was meant;
+    - a key written twice in one mapping is an error: PyYAML keeps the last, so a second `task:` section
+      would silently drop the first one's keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written beside it override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"found the key {key!r} a second time (first at line {seen[key].start_mark.line + 1})",
+                    problem_mark=_without_text(key_node.start_mark),
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 _ConfigLoader.add_implicit_resolver(
@@ -377,8 +448,18 @@ _ConfigLoader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: data is never executed
+def _without_text(mark: yaml.Mark) -> yaml.Mark:
+    """The mark's place alone: the line it would quote may hold a secret (an api_base with credentials)."""
+    return yaml.Mark(mark.name, mark.index, mark.line, mark.column, None, None)
+
+
+def _load_yaml(text: str, source: str = "<override>") -> Any:
+    loader = _ConfigLoader(text)  # a SafeLoader: data is never executed
+    loader.name = source  # errors point to "line L, column C" of it
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class ConfigError(ValueError):
@@ -391,11 +472,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as err:
             raise ConfigError(f"{source}: cannot read config: {err.strerror}") from err
         try:
-            data = _load_yaml(text) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise ConfigError(f"{source}:{line}: not UTF-8 text ({err.reason}); save the config as UTF-8") from None
+        try:
+            data = _load_yaml(text, source) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -434,6 +520,11 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     node[parts[-1]] = value
 
 
+# Keys whose bad value is not repeated in errors: what a user mistakes for them is often a secret (the API key
+# itself for api_key_env, a URL with credentials for api_base).
+_NEVER_SHOWN = frozenset({"api_key_env", "api_base"})
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     dotted = ".".join(loc)
@@ -445,7 +536,9 @@ def _describe(error: dict[str, Any]) -> str:
     found = error.get("input")
     if not loc:  # a check across sections: its message names the keys
         return error["msg"]
-    if not isinstance(found, dict):
+    if loc[-1] in _NEVER_SHOWN:
+        shown = ""
+    elif not isinstance(found, dict):
         shown = f" (found {found!r})"
     elif error["type"].endswith("_type"):
         # YAML reads an unquoted `a: {b}` as a mapping.

@@ -316,8 +316,6 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
         close = difflib.get_close_matches(cfg.name, known, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(known))}"
         raise TaskError(f"task.name: unknown reasoning-gym generator {cfg.name!r}; {hint}")
-    if cfg.train_path or cfg.test_path:
-        raise TaskError("task.train_path / task.test_path: reasoning-gym problems are generated, not read; unset them")
     if cfg.name == "composite":  # its config holds configs of other generators, which it cannot rebuild from JSON
         raise TaskError("task.name: reasoning-gym's composite is not supported; train on one generator per task")
     options = dict(cfg.options)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from drift_ray.config import TaskConfig
-from drift_ray.prompts import Problem, Task, TaskError, require_unique_prompt_ids
+from drift_ray.prompts import Problem, Task, TaskError, require_unique_prompt_ids, require_utf8
 
 log = logging.getLogger(__name__)
 
@@ -321,15 +321,19 @@ def _read_file(path: str, name: str, spec: HubDataset) -> _Part:
     import datasets  # heavy: only when a hub task is loaded
 
     file = Path(path)
-    builder = LOCAL_FORMATS.get(file.suffix)
+    builder = LOCAL_FORMATS.get(file.suffix.lower())
     if builder is None:
         raise TaskError(f"{path}: unknown file type {file.suffix!r}; expected one of {', '.join(LOCAL_FORMATS)}")
     if not file.is_file():
         raise TaskError(f"{path}: no such file (task {name!r} expects columns {list(spec.columns)})")
+    if file.stat().st_size == 0:  # datasets' json reader fails on it with an empty StopIteration
+        raise TaskError(f"{path}: empty file (task {name!r} expects rows with the columns {list(spec.columns)})")
     try:
         dataset = datasets.load_dataset(builder, data_files=str(file), split="train")
-    except (OSError, datasets.exceptions.DatasetsError) as err:
-        raise TaskError(f"{path}: cannot read it as {builder}: {err}") from err
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
+        # datasets wraps the reader's error ("JSON parse error … in row 3") in a generic one
+        raise TaskError(f"{path}: cannot read it as {builder}: {err.__cause__ or err}") from err
+    require_utf8(dataset.data.table, path)
     return _Part(path, None, dataset.column_names, dataset)
 
 

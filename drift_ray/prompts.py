@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError, validate_call
 
 from drift_ray import schema
 from drift_ray.config import TaskConfig
@@ -69,7 +70,7 @@ def builtin_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
     """Register a builder `(seed, **options) -> Task` under `name` for `task.kind: builtin`."""
 
     def register(builder: TaskBuilder) -> TaskBuilder:
-        _BUILTIN[name] = builder
+        _BUILTIN[name] = validate_call(builder)  # options are checked against the builder's annotations
         return builder
 
     return register
@@ -108,7 +109,15 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
         importlib.import_module("drift_ray.builtin_tasks")  # registers the built-in builders
         if cfg.name not in _BUILTIN:
             raise TaskError(f"task.name: unknown builtin task {cfg.name!r}; known: {', '.join(sorted(_BUILTIN))}")
-        return _call_builder(_BUILTIN[cfg.name], seed, cfg.options)
+        builder = _BUILTIN[cfg.name]
+        try:
+            return _call_builder(builder, seed, cfg.options)
+        except ValidationError as err:
+            if err.title != builder.__name__:  # raised inside the builder, not by validate_call on its options
+                raise
+            first = err.errors()[0]
+            name = ".".join(str(part) for part in first["loc"])
+            raise TaskError(f"task.options.{name}: {first['msg']} (found {first['input']!r})") from None
     if cfg.kind == "file":
         if not cfg.train_path and not cfg.test_path:
             raise TaskError("task.train_path / task.test_path: a file task needs at least one of them")
@@ -124,6 +133,9 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
             raise TaskError(f"task.name: plugin {cfg.name!r} returned {type(task).__name__}, expected drift_ray.prompts.Task")
         for split, problems in (("train", task.train), ("test", task.test)):
             require_unique_prompt_ids(problems, f"task.name: plugin {cfg.name!r}, {split} split")
+            for problem in problems:
+                where = f"task.name: plugin {cfg.name!r}, problem {problem.prompt_id!r}: metadata"
+                require_json_metadata(problem.metadata, where)
         return task
     if cfg.kind == "hub":
         from drift_ray.hub_tasks import load_hub_task  # not at the top: hub_tasks builds on this module
@@ -156,6 +168,9 @@ def _load_plugin(spec: str) -> TaskBuilder:
     return builder
 
 
+PROBLEM_FILE_TYPES = (".jsonl", ".json", ".parquet")
+
+
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a JSONL (.jsonl/.json) or Parquet file, each with where it is: "file:line" or
     "file: row N".
@@ -165,14 +180,17 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         raise TaskError(f"{path}: no such file")
-    if path.suffix == ".parquet":
+    if path.suffix.lower() not in PROBLEM_FILE_TYPES:
+        raise TaskError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(PROBLEM_FILE_TYPES)}")
+    if path.suffix.lower() == ".parquet":
         try:
             table = pq.read_table(path)
         except pa.ArrowException as err:
             raise TaskError(f"{path}: not a readable Parquet file: {err}") from err
+        require_utf8(table, str(path))
         return [(f"{path}: row {row_no}", row) for row_no, row in enumerate(table.to_pylist(), 1)]
     rows = []
-    with path.open() as f:
+    with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -180,6 +198,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise TaskError(f"{path}:{line_no}: not valid JSON: {err.msg}") from None
+            except UnicodeDecodeError as err:
+                raise TaskError(f"{path}:{line_no}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
             rows.append((f"{path}:{line_no}", row))
@@ -203,7 +223,10 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
     question_col = columns.get(schema.QUESTION, schema.QUESTION)
     gold_col = columns.get(schema.GOLD, schema.GOLD)
     found = list(dict.fromkeys(key for _, row in rows for key in row))
-    missing = [c for c in (question_col, gold_col) if c not in found]
+    # A prompt_id column is optional, but one that task.columns names must be there: else a typo in it
+    # would give every row a made-up id.
+    required = [question_col, gold_col] + ([id_col] if schema.PROMPT_ID in columns else [])
+    missing = [c for c in required if c not in found]
     if missing:
         raise TaskError(
             f"{path}: missing column(s) {missing}; found {found}. "
@@ -215,13 +238,19 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
         for col in (question_col, gold_col):
             if row.get(col) is None or str(row[col]).strip() == "":
                 raise TaskError(f"{where}: column {col!r} is missing or empty")
+            if isinstance(row[col], (list, dict)):
+                raise TaskError(f"{where}: column {col!r} holds a {type(row[col]).__name__}; expected text or a number")
         prompt_id = row.get(id_col)
+        if prompt_id is not None and (isinstance(prompt_id, (list, dict)) or str(prompt_id).strip() == ""):
+            raise TaskError(f"{where}: column {id_col!r} holds {prompt_id!r}; expected a non-empty text or number")
+        metadata = {k: v for k, v in row.items() if k not in used}
+        require_json_metadata(metadata, where)
         problems.append(
             Problem(
                 str(prompt_id) if prompt_id is not None else f"{Path(path).stem}-{row_no}",
                 str(row[question_col]),
                 _gold_text(row[gold_col]),
-                {k: v for k, v in row.items() if k not in used},
+                metadata,
             )
         )
     require_unique_prompt_ids(problems, str(path))
@@ -236,6 +265,36 @@ def require_unique_prompt_ids(problems: Sequence[Problem], where: str) -> None:
         if problem.prompt_id in seen:
             raise TaskError(f"{where}: prompt id {problem.prompt_id!r} appears more than once; ids must be unique")
         seen.add(problem.prompt_id)
+
+
+def require_utf8(table: pa.Table, source: str) -> None:
+    """Arrow readers take string columns as they are: bytes that are not UTF-8 would fail later, when a row is read."""
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as err:
+        raise TaskError(f"{source}: not UTF-8 text ({err})") from None
+
+
+def require_json_metadata(metadata: dict[str, Any], where: str) -> None:
+    """Metadata travels with the rollouts as JSON (Problem.to_row): what JSON cannot hold is refused when the
+    problem is read, not when the rollouts are written."""
+    try:
+        json.dumps(metadata, sort_keys=True)
+    except (TypeError, ValueError):
+        for key, value in metadata.items():
+            try:
+                json.dumps(value, sort_keys=True)
+            except (TypeError, ValueError):
+                raise TaskError(
+                    f"{where}: {key!r} holds {type(value).__name__} {_short(value)}, which problem metadata "
+                    "(stored as JSON) cannot hold; drop it or convert it to text, numbers, lists or string-keyed mappings"
+                ) from None
+        raise TaskError(f"{where}: metadata keys {_short(list(metadata))} cannot all be JSON keys: make them text") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _gold_text(value: Any) -> str:

@@ -17,6 +17,7 @@ import concurrent.futures
 import functools
 import inspect
 import logging
+import math
 import multiprocessing
 import re
 import signal
@@ -132,8 +133,10 @@ class NumericVerifier:
     name = "numeric"
 
     def __init__(self, rel_tol: float | None = None, abs_tol: float | None = None):
-        if (rel_tol or 0) < 0 or (abs_tol or 0) < 0:
-            raise ValueError(f"numeric verifier: tolerances must be >= 0, found rel_tol={rel_tol}, abs_tol={abs_tol}")
+        if not all(tol is None or 0 <= tol < math.inf for tol in (rel_tol, abs_tol)):  # NaN fails too
+            raise ValueError(
+                f"numeric verifier: tolerances must be finite and >= 0, found rel_tol={rel_tol}, abs_tol={abs_tol}"
+            )
         self.integers_exact = rel_tol is None and abs_tol is None
         self.rel_tol = 1e-4 if rel_tol is None else rel_tol
         self.abs_tol = 1e-6 if abs_tol is None else abs_tol
@@ -236,7 +239,7 @@ class HelperProcesses:
     looks at the clock every 0.1 s, so a timeout_s below that is not kept precisely."""
 
     def __init__(self, owner: str, timeout_s: float, max_processes: int, initializer: Callable[[], None], start_up: str):
-        if timeout_s <= 0:
+        if not timeout_s > 0:  # NaN too
             raise ValueError(f"{owner}: timeout_s must be > 0, found {timeout_s}")
         if max_processes < 1:
             raise ValueError(f"{owner}: max_processes must be >= 1, found {max_processes}")

@@ -70,6 +70,18 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("task.kind=hf", "task.kind: Input should be 'builtin', 'file', 'plugin', 'hub' or 'reasoning_gym' (found 'hf')"),
         # Checked when the config loads, not when training starts after the rollouts.
         ("train.micro_batch_size=3", "train.global_batch_size=128 must be a multiple of train.micro_batch_size"),
+        # An infinite β would make every weight 1 without a word.
+        ("weights.beta=.inf", "weights.beta: Input should be a finite number (found inf)"),
+        ("rollout.temperature=.nan", "rollout.temperature: Input should be a finite number (found nan)"),
+        ("run_dir=''", "run_dir: String should have at least 1 character"),
+        # A key the task's kind does not read is an error, not a silently different task.
+        ("task.train_path=problems.jsonl", "task.train_path: Value error, kind 'builtin' does not read it, only 'file', 'hub' do"),
+        ("eval.task={kind: builtin, name: candidates, test_path: t.jsonl}", "eval.task.test_path: Value error, kind 'builtin' does not"),
+        ("task={kind: reasoning_gym, name: chain_sum, test_path: t.jsonl}", "task.test_path: Value error, kind 'reasoning_gym' does not"),
+        ("task={kind: hub, name: math, columns: {question: q}}", "task.columns: Value error, kind 'hub' does not read it, only 'file' do"),
+        ("task={kind: file, test_path: t.jsonl, options: {n: 1}}", "task.options: Value error, kind 'file' does not read it"),
+        ("task={kind: file, test_path: t.jsonl, test_path: u.jsonl}", "task: not a valid YAML value (found the key 'test_path' a second time (first at line 1))"),
+        ("rollout.api_base=localhost:8000/v1", "rollout.api_base: Value error, expected an http:// or https:// URL"),
     ],
 )
 def test_bad_overrides(override, fragment):
@@ -150,6 +162,47 @@ def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment)
     assert validate_config({"episode": {"instruction": "{{Q}}: {question}"}}).episode.instruction == "{{Q}}: {question}"
 
 
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        (
+            "rollout.api_key_env=sk-proj-SECRET",
+            "  rollout.api_key_env: Value error, expected the name of an environment variable (letters, digits and _, "
+            "not starting with a digit), not the API key itself",
+        ),
+        (
+            "rollout.api_base=https://me:SECRET@llm.example/v1",
+            "  rollout.api_base: Value error, holds credentials, which every error would show: put the API key in the "
+            "environment variable that rollout.api_key_env names",
+        ),
+        (
+            "rollout.api_base=https://llm.example/v1?key=SECRET",
+            "  rollout.api_base: Value error, holds a query or fragment: /chat/completions is appended to it, so that "
+            "would not be the path requested",
+        ),
+    ],
+    ids=["key-for-its-name", "credentials-in-url", "key-in-query"],
+)
+def test_what_may_be_a_secret_is_refused_without_being_repeated(override, line):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["rollout.engine=openai", override])
+    assert line in str(error.value).splitlines() and "SECRET" not in str(error.value)
+    load_config(None, ["rollout.api_key_env=MY_KEY_2", "rollout.api_base=https://llm.example:8443/v1/"])
+
+
+def test_a_key_written_twice_is_refused_without_quoting_its_line(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("rollout:\n  api_base: https://me:SECRET@llm.example/v1\n  api_base: https://me:SECRET@llm.example/v1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == (
+        f"{path}: not valid YAML: found the key 'api_base' a second time (first at line 2)\n"
+        f'  in "{path}", line 3, column 3'
+    )
+    with pytest.raises(ConfigError, match="rollout.api_base: Value error, holds a query or fragment"):
+        load_config(None, ["rollout.api_base=http://localhost:8000/v1#"])  # would request /v1 itself
+
+
 def test_bad_yaml_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("- a list\n")
@@ -157,6 +210,18 @@ def test_bad_yaml_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+    # PyYAML keeps the last of two `task:` sections: the first one's file task would become the built-in one.
+    path.write_text("task:\n  kind: file\n  train_path: p.jsonl\nseed: 1\ntask:\n  num_train: 10\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "found the key 'task' a second time (first at line 1)" in message and f'in "{path}", line 5, column 1' in message
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("task:\n  <<: {kind: builtin, num_train: 5}\n  num_train: 7\n")
+    assert load_config(merged).task.num_train == 7  # a key beside a merge overrides it: not a repeat
+    path.write_bytes("run_dir: runs/caf\u00e9\n".encode() + "seed: 1 # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:2: not UTF-8 text")):
+        load_config(path)
 
 
 def test_every_field_is_documented():

@@ -277,8 +277,6 @@ def test_errors_name_the_problem():
         TaskError, match=r"reasoning-gym 'chain_sum' rejects the config .*min_termz.*its fields: \[.*'min_terms'"
     ):
         gym_task("chain_sum", options={"min_termz": 3})
-    with pytest.raises(TaskError, match=r"generated, not read"):
-        gym_task("chain_sum", test_path="problems.jsonl")
     with pytest.raises(TaskError, match=r"composite is not supported"):
         gym_task("composite")
     # Degree 12 polynomials multiplied: exponents up to 36, beyond what an answer may hold.

@@ -348,8 +348,16 @@ def test_bad_local_files(tmp_path):
         hub_task("gsm8k", test_path=str(tmp_path / "data.txt"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "Q", "answer": "#### 1"}\n{"question": \n')
-    with pytest.raises(TaskError, match=r"broken\.jsonl: cannot read it as json"):
+    with pytest.raises(TaskError, match=r"broken\.jsonl: cannot read it as json: JSON parse error: .* in row 1"):
         hub_task("gsm8k", test_path=str(broken))
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    with pytest.raises(TaskError, match=r"empty\.jsonl: empty file \(task 'gsm8k' expects rows with the columns \['question', 'answer'\]\)"):
+        hub_task("gsm8k", test_path=str(empty))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"question": "Combien de caf\u00e9s ?", "answer": "#### 2"}\n'.encode("latin-1"))
+    with pytest.raises(TaskError, match=r"latin1\.jsonl: not UTF-8 text"):
+        hub_task("gsm8k", test_path=str(latin1))
 
 
 def test_offline_hub_error_says_which_dataset_and_how_to_supply_files():

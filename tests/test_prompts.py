@@ -78,6 +78,10 @@ def test_load_builtin_truncates_and_names_unknown():
             "task.options: got an unexpected keyword argument 'sise'; accepted options: size",
         ),
         (
+            TaskConfig(name="candidates", options={"num_test": 5.5}),
+            "task.options.num_test: Input should be a valid integer, got a number with a fractional part (found 5.5)",
+        ),
+        (
             TaskConfig(name="candidates", verifier="exactt"),
             "task.verifier: unknown verifier 'exactt'; known: choice, exact, math, numeric, reasoning_gym",
         ),
@@ -93,10 +97,10 @@ def test_load_builtin_truncates_and_names_unknown():
         ),
         (
             TaskConfig(name="candidates", verifier="numeric", verifier_options={"rel_tol": -1}),
-            "task.verifier_options: numeric verifier: tolerances must be >= 0, found rel_tol=-1, abs_tol=None",
+            "task.verifier_options: numeric verifier: tolerances must be finite and >= 0, found rel_tol=-1, abs_tol=None",
         ),
     ],
-    ids=["builtin-option", "builtin-seed-option", "plugin-option", "verifier", "verifier-option", "own-verifier-option", "verifier-value"],
+    ids=["builtin-option", "builtin-seed-option", "plugin-option", "builtin-option-type", "verifier", "verifier-option", "own-verifier-option", "verifier-value"],
 )
 def test_a_bad_task_key_is_named_at_load_time_under_the_section_it_came_from(cfg, message):
     with pytest.raises(TaskError, match="^" + re.escape(message) + "$"):
@@ -148,14 +152,41 @@ def test_read_parquet_file_task(tmp_path):
         ('{"prompt_id": "a", "question": "q", "gold": "1"}\n' * 2, {}, "prompt id 'a' appears more than once"),
         ("", {}, "no problems"),
         ('{"question": "a", "gold": "1"}\n', {"answer": "gold"}, "task.columns: unknown key"),
+        (b'{"question": "a", "gold": "1"}\n{"question": "caf\xe9", "gold": "2"}\n', {}, "bad.jsonl:2: not UTF-8 text"),
+        ('{"question": ["a", "b"], "gold": "1"}\n', {}, "bad.jsonl:1: column 'question' holds a list; expected text"),
+        ('{"question": "a", "gold": {"x": 1}}\n', {}, "bad.jsonl:1: column 'gold' holds a dict; expected text"),
+        ('{"prompt_id": " ", "question": "a", "gold": "1"}\n', {}, "bad.jsonl:1: column 'prompt_id' holds ' '"),
+        # A mapped id column that is not there is a typo, not a file without ids.
+        ('{"idx": "a", "question": "q", "gold": "1"}\n', {"prompt_id": "id"}, "missing column(s) ['id']; found ['idx'"),
     ],
 )
 def test_bad_problem_files(tmp_path, content, columns, fragment):
     path = tmp_path / "bad.jsonl"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(TaskError) as err:
         read_problems(path, columns)
     assert fragment in str(err.value)
+
+
+def test_a_problem_file_is_jsonl_or_parquet_whose_metadata_json_can_hold(tmp_path):
+    csv = tmp_path / "problems.csv"
+    csv.write_text("question,gold\na,1\n")
+    with pytest.raises(TaskError, match=r"problems\.csv: unknown file type '\.csv'; expected one of \.jsonl, \.json, \.parquet$"):
+        read_problems(csv)
+    shouted = tmp_path / "PROBLEMS.JSONL"
+    shouted.write_text('{"question": "a", "gold": "1"}\n')
+    assert [p.question for p in read_problems(shouted)] == ["a"]
+    # Read as Parquet holds it; refused when read, not when the rollouts write the metadata as JSON.
+    images = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"question": ["a", "b"], "gold": ["1", "2"], "image": pa.array([None, b"\x89PNG"])}), images)
+    with pytest.raises(TaskError, match=r"images\.parquet: row 2: 'image' holds bytes b'\\x89PNG', which problem metadata \(stored as JSON\)"):
+        read_problems(images)
+    # Parquet's reader does not check text: bytes that are not UTF-8 would fail when a row is read.
+    latin1 = tmp_path / "latin1.parquet"
+    not_utf8 = pa.Array.from_buffers(pa.string(), 1, pa.array(["caf\u00e9".encode("latin-1")], pa.binary()).buffers())
+    pq.write_table(pa.table({"question": not_utf8, "gold": ["1"]}), latin1)
+    with pytest.raises(TaskError, match=r"latin1\.parquet: not UTF-8 text"):
+        read_problems(latin1)
 
 
 def make_plugin_task(seed, size=2):
@@ -165,6 +196,11 @@ def make_plugin_task(seed, size=2):
 def make_plugin_task_with_repeated_ids(seed):
     # Ids from an index that restarts per source: two different problems under "src-0".
     return Task("plugin", [], [Problem(f"src-{i}", f"q{n}", "a") for n in range(2) for i in range(2)], "exact")
+
+
+def make_plugin_task_with_mixed_keys_in_metadata(seed):
+    # json.dumps writes it, but not with sorted keys, as Problem.to_row does.
+    return Task("plugin", [Problem("p", "q", "1", {"levels": {1: "easy", "b": "hard"}})], [], "exact")
 
 
 def make_tolerant_plugin_task(seed):
@@ -199,4 +235,10 @@ def test_plugin_task_and_errors():
     assert str(err.value) == (
         "task.name: plugin 'tests.test_prompts:make_plugin_task_with_repeated_ids', test split: "
         "prompt id 'src-0' appears more than once; ids must be unique"
+    )
+    with pytest.raises(TaskError) as err:
+        load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task_with_mixed_keys_in_metadata"), seed=0)
+    assert str(err.value).startswith(
+        "task.name: plugin 'tests.test_prompts:make_plugin_task_with_mixed_keys_in_metadata', problem 'p': metadata: "
+        "'levels' holds dict {1: 'easy', 'b': 'hard'}, which problem metadata (stored as JSON) cannot hold"
     )

@@ -111,6 +111,13 @@ def test_numeric_tolerance_options():
     assert not get_verifier("numeric").check("100.4", "100")
     with pytest.raises(ValueError, match="rel_tol=-1"):
         get_verifier("numeric", rel_tol=-1)
+    # YAML's .nan and .inf: NaN would fail every comparison, so that every answer but the exact text is wrong.
+    with pytest.raises(ValueError, match="must be finite and >= 0, found rel_tol=None, abs_tol=nan"):
+        get_verifier("numeric", abs_tol=float("nan"))
+    with pytest.raises(ValueError, match="rel_tol=inf"):
+        get_verifier("numeric", rel_tol=float("inf"))
+    with pytest.raises(ValueError, match="timeout_s must be > 0, found nan"):
+        get_verifier("math", timeout_s=float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------- choice
