@@ -140,6 +140,8 @@ def resolve_model(model: str, cfg: Config) -> str:
     path may exist on the workers only (a cluster's shared volume), and a server's model name
     (rollout.engine=openai) is the server's to check.
     """
+    if not model.strip():
+        raise ValueError("the model is empty: give a model directory or a Hub id")
     if model == DEMO_MODEL:
         from drift_ray.demo_model import ensure_demo_model
 
@@ -150,7 +152,20 @@ def resolve_model(model: str, cfg: Config) -> str:
     hub_id = model.count("/") <= 1 and not model.startswith((".", "~"))
     if not (os.path.exists(model) or os.path.isabs(model) or hub_id):
         raise ValueError(f"{model}: no such model directory, nor a Hub id ('name' or 'namespace/name')")
+    if os.path.isdir(model) and not _holds_a_model(model):
+        from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
+
+        candidates = (Path(model) / MODEL_DIR, Path(model) / TRAIN_DIR / MODEL_DIR)
+        inner = next((path for path in candidates if _holds_a_model(path)), None)
+        raise ValueError(
+            f"{model}: not a model directory (no config.json, nor a LoRA adapter's adapter_config.json)"
+            + (f"; did you mean {inner}?" if inner else "")
+        )
     return model
+
+
+def _holds_a_model(directory: str | Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in ("config.json", "adapter_config.json"))
 
 
 def rollouts_dir(cfg: Config) -> Path:

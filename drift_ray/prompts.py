@@ -286,15 +286,10 @@ def require_json_metadata(metadata: dict[str, Any], where: str) -> None:
                 json.dumps(value, sort_keys=True)
             except (TypeError, ValueError):
                 raise TaskError(
-                    f"{where}: {key!r} holds {type(value).__name__} {_short(value)}, which problem metadata "
+                    f"{where}: {key!r} holds {type(value).__name__} {schema.short_repr(value)}, which problem metadata "
                     "(stored as JSON) cannot hold; drop it or convert it to text, numbers, lists or string-keyed mappings"
                 ) from None
-        raise TaskError(f"{where}: metadata keys {_short(list(metadata))} cannot all be JSON keys: make them text") from None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        raise TaskError(f"{where}: metadata keys {schema.short_repr(list(metadata))} cannot all be JSON keys: make them text") from None
 
 
 def _gold_text(value: Any) -> str:

@@ -6,8 +6,11 @@ prompts → rollouts (trajectories) → weights (+return, +weight) → weighted 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Problems (prompt rows).
 PROMPT_ID = "prompt_id"
@@ -65,6 +68,62 @@ TRAJECTORY_SCHEMA = pa.schema(
 WEIGHTS_INPUT = (PROMPT_ID, TURN_REWARDS, FORMAT_PENALTY, ANSWER_NORMS)
 # What weighted SFT needs.
 TRAIN_INPUT = (TRAJECTORY_ID, MESSAGES, WEIGHT)
+
+
+def invalid_conversation_rows(messages: pa.Array | pa.ChunkedArray) -> list[tuple[int, str]]:
+    """(row, conversation_problem) of every conversation of a MESSAGES column that weighted SFT cannot
+    train on. A column of the type the rollouts write is checked with Arrow, which only the rows it
+    finds wrong leave; another, row by row."""
+    column = messages.combine_chunks() if isinstance(messages, pa.ChunkedArray) else messages
+    found = []
+    for row in _suspect_conversation_rows(column):
+        problem = conversation_problem(column[int(row)].as_py())
+        if problem:
+            found.append((int(row), problem))
+    return found
+
+
+def _suspect_conversation_rows(column: pa.Array) -> np.ndarray:
+    if not _holds_text_messages(column.type):
+        return np.arange(len(column))
+    # The row of each element list_flatten keeps (list_parent_indices would also count those behind null lists).
+    flat = pc.list_flatten(column)
+    rows = np.repeat(np.arange(len(column)), pc.fill_null(pc.list_value_length(column), 0).to_numpy())
+    role, content = pc.struct_field(flat, "role"), pc.struct_field(flat, "content")
+    broken = pc.or_(pc.or_(flat.is_null(), role.is_null()), content.is_null()).to_numpy(zero_copy_only=False)
+    assistant = pc.fill_null(pc.equal(role, "assistant"), False).to_numpy(zero_copy_only=False)
+    suspect = np.bincount(rows[assistant & ~broken], minlength=len(column)) == 0  # empty and null lists too
+    suspect[rows[broken]] = True
+    return np.flatnonzero(suspect)
+
+
+def _holds_text_messages(column_type: pa.DataType) -> bool:
+    if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)):
+        return False
+    message = column_type.value_type
+    return pa.types.is_struct(message) and all(
+        message.get_field_index(key) >= 0 and pa.types.is_string(message.field(key).type) for key in ("role", "content")
+    )
+
+
+def conversation_problem(messages: Any) -> str | None:
+    """Why weighted SFT cannot train on `messages` (a MESSAGES value), or None: it needs a list of
+    messages with text role and content, an assistant message among them."""
+    if not isinstance(messages, list) or not messages:
+        return f"expected a non-empty list of messages, found {short_repr(messages)}"
+    for index, message in enumerate(messages):
+        texts = isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))
+        if not texts:
+            return f"message {index}: expected text 'role' and 'content', found {short_repr(message)}"
+    if not any(message["role"] == "assistant" for message in messages):
+        return f"no assistant message to train on (roles {[message['role'] for message in messages]})"
+    return None
+
+
+def short_repr(value: Any) -> str:
+    """repr(value), cut to 80 characters: for errors that quote a value of the input."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class MissingColumnsError(ValueError):

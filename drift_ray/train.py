@@ -31,10 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from drift_ray.config import Config, LossKind, TrainConfig, accumulation_steps
 from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
+    TrajectoryFileError,
     conversations_fingerprint,
     files_fingerprint,
     publish_directory,
@@ -42,7 +46,7 @@ from drift_ray.trajectories import (
     require_same_settings,
     weighted_fingerprint,
 )
-from drift_ray.weights import invalid_weights
+from drift_ray.weights import invalid_conversations, invalid_weights
 from drift_ray.weighted_sft import (
     collate,
     length_buckets,
@@ -184,7 +188,13 @@ def require_training_input(weighted_dir: str) -> None:
     """Fail unless `weighted_dir` holds Parquet for weighted SFT; a URI (s3://…) is left to Ray Data to
     read, and to report."""
     if "://" not in weighted_dir:
-        require_parquet(weighted_dir, hint="weighted SFT reads the Parquet that `drift-ray weights` writes")
+        hint = "weighted SFT reads the Parquet that `drift-ray weights` writes"
+        for file in require_parquet(weighted_dir, hint=hint):
+            try:
+                columns = pq.read_schema(file).names
+            except (pa.ArrowException, OSError) as err:
+                raise TrajectoryFileError(f"{file}: not a readable Parquet file ({err}); {hint}") from err
+            require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=str(file))
 
 
 def finished_model(out_dir: str | Path) -> bool:
@@ -229,7 +239,6 @@ def train_weighted_sft(
     `train_loop_per_worker` replaces `train_loop` (tests and benchmarks wrap it to inject failures or
     measure); its final metrics must hold train_loop's, call_id included.
     """
-    import pyarrow as pa
     import pyarrow.fs
     import ray.data
     from ray.data.expressions import col
@@ -277,6 +286,11 @@ def train_weighted_sft(
             f"{weighted_dir}: no trajectory has a positive {WEIGHT!r}; weighted SFT needs at least one "
             f"(with weights.mode=success_only: no rollout reached a correct answer)"
         )
+    invalid = ds.select_columns([TRAJECTORY_ID, MESSAGES]).map_batches(invalid_conversations, batch_format="pyarrow")
+    invalid = invalid.take(3)
+    if invalid:
+        found = "; ".join(f"{row[TRAJECTORY_ID]!r}: {row['problem']}" for row in invalid)
+        raise ValueError(f"{weighted_dir}: conversations that weighted SFT cannot train on: {found}")
 
     # Stamped on the final metrics: a final checkpoint with another stamp was written by an earlier call.
     call_id = uuid.uuid4().hex
@@ -582,8 +596,6 @@ def _norm_of_gradients(module: Any) -> float:
 
 def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
     """All training rows, ordered by trajectory id: the order the plan indexes must not depend on Ray Data."""
-    import pyarrow as pa
-
     tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
     table = pa.concat_tables(tables).sort_by(TRAJECTORY_ID)
     ids = table.column(TRAJECTORY_ID).to_pylist()

@@ -56,6 +56,9 @@ _TYPES: dict[str, pa.DataType] = {
     schema.REWARD_DETAILS: pa.string(),
 }
 _REWARDS_EXPECTED = "a mapping t1..tN of numbers or a list of numbers"
+_PENALTY_EXPECTED = "a finite number <= 0 (the trajectory's summed format penalty, added to its return)"
+_PER_TURN_EXPECTED = f"a list of one value per turn of {schema.TURN_REWARDS!r}"
+_T_STAR_EXPECTED = f"null or a turn number from 1 to the turns of {schema.TURN_REWARDS!r}"
 _PARQUET_MAGIC = b"PAR1"
 
 
@@ -69,17 +72,40 @@ def read_trajectories(path: str | Path) -> pa.Table:
     if not path.exists():
         raise TrajectoryFileError(f"{path}: no such file")
     if path.is_dir() or _starts_with(path, _PARQUET_MAGIC):
-        table = _read_parquet(path)
+        table, where = _read_parquet(path)
     else:
-        table = _read_jsonl(path)
+        table, where = _read_jsonl(path)
     if table.num_rows == 0:
         raise TrajectoryFileError(f"{path}: no trajectories in the file")
+    _check_ids_and_conversations(table, where)
     return table
 
 
-def require_parquet(path: str | Path, hint: str) -> None:
-    """Fail early, naming the file, unless `path` is a Parquet file or a directory holding some;
-    `hint` says where such files come from."""
+def _check_ids_and_conversations(table: pa.Table, where: Callable[[int], str]) -> None:
+    """What the weights stage passes on to weighted SFT, checked now: one row per trajectory id, and
+    conversations that can be trained on. `where(row)` names a row's file and line or row."""
+    ids = table.column(schema.TRAJECTORY_ID) if schema.TRAJECTORY_ID in table.column_names else None
+    if ids is not None and pa.types.is_dictionary(ids.type):
+        ids = ids.cast(ids.type.value_type)
+    if ids is not None and (ids.null_count or pc.count_distinct(ids).as_py() < len(ids)):  # then find where
+        first_row: dict[str, int] = {}
+        for row, trajectory_id in enumerate(ids.to_pylist()):
+            if trajectory_id is None:
+                raise _field_error(where(row), schema.TRAJECTORY_ID, "a value", "null")
+            if trajectory_id in first_row:
+                raise TrajectoryFileError(
+                    f"{where(row)}: {schema.TRAJECTORY_ID} {trajectory_id!r} is also that of {where(first_row[trajectory_id])}; "
+                    "weighted SFT needs one row per trajectory"
+                )
+            first_row[trajectory_id] = row
+    if schema.MESSAGES in table.column_names:
+        for row, problem in schema.invalid_conversation_rows(table.column(schema.MESSAGES))[:1]:
+            raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
+
+
+def require_parquet(path: str | Path, hint: str) -> list[Path]:
+    """The Parquet files of `path` (a file, or a directory holding some); fails early, naming the file,
+    when there are none or one is not Parquet. `hint` says where such files come from."""
     path = Path(path)
     if not path.exists():
         raise TrajectoryFileError(f"{path}: no such file or directory; {hint}")
@@ -89,6 +115,7 @@ def require_parquet(path: str | Path, hint: str) -> None:
     for file in files:
         if not _starts_with(file, _PARQUET_MAGIC):
             raise TrajectoryFileError(f"{file}: not a Parquet file; {hint}")
+    return files
 
 
 def write_table_atomic(table: pa.Table, path: str | Path) -> None:
@@ -216,7 +243,7 @@ def require_same_settings(
     }
     current = _dotted(json.loads(json.dumps(settings)))
     changed = [
-        f"{key} ({_short(value)} then, {_short(current[key]) if key in current else 'unset'} now)"
+        f"{key} ({schema.short_repr(value)} then, {schema.short_repr(current[key]) if key in current else 'unset'} now)"
         for key, value in sorted(recorded.items())
         if key not in current or current[key] != value
     ]
@@ -373,11 +400,6 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return f.read(len(magic)) == magic
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _field_error(where: str, field: str, expected: str, found: Any) -> TrajectoryFileError:
     return TrajectoryFileError(f"{where}: field {field!r}: expected {expected}, found {found}")
 
@@ -390,7 +412,8 @@ def _parquet_files(path: Path) -> list[Path]:
     return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
 
 
-def _read_parquet(path: Path) -> pa.Table:
+def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
+    """The table of `path`'s files, and where a row of it is: its file and 1-based row there."""
     files = _parquet_files(path)
     if not files:
         raise TrajectoryFileError(f"{path}: no *.parquet file in the directory")
@@ -424,8 +447,23 @@ def _read_parquet(path: Path) -> pa.Table:
         if not accepts(column.type):
             raise _field_error(str(path), name, f"a column of type {_TYPES[name]}", f"type {column.type}")
         table = table.set_column(table.schema.get_field_index(name), name, column.cast(_TYPES[name]))
-    _check_parquet_values(table, files, [len(t) for t in tables])
-    return table
+    # Optional columns the weights read as they are: a t_star column with nulls, written by pandas, holds floats.
+    for name, accepts, expected in (
+        (schema.CORRECT, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
+        (schema.FORMAT_FAILURES, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
+        (schema.T_STAR, lambda t: _is_number(t) or pa.types.is_null(t), "numbers"),
+        (schema.TRAJECTORY_ID, _is_id, "text or integers"),
+    ):
+        if name in table.column_names and not accepts(table.column(name).type):
+            raise _field_error(str(path), name, f"a column of {expected}", f"type {table.column(name).type}")
+    file_starts = np.cumsum([0, *(len(t) for t in tables)])
+
+    def where(row: int) -> str:
+        file = int(np.searchsorted(file_starts, row, side="right")) - 1
+        return f"{files[file]}: row {row - file_starts[file] + 1}"
+
+    _check_parquet_values(table, where)
+    return table, where
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -436,21 +474,27 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
+def _is_id(t: pa.DataType) -> bool:
+    """Text, bytes or integers, or a dictionary of them (a pandas category column)."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_integer(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
 def _is_list_of(accepts: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
-    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and accepts(t.value_type)
+    return lambda t: _is_list(t) and accepts(t.value_type)
 
 
-def _check_parquet_values(table: pa.Table, files: list[Path], row_counts: list[int]) -> None:
-    """Nulls, empty reward lists and non-finite numbers in the weights input of `files` (read into `table`
-    in this order), named by file and 1-based row within it."""
-    file_starts = np.cumsum([0, *row_counts])
+def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
+    """The checks _check_row makes of a JSONL row, made of every row of the weights input at once."""
 
     def fail(rows: np.ndarray, field: str, expected: str) -> None:
         if rows.size:
             row = int(rows[0])
-            found = _short(table.column(field)[row].as_py())
-            file = int(np.searchsorted(file_starts, row, side="right")) - 1
-            raise _field_error(f"{files[file]}: row {row - file_starts[file] + 1}", field, expected, found)
+            raise _field_error(where(row), field, expected, schema.short_repr(table.column(field)[row].as_py()))
 
     for field in schema.WEIGHTS_INPUT:
         fail(np.flatnonzero(table.column(field).is_null().to_numpy(zero_copy_only=False)), field, "a value")
@@ -460,13 +504,22 @@ def _check_parquet_values(table: pa.Table, files: list[Path], row_counts: list[i
     bad = pc.list_parent_indices(rewards).to_numpy()[~np.isfinite(values)]
     fail(bad, schema.TURN_REWARDS, "finite numbers")
     penalty = table.column(schema.FORMAT_PENALTY).to_numpy()
-    fail(np.flatnonzero(~np.isfinite(penalty)), schema.FORMAT_PENALTY, "a finite number")
+    fail(np.flatnonzero(~(np.isfinite(penalty) & (penalty <= 0))), schema.FORMAT_PENALTY, _PENALTY_EXPECTED)
+    turns = pc.list_value_length(rewards).to_numpy()
+    for field in (schema.CORRECT, schema.FORMAT_FAILURES):
+        if field in table.column_names:
+            lengths = pc.list_value_length(table.column(field)).to_numpy(zero_copy_only=False).astype(float)  # null: NaN
+            fail(np.flatnonzero(~np.isnan(lengths) & (lengths != turns)), field, _PER_TURN_EXPECTED)
+    if schema.T_STAR in table.column_names:
+        t_star = table.column(schema.T_STAR).cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null: NaN
+        outside = (t_star < 1) | (t_star > turns) | (t_star != np.floor(t_star))
+        fail(np.flatnonzero(~np.isnan(t_star) & outside), schema.T_STAR, _T_STAR_EXPECTED)
 
 
 # --- JSONL --------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> pa.Table:
+def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     rows: list[dict[str, Any]] = []
     lines_of_prompt: collections.Counter[str] = collections.Counter()
     with path.open("rb") as f:
@@ -492,7 +545,8 @@ def _read_jsonl(path: Path) -> pa.Table:
             rows.append(row)
     names = dict.fromkeys(name for row in rows for name in row)
     lines = [row[schema.SOURCE_LINE] for row in rows]
-    return pa.table({name: _column(path, name, [row.get(name) for row in rows], lines) for name in names})
+    table = pa.table({name: _column(path, name, [row.get(name) for row in rows], lines) for name in names})
+    return table, lambda row: f"{path}:{lines[row]}"
 
 
 def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
@@ -505,7 +559,7 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
         correct = _by_turn(verdicts, where, AUTHORS_VERIFIER, "a mapping t1..tN of 0 or 1", len(rewards))
         for turn, verdict in enumerate(correct, 1):
             if type(verdict) not in (int, bool) or verdict not in (0, 1):
-                raise _field_error(where, f"{AUTHORS_VERIFIER}.t{turn}", "0 or 1", _short(verdict))
+                raise _field_error(where, f"{AUTHORS_VERIFIER}.t{turn}", "0 or 1", schema.short_repr(verdict))
         row[schema.CORRECT] = [bool(v) for v in correct]
     details = record.get(schema.REWARD_DETAILS)
     if details is not None:
@@ -515,13 +569,11 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
             penalty = detail.get(AUTHORS_TURN_PENALTY) if isinstance(detail, dict) else None
             if not _is_finite_number(penalty):
                 field = f"{schema.REWARD_DETAILS}.t{turn}.{AUTHORS_TURN_PENALTY}"
-                raise _field_error(where, field, "a finite number", _short(penalty))
+                raise _field_error(where, field, "a finite number", schema.short_repr(penalty))
             failures.append(penalty != 0)
         row[schema.FORMAT_FAILURES] = failures
         row[schema.REWARD_DETAILS] = json.dumps(details, ensure_ascii=False)
     t_star = record.get(schema.T_STAR)
-    if t_star is not None and (type(t_star) is not int or not 1 <= t_star <= len(rewards)):
-        raise _field_error(where, schema.T_STAR, f"null or a turn number 1..{len(rewards)}", _short(t_star))
     if schema.T_STAR in record and schema.CORRECT in row:
         # The diagnostics count a trajectory under its t_star: it must be the verifier's first correct turn.
         first_correct = next((turn for turn, correct in enumerate(row[schema.CORRECT], 1) if correct), None)
@@ -531,17 +583,17 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
                 if first_correct
                 else f"null, as {AUTHORS_VERIFIER!r} marks no turn 1"
             )
-            raise _field_error(where, schema.T_STAR, expected, _short(t_star))
+            raise _field_error(where, schema.T_STAR, expected, schema.short_repr(t_star))
     return row
 
 
 def _by_turn(value: Any, where: str, field: str, expected: str, turns: int | None = None) -> list[Any]:
     """The values of a mapping keyed t1..tN in turn order; N must equal `turns` when given."""
     if not isinstance(value, dict) or not value:
-        raise _field_error(where, field, expected, _short(value))
+        raise _field_error(where, field, expected, schema.short_repr(value))
     keys, key_set = _turn_keys(len(value))
     if value.keys() != key_set:
-        raise _field_error(where, field, "keys t1..tN numbered without gaps", _short(sorted(value)))
+        raise _field_error(where, field, "keys t1..tN numbered without gaps", schema.short_repr(sorted(value)))
     if turns is not None and len(keys) != turns:
         raise _field_error(where, field, f"the {turns} turn(s) of {schema.TURN_REWARDS!r}", f"{len(keys)}")
     return [value[k] for k in keys]
@@ -554,24 +606,36 @@ def _turn_keys(turns: int) -> tuple[tuple[str, ...], frozenset[str]]:
 
 
 def _is_finite_number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:  # an integer beyond what a float holds
+        return False
 
 
 def _check_row(row: dict[str, Any], where: str) -> None:
     """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms."""
     if not isinstance(row.get(schema.PROMPT_ID), str):
-        raise _field_error(where, schema.PROMPT_ID, "a string", _short(row.get(schema.PROMPT_ID)))
+        raise _field_error(where, schema.PROMPT_ID, "a string", schema.short_repr(row.get(schema.PROMPT_ID)))
     rewards = row.get(schema.TURN_REWARDS)
     if not isinstance(rewards, list) or not rewards:
-        raise _field_error(where, schema.TURN_REWARDS, _REWARDS_EXPECTED, _short(rewards))
+        raise _field_error(where, schema.TURN_REWARDS, _REWARDS_EXPECTED, schema.short_repr(rewards))
     for turn, reward in enumerate(rewards, 1):
         if not _is_finite_number(reward):
-            raise _field_error(where, schema.TURN_REWARDS, "finite numbers", f"{_short(reward)} at turn {turn}")
-    if not _is_finite_number(row.get(schema.FORMAT_PENALTY)):
-        raise _field_error(where, schema.FORMAT_PENALTY, "a finite number", _short(row.get(schema.FORMAT_PENALTY)))
+            raise _field_error(where, schema.TURN_REWARDS, "finite numbers", f"{schema.short_repr(reward)} at turn {turn}")
+    penalty = row.get(schema.FORMAT_PENALTY)
+    if not _is_finite_number(penalty) or penalty > 0:
+        raise _field_error(where, schema.FORMAT_PENALTY, _PENALTY_EXPECTED, schema.short_repr(penalty))
+    for field in (schema.CORRECT, schema.FORMAT_FAILURES):
+        value = row.get(field)
+        if isinstance(value, list) and len(value) != len(rewards):
+            raise _field_error(where, field, _PER_TURN_EXPECTED, f"{schema.short_repr(value)} for {len(rewards)} turn(s)")
+    t_star = row.get(schema.T_STAR)
+    whole = type(t_star) is int or (type(t_star) is float and t_star.is_integer())  # pandas writes 2.0 beside nulls
+    if t_star is not None and (not whole or not 1 <= t_star <= len(rewards)):
+        raise _field_error(where, schema.T_STAR, _T_STAR_EXPECTED, f"{schema.short_repr(t_star)} for {len(rewards)} turn(s)")
     norms = row.get(schema.ANSWER_NORMS)
     if not isinstance(norms, list) or not all(a is None or isinstance(a, str) for a in norms):
-        raise _field_error(where, schema.ANSWER_NORMS, "a list of strings", _short(norms))
+        raise _field_error(where, schema.ANSWER_NORMS, "a list of strings", schema.short_repr(norms))
     row[schema.ANSWER_NORMS] = [a for a in norms if a and a.strip()]
 
 
@@ -582,7 +646,7 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
         # Arrow would truncate 1.7 to 1; an integral 2.0 (pandas writes integers beside nulls so) is fine.
         for value, line in zip(values, lines):
             if isinstance(value, float) and not value.is_integer():
-                raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", _short(value))
+                raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", schema.short_repr(value))
     try:
         return pa.array(values, type=expected)
     except (pa.ArrowException, OverflowError):
@@ -594,11 +658,11 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
         except (pa.ArrowException, OverflowError):
             raise _field_error(
                 f"{path}:{line}", name, "a value of one type (lists of one element type, integers of 64 bits)",
-                _short(first),
+                schema.short_repr(first),
             ) from None
     for value, line in zip(values, lines):
         try:
             pa.array([value], type=expected)
         except (pa.ArrowException, OverflowError):
-            raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", _short(value)) from None
+            raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", schema.short_repr(value)) from None
     raise TrajectoryFileError(f"{path}: field {name!r}: values do not form one column of type {expected}")

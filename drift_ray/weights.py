@@ -157,6 +157,18 @@ def invalid_weights(table: pa.Table) -> pa.Table:
     return table.select([schema.TRAJECTORY_ID, schema.WEIGHT]).filter(bad)
 
 
+def invalid_conversations(table: pa.Table) -> pa.Table:
+    """The TRAJECTORY_ID of every row whose MESSAGES weighted SFT cannot train on, with the reason
+    (schema.conversation_problem): found before training starts, not at the row's step."""
+    found = schema.invalid_conversation_rows(table.column(schema.MESSAGES))
+    return pa.table(
+        {
+            schema.TRAJECTORY_ID: table.column(schema.TRAJECTORY_ID).take(pa.array([row for row, _ in found], pa.int64())),
+            "problem": pa.array([problem for _, problem in found], pa.string()),
+        }
+    )
+
+
 def diagnostics_path(output_path: str | Path) -> Path:
     """Where weights_file puts the diagnostics of `output_path`: `<stem>.diagnostics.json` beside it."""
     output_path = Path(output_path)
@@ -170,6 +182,11 @@ def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsCo
     An earlier table at `output_path` is removed before the new diagnostics are written, so a run killed
     between the two writes cannot leave them beside it.
     """
+    output, source = Path(output_path).resolve(), Path(input_path).resolve()
+    if output.is_relative_to(source) or (output.exists() and source.exists() and output.samefile(source)):
+        # Replaced before the new table is whole, a failed write would lose the input; in its directory, the
+        # output would be read as one of its shards next time.
+        raise ValueError(f"{output_path}: the output would replace or join the input it is computed from; write it elsewhere")
     weighted = compute_weights(read_trajectories(input_path), cfg)
     diagnostics = weight_diagnostics(weighted)
     Path(output_path).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from drift_ray import schema
 from drift_ray.cli import main
 from drift_ray.config import load_config
 from drift_ray.pipeline import CONFIG_FILE, RUN_LOCK_FILE, RUN_RECORD_FILE, lock_run_dir, resolve_model
@@ -193,7 +194,8 @@ def test_a_command_into_a_run_dir_another_process_writes_is_refused_before_any_w
 ):
     run_dir = tmp_path / "run"
     weighted = tmp_path / "weighted.parquet"
-    pq.write_table(pa.table({"weight": [1.0]}), weighted)
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    pq.write_table(pa.table({schema.TRAJECTORY_ID: ["q/0"], schema.MESSAGES: [conversation], schema.WEIGHT: [1.0]}), weighted)
     extra = {"train": ["--input", str(weighted)], "eval": ["--model", tiny_model_dir]}.get(command, [])
     args = [command, "--config", str(REPO / "jobs/smoke.yaml"), *extra, *smoke_overrides(run_dir, tiny_model_dir)]
     with lock_run_dir(run_dir):  # in this process: an flock conflicts with every other open of its file
@@ -227,6 +229,31 @@ def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, mistype
     assert main([*args, "--model", mistyped]) == 2  # the "=" of a path is no label
     assert f"{mistyped}: no such model directory, nor a Hub id ('name' or 'namespace/name')" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_the_model_below_it(tmp_path, capsys, tiny_model_dir):
+    run_dir = tmp_path / "theirs"
+    shutil.copytree(tiny_model_dir, run_dir / "train" / "model")
+    args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    assert main([*args, "--model", f"drift={run_dir / 'train'}"]) == 2
+    assert (
+        f"{run_dir / 'train'}: not a model directory (no config.json, nor a LoRA adapter's adapter_config.json); "
+        f"did you mean {run_dir / 'train' / 'model'}?"
+    ) in capsys.readouterr().err
+    assert main([*args, "--model", "drift="]) == 2
+    assert "the model is empty: give a model directory or a Hub id" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_names_input_without_its_columns_before_starting_ray(tmp_path, capsys):
+    import ray
+
+    rollouts = tmp_path / "rollouts.parquet"  # the rollouts, not the weights written from them
+    pq.write_table(pa.table({schema.TRAJECTORY_ID: ["p/0"], schema.MESSAGES: [[{"role": "assistant", "content": "a"}]]}), rollouts)
+    args = ["train", "--config", str(REPO / "jobs/smoke.yaml"), "--input", str(rollouts), f"run_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    assert f"{rollouts}: the weighted SFT stage needs column(s) ['weight']" in capsys.readouterr().err
+    assert not ray.is_initialized()
 
 
 def test_train_names_a_missing_input_before_building_the_model_or_starting_ray(tmp_path, capsys):
@@ -342,7 +369,6 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
     assert (run_dir / "eval" / "eval.md").exists()
     assert (run_dir / "round-2" / "train" / "model" / "config.json").exists()
     # Round 2 collects its own rollouts, from the policy round 1 trained.
-    from drift_ray import schema
     from drift_ray.rollouts import read_shards
 
     round2 = read_shards(run_dir / "round-2" / "rollouts")

@@ -216,17 +216,26 @@ def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_mo
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "weights, message",
+    "weights, without_a_reply, message",
     [
-        ([1.0, float("nan"), -2.0], r"'weight' must be finite and >= 0; found nan at 'q/1', -2.0 at 'q/2'"),
-        (["1", "x", "2"], r"column 'weight' holds string; expected numbers"),
+        ([1.0, float("nan"), -2.0], [], r"'weight' must be finite and >= 0; found nan at 'q/1', -2.0 at 'q/2'"),
+        (["1", "x", "2"], [], r"column 'weight' holds string; expected numbers"),
+        # Found before training, not at the row's step; q/1, with weight 0, is not trained on.
+        (
+            [1.0, 0.0, 1.0],
+            [1, 2],
+            r"conversations that weighted SFT cannot train on: 'q/2': no assistant message to train on \(roles \['user'\]\)$",
+        ),
     ],
-    ids=["nan-and-negative", "strings"],
+    ids=["nan-and-negative", "strings", "no-reply"],
 )
-def test_bad_weights_are_refused_naming_the_file_and_trajectories(ray_cluster, tmp_path, model_path, weights, message):
+def test_bad_weights_and_conversations_are_refused_naming_the_file_and_trajectories(
+    ray_cluster, tmp_path, model_path, weights, without_a_reply, message
+):
+    conversations = [conversation(1, k, wrong_first=False) for k in range(3)]
     rows = {
         schema.TRAJECTORY_ID: [f"q/{k}" for k in range(3)],
-        schema.MESSAGES: [conversation(1, k, wrong_first=False) for k in range(3)],
+        schema.MESSAGES: [c[:1] if k in without_a_reply else c for k, c in enumerate(conversations)],
         schema.WEIGHT: weights,
     }
     weighted = tmp_path / "weighted"

@@ -153,6 +153,12 @@ def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
         ({schema.TURN_REWARDS: [0.0, float("inf")]}, schema.TURN_REWARDS),
         ({schema.TURN_REWARDS: []}, schema.TURN_REWARDS),
         ({schema.PROMPT_ID: None}, schema.PROMPT_ID),
+        ({schema.FORMAT_PENALTY: 0.5}, schema.FORMAT_PENALTY),  # a penalty added to the return is <= 0
+        ({schema.T_STAR: 4}, schema.T_STAR),  # of 3 turns
+        ({schema.CORRECT: [False, True]}, schema.CORRECT),
+        ({schema.FORMAT_FAILURES: [True]}, schema.FORMAT_FAILURES),
+        ({schema.MESSAGES: [{"role": "user", "content": "q"}]}, schema.MESSAGES),
+        ({schema.TRAJECTORY_ID: None}, schema.TRAJECTORY_ID),
     ],
 )
 def test_bad_parquet_value_names_file_row_and_field(tmp_path, change, field):
@@ -169,6 +175,37 @@ def test_bad_parquet_value_names_file_row_and_field(tmp_path, change, field):
     pq.write_table(pa.Table.from_pylist(rows[1:]), shards / "part-b.parquet")
     with pytest.raises(TrajectoryFileError, match=rf"rollouts/part-b\.parquet: row 1: field '{field}'"):
         read_trajectories(shards)
+
+
+def test_a_trajectory_id_on_two_rows_names_both_across_shards(tmp_path):
+    rows = _episode_rows()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "part-b.parquet")
+    expected = r"part-b\.parquet: row 1: trajectory_id 'p1/1' is also that of .*part-a\.parquet: row 2; weighted SFT"
+    with pytest.raises(TrajectoryFileError, match=expected):
+        read_trajectories(tmp_path)
+
+
+def test_what_pandas_writes_is_read_a_t_star_of_floats_beside_nulls_and_category_ids(tmp_path):
+    rows = _episode_rows()
+    assert [r[schema.T_STAR] for r in rows] == [2, None]
+    table = pa.Table.from_pylist(rows)
+    t_star = table.schema.get_field_index(schema.T_STAR)
+    pq.write_table(table.set_column(t_star, schema.T_STAR, pa.array([2.0, None])), tmp_path / "floats.parquet")
+    assert read_trajectories(tmp_path / "floats.parquet").column(schema.T_STAR).to_pylist() == [2.0, None]
+    jsonl = tmp_path / "floats.jsonl"
+    jsonl.write_text("".join(json.dumps({**r, schema.T_STAR: r[schema.T_STAR] and 2.0}) + "\n" for r in rows))
+    assert read_trajectories(jsonl).column(schema.T_STAR).to_pylist() == [2, None]
+    pq.write_table(table.set_column(t_star, schema.T_STAR, pa.array([1.5, None])), tmp_path / "half.parquet")
+    with pytest.raises(TrajectoryFileError, match=r"half\.parquet: row 1: field 't_star': .* found 1\.5"):
+        read_trajectories(tmp_path / "half.parquet")
+    ids = table.schema.get_field_index(schema.TRAJECTORY_ID)
+    categories = table.set_column(ids, schema.TRAJECTORY_ID, table.column(ids).dictionary_encode())
+    pq.write_table(categories, tmp_path / "categories.parquet")
+    assert read_trajectories(tmp_path / "categories.parquet").column(schema.TRAJECTORY_ID).to_pylist() == ["p1/0", "p1/1"]
+    pq.write_table(table.set_column(ids, schema.TRAJECTORY_ID, pa.array([[1], [2]])), tmp_path / "lists.parquet")
+    with pytest.raises(TrajectoryFileError, match=r"lists\.parquet: field 'trajectory_id': expected a column of text or integers"):
+        read_trajectories(tmp_path / "lists.parquet")
 
 
 def test_parquet_with_wrong_column_type_or_missing_column(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -22,6 +23,7 @@ from drift_ray.weights import (
     diagnostics_path,
     first_correct_turn,
     group_weights,
+    invalid_conversations,
     invalid_weights,
     trajectory_returns,
     weight_diagnostics,
@@ -127,6 +129,33 @@ def test_invalid_weights_are_the_null_nan_infinite_and_negative_ones():
     assert invalid.column(schema.TRAJECTORY_ID).to_pylist() == ["p/1", "p/2", "p/3", "p/4"]
     integers = pa.table({schema.TRAJECTORY_ID: ["a", "b"], schema.WEIGHT: pa.array([3, -1], pa.int64())})
     assert invalid_weights(integers).column(schema.TRAJECTORY_ID).to_pylist() == ["b"]
+
+
+def test_invalid_conversations_are_those_without_text_messages_or_an_assistant_reply():
+    user, reply = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    conversations = [[user, reply], [user], [], None, [{"role": "user"}, reply], [user, reply, user]]
+    table = pa.table({schema.TRAJECTORY_ID: [f"p/{k}" for k in range(6)], schema.MESSAGES: conversations})
+    invalid = invalid_conversations(table)
+    assert invalid.column(schema.TRAJECTORY_ID).to_pylist() == ["p/1", "p/2", "p/3", "p/4"]
+    assert invalid.column("problem").to_pylist() == [
+        "no assistant message to train on (roles ['user'])",
+        "expected a non-empty list of messages, found []",
+        "expected a non-empty list of messages, found None",
+        "message 0: expected text 'role' and 'content', found {'role': 'user', 'content': None}",
+    ]
+    assert invalid_conversations(table.slice(0, 1)).num_rows == 0
+    # A null list whose offsets still span messages: they are not the row's.
+    spanned = pa.ListArray.from_arrays([0, 1, 3], pa.array([user, user, reply]), mask=pa.array([True, False]))
+    spanned_table = pa.table({schema.TRAJECTORY_ID: ["n", "ok"], schema.MESSAGES: spanned})
+    assert invalid_conversations(spanned_table).to_pylist() == [
+        {schema.TRAJECTORY_ID: "n", "problem": "expected a non-empty list of messages, found None"}
+    ]
+    # Content in parts, as multimodal chats write it: a column of another type, checked row by row.
+    in_parts = [{"role": role, "content": [{"type": "text", "text": "x"}]} for role in ("user", "assistant")]
+    table = pa.table({schema.TRAJECTORY_ID: ["a"], schema.MESSAGES: [in_parts]})
+    assert invalid_conversations(table).column("problem").to_pylist() == [
+        "message 0: expected text 'role' and 'content', found {'role': 'user', 'content': [{'type': 'text', 'text': 'x'}]}"
+    ]
 
 
 def test_group_weights_small_example_and_singletons():
@@ -382,6 +411,35 @@ def _without(key: str) -> dict:
             r"field 'sample_index': expected a value of type int64, found 1\.7",
         ),
         ("[1, 2]", r"expected a JSON object, found list"),
+        # Python reads it, but no float holds it.
+        (json.dumps({**_GOOD, "turn_rewards": {"t1": 10**400}}), r"field 'turn_rewards': expected finite numbers, found 1000"),
+        (json.dumps({**_GOOD, "format_penalty": 0.1}), r"field 'format_penalty': expected a finite number <= 0 .*found 0\.1"),
+        # What the weights pass on to weighted SFT, which would fail at the row's step, hours in.
+        (
+            json.dumps({**_GOOD, "messages": [{"role": "user", "content": None}, _GOOD["messages"][1]]}),
+            r"field 'messages': message 0: expected text 'role' and 'content', found \{'role': 'user', 'content': None\}",
+        ),
+        (
+            json.dumps({**_GOOD, "messages": _GOOD["messages"][:1]}),
+            r"field 'messages': no assistant message to train on \(roles \['user'\]\)",
+        ),
+        (
+            json.dumps({**_GOOD, "sample_index": 0}),  # the trajectory id of line 1's sample
+            r"trajectory_id 'q1/0' is also that of .*data\.jsonl:1; weighted SFT needs one row per trajectory",
+        ),
+        # Our own format, which the authors' checks do not cover.
+        (
+            json.dumps({"prompt_id": "q1", "trajectory_id": "q1/9", "turn_rewards": [0.0], "t_star": 2, "answer_norms": [], "format_penalty": 0.0}),
+            r"field 't_star': expected null or a turn number from 1 to the turns of 'turn_rewards', found 2 for 1 turn\(s\)",
+        ),
+        (
+            json.dumps({"prompt_id": "q1", "trajectory_id": "q1/9", "turn_rewards": [1.0], "correct": [False, True], "answer_norms": [], "format_penalty": 0.0}),
+            r"field 'correct': expected a list of one value per turn of 'turn_rewards', found \[False, True\] for 1 turn",
+        ),
+        (
+            json.dumps({"prompt_id": "q1", "turn_rewards": [1.0], "answer_norms": [], "format_penalty": 0.0}),
+            r"field 'trajectory_id': expected a value, found null",  # beside lines that have one
+        ),
     ],
 )
 def test_weights_file_refuses_bad_lines_and_writes_nothing(tmp_path, line_2, message):
@@ -393,6 +451,21 @@ def test_weights_file_refuses_bad_lines_and_writes_nothing(tmp_path, line_2, mes
         weights_file(source, out_dir / "weighted.parquet", WeightsConfig())
     assert not out_dir.exists()
     assert [p.name for p in source.parent.iterdir()] == ["data.jsonl"]
+
+
+def test_weights_file_will_not_replace_or_join_its_input(tmp_path):
+    source = tmp_path / "data.jsonl"
+    source.write_text(AUTHORS_SAMPLE.read_text())
+    os.link(source, tmp_path / "linked.jsonl")
+    refused = r"the output would replace or join the input it is computed from"
+    for output in (tmp_path / "." / "data.jsonl", tmp_path / "linked.jsonl"):
+        with pytest.raises(ValueError, match=refused):
+            weights_file(source, output, WeightsConfig())
+    assert source.read_text() == AUTHORS_SAMPLE.read_text()
+    # Inside a directory of shards, the output would be read as one more shard next time.
+    with pytest.raises(ValueError, match=r"shards/weighted\.parquet: " + refused):
+        weights_file(tmp_path, tmp_path / "shards" / "weighted.parquet", WeightsConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "linked.jsonl"]
 
 
 def test_weights_file_refuses_empty_input_and_bad_beta(tmp_path):
