@@ -94,8 +94,8 @@ def _check_ids_and_conversations(table: pa.Table, where: Callable[[int], str]) -
                 raise _field_error(where(row), schema.TRAJECTORY_ID, "a value", "null")
             if trajectory_id in first_row:
                 raise TrajectoryFileError(
-                    f"{where(row)}: {schema.TRAJECTORY_ID} {trajectory_id!r} is also that of {where(first_row[trajectory_id])}; "
-                    "weighted SFT needs one row per trajectory"
+                    f"{where(row)}: {schema.TRAJECTORY_ID} {trajectory_id!r} is also that of "
+                    f"{where(first_row[trajectory_id])}; weighted SFT needs one row per trajectory"
                 )
             first_row[trajectory_id] = row
     if schema.MESSAGES in table.column_names:
@@ -454,8 +454,13 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
         (schema.T_STAR, lambda t: _is_number(t) or pa.types.is_null(t), "numbers"),
         (schema.TRAJECTORY_ID, _is_id, "text or integers"),
     ):
-        if name in table.column_names and not accepts(table.column(name).type):
-            raise _field_error(str(path), name, f"a column of {expected}", f"type {table.column(name).type}")
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        if not accepts(column.type):
+            raise _field_error(str(path), name, f"a column of {expected}", f"type {column.type}")
+        if pa.types.is_null(column.type):  # every value null: typed, so that the weights can read it as such
+            table = table.set_column(table.schema.get_field_index(name), name, column.cast(_TYPES[name]))
     file_starts = np.cumsum([0, *(len(t) for t in tables)])
 
     def where(row: int) -> str:

@@ -199,6 +199,11 @@ def test_what_pandas_writes_is_read_a_t_star_of_floats_beside_nulls_and_category
     pq.write_table(table.set_column(t_star, schema.T_STAR, pa.array([1.5, None])), tmp_path / "half.parquet")
     with pytest.raises(TrajectoryFileError, match=r"half\.parquet: row 1: field 't_star': .* found 1\.5"):
         read_trajectories(tmp_path / "half.parquet")
+    # A column that pandas writes without a single value has Arrow's null type.
+    correct = table.schema.get_field_index(schema.CORRECT)
+    pq.write_table(table.set_column(correct, schema.CORRECT, pa.nulls(2)), tmp_path / "no_verdicts.parquet")
+    no_verdicts = read_trajectories(tmp_path / "no_verdicts.parquet").column(schema.CORRECT)
+    assert no_verdicts.type == pa.list_(pa.bool_()) and no_verdicts.to_pylist() == [None, None]
     ids = table.schema.get_field_index(schema.TRAJECTORY_ID)
     categories = table.set_column(ids, schema.TRAJECTORY_ID, table.column(ids).dictionary_encode())
     pq.write_table(categories, tmp_path / "categories.parquet")
