@@ -86,15 +86,20 @@ def invalid_conversation_rows(messages: pa.Array | pa.ChunkedArray) -> list[tupl
 def _suspect_conversation_rows(column: pa.Array) -> np.ndarray:
     if not _holds_text_messages(column.type):
         return np.arange(len(column))
-    # The row of each element list_flatten keeps (list_parent_indices would also count those behind null lists).
-    flat = pc.list_flatten(column)
-    rows = np.repeat(np.arange(len(column)), pc.fill_null(pc.list_value_length(column), 0).to_numpy())
+    flat, rows = pc.list_flatten(column), list_element_rows(column)
     role, content = pc.struct_field(flat, "role"), pc.struct_field(flat, "content")
     broken = pc.or_(pc.or_(flat.is_null(), role.is_null()), content.is_null()).to_numpy(zero_copy_only=False)
     assistant = pc.fill_null(pc.equal(role, "assistant"), False).to_numpy(zero_copy_only=False)
     suspect = np.bincount(rows[assistant & ~broken], minlength=len(column)) == 0  # empty and null lists too
     suspect[rows[broken]] = True
     return np.flatnonzero(suspect)
+
+
+def list_element_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The row of every element that pc.list_flatten(column) returns, in order. From the lengths, not
+    list_parent_indices: that one also counts the values an Arrow array may keep behind a null list,
+    which list_flatten leaves out."""
+    return np.repeat(np.arange(len(column)), pc.list_value_length(column).fill_null(0).to_numpy())
 
 
 def _holds_text_messages(column_type: pa.DataType) -> bool:

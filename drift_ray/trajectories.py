@@ -504,13 +504,13 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
     for field in schema.WEIGHTS_INPUT:
         fail(np.flatnonzero(table.column(field).is_null().to_numpy(zero_copy_only=False)), field, "a value")
     rewards = table.column(schema.TURN_REWARDS)
-    fail(np.flatnonzero(pc.list_value_length(rewards).to_numpy() == 0), schema.TURN_REWARDS, "at least one turn")
+    turns = pc.list_value_length(rewards).to_numpy()
+    fail(np.flatnonzero(turns == 0), schema.TURN_REWARDS, "at least one turn")
     values = pc.list_flatten(rewards).to_numpy()  # nulls become NaN
-    bad = pc.list_parent_indices(rewards).to_numpy()[~np.isfinite(values)]
+    bad = schema.list_element_rows(rewards)[~np.isfinite(values)]
     fail(bad, schema.TURN_REWARDS, "finite numbers")
     penalty = table.column(schema.FORMAT_PENALTY).to_numpy()
     fail(np.flatnonzero(~(np.isfinite(penalty) & (penalty <= 0))), schema.FORMAT_PENALTY, _PENALTY_EXPECTED)
-    turns = pc.list_value_length(rewards).to_numpy()
     for field in (schema.CORRECT, schema.FORMAT_FAILURES):
         if field in table.column_names:
             lengths = pc.list_value_length(table.column(field)).to_numpy(zero_copy_only=False).astype(float)  # null: NaN

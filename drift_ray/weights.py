@@ -230,10 +230,7 @@ def _flatten(column: pa.ChunkedArray, value_type: pa.DataType) -> tuple[npt.NDAr
 
     Rows come out in table order (non-decreasing). The cast also covers lists Arrow inferred as
     list<null> because every one of them was empty."""
-    # From the lengths, not list_parent_indices: that one also counts the values an Arrow array may keep
-    # behind a null list, which list_flatten leaves out.
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy()
-    return np.repeat(np.arange(len(column)), lengths), pc.list_flatten(column).cast(value_type)
+    return schema.list_element_rows(column), pc.list_flatten(column).cast(value_type)
 
 
 def _flatten_turns(column: pa.ChunkedArray) -> tuple[npt.NDArray[np.int64], pa.ChunkedArray, npt.NDArray[np.int64]]:
