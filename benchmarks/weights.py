@@ -5,7 +5,7 @@ is timed on rows already in Python (its best case) and with the Arrow → Python
 reads (what a per-row map stage over Arrow blocks would pay). Core and loop must agree before anything is
 timed. In-process figures are the best of a few repeats; the Ray Data stage runs once after a warm-up.
 
-    .venv/bin/python benchmarks/weights.py [--trajectories 100000] [--k 16] [--no-ray] [--quick] [--out DIR]
+    .venv/bin/python benchmarks/weights.py [--trajectories 100000] [--k 16] [--reply-chars 0] [--no-ray] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,9 +36,15 @@ ANSWERS_PER_PROMPT = 4  # distinct answers a prompt's trajectories choose from: 
 PROMPTS_PER_BLOCK = 32  # rollout output: one block per actor call of rollout.prompts_per_batch prompts
 
 
-def synthetic_trajectories(n: int, k: int, seed: int) -> pa.Table:
-    """n trajectories, k per prompt: 1–5 turns, 40% solved at their last turn, 5% format failures per turn."""
+REASONING = "Let me think again: 3 × 4 = 12, so the last digit is 2. "  # one character of two bytes in UTF-8
+
+
+def synthetic_trajectories(n: int, k: int, seed: int, reply_chars: int = 0) -> pa.Table:
+    """n trajectories, k per prompt: 1–5 turns, 40% solved at their last turn, 5% format failures per turn.
+    The reply carries `reply_chars` characters of reasoning before its answer: the weights read none of it,
+    but the file entry reads and checks all of it."""
     rng = np.random.default_rng(seed)
+    reasoning = (REASONING * (reply_chars // len(REASONING) + 1))[:reply_chars]
     turns = rng.integers(1, 6, size=n)
     solved = rng.random(n) < 0.4
     rows = []
@@ -59,7 +65,7 @@ def synthetic_trajectories(n: int, k: int, seed: int) -> pa.Table:
             schema.T_STAR: t if solved[i] else None,
             schema.MESSAGES: [
                 {"role": "user", "content": "question"},
-                {"role": "assistant", "content": "<answer>1</answer>"},
+                {"role": "assistant", "content": f"{reasoning}<answer>1</answer>"},
             ],
         })
     return pa.Table.from_pylist(rows)
@@ -156,18 +162,19 @@ def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--trajectories", type=int, default=100_000)
     parser.add_argument("--k", type=int, default=16, help="trajectories per prompt")
+    parser.add_argument("--reply-chars", type=int, default=0, help="characters of reasoning before each reply's answer")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Data measurement")
     args = parser.parse_args()
     n = 4_000 if args.quick else args.trajectories
     repeats = 2 if args.quick else 6
     cfg = WeightsConfig()
-    table = synthetic_trajectories(n, args.k, seed=0)
+    table = synthetic_trajectories(n, args.k, seed=0, reply_chars=args.reply_chars)
 
     results = measure_in_process(table, cfg, repeats)
     if not args.no_ray:
         results += measure_ray_data(table, cfg, args.k)
 
-    print(f"\nweights stage, {n:,} trajectories, K={args.k}\n")
+    print(f"\nweights stage, {n:,} trajectories, K={args.k}, {args.reply_chars:,} characters of reasoning per reply\n")
     columns = ["path", "seconds", "trajectories_per_s", "trajectories_per_min", "speedup_vs_loop"]
     print_table(results, columns + ["speedup_vs_loop_from_arrow"])
     speedup = results[0]["speedup_vs_loop"]
@@ -176,7 +183,10 @@ def main() -> None:
     if ray_rates:
         slower = min(ray_rates)
         print(f"target: Ray Data >= {TARGET_RAY_PER_MIN:,} trajectories/min; measured {slower:,.0f} (the slower path)")
-    config = {"trajectories": n, "k": args.k, "repeats": repeats, "ray": not args.no_ray, "quick": args.quick}
+    config = {
+        "trajectories": n, "k": args.k, "reply_chars": args.reply_chars, "repeats": repeats, "ray": not args.no_ray,
+        "quick": args.quick,
+    }
     print(f"appended to {append_result('weights', config, results, args.out)}")
 
 

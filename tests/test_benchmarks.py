@@ -139,6 +139,10 @@ def test_the_weights_benchmark_loop_is_the_weights_formula():
     expected = compute_weights(table, cfg).column(schema.WEIGHT).to_numpy()
     assert len(set(np.round(expected, 6))) > 10
     np.testing.assert_allclose(benchmark.per_row_loop(table.to_pylist(), cfg), expected, rtol=1e-9, atol=1e-12)
+    # Longer replies: text the file entry reads and checks, the weights none of.
+    long = benchmark.synthetic_trajectories(200, 4, seed=1, reply_chars=150)
+    reply = long.column(schema.MESSAGES)[0].as_py()[-1]["content"]
+    assert len(reply) == 150 + len("<answer>1</answer>") and "×" in reply and reply.endswith("<answer>1</answer>")
 
 
 def test_quality_checks_compare_each_drift_row_with_sft_of_its_round():
