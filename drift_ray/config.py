@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_model.py)
 
@@ -25,6 +26,17 @@ DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_
 class _Section(BaseModel):
     # No inf or NaN: an infinite weights.beta would make every weight 1 without a word.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true as 1 where a number belongs: `seed: true` would run seed 1 without a word.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            admitted = {annotation, *get_args(annotation)}
+            if bool not in admitted and admitted & {int, float}:
+                raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
+        return value
 
 
 _TASK_KEY_READERS = {

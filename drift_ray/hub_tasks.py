@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drift_ray import schema
 from drift_ray.config import TaskConfig
-from drift_ray.prompts import Problem, Task, TaskError, require_unique_prompt_ids, require_utf8
+from drift_ray.prompts import Problem, Task, TaskError, require_unique_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def _read_file(path: str, name: str, spec: HubDataset) -> _Part:
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
         # datasets wraps the reader's error ("JSON parse error … in row 3") in a generic one
         raise TaskError(f"{path}: cannot read it as {builder}: {err.__cause__ or err}") from err
-    require_utf8(dataset.data.table, path)
+    schema.require_utf8(dataset.data.table, path, TaskError)
     return _Part(path, None, dataset.column_names, dataset)
 
 

@@ -187,7 +187,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             table = pq.read_table(path)
         except pa.ArrowException as err:
             raise TaskError(f"{path}: not a readable Parquet file: {err}") from err
-        require_utf8(table, str(path))
+        schema.require_utf8(table, str(path), TaskError)
         return [(f"{path}: row {row_no}", row) for row_no, row in enumerate(table.to_pylist(), 1)]
     rows = []
     with path.open("rb") as f:
@@ -195,9 +195,11 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = schema.loads_json(line)
             except json.JSONDecodeError as err:
                 raise TaskError(f"{path}:{line_no}: not valid JSON: {err.msg}") from None
+            except schema.RepeatedKeyError as err:
+                raise TaskError(f"{path}:{line_no}: {err}") from None
             except UnicodeDecodeError as err:
                 raise TaskError(f"{path}:{line_no}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not isinstance(row, dict):
@@ -265,14 +267,6 @@ def require_unique_prompt_ids(problems: Sequence[Problem], where: str) -> None:
         if problem.prompt_id in seen:
             raise TaskError(f"{where}: prompt id {problem.prompt_id!r} appears more than once; ids must be unique")
         seen.add(problem.prompt_id)
-
-
-def require_utf8(table: pa.Table, source: str) -> None:
-    """Arrow readers take string columns as they are: bytes that are not UTF-8 would fail later, when a row is read."""
-    try:
-        table.validate(full=True)
-    except pa.ArrowInvalid as err:
-        raise TaskError(f"{source}: not UTF-8 text ({err})") from None
 
 
 def require_json_metadata(metadata: dict[str, Any], where: str) -> None:

@@ -300,13 +300,24 @@ def run_episodes(
     return summary
 
 
+def _read_shard(shard: Path) -> pa.Table:
+    # Read with the schema, Arrow would fill a missing column with nulls: metrics computed on them would
+    # look like those of episodes that all failed.
+    try:
+        columns = pq.read_schema(shard).names
+        schema.require_columns(columns, schema.TRAJECTORY_SCHEMA.names, stage="evaluation", source=str(shard))
+        return pq.read_table(shard, schema=schema.TRAJECTORY_SCHEMA)
+    except pa.ArrowException as err:
+        raise ValueError(f"{shard}: not a trajectory shard that drift-ray wrote: {err}") from err
+
+
 def read_shards(out_dir: str | Path, prompt_ids: Collection[str] | None = None) -> pa.Table:
     """The trajectories of complete shards in `out_dir` (of `prompt_ids` only, when given), sorted by
     trajectory id."""
     shards = sorted(Path(out_dir).glob(SHARD_GLOB))
     if not shards:
         raise FileNotFoundError(f"{out_dir}: no trajectory shards ({SHARD_GLOB}); run the rollouts first")
-    table = pa.concat_tables([pq.read_table(s, schema=schema.TRAJECTORY_SCHEMA) for s in shards])
+    table = pa.concat_tables([_read_shard(s) for s in shards])
     if prompt_ids is not None:
         table = table.filter(pc.is_in(table[schema.PROMPT_ID], value_set=pa.array(list(prompt_ids), pa.string())))
     return table.sort_by([(schema.PROMPT_ID, "ascending"), (schema.SAMPLE_INDEX, "ascending")])

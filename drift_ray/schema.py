@@ -5,6 +5,7 @@ prompts → rollouts (trajectories) → weights (+return, +weight) → weighted 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -129,6 +130,35 @@ def short_repr(value: Any) -> str:
     """repr(value), cut to 80 characters: for errors that quote a value of the input."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class RepeatedKeyError(ValueError):
+    """A JSON object of the input names one key twice."""
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise RepeatedKeyError(f"key {key!r} is written twice in one object; only one value can be meant")
+            seen.add(key)
+    return record
+
+
+def loads_json(text: str | bytes) -> Any:
+    """json.loads, except that an object naming a key twice is refused: json keeps its last value silently."""
+    return json.loads(text, object_pairs_hook=_refuse_repeated_keys)
+
+
+def require_utf8(table: pa.Table, source: str, error: type[Exception] = ValueError) -> None:
+    """Arrow readers take string columns as they are: bytes that are not UTF-8 would fail later, when a row
+    is read. Raises `error` naming `source`."""
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as err:
+        raise error(f"{source}: not UTF-8 text ({err})") from None
 
 
 class MissingColumnsError(ValueError):

@@ -423,6 +423,7 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
             tables.append(pq.read_table(file))
         except (pa.ArrowException, OSError) as err:
             raise TrajectoryFileError(f"{file}: not a readable Parquet file: {err}") from err
+        schema.require_utf8(tables[-1], str(file), TrajectoryFileError)
     # Read together, files would all take the first one's columns: another file's extra ones would be lost.
     for file, other in zip(files[1:], tables[1:]):
         if set(other.column_names) != set(tables[0].column_names):
@@ -533,7 +534,9 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
                 continue
             where = f"{path}:{line_no}"
             try:
-                record = json.loads(line)
+                record = schema.loads_json(line)
+            except schema.RepeatedKeyError as err:
+                raise TrajectoryFileError(f"{where}: {err}") from None
             except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not text
                 raise TrajectoryFileError(f"{where}: not valid JSON: {err}") from None
             if not isinstance(record, dict):

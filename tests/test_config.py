@@ -74,6 +74,10 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("weights.beta=.inf", "weights.beta: Input should be a finite number (found inf)"),
         ("rollout.temperature=.nan", "rollout.temperature: Input should be a finite number (found nan)"),
         ("run_dir=''", "run_dir: String should have at least 1 character"),
+        # Pydantic alone would read true as 1.
+        ("seed=true", "seed: Input should be a number, not true or false (found True)"),
+        ("weights.beta=yes", "weights.beta: Input should be a number, not true or false (found True)"),
+        ("task.num_test=false", "task.num_test: Input should be a number, not true or false (found False)"),
         # A key the task's kind does not read is an error, not a silently different task.
         ("task.train_path=problems.jsonl", "task.train_path: Value error, kind 'builtin' does not read it, only 'file', 'hub' do"),
         ("eval.task={kind: builtin, name: candidates, test_path: t.jsonl}", "eval.task.test_path: Value error, kind 'builtin' does not"),

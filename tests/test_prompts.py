@@ -149,6 +149,7 @@ def test_read_parquet_file_task(tmp_path):
         ('{"question": "a", "gold": ""}\n', {}, "bad.jsonl:1: column 'gold' is missing or empty"),
         ('{"question": "a", "gold": "1"}\n\n{"question": "b"}\n', {}, "bad.jsonl:3: column 'gold' is missing or empty"),
         ('[1, 2]\n', {}, ":1: expected a JSON object"),
+        ('{"question": "a", "gold": "1", "gold": "2"}\n', {}, "bad.jsonl:1: key 'gold' is written twice in one object"),
         ('{"prompt_id": "a", "question": "q", "gold": "1"}\n' * 2, {}, "prompt id 'a' appears more than once"),
         ("", {}, "no problems"),
         ('{"question": "a", "gold": "1"}\n', {"answer": "gold"}, "task.columns: unknown key"),

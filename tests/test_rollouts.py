@@ -53,8 +53,8 @@ def trajectory_rows(prompt_id: str, k: int) -> list[dict]:
 
 def write_shard(out_dir: Path, prompt_ids: list[str], k: int) -> None:
     rows = [r for pid in prompt_ids for r in trajectory_rows(pid, k)]
-    columns = pa.schema([schema.TRAJECTORY_SCHEMA.field(name) for name in rows[0]])  # as the rollouts write them
-    pq.write_table(pa.Table.from_pylist(rows, schema=columns), shard_path(out_dir, [problem(p) for p in prompt_ids]))
+    table = pa.Table.from_pylist(rows, schema=schema.TRAJECTORY_SCHEMA)  # the columns left out are null
+    pq.write_table(table, shard_path(out_dir, [problem(p) for p in prompt_ids]))
 
 
 def episode_kwargs(model: str = "some/hub-model") -> dict:
@@ -104,6 +104,19 @@ def test_read_shards_keeps_the_prompts_asked_for(tmp_path):
     write_shard(tmp_path, ["c"], k=2)
     assert read_shards(tmp_path).column(schema.PROMPT_ID).to_pylist() == ["a", "a", "b", "b", "c", "c"]
     assert read_shards(tmp_path, prompt_ids={"c", "a", "z"}).column(schema.PROMPT_ID).to_pylist() == ["a", "a", "c", "c"]
+
+
+def test_a_shard_drift_ray_did_not_write_is_refused_by_name(tmp_path):
+    write_shard(tmp_path, ["a"], k=2)
+    [shard] = tmp_path.glob("part-*.parquet")
+    written = pq.read_table(shard)
+    pq.write_table(written.drop_columns([schema.CORRECT]), shard)  # read with the schema, it would be all null
+    with pytest.raises(schema.MissingColumnsError, match=re.escape(f"{shard}: the evaluation stage needs column(s) ['correct']")):
+        read_shards(tmp_path)
+    retyped = written.set_column(written.schema.get_field_index(schema.GOLD), schema.GOLD, pa.array([b"\xff", b"1"]))
+    pq.write_table(retyped, shard)
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: not a trajectory shard that drift-ray wrote")):
+        read_shards(tmp_path)
 
 
 def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):

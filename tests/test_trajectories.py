@@ -225,6 +225,17 @@ def test_parquet_with_wrong_column_type_or_missing_column(tmp_path):
         read_trajectories(path)
 
 
+def test_parquet_text_that_is_not_utf8_names_its_shard(tmp_path):
+    table = pa.Table.from_pylist(_episode_rows())
+    gold = table.schema.get_field_index(schema.GOLD)
+    # Parquet's reader does not check text: such bytes would fail when the row is read, in training.
+    latin1 = pa.Array.from_buffers(pa.string(), 2, pa.array(["7", "caf\u00e9".encode("latin-1")], pa.binary()).buffers())
+    pq.write_table(table.slice(0, 1), tmp_path / "part-a.parquet")
+    pq.write_table(table.set_column(gold, schema.GOLD, latin1), tmp_path / "part-b.parquet")
+    with pytest.raises(TrajectoryFileError, match=r"part-b\.parquet: not UTF-8 text"):
+        read_trajectories(tmp_path)
+
+
 def test_parquet_integer_rewards_are_read_as_float(tmp_path):
     rows = [{**r, schema.TURN_REWARDS: [int(x) for x in r[schema.TURN_REWARDS]]} for r in _episode_rows()]
     path = tmp_path / "ints.parquet"

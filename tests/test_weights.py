@@ -411,6 +411,12 @@ def _without(key: str) -> dict:
             r"field 'sample_index': expected a value of type int64, found 1\.7",
         ),
         ("[1, 2]", r"expected a JSON object, found list"),
+        # json keeps the last of a key written twice, silently.
+        (json.dumps(_GOOD).replace('"t_star": 1', '"t_star": 1, "t_star": null'), r"key 't_star' is written twice in one object"),
+        (
+            json.dumps({**_GOOD, "turn_rewards": {"t1": 1.0}}).replace('{"t1": 1.0}', '{"t1": 0.0, "t1": 1.0}'),
+            r"key 't1' is written twice in one object",
+        ),
         # Python reads it, but no float holds it.
         (json.dumps({**_GOOD, "turn_rewards": {"t1": 10**400}}), r"field 'turn_rewards': expected finite numbers, found 1000"),
         (json.dumps({**_GOOD, "format_penalty": 0.1}), r"field 'format_penalty': expected a finite number <= 0 .*found 0\.1"),
@@ -451,6 +457,15 @@ def test_weights_file_refuses_bad_lines_and_writes_nothing(tmp_path, line_2, mes
         weights_file(source, out_dir / "weighted.parquet", WeightsConfig())
     assert not out_dir.exists()
     assert [p.name for p in source.parent.iterdir()] == ["data.jsonl"]
+
+
+def test_a_return_that_overflows_names_the_file_and_the_trajectory(tmp_path):
+    source = tmp_path / "data.jsonl"
+    huge = {"prompt_id": "q1", "trajectory_id": "q1/9", "turn_rewards": [1e308, 1e308], "answer_norms": [], "format_penalty": 0.0}
+    source.write_text(json.dumps(huge) + "\n")  # each reward is finite, their sum is not
+    with pytest.raises(ValueError, match=r"data\.jsonl: trajectory 'q1/9' has a return of inf"):
+        weights_file(source, tmp_path / "weighted.parquet", WeightsConfig())
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
 
 
 def test_weights_file_will_not_replace_or_join_its_input(tmp_path):
