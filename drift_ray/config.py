@@ -10,14 +10,24 @@ from __future__ import annotations
 import difflib
 import re
 import string
+import types
 import urllib.parse
 from collections.abc import Hashable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_model.py)
@@ -31,12 +41,16 @@ class _Section(BaseModel):
     @classmethod
     def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         # Pydantic reads true as 1 where a number belongs: `seed: true` would run seed 1 without a word.
-        if isinstance(value, bool) and info.field_name is not None:
-            annotation = cls.model_fields[info.field_name].annotation
-            admitted = {annotation, *get_args(annotation)}
-            if bool not in admitted and admitted & {int, float}:
-                raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
+        if isinstance(value, bool) and _reads_a_boolean_as_a_number(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
         return value
+
+
+def _reads_a_boolean_as_a_number(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = get_args(annotation)
+        return bool not in options and any(_reads_a_boolean_as_a_number(a) for a in options)
+    return annotation in (int, float)
 
 
 _TASK_KEY_READERS = {
@@ -176,7 +190,7 @@ class RolloutConfig(_Section):
         description="Directory of the rollouts (default: run_dir/rollouts). Runs that differ only after the "
         "rollouts (weights.mode, β, training) can point at one directory to share them.",
     )
-    resources: dict[str, float] = Field(
+    resources: dict[str, StrictFloat] = Field(  # strict: no true for 1
         default_factory=dict,
         description="Custom Ray resources per actor, e.g. {rollout_gpu: 1} to place actors on a node type "
         "that advertises them (see cluster/).",
@@ -354,7 +368,7 @@ class TrainConfig(_Section):
         "TensorBoard scalars under <run_dir>/train/tensorboard while it trains (`tensorboard --logdir` on it). "
         "Observes the run only: turning it on or off neither restarts nor refuses a run.",
     )
-    resources: dict[str, float] = Field(
+    resources: dict[str, StrictFloat] = Field(  # strict: no true for 1
         default_factory=dict,
         description="Custom Ray resources per worker, e.g. {train_gpu: 1} to place workers on a node type "
         "that advertises them (see cluster/).",

@@ -66,6 +66,7 @@ import subprocess
 import sys
 from typing import Any
 
+from drift_ray import schema
 from drift_ray.config import TaskConfig
 from drift_ray.episode import stable_seed
 from drift_ray.prompts import Problem, Task, TaskError
@@ -214,9 +215,9 @@ class GymGold:
     @classmethod
     def from_json(cls, gold: str) -> GymGold:
         try:
-            fields = json.loads(gold)
+            fields = schema.loads_json(gold)
             return cls(**fields)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (ValueError, TypeError) as err:  # not JSON, a key written twice, or other keys
             raise ValueError(
                 f"{VERIFIER} verifier: the gold {gold[:100]!r} is not a reasoning-gym gold (a JSON object with "
                 f"answer, dataset, config, metadata, as task.kind=reasoning_gym writes); use another task.verifier"

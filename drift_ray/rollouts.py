@@ -135,14 +135,14 @@ def completed_prompts(
     wanted = {p.prompt_id: p for p in problems}
     counts: dict[str, int] = {}
     for shard in sorted(out_dir.glob(SHARD_GLOB)):
-        ids = pq.read_table(shard, columns=[schema.PROMPT_ID]).column(0).to_pylist()
+        ids = _read_shard(shard, columns=[schema.PROMPT_ID]).column(0).to_pylist()
         first_rows: dict[str, int] = {}
         for row, prompt_id in enumerate(ids):
             counts[prompt_id] = counts.get(prompt_id, 0) + 1
             if prompt_id in wanted:
                 first_rows.setdefault(prompt_id, row)
         if first_rows:
-            stored = pq.read_table(shard, columns=[schema.GOLD, schema.MESSAGES]).take(list(first_rows.values()))
+            stored = _read_shard(shard, columns=[schema.GOLD, schema.MESSAGES]).take(list(first_rows.values()))
             for prompt_id, gold, messages in zip(first_rows, *stored.to_pydict().values()):
                 _require_same_problem(shard, wanted[prompt_id], gold, messages, episode)
     bad = {pid: n for pid, n in counts.items() if n != samples_per_prompt}
@@ -300,15 +300,19 @@ def run_episodes(
     return summary
 
 
-def _read_shard(shard: Path) -> pa.Table:
-    # Read with the schema, Arrow would fill a missing column with nulls: metrics computed on them would
-    # look like those of episodes that all failed.
+def _read_shard(shard: Path, columns: list[str] | None = None) -> pa.Table:
+    """The trajectories of `shard` (only `columns`, when given); refused, by name, unless it holds every
+    column of the trajectory schema in types that cast to it."""
+    remedy = "remove it to have its prompts played again"
     try:
-        columns = pq.read_schema(shard).names
-        schema.require_columns(columns, schema.TRAJECTORY_SCHEMA.names, stage="evaluation", source=str(shard))
-        return pq.read_table(shard, schema=schema.TRAJECTORY_SCHEMA)
+        missing = [name for name in schema.TRAJECTORY_SCHEMA.names if name not in pq.read_schema(shard).names]
+        if missing:
+            # Read with the schema, Arrow would fill them with nulls: metrics computed on null verdicts would
+            # look like those of episodes that all failed.
+            raise schema.MissingColumnsError(f"{shard}: not a trajectory shard, it lacks column(s) {missing}; {remedy}")
+        return pq.read_table(shard, columns=columns, schema=schema.TRAJECTORY_SCHEMA)
     except pa.ArrowException as err:
-        raise ValueError(f"{shard}: not a trajectory shard that drift-ray wrote: {err}") from err
+        raise ValueError(f"{shard}: cannot be read as trajectories ({err}); {remedy}") from err
 
 
 def read_shards(out_dir: str | Path, prompt_ids: Collection[str] | None = None) -> pa.Table:

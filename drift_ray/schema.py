@@ -142,7 +142,7 @@ def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise RepeatedKeyError(f"key {key!r} is written twice in one object; only one value can be meant")
+                raise RepeatedKeyError(f"key {short_repr(key)} is written twice in one object; only one value can be meant")
             seen.add(key)
     return record
 

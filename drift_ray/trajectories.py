@@ -58,6 +58,8 @@ _TYPES: dict[str, pa.DataType] = {
 _REWARDS_EXPECTED = "a mapping t1..tN of numbers or a list of numbers"
 _PENALTY_EXPECTED = "a finite number <= 0 (the trajectory's summed format penalty, added to its return)"
 _PER_TURN_EXPECTED = f"a list of one value per turn of {schema.TURN_REWARDS!r}"
+# What bounds a return of finite rewards and penalty away from overflow (γ <= 1, λ finite).
+_SUM_EXPECTED = f"rewards whose absolute sum, with that of {schema.FORMAT_PENALTY!r}, is a finite number"
 _T_STAR_EXPECTED = f"null or a turn number from 1 to the turns of {schema.TURN_REWARDS!r}"
 _PARQUET_MAGIC = b"PAR1"
 
@@ -512,6 +514,9 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
     fail(bad, schema.TURN_REWARDS, "finite numbers")
     penalty = table.column(schema.FORMAT_PENALTY).to_numpy()
     fail(np.flatnonzero(~(np.isfinite(penalty) & (penalty <= 0))), schema.FORMAT_PENALTY, _PENALTY_EXPECTED)
+    with np.errstate(over="ignore"):
+        sums = np.bincount(schema.list_element_rows(rewards), weights=np.abs(values), minlength=len(turns)) - penalty
+    fail(np.flatnonzero(~np.isfinite(sums)), schema.TURN_REWARDS, _SUM_EXPECTED)
     for field in (schema.CORRECT, schema.FORMAT_FAILURES):
         if field in table.column_names:
             lengths = pc.list_value_length(table.column(field)).to_numpy(zero_copy_only=False).astype(float)  # null: NaN
@@ -633,6 +638,8 @@ def _check_row(row: dict[str, Any], where: str) -> None:
     penalty = row.get(schema.FORMAT_PENALTY)
     if not _is_finite_number(penalty) or penalty > 0:
         raise _field_error(where, schema.FORMAT_PENALTY, _PENALTY_EXPECTED, schema.short_repr(penalty))
+    if not math.isfinite(sum(abs(float(reward)) for reward in rewards) - penalty):
+        raise _field_error(where, schema.TURN_REWARDS, _SUM_EXPECTED, schema.short_repr(rewards))
     for field in (schema.CORRECT, schema.FORMAT_FAILURES):
         value = row.get(field)
         if isinstance(value, list) and len(value) != len(rewards):

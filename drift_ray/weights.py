@@ -187,11 +187,7 @@ def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsCo
         # Replaced before the new table is whole, a failed write would lose the input; in its directory, the
         # output would be read as one of its shards next time.
         raise ValueError(f"{output_path}: the output would replace or join the input it is computed from; write it elsewhere")
-    trajectories = read_trajectories(input_path)
-    try:
-        weighted = compute_weights(trajectories, cfg)
-    except ValueError as err:  # e.g. rewards that are finite one by one but whose sum is not
-        raise ValueError(f"{input_path}: {err}") from err
+    weighted = compute_weights(read_trajectories(input_path), cfg)
     diagnostics = weight_diagnostics(weighted)
     Path(output_path).unlink(missing_ok=True)
     write_json_atomic(diagnostics, diagnostics_path(output_path))

@@ -78,6 +78,8 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("seed=true", "seed: Input should be a number, not true or false (found True)"),
         ("weights.beta=yes", "weights.beta: Input should be a number, not true or false (found True)"),
         ("task.num_test=false", "task.num_test: Input should be a number, not true or false (found False)"),
+        ("rollout.resources={gpu: true}", "rollout.resources.gpu: Input should be a valid number (found True)"),
+        ("train.resources=true", "train.resources: Input should be a valid dictionary (found True)"),
         # A key the task's kind does not read is an error, not a silently different task.
         ("task.train_path=problems.jsonl", "task.train_path: Value error, kind 'builtin' does not read it, only 'file', 'hub' do"),
         ("eval.task={kind: builtin, name: candidates, test_path: t.jsonl}", "eval.task.test_path: Value error, kind 'builtin' does not"),
@@ -146,6 +148,9 @@ def test_settings_that_the_checks_across_keys_let_through():
     load_config(None, ["rounds=2", "train.lora.enabled=true"])  # merged: round 2 trains the merged model
     load_config(None, ["train.offload=true", "train.zero_stage=1"])
     load_config(None, ["eval.task.name=candidates", "eval.task.num_test=50"])
+    # Booleans where a field takes them, integers where it takes numbers, null where it takes none.
+    cfg = load_config(None, ["train.lora.enabled=1", "train.resources={train_gpu: 1}", "task.num_test=null"])
+    assert cfg.train.lora.enabled is True and cfg.train.resources == {"train_gpu": 1.0} and cfg.task.num_test is None
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,10 @@ def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_i
 def test_a_gold_from_another_task_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="is not a reasoning-gym gold"):
         get_verifier(VERIFIER).check("42", "42")
+    named_twice = '{"answer": "1", "answer": "2", "dataset": "chain_sum", "config": {}, "metadata": {}}'
+    with pytest.raises(ValueError, match="is not a reasoning-gym gold") as refused:
+        get_verifier(VERIFIER).check("1", named_twice)
+    assert "key 'answer' is written twice" in str(refused.value.__cause__)
 
 
 def test_a_generator_that_depends_on_string_hashing_is_scored_right_in_another_process():

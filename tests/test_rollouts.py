@@ -111,12 +111,17 @@ def test_a_shard_drift_ray_did_not_write_is_refused_by_name(tmp_path):
     [shard] = tmp_path.glob("part-*.parquet")
     written = pq.read_table(shard)
     pq.write_table(written.drop_columns([schema.CORRECT]), shard)  # read with the schema, it would be all null
-    with pytest.raises(schema.MissingColumnsError, match=re.escape(f"{shard}: the evaluation stage needs column(s) ['correct']")):
+    lacks = f"{shard}: not a trajectory shard, it lacks column(s) ['correct']; remove it to have its prompts played again"
+    with pytest.raises(schema.MissingColumnsError, match=re.escape(lacks)):
         read_shards(tmp_path)
+    with pytest.raises(schema.MissingColumnsError, match=re.escape(lacks)):  # before any prompt is played
+        completed_prompts(tmp_path, [problem("a")], 2, EPISODE)
     retyped = written.set_column(written.schema.get_field_index(schema.GOLD), schema.GOLD, pa.array([b"\xff", b"1"]))
     pq.write_table(retyped, shard)
-    with pytest.raises(ValueError, match=re.escape(f"{shard}: not a trajectory shard that drift-ray wrote")):
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: cannot be read as trajectories (")):
         read_shards(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: cannot be read as trajectories (")):
+        completed_prompts(tmp_path, [problem("a")], 2, EPISODE)
 
 
 def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):

@@ -152,6 +152,7 @@ def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
         ({schema.FORMAT_PENALTY: float("nan")}, schema.FORMAT_PENALTY),
         ({schema.TURN_REWARDS: [0.0, float("inf")]}, schema.TURN_REWARDS),
         ({schema.TURN_REWARDS: []}, schema.TURN_REWARDS),
+        ({schema.TURN_REWARDS: [1e308, 1e308, 0.0]}, schema.TURN_REWARDS),  # each finite, their sum not
         ({schema.PROMPT_ID: None}, schema.PROMPT_ID),
         ({schema.FORMAT_PENALTY: 0.5}, schema.FORMAT_PENALTY),  # a penalty added to the return is <= 0
         ({schema.T_STAR: 4}, schema.T_STAR),  # of 3 turns
