@@ -107,11 +107,12 @@ def run_method(
     return models
 
 
-def mean_std(values: list[float | None]) -> tuple[float, float]:
-    """Over the seeds where the metric is defined (None, e.g. a ratio of no answers, is left out)."""
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Over the seeds where the metric is defined (None, e.g. a ratio of no answers, is left out); None
+    when it is defined in none (JSON has no NaN)."""
     defined = [v for v in values if v is not None]
     if not defined:
-        return float("nan"), float("nan")
+        return None, None
     return float(np.mean(defined)), float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
 
 
@@ -137,7 +138,8 @@ def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], 
             ]
             mean, std = mean_std(values)
             defined = sum(v is not None for v in values)
-            row[key] = f"{mean:.3f} ± {std:.3f}" + (f" ({defined} seeds)" if defined < len(values) else "")
+            text = "–" if mean is None else f"{mean:.3f} ± {std:.3f}"
+            row[key] = text + (f" ({defined} seeds)" if defined < len(values) else "")
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
             row[f"{key}_per_seed"] = values  # in `seeds` order, for comparisons paired by seed
         if label != REFERENCE:

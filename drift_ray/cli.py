@@ -26,7 +26,13 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
     flags = {"beta": args.beta, "gamma": args.gamma, "rep_lambda": args.rep_lambda,
              "format_penalty": args.format_penalty, "mode": args.mode}
-    cfg = _config(args, [f"weights.{k}={v}" for k, v in flags.items() if v is not None])
+    given = {f"weights.{k}": v for k, v in flags.items() if v is not None}
+    for override in args.overrides:
+        key = override.partition("=")[0].strip()
+        if key in given:  # overrides come last, so the override would silently win
+            flag = "--" + key.removeprefix("weights.").replace("_", "-")
+            raise ValueError(f"{flag} and the override {override!r} both set {key}; give one of them")
+    cfg = _config(args, [f"{k}={v}" for k, v in given.items()])
     diagnostics = weights_file(args.input, args.output, cfg.weights)
     print(json.dumps(diagnostics, indent=2))
     print(f"wrote {args.output}")
@@ -53,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     require_training_input(args.input)  # before the model is built and Ray starts
-    model = pipeline.resolve_model(args.model or cfg.rollout.model, cfg)
+    model = pipeline.resolve_model(cfg.rollout.model if args.model is None else args.model, cfg)
     with pipeline.lock_run_dir(cfg.run_dir):
         trained = pipeline.run_training(cfg, model, functools.partial(pipeline.connect_ray, cfg, ("train",)), args.input)
     print(json.dumps(read_stats(trained), indent=2, sort_keys=True))
@@ -68,8 +74,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     models = {}
     for spec in args.model:
         label, sep, path = spec.partition("=")
-        if not sep or "/" in label:  # no label, or an "=" inside a path such as runs/lr=1e-5/model
+        if not sep or "/" in label or Path(spec).exists():  # no label, or an "=" in a path such as lr=1e-5/model
             label, path = Path(spec).name or spec, spec
+        elif not path:
+            raise ValueError(f"--model {spec}: no model after the label; give LABEL=PATH, e.g. --model {label}=runs/demo/train/model")
         if not _LABEL.fullmatch(label):
             raise ValueError(
                 f"--model {spec}: the label {label!r} names the directory eval/{label}; give one of letters, digits "
@@ -99,6 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.doc:
+        if args.config or args.overrides:  # else a typo in them would go unnoticed
+            raise ValueError("--doc documents every field and reads no config: give it without --config or overrides")
         for key, default, doc in field_docs():
             print(f"{key} = {default!r}\n    {doc}")
         return 0
@@ -109,14 +119,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__)
+    # No abbreviations: `train --mode uniform` would read as `--model uniform`, a hub id.
+    parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__, allow_abbrev=False)
     parser.add_argument(
         "--traceback", action="store_true", help="on an error, show its whole traceback instead of one line"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn, help: str, config_required: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
         p.add_argument("--config", required=config_required, help="YAML config (see jobs/)")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
         p.set_defaults(fn=fn)

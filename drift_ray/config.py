@@ -8,6 +8,7 @@ all errors are reported at once.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import string
 import types
@@ -15,10 +16,11 @@ import urllib.parse
 from collections.abc import Hashable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +33,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_model.py)
+
+# A path the shell would have expanded: `run_dir: ~/runs/a` would otherwise make a directory named "~".
+LocalPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class _Section(BaseModel):
@@ -75,10 +80,10 @@ class TaskConfig(_Section):
         "candidates",
         description="builtin: task name; plugin: 'module:function'; file: a label used in reports.",
     )
-    train_path: Optional[str] = Field(
+    train_path: Optional[LocalPath] = Field(
         None, description="file: JSONL or Parquet with the training problems; hub: a local copy in the hub's columns."
     )
-    test_path: Optional[str] = Field(
+    test_path: Optional[LocalPath] = Field(
         None, description="file: JSONL or Parquet with the held-out problems; hub: a local copy in the hub's columns."
     )
     columns: dict[str, str] = Field(
@@ -185,7 +190,7 @@ class RolloutConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype for the engine.")
     torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
-    output_dir: Optional[str] = Field(
+    output_dir: Optional[LocalPath] = Field(
         None,
         description="Directory of the rollouts (default: run_dir/rollouts). Runs that differ only after the "
         "rollouts (weights.mode, β, training) can point at one directory to share them.",
@@ -421,7 +426,7 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    run_dir: str = Field("runs/demo", min_length=1, description="Directory of every artifact of the run.")
+    run_dir: LocalPath = Field("runs/demo", min_length=1, description="Directory of every artifact of the run.")
     seed: int = Field(0, description="Seed of problem sampling, generation and training.")
     rounds: int = Field(
         1,

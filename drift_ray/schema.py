@@ -165,12 +165,16 @@ class MissingColumnsError(ValueError):
     """A stage was given a table without the columns its contract requires."""
 
 
-def require_columns(present: Iterable[str], required: Iterable[str], *, stage: str, source: str) -> None:
-    """Raise a MissingColumnsError naming the stage, the source and every missing column."""
+def require_columns(
+    present: Iterable[str],
+    required: Iterable[str],
+    *,
+    stage: str,
+    source: str,
+    remedy: str = "Produce the input with `drift-ray rollouts` or import the authors' JSONL format.",
+) -> None:
+    """Raise a MissingColumnsError naming the stage, the source, every missing column and `remedy`."""
     present = list(present)
     missing = [c for c in required if c not in present]
     if missing:
-        raise MissingColumnsError(
-            f"{source}: the {stage} stage needs column(s) {missing}; found {sorted(present)}. "
-            f"Produce the input with `drift-ray rollouts` or import the authors' JSONL format."
-        )
+        raise MissingColumnsError(f"{source}: the {stage} stage needs column(s) {missing}; found {sorted(present)}. {remedy}")

@@ -184,6 +184,9 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
     }
 
 
+WEIGH_FIRST = "Weigh the trajectories with `drift-ray weights` first: it adds the weight column."
+
+
 def require_training_input(weighted_dir: str) -> None:
     """Fail unless `weighted_dir` holds Parquet for weighted SFT; a URI (s3://…) is left to Ray Data to
     read, and to report."""
@@ -194,7 +197,7 @@ def require_training_input(weighted_dir: str) -> None:
                 columns = pq.read_schema(file).names
             except (pa.ArrowException, OSError) as err:
                 raise TrajectoryFileError(f"{file}: not a readable Parquet file ({err}); {hint}") from err
-            require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=str(file))
+            require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=str(file), remedy=WEIGH_FIRST)
 
 
 def finished_model(out_dir: str | Path) -> bool:
@@ -267,7 +270,7 @@ def train_weighted_sft(
 
     ds = ray.data.read_parquet(weighted_dir)
     schema = ds.schema()
-    require_columns(schema.names, TRAIN_INPUT, stage="weighted SFT", source=weighted_dir)
+    require_columns(schema.names, TRAIN_INPUT, stage="weighted SFT", source=weighted_dir, remedy=WEIGH_FIRST)
     weight_type = schema.types[schema.names.index(WEIGHT)]
     if not (pa.types.is_floating(weight_type) or pa.types.is_integer(weight_type)):
         raise ValueError(f"{weighted_dir}: column {WEIGHT!r} holds {weight_type}; expected numbers")

@@ -182,11 +182,17 @@ def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsCo
     An earlier table at `output_path` is removed before the new diagnostics are written, so a run killed
     between the two writes cannot leave them beside it.
     """
-    output, source = Path(output_path).resolve(), Path(input_path).resolve()
-    if output.is_relative_to(source) or (output.exists() and source.exists() and output.samefile(source)):
-        # Replaced before the new table is whole, a failed write would lose the input; in its directory, the
-        # output would be read as one of its shards next time.
-        raise ValueError(f"{output_path}: the output would replace or join the input it is computed from; write it elsewhere")
+    if not str(input_path).strip():
+        raise ValueError("the input path is empty; give a trajectory file or directory")
+    if Path(output_path).suffix.lower() != ".parquet" or Path(output_path).is_dir():
+        raise ValueError(f"{output_path}: the output is a Parquet file; give a file path ending in .parquet")
+    source = Path(input_path).resolve()
+    for written in (Path(output_path), diagnostics_path(output_path)):
+        written = written.resolve()
+        if written.is_relative_to(source) or (written.exists() and source.exists() and written.samefile(source)):
+            # Replaced before the new table is whole, a failed write would lose the input; in its directory,
+            # the output would be read as one of its shards next time.
+            raise ValueError(f"{written}: the output would replace or join the input it is computed from; write it elsewhere")
     weighted = compute_weights(read_trajectories(input_path), cfg)
     diagnostics = weight_diagnostics(weighted)
     Path(output_path).unlink(missing_ok=True)

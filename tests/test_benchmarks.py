@@ -185,6 +185,10 @@ def test_quality_averages_the_turn_2_correction_rate_over_the_seeds_where_it_is_
     assert reference["correction@2_per_seed"] == [None, 0.1, 0.3]
     assert reference["correction@2_mean"] == pytest.approx(0.2)  # no seed played turn 2: left out, not a 0
     assert reference["correction@2"] == "0.200 ± 0.141 (2 seeds)" and reference["multi@1"] == "0.500 ± 0.000"
+    # Defined in no seed (every problem solved at turn 1): null in the results line, which JSON can hold.
+    [reference] = quality.summary_rows({(0, "reference"): run(None)}, [0], labels=[])
+    assert (reference["correction@2_mean"], reference["correction@2_std"], reference["correction@2"]) == (None, None, "– (0 seeds)")
+    json.dumps(reference, allow_nan=False)
 
 
 def test_quality_gives_no_stage_times_for_a_method_whose_runs_were_reused():

@@ -39,6 +39,13 @@ def test_numbers_in_exponent_form_are_numbers_in_free_form_options_too(tmp_path)
     assert cfg.weights.beta == 0.2 and cfg.task.options["name"] == "1e-3"  # quoted, it stays a string
 
 
+def test_paths_from_the_home_directory_are_expanded(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = load_config(None, ["run_dir=~/runs/a", "rollout.output_dir=~/rollouts", "task={kind: file, test_path: ~/t.jsonl}"])
+    assert (cfg.run_dir, cfg.rollout.output_dir, cfg.task.test_path) == ("/home/someone/runs/a", "/home/someone/rollouts", "/home/someone/t.jsonl")
+    assert load_config(None, []).run_dir == "runs/demo"
+
+
 def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("task:\n")

@@ -211,16 +211,48 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
     taken.mkdir()
     assert main(["weights", "--input", str(authors), "--output", str(taken)]) == 2
     error = capsys.readouterr().err
-    assert "Is a directory" in error and len(error.splitlines()) == 1
+    assert f"{taken}: the output is a Parquet file; give a file path ending in .parquet" in error
+    assert len(error.splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["weighted.parquet"]  # no weighted.diagnostics.json
-    with pytest.raises(IsADirectoryError):  # where it came from, for a bug report
+    with pytest.raises(ValueError):  # where it came from, for a bug report
         main(["--traceback", "weights", "--input", str(authors), "--output", str(taken)])
+
+
+def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, capsys):
+    import ray
+
+    weighted = tmp_path / "weighted.parquet"
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    pq.write_table(pa.table({schema.TRAJECTORY_ID: ["q/0"], schema.MESSAGES: [conversation], schema.WEIGHT: [1.0]}), weighted)
+    train = ["train", "--config", str(REPO / "jobs/smoke.yaml"), "--input", str(weighted), f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit):  # abbreviated, --mode would be --model: a hub id named "uniform"
+        main([*train, "--mode", "uniform"])
+    assert "unrecognized arguments: --mode" in capsys.readouterr().err
+    assert main([*train, "--model", ""]) == 2  # an unset $MODEL, say: not the config's model
+    assert "the model is empty" in capsys.readouterr().err
+    authors = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
+    weights = ["weights", "--input", str(authors), "--output", str(tmp_path / "w.parquet")]
+    assert main([*weights, "--beta", "0.5", "weights.beta=2"]) == 2  # the override would win unseen
+    assert "--beta and the override 'weights.beta=2' both set weights.beta; give one of them" in capsys.readouterr().err
+    assert main(["config", "--doc", "weights.bta=1"]) == 2  # the typo would go unnoticed
+    assert "--doc documents every field and reads no config" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted.parquet"] and not ray.is_initialized()
 
 
 def test_a_model_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("HOME", str(Path(tiny_model_dir).parent))
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
     assert resolve_model(f"~/{Path(tiny_model_dir).name}", cfg) == tiny_model_dir
+
+
+def test_a_model_path_that_starts_like_a_label_is_a_path(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "lr=1e-5" / "model")
+    args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    # Labelled by its directory's name, as any path: not the model "1e-5/model" labelled "lr".
+    assert main([*args, "--model", "lr=1e-5/model", "--model", f"model={tiny_model_dir}"]) == 2
+    assert f"--model: two models labelled 'model'; label each, e.g. --model model-2={tiny_model_dir}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("mistyped", ["runs/a/train/modle", "runs/lr=1e-5/train/modle"])
@@ -241,7 +273,7 @@ def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_t
         f"did you mean {run_dir / 'train' / 'model'}?"
     ) in capsys.readouterr().err
     assert main([*args, "--model", "drift="]) == 2
-    assert "the model is empty: give a model directory or a Hub id" in capsys.readouterr().err
+    assert "--model drift=: no model after the label; give LABEL=PATH" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -252,7 +284,9 @@ def test_train_names_input_without_its_columns_before_starting_ray(tmp_path, cap
     pq.write_table(pa.table({schema.TRAJECTORY_ID: ["p/0"], schema.MESSAGES: [[{"role": "assistant", "content": "a"}]]}), rollouts)
     args = ["train", "--config", str(REPO / "jobs/smoke.yaml"), "--input", str(rollouts), f"run_dir={tmp_path / 'run'}"]
     assert main(args) == 2
-    assert f"{rollouts}: the weighted SFT stage needs column(s) ['weight']" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"{rollouts}: the weighted SFT stage needs column(s) ['weight']" in error
+    assert "Weigh the trajectories with `drift-ray weights` first" in error
     assert not ray.is_initialized()
 
 

@@ -465,18 +465,35 @@ def test_weights_file_refuses_bad_lines_and_writes_nothing(tmp_path, line_2, mes
 
 
 def test_weights_file_will_not_replace_or_join_its_input(tmp_path):
-    source = tmp_path / "data.jsonl"
-    source.write_text(AUTHORS_SAMPLE.read_text())
-    os.link(source, tmp_path / "linked.jsonl")
+    source = tmp_path / "data.parquet"
+    weights_file(AUTHORS_SAMPLE, source, WeightsConfig())  # a weighted table is a trajectory file too
+    (tmp_path / "data.diagnostics.json").unlink()
+    written = source.read_bytes()
+    os.link(source, tmp_path / "linked.parquet")
     refused = r"the output would replace or join the input it is computed from"
-    for output in (tmp_path / "." / "data.jsonl", tmp_path / "linked.jsonl"):
+    for output in (tmp_path / "." / "data.parquet", tmp_path / "linked.parquet"):
         with pytest.raises(ValueError, match=refused):
             weights_file(source, output, WeightsConfig())
-    assert source.read_text() == AUTHORS_SAMPLE.read_text()
+    # Nor its diagnostics beside it: an input named so would be lost the same way.
+    diagnostics_named = tmp_path / "w.diagnostics.json"
+    os.link(source, diagnostics_named)
+    with pytest.raises(ValueError, match=r"w\.diagnostics\.json: " + refused):
+        weights_file(diagnostics_named, tmp_path / "w.parquet", WeightsConfig())
+    assert source.read_bytes() == written
     # Inside a directory of shards, the output would be read as one more shard next time.
     with pytest.raises(ValueError, match=r"shards/weighted\.parquet: " + refused):
         weights_file(tmp_path, tmp_path / "shards" / "weighted.parquet", WeightsConfig())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "linked.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.parquet", "linked.parquet", "w.diagnostics.json"]
+
+
+def test_weights_file_writes_parquet_only_where_asked(tmp_path):
+    (tmp_path / "dir.parquet").mkdir()
+    for output in ("weighted.jsonl", "out/", "dir.parquet", ""):
+        with pytest.raises(ValueError, match="the output is a Parquet file; give a file path ending in .parquet"):
+            weights_file(AUTHORS_SAMPLE, tmp_path / output if output else output, WeightsConfig())
+    with pytest.raises(ValueError, match="the input path is empty"):  # else it would read the working directory
+        weights_file("", tmp_path / "w.parquet", WeightsConfig())
+    assert [p.name for p in tmp_path.iterdir()] == ["dir.parquet"]
 
 
 def test_weights_file_refuses_empty_input_and_bad_beta(tmp_path):
