@@ -36,7 +36,7 @@ ANSWERS_PER_PROMPT = 4  # distinct answers a prompt's trajectories choose from: 
 PROMPTS_PER_BLOCK = 32  # rollout output: one block per actor call of rollout.prompts_per_batch prompts
 
 
-REASONING = "Let me think again: 3 × 4 = 12, so the last digit is 2. "  # one character of two bytes in UTF-8
+REASONING = "Let me think again: 3 × 4 = 12, so the last digit is 2. "  # not all ASCII: the UTF-8 check has work
 
 
 def synthetic_trajectories(n: int, k: int, seed: int, reply_chars: int = 0) -> pa.Table:

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from drift_ray.config import Config, ConfigError, field_docs, load_config
+from drift_ray.config import Config, ConfigError, field_docs, load_config, override_key
 
 # An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..",
 # and not the name of a report file there.
@@ -24,15 +24,16 @@ def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
 def cmd_weights(args: argparse.Namespace) -> int:
     from drift_ray.weights import weights_file
 
-    flags = {"beta": args.beta, "gamma": args.gamma, "rep_lambda": args.rep_lambda,
-             "format_penalty": args.format_penalty, "mode": args.mode}
-    given = {f"weights.{k}": v for k, v in flags.items() if v is not None}
+    flags = {dest: getattr(args, dest) for dest in ("beta", "gamma", "rep_lambda", "format_penalty", "mode")}
+    given = {dest: value for dest, value in flags.items() if value is not None}
     for override in args.overrides:
-        key = override.partition("=")[0].strip()
-        if key in given:  # overrides come last, so the override would silently win
-            flag = "--" + key.removeprefix("weights.").replace("_", "-")
-            raise ValueError(f"{flag} and the override {override!r} both set {key}; give one of them")
-    cfg = _config(args, [f"{k}={v}" for k, v in given.items()])
+        # Overrides come last: one of the flag's key, or of the whole section, would silently win.
+        overridden = override_key(override)
+        for dest in given:
+            if overridden in (f"weights.{dest}", "weights"):
+                flag = "--" + dest.replace("_", "-")
+                raise ValueError(f"{flag} and the override {override!r} both set weights.{dest}; give one of them")
+    cfg = _config(args, [f"weights.{dest}={value}" for dest, value in given.items()])
     diagnostics = weights_file(args.input, args.output, cfg.weights)
     print(json.dumps(diagnostics, indent=2))
     print(f"wrote {args.output}")

@@ -530,6 +530,11 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
 
 
+def override_key(item: str) -> str:
+    """The dotted key that the override `key.path=value` sets."""
+    return item.partition("=")[0]
+
+
 def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:

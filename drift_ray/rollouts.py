@@ -301,18 +301,17 @@ def run_episodes(
 
 
 def _read_shard(shard: Path, columns: list[str] | None = None) -> pa.Table:
-    """The trajectories of `shard` (only `columns`, when given); refused, by name, unless it holds every
-    column of the trajectory schema in types that cast to it."""
-    remedy = "remove it to have its prompts played again"
+    """The trajectories of `shard` (only `columns`, when given), refused by name unless the shard holds every
+    column of the trajectory schema and the columns read cast to its types."""
+    remedy = "Remove it to have its prompts played again."
     try:
-        missing = [name for name in schema.TRAJECTORY_SCHEMA.names if name not in pq.read_schema(shard).names]
-        if missing:
-            # Read with the schema, Arrow would fill them with nulls: metrics computed on null verdicts would
-            # look like those of episodes that all failed.
-            raise schema.MissingColumnsError(f"{shard}: not a trajectory shard, it lacks column(s) {missing}; {remedy}")
+        # Read with the schema, Arrow would fill a missing column with nulls: metrics computed on null verdicts
+        # would look like those of episodes that all failed.
+        found = pq.read_schema(shard).names
+        schema.require_columns(found, schema.TRAJECTORY_SCHEMA.names, stage="rollouts", source=str(shard), remedy=remedy)
         return pq.read_table(shard, columns=columns, schema=schema.TRAJECTORY_SCHEMA)
     except pa.ArrowException as err:
-        raise ValueError(f"{shard}: cannot be read as trajectories ({err}); {remedy}") from err
+        raise ValueError(f"{shard}: cannot be read as trajectories ({err}). {remedy}") from err
 
 
 def read_shards(out_dir: str | Path, prompt_ids: Collection[str] | None = None) -> pa.Table:

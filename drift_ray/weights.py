@@ -9,6 +9,7 @@ a file entry (`weights_file`) and a thin Ray Data wrapper (`add_weights`) that i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,17 +183,20 @@ def weights_file(input_path: str | Path, output_path: str | Path, cfg: WeightsCo
     An earlier table at `output_path` is removed before the new diagnostics are written, so a run killed
     between the two writes cannot leave them beside it.
     """
-    if not str(input_path).strip():
-        raise ValueError("the input path is empty; give a trajectory file or directory")
-    if Path(output_path).suffix.lower() != ".parquet" or Path(output_path).is_dir():
-        raise ValueError(f"{output_path}: the output is a Parquet file; give a file path ending in .parquet")
+    for role, path in (("input", input_path), ("output", output_path)):
+        if not str(path).strip():  # Path("") is the working directory
+            raise ValueError(f"the {role} path is empty")
+    if Path(output_path).is_dir() or str(output_path).endswith(("/", os.sep)):
+        raise ValueError(f"{output_path}: the output names a directory; give a Parquet file's path, ending in .parquet")
+    if Path(output_path).suffix.lower() != ".parquet":
+        raise ValueError(f"{output_path}: the output is a Parquet file; give a path ending in .parquet")
     source = Path(input_path).resolve()
-    for written in (Path(output_path), diagnostics_path(output_path)):
+    for what, written in (("the output", Path(output_path)), ("the diagnostics beside it", diagnostics_path(output_path))):
         written = written.resolve()
         if written.is_relative_to(source) or (written.exists() and source.exists() and written.samefile(source)):
             # Replaced before the new table is whole, a failed write would lose the input; in its directory,
             # the output would be read as one of its shards next time.
-            raise ValueError(f"{written}: the output would replace or join the input it is computed from; write it elsewhere")
+            raise ValueError(f"{written}: {what} would replace or join the input it is computed from; write it elsewhere")
     weighted = compute_weights(read_trajectories(input_path), cfg)
     diagnostics = weight_diagnostics(weighted)
     Path(output_path).unlink(missing_ok=True)

@@ -211,7 +211,7 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
     taken.mkdir()
     assert main(["weights", "--input", str(authors), "--output", str(taken)]) == 2
     error = capsys.readouterr().err
-    assert f"{taken}: the output is a Parquet file; give a file path ending in .parquet" in error
+    assert f"{taken}: the output names a directory; give a Parquet file's path, ending in .parquet" in error
     assert len(error.splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["weighted.parquet"]  # no weighted.diagnostics.json
     with pytest.raises(ValueError):  # where it came from, for a bug report
@@ -234,6 +234,8 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     weights = ["weights", "--input", str(authors), "--output", str(tmp_path / "w.parquet")]
     assert main([*weights, "--beta", "0.5", "weights.beta=2"]) == 2  # the override would win unseen
     assert "--beta and the override 'weights.beta=2' both set weights.beta; give one of them" in capsys.readouterr().err
+    assert main([*weights, "--gamma", "0.5", "weights={beta: 2}"]) == 2  # the whole section, --gamma included
+    assert "--gamma and the override 'weights={beta: 2}' both set weights.gamma" in capsys.readouterr().err
     assert main(["config", "--doc", "weights.bta=1"]) == 2  # the typo would go unnoticed
     assert "--doc documents every field and reads no config" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted.parquet"] and not ray.is_initialized()

@@ -111,11 +111,11 @@ def test_a_shard_drift_ray_did_not_write_is_refused_by_name(tmp_path):
     [shard] = tmp_path.glob("part-*.parquet")
     written = pq.read_table(shard)
     pq.write_table(written.drop_columns([schema.CORRECT]), shard)  # read with the schema, it would be all null
-    lacks = f"{shard}: not a trajectory shard, it lacks column(s) ['correct']; remove it to have its prompts played again"
+    lacks = f"{shard}: the rollouts stage needs column(s) ['correct']; found "
     with pytest.raises(schema.MissingColumnsError, match=re.escape(lacks)):
         read_shards(tmp_path)
-    with pytest.raises(schema.MissingColumnsError, match=re.escape(lacks)):  # before any prompt is played
-        completed_prompts(tmp_path, [problem("a")], 2, EPISODE)
+    with pytest.raises(schema.MissingColumnsError, match=r"Remove it to have its prompts played again\.$"):
+        completed_prompts(tmp_path, [problem("a")], 2, EPISODE)  # before any prompt is played
     retyped = written.set_column(written.schema.get_field_index(schema.GOLD), schema.GOLD, pa.array([b"\xff", b"1"]))
     pq.write_table(retyped, shard)
     with pytest.raises(ValueError, match=re.escape(f"{shard}: cannot be read as trajectories (")):

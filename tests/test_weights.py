@@ -477,7 +477,7 @@ def test_weights_file_will_not_replace_or_join_its_input(tmp_path):
     # Nor its diagnostics beside it: an input named so would be lost the same way.
     diagnostics_named = tmp_path / "w.diagnostics.json"
     os.link(source, diagnostics_named)
-    with pytest.raises(ValueError, match=r"w\.diagnostics\.json: " + refused):
+    with pytest.raises(ValueError, match=r"w\.diagnostics\.json: the diagnostics beside it would replace or join the input"):
         weights_file(diagnostics_named, tmp_path / "w.parquet", WeightsConfig())
     assert source.read_bytes() == written
     # Inside a directory of shards, the output would be read as one more shard next time.
@@ -488,11 +488,14 @@ def test_weights_file_will_not_replace_or_join_its_input(tmp_path):
 
 def test_weights_file_writes_parquet_only_where_asked(tmp_path):
     (tmp_path / "dir.parquet").mkdir()
-    for output in ("weighted.jsonl", "out/", "dir.parquet", ""):
-        with pytest.raises(ValueError, match="the output is a Parquet file; give a file path ending in .parquet"):
-            weights_file(AUTHORS_SAMPLE, tmp_path / output if output else output, WeightsConfig())
-    with pytest.raises(ValueError, match="the input path is empty"):  # else it would read the working directory
-        weights_file("", tmp_path / "w.parquet", WeightsConfig())
+    with pytest.raises(ValueError, match=r"weighted\.jsonl: the output is a Parquet file; give a path ending in \.parquet"):
+        weights_file(AUTHORS_SAMPLE, tmp_path / "weighted.jsonl", WeightsConfig())
+    for directory in (tmp_path / "dir.parquet", f"{tmp_path}/new.parquet/"):
+        with pytest.raises(ValueError, match=r"\.parquet/?: the output names a directory"):
+            weights_file(AUTHORS_SAMPLE, directory, WeightsConfig())
+    for role, paths in (("input", ("", tmp_path / "w.parquet")), ("output", (AUTHORS_SAMPLE, " "))):
+        with pytest.raises(ValueError, match=f"the {role} path is empty"):  # else the working directory
+            weights_file(*paths, WeightsConfig())
     assert [p.name for p in tmp_path.iterdir()] == ["dir.parquet"]
 
 
