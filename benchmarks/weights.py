@@ -1,4 +1,5 @@
-"""Weights stage throughput: the pure core against a per-row Python loop, the file entry, the Ray Data map stage.
+"""Weights stage throughput: the pure core against a per-row Python loop, the file entry (Parquet or JSONL
+in) and the Ray Data map stage.
 
 The loop computes the same formula the way the authors' release does: row by row, one dict per prompt. It
 is timed on rows already in Python (its best case) and with the Arrow → Python conversion of the columns it
@@ -10,6 +11,7 @@ timed. In-process figures are the best of a few repeats; the Ray Data stage runs
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -135,7 +137,12 @@ def measure_in_process(table: pa.Table, cfg: WeightsConfig, repeats: int) -> lis
         source = Path(tmp) / "in.parquet"
         pq.write_table(table, source)
         file_s = best_seconds(repeats, weights_file, source, Path(tmp) / "out.parquet", cfg)
+        # JSONL, as the authors' rollouts come: read line by line, each line checked in Python.
+        lines = Path(tmp) / "in.jsonl"
+        lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        jsonl_s = best_seconds(max(1, repeats // 3), weights_file, lines, Path(tmp) / "out.parquet", cfg)
     results.append(throughput("drift-ray weights (Parquet in/out)", n, file_s))
+    results.append(throughput("drift-ray weights (JSONL in, Parquet out)", n, jsonl_s))
     return results
 
 
