@@ -147,9 +147,14 @@ def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return record
 
 
+# One decoder for every line: json.loads with a hook would build one per call, which costs more than the hook.
+_DECODER = json.JSONDecoder(object_pairs_hook=_refuse_repeated_keys)
+
+
 def loads_json(text: str | bytes) -> Any:
-    """json.loads, except that an object naming a key twice is refused: json keeps its last value silently."""
-    return json.loads(text, object_pairs_hook=_refuse_repeated_keys)
+    """json.loads of UTF-8 text, except that an object naming a key twice is refused: json keeps its last
+    value silently. Raises UnicodeDecodeError on bytes that are not UTF-8 (a leading BOM is dropped)."""
+    return _DECODER.decode(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
 
 
 def require_utf8(table: pa.Table, source: str, error: type[Exception] = ValueError) -> None:
