@@ -156,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides after a flag (`--input a key=1 --output b key=2`) are left over by argparse: still overrides.
+    args, left_over = parser.parse_known_args(argv)
+    unknown = [item for item in left_over if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += left_over
     try:
         return args.fn(args)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:

@@ -14,6 +14,7 @@ from unittest import mock
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from drift_ray import schema
 from drift_ray.cli import main
@@ -236,6 +237,12 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     assert "--beta and the override 'weights.beta=2' both set weights.beta; give one of them" in capsys.readouterr().err
     assert main([*weights, "--gamma", "0.5", "weights={beta: 2}"]) == 2  # the whole section, --gamma included
     assert "--gamma and the override 'weights={beta: 2}' both set weights.gamma" in capsys.readouterr().err
+    assert main(["config", "seed=3", "--config", str(REPO / "jobs/smoke.yaml"), "run_dir=elsewhere"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)  # overrides on both sides of a flag
+    assert (printed["seed"], printed["run_dir"]) == (3, "elsewhere")
+    with pytest.raises(SystemExit):
+        main(["config", "seed=3", "--config", str(REPO / "jobs/smoke.yaml"), "--seed", "4"])
+    assert "unrecognized arguments: --seed" in capsys.readouterr().err
     assert main(["config", "--doc", "weights.bta=1"]) == 2  # the typo would go unnoticed
     assert "--doc documents every field and reads no config" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted.parquet"] and not ray.is_initialized()
