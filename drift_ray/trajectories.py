@@ -509,13 +509,13 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
     rewards = table.column(schema.TURN_REWARDS)
     turns = pc.list_value_length(rewards).to_numpy()
     fail(np.flatnonzero(turns == 0), schema.TURN_REWARDS, "at least one turn")
-    values = pc.list_flatten(rewards).to_numpy()  # nulls become NaN
-    bad = schema.list_element_rows(rewards)[~np.isfinite(values)]
+    values, value_rows = pc.list_flatten(rewards).to_numpy(), schema.list_element_rows(rewards)  # nulls become NaN
+    bad = value_rows[~np.isfinite(values)]
     fail(bad, schema.TURN_REWARDS, "finite numbers")
     penalty = table.column(schema.FORMAT_PENALTY).to_numpy()
     fail(np.flatnonzero(~(np.isfinite(penalty) & (penalty <= 0))), schema.FORMAT_PENALTY, _PENALTY_EXPECTED)
     with np.errstate(over="ignore"):
-        sums = np.bincount(schema.list_element_rows(rewards), weights=np.abs(values), minlength=len(turns)) - penalty
+        sums = np.bincount(value_rows, weights=np.abs(values), minlength=len(turns)) - penalty
     fail(np.flatnonzero(~np.isfinite(sums)), schema.TURN_REWARDS, _SUM_EXPECTED)
     for field in (schema.CORRECT, schema.FORMAT_FAILURES):
         if field in table.column_names:
