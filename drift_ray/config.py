@@ -11,12 +11,11 @@ import difflib
 import os
 import re
 import string
-import types
 import urllib.parse
 from collections.abc import Hashable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import (
@@ -32,6 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from drift_ray.verifiers import BOOLEAN_FOR_A_NUMBER, reads_a_boolean_as_a_number
+
 DEMO_MODEL = "builtin:demo"  # the tiny reference drift-ray builds itself (demo_model.py)
 
 # A path the shell would have expanded: `run_dir: ~/runs/a` would otherwise make a directory named "~".
@@ -46,16 +47,9 @@ class _Section(BaseModel):
     @classmethod
     def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         # Pydantic reads true as 1 where a number belongs: `seed: true` would run seed 1 without a word.
-        if isinstance(value, bool) and _reads_a_boolean_as_a_number(cls.model_fields[info.field_name].annotation):
-            raise PydanticCustomError("bool_for_number", "Input should be a number, not true or false")
+        if isinstance(value, bool) and reads_a_boolean_as_a_number(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_for_number", BOOLEAN_FOR_A_NUMBER)
         return value
-
-
-def _reads_a_boolean_as_a_number(annotation: Any) -> bool:
-    if get_origin(annotation) in (Union, types.UnionType):
-        options = get_args(annotation)
-        return bool not in options and any(_reads_a_boolean_as_a_number(a) for a in options)
-    return annotation in (int, float)
 
 
 _TASK_KEY_READERS = {

@@ -70,7 +70,7 @@ from drift_ray import schema
 from drift_ray.config import TaskConfig
 from drift_ray.episode import stable_seed
 from drift_ray.prompts import Problem, Task, TaskError
-from drift_ray.verifiers import HelperProcesses, basic_normalize, get_verifier, kill_on_sigterm
+from drift_ray.verifiers import HelperProcesses, basic_normalize, get_verifier, kill_on_sigterm, options_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,10 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
         raise TaskError(f"task.name: unknown reasoning-gym generator {cfg.name!r}; {hint}")
     if cfg.name == "composite":  # its config holds configs of other generators, which it cannot rebuild from JSON
         raise TaskError("task.name: reasoning-gym's composite is not supported; train on one generator per task")
+    _, config_cls = known[cfg.name]
+    mismatch = options_mismatch(config_cls, cfg.options)  # seed and size are fields of every generator's config
+    if mismatch:
+        raise TaskError(f"task.options: {mismatch}")
     options = dict(cfg.options)
     seed = options.pop("seed", seed)
     # Reference answers are checked with the options the run will score with (the defaults when task.verifier

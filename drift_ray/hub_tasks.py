@@ -285,6 +285,8 @@ def load_hub_task(cfg: TaskConfig, seed: int) -> Task:
     subsets = options.pop("subsets", None)
     if options:
         raise TaskError(f"task.options: unknown option(s) {sorted(options)} for task.kind=hub; accepted options: seed, subsets")
+    if isinstance(seed, bool) or not isinstance(seed, int):  # Python would read true as 1
+        raise TaskError(f"task.options.seed: expected an integer, found {seed!r}")
     local = {"train": cfg.train_path, "test": cfg.test_path}
     if any(local.values()):
         if subsets is not None:

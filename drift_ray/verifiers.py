@@ -22,10 +22,11 @@ import multiprocessing
 import re
 import signal
 import threading
+import types
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Union, get_args, get_origin
 
 import pebble
 
@@ -425,11 +426,22 @@ def verifier_settings(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {**defaults, **options}
 
 
+BOOLEAN_FOR_A_NUMBER = "Input should be a number, not true or false"
+
+
+def reads_a_boolean_as_a_number(annotation: Any) -> bool:
+    """Whether a value typed `annotation` takes numbers but not booleans, which Python reads as 0 and 1."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = get_args(annotation)
+        return bool not in options and any(reads_a_boolean_as_a_number(a) for a in options)
+    return annotation in (int, float)
+
+
 def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed: Any) -> str | None:
-    """Why `fn(**fixed, **options)` would fail to bind, with the options it accepts (`fixed` left out), for an
-    error that names the config key; None when it binds. Checked before the call, so a TypeError raised
-    inside `fn` is not mistaken for a wrong option. (Here, not in config.py: the math verifier's helper
-    processes import this module, and need not import pydantic.)"""
+    """Why `fn(**fixed, **options)` would fail to bind, with the options it accepts (`fixed` left out), or
+    would take a boolean for a number, for an error that names the config key; None when neither. Checked
+    before the call, so a TypeError raised inside `fn` is not mistaken for a wrong option. (Here, not in
+    config.py: the math verifier's helper processes import this module, and need not import pydantic.)"""
     signature = inspect.signature(fn)
     accepted = ", ".join(name for name in signature.parameters if name not in fixed) or "none"
     passed_by_drift_ray = sorted(set(options) & set(fixed))
@@ -439,6 +451,14 @@ def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed
         signature.bind(**fixed, **options)
     except TypeError as error:
         return f"{error}; accepted options: {accepted}"
+    try:
+        typed = inspect.signature(fn, eval_str=True).parameters
+    except NameError:  # a plugin's annotation that names what its module does not define at run time
+        typed = {}
+    for name, value in options.items():
+        # `timeout_s: true` would run with 1 second: YAML's true is a Python bool, which is an int.
+        if isinstance(value, bool) and name in typed and reads_a_boolean_as_a_number(typed[name].annotation):
+            return f"{name}: {BOOLEAN_FOR_A_NUMBER} (found {value})"
     return None
 
 

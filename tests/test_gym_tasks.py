@@ -277,10 +277,14 @@ def test_episode_with_a_gym_task_is_corrected_on_turn_two():
 def test_errors_name_the_problem():
     with pytest.raises(TaskError, match=r"unknown reasoning-gym generator 'chain_sums'; did you mean chain_sum"):
         gym_task("chain_sums")
-    with pytest.raises(
-        TaskError, match=r"reasoning-gym 'chain_sum' rejects the config .*min_termz.*its fields: \[.*'min_terms'"
-    ):
+    with pytest.raises(TaskError, match=r"^task.options: got an unexpected keyword argument 'min_termz'; accepted options: min_terms,"):
         gym_task("chain_sum", options={"min_termz": 3})
+    with pytest.raises(TaskError, match=r"^task.options: size: Input should be a number, not true or false \(found True\)$"):
+        gym_task("chain_sum", options={"size": True})
+    with pytest.raises(
+        TaskError, match=r"reasoning-gym 'chain_sum' rejects the config .*'min_terms': 0.*its fields: \[.*'min_terms'"
+    ):
+        gym_task("chain_sum", options={"min_terms": 0})
     with pytest.raises(TaskError, match=r"composite is not supported"):
         gym_task("composite")
     # Degree 12 polynomials multiplied: exponents up to 36, beyond what an answer may hold.

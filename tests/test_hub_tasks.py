@@ -376,6 +376,8 @@ def test_option_errors(tmp_path):
         hub_task("mathh")
     with pytest.raises(TaskError, match=r"task.options: unknown option\(s\) \['shuffle'\]"):
         hub_task("math", options={"shuffle": True})
+    with pytest.raises(TaskError, match=r"^task.options.seed: expected an integer, found True$"):
+        hub_task("math", options={"seed": True})
     with pytest.raises(TaskError, match=r"task.options.subsets: unknown subset\(s\) \['calculus'\]"):
         hub_task("math", options={"subsets": ["algebra", "calculus"]})
     with pytest.raises(TaskError, match=r"task.options.subsets: openai/gsm8k has no subsets"):

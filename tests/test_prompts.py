@@ -2,6 +2,7 @@
 
 import json
 import re
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,6 +83,14 @@ def test_load_builtin_truncates_and_names_unknown():
             "task.options.num_test: Input should be a valid integer, got a number with a fractional part (found 5.5)",
         ),
         (
+            TaskConfig(name="candidates", options={"num_test": True}),
+            "task.options: num_test: Input should be a number, not true or false (found True)",
+        ),
+        (
+            TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"size": True}),
+            "task.options: size: Input should be a number, not true or false (found True)",
+        ),
+        (
             TaskConfig(name="candidates", verifier="exactt"),
             "task.verifier: unknown verifier 'exactt'; known: choice, exact, math, numeric, reasoning_gym",
         ),
@@ -96,11 +105,19 @@ def test_load_builtin_truncates_and_names_unknown():
             "accepted options: none",
         ),
         (
+            TaskConfig(name="candidates", verifier="math", verifier_options={"timeout_s": False}),
+            "task.verifier_options: verifier 'math': timeout_s: Input should be a number, not true or false (found False)",
+        ),
+        (
             TaskConfig(name="candidates", verifier="numeric", verifier_options={"rel_tol": -1}),
             "task.verifier_options: numeric verifier: tolerances must be finite and >= 0, found rel_tol=-1, abs_tol=None",
         ),
     ],
-    ids=["builtin-option", "builtin-seed-option", "plugin-option", "builtin-option-type", "verifier", "verifier-option", "own-verifier-option", "verifier-value"],
+    ids=[
+        "builtin-option", "builtin-seed-option", "plugin-option", "builtin-option-type", "builtin-option-boolean",
+        "plugin-option-boolean", "verifier", "verifier-option", "own-verifier-option", "verifier-option-boolean",
+        "verifier-value",
+    ],
 )
 def test_a_bad_task_key_is_named_at_load_time_under_the_section_it_came_from(cfg, message):
     with pytest.raises(TaskError, match="^" + re.escape(message) + "$"):
@@ -190,8 +207,16 @@ def test_a_problem_file_is_jsonl_or_parquet_whose_metadata_json_can_hold(tmp_pat
         read_problems(latin1)
 
 
-def make_plugin_task(seed, size=2):
+def make_plugin_task(seed, size: int = 2):
     return Task("plugin", [Problem(f"p{i}", "q", "a") for i in range(size)], [], "exact")
+
+
+if TYPE_CHECKING:  # as a plugin's module may import what only its annotations name
+    from numbers import Integral
+
+
+def make_plugin_task_typed_for_checkers_only(seed, size: "Integral" = 2):
+    return make_plugin_task(seed, size)
 
 
 def make_plugin_task_with_repeated_ids(seed):
@@ -227,6 +252,9 @@ def test_verifier_options_reach_the_verifier(verifier, options, tolerance):
 def test_plugin_task_and_errors():
     task = load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"size": 3}), seed=0)
     assert len(task.train) == 3
+    # An annotation only a type checker resolves does not keep the plugin from loading.
+    typed = TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task_typed_for_checkers_only", options={"size": 3})
+    assert len(load_task(typed, seed=0).train) == 3
     with pytest.raises(TaskError, match="module:function"):
         load_task(TaskConfig(kind="plugin", name="no_colon"), seed=0)
     with pytest.raises(TaskError, match="cannot import plugin module"):
