@@ -49,15 +49,19 @@ def tokenize_trajectory(
     all_turns: the whole conversation as one sequence, every assistant message supervised.
     Messages after the last assistant message are dropped: nothing after them is supervised.
 
-    A reply is what the template writes for the assistant message after the generation prompt: the
-    content, the end-of-turn token (e.g. <|im_end|>) and whatever the template appends to it (ChatML's
-    trailing newline). All of it is supervised: generation stops at the end-of-turn token, so the
-    trailing text is never asked of the model, and the rule needs no knowledge of which token ends a
-    turn. Each piece (a context, then a reply) takes the tokens that the whole text so far gets after
-    the tokens before it, as the engine tokenizes a prompt whole and the model continues it: a
-    SentencePiece tokenizer's word-start marker goes to the reply's first word, not to a token of its
-    own. Where a token would merge across the boundary (which generation cannot produce), the piece is
-    tokenized alone. Either way the mask boundary falls between the two pieces' tokens.
+    A reply is supervised after the generation prompt as the policy wrote it: its content, then what the
+    template writes after an assistant message's content, the end-of-turn token (e.g. <|im_end|>) and
+    whatever follows it (ChatML's trailing newline). All of that is supervised: generation stops at the
+    end-of-turn token, so the trailing text is never asked of the model, and the rule needs no knowledge
+    of which token ends a turn. The last reply is taken so even where the template writes the message
+    otherwise (templates that drop its <think> reasoning, or whose generation prompt opens it); a reply
+    that later messages follow (all_turns) is what the template writes for it, as the later contexts
+    hold it, and needs the renderings to extend one another. Each piece (a context, then a reply) takes
+    the tokens that the whole text so far gets after the tokens before it, as the engine tokenizes a
+    prompt whole and the model continues it: a SentencePiece tokenizer's word-start marker goes to the
+    reply's first word, not to a token of its own. Where a token would merge across the boundary (which
+    generation cannot produce), the piece is tokenized alone. Either way the mask boundary falls between
+    the two pieces' tokens.
 
     Longer than `max_length`: tokens are dropped from the left, keeping the last reply whole. A last
     reply that alone does not fit is cut on the right, after the one context token that lets its first
@@ -80,8 +84,11 @@ def tokenize_trajectory(
     for turn in supervised_turns:
         context = _render(tokenizer, messages[:turn], add_generation_prompt=True)
         _require_prefix(tokenizer, rendered, context, f"messages[:{turn}] with the generation prompt", kind)
-        full = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
-        _require_prefix(tokenizer, context, full, f"messages[:{turn + 1}]", kind)
+        if turn == supervised_turns[-1]:
+            full = context + messages[turn]["content"] + _after_reply(tokenizer, messages[:turn])
+        else:
+            full = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+            _require_prefix(tokenizer, context, full, f"messages[:{turn + 1}]", kind)
         context_ids, context_whole_ids = _continuation(tokenizer, rendered, rendered_ids, context)
         reply_ids, rendered_ids = _continuation(tokenizer, context, context_whole_ids, full)
         if not reply_ids:
@@ -102,6 +109,22 @@ def tokenize_trajectory(
     return TokenizedExample(
         input_ids[start : start + max_length], labels[start : start + max_length], len(input_ids) - max_length
     )
+
+
+# Private-use characters: no chat template writes them of its own, or has a reason to rewrite them.
+_REPLY_MARK = "\ue000drift-ray reply\ue000"
+
+
+def _after_reply(tokenizer: Any, history: list[Message]) -> str:
+    """What the chat template writes after the content of an assistant message that follows `history`."""
+    rendered = _render(tokenizer, [*history, {"role": "assistant", "content": _REPLY_MARK}], add_generation_prompt=False)
+    at = rendered.rfind(_REPLY_MARK)
+    if at < 0:
+        raise ValueError(
+            f"{_name(tokenizer)}: the chat template does not write the content of the assistant message after "
+            f"messages[:{len(history)}], so where a reply ends cannot be told"
+        )
+    return rendered[at + len(_REPLY_MARK) :]
 
 
 def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:

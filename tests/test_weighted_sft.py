@@ -199,10 +199,34 @@ def test_a_reply_longer_than_max_length_is_cut_on_the_right(tokenizer):
     assert supervised_runs(tokenizer, example) == ["1 2 3 4"]  # the first 7 reply tokens, each predicted
 
 
-def test_a_template_that_is_not_prefix_stable_is_rejected():
+def test_a_template_whose_renderings_do_not_extend_one_another_is_refused_only_for_all_turns():
     counting = make_tokenizer("{{ messages | length }}" + CHATML)
+    example = tokenize_trajectory(counting, CONVERSATION, ExampleKind.last_turn, 512)
+    # The last reply after the prompt the policy saw, though the whole conversation renders otherwise.
+    context = counting.apply_chat_template(CONVERSATION[:-1], add_generation_prompt=True, tokenize=False)
+    assert counting.decode(example.input_ids) == context + "<answer>5</answer><|im_end|>\n"
     with pytest.raises(ValueError, match="test-chars.*not prefix-stable"):
-        tokenize_trajectory(counting, CONVERSATION, ExampleKind.last_turn, 512)
+        tokenize_trajectory(counting, CONVERSATION, ExampleKind.all_turns, 512)
+
+
+THINKING_PROMPT = CHATML.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [CHATML, THINKING_PROMPT], ids=["plain-prompt", "prompt-opens-think"])
+def test_the_last_reply_is_trained_as_written_where_the_template_would_drop_its_reasoning(template):
+    # As DeepSeek-R1's template writes every assistant message; its generation prompt may open the reasoning.
+    dropping = make_tokenizer(template.replace("{{ message['content'] }}", "{{ message['content'].split('</think>')[-1] }}"))
+    reasoned = "2+3 is 5</think><answer>5</answer>"
+    example = tokenize_trajectory(dropping, [*CONVERSATION[:-1], {"role": "assistant", "content": reasoned}], ExampleKind.last_turn, 512)
+    context = dropping.apply_chat_template(CONVERSATION[:-1], add_generation_prompt=True, tokenize=False)
+    assert dropping.decode(example.input_ids) == context + reasoned + "<|im_end|>\n"
+    assert supervised_runs(dropping, example) == [reasoned + "<|im_end|>\n"]
+
+
+def test_a_template_that_does_not_write_a_reply_is_refused():
+    hiding = make_tokenizer(CHATML.replace("{{ message['content'] }}", "{{ '' if message['role'] == 'assistant' else message['content'] }}"))
+    with pytest.raises(ValueError, match=r"^test-chars: the chat template does not write the content of the assistant message after messages\[:4\]"):
+        tokenize_trajectory(hiding, CONVERSATION, ExampleKind.last_turn, 512)
 
 
 def test_all_turns_needs_a_template_stable_across_turns():
