@@ -113,7 +113,7 @@ class TransformersEngine:
             )
             for row, completion in enumerate(samples):
                 index = chunk[row // n]
-                generation = self._to_generation(completion, len(prompts[index]), params.stop)
+                generation = self._to_generation(completion, prompts[index], params.stop)
                 results[index].append(generation)
                 if held[row] is not None and carried + len(held[row].tokens) <= self.max_carried_tokens:
                     carried += len(held[row].tokens)
@@ -235,10 +235,9 @@ class TransformersEngine:
             return Cache(layers=[_PreallocatedLayer(columns) for _ in range(self._num_plain_layers)])
         return DynamicCache(config=self.model.config)
 
-    def _to_generation(self, completion: list[int], prompt_tokens: int, stop: Sequence[str]) -> Generation:
+    def _to_generation(self, completion: list[int], prompt: list[int], stop: Sequence[str]) -> Generation:
         body = completion[:-1] if completion and completion[-1] in self.end_of_turn_ids else completion
-        text = self.tokenizer.decode(body, skip_special_tokens=True)
-        return Generation(cut_at_stop(text, stop), prompt_tokens, len(completion))
+        return Generation(cut_at_stop(reply_text(self.tokenizer, prompt, body), stop), len(prompt), len(completion))
 
 
 @dataclass
@@ -358,6 +357,22 @@ class _StopStrings:
             return False
         text = self.tokenizer.decode(completion[-self.tail :], skip_special_tokens=True)
         return any(s in text for s in self.stop)
+
+
+# Enough prompt tokens to hold a word for a decoder to join the reply's first token to.
+_DECODE_CONTEXT_TOKENS = 8
+
+
+def reply_text(tokenizer: PreTrainedTokenizerBase, prompt: list[int], reply: list[int]) -> str:
+    """The text of the `reply` tokens as they continue `prompt`, as vLLM decodes a reply. Decoded alone, a
+    SentencePiece reply loses its first token's word-start space (Llama 2, Mistral: "▁5" reads "5"), and
+    weighted SFT, which tokenizes the prompt's text and the reply's, would train a token never sampled."""
+    head = prompt[-_DECODE_CONTEXT_TOKENS:]
+    head_text = tokenizer.decode(head, skip_special_tokens=True)
+    text = tokenizer.decode(head + reply, skip_special_tokens=True)
+    if head_text and text.startswith(head_text):
+        return text[len(head_text) :]
+    return tokenizer.decode(reply, skip_special_tokens=True)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -451,13 +451,16 @@ def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed
         signature.bind(**fixed, **options)
     except TypeError as error:
         return f"{error}; accepted options: {accepted}"
+    booleans = {name: value for name, value in options.items() if isinstance(value, bool)}
+    if not booleans:
+        return None
     try:
         typed = inspect.signature(fn, eval_str=True).parameters
-    except NameError:  # a plugin's annotation that names what its module does not define at run time
-        typed = {}
-    for name, value in options.items():
+    except Exception:  # a plugin annotation that only a type checker resolves (NameError, TypeError, …): unchecked
+        return None
+    for name, value in booleans.items():
         # `timeout_s: true` would run with 1 second: YAML's true is a Python bool, which is an int.
-        if isinstance(value, bool) and name in typed and reads_a_boolean_as_a_number(typed[name].annotation):
+        if name in typed and reads_a_boolean_as_a_number(typed[name].annotation):
             return f"{name}: {BOOLEAN_FOR_A_NUMBER} (found {value})"
     return None
 

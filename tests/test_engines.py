@@ -9,11 +9,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tokenizers import decoders
 from transformers import AutoTokenizer
 
 from drift_ray.config import EngineKind, RolloutConfig
-from drift_ray.engines import TransformersEngine, VLLMEngine, _StopStrings, build_engine, cut_at_stop
+from drift_ray.engines import TransformersEngine, VLLMEngine, _StopStrings, build_engine, cut_at_stop, reply_text
 from drift_ray.episode import Generation, SamplingParams
+from drift_ray.weighted_sft import IGNORE_INDEX, tokenize_trajectory
+from tests.test_weighted_sft import make_tokenizer
 
 QUESTIONS = ["What is 2+2?", "hello", "x is between 12 and 31, and x+7 ends in 4. What is x?", "abc" * 5, "Why?"]
 CONVERSATIONS = [[{"role": "user", "content": q}] for q in QUESTIONS]
@@ -199,6 +202,29 @@ def test_cut_at_stop_keeps_text_up_to_the_earliest_ending_stop_string():
     assert cut_at_stop("a <answer>1</answer> b </answer>", ["</answer>"]) == "a <answer>1</answer>"
     assert cut_at_stop("xx STOP yy END", ["END", "STOP"]) == "xx STOP"
     assert cut_at_stop("no stop here", ["</answer>", ""]) == "no stop here"
+
+
+def test_a_reply_reads_as_it_continues_the_prompt_so_weighted_sft_trains_the_sampled_tokens():
+    # Llama 2's SentencePiece tokenizer and template: "▁" starts a word, and the decoder drops the one that
+    # starts a text; the template writes a space before the reply.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] | trim }} <|im_end|>{% endif %}{% endfor %}"
+    )
+    tokenizer = make_tokenizer(template, word_start=True, merges=[("▁", "5")])
+    tokenizer.backend_tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    conversation = [{"role": "user", "content": "What is 2+3?"}]
+    prompt = tokenizer(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"]
+    sampled = tokenizer.convert_tokens_to_ids(["▁5"])
+    assert tokenizer.decode(sampled) == "5"  # alone, the word start is lost
+    text = reply_text(tokenizer, prompt, sampled)
+    assert text == " 5"
+    example = tokenize_trajectory(tokenizer, [*conversation, {"role": "assistant", "content": text}], "last_turn", 64)
+    supervised = [token for token, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert example.input_ids[: len(prompt)] == prompt and supervised[0] == sampled[0]
 
 
 def test_build_engine_refuses_the_unresolved_demo_model():

@@ -215,7 +215,13 @@ if TYPE_CHECKING:  # as a plugin's module may import what only its annotations n
     from numbers import Integral
 
 
-def make_plugin_task_typed_for_checkers_only(seed, size: "Integral" = 2):
+# Annotations that fail when evaluated: a name imported for type checkers only (NameError), a union with
+# a forward reference in it (TypeError).
+def make_plugin_task_typed_for_checkers_only(seed, size: "Integral" = 2, strict: bool = False):
+    return make_plugin_task(seed, size)
+
+
+def make_plugin_task_with_a_name_in_a_union(seed, size: "int | 'Integral'" = 2, strict: bool = False):
     return make_plugin_task(seed, size)
 
 
@@ -253,8 +259,9 @@ def test_plugin_task_and_errors():
     task = load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"size": 3}), seed=0)
     assert len(task.train) == 3
     # An annotation only a type checker resolves does not keep the plugin from loading.
-    typed = TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task_typed_for_checkers_only", options={"size": 3})
-    assert len(load_task(typed, seed=0).train) == 3
+    for plugin in ("make_plugin_task_typed_for_checkers_only", "make_plugin_task_with_a_name_in_a_union"):
+        typed = TaskConfig(kind="plugin", name=f"tests.test_prompts:{plugin}", options={"size": 3, "strict": True})
+        assert len(load_task(typed, seed=0).train) == 3
     with pytest.raises(TaskError, match="module:function"):
         load_task(TaskConfig(kind="plugin", name="no_colon"), seed=0)
     with pytest.raises(TaskError, match="cannot import plugin module"):
