@@ -190,14 +190,26 @@ def play_episodes(
         if turn == 1:
             # All K episodes of a problem share their first prompt: ask for K samples of it once.
             shared = [episodes[i * samples_per_prompt].messages for i in range(len(problems))]
-            replies = [r for group in engine.generate(shared, turn_params, samples_per_prompt) for r in group]
+            replies = _replies(engine, shared, turn_params, samples_per_prompt)
         else:
-            replies = [group[0] for group in engine.generate([e.messages for e in active], turn_params, 1)]
-        if len(replies) != len(active):
-            raise RuntimeError(f"engine {engine.name!r} returned {len(replies)} replies for {len(active)} episodes")
+            replies = _replies(engine, [e.messages for e in active], turn_params, 1)
         for episode, reply in zip(active, replies):
             episode.take_turn(reply, verifier, cfg)
     return episodes
+
+
+def _replies(engine: Engine, conversations: list[Conversation], params: SamplingParams, n: int) -> list[Generation]:
+    """The engine's n replies to each conversation, in order; checked per conversation, as one surplus
+    and one shortfall would otherwise hand replies to another problem's episodes."""
+    groups = engine.generate(conversations, params, n)
+    counts = [len(group) for group in groups]
+    if counts != [n] * len(conversations):
+        wrong = next((i for i, count in enumerate(counts) if count != n), len(counts))
+        found = f"{counts[wrong]} for conversation {wrong}" if wrong < len(counts) else f"{len(counts)} lists of replies"
+        raise RuntimeError(
+            f"engine {engine.name!r} returned {found}; expected {n} replies for each of {len(conversations)} conversations"
+        )
+    return [reply for group in groups for reply in group]
 
 
 def episodes_table(episodes: Sequence[Episode], cfg: EpisodeConfig, model: str) -> pa.Table:

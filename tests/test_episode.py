@@ -98,6 +98,23 @@ def test_first_turn_asks_k_samples_per_prompt_once():
     assert all(e.t_star == 1 for e in episodes[:3]) and all(e.t_star is None for e in episodes[3:])
 
 
+class UnevenEngine(ScriptedEngine):
+    """One reply too many for the first conversation and one too few for the second."""
+
+    def generate(self, conversations, params, n):
+        out = super().generate(conversations, params, n)
+        out[1].pop()
+        out[0].append(out[0][0])
+        return out
+
+
+def test_replies_are_checked_per_conversation():
+    problems = [Problem("a", "qa", "1"), Problem("b", "qb", "2")]
+    engine = UnevenEngine({"qa": ["<answer>1</answer>"], "qb": ["<answer>2</answer>"]})
+    with pytest.raises(RuntimeError, match=r"^engine 'scripted' returned 4 for conversation 0; expected 3 replies for each of 2 conversations$"):
+        play_episodes(problems, engine, get_verifier("exact"), SamplingParams(), 3, CFG)
+
+
 def test_custom_feedback_and_max_turns():
     cfg = EpisodeConfig(instruction="{question}", max_turns=2, feedback="Wrong, try again.")
     engine = ScriptedEngine({"q": ["<answer>1</answer>", "<answer>1</answer>"]})
