@@ -2,7 +2,7 @@
 `transformers serve`, hosted APIs.
 
 The sync `generate` runs one asyncio loop per call and sends every request of the batch at once, at most
-`max_concurrency` in flight. A request that meets a connection error, HTTP 429 or HTTP 5xx is sent again
+`max_concurrency` in flight. A request that meets a connection error, HTTP 408, 429 or 5xx is sent again
 after an exponential backoff (jittered, so that actors do not retry in lockstep; at least the server's
 Retry-After). A request that outlives `request_timeout_s` is not retried: the server is still busy with it,
 and a copy would only add to its load.
@@ -26,8 +26,13 @@ Servers differ in two ways that matter here; the engine learns each from the rep
 Token counts come from the response's `usage` (0 when a server reports none). A request for n choices
 reports only their sum, which is shared among the choices in proportion to their length.
 
-The API key is read from the environment variable named by `api_key_env` and sent as a bearer token. It
-never appears in a repr or an error message; a server that echoes it back has it replaced by '***'.
+A server that returns a reply's reasoning apart from its content (vLLM's or SGLang's reasoning parser) is
+warned about once: the replies are stored without it, right for a hosted reasoning API, which takes the
+conversation back so, but not for rollouts to train on.
+
+The API key is read from the environment variable named by `api_key_env` (surrounding whitespace dropped)
+and sent as a bearer token. It never appears in a repr or an error message; a server that echoes it back
+has it replaced by '***'.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -45,10 +51,14 @@ import aiohttp
 from drift_ray.engines import cut_at_stop
 from drift_ray.episode import Conversation, Generation, SamplingParams, sample_seed
 
+log = logging.getLogger(__name__)
+
 _MAX_BACKOFF_S = 60.0
 _ERROR_BODY_CHARS = 500
 # Keys that vLLM and SGLang add to a choice: the stop string that ended it, or null / a token id.
 _MATCHED_STOP_KEYS = ("stop_reason", "matched_stop")
+# Where a server with a reasoning parser puts the text it took out of a reply.
+_REASONING_KEYS = ("reasoning_content", "reasoning")
 # How servers that cannot return n choices refuse a request for them.
 _REJECTED_STATUSES = (400, 422)
 
@@ -62,6 +72,10 @@ class OpenAIServerError(RuntimeError):
         super().__init__(message)
         self.url = url
         self.status = status
+
+    def __reduce__(self):
+        # Ray sends an actor's error to the driver pickled; the default rebuilds it from the message alone.
+        return functools.partial(type(self), url=self.url, status=self.status), self.args
 
 
 class OpenAIEngine:
@@ -88,11 +102,14 @@ class OpenAIEngine:
         self.request_timeout_s = request_timeout_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
-        self._api_key = os.environ.get(api_key_env) or None
+        # Stripped: HTTP drops a trailing space from the header, and a server that echoes the key would then
+        # show it unredacted; a trailing newline (from a .env file) is not allowed in a header at all.
+        self._api_key = (os.environ.get(api_key_env) or "").strip() or None
         # What the server was seen to do; each changes once, for good, on evidence.
         self.n_per_request = True
         self.stop_on_server = True
         self.stop_kept_in_text = False
+        self.reasoning_apart = False
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(model={self.name!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
@@ -107,7 +124,10 @@ class OpenAIEngine:
     async def _generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        # The semaphore caps the requests in flight: aiohttp's own cap of 100 connections would hold the rest
+        # in a queue whose wait counts against their timeout.
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
             post = functools.partial(self._post, session, asyncio.Semaphore(self.max_concurrency))
             return list(await asyncio.gather(*(self._samples(post, c, params, n, i) for i, c in enumerate(conversations))))
 
@@ -170,7 +190,20 @@ class OpenAIEngine:
 
     def _texts(self, choices: list[dict[str, Any]], stop: list[str], stop_on_server: bool) -> list[str] | None:
         """The replies, each ending with the stop string it stopped on; None when the server leaves that unknown."""
-        texts = [(choice.get("message") or {}).get("content") or "" for choice in choices]
+        messages = [choice.get("message") or {} for choice in choices]
+        apart = next((key for message in messages for key in _REASONING_KEYS if message.get(key)), None)
+        if apart and not self.reasoning_apart:
+            # Right for a hosted reasoning API, which takes the conversation back without it; wrong for
+            # rollouts to train on, which would teach answers without their reasoning.
+            self.reasoning_apart = True
+            log.warning(
+                "%s returns the reasoning of replies apart, in %r (a reasoning parser, such as vLLM's or SGLang's "
+                "--reasoning-parser): replies are stored without it. Serve the model without a reasoning parser "
+                "to train on its replies as it wrote them.",
+                self.url,
+                apart,
+            )
+        texts = [message.get("content") or "" for message in messages]
         kept = [any(s in text for s in stop) for text in texts]
         if not stop_on_server:
             return [cut_at_stop(text, stop) for text in texts]
@@ -201,7 +234,7 @@ class OpenAIEngine:
         return sorted(choices, key=lambda c: c.get("index", 0)), response.get("usage") or {}
 
     async def _post(self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, payload: dict[str, Any]) -> Any:
-        """The JSON answer to `payload`, retried after a connection error, HTTP 429 or HTTP 5xx."""
+        """The JSON answer to `payload`, retried after a connection error, HTTP 408, 429 or 5xx."""
         for attempt in range(self.max_retries + 1):
             retry_after = 0.0
             async with slots:
@@ -211,7 +244,7 @@ class OpenAIEngine:
                         if response.status == 200:
                             return self._parse_json(body)
                         failure = self._http_error(response.status, body)
-                        if response.status != 429 and response.status < 500:
+                        if response.status not in (408, 429) and response.status < 500:
                             raise failure
                         retry_after = _retry_after_s(response.headers.get("Retry-After"))
                 except asyncio.TimeoutError:

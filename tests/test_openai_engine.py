@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -304,8 +306,8 @@ def test_a_request_carries_the_sampling_params():
     assert (reply.text, reply.prompt_tokens, reply.completion_tokens) == ("<answer>4</answer>", 7, 3)
 
 
-def test_retries_after_503_and_429_then_succeeds():
-    with FakeServer(answer_with_statuses(503, 429, 503, 200)) as server:
+def test_retries_after_503_429_and_408_then_succeeds():
+    with FakeServer(answer_with_statuses(503, 429, 408, 200)) as server:
         [[reply]] = engine_for(server.api_base, max_retries=3).generate([CONVERSATION], SamplingParams(), 1)
     assert len(server.requests) == 4
     assert reply.text == "<answer>4</answer>"
@@ -321,6 +323,9 @@ def test_gives_up_after_max_retries_naming_the_url_and_the_status():
     assert engine.url in message and "HTTP 503" in message and "status 503 number 3" in message
     assert "3 attempts" in message and "rollout.max_retries=2" in message
     assert caught.value.status == 503
+    # As Ray hands an actor's error to the driver.
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (type(copy), str(copy), copy.url, copy.status) == (OpenAIServerError, message, engine.url, 503)
 
 
 def test_a_client_error_is_not_retried():
@@ -357,9 +362,11 @@ def test_a_timeout_names_the_url_and_the_config_key_and_is_not_retried():
     assert engine.url in message and "0.3 s" in message and "rollout.request_timeout_s" in message
 
 
-def test_the_api_key_is_sent_but_never_shown(monkeypatch):
+@pytest.mark.parametrize("written", ["", " ", "\n"], ids=["as-is", "trailing-space", "trailing-newline"])
+def test_the_api_key_is_sent_but_never_shown(monkeypatch, written):
     secret = "sk-test-0123456789abcdef"
-    monkeypatch.setenv("DRIFT_TEST_API_KEY", secret)
+    # A space after the key is dropped from the header on the way, so a server echoes the key without it.
+    monkeypatch.setenv("DRIFT_TEST_API_KEY", secret + written)
 
     async def unauthorized(body, headers):
         # Some servers echo the credentials they refuse.
@@ -494,6 +501,31 @@ def test_requests_in_flight_are_bounded_by_max_concurrency():
         results = engine_for(server.api_base, max_concurrency=2).generate([CONVERSATION] * 6, SamplingParams(stop=()), 1)
     assert len(results) == 6 and len(server.requests) == 6
     assert server.most_in_flight == 2
+
+
+def test_more_requests_than_aiohttp_connects_at_once_are_in_flight_together():
+    async def slow(body, headers):
+        await asyncio.sleep(0.3)
+        return completion(choice("x"))
+
+    with FakeServer(slow) as server:
+        engine_for(server.api_base, max_concurrency=150).generate([CONVERSATION] * 150, SamplingParams(stop=()), 1)
+    assert server.most_in_flight == 150  # aiohttp's default connection limit held them to 100
+
+
+def test_reasoning_returned_apart_is_warned_about_once(caplog):
+    async def with_reasoning_parser(body, headers):
+        reply = choice("<answer>4</answer>")
+        reply["message"]["reasoning_content"] = "2+2 is 4"
+        return completion(reply)
+
+    with FakeServer(with_reasoning_parser) as server:
+        engine = engine_for(server.api_base)
+        with caplog.at_level(logging.WARNING, logger="drift_ray.openai_engine"):
+            replies = engine.generate([CONVERSATION] * 2, SamplingParams(), 1) + engine.generate([CONVERSATION], SamplingParams(), 1)
+    assert [group[0].text for group in replies] == ["<answer>4</answer>"] * 3
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "'reasoning_content'" in warnings[0] and "without a reasoning parser" in warnings[0]
 
 
 def test_build_engine_makes_the_openai_engine_from_the_rollout_config(monkeypatch):
