@@ -506,9 +506,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             line = raw[: err.start].count(b"\n") + 1
             raise ConfigError(f"{source}:{line}: not UTF-8 text ({err.reason}); save the config as UTF-8") from None
         try:
-            data = _load_yaml(text, source) or {}
+            data = _load_yaml(text, source)
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: not valid YAML: {err}") from err
+        if data is None:  # an empty file (or only comments): the defaults; `0` or `[]` is no config
+            data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
     for item in overrides:
@@ -535,9 +537,15 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
         raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
     try:
         value = _load_yaml(raw) if raw.strip() else None
+        ignored = raw[_end_of_values(raw) :].strip()
     except yaml.YAMLError as err:
         reason = getattr(err, "problem", None) or err  # the parser's one-line reason, without its excerpt
         raise ConfigError(f"{source}: override {item!r}: {key}: not a valid YAML value ({reason})") from None
+    if ignored:  # `episode.feedback=Wrong #2` would set "Wrong"
+        raise ConfigError(
+            f"{source}: override {item!r}: {key}: YAML reads {ignored!r} as a comment, which an override has "
+            f"no use for; quote the value if it belongs to it, e.g. {key}='{raw}'"
+        )
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -546,8 +554,15 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
         child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{source}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
+        # A copy: a YAML alias or merge key shares one mapping between sections, which would all change.
+        node[part] = node = dict(child)
     node[parts[-1]] = value
+
+
+def _end_of_values(text: str) -> int:
+    """Where the last YAML token of `text` ends: what follows it is a comment."""
+    tokens = [t for t in yaml.scan(text, Loader=_ConfigLoader) if not isinstance(t, yaml.StreamEndToken)]
+    return max((t.end_mark.index for t in tokens), default=0)
 
 
 # Keys whose bad value is not repeated in errors: what a user mistakes for them is often a secret (the API key

@@ -95,6 +95,8 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("task={kind: file, test_path: t.jsonl, options: {n: 1}}", "task.options: Value error, kind 'file' does not read it"),
         ("task={kind: file, test_path: t.jsonl, test_path: u.jsonl}", "task: not a valid YAML value (found the key 'test_path' a second time (first at line 1))"),
         ("rollout.api_base=localhost:8000/v1", "rollout.api_base: Value error, expected an http:// or https:// URL"),
+        # YAML would read "Wrong" alone.
+        ("episode.feedback=Wrong #2, think again", "episode.feedback: YAML reads '#2, think again' as a comment"),
     ],
 )
 def test_bad_overrides(override, fragment):
@@ -219,11 +221,24 @@ def test_a_key_written_twice_is_refused_without_quoting_its_line(tmp_path):
         load_config(None, ["rollout.api_base=http://localhost:8000/v1#"])  # would request /v1 itself
 
 
+def test_an_override_changes_the_key_it_names_only(tmp_path):
+    path = tmp_path / "shared.yaml"
+    # eval.task takes the training task's keys through a YAML alias: PyYAML gives both one mapping.
+    path.write_text("task: &train\n  kind: builtin\n  name: candidates\n  options: {num_test: 5}\neval:\n  task:\n    <<: *train\n")
+    cfg = load_config(path, ["eval.task.options.num_test=7", "eval.task.num_test=3"])
+    assert (cfg.task.options, cfg.task.num_test) == ({"num_test": 5}, None)
+    assert (cfg.eval.task.options, cfg.eval.task.num_test) == ({"num_test": 7}, 3)
+    assert load_config(path, ["episode.feedback='Wrong #2'"]).episode.feedback == "Wrong #2"
+
+
 def test_bad_yaml_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("- a list\n")
-    with pytest.raises(ConfigError, match="expected a mapping"):
-        load_config(path)
+    for text in ("- a list\n", "0\n", "[]\n", "''\n"):  # no mapping, even where it is falsy
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="expected a mapping"):
+            load_config(path)
+    path.write_text("# nothing set yet\n")
+    assert load_config(path) == load_config(None)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
     # PyYAML keeps the last of two `task:` sections: the first one's file task would become the built-in one.
