@@ -188,7 +188,10 @@ def _manifest_guards(out_dir: Path) -> bool:
 def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     """Refuse to add trajectories of `settings` to those of other settings in `out_dir`."""
     if _manifest_guards(out_dir):
-        require_same_settings(out_dir / MANIFEST, settings, output=str(out_dir))
+        # A local model is known by its files: at another path (its run_dir moved, or spelled otherwise) it
+        # is the same policy.
+        ignore = ["model"] if settings["model_fingerprint"] else []
+        require_same_settings(out_dir / MANIFEST, settings, output=str(out_dir), ignore=ignore)
 
 
 def record_manifest(out_dir: Path, settings: dict[str, Any]) -> None:

@@ -200,6 +200,19 @@ def test_a_fingerprint_follows_the_content_wherever_the_files_are(tmp_path):
     assert changed(lambda d: (d / ".locks").mkdir() or (d / ".locks" / "lock").write_text("")) == first
 
 
+def test_a_local_model_at_another_path_is_the_same_policy(tmp_path, monkeypatch):
+    model = tmp_path / "runs" / "a" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    run_episodes([], tmp_path / "eval", **episode_kwargs(str(model)))
+    write_shard(tmp_path / "eval", ["a"], k=2)
+    shutil.move(tmp_path / "runs" / "a", tmp_path / "runs" / "b")  # a run_dir that moved
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("runs/b/model", str(tmp_path / "runs" / "b" / "model")):
+        summary = run_episodes([problem("a")], tmp_path / "eval", **episode_kwargs(spelled))
+        assert (summary["reused"], summary["new"]) == (1, 0)
+
+
 def test_a_local_model_replaced_at_the_same_path_is_another_policy(tmp_path):
     model = tmp_path / "model"
     model.mkdir()

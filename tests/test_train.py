@@ -259,6 +259,9 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
     write_json_atomic(train_settings(cfg, str(weighted), model_path, out), out / MODEL_DIR / TRAIN_SETTINGS_FILE)
     write_json_atomic({"steps": 4}, out / MODEL_DIR / STATS_FILE)
     assert train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
+    # The same model files elsewhere (the demo reference's cache, seen from a run_dir that moved).
+    elsewhere = str(shutil.copytree(model_path, tmp_path / "elsewhere" / "model"))
+    assert train_weighted_sft(cfg, str(weighted), elsewhere, str(out), start_ray=no_ray_start) == {"steps": 4}
 
     pq.write_table(pa.Table.from_pylist(rows[::-1]), weighted)  # the same weights in another order
     assert train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
