@@ -333,6 +333,14 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     With `rounds` R > 1 (iterated DRIFT), rounds 2..R collect rollouts from the policy the previous
     round trained and train it further; the evaluation compares the reference with every round's model.
     """
+    if cfg.rollout.engine is EngineKind.openai:
+        # The server answers for the model it serves, whatever name it is sent: it would play the reference's
+        # episodes under the trained model's label.
+        raise ValueError(
+            "rollout.engine=openai: drift-ray run evaluates the model it trains (and rounds > 1 play it), which "
+            "the server at rollout.api_base does not serve. Run `drift-ray rollouts`, `weights` and `train`, "
+            "serve the trained model, and evaluate it with `drift-ray eval`"
+        )
     with lock_run_dir(cfg.run_dir):
         return _run_stages(cfg)
 

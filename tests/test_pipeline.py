@@ -318,6 +318,14 @@ def test_a_mistake_in_eval_task_fails_before_the_rollouts(tmp_path, tiny_model_d
     assert not (run_dir / "rollouts").exists()
 
 
+def test_run_refuses_a_served_policy_whose_trained_model_no_server_serves(tmp_path, tiny_model_dir, capsys):
+    run_dir = tmp_path / "run"
+    args = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]
+    assert main([*args, "rollout.engine=openai", "rollout.api_base=http://127.0.0.1:9/v1"]) == 2
+    assert "rollout.engine=openai: drift-ray run evaluates the model it trains" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize(
     "split_given, refusal",
     [("test", "has no training problems; give it a train split"), ("train", "has no test problems to evaluate on")],
