@@ -249,6 +249,12 @@ class RolloutConfig(_Section):
                 "rollout.engine=vllm runs on GPUs: set rollout.gpus_per_actor (to rollout.tensor_parallel_size, "
                 f"now {self.tensor_parallel_size})"
             )
+        if self.engine is EngineKind.vllm and self.tensor_parallel_size == 1 and self.gpus_per_actor > 1:
+            raise ValueError(
+                f"rollout.gpus_per_actor={self.gpus_per_actor:g} reserves GPUs that vLLM, with "
+                "rollout.tensor_parallel_size=1, leaves idle: set rollout.tensor_parallel_size to it, or "
+                "rollout.gpus_per_actor to 1 (or less, to share a GPU between actors)"
+            )
         if self.engine is EngineKind.vllm and 1 < self.tensor_parallel_size != self.gpus_per_actor:
             raise ValueError(
                 f"rollout.tensor_parallel_size={self.tensor_parallel_size} shards the model over that many GPUs of "

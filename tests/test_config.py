@@ -132,6 +132,12 @@ def test_bad_overrides(override, fragment):
             "set rollout.gpus_per_actor to it (now 1)",
         ),
         (
+            ["rollout.engine=vllm", "rollout.gpus_per_actor=3"],
+            "  rollout: Value error, rollout.gpus_per_actor=3 reserves GPUs that vLLM, with "
+            "rollout.tensor_parallel_size=1, leaves idle: set rollout.tensor_parallel_size to it, or "
+            "rollout.gpus_per_actor to 1 (or less, to share a GPU between actors)",
+        ),
+        (
             ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],
             "  Value error, rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
         ),
@@ -142,6 +148,7 @@ def test_bad_overrides(override, fragment):
         "offload-without-zero",
         "vllm-without-gpu",
         "tensor-parallel-gpus",
+        "idle-gpus",
         "rounds-of-adapters",
     ],
 )
@@ -153,6 +160,7 @@ def test_settings_that_would_fail_in_the_workers_fail_when_the_config_loads(over
 
 def test_settings_that_the_checks_across_keys_let_through():
     load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5"])  # two actors share a GPU
+    load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=1"])
     load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=4", "rollout.gpus_per_actor=4"])
     load_config(None, ["rounds=2", "train.lora.enabled=true"])  # merged: round 2 trains the merged model
     load_config(None, ["train.offload=true", "train.zero_stage=1"])
