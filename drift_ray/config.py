@@ -539,7 +539,7 @@ def override_key(item: str) -> str:
 
 def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     key, sep, raw = item.partition("=")
-    if not sep or not key:
+    if not sep or not all(key.split(".")):  # `task.options.=1` would set a key named ""
         raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
     try:
         value = _load_yaml(raw) if raw.strip() else None

@@ -71,6 +71,8 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("episode.instruction=no slot", "episode.instruction"),
         ("weights.mode=rft", "weights.mode"),
         ("novalue", "key.path=value"),
+        ("task.options.=1", "override 'task.options.=1' is not of the form key.path=value"),
+        (".beta=1", "override '.beta=1' is not of the form key.path=value"),
         ("weights.beta.x=1", "weights.beta: Input should be a valid number"),
         ("task.options=[a", "override 'task.options=[a': task.options: not a valid YAML value (expected ',' or ']'"),
         ("rollout.dtype=fp16", "rollout.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
