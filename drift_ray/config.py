@@ -459,19 +459,32 @@ class _ConfigLoader(yaml.SafeLoader):
     - a key written twice in one mapping is an error: PyYAML keeps the last, so a second `task:` section
       would silently drop the first one's keys."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written beside it override it
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    problem=f"found the key {key!r} a second time (first at line {seen[key].start_mark.line + 1})",
-                    problem_mark=_without_text(key_node.start_mark),
-                )
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
+    def construct_document(self, node: yaml.Node) -> Any:
+        # On the document as written: constructing it merges `<<` keys into the mappings in place, after which
+        # an anchored mapping's merged keys and its own would look written twice.
+        self._refuse_repeated_keys(node, set())
+        return super().construct_document(node)
+
+    def _refuse_repeated_keys(self, node: yaml.Node, checked: set[int]) -> None:
+        if id(node) in checked:  # an alias of a node already checked
+            return
+        checked.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written beside it override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"found the key {key!r} a second time (first at line {seen[key].start_mark.line + 1})",
+                        problem_mark=_without_text(key_node.start_mark),
+                    )
+                seen[key] = key_node
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            for child in node.value:
+                for part in child if isinstance(child, tuple) else (child,):
+                    self._refuse_repeated_keys(part, checked)
 
 
 _ConfigLoader.add_implicit_resolver(

@@ -260,6 +260,12 @@ def test_bad_yaml_file(tmp_path):
     merged = tmp_path / "merged.yaml"
     merged.write_text("task:\n  <<: {kind: builtin, num_train: 5}\n  num_train: 7\n")
     assert load_config(merged).task.num_train == 7  # a key beside a merge overrides it: not a repeat
+    # Also in an anchored mapping that a mapping before it merges: PyYAML merges the anchored one in place first.
+    merged.write_text(
+        "eval:\n  task:\n    name: candidates\n    options: &o\n      <<: {num_test: 1}\n      num_test: 2\n"
+        "task:\n  options:\n    <<: *o\n"
+    )
+    assert load_config(merged).task.options == load_config(merged).eval.task.options == {"num_test": 2}
     path.write_bytes("run_dir: runs/caf\u00e9\n".encode() + "seed: 1 # caf\u00e9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=re.escape(f"{path}:2: not UTF-8 text")):
         load_config(path)
