@@ -208,7 +208,7 @@ class RolloutConfig(_Section):
         600.0, gt=0.0, description="openai: seconds a request may take, queueing on the server included; not retried."
     )
     max_retries: int = Field(
-        5, ge=0, description="openai: retries of a request after a connection error, HTTP 429 or HTTP 5xx."
+        5, ge=0, description="openai: retries of a request after a connection error, HTTP 408, 429 or 5xx."
     )
     retry_backoff_s: float = Field(
         1.0, ge=0.0, description="openai: wait before the first retry; doubles with each retry (capped at 60 s)."
@@ -252,8 +252,8 @@ class RolloutConfig(_Section):
         if self.engine is EngineKind.vllm and self.tensor_parallel_size == 1 and self.gpus_per_actor > 1:
             raise ValueError(
                 f"rollout.gpus_per_actor={self.gpus_per_actor:g} reserves GPUs that vLLM, with "
-                "rollout.tensor_parallel_size=1, leaves idle: set rollout.tensor_parallel_size to it, or "
-                "rollout.gpus_per_actor to 1 (or less, to share a GPU between actors)"
+                "rollout.tensor_parallel_size=1, leaves idle: set rollout.gpus_per_actor to 1 (or less, to share "
+                "a GPU between actors), or both to the number of GPUs to shard the model over"
             )
         if self.engine is EngineKind.vllm and 1 < self.tensor_parallel_size != self.gpus_per_actor:
             raise ValueError(
@@ -556,14 +556,15 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
         raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
     try:
         value = _load_yaml(raw) if raw.strip() else None
-        ignored = raw[_end_of_values(raw) :].strip()
+        comment = _comment(raw)
     except yaml.YAMLError as err:
         reason = getattr(err, "problem", None) or err  # the parser's one-line reason, without its excerpt
         raise ConfigError(f"{source}: override {item!r}: {key}: not a valid YAML value ({reason})") from None
-    if ignored:  # `episode.feedback=Wrong #2` would set "Wrong"
+    if comment:  # `episode.feedback=Wrong #2` would set "Wrong"
+        quoted = raw.replace("'", "''")
         raise ConfigError(
-            f"{source}: override {item!r}: {key}: YAML reads {ignored!r} as a comment, which an override has "
-            f"no use for; quote the value if it belongs to it, e.g. {key}='{raw}'"
+            f"{source}: override {item!r}: {key}: YAML reads {comment!r} as a comment, which an override has "
+            f"no use for: leave it out, or quote the value if it belongs to it, e.g. \"{key}='{quoted}'\""
         )
     node = data
     parts = key.split(".")
@@ -578,10 +579,17 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     node[parts[-1]] = value
 
 
-def _end_of_values(text: str) -> int:
-    """Where the last YAML token of `text` ends: what follows it is a comment."""
-    tokens = [t for t in yaml.scan(text, Loader=_ConfigLoader) if not isinstance(t, yaml.StreamEndToken)]
-    return max((t.end_mark.index for t in tokens), default=0)
+def _comment(text: str) -> str | None:
+    """The first comment in the YAML `text` (from its '#' to the end of its line), or None: what lies
+    between its tokens. (A block's end token ends after a comment that follows its last value.)"""
+    ends = (yaml.StreamStartToken, yaml.StreamEndToken, yaml.BlockEndToken)
+    tokens = [t for t in yaml.scan(text, Loader=_ConfigLoader) if not isinstance(t, ends)]
+    starts = [t.start_mark.index for t in tokens[1:]] + [len(text)]
+    for token, next_start in zip(tokens, starts):
+        gap = text[token.end_mark.index : next_start]
+        if "#" in gap:
+            return gap[gap.index("#") :].split("\n")[0].strip()
+    return None
 
 
 # Keys whose bad value is not repeated in errors: what a user mistakes for them is often a secret (the API key

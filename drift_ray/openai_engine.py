@@ -75,7 +75,7 @@ class OpenAIServerError(RuntimeError):
 
     def __reduce__(self):
         # Ray sends an actor's error to the driver pickled; the default rebuilds it from the message alone.
-        return functools.partial(type(self), url=self.url, status=self.status), self.args
+        return functools.partial(type(self), url=self.url, status=self.status), self.args, self.__dict__
 
 
 class OpenAIEngine:

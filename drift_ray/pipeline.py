@@ -334,8 +334,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     round trained and train it further; the evaluation compares the reference with every round's model.
     """
     if cfg.rollout.engine is EngineKind.openai:
-        # The server answers for the model it serves, whatever name it is sent: it would play the reference's
-        # episodes under the trained model's label.
+        # The trained model exists only once the run has trained it: vLLM serve would refuse its name after
+        # the training, and a server of one model would answer with that one under the trained model's label.
         raise ValueError(
             "rollout.engine=openai: drift-ray run evaluates the model it trains (and rounds > 1 play it), which "
             "the server at rollout.api_base does not serve. Run `drift-ray rollouts`, `weights` and `train`, "

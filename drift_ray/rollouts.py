@@ -190,8 +190,7 @@ def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     if _manifest_guards(out_dir):
         # A local model is known by its files: at another path (its run_dir moved, or spelled otherwise) it
         # is the same policy.
-        ignore = ["model"] if settings["model_fingerprint"] else []
-        require_same_settings(out_dir / MANIFEST, settings, output=str(out_dir), ignore=ignore)
+        require_same_settings(out_dir / MANIFEST, settings, output=str(out_dir), known_by={"model": "model_fingerprint"})
 
 
 def record_manifest(out_dir: Path, settings: dict[str, Any]) -> None:

@@ -256,10 +256,10 @@ def train_weighted_sft(
             model_out / TRAIN_SETTINGS_FILE,
             settings,
             output=str(model_out),
-            # UNCHANGING_TRAIN_SETTINGS: which older records hold. A local model is known by its files: at
-            # another relative path (the demo reference's cache, seen from a run_dir that moved) it is the same.
-            ignore=[f"train.{name}" for name in UNCHANGING_TRAIN_SETTINGS]
-            + (["model_path"] if settings["model_fingerprint"] else []),
+            ignore=[f"train.{name}" for name in UNCHANGING_TRAIN_SETTINGS],  # which older records hold
+            # The same model files at another relative path (the demo reference's cache, seen from a run_dir
+            # that moved) are the same model.
+            known_by={"model_path": "model_fingerprint"},
         )
         return read_stats(model_out)
     require_training_input(weighted_dir)

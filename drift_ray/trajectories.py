@@ -29,7 +29,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable, Collection, Iterator
+from typing import IO, Any, Callable, Collection, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -223,6 +223,7 @@ def require_same_settings(
     output: str,
     only: Collection[str] | None = None,
     ignore: Collection[str] = (),
+    known_by: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
@@ -230,7 +231,10 @@ def require_same_settings(
     the same run_dir would report the old output as the new run's. An output without a record, and a
     setting its record lacks, come from a version of drift-ray that did not record them, and are accepted.
     `only`: compare only these settings (dotted paths) and those under them; `ignore`: not these, which
-    older records may hold. The message names every differing setting by its dotted path.
+    older records may hold. `known_by` maps a setting to one that identifies what it names: the setting is
+    compared only where the record and `settings` do not both hold that identity (a local model's path,
+    where both hold its files' fingerprint: the same files at another path are the same model). The
+    message names every differing setting by its dotted path.
     """
     for name, paths in (("only", only), ("ignore", ignore)):
         if isinstance(paths, str):  # a bare string would be read as its characters, and match nothing
@@ -238,12 +242,17 @@ def require_same_settings(
     record = Path(record)
     if not record.exists():
         return
+    whole_record = _dotted(json.loads(record.read_text()))
+    current = _dotted(json.loads(json.dumps(settings)))
+    identified = [
+        path for path, identity in (known_by or {}).items()
+        if whole_record.get(identity) is not None and current.get(identity) is not None
+    ]
     recorded = {
         key: value
-        for key, value in _dotted(json.loads(record.read_text())).items()
-        if (only is None or _under(key, only)) and not _under(key, ignore)
+        for key, value in whole_record.items()
+        if (only is None or _under(key, only)) and not _under(key, [*ignore, *identified])
     }
-    current = _dotted(json.loads(json.dumps(settings)))
     changed = [
         f"{key} ({schema.short_repr(value)} then, {schema.short_repr(current[key]) if key in current else 'unset'} now)"
         for key, value in sorted(recorded.items())

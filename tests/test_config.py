@@ -97,8 +97,14 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("task={kind: file, test_path: t.jsonl, options: {n: 1}}", "task.options: Value error, kind 'file' does not read it"),
         ("task={kind: file, test_path: t.jsonl, test_path: u.jsonl}", "task: not a valid YAML value (found the key 'test_path' a second time (first at line 1))"),
         ("rollout.api_base=localhost:8000/v1", "rollout.api_base: Value error, expected an http:// or https:// URL"),
-        # YAML would read "Wrong" alone.
-        ("episode.feedback=Wrong #2, think again", "episode.feedback: YAML reads '#2, think again' as a comment"),
+        # YAML would read "Wrong" alone, in a mapping or list too.
+        ("episode.feedback=Wrong #2, think again", "episode.feedback: YAML reads '#2, think again' as a comment, which "
+         "an override has no use for: leave it out, or quote the value if it belongs to it, e.g. "
+         "\"episode.feedback='Wrong #2, think again'\""),
+        ("task.options=n: 3 #three", "task.options: YAML reads '#three' as a comment"),
+        ("task.options=- a #1", "task.options: YAML reads '#1' as a comment"),
+        ("task.options=a: 1 # one\nb: 2", "task.options: YAML reads '# one' as a comment"),
+        ("episode.feedback=it's #2", "e.g. \"episode.feedback='it''s #2'\""),
     ],
 )
 def test_bad_overrides(override, fragment):
@@ -136,8 +142,8 @@ def test_bad_overrides(override, fragment):
         (
             ["rollout.engine=vllm", "rollout.gpus_per_actor=3"],
             "  rollout: Value error, rollout.gpus_per_actor=3 reserves GPUs that vLLM, with "
-            "rollout.tensor_parallel_size=1, leaves idle: set rollout.tensor_parallel_size to it, or "
-            "rollout.gpus_per_actor to 1 (or less, to share a GPU between actors)",
+            "rollout.tensor_parallel_size=1, leaves idle: set rollout.gpus_per_actor to 1 (or less, to share "
+            "a GPU between actors), or both to the number of GPUs to shard the model over",
         ),
         (
             ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],

@@ -324,8 +324,10 @@ def test_gives_up_after_max_retries_naming_the_url_and_the_status():
     assert "3 attempts" in message and "rollout.max_retries=2" in message
     assert caught.value.status == 503
     # As Ray hands an actor's error to the driver.
+    caught.value.add_note("while playing batch 3")
     copy = pickle.loads(pickle.dumps(caught.value))
     assert (type(copy), str(copy), copy.url, copy.status) == (OpenAIServerError, message, engine.url, 503)
+    assert copy.__notes__ == ["while playing batch 3"]
 
 
 def test_a_client_error_is_not_retried():

@@ -302,6 +302,22 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
         require_same_settings(record, changed, output="out", only="seed")
 
 
+def test_a_setting_known_by_another_is_compared_only_where_one_side_lacks_that(tmp_path):
+    record = tmp_path / "manifest.json"
+    known_by = {"model": "model_fingerprint"}
+    write_json_atomic({"model": "runs/a/model", "model_fingerprint": "f1"}, record)
+    # The same files at another path: the same model.
+    require_same_settings(record, {"model": "runs/b/model", "model_fingerprint": "f1"}, output="out", known_by=known_by)
+    with pytest.raises(RuntimeError, match=r"differ in: model_fingerprint \('f1' then, 'f2' now\)\)"):
+        require_same_settings(record, {"model": "runs/b/model", "model_fingerprint": "f2"}, output="out", known_by=known_by)
+    # Hub ids have no fingerprint, and a record from before fingerprints lacks it: the names are compared.
+    for recorded, current in (({"model": "Qwen/A", "model_fingerprint": None}, {"model": "Qwen/B", "model_fingerprint": None}),
+                              ({"model": "runs/a/model"}, {"model": "runs/b/model", "model_fingerprint": "f1"})):
+        write_json_atomic(recorded, record)
+        with pytest.raises(RuntimeError, match=r"differ in: model \("):
+            require_same_settings(record, current, output="out", known_by=known_by)
+
+
 def test_a_column_that_changes_type_names_its_line(tmp_path):
     rows = _episode_rows()
     rows[1][schema.NUM_TURNS] = "three"
