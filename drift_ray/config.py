@@ -253,7 +253,8 @@ class RolloutConfig(_Section):
             raise ValueError(
                 f"rollout.gpus_per_actor={self.gpus_per_actor:g} reserves GPUs that vLLM, with "
                 "rollout.tensor_parallel_size=1, leaves idle: set rollout.gpus_per_actor to 1 (or less, to share "
-                "a GPU between actors), or both to the number of GPUs to shard the model over"
+                "a GPU between actors), or rollout.tensor_parallel_size and rollout.gpus_per_actor both to the number of "
+                "GPUs to shard the model over"
             )
         if self.engine is EngineKind.vllm and 1 < self.tensor_parallel_size != self.gpus_per_actor:
             raise ValueError(
@@ -561,11 +562,11 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
         reason = getattr(err, "problem", None) or err  # the parser's one-line reason, without its excerpt
         raise ConfigError(f"{source}: override {item!r}: {key}: not a valid YAML value ({reason})") from None
     if comment:  # `episode.feedback=Wrong #2` would set "Wrong"
+        message = f"{source}: override {item!r}: {key}: YAML reads {comment!r} as a comment, which an override has no use for"
+        if isinstance(value, (dict, list)) or "\n" in raw:
+            raise ConfigError(f"{message}: leave it out")
         quoted = raw.replace("'", "''")
-        raise ConfigError(
-            f"{source}: override {item!r}: {key}: YAML reads {comment!r} as a comment, which an override has "
-            f"no use for: leave it out, or quote the value if it belongs to it, e.g. \"{key}='{quoted}'\""
-        )
+        raise ConfigError(f"{message}: leave it out, or quote the value if it belongs to it, e.g. \"{key}='{quoted}'\"")
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -581,12 +582,14 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
 
 def _comment(text: str) -> str | None:
     """The first comment in the YAML `text` (from its '#' to the end of its line), or None: what lies
-    between its tokens. (A block's end token ends after a comment that follows its last value.)"""
+    before, between or after its tokens. (A block's end token ends after a comment that follows its last
+    value, so it is not one of them.)"""
     ends = (yaml.StreamStartToken, yaml.StreamEndToken, yaml.BlockEndToken)
     tokens = [t for t in yaml.scan(text, Loader=_ConfigLoader) if not isinstance(t, ends)]
-    starts = [t.start_mark.index for t in tokens[1:]] + [len(text)]
-    for token, next_start in zip(tokens, starts):
-        gap = text[token.end_mark.index : next_start]
+    gap_starts = [0] + [t.end_mark.index for t in tokens]
+    gap_ends = [t.start_mark.index for t in tokens] + [len(text)]
+    for start, end in zip(gap_starts, gap_ends):
+        gap = text[start:end]
         if "#" in gap:
             return gap[gap.index("#") :].split("\n")[0].strip()
     return None

@@ -202,13 +202,12 @@ def _replies(engine: Engine, conversations: list[Conversation], params: Sampling
     """The engine's n replies to each conversation, in order; checked per conversation, as one surplus
     and one shortfall would otherwise hand replies to another problem's episodes."""
     groups = engine.generate(conversations, params, n)
-    counts = [len(group) for group in groups]
-    if counts != [n] * len(conversations):
-        wrong = next((i for i, count in enumerate(counts) if count != n), len(counts))
-        found = f"{counts[wrong]} for conversation {wrong}" if wrong < len(counts) else f"{len(counts)} lists of replies"
-        raise RuntimeError(
-            f"engine {engine.name!r} returned {found}; expected {n} replies for each of {len(conversations)} conversations"
-        )
+    expected = f"expected {n} replies for each of {len(conversations)} conversations"
+    if len(groups) != len(conversations):
+        raise RuntimeError(f"engine {engine.name!r} returned reply lists for {len(groups)} conversations; {expected}")
+    wrong = next((i for i, group in enumerate(groups) if len(group) != n), None)
+    if wrong is not None:
+        raise RuntimeError(f"engine {engine.name!r} returned {len(groups[wrong])} for conversation {wrong}; {expected}")
     return [reply for group in groups for reply in group]
 
 

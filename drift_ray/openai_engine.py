@@ -74,7 +74,8 @@ class OpenAIServerError(RuntimeError):
         self.status = status
 
     def __reduce__(self):
-        # Ray sends an actor's error to the driver pickled; the default rebuilds it from the message alone.
+        # Ray sends an actor's error to the driver pickled; the default unpickling calls type(self)(*args),
+        # which fails without the keyword-only url.
         return functools.partial(type(self), url=self.url, status=self.status), self.args, self.__dict__
 
 

@@ -438,10 +438,12 @@ def reads_a_boolean_as_a_number(annotation: Any) -> bool:
 
 
 def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed: Any) -> str | None:
-    """Why `fn(**fixed, **options)` would fail to bind, with the options it accepts (`fixed` left out), or
-    would take a boolean for a number, for an error that names the config key; None when neither. Checked
-    before the call, so a TypeError raised inside `fn` is not mistaken for a wrong option. (Here, not in
-    config.py: the math verifier's helper processes import this module, and need not import pydantic.)"""
+    """What is wrong with calling `fn(**fixed, **options)`, for an error that names the config key, or None:
+    an option that drift-ray passes itself (`fixed`), or options that do not bind (both with the options
+    `fn` accepts), or a boolean given where `fn`'s annotation takes a number (unchecked where the
+    annotations cannot be evaluated). Checked before the call, so a TypeError raised inside `fn` is not
+    mistaken for a wrong option. (Here, not in config.py: the math verifier's helper processes import this
+    module, and need not import pydantic.)"""
     signature = inspect.signature(fn)
     accepted = ", ".join(name for name in signature.parameters if name not in fixed) or "none"
     passed_by_drift_ray = sorted(set(options) & set(fixed))

@@ -83,12 +83,12 @@ def tokenize_trajectory(
     reply_start = 0
     for turn in supervised_turns:
         context = _render(tokenizer, messages[:turn], add_generation_prompt=True)
-        _require_prefix(tokenizer, rendered, context, f"messages[:{turn}] with the generation prompt", kind)
+        _require_prefix(tokenizer, rendered, context, f"messages[:{turn}] with the generation prompt")
         if turn == supervised_turns[-1]:
             full = context + messages[turn]["content"] + _after_reply(tokenizer, messages[:turn])
         else:
             full = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
-            _require_prefix(tokenizer, context, full, f"messages[:{turn + 1}]", kind)
+            _require_prefix(tokenizer, context, full, f"messages[:{turn + 1}]")
         context_ids, context_whole_ids = _continuation(tokenizer, rendered, rendered_ids, context)
         reply_ids, rendered_ids = _continuation(tokenizer, context, context_whole_ids, full)
         if not reply_ids:
@@ -150,16 +150,16 @@ def _name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
-def _require_prefix(tokenizer: Any, prefix: str, text: str, what: str, kind: ExampleKind) -> None:
+def _require_prefix(tokenizer: Any, prefix: str, text: str, what: str) -> None:
+    """Only all_turns can fail it: a last_turn example extends nothing but its own context."""
     if text.startswith(prefix):
         return
     at = next((i for i, (a, b) in enumerate(zip(prefix, text)) if a != b), min(len(prefix), len(text)))
-    hint = " Use train.examples=last_turn." if kind is ExampleKind.all_turns else ""
     raise ValueError(
         f"{_name(tokenizer)}: the chat template is not prefix-stable: rendering {what} does not extend the "
         f"rendering of the messages before it (at character {at}: expected {prefix[at : at + 40]!r}, "
         f"found {text[at : at + 40]!r}). Weighted SFT needs each rendering to extend the previous one to "
-        f"mask the assistant replies exactly.{hint}"
+        "mask the assistant replies exactly. Use train.examples=last_turn."
     )
 
 

@@ -101,7 +101,8 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("episode.feedback=Wrong #2, think again", "episode.feedback: YAML reads '#2, think again' as a comment, which "
          "an override has no use for: leave it out, or quote the value if it belongs to it, e.g. "
          "\"episode.feedback='Wrong #2, think again'\""),
-        ("task.options=n: 3 #three", "task.options: YAML reads '#three' as a comment"),
+        ("task.options=n: 3 #three", "task.options: YAML reads '#three' as a comment, which an override has no use for: leave it out"),
+        ("episode.system_prompt=#hi", "episode.system_prompt: YAML reads '#hi' as a comment"),
         ("task.options=- a #1", "task.options: YAML reads '#1' as a comment"),
         ("task.options=a: 1 # one\nb: 2", "task.options: YAML reads '# one' as a comment"),
         ("episode.feedback=it's #2", "e.g. \"episode.feedback='it''s #2'\""),
@@ -110,6 +111,11 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
 def test_bad_overrides(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(None, [override])
+
+
+def test_a_quoted_hash_is_part_of_the_value():
+    cfg = load_config(None, ["episode.feedback='Wrong #2'", "task.options={a: '#', b: 1}"])
+    assert (cfg.episode.feedback, cfg.task.options) == ("Wrong #2", {"a": "#", "b": 1})
 
 
 @pytest.mark.parametrize(
@@ -143,7 +149,8 @@ def test_bad_overrides(override, fragment):
             ["rollout.engine=vllm", "rollout.gpus_per_actor=3"],
             "  rollout: Value error, rollout.gpus_per_actor=3 reserves GPUs that vLLM, with "
             "rollout.tensor_parallel_size=1, leaves idle: set rollout.gpus_per_actor to 1 (or less, to share "
-            "a GPU between actors), or both to the number of GPUs to shard the model over",
+            "a GPU between actors), or rollout.tensor_parallel_size and rollout.gpus_per_actor both to the number "
+            "of GPUs to shard the model over",
         ),
         (
             ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],
@@ -244,7 +251,6 @@ def test_an_override_changes_the_key_it_names_only(tmp_path):
     cfg = load_config(path, ["eval.task.options.num_test=7", "eval.task.num_test=3"])
     assert (cfg.task.options, cfg.task.num_test) == ({"num_test": 5}, None)
     assert (cfg.eval.task.options, cfg.eval.task.num_test) == ({"num_test": 7}, 3)
-    assert load_config(path, ["episode.feedback='Wrong #2'"]).episode.feedback == "Wrong #2"
 
 
 def test_bad_yaml_file(tmp_path):

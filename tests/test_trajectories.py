@@ -302,7 +302,7 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
         require_same_settings(record, changed, output="out", only="seed")
 
 
-def test_a_setting_known_by_another_is_compared_only_where_one_side_lacks_that(tmp_path):
+def test_a_setting_known_by_another_is_compared_unless_both_sides_hold_that(tmp_path):
     record = tmp_path / "manifest.json"
     known_by = {"model": "model_fingerprint"}
     write_json_atomic({"model": "runs/a/model", "model_fingerprint": "f1"}, record)
