@@ -244,6 +244,11 @@ class RolloutConfig(_Section):
     @model_validator(mode="after")
     def _vllm_actors_hold_their_gpus(self) -> "RolloutConfig":
         # At load time: else vLLM fails inside the actors, after the cluster scaled up for them.
+        if self.engine is not EngineKind.vllm and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={self.tensor_parallel_size} shards the model over GPUs with "
+                f"rollout.engine=vllm only; the {self.engine.value} engine would run it unsharded"
+            )
         if self.engine is EngineKind.vllm and self.gpus_per_actor == 0:
             raise ValueError(
                 "rollout.engine=vllm runs on GPUs: set rollout.gpus_per_actor (to rollout.tensor_parallel_size, "

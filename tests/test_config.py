@@ -146,6 +146,11 @@ def test_a_quoted_hash_is_part_of_the_value():
             "set rollout.gpus_per_actor to it (now 1)",
         ),
         (
+            ["rollout.tensor_parallel_size=2"],
+            "  rollout: Value error, rollout.tensor_parallel_size=2 shards the model over GPUs with rollout.engine=vllm "
+            "only; the transformers engine would run it unsharded",
+        ),
+        (
             ["rollout.engine=vllm", "rollout.gpus_per_actor=3"],
             "  rollout: Value error, rollout.gpus_per_actor=3 reserves GPUs that vLLM, with "
             "rollout.tensor_parallel_size=1, leaves idle: set rollout.gpus_per_actor to 1 (or less, to share "
@@ -163,6 +168,7 @@ def test_a_quoted_hash_is_part_of_the_value():
         "offload-without-zero",
         "vllm-without-gpu",
         "tensor-parallel-gpus",
+        "tensor-parallel-without-vllm",
         "idle-gpus",
         "rounds-of-adapters",
     ],
