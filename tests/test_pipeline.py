@@ -1,6 +1,7 @@
 """End to end: the smoke config through Ray Data, Ray Train + DeepSpeed and evaluation, locally and
 as a job submitted to a `ray start --head` cluster."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -359,10 +360,13 @@ def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_pat
     assert not (run_dir / "rollouts").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now: held open together, so the system cannot hand out one twice."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def submit_when_ready(client, entrypoint: str, wait_s: float = 120.0) -> str:
@@ -385,11 +389,14 @@ def head_node_dashboard():
     """A `ray start --head` cluster of HEAD_NODE_CPUS on this machine, as on a cluster's head node; yields
     its dashboard address."""
     ray_bin = Path(sys.executable).with_name("ray")
-    dashboard_port = free_port()
+    # The dashboard agent's port too: its default, 52365, is one the system may hand out for the others, and
+    # Ray refuses two components on one port.
+    gcs_port, dashboard_port, agent_port = free_ports(3)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     started = subprocess.run(
-        [str(ray_bin), "start", "--head", f"--num-cpus={HEAD_NODE_CPUS}", f"--port={free_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true"],
+        [str(ray_bin), "start", "--head", f"--num-cpus={HEAD_NODE_CPUS}", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent_port}"],
         env=env, capture_output=True, text=True,
     )
     assert started.returncode == 0, started.stdout + started.stderr
