@@ -1,7 +1,9 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and helpers."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,12 @@ def chaotic_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random-init tiny model with large weights that speaks printable ASCII: its greedy replies differ
     from prompt to prompt and some end early on <|im_end|>, which the standard init never does."""
     return save_random_tiny_model(tmp_path_factory.mktemp("chaotic-tiny-model"), initializer_range=0.3, ascii_only=True)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now: held open together, so the system cannot hand out one twice."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]

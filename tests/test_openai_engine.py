@@ -10,7 +10,6 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from drift_ray.engines import build_engine, cut_at_stop
 from drift_ray.episode import ANSWER_STOP, SamplingParams, play_episodes
 from drift_ray.openai_engine import OpenAIEngine, OpenAIServerError
 from drift_ray.verifiers import get_verifier
-from tests.conftest import save_random_tiny_model
+from tests.conftest import free_ports, save_random_tiny_model
 
 TOKENIZER = build_tokenizer()  # the served demo model's
 
@@ -39,12 +38,6 @@ NO_KEY_ENV = "DRIFT_TEST_KEY_THAT_IS_NOT_SET"
 SERVER_START_S = 90
 
 Handler = Callable[[dict[str, Any], dict[str, str]], Awaitable[web.Response]]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def engine_for(api_base: str, model: str = "m", **options: Any) -> OpenAIEngine:
@@ -89,7 +82,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     # model is a local directory.
     (root / "hub").mkdir()
     env = os.environ | {"HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    port = free_port()
+    [port] = free_ports(1)
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", model]
     command += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     log_path = root / "serve.log"
@@ -340,7 +333,7 @@ def test_a_client_error_is_not_retried():
 
 
 def test_connection_errors_are_retried_then_reported():
-    engine = engine_for(f"http://127.0.0.1:{free_port()}/v1", max_retries=2)
+    engine = engine_for(f"http://127.0.0.1:{free_ports(1)[0]}/v1", max_retries=2)
     with pytest.raises(OpenAIServerError) as caught:
         engine.generate([CONVERSATION], SamplingParams(), 1)
     message = str(caught.value)

@@ -1,11 +1,9 @@
 """End to end: the smoke config through Ray Data, Ray Train + DeepSpeed and evaluation, locally and
 as a job submitted to a `ray start --head` cluster."""
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from drift_ray import schema
 from drift_ray.cli import main
 from drift_ray.config import load_config
 from drift_ray.pipeline import CONFIG_FILE, RUN_LOCK_FILE, RUN_RECORD_FILE, lock_run_dir, resolve_model
+from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -358,15 +357,6 @@ def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_pat
     assert "the training workers need CPU 1000 (train.cpus_per_worker=1000 × train.num_workers=1), the cluster has 2" in err
     assert not ray.is_initialized()
     assert not (run_dir / "rollouts").exists()
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free now: held open together, so the system cannot hand out one twice."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def submit_when_ready(client, entrypoint: str, wait_s: float = 120.0) -> str:
