@@ -2,7 +2,8 @@
 
 Both take conversations, apply the model's chat template, and return n sampled assistant replies per
 conversation. A reply ends at the end-of-turn token (excluded from the text) or just after the first
-stop string (included, like vLLM's `include_stop_str_in_output`). Engines know nothing of DRIFT.
+stop string (included, like vLLM's `include_stop_str_in_output`), else it is cut off at max_new_tokens
+(and marked so). Engines know nothing of DRIFT.
 """
 
 from __future__ import annotations
@@ -236,8 +237,11 @@ class TransformersEngine:
         return DynamicCache(config=self.model.config)
 
     def _to_generation(self, completion: list[int], prompt: list[int], stop: Sequence[str]) -> Generation:
-        body = completion[:-1] if completion and completion[-1] in self.end_of_turn_ids else completion
-        return Generation(cut_at_stop(reply_text(self.tokenizer, prompt, body), stop), len(prompt), len(completion))
+        ended = bool(completion) and completion[-1] in self.end_of_turn_ids
+        text = cut_at_stop(reply_text(self.tokenizer, prompt, completion[:-1] if ended else completion), stop)
+        # Generation stops only at an end of turn, a stop string or max_new_tokens.
+        cut_off = not ended and not ends_on_stop(text, stop)
+        return Generation(text, len(prompt), len(completion), cut_off)
 
 
 @dataclass
@@ -381,6 +385,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
+def ends_on_stop(text: str, stop: Sequence[str]) -> bool:
+    """Whether `text` (cut_at_stop's) ends on one of the stop strings."""
+    return any(s and text.endswith(s) for s in stop)
+
+
 def _end_of_turn_ids(tokenizer, model) -> set[int]:
     ids = set(_chat_turn_end_ids(tokenizer))
     for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
@@ -454,7 +463,10 @@ class VLLMEngine:
         ]
         outputs = self.llm.chat(list(conversations), sampling, use_tqdm=False, lora_request=self.lora_request)
         return [
-            [Generation(o.text, len(request.prompt_token_ids), len(o.token_ids)) for o in request.outputs]
+            [
+                Generation(o.text, len(request.prompt_token_ids), len(o.token_ids), o.finish_reason == "length")
+                for o in request.outputs
+            ]
             for request in outputs
         ]
 

@@ -45,11 +45,13 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Generation:
-    """One sampled reply. `text` ends with the stop string when generation stopped on one."""
+    """One sampled reply. `text` ends with the stop string when generation stopped on one. `cut_off`: the
+    reply reached max_new_tokens before it ended (on its end-of-turn token or a stop string)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
+    cut_off: bool = False
 
 
 class Engine(Protocol):
@@ -114,6 +116,7 @@ class Episode:
     answer_norms: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     format_failures: list[bool] = field(default_factory=list)
+    cut_off: list[bool] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     done: bool = False
@@ -127,6 +130,7 @@ class Episode:
         is_correct = answer is not None and verifier.check(answer, self.problem.gold)
         self.answers.append(answer)
         self.format_failures.append(answer is None)
+        self.cut_off.append(reply.cut_off)
         self.correct.append(is_correct)
         if answer is not None:
             self.answer_norms.append(verifier.normalize(answer))
@@ -153,6 +157,7 @@ class Episode:
             schema.TURN_REWARDS: [float(c) for c in self.correct],
             schema.FORMAT_FAILURES: self.format_failures,
             schema.FORMAT_PENALTY: cfg.format_penalty * sum(self.format_failures),
+            schema.CUT_OFF: self.cut_off,
             schema.T_STAR: self.t_star,
             schema.NUM_TURNS: len(self.correct),
             schema.PROMPT_TOKENS: self.prompt_tokens,

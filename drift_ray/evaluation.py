@@ -10,7 +10,8 @@ With N problems and T = max_turns, where an episode stops at its first correct t
 - unique-answer ratio: distinct normalised answers / parsable answers of one problem, averaged over
   problems with at least one parsable answer, and over those of them never solved.
 - average turns played, format-failure rate (turns without a parsable answer / all turns), mean
-  generated tokens per problem.
+  generated tokens per problem, and the cut-off rate (replies that reached max_new_tokens before they
+  ended / the turns whose CUT_OFF is known; None where none is).
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ class _Outcome:
     format_failures: int
     answer_norms: list[str]
     completion_tokens: int
+    cut_off: list[bool]  # of the turns whose flag is known
 
 
 def _read_outcomes(rows: pa.Table | Sequence[Mapping[str, Any]], max_turns: int) -> list[_Outcome]:
     """Check every row against the episode's rules and keep what the metrics need."""
     if isinstance(rows, pa.Table):
         schema.require_columns(rows.column_names, EVALUATION_INPUT, stage="evaluation", source="trajectory table")
-        rows = rows.select(list(EVALUATION_INPUT)).to_pylist()
+        optional = [schema.CUT_OFF] if schema.CUT_OFF in rows.column_names else []
+        rows = rows.select([*EVALUATION_INPUT, *optional]).to_pylist()
     if not rows:
         raise ValueError("evaluation: no trajectory rows were given; expected one greedy episode per problem")
     outcomes = []
@@ -99,6 +102,9 @@ def _read_outcome(row: Mapping[str, Any], max_turns: int, where: str) -> _Outcom
             f"never correct yet stopped after {num_turns} turns; an unsolved episode plays max_turns={max_turns} "
             f"turns (evaluate with the max_turns the episodes were played with)"
         )
+    cut_off = row.get(schema.CUT_OFF)
+    if cut_off is not None and len(cut_off) != num_turns:
+        problems.append(f"{schema.CUT_OFF} has {len(cut_off)} turns; expected {num_turns}")
     parsable = num_turns - sum(format_failures)
     if len(answer_norms) != parsable:
         problems.append(f"{schema.ANSWER_NORMS} has {len(answer_norms)} answers; expected {parsable} parsable turns")
@@ -110,6 +116,7 @@ def _read_outcome(row: Mapping[str, Any], max_turns: int, where: str) -> _Outcom
         format_failures=sum(format_failures),
         answer_norms=answer_norms,
         completion_tokens=int(row[schema.COMPLETION_TOKENS]),
+        cut_off=[flag for flag in cut_off or () if flag is not None],
     )
 
 
@@ -127,7 +134,7 @@ def episode_metrics(rows: pa.Table | Sequence[Mapping[str, Any]], max_turns: int
     Keys: "num_problems", "max_turns", "multi@1".."multi@T", "per_turn_accuracy" and "correction_rate"
     (turn number as a string → value, None where no episode played that turn), "correction_rate_t>=2",
     "unique_answer_ratio_all", "unique_answer_ratio_unsolved", "avg_turns", "format_failure_rate",
-    "mean_completion_tokens". Fractions lie in [0, 1].
+    "mean_completion_tokens", "cut_off_rate". Fractions lie in [0, 1].
 
     "correction_rate_t>=2" pools turns 2..T: (problems solved at a turn ≥ 2) / (Σ_{t≥2} problems that
     played turn t), i.e. the share of all second-and-later attempts that fixed a wrong answer; None when
@@ -149,6 +156,7 @@ def episode_metrics(rows: pa.Table | Sequence[Mapping[str, Any]], max_turns: int
     later_solved = sum(solved_at[t] for t in turns if t >= 2)
     parsable = [o for o in outcomes if o.answer_norms]
     total_turns = sum(o.num_turns for o in outcomes)
+    cut_off = [flag for o in outcomes for flag in o.cut_off]
     metrics: dict[str, Any] = {"num_problems": num_problems, "max_turns": max_turns}
     solved_so_far = 0
     for t in turns:
@@ -164,6 +172,7 @@ def episode_metrics(rows: pa.Table | Sequence[Mapping[str, Any]], max_turns: int
             "avg_turns": total_turns / num_problems,
             "format_failure_rate": sum(o.format_failures for o in outcomes) / total_turns,
             "mean_completion_tokens": sum(o.completion_tokens for o in outcomes) / num_problems,
+            "cut_off_rate": _mean_or_none(cut_off),
         }
     )
     return metrics

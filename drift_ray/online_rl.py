@@ -105,7 +105,14 @@ def train_online(
         advantages = group_advantages(returns, settings.samples_per_prompt, settings.advantage)
 
         policy_gradient_step(
-            model, tokenizer, [e.messages for e in episodes], advantages, optimizer, cfg, settings.micro_batch_size
+            model,
+            tokenizer,
+            [e.messages for e in episodes],
+            advantages,
+            optimizer,
+            cfg,
+            settings.micro_batch_size,
+            cut_offs=[e.cut_off for e in episodes],
         )
         seconds += time.perf_counter() - started
         if update % settings.eval_every == 0 or update == settings.updates:
@@ -122,13 +129,20 @@ def policy_gradient_step(
     optimizer: torch.optim.Optimizer,
     cfg: Config,
     micro_batch_size: int,
+    cut_offs: Sequence[Sequence[bool] | None] | None = None,
 ) -> None:
-    """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations."""
+    """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations; the end of
+    turn of a reply cut off at max_new_tokens (`cut_offs`, one list per conversation) is not a token the
+    policy sampled, and is left out."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    examples = [tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length) for m in conversations]
+    cut_offs = cut_offs or [None] * len(conversations)
+    examples = [
+        tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length, cut)
+        for m, cut in zip(conversations, cut_offs, strict=True)
+    ]
     for start in range(0, len(examples), micro_batch_size):
         chunk = slice(start, start + micro_batch_size)
         tensors = collate(examples[chunk], advantages[chunk].tolist(), pad_id, device)

@@ -48,7 +48,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import aiohttp
 
-from drift_ray.engines import cut_at_stop
+from drift_ray.engines import cut_at_stop, ends_on_stop
 from drift_ray.episode import Conversation, Generation, SamplingParams, sample_seed
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,11 @@ class OpenAIEngine:
         # The server spent the tokens of a request that had to be sent again too.
         prompt_tokens = sum(int(u.get("prompt_tokens") or 0) for u in usages)
         completion_tokens = _share(sum(int(u.get("completion_tokens") or 0) for u in usages), texts)
-        return [Generation(text, prompt_tokens, tokens) for text, tokens in zip(texts, completion_tokens)]
+        return [
+            # finish_reason "length": max_tokens reached, unless the reply was cut here at a stop string.
+            Generation(text, prompt_tokens, tokens, choice.get("finish_reason") == "length" and not ends_on_stop(text, stop))
+            for choice, text, tokens in zip(choices, texts, completion_tokens)
+        ]
 
     def _texts(self, choices: list[dict[str, Any]], stop: list[str], stop_on_server: bool) -> list[str] | None:
         """The replies, each ending with the stop string it stopped on; None when the server leaves that unknown."""

@@ -248,6 +248,15 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     write_json_atomic(settings, settings_path)
     write_json_atomic(diagnostics, diagnostics_path)  # last: it marks the stage complete
     log.info("weights: %s", diagnostics)
+    if diagnostics["cut_off_reply_share"]:
+        log.warning(
+            "weights: %.1f%% of the rollouts' replies reached rollout.max_new_tokens=%d before they ended (they "
+            "carry %.1f%% of the weight as trained replies, without an end of turn); raise rollout.max_new_tokens "
+            "to let them finish",
+            100 * diagnostics["cut_off_reply_share"],
+            settings["rollouts"]["sampling"]["max_new_tokens"],
+            100 * diagnostics["cut_off_last_reply_weight_share"],
+        )
     return diagnostics
 
 
@@ -308,6 +317,14 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
             start_ray=start_ray,
         )
         metrics[label] = episode_metrics(read_shards(out, prompt_ids=test_ids), cfg.episode.max_turns)
+        if metrics[label]["cut_off_rate"]:
+            log.warning(
+                "eval: %.1f%% of %s's replies reached max_new_tokens=%d before they ended, which counts them as "
+                "format failures; raise eval.max_new_tokens to let them finish",
+                100 * metrics[label]["cut_off_rate"],
+                label,
+                eval_sampling(cfg).max_new_tokens,
+            )
     paths = write_report(metrics, cfg.episode.max_turns, eval_dir)
     return {"metrics": metrics, "paths": paths}
 

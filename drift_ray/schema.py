@@ -29,6 +29,9 @@ CORRECT = "correct"  # list<bool>, one per turn
 TURN_REWARDS = "turn_rewards"  # list<double>, r_t per turn
 FORMAT_FAILURES = "format_failures"  # list<bool>, one per turn: no parsable answer
 FORMAT_PENALTY = "format_penalty"  # double, the trajectory total (≤ 0)
+# list<bool>, one per turn: the reply reached max_new_tokens before it ended. Null where not known (rollouts
+# written before it was recorded, imported files without it): taken as ended.
+CUT_OFF = "cut_off"
 T_STAR = "t_star"  # int32, 1-based first correct turn, null when never correct
 NUM_TURNS = "num_turns"
 PROMPT_TOKENS = "prompt_tokens"  # tokens of every prompt the engine was given, summed over turns
@@ -57,6 +60,7 @@ TRAJECTORY_SCHEMA = pa.schema(
         (TURN_REWARDS, pa.list_(pa.float64())),
         (FORMAT_FAILURES, pa.list_(pa.bool_())),
         (FORMAT_PENALTY, pa.float64()),
+        (CUT_OFF, pa.list_(pa.bool_())),
         (T_STAR, pa.int64()),
         (NUM_TURNS, pa.int64()),
         (PROMPT_TOKENS, pa.int64()),
@@ -67,21 +71,51 @@ TRAJECTORY_SCHEMA = pa.schema(
 
 # What the weights stage needs; FORMAT_FAILURES only when the penalty is re-priced.
 WEIGHTS_INPUT = (PROMPT_ID, TURN_REWARDS, FORMAT_PENALTY, ANSWER_NORMS)
-# What weighted SFT needs.
+# What weighted SFT needs, and what it reads where present.
 TRAIN_INPUT = (TRAJECTORY_ID, MESSAGES, WEIGHT)
+TRAIN_OPTIONAL = (CUT_OFF,)
 
 
-def invalid_conversation_rows(messages: pa.Array | pa.ChunkedArray) -> list[tuple[int, str]]:
+def invalid_conversation_rows(
+    messages: pa.Array | pa.ChunkedArray, cut_off: pa.Array | pa.ChunkedArray | None = None
+) -> list[tuple[int, str]]:
     """(row, conversation_problem) of every conversation of a MESSAGES column that weighted SFT cannot
-    train on. A column of the type the rollouts write is checked with Arrow, which only the rows it
-    finds wrong leave; another, row by row."""
-    column = messages.combine_chunks() if isinstance(messages, pa.ChunkedArray) else messages
-    found = []
+    train on, in row order; with its CUT_OFF column, also those whose flags are not one per assistant
+    message. A column of the type the rollouts write is checked with Arrow, which only the rows it finds
+    wrong leave; another, row by row."""
+    column = _combined(messages)
+    found = {}
     for row in _suspect_conversation_rows(column):
         problem = conversation_problem(column[int(row)].as_py())
         if problem:
-            found.append((int(row), problem))
-    return found
+            found[int(row)] = problem
+    if cut_off is not None:
+        flags = pc.list_value_length(_combined(cut_off)).to_numpy(zero_copy_only=False)  # null: NaN
+        replies = _assistant_messages(column)
+        for row in np.flatnonzero(~np.isnan(flags.astype(float)) & (flags != replies)):
+            found.setdefault(
+                int(row), f"{CUT_OFF} has {int(flags[row])} flags for {replies[row]} assistant messages; expected one each"
+            )
+    return sorted(found.items())
+
+
+def _combined(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _assistant_messages(column: pa.Array) -> np.ndarray:
+    """How many assistant messages each conversation holds (0 where it holds no list)."""
+    if not _holds_text_messages(column.type):
+        return np.array([_count_assistant(value.as_py()) for value in column], dtype=np.int64)
+    assistant = pc.fill_null(pc.equal(pc.struct_field(pc.list_flatten(column), "role"), "assistant"), False)
+    rows = list_element_rows(column)
+    return np.bincount(rows[assistant.to_numpy(zero_copy_only=False)], minlength=len(column))
+
+
+def _count_assistant(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    return sum(isinstance(message, dict) and message.get("role") == "assistant" for message in messages)
 
 
 def _suspect_conversation_rows(column: pa.Array) -> np.ndarray:

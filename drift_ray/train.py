@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_ray.config import Config, LossKind, TrainConfig, accumulation_steps
-from drift_ray.schema import MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, require_columns
+from drift_ray.schema import CUT_OFF, MESSAGES, TRAIN_INPUT, TRAIN_OPTIONAL, TRAJECTORY_ID, WEIGHT, require_columns
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
     TrajectoryFileError,
@@ -286,14 +286,14 @@ def train_weighted_sft(
     # So success_only trains as SFT on the successes (RFT).
     # Materialized before the workers start: the rows are text, and a read after the workers took
     # every CPU of a small cluster would wait forever.
-    ds = ds.select_columns(list(TRAIN_INPUT)).filter(expr=col(WEIGHT) > 0).materialize()
+    columns = [*TRAIN_INPUT, *(name for name in TRAIN_OPTIONAL if name in schema.names)]
+    ds = ds.select_columns(columns).filter(expr=col(WEIGHT) > 0).materialize()
     if ds.count() == 0:
         raise ValueError(
             f"{weighted_dir}: no trajectory has a positive {WEIGHT!r}; weighted SFT needs at least one "
             f"(with weights.mode=success_only: no rollout reached a correct answer)"
         )
-    invalid = ds.select_columns([TRAJECTORY_ID, MESSAGES]).map_batches(invalid_conversations, batch_format="pyarrow")
-    invalid = invalid.take(3)
+    invalid = ds.map_batches(invalid_conversations, batch_format="pyarrow").take(3)
     if invalid:
         found = "; ".join(f"{row[TRAJECTORY_ID]!r}: {row['problem']}" for row in invalid)
         raise ValueError(f"{weighted_dir}: conversations that weighted SFT cannot train on: {found}")
@@ -378,7 +378,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if progress.get("finished"):
         return  # a rerun after the final checkpoint: nothing left to train
 
-    conversations, weights = _read_rows(ray.train.get_dataset_shard("train"))
+    conversations, weights, cut_offs = _read_rows(ray.train.get_dataset_shard("train"))
     # Characters stand in for tokens: ordering by length only needs to be roughly right, and this
     # spares every rank from tokenizing the whole data set.
     lengths = [sum(len(message["content"]) for message in messages) for messages in conversations]
@@ -456,7 +456,9 @@ def train_loop(config: dict[str, Any]) -> None:
         for micro in step.micro_batches[rank]:
             for i in micro.indices:
                 if i not in tokenized:
-                    tokenized[i] = tokenize_trajectory(tokenizer, conversations[i], train.examples, train.max_length)
+                    tokenized[i] = tokenize_trajectory(
+                        tokenizer, conversations[i], train.examples, train.max_length, cut_offs[i]
+                    )
             batch = collate([tokenized[i] for i in micro.indices], micro.weights, pad_token_id, engine.device)
             # use_cache=False per call, not in the config: the saved model keeps its KV cache for generate().
             logits = engine(
@@ -600,8 +602,9 @@ def _norm_of_gradients(module: Any) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
-    """All training rows, ordered by trajectory id: the order the plan indexes must not depend on Ray Data."""
+def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float], list[list[bool | None] | None]]:
+    """All training rows, ordered by trajectory id (the order the plan indexes must not depend on Ray Data):
+    conversations, weights and CUT_OFF flags (None for every row where the rollouts did not record them)."""
     tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
     table = pa.concat_tables(tables).sort_by(TRAJECTORY_ID)
     ids = table.column(TRAJECTORY_ID).to_pylist()
@@ -611,7 +614,8 @@ def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float]]:
             f"weighted SFT needs one row per {TRAJECTORY_ID!r} to order the data reproducibly; "
             f"found {len(duplicates)} ids on several rows, e.g. {duplicates[:3]}"
         )
-    return table.column(MESSAGES).to_pylist(), [float(w) for w in table.column(WEIGHT).to_pylist()]
+    cut_offs = table.column(CUT_OFF).to_pylist() if CUT_OFF in table.column_names else [None] * table.num_rows
+    return table.column(MESSAGES).to_pylist(), [float(w) for w in table.column(WEIGHT).to_pylist()], cut_offs
 
 
 @contextlib.contextmanager

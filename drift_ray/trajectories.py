@@ -101,7 +101,8 @@ def _check_ids_and_conversations(table: pa.Table, where: Callable[[int], str]) -
                 )
             first_row[trajectory_id] = row
     if schema.MESSAGES in table.column_names:
-        for row, problem in schema.invalid_conversation_rows(table.column(schema.MESSAGES))[:1]:
+        cut_off = table.column(schema.CUT_OFF) if schema.CUT_OFF in table.column_names else None
+        for row, problem in schema.invalid_conversation_rows(table.column(schema.MESSAGES), cut_off)[:1]:
             raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
 
 
@@ -190,30 +191,41 @@ def weighted_fingerprint(path: str) -> str | None:
 
 
 def conversations_fingerprint(path: str) -> str | None:
-    """A digest of the (trajectory id, messages) pairs in the weighted Parquet file or directory `path`:
-    what weighted SFT fits, which weighted_fingerprint leaves out (other rollouts can have the same ids
-    and weights: uniform weights always do). None where there is no readable Parquet with those columns."""
-    table = _by_trajectory(path, schema.MESSAGES)
+    """A digest of the (trajectory id, messages, cut-off replies) of the weighted Parquet file or directory
+    `path`: what weighted SFT fits, which weighted_fingerprint leaves out (other rollouts can have the same
+    ids and weights: uniform weights always do). A row without a cut-off reply digests as its messages
+    alone, as rows did before CUT_OFF was recorded. None where there is no readable Parquet with those columns."""
+    table = _by_trajectory(path, schema.MESSAGES, optional=schema.CUT_OFF)
     if table is None:
         return None
     digest = hashlib.sha256()
     for batch in table.to_batches(max_chunksize=4096):
         ids, conversations = batch[schema.TRAJECTORY_ID].to_pylist(), batch[schema.MESSAGES].to_pylist()
-        for trajectory_id, messages in zip(ids, conversations):
-            digest.update(f"{trajectory_id}\0{json.dumps(messages, ensure_ascii=False, sort_keys=True)}\n".encode())
+        cut_offs = batch[schema.CUT_OFF].to_pylist() if schema.CUT_OFF in batch.schema.names else [None] * len(ids)
+        for trajectory_id, messages, cut_off in zip(ids, conversations, cut_offs):
+            line = f"{trajectory_id}\0{json.dumps(messages, ensure_ascii=False, sort_keys=True)}"
+            if cut_off and any(cut_off):
+                line += f"\0{json.dumps(cut_off)}"
+            digest.update(f"{line}\n".encode())
     return digest.hexdigest()
 
 
-def _by_trajectory(path: str, column: str) -> pa.Table | None:
-    """The trajectory ids and `column` of the Parquet at `path`, sorted by id (so by content, not by file:
-    Ray Data writes the same rows under new file names and in other blocks); None for a URI, or where
-    there is no readable Parquet with those columns (reading it reports that)."""
+def _by_trajectory(path: str, column: str, optional: str | None = None) -> pa.Table | None:
+    """The trajectory ids, `column` and, from the files that hold it, `optional` of the Parquet at `path`,
+    sorted by id (so by content, not by file: Ray Data writes the same rows under new file names and in
+    other blocks); None for a URI, or where there is no readable Parquet with those columns (reading it
+    reports that)."""
     if "://" in path or not Path(path).exists():
         return None
     try:
-        files = [str(file) for file in _parquet_files(Path(path))]
-        return pq.read_table(files, columns=[schema.TRAJECTORY_ID, column]).sort_by(schema.TRAJECTORY_ID)
-    except (pa.ArrowException, OSError):
+        tables = []
+        for file in _parquet_files(Path(path)):
+            columns = [schema.TRAJECTORY_ID, column]
+            if optional is not None and optional in pq.read_schema(file).names:
+                columns.append(optional)
+            tables.append(pq.read_table(file, columns=columns))
+        return pa.concat_tables(tables, promote_options="permissive").sort_by(schema.TRAJECTORY_ID)
+    except (pa.ArrowException, OSError, ValueError):
         return None
 
 
@@ -436,9 +448,10 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
             raise TrajectoryFileError(f"{file}: not a readable Parquet file: {err}") from err
         schema.require_utf8(tables[-1], str(file), TrajectoryFileError)
     # Read together, files would all take the first one's columns: another file's extra ones would be lost.
+    # Rollouts played before CUT_OFF was recorded lack it, and resumed ones have it: null where not known.
     for file, other in zip(files[1:], tables[1:]):
-        if set(other.column_names) != set(tables[0].column_names):
-            differ = sorted(set(other.column_names) ^ set(tables[0].column_names))
+        differ = sorted((set(other.column_names) ^ set(tables[0].column_names)) - {schema.CUT_OFF})
+        if differ:
             raise TrajectoryFileError(
                 f"{file}: its columns differ from those of {files[0]} in the same directory (in: {', '.join(differ)})"
             )
@@ -463,6 +476,7 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     for name, accepts, expected in (
         (schema.CORRECT, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
         (schema.FORMAT_FAILURES, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
+        (schema.CUT_OFF, lambda t: _is_list_of(_is_bool_or_null)(t) or pa.types.is_null(t), "lists of booleans"),
         (schema.T_STAR, lambda t: _is_number(t) or pa.types.is_null(t), "numbers"),
         (schema.TRAJECTORY_ID, _is_id, "text or integers"),
     ):
@@ -497,6 +511,10 @@ def _is_id(t: pa.DataType) -> bool:
     return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_integer(t)
 
 
+def _is_bool_or_null(t: pa.DataType) -> bool:
+    return pa.types.is_boolean(t) or pa.types.is_null(t)
+
+
 def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
@@ -526,7 +544,7 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
     with np.errstate(over="ignore"):
         sums = np.bincount(value_rows, weights=np.abs(values), minlength=len(turns)) - penalty
     fail(np.flatnonzero(~np.isfinite(sums)), schema.TURN_REWARDS, _SUM_EXPECTED)
-    for field in (schema.CORRECT, schema.FORMAT_FAILURES):
+    for field in (schema.CORRECT, schema.FORMAT_FAILURES, schema.CUT_OFF):
         if field in table.column_names:
             lengths = pc.list_value_length(table.column(field)).to_numpy(zero_copy_only=False).astype(float)  # null: NaN
             fail(np.flatnonzero(~np.isnan(lengths) & (lengths != turns)), field, _PER_TURN_EXPECTED)
@@ -649,7 +667,7 @@ def _check_row(row: dict[str, Any], where: str) -> None:
         raise _field_error(where, schema.FORMAT_PENALTY, _PENALTY_EXPECTED, schema.short_repr(penalty))
     if not math.isfinite(sum(abs(float(reward)) for reward in rewards) - penalty):
         raise _field_error(where, schema.TURN_REWARDS, _SUM_EXPECTED, schema.short_repr(rewards))
-    for field in (schema.CORRECT, schema.FORMAT_FAILURES):
+    for field in (schema.CORRECT, schema.FORMAT_FAILURES, schema.CUT_OFF):
         value = row.get(field)
         if isinstance(value, list) and len(value) != len(rewards):
             raise _field_error(where, field, _PER_TURN_EXPECTED, f"{schema.short_repr(value)} for {len(rewards)} turn(s)")

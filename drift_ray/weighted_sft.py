@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drift_ray import schema
 from drift_ray.config import ExampleKind, LossKind, LrSchedule
 
 IGNORE_INDEX = -100  # label of a position that is not supervised (the cross-entropy ignore index)
@@ -41,7 +42,11 @@ class TokenizedExample:
 
 
 def tokenize_trajectory(
-    tokenizer: Any, messages: Sequence[Message], kind: ExampleKind | str, max_length: int
+    tokenizer: Any,
+    messages: Sequence[Message],
+    kind: ExampleKind | str,
+    max_length: int,
+    cut_off: Sequence[bool | None] | None = None,
 ) -> TokenizedExample:
     """Render a conversation with the tokenizer's chat template and mask everything but the assistant reply.
 
@@ -63,6 +68,10 @@ def tokenize_trajectory(
     generation cannot produce), the piece is tokenized alone. Either way the mask boundary falls between
     the two pieces' tokens.
 
+    `cut_off` (schema.CUT_OFF): one flag per assistant message, None where not known (taken as False). A
+    reply cut off at max_new_tokens never ended: what the template writes after its content is not
+    supervised, for the last reply not written at all, so the model is not taught to end a turn mid-reply.
+
     Longer than `max_length`: tokens are dropped from the left, keeping the last reply whole. A last
     reply that alone does not fit is cut on the right, after the one context token that lets its first
     token be predicted, so at least one supervised token always remains.
@@ -75,6 +84,11 @@ def tokenize_trajectory(
     if not assistant_turns:
         roles = [message["role"] for message in messages]
         raise ValueError(f"a training conversation needs an assistant message to supervise; found roles {roles}")
+    if cut_off is not None and len(cut_off) != len(assistant_turns):
+        raise ValueError(
+            f"{schema.CUT_OFF} has {len(cut_off)} flags for {len(assistant_turns)} assistant messages; expected one each"
+        )
+    cut_turns = {turn for turn, cut in zip(assistant_turns, cut_off or ()) if cut}
     supervised_turns = assistant_turns if kind is ExampleKind.all_turns else assistant_turns[-1:]
 
     input_ids: list[int] = []
@@ -82,25 +96,34 @@ def tokenize_trajectory(
     rendered, rendered_ids = "", []  # the text so far, and its tokens as one text
     reply_start = 0
     for turn in supervised_turns:
-        context = _render(tokenizer, messages[:turn], add_generation_prompt=True)
+        history = messages[:turn]
+        context = _render(tokenizer, history, add_generation_prompt=True)
         _require_prefix(tokenizer, rendered, context, f"messages[:{turn}] with the generation prompt")
         if turn == supervised_turns[-1]:
-            full = context + messages[turn]["content"] + _after_reply(tokenizer, messages[:turn])
+            full = context + messages[turn]["content"]
+            if turn not in cut_turns:
+                full += _after_reply(tokenizer, history)
+            reply = full
         else:
             full = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
             _require_prefix(tokenizer, context, full, f"messages[:{turn + 1}]")
+            reply = _without_end(tokenizer, history, full) if turn in cut_turns else full
         context_ids, context_whole_ids = _continuation(tokenizer, rendered, rendered_ids, context)
-        reply_ids, rendered_ids = _continuation(tokenizer, context, context_whole_ids, full)
+        reply_ids, rendered_ids = _continuation(tokenizer, context, context_whole_ids, reply)
+        end_ids: list[int] = []
+        if reply != full:
+            end_ids, rendered_ids = _continuation(tokenizer, reply, rendered_ids, full)
         if not reply_ids:
+            expected = "a token of its text" if turn in cut_turns else "its end-of-turn token"
             raise ValueError(
-                f"{_name(tokenizer)}: the chat template renders assistant message {turn} as no tokens at all; "
-                "expected at least its end-of-turn token"
+                f"{_name(tokenizer)}: assistant message {turn} comes out as no tokens to supervise; expected at "
+                f"least {expected}"
             )
         input_ids += context_ids
         labels += [IGNORE_INDEX] * len(context_ids)
         reply_start = len(input_ids)
-        input_ids += reply_ids
-        labels += reply_ids
+        input_ids += reply_ids + end_ids
+        labels += reply_ids + [IGNORE_INDEX] * len(end_ids)
         rendered = full
 
     if len(input_ids) <= max_length:
@@ -125,6 +148,19 @@ def _after_reply(tokenizer: Any, history: list[Message]) -> str:
             f"messages[:{len(history)}], so where a reply ends cannot be told"
         )
     return rendered[at + len(_REPLY_MARK) :]
+
+
+def _without_end(tokenizer: Any, history: list[Message], rendered: str) -> str:
+    """`rendered` (the template's text of history plus an assistant message) without what the template
+    writes after the message's content."""
+    after = _after_reply(tokenizer, history)
+    if not rendered.endswith(after):
+        raise ValueError(
+            f"{_name(tokenizer)}: the chat template ends assistant message {len(history)} otherwise than its "
+            f"rendering of a lone reply ({after!r}), so the end of that reply, cut off at max_new_tokens, cannot "
+            "be left unsupervised. Use train.examples=last_turn."
+        )
+    return rendered[: len(rendered) - len(after)]
 
 
 def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:

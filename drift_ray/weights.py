@@ -119,7 +119,9 @@ def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None 
 def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
     """Weight range, effective sample size per group (Σw)²/Σw², how much weight success gets, and the
     share of the weight by the turn of the first correct answer ("1", "2", …, "unsolved"): what the
-    fine-tuning will mostly learn from."""
+    fine-tuning will mostly learn from. Where the table records CUT_OFF: the share of the replies (of
+    those known) that reached max_new_tokens, and of the weight on trajectories whose last reply did;
+    else None."""
     if table.num_rows == 0:
         raise ValueError("weight diagnostics: no trajectories")
     weights = table.column(schema.WEIGHT).to_numpy().astype(np.float64)
@@ -147,7 +149,25 @@ def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
         "groups_without_success_share": float(1.0 - group_solved.mean()),
         "success_weight_share": float(weights[success].sum() / total) if total > 0 else 0.0,
         "weight_share_by_first_correct_turn": share_by_turn,
+        **_cut_off_shares(table, weights, total),
     }
+
+
+def _cut_off_shares(table: pa.Table, weights: npt.NDArray[np.float64], total: float) -> dict[str, float | None]:
+    shares: dict[str, float | None] = {"cut_off_reply_share": None, "cut_off_last_reply_weight_share": None}
+    column = _cut_off_column(table)
+    if column is None:
+        return shares
+    _, cut = _flatten(column, pa.bool_())
+    if cut.null_count == len(cut):
+        return shares
+    shares["cut_off_reply_share"] = pc.mean(cut.cast(pa.float64())).as_py()  # of the known ones
+    ends = np.cumsum(pc.list_value_length(column).fill_null(0).to_numpy())
+    has_turns = np.diff(ends, prepend=0) > 0
+    last_cut = np.zeros(table.num_rows, dtype=bool)
+    last_cut[has_turns] = pc.fill_null(cut, False).to_numpy(zero_copy_only=False)[ends[has_turns] - 1]
+    shares["cut_off_last_reply_weight_share"] = float(weights[last_cut].sum() / total) if total > 0 else 0.0
+    return shares
 
 
 def invalid_weights(table: pa.Table) -> pa.Table:
@@ -159,15 +179,20 @@ def invalid_weights(table: pa.Table) -> pa.Table:
 
 
 def invalid_conversations(table: pa.Table) -> pa.Table:
-    """The TRAJECTORY_ID of every row whose MESSAGES weighted SFT cannot train on, with the reason
-    (schema.conversation_problem): found before training starts, not at the row's step."""
-    found = schema.invalid_conversation_rows(table.column(schema.MESSAGES))
+    """The TRAJECTORY_ID of every row whose MESSAGES (and CUT_OFF, where present) weighted SFT cannot
+    train on, with the reason (schema.invalid_conversation_rows): found before training starts, not at the
+    row's step."""
+    found = schema.invalid_conversation_rows(table.column(schema.MESSAGES), _cut_off_column(table))
     return pa.table(
         {
             schema.TRAJECTORY_ID: table.column(schema.TRAJECTORY_ID).take(pa.array([row for row, _ in found], pa.int64())),
             "problem": pa.array([problem for _, problem in found], pa.string()),
         }
     )
+
+
+def _cut_off_column(table: pa.Table) -> pa.ChunkedArray | None:
+    return table.column(schema.CUT_OFF) if schema.CUT_OFF in table.column_names else None
 
 
 def diagnostics_path(output_path: str | Path) -> Path:

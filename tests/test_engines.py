@@ -179,6 +179,19 @@ def test_end_of_turn_token_ends_the_reply_is_counted_and_not_returned(chaotic):
         assert "<|im_end|>" not in generation.text
 
 
+def test_a_reply_is_cut_off_where_it_reached_max_new_tokens_without_ending(chaotic):
+    replies = [group[0] for group in chaotic.generate(CONVERSATIONS, GREEDY, 1)]
+    # Some greedy replies of the chaotic model end on <|im_end|> (a token more than their characters).
+    assert [reply.cut_off for reply in replies] == [reply.completion_tokens == len(reply.text) for reply in replies]
+    assert {reply.cut_off for reply in replies} == {True, False}
+    cut = next(reply for reply in replies if reply.cut_off)
+    # The reply's shortest suffix seen nowhere before in it, as a stop string: reached on the last token allowed.
+    stop = next(cut.text[-k:] for k in range(1, len(cut.text) + 1) if cut.text.find(cut.text[-k:]) == len(cut.text) - k)
+    params = SamplingParams(temperature=0, max_new_tokens=GREEDY.max_new_tokens, stop=(stop,))
+    [[stopped]] = chaotic.generate([CONVERSATIONS[replies.index(cut)]], params, 1)
+    assert (stopped.text, stopped.completion_tokens, stopped.cut_off) == (cut.text, GREEDY.max_new_tokens, False)
+
+
 def test_max_new_tokens_is_respected(chaotic):
     for limit in (1, 5):
         params = SamplingParams(temperature=1.0, max_new_tokens=limit, stop=(), seed=0)
@@ -273,8 +286,12 @@ def fake_vllm(monkeypatch) -> SimpleNamespace:
 
         def chat(self, conversations, sampling, use_tqdm, lora_request):
             calls.asked.append(sampling)
-            output = SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2])
-            return [SimpleNamespace(prompt_token_ids=[0], outputs=[output] * params.n) for params in sampling]
+            # The first sample of each request reached max_tokens.
+            outputs = [
+                SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2], finish_reason="stop" if j else "length")
+                for j in range(sampling[0].n)
+            ]
+            return [SimpleNamespace(prompt_token_ids=[0], outputs=outputs) for _ in sampling]
 
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM, SamplingParams=SimpleNamespace))
     monkeypatch.setitem(sys.modules, "vllm.lora", SimpleNamespace())
@@ -295,6 +312,7 @@ def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transfo
     # A reply that stops on "</answer>" keeps it, as the transformers engine's replies do.
     assert all(params.stop == ["</answer>"] and params.include_stop_str_in_output is True for params in sampling)
     assert [len(group) for group in replies] == [4, 4, 4]
+    assert [[reply.cut_off for reply in group] for group in replies] == [[True, False, False, False]] * 3
     turn_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert turn_end in engine.end_of_turn_ids
     assert all(params.stop_token_ids == [turn_end] for params in sampling)

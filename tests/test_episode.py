@@ -5,13 +5,22 @@ import pytest
 from drift_ray import schema
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task
 from drift_ray.config import EpisodeConfig
-from drift_ray.episode import Generation, SamplingParams, first_messages, parse_answer, play_episodes, stable_seed
+from drift_ray.episode import (
+    Generation,
+    SamplingParams,
+    episodes_table,
+    first_messages,
+    parse_answer,
+    play_episodes,
+    stable_seed,
+)
 from drift_ray.prompts import Problem
 from drift_ray.verifiers import get_verifier
 
 
 class ScriptedEngine:
-    """Replies from a per-problem script, turn by turn; records every call it gets."""
+    """Replies from a per-problem script, turn by turn; records every call it gets. A reply that ends in
+    "..." reached max_new_tokens."""
 
     name = "scripted"
 
@@ -26,7 +35,8 @@ class ScriptedEngine:
             question = conv[-1]["content"] if len(conv) == 1 else next(m["content"] for m in conv if m["role"] == "user")
             turn = sum(m["role"] == "assistant" for m in conv)
             text = self.scripts[question][turn]
-            out.append([Generation(text, prompt_tokens=len(conv), completion_tokens=len(text)) for _ in range(n)])
+            cut_off = text.endswith("...")
+            out.append([Generation(text, len(conv), len(text), cut_off) for _ in range(n)])
         return out
 
 
@@ -65,7 +75,7 @@ def test_turn_by_turn_feedback_stop_and_format_failures():
     engine = ScriptedEngine(
         {
             "q1": ["<answer>4</answer>", "no tags here", "<answer> 5 </answer>", "<answer>6</answer>"],
-            "q2": ["<answer>1</answer>", "<answer>1</answer>", "<answer>2</answer>", "oops"],
+            "q2": ["<answer>1</answer>", "<answer>1</answer>", "<answer>2</answer>", "oops, out of tok..."],
         }
     )
     episodes = play_episodes(problems, engine, get_verifier("exact"), SamplingParams(seed=0), 1, CFG)
@@ -86,6 +96,8 @@ def test_turn_by_turn_feedback_stop_and_format_failures():
     assert second[schema.MESSAGES][-1]["role"] == "assistant"  # no feedback after the last turn
     assert second[schema.ANSWER_NORMS] == ["1", "1", "2"]
     assert second[schema.TRAJECTORY_ID] == "p2/0"
+    assert first[schema.CUT_OFF] == [False] * 3 and second[schema.CUT_OFF] == [False] * 3 + [True]
+    assert episodes_table(episodes, CFG, "m").column(schema.CUT_OFF).to_pylist() == [[False] * 3, [False] * 3 + [True]]
 
 
 def test_first_turn_asks_k_samples_per_prompt_once():

@@ -22,13 +22,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def play(prompt_id: str, replies: list[str], max_turns: int) -> dict:
-    """The row of a real episode fed the scripted replies, until it ends."""
+    """The row of a real episode fed the scripted replies, until it ends; one that ends in "..." reached
+    max_new_tokens."""
     cfg = EpisodeConfig(max_turns=max_turns)
     episode = Episode(Problem(prompt_id, "question", GOLD), 0, first_messages("question", cfg))
     for reply in replies:
         if episode.done:
             break
-        episode.take_turn(Generation(reply, prompt_tokens=5, completion_tokens=TOKENS_PER_REPLY), ExactVerifier(), cfg)
+        generation = Generation(reply, 5, TOKENS_PER_REPLY, cut_off=reply.endswith("..."))
+        episode.take_turn(generation, ExactVerifier(), cfg)
     return episode.to_row(cfg, model="scripted")
 
 
@@ -38,7 +40,7 @@ def hand_made_rows() -> list[dict]:
         play("first", ["<answer>42</answer>"], 3),
         play("third", ["<answer>1</answer>", "<answer>2</answer>", "<answer> 42 </answer>"], 3),
         play("repeats", ["<answer>5</answer>", "<answer>5</answer>", "<answer>6</answer>"], 3),
-        play("format", ["<answer>7</answer>", "no answer tag", "<answer>7</answer>"], 3),
+        play("format", ["<answer>7</answer>", "no answer tag, as it ran out of tok...", "<answer>7</answer>"], 3),
     ]
 
 
@@ -61,6 +63,7 @@ def test_metrics_of_hand_made_episodes() -> None:
     assert metrics["avg_turns"] == pytest.approx(10 / 4)
     assert metrics["format_failure_rate"] == pytest.approx(1 / 10)
     assert metrics["mean_completion_tokens"] == pytest.approx(10 * TOKENS_PER_REPLY / 4)
+    assert metrics["cut_off_rate"] == pytest.approx(1 / 10)
     assert json.loads(json.dumps(metrics)) == metrics
 
 
@@ -81,6 +84,10 @@ def test_undefined_metrics_are_none() -> None:
     silent = episode_metrics([play("silent", ["nothing", "nothing"], 2)], max_turns=2)
     assert silent["unique_answer_ratio_all"] is None
     assert silent["format_failure_rate"] == 1.0
+    # Episodes that did not record which replies were cut off (older rollouts).
+    unknown = [{**row, schema.CUT_OFF: None} for row in hand_made_rows()]
+    assert episode_metrics(unknown, max_turns=3)["cut_off_rate"] is None
+    assert episode_metrics(pa.Table.from_pylist(unknown).drop_columns([schema.CUT_OFF]), 3)["cut_off_rate"] is None
 
 
 REPLIES = st.sampled_from(["<answer>42</answer>", "<answer>1</answer>", "<answer>2</answer>", "no tag"])
@@ -192,6 +199,7 @@ def _with(index: int, **changes) -> list[dict]:
         (_with(3, num_turns=2), 3, r"'format'\): num_turns is 2 but correct has 3 turns"),
         (_with(3, format_failures=[False, False]), 3, r"format_failures has 2 turns; expected 3"),
         (_with(3, answer_norms=["7"]), 3, r"answer_norms has 1 answers; expected 2 parsable turns"),
+        (_with(3, cut_off=[False]), 3, r"cut_off has 1 turns; expected 3"),
         (_with(1, prompt_id="first"), 3, r"row 1 \(prompt_id 'first'\): prompt_id already used by row 0"),
         ([], 3, r"no trajectory rows"),
         (hand_made_rows(), 0, r"max_turns is 0"),

@@ -102,3 +102,30 @@ def test_a_policy_gradient_step_is_one_step_on_all_the_conversations_however_the
     assert not all(torch.equal(a, b) for a, b in zip(whole, start))
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_policy_gradient_step_leaves_out_the_end_of_turn_of_a_reply_cut_off_at_max_new_tokens(tiny_model_dir):
+    from drift_ray.weighted_sft import collate, per_sample_nll, tokenize_trajectory, weighted_loss
+
+    cfg = load_config(None, ["train.grad_clip=0"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    question = {"role": "user", "content": "x is between 10 and 29 and ends in 4. What is x?"}
+    conversations = [[question, {"role": "assistant", "content": text}] for text in ("<answer>14", "<answer>24</answer>")]
+    advantages = np.array([-1.0, 1.0])
+
+    def step(cut_offs) -> list[torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        policy_gradient_step(model, tokenizer, conversations, advantages, optimizer, cfg, 2, cut_offs=cut_offs)
+        return [p.detach() for p in model.parameters()]
+
+    # By hand: the first reply supervised without its <|im_end|>, which the policy never sampled.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples = [tokenize_trajectory(tokenizer, c, "all_turns", 512, cut) for c, cut in zip(conversations, ([True], None))]
+    batch = collate(examples, advantages.tolist(), tokenizer.pad_token_id)
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    weighted_loss(per_sample_nll(logits, batch["labels"]), batch["weights"], 2.0).backward()
+    cut = step([[True], [False]])
+    for trained, start in zip(cut, reference.parameters()):
+        torch.testing.assert_close(trained, start.detach() - start.grad, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(cut, step(None)))

@@ -469,6 +469,23 @@ def test_a_reply_ends_with_the_stop_string_it_stopped_on(server_choices):
     assert len(server.requests) == 1 and engine.stop_on_server is True
 
 
+def test_a_reply_that_reached_max_tokens_is_cut_off_unless_it_holds_a_stop_string():
+    async def handler(body, headers):
+        return completion(
+            choice("<answer>4 is what I", "length"),
+            choice("<answer>4</answer> and so on", "length"),  # cut here, at the stop string: it ended
+            choice("no answer"),
+        )
+
+    with FakeServer(handler) as server:
+        [group] = engine_for(server.api_base).generate([CONVERSATION], SamplingParams(seed=0), 3)
+    assert [(g.text, g.cut_off) for g in group] == [
+        ("<answer>4 is what I", True),
+        ("<answer>4</answer>", False),
+        ("no answer", False),
+    ]
+
+
 def test_a_server_that_hides_which_stop_it_hit_gets_no_stop_and_is_cut_here():
     async def like_openai(body, headers):
         # Stripped stop string, no stop_reason: "stop" could be the stop string or the end of turn.

@@ -39,7 +39,7 @@ def smoke_overrides(run_dir: Path, model: str) -> list[str]:
     return [f"run_dir={run_dir}", f"rollout.model={model}"]
 
 
-def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, capsys):
+def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, capsys, caplog):
     run_dir = tmp_path / "run"
     # Training takes both CPUs of the smoke cluster, so that a 1-CPU cluster can evaluate but not train
     # (the end of this test).
@@ -63,6 +63,13 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
     diagnostics = json.loads((run_dir / "weighted.diagnostics.json").read_text())
     assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9
+    # The random tiny model often writes on to max_new_tokens: the shards record which replies it cut off.
+    shards = sorted((run_dir / "rollouts").glob("part-*.parquet"))
+    flags = [flag for row in pq.read_table(shards).column(schema.CUT_OFF).to_pylist() for flag in row]
+    assert 0 < sum(flags) and diagnostics["cut_off_reply_share"] == pytest.approx(sum(flags) / len(flags))
+    assert "of the rollouts' replies reached rollout.max_new_tokens=48 before they ended" in caplog.text
+    assert metrics["reference"]["cut_off_rate"] > 0
+    assert "of reference's replies reached max_new_tokens=48 before they ended" in caplog.text
     printed = json.JSONDecoder().raw_decode(out, out.index('{\n  "timings_s"'))[0]
     stages = list(printed["timings_s"])  # in the order they ran (run.json sorts them)
     assert stages.index("ray_start") == stages.index("rollouts") - 1  # started by the rollouts, timed apart

@@ -106,6 +106,19 @@ def test_read_shards_keeps_the_prompts_asked_for(tmp_path):
     assert read_shards(tmp_path, prompt_ids={"c", "a", "z"}).column(schema.PROMPT_ID).to_pylist() == ["a", "a", "c", "c"]
 
 
+def test_a_shard_played_before_cut_offs_were_recorded_reads_as_not_known(tmp_path):
+    write_shard(tmp_path, ["a"], k=2)
+    [shard] = tmp_path.glob("part-*.parquet")
+    pq.write_table(pq.read_table(shard).drop_columns([schema.CUT_OFF]), shard)
+    write_shard(tmp_path, ["b"], k=2)
+    shard = shard_path(tmp_path, [problem("b")])
+    written = pq.read_table(shard)
+    flags = pa.array([[False], [True]], pa.list_(pa.bool_()))
+    pq.write_table(written.set_column(written.schema.get_field_index(schema.CUT_OFF), schema.CUT_OFF, flags), shard)
+    assert completed_prompts(tmp_path, [problem("a"), problem("b")], 2, EPISODE) == {"a", "b"}
+    assert read_shards(tmp_path).column(schema.CUT_OFF).to_pylist() == [None, None, [False], [True]]
+
+
 def test_a_shard_drift_ray_did_not_write_is_refused_by_name(tmp_path):
     write_shard(tmp_path, ["a"], k=2)
     [shard] = tmp_path.glob("part-*.parquet")

@@ -61,11 +61,14 @@ def rows() -> list[dict]:
     for i in range(NUM_POSITIVE + NUM_ZERO):
         a, b = (int(x) for x in rng.integers(0, 500, size=2))
         weight = 0.0 if i >= NUM_POSITIVE else float(rng.uniform(0.2, 3.0))
+        wrong_first = i % 3 == 0
         rows.append(
             {
                 schema.PROMPT_ID: f"p{i // 4}",
                 schema.TRAJECTORY_ID: f"p{i // 4}/{i % 4}",
-                schema.MESSAGES: conversation(a, b, wrong_first=i % 3 == 0),
+                schema.MESSAGES: conversation(a, b, wrong_first),
+                # Every fourth last reply as if it had reached max_new_tokens; a first reply's flag not known.
+                schema.CUT_OFF: [None] * wrong_first + [i % 4 == 1],
                 schema.WEIGHT: weight,
                 schema.RETURN: weight,
             }
@@ -363,15 +366,17 @@ def test_other_zero_stages_on_cpu_lower_the_loss_and_save_a_loadable_model(
 
 
 def reference_update(model_path: str, rows: list[dict], max_length: int, lr: float) -> dict:
-    """One plain AdamW step on Σ w_i·L_i / Σ w_i over all positive rows, in one process: the loss, its
-    gradient's norm, the weights after the step, and how many of the rows were cut to max_length."""
+    """One plain AdamW step on Σ w_i·L_i / Σ w_i over all positive rows (the replies cut off at
+    max_new_tokens without their end of turn), in one process: the loss, its gradient's norm, the weights
+    after the step, and how many of the rows were cut to max_length."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # as the workers load it
     total = torch.zeros(())
     truncated = 0
     positive = [row for row in rows if row[schema.WEIGHT] > 0]
     for row in positive:
-        example = tokenize_trajectory(tokenizer, row[schema.MESSAGES], ExampleKind.last_turn, max_length)
+        messages, cut_off = row[schema.MESSAGES], row[schema.CUT_OFF]
+        example = tokenize_trajectory(tokenizer, messages, ExampleKind.last_turn, max_length, cut_off)
         truncated += example.cut_tokens > 0
         logits = model(input_ids=torch.tensor([example.input_ids])).logits
         total = total + row[schema.WEIGHT] * per_sample_nll(logits, torch.tensor([example.labels]))[0]

@@ -158,6 +158,7 @@ def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
         ({schema.T_STAR: 4}, schema.T_STAR),  # of 3 turns
         ({schema.CORRECT: [False, True]}, schema.CORRECT),
         ({schema.FORMAT_FAILURES: [True]}, schema.FORMAT_FAILURES),
+        ({schema.CUT_OFF: [True, False]}, schema.CUT_OFF),
         ({schema.MESSAGES: [{"role": "user", "content": "q"}]}, schema.MESSAGES),
         ({schema.TRAJECTORY_ID: None}, schema.TRAJECTORY_ID),
     ],
@@ -343,6 +344,24 @@ def test_the_shards_of_a_directory_keep_their_own_columns_or_are_named(tmp_path)
     pq.write_table(pa.Table.from_pylist([{**rows[0], schema.FORMAT_PENALTY: 0}]), tmp_path / "part-a.parquet")
     pq.write_table(pa.Table.from_pylist([{**rows[1], schema.FORMAT_PENALTY: -0.5}]), tmp_path / "part-b.parquet")
     assert read_trajectories(tmp_path).column(schema.FORMAT_PENALTY).to_pylist() == [0.0, -0.5]
+
+
+def test_rollouts_played_before_cut_offs_were_recorded_read_beside_later_ones_as_not_known(tmp_path):
+    rows = _episode_rows()
+    pq.write_table(pa.Table.from_pylist(rows[:1]).drop_columns([schema.CUT_OFF]), tmp_path / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "part-b.parquet")
+    assert read_trajectories(tmp_path).column(schema.CUT_OFF).to_pylist() == [None, [False] * 3]
+    # Not of the same turns, or not booleans: named.
+    path = tmp_path / "data.jsonl"
+    for value, expected in (([True], "a list of one value per turn"), ([1, 0, 0], "a value of type list<item: bool>")):
+        path.write_text(json.dumps({**rows[1], schema.CUT_OFF: value}) + "\n")
+        with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:1: field '{schema.CUT_OFF}': expected {expected}"):
+            read_trajectories(path)
+    # One flag per turn but not per assistant message: weighted SFT could not tell which reply was cut off.
+    messages = rows[1][schema.MESSAGES][:2]
+    path.write_text(json.dumps({**rows[1], schema.MESSAGES: messages}) + "\n")
+    with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: .*cut_off has 3 flags for 1 assistant messages"):
+        read_trajectories(path)
 
 
 def test_parquet_answers_that_are_all_empty_lists_read_as_no_answers(tmp_path):
@@ -534,6 +553,13 @@ def test_a_conversations_fingerprint_follows_the_ids_and_messages_not_the_files_
     assert conversations_fingerprint(str(tmp_path / "other-rollouts.parquet")) not in {None, first}
     assert conversations_fingerprint("s3://bucket/weighted") is None
     assert conversations_fingerprint(str(tmp_path / "missing.parquet")) is None
+    # Trained otherwise: a reply cut off. No reply cut off is what rows without the flags were.
+    flags = pa.array([[False], [False], [None], [False]], pa.list_(pa.bool_()))
+    pq.write_table(table.append_column(schema.CUT_OFF, flags), tmp_path / "none-cut.parquet")
+    assert conversations_fingerprint(str(tmp_path / "none-cut.parquet")) == first
+    flags = pa.array([[False], [True], [None], [False]], pa.list_(pa.bool_()))
+    pq.write_table(table.append_column(schema.CUT_OFF, flags), tmp_path / "one-cut.parquet")
+    assert conversations_fingerprint(str(tmp_path / "one-cut.parquet")) not in {None, first}
 
 
 def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_path):

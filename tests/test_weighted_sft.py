@@ -119,6 +119,48 @@ def test_all_turns_supervises_every_reply_and_nothing_else(tokenizer):
             assert message["content"] not in supervised_text
 
 
+CUT_CONVERSATION = [
+    *CONVERSATION[:2],
+    {"role": "assistant", "content": "Let me count: 1, 2, 3, 4"},  # reached max_new_tokens
+    *CONVERSATION[3:],
+]
+
+
+def test_a_cut_off_reply_is_trained_without_an_end_of_turn(tokenizer):
+    cut_last = [*CONVERSATION[:-1], {"role": "assistant", "content": "<answer>5 because"}]
+    example = tokenize_trajectory(tokenizer, cut_last, ExampleKind.last_turn, 512, cut_off=[False, True])
+    assert supervised_runs(tokenizer, example) == ["<answer>5 because"]
+    assert tokenizer.decode(example.input_ids).endswith("<|im_start|>assistant\n<answer>5 because")
+    # Not known (None) is taken as ended.
+    example = tokenize_trajectory(tokenizer, cut_last, ExampleKind.last_turn, 512, cut_off=[None, None])
+    assert supervised_runs(tokenizer, example) == ["<answer>5 because<|im_end|>\n"]
+
+    # An earlier reply that was cut off keeps its end of turn in the sequence, as the later turns saw it,
+    # but unsupervised.
+    example = tokenize_trajectory(tokenizer, CUT_CONVERSATION, ExampleKind.all_turns, 512, cut_off=[True, False])
+    assert supervised_runs(tokenizer, example) == ["Let me count: 1, 2, 3, 4", "<answer>5</answer><|im_end|>\n"]
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(CUT_CONVERSATION, tokenize=False)
+    # last_turn has no earlier reply to supervise.
+    example = tokenize_trajectory(tokenizer, CUT_CONVERSATION, ExampleKind.last_turn, 512, cut_off=[True, False])
+    assert supervised_runs(tokenizer, example) == ["<answer>5</answer><|im_end|>\n"]
+
+
+def test_cut_off_flags_are_one_per_assistant_message(tokenizer):
+    with pytest.raises(ValueError, match="cut_off has 1 flags for 2 assistant messages"):
+        tokenize_trajectory(tokenizer, CONVERSATION, ExampleKind.last_turn, 512, cut_off=[True])
+
+
+def test_a_template_that_ends_an_earlier_reply_otherwise_cannot_leave_its_end_out():
+    # Ends a message longer than 20 characters with <|endoftext|>, the others with <|im_end|>.
+    tokenizer = make_tokenizer(
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+        "{% if message['content'] | length > 20 %}<|endoftext|>{% else %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(ValueError, match="ends assistant message 2 otherwise.*train.examples=last_turn"):
+        tokenize_trajectory(tokenizer, CUT_CONVERSATION, ExampleKind.all_turns, 512, cut_off=[True, False])
+
+
 @pytest.mark.parametrize("kind", list(ExampleKind))
 def test_a_reply_gets_the_tokens_of_the_whole_text_not_a_word_start_of_its_own(kind):
     tokenizer = make_tokenizer(word_start=True)

@@ -158,6 +158,23 @@ def test_invalid_conversations_are_those_without_text_messages_or_an_assistant_r
     ]
 
 
+def test_cut_off_flags_that_are_not_one_per_assistant_message_are_invalid_conversations():
+    user, reply = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    conversations = [[user, reply], [user, reply, user, reply], [user, reply], [user, reply], [user]]
+    flags = [[True], [None, False], [True, False], None, [True]]
+    table = pa.table(
+        {
+            schema.TRAJECTORY_ID: [f"p/{k}" for k in range(5)],
+            schema.MESSAGES: conversations,
+            schema.CUT_OFF: pa.array(flags, pa.list_(pa.bool_())),
+        }
+    )
+    assert invalid_conversations(table).to_pylist() == [
+        {schema.TRAJECTORY_ID: "p/2", "problem": "cut_off has 2 flags for 1 assistant messages; expected one each"},
+        {schema.TRAJECTORY_ID: "p/4", "problem": "no assistant message to train on (roles ['user'])"},
+    ]
+
+
 def test_group_weights_small_example_and_singletons():
     weights = group_weights([1.0, 0.0, 5.0], ["a", "a", "b"], beta=1.0)
     e = math.e
@@ -297,6 +314,8 @@ def test_diagnostics_by_hand():
     ).append_column(schema.WEIGHT, pa.array([1.5, 0.5, 1.0, 1.0]))
     diagnostics = weight_diagnostics(table)
     assert diagnostics.pop("weight_share_by_first_correct_turn") == pytest.approx({"1": 1.5 / 4, "unsolved": 2.5 / 4})
+    # Unknown without a CUT_OFF column.
+    assert diagnostics.pop("cut_off_reply_share") is None and diagnostics.pop("cut_off_last_reply_weight_share") is None
     # ESS: a = 2² / (1.5² + 0.5²) = 1.6, b = 2² / 2 = 2; p10 of [1.6, 2] = 1.64.
     assert diagnostics == pytest.approx(
         {
@@ -311,6 +330,18 @@ def test_diagnostics_by_hand():
             "success_weight_share": 1.5 / 4,
         }
     )
+
+
+def test_diagnostics_count_the_cut_off_replies_that_are_known():
+    cut_offs = [[False, True, False], [False, False, True], [None, True], None, [None]]
+    rows = [{"prompt": "a", "rewards": [0] * len(cut or [0]), "extra": {schema.CUT_OFF: cut}} for cut in cut_offs]
+    table = _table(rows).append_column(schema.WEIGHT, pa.array([1.0, 2.0, 0.5, 1.0, 0.5]))
+    diagnostics = weight_diagnostics(table)
+    # 3 of the 7 known replies; the last reply was cut in the second trajectory (2.0) and the third (0.5), of 5.0.
+    assert diagnostics["cut_off_reply_share"] == pytest.approx(3 / 7)
+    assert diagnostics["cut_off_last_reply_weight_share"] == pytest.approx(2.5 / 5.0)
+    unknown = _table(rows[3:]).append_column(schema.WEIGHT, pa.array([1.0, 1.0]))
+    assert weight_diagnostics(unknown)["cut_off_reply_share"] is None
 
 
 def test_first_correct_turn_from_rewards_and_from_t_star():
