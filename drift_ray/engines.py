@@ -16,7 +16,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
@@ -87,7 +94,7 @@ class TransformersEngine:
         # Our own layers (preallocated, carried between calls) assume every layer keeps all positions.
         self._num_plain_layers = len(layers) if layers and all(type(layer) is DynamicLayer for layer in layers) else 0
         self.carry_cache = carry_cache and self._num_plain_layers > 0
-        self.end_of_turn_ids = _end_of_turn_ids(self.tokenizer, self.model)
+        self.end_of_turn_ids = _end_of_turn_ids(self.tokenizer, self.model.generation_config)
         if not self.end_of_turn_ids:
             raise ValueError(f"{self.name}: found no end-of-turn token (eos_token_id, {', '.join(_END_OF_TURN_TOKENS)})")
         pad_id = self.tokenizer.pad_token_id
@@ -390,9 +397,9 @@ def ends_on_stop(text: str, stop: Sequence[str]) -> bool:
     return any(s and text.endswith(s) for s in stop)
 
 
-def _end_of_turn_ids(tokenizer, model) -> set[int]:
+def _end_of_turn_ids(tokenizer, generation_config: GenerationConfig | None) -> set[int]:
     ids = set(_chat_turn_end_ids(tokenizer))
-    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+    for source in (generation_config and generation_config.eos_token_id, tokenizer.eos_token_id):
         if source is not None:
             ids.update(source if isinstance(source, (list, tuple)) else [source])
     return ids
@@ -443,7 +450,13 @@ class VLLMEngine:
         )
         # vLLM stops at the eos of the model's configs only; a turn ends at the same tokens as with
         # TransformersEngine, so both engines play the same episodes.
-        self.stop_token_ids = _chat_turn_end_ids(self.llm.get_tokenizer())
+        tokenizer = self.llm.get_tokenizer()
+        self.stop_token_ids = _chat_turn_end_ids(tokenizer)
+        try:
+            generation_config = GenerationConfig.from_pretrained(base or model)
+        except OSError:  # the model has none
+            generation_config = None
+        self.end_of_turn_ids = _end_of_turn_ids(tokenizer, generation_config)
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
         # One SamplingParams per conversation: vLLM seeds every request with its own seed, so one shared
@@ -462,13 +475,14 @@ class VLLMEngine:
             for i in range(len(conversations))
         ]
         outputs = self.llm.chat(list(conversations), sampling, use_tqdm=False, lora_request=self.lora_request)
-        return [
-            [
-                Generation(o.text, len(request.prompt_token_ids), len(o.token_ids), o.finish_reason == "length")
-                for o in request.outputs
-            ]
-            for request in outputs
-        ]
+        return [[self._to_generation(o, len(request.prompt_token_ids)) for o in request.outputs] for request in outputs]
+
+    def _to_generation(self, output, prompt_tokens: int) -> Generation:
+        # vLLM releases that test the length before the end of turn say "length" for a reply whose last
+        # allowed token ended it.
+        ended = len(output.token_ids) > 0 and output.token_ids[-1] in self.end_of_turn_ids
+        cut_off = output.finish_reason == "length" and not ended
+        return Generation(output.text, prompt_tokens, len(output.token_ids), cut_off)
 
 
 def lora_adapter_base(model: str) -> str | None:

@@ -103,8 +103,9 @@ def _read_outcome(row: Mapping[str, Any], max_turns: int, where: str) -> _Outcom
             f"turns (evaluate with the max_turns the episodes were played with)"
         )
     cut_off = row.get(schema.CUT_OFF)
-    if cut_off is not None and len(cut_off) != num_turns:
-        problems.append(f"{schema.CUT_OFF} has {len(cut_off)} turns; expected {num_turns}")
+    if cut_off is not None and (not isinstance(cut_off, list) or len(cut_off) != num_turns):
+        found = f"has {len(cut_off)} turns" if isinstance(cut_off, list) else f"is {schema.short_repr(cut_off)}"
+        problems.append(f"{schema.CUT_OFF} {found}; expected a flag for each of the {num_turns} turns")
     parsable = num_turns - sum(format_failures)
     if len(answer_norms) != parsable:
         problems.append(f"{schema.ANSWER_NORMS} has {len(answer_norms)} answers; expected {parsable} parsable turns")

@@ -188,7 +188,9 @@ class OpenAIEngine:
         prompt_tokens = sum(int(u.get("prompt_tokens") or 0) for u in usages)
         completion_tokens = _share(sum(int(u.get("completion_tokens") or 0) for u in usages), texts)
         return [
-            # finish_reason "length": max_tokens reached, unless the reply was cut here at a stop string.
+            # finish_reason "length": max_tokens reached, unless the reply was cut here at a stop string. Some
+            # vLLM releases also say "length" where the last token allowed ended the turn; without the token
+            # ids, which a server does not return, such a reply counts as cut off.
             Generation(text, prompt_tokens, tokens, choice.get("finish_reason") == "length" and not ends_on_stop(text, stop))
             for choice, text, tokens in zip(choices, texts, completion_tokens)
         ]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from drift_ray.config import DEMO_MODEL, Config, EngineKind
 from drift_ray.prompts import Task, load_task
 from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
-from drift_ray.schema import PROMPT_ID
+from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
 from drift_ray.trajectories import exclusive_lock, publish_directory, require_same_settings, write_json_atomic
 
 log = logging.getLogger("drift_ray")
@@ -232,7 +232,9 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
         return json.loads(diagnostics_path.read_text())
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
-    trajectories = ray.data.read_parquet(shards).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
+    # With the schema, shards played before a column was recorded (CUT_OFF) read with it as null; else Ray
+    # Data would write some weighted files without it.
+    trajectories = ray.data.read_parquet(shards, schema=TRAJECTORY_SCHEMA).filter(expr=col(PROMPT_ID).is_in(prompt_ids))
     group_size = settings["rollouts"]["samples_per_prompt"]
     ds = add_weights(trajectories, cfg.weights, whole_groups=False, group_size=group_size)
     staging = run_dir / "weighted.staging"
@@ -250,9 +252,9 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     log.info("weights: %s", diagnostics)
     if diagnostics["cut_off_reply_share"]:
         log.warning(
-            "weights: %.1f%% of the rollouts' replies reached rollout.max_new_tokens=%d before they ended (they "
-            "carry %.1f%% of the weight as trained replies, without an end of turn); raise rollout.max_new_tokens "
-            "to let them finish",
+            "weights: %.1f%% of the rollouts' replies (of those recorded) reached rollout.max_new_tokens=%d, or the "
+            "engine's context limit, before they ended (as trained replies, without an end of turn, they carry "
+            "%.1f%% of the weight); raise rollout.max_new_tokens to let them finish",
             100 * diagnostics["cut_off_reply_share"],
             settings["rollouts"]["sampling"]["max_new_tokens"],
             100 * diagnostics["cut_off_last_reply_weight_share"],
@@ -319,8 +321,9 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
         metrics[label] = episode_metrics(read_shards(out, prompt_ids=test_ids), cfg.episode.max_turns)
         if metrics[label]["cut_off_rate"]:
             log.warning(
-                "eval: %.1f%% of %s's replies reached max_new_tokens=%d before they ended, which counts them as "
-                "format failures; raise eval.max_new_tokens to let them finish",
+                "eval: %.1f%% of %s's replies (of those recorded) reached max_new_tokens=%d, or the engine's "
+                "context limit, before they ended, which counts them as format failures; raise eval.max_new_tokens "
+                "to let them finish",
                 100 * metrics[label]["cut_off_rate"],
                 label,
                 eval_sampling(cfg).max_new_tokens,

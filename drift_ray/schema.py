@@ -29,8 +29,8 @@ CORRECT = "correct"  # list<bool>, one per turn
 TURN_REWARDS = "turn_rewards"  # list<double>, r_t per turn
 FORMAT_FAILURES = "format_failures"  # list<bool>, one per turn: no parsable answer
 FORMAT_PENALTY = "format_penalty"  # double, the trajectory total (≤ 0)
-# list<bool>, one per turn: the reply reached max_new_tokens before it ended. Null where not known (rollouts
-# written before it was recorded, imported files without it): taken as ended.
+# list<bool>, one per turn: the reply reached max_new_tokens (or the engine's context limit) before it ended.
+# Null where not known (rollouts written before it was recorded, imported files without it): taken as ended.
 CUT_OFF = "cut_off"
 T_STAR = "t_star"  # int32, 1-based first correct turn, null when never correct
 NUM_TURNS = "num_turns"
@@ -71,9 +71,8 @@ TRAJECTORY_SCHEMA = pa.schema(
 
 # What the weights stage needs; FORMAT_FAILURES only when the penalty is re-priced.
 WEIGHTS_INPUT = (PROMPT_ID, TURN_REWARDS, FORMAT_PENALTY, ANSWER_NORMS)
-# What weighted SFT needs, and what it reads where present.
+# What weighted SFT needs; it reads CUT_OFF too where present.
 TRAIN_INPUT = (TRAJECTORY_ID, MESSAGES, WEIGHT)
-TRAIN_OPTIONAL = (CUT_OFF,)
 
 
 def invalid_conversation_rows(
@@ -89,7 +88,7 @@ def invalid_conversation_rows(
         problem = conversation_problem(column[int(row)].as_py())
         if problem:
             found[int(row)] = problem
-    if cut_off is not None:
+    if cut_off is not None and not pa.types.is_null(cut_off.type):
         flags = pc.list_value_length(_combined(cut_off)).to_numpy(zero_copy_only=False)  # null: NaN
         replies = _assistant_messages(column)
         for row in np.flatnonzero(~np.isnan(flags.astype(float)) & (flags != replies)):
@@ -97,6 +96,14 @@ def invalid_conversation_rows(
                 int(row), f"{CUT_OFF} has {int(flags[row])} flags for {replies[row]} assistant messages; expected one each"
             )
     return sorted(found.items())
+
+
+def holds_flags(column_type: pa.DataType) -> bool:
+    """Whether a column of `column_type` can be a CUT_OFF column: lists of booleans, or all null."""
+    if pa.types.is_null(column_type):
+        return True
+    lists = pa.types.is_list(column_type) or pa.types.is_large_list(column_type)
+    return lists and (pa.types.is_boolean(column_type.value_type) or pa.types.is_null(column_type.value_type))
 
 
 def _combined(column: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_ray.config import Config, LossKind, TrainConfig, accumulation_steps
-from drift_ray.schema import CUT_OFF, MESSAGES, TRAIN_INPUT, TRAIN_OPTIONAL, TRAJECTORY_ID, WEIGHT, require_columns
+from drift_ray.schema import CUT_OFF, MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, holds_flags, require_columns
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
     TrajectoryFileError,
@@ -277,6 +277,10 @@ def train_weighted_sft(
     weight_type = schema.types[schema.names.index(WEIGHT)]
     if not (pa.types.is_floating(weight_type) or pa.types.is_integer(weight_type)):
         raise ValueError(f"{weighted_dir}: column {WEIGHT!r} holds {weight_type}; expected numbers")
+    flags_type = schema.types[schema.names.index(CUT_OFF)] if CUT_OFF in schema.names else pa.null()
+    if not holds_flags(flags_type):
+        expected = "lists of booleans, a flag per turn"
+        raise ValueError(f"{weighted_dir}: column {CUT_OFF!r} holds {flags_type}; expected {expected}")
     invalid = ds.select_columns([TRAJECTORY_ID, WEIGHT]).map_batches(invalid_weights, batch_format="pyarrow").take(3)
     if invalid:
         found = ", ".join(f"{row[WEIGHT]!r} at {row[TRAJECTORY_ID]!r}" for row in invalid)
@@ -286,7 +290,8 @@ def train_weighted_sft(
     # So success_only trains as SFT on the successes (RFT).
     # Materialized before the workers start: the rows are text, and a read after the workers took
     # every CPU of a small cluster would wait forever.
-    columns = [*TRAIN_INPUT, *(name for name in TRAIN_OPTIONAL if name in schema.names)]
+    # Flags that are all null (as Arrow types a column of them) say nothing: read as none.
+    columns = [*TRAIN_INPUT, *([CUT_OFF] if not pa.types.is_null(flags_type) else [])]
     ds = ds.select_columns(columns).filter(expr=col(WEIGHT) > 0).materialize()
     if ds.count() == 0:
         raise ValueError(

@@ -204,8 +204,8 @@ def conversations_fingerprint(path: str) -> str | None:
         cut_offs = batch[schema.CUT_OFF].to_pylist() if schema.CUT_OFF in batch.schema.names else [None] * len(ids)
         for trajectory_id, messages, cut_off in zip(ids, conversations, cut_offs):
             line = f"{trajectory_id}\0{json.dumps(messages, ensure_ascii=False, sort_keys=True)}"
-            if cut_off and any(cut_off):
-                line += f"\0{json.dumps(cut_off)}"
+            if cut_off and any(cut_off):  # as training reads them: a flag not known is not cut off
+                line += f"\0{json.dumps([bool(flag) for flag in cut_off])}"
             digest.update(f"{line}\n".encode())
     return digest.hexdigest()
 
@@ -458,7 +458,7 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowException, TypeError) as err:
-        odd = next((f for f, t in zip(files, tables) if not t.schema.equals(tables[0].schema)), files[-1])
+        odd = _first_odd(files, tables)
         raise TrajectoryFileError(f"{odd}: its column types differ from those of {files[0]}: {err}") from err
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source=str(path))
     for name, accepts in (
@@ -476,7 +476,7 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     for name, accepts, expected in (
         (schema.CORRECT, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
         (schema.FORMAT_FAILURES, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
-        (schema.CUT_OFF, lambda t: _is_list_of(_is_bool_or_null)(t) or pa.types.is_null(t), "lists of booleans"),
+        (schema.CUT_OFF, schema.holds_flags, "lists of booleans"),
         (schema.T_STAR, lambda t: _is_number(t) or pa.types.is_null(t), "numbers"),
         (schema.TRAJECTORY_ID, _is_id, "text or integers"),
     ):
@@ -497,6 +497,17 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     return table, where
 
 
+def _first_odd(files: list[Path], tables: list[pa.Table]) -> Path:
+    """The first of `files` whose columns' types do not join those of the files before it."""
+    joined = tables[0].schema
+    for file, table in zip(files[1:], tables[1:]):
+        try:
+            joined = pa.unify_schemas([joined, table.schema], promote_options="permissive")
+        except (pa.ArrowException, TypeError):
+            return file
+    return files[-1]
+
+
 def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -509,10 +520,6 @@ def _is_id(t: pa.DataType) -> bool:
     """Text, bytes or integers, or a dictionary of them (a pandas category column)."""
     t = t.value_type if pa.types.is_dictionary(t) else t
     return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_integer(t)
-
-
-def _is_bool_or_null(t: pa.DataType) -> bool:
-    return pa.types.is_boolean(t) or pa.types.is_null(t)
 
 
 def _is_list(t: pa.DataType) -> bool:

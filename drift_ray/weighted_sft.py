@@ -71,6 +71,8 @@ def tokenize_trajectory(
     `cut_off` (schema.CUT_OFF): one flag per assistant message, None where not known (taken as False). A
     reply cut off at max_new_tokens never ended: what the template writes after its content is not
     supervised, for the last reply not written at all, so the model is not taught to end a turn mid-reply.
+    One without text (special tokens alone, or whitespace that the template trims) supervises nothing, so
+    an example may hold no supervised token: per_sample_nll gives it 0.
 
     Longer than `max_length`: tokens are dropped from the left, keeping the last reply whole. A last
     reply that alone does not fit is cut on the right, after the one context token that lets its first
@@ -113,11 +115,10 @@ def tokenize_trajectory(
         end_ids: list[int] = []
         if reply != full:
             end_ids, rendered_ids = _continuation(tokenizer, reply, rendered_ids, full)
-        if not reply_ids:
-            expected = "a token of its text" if turn in cut_turns else "its end-of-turn token"
+        if not reply_ids and turn not in cut_turns:
             raise ValueError(
-                f"{_name(tokenizer)}: assistant message {turn} comes out as no tokens to supervise; expected at "
-                f"least {expected}"
+                f"{_name(tokenizer)}: the chat template renders assistant message {turn} as no tokens at all; "
+                "expected at least its end-of-turn token"
             )
         input_ids += context_ids
         labels += [IGNORE_INDEX] * len(context_ids)
@@ -254,7 +255,7 @@ def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_i [B]: mean token NLL over each sample's supervised tokens, in float32.
 
     logits[:, t] predicts labels[:, t + 1]. A sample without supervised tokens gets 0 (and no gradient);
-    `tokenize_trajectory` never makes one.
+    `tokenize_trajectory` makes one only of replies cut off before they wrote any text.
     """
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX

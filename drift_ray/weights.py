@@ -192,7 +192,9 @@ def invalid_conversations(table: pa.Table) -> pa.Table:
 
 
 def _cut_off_column(table: pa.Table) -> pa.ChunkedArray | None:
-    return table.column(schema.CUT_OFF) if schema.CUT_OFF in table.column_names else None
+    """The CUT_OFF column, None where the table has none or it holds nulls only (as Arrow types those)."""
+    column = table.column(schema.CUT_OFF) if schema.CUT_OFF in table.column_names else None
+    return None if column is None or pa.types.is_null(column.type) else column
 
 
 def diagnostics_path(output_path: str | Path) -> Path:

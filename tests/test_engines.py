@@ -286,12 +286,15 @@ def fake_vllm(monkeypatch) -> SimpleNamespace:
 
         def chat(self, conversations, sampling, use_tqdm, lora_request):
             calls.asked.append(sampling)
-            # The first sample of each request reached max_tokens.
+            # The first two samples of each request reached max_tokens, the second on its end-of-turn token,
+            # which releases that test the length first report as "length" too.
+            turn_end = self.get_tokenizer().convert_tokens_to_ids("<|im_end|>")
             outputs = [
-                SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2], finish_reason="stop" if j else "length")
-                for j in range(sampling[0].n)
+                SimpleNamespace(text="<answer>1", token_ids=[1, 2], finish_reason="length"),
+                SimpleNamespace(text="<answer>1", token_ids=[1, turn_end], finish_reason="length"),
             ]
-            return [SimpleNamespace(prompt_token_ids=[0], outputs=outputs) for _ in sampling]
+            outputs += [SimpleNamespace(text="<answer>1</answer>", token_ids=[1, 2], finish_reason="stop")] * 2
+            return [SimpleNamespace(prompt_token_ids=[0], outputs=outputs[: params.n]) for params in sampling]
 
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM, SamplingParams=SimpleNamespace))
     monkeypatch.setitem(sys.modules, "vllm.lora", SimpleNamespace())

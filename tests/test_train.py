@@ -219,27 +219,36 @@ def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_mo
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "weights, without_a_reply, message",
+    "weights, without_a_reply, cut_off, message",
     [
-        ([1.0, float("nan"), -2.0], [], r"'weight' must be finite and >= 0; found nan at 'q/1', -2.0 at 'q/2'"),
-        (["1", "x", "2"], [], r"column 'weight' holds string; expected numbers"),
+        ([1.0, float("nan"), -2.0], [], None, r"'weight' must be finite and >= 0; found nan at 'q/1', -2.0 at 'q/2'"),
+        (["1", "x", "2"], [], None, r"column 'weight' holds string; expected numbers"),
         # Found before training, not at the row's step; q/1, with weight 0, is not trained on.
         (
             [1.0, 0.0, 1.0],
             [1, 2],
+            None,
             r"conversations that weighted SFT cannot train on: 'q/2': no assistant message to train on \(roles \['user'\]\)$",
         ),
+        (
+            [1.0, 1.0, 1.0],
+            [],
+            [[False], [True, False], [True]],
+            r"conversations that weighted SFT cannot train on: 'q/1': cut_off has 2 flags for 1 assistant messages; expected one each$",
+        ),
+        ([1.0] * 3, [], [["no"]] * 3, r"column 'cut_off' holds list<element: string>; expected lists of booleans"),
     ],
-    ids=["nan-and-negative", "strings", "no-reply"],
+    ids=["nan-and-negative", "strings", "no-reply", "cut-off-flags", "cut-off-strings"],
 )
 def test_bad_weights_and_conversations_are_refused_naming_the_file_and_trajectories(
-    ray_cluster, tmp_path, model_path, weights, without_a_reply, message
+    ray_cluster, tmp_path, model_path, weights, without_a_reply, cut_off, message
 ):
     conversations = [conversation(1, k, wrong_first=False) for k in range(3)]
     rows = {
         schema.TRAJECTORY_ID: [f"q/{k}" for k in range(3)],
         schema.MESSAGES: [c[:1] if k in without_a_reply else c for k, c in enumerate(conversations)],
         schema.WEIGHT: weights,
+        **({schema.CUT_OFF: cut_off} if cut_off else {}),
     }
     weighted = tmp_path / "weighted"
     weighted.mkdir()

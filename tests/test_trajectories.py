@@ -351,6 +351,13 @@ def test_rollouts_played_before_cut_offs_were_recorded_read_beside_later_ones_as
     pq.write_table(pa.Table.from_pylist(rows[:1]).drop_columns([schema.CUT_OFF]), tmp_path / "part-a.parquet")
     pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "part-b.parquet")
     assert read_trajectories(tmp_path).column(schema.CUT_OFF).to_pylist() == [None, [False] * 3]
+    # Another column's type differs: the file that differs is named, not the one without the flags.
+    pq.write_table(pa.Table.from_pylist(rows[:1]).drop_columns([schema.CUT_OFF]), tmp_path / "part-a.parquet")
+    retyped = pa.Table.from_pylist([{**rows[1], schema.PROMPT_TOKENS: "many"}])
+    pq.write_table(retyped, tmp_path / "part-c.parquet")
+    with pytest.raises(TrajectoryFileError, match=r"part-c\.parquet: its column types differ from those of .*part-a"):
+        read_trajectories(tmp_path)
+    (tmp_path / "part-c.parquet").unlink()
     # Not of the same turns, or not booleans: named.
     path = tmp_path / "data.jsonl"
     for value, expected in (([True], "a list of one value per turn"), ([1, 0, 0], "a value of type list<item: bool>")):
@@ -559,7 +566,12 @@ def test_a_conversations_fingerprint_follows_the_ids_and_messages_not_the_files_
     assert conversations_fingerprint(str(tmp_path / "none-cut.parquet")) == first
     flags = pa.array([[False], [True], [None], [False]], pa.list_(pa.bool_()))
     pq.write_table(table.append_column(schema.CUT_OFF, flags), tmp_path / "one-cut.parquet")
-    assert conversations_fingerprint(str(tmp_path / "one-cut.parquet")) not in {None, first}
+    one_cut = conversations_fingerprint(str(tmp_path / "one-cut.parquet"))
+    assert one_cut not in {None, first}
+    # A flag not known is trained as not cut off.
+    flags = pa.array([[False], [True], [False], [None]], pa.list_(pa.bool_()))
+    pq.write_table(table.append_column(schema.CUT_OFF, flags), tmp_path / "one-cut-again.parquet")
+    assert conversations_fingerprint(str(tmp_path / "one-cut-again.parquet")) == one_cut
 
 
 def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_path):

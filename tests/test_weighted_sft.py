@@ -143,6 +143,24 @@ def test_a_cut_off_reply_is_trained_without_an_end_of_turn(tokenizer):
     # last_turn has no earlier reply to supervise.
     example = tokenize_trajectory(tokenizer, CUT_CONVERSATION, ExampleKind.last_turn, 512, cut_off=[True, False])
     assert supervised_runs(tokenizer, example) == ["<answer>5</answer><|im_end|>\n"]
+    # Cut to max_length, the cut-off last reply is kept whole, and still without an end of turn.
+    example = tokenize_trajectory(tokenizer, cut_last, ExampleKind.last_turn, 24, cut_off=[False, True])
+    assert supervised_runs(tokenizer, example) == ["<answer>5 because"] and example.cut_tokens > 0
+
+
+def test_a_reply_cut_off_before_it_wrote_any_text_supervises_nothing(tokenizer):
+    silent = [*CONVERSATION[:2], {"role": "assistant", "content": ""}, *CONVERSATION[3:]]
+    example = tokenize_trajectory(tokenizer, silent, ExampleKind.all_turns, 512, cut_off=[True, False])
+    assert supervised_runs(tokenizer, example) == ["<answer>5</answer><|im_end|>\n"]
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(silent, tokenize=False)
+    example = tokenize_trajectory(tokenizer, silent[:3], ExampleKind.last_turn, 512, cut_off=[True])
+    assert supervised_runs(tokenizer, example) == []
+    logits = torch.zeros(1, len(example.input_ids), len(tokenizer))
+    assert per_sample_nll(logits, torch.tensor([example.labels])).tolist() == [0.0]
+    # Not cut off, a reply is at least its end of turn: a template that writes none, for no text, is refused.
+    bare = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="renders assistant message 2 as no tokens at all"):
+        tokenize_trajectory(make_tokenizer(bare), silent[:3], ExampleKind.last_turn, 512)
 
 
 def test_cut_off_flags_are_one_per_assistant_message(tokenizer):

@@ -173,6 +173,9 @@ def test_cut_off_flags_that_are_not_one_per_assistant_message_are_invalid_conver
         {schema.TRAJECTORY_ID: "p/2", "problem": "cut_off has 2 flags for 1 assistant messages; expected one each"},
         {schema.TRAJECTORY_ID: "p/4", "problem": "no assistant message to train on (roles ['user'])"},
     ]
+    # All null, as Arrow types a column that pandas wrote of Nones only: no flags.
+    unknown = table.set_column(2, schema.CUT_OFF, pa.nulls(5))
+    assert invalid_conversations(unknown).column(schema.TRAJECTORY_ID).to_pylist() == ["p/4"]
 
 
 def test_group_weights_small_example_and_singletons():
@@ -342,6 +345,10 @@ def test_diagnostics_count_the_cut_off_replies_that_are_known():
     assert diagnostics["cut_off_last_reply_weight_share"] == pytest.approx(2.5 / 5.0)
     unknown = _table(rows[3:]).append_column(schema.WEIGHT, pa.array([1.0, 1.0]))
     assert weight_diagnostics(unknown)["cut_off_reply_share"] is None
+    all_null = _table([{**rows[0], "extra": {schema.CUT_OFF: None}}] * 2)  # typed null by Arrow
+    assert pa.types.is_null(all_null.schema.field(schema.CUT_OFF).type)
+    diagnostics = weight_diagnostics(all_null.append_column(schema.WEIGHT, pa.array([1.0, 1.0])))
+    assert diagnostics["cut_off_reply_share"] is None
 
 
 def test_first_correct_turn_from_rewards_and_from_t_star():
