@@ -92,10 +92,19 @@ def invalid_conversation_rows(
         flags = pc.list_value_length(_combined(cut_off)).to_numpy(zero_copy_only=False)  # null: NaN
         replies = _assistant_messages(column)
         for row in np.flatnonzero(~np.isnan(flags.astype(float)) & (flags != replies)):
-            found.setdefault(
-                int(row), f"{CUT_OFF} has {int(flags[row])} flags for {replies[row]} assistant messages; expected one each"
-            )
+            found.setdefault(int(row), cut_off_mismatch(int(flags[row]), int(replies[row])))
     return sorted(found.items())
+
+
+def cut_off_mismatch(flags: int, replies: int) -> str:
+    """Why `flags` CUT_OFF flags do not fit a conversation of `replies` assistant messages."""
+    return f"{CUT_OFF} has {flags} flags for {replies} assistant messages; expected one each"
+
+
+def cut_off_column(table: pa.Table) -> pa.ChunkedArray | None:
+    """The CUT_OFF column, None where the table has none or it holds nulls only (as Arrow types those)."""
+    column = table.column(CUT_OFF) if CUT_OFF in table.column_names else None
+    return None if column is None or pa.types.is_null(column.type) else column
 
 
 def holds_flags(column_type: pa.DataType) -> bool:

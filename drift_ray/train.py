@@ -35,7 +35,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from drift_ray.config import Config, LossKind, TrainConfig, accumulation_steps
-from drift_ray.schema import CUT_OFF, MESSAGES, TRAIN_INPUT, TRAJECTORY_ID, WEIGHT, holds_flags, require_columns
+from drift_ray.schema import (
+    CUT_OFF,
+    MESSAGES,
+    TRAIN_INPUT,
+    TRAJECTORY_ID,
+    WEIGHT,
+    cut_off_column,
+    holds_flags,
+    require_columns,
+)
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
     TrajectoryFileError,
@@ -383,7 +392,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if progress.get("finished"):
         return  # a rerun after the final checkpoint: nothing left to train
 
-    conversations, weights, cut_offs = _read_rows(ray.train.get_dataset_shard("train"))
+    ids, conversations, weights, cut_offs = _read_rows(ray.train.get_dataset_shard("train"))
     # Characters stand in for tokens: ordering by length only needs to be roughly right, and this
     # spares every rank from tokenizing the whole data set.
     lengths = [sum(len(message["content"]) for message in messages) for messages in conversations]
@@ -461,9 +470,12 @@ def train_loop(config: dict[str, Any]) -> None:
         for micro in step.micro_batches[rank]:
             for i in micro.indices:
                 if i not in tokenized:
-                    tokenized[i] = tokenize_trajectory(
-                        tokenizer, conversations[i], train.examples, train.max_length, cut_offs[i]
-                    )
+                    try:
+                        tokenized[i] = tokenize_trajectory(
+                            tokenizer, conversations[i], train.examples, train.max_length, cut_offs[i]
+                        )
+                    except ValueError as err:  # a chat template this example cannot be masked with
+                        raise ValueError(f"trajectory {ids[i]!r}: {err}") from err
             batch = collate([tokenized[i] for i in micro.indices], micro.weights, pad_token_id, engine.device)
             # use_cache=False per call, not in the config: the saved model keeps its KV cache for generate().
             logits = engine(
@@ -607,9 +619,9 @@ def _norm_of_gradients(module: Any) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float], list[list[bool | None] | None]]:
+def _read_rows(shard: Any) -> tuple[list[Any], list[list[dict[str, str]]], list[float], list[list[bool | None] | None]]:
     """All training rows, ordered by trajectory id (the order the plan indexes must not depend on Ray Data):
-    conversations, weights and CUT_OFF flags (None for every row where the rollouts did not record them)."""
+    ids, conversations, weights and CUT_OFF flags (None for every row where the rollouts did not record them)."""
     tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
     table = pa.concat_tables(tables).sort_by(TRAJECTORY_ID)
     ids = table.column(TRAJECTORY_ID).to_pylist()
@@ -619,8 +631,9 @@ def _read_rows(shard: Any) -> tuple[list[list[dict[str, str]]], list[float], lis
             f"weighted SFT needs one row per {TRAJECTORY_ID!r} to order the data reproducibly; "
             f"found {len(duplicates)} ids on several rows, e.g. {duplicates[:3]}"
         )
-    cut_offs = table.column(CUT_OFF).to_pylist() if CUT_OFF in table.column_names else [None] * table.num_rows
-    return table.column(MESSAGES).to_pylist(), [float(w) for w in table.column(WEIGHT).to_pylist()], cut_offs
+    flags = cut_off_column(table)
+    cut_offs = flags.to_pylist() if flags is not None else [None] * table.num_rows
+    return ids, table.column(MESSAGES).to_pylist(), [float(w) for w in table.column(WEIGHT).to_pylist()], cut_offs
 
 
 @contextlib.contextmanager

@@ -101,8 +101,8 @@ def _check_ids_and_conversations(table: pa.Table, where: Callable[[int], str]) -
                 )
             first_row[trajectory_id] = row
     if schema.MESSAGES in table.column_names:
-        cut_off = table.column(schema.CUT_OFF) if schema.CUT_OFF in table.column_names else None
-        for row, problem in schema.invalid_conversation_rows(table.column(schema.MESSAGES), cut_off)[:1]:
+        found = schema.invalid_conversation_rows(table.column(schema.MESSAGES), schema.cut_off_column(table))
+        for row, problem in found[:1]:
             raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
 
 

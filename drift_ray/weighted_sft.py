@@ -56,7 +56,8 @@ def tokenize_trajectory(
 
     A reply is supervised after the generation prompt as the policy wrote it: its content, then what the
     template writes after an assistant message's content, the end-of-turn token (e.g. <|im_end|>) and
-    whatever follows it (ChatML's trailing newline). All of that is supervised: generation stops at the
+    whatever follows it (ChatML's trailing newline). All of that is supervised (unless the reply was cut
+    off, below): generation stops at the
     end-of-turn token, so the trailing text is never asked of the model, and the rule needs no knowledge
     of which token ends a turn. The last reply is taken so even where the template writes the message
     otherwise (templates that drop its <think> reasoning, or whose generation prompt opens it); a reply
@@ -76,7 +77,8 @@ def tokenize_trajectory(
 
     Longer than `max_length`: tokens are dropped from the left, keeping the last reply whole. A last
     reply that alone does not fit is cut on the right, after the one context token that lets its first
-    token be predicted, so at least one supervised token always remains.
+    token be predicted, so at least one supervised token always remains (unless the last reply was cut off
+    without text).
     """
     kind = ExampleKind(kind)
     messages = list(messages)
@@ -87,9 +89,7 @@ def tokenize_trajectory(
         roles = [message["role"] for message in messages]
         raise ValueError(f"a training conversation needs an assistant message to supervise; found roles {roles}")
     if cut_off is not None and len(cut_off) != len(assistant_turns):
-        raise ValueError(
-            f"{schema.CUT_OFF} has {len(cut_off)} flags for {len(assistant_turns)} assistant messages; expected one each"
-        )
+        raise ValueError(schema.cut_off_mismatch(len(cut_off), len(assistant_turns)))
     cut_turns = {turn for turn, cut in zip(assistant_turns, cut_off or ()) if cut}
     supervised_turns = assistant_turns if kind is ExampleKind.all_turns else assistant_turns[-1:]
 

@@ -155,7 +155,7 @@ def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
 
 def _cut_off_shares(table: pa.Table, weights: npt.NDArray[np.float64], total: float) -> dict[str, float | None]:
     shares: dict[str, float | None] = {"cut_off_reply_share": None, "cut_off_last_reply_weight_share": None}
-    column = _cut_off_column(table)
+    column = schema.cut_off_column(table)
     if column is None:
         return shares
     _, cut = _flatten(column, pa.bool_())
@@ -182,19 +182,13 @@ def invalid_conversations(table: pa.Table) -> pa.Table:
     """The TRAJECTORY_ID of every row whose MESSAGES (and CUT_OFF, where present) weighted SFT cannot
     train on, with the reason (schema.invalid_conversation_rows): found before training starts, not at the
     row's step."""
-    found = schema.invalid_conversation_rows(table.column(schema.MESSAGES), _cut_off_column(table))
+    found = schema.invalid_conversation_rows(table.column(schema.MESSAGES), schema.cut_off_column(table))
     return pa.table(
         {
             schema.TRAJECTORY_ID: table.column(schema.TRAJECTORY_ID).take(pa.array([row for row, _ in found], pa.int64())),
             "problem": pa.array([problem for _, problem in found], pa.string()),
         }
     )
-
-
-def _cut_off_column(table: pa.Table) -> pa.ChunkedArray | None:
-    """The CUT_OFF column, None where the table has none or it holds nulls only (as Arrow types those)."""
-    column = table.column(schema.CUT_OFF) if schema.CUT_OFF in table.column_names else None
-    return None if column is None or pa.types.is_null(column.type) else column
 
 
 def diagnostics_path(output_path: str | Path) -> Path:

@@ -648,3 +648,33 @@ def test_a_diverged_run_stops_naming_the_step_and_leaves_no_model(ray_cluster, t
     with pytest.raises(TrainingFailedError, match=message):
         train_weighted_sft(make_config(lr=1e30), weighted_dir, model_path, str(tmp_path))
     assert not (tmp_path / MODEL_DIR).exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_example_the_chat_template_cannot_mask_names_its_trajectory(ray_cluster, tmp_path, model_path):
+    from ray.train import TrainingFailedError
+
+    model = tmp_path / "model"
+    shutil.copytree(model_path, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    # Writes only the last assistant message, as templates that drop earlier reasoning do: all_turns cannot
+    # mask the earlier replies, since the later contexts do not hold them.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer.save_pretrained(model)
+    weighted = tmp_path / "weighted"
+    weighted.mkdir()
+    rows = {
+        schema.TRAJECTORY_ID: ["q/0", "q/1"],
+        schema.MESSAGES: [conversation(1, k, wrong_first=True) for k in range(2)],
+        schema.WEIGHT: [1.0, 1.0],
+    }
+    pq.write_table(pa.table(rows), weighted / "part-0.parquet")
+    cfg = make_config(examples=ExampleKind.all_turns, global_batch_size=2, micro_batch_size=1)
+    with pytest.raises(TrainingFailedError, match=r"trajectory 'q/[01]': .*the chat template is not prefix-stable"):
+        train_weighted_sft(cfg, str(weighted), str(model), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / MODEL_DIR).exists()
