@@ -428,7 +428,9 @@ class RayConfig(_Section):
         description="Ray cluster to join ('auto': the one `ray start` runs on this machine); default: RAY_ADDRESS, "
         "else start a new local cluster.",
     )
-    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local cluster (default: all).")
+    num_cpus: Optional[int] = Field(
+        None, ge=1, description="CPUs of a local cluster (default: all); not used, and logged so, when joining one."
+    )
 
 
 class Config(_Section):

@@ -63,6 +63,12 @@ def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        if cfg.ray.num_cpus:  # said, not refused: one config serves a local run and `ray job submit` alike
+            log.info(
+                "ray: joining a running cluster (ray.address or RAY_ADDRESS); ray.num_cpus=%d sizes only a cluster "
+                "of this run's own, so it is not used",
+                cfg.ray.num_cpus,
+            )
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": a new cluster of ray.num_cpus even where `ray start` runs one on this machine, which a bare

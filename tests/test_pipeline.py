@@ -2,6 +2,7 @@
 as a job submitted to a `ray start --head` cluster."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -441,7 +442,7 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
     assert set(round2.column(schema.MODEL).to_pylist()) == {str(run_dir / "train" / "model")}
 
 
-def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_dashboard):
+def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_dashboard, caplog):
     """A config without ray.address, and every benchmark, start a cluster of their own size; a bare
     ray.init would join the one `ray start` runs on the machine (and refuse num_cpus)."""
     import ray
@@ -460,5 +461,7 @@ def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_das
     ray.shutdown()
     with local_ray(num_cpus=own_cpus):
         assert ray.cluster_resources()["CPU"] == own_cpus
+    caplog.set_level(logging.INFO, logger="drift_ray")
     connect_ray(load_config(smoke, ["ray.address=auto"]), stages=())
     assert ray.cluster_resources()["CPU"] == HEAD_NODE_CPUS
+    assert "ray.num_cpus=2 sizes only a cluster of this run's own, so it is not used" in caplog.text
