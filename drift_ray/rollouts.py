@@ -310,8 +310,7 @@ def _read_shard(shard: Path, columns: list[str] | None = None) -> pa.Table:
         # Read with the schema, Arrow would fill a missing column with nulls: metrics computed on null verdicts
         # would look like those of episodes that all failed.
         found = pq.read_schema(shard).names
-        # Shards written before CUT_OFF was recorded lack it: read as null, not known.
-        required = [name for name in schema.TRAJECTORY_SCHEMA.names if name != schema.CUT_OFF]
+        required = [name for name in schema.TRAJECTORY_SCHEMA.names if name not in schema.ADDED_LATER]
         schema.require_columns(found, required, stage="rollouts", source=str(shard), remedy=remedy)
         return pq.read_table(shard, columns=columns, schema=schema.TRAJECTORY_SCHEMA)
     except pa.ArrowException as err:

@@ -69,6 +69,9 @@ TRAJECTORY_SCHEMA = pa.schema(
     ]
 )
 
+# Trajectory columns that rollouts of older versions lack: their readers take them as null (not known).
+ADDED_LATER = frozenset({CUT_OFF})
+
 # What the weights stage needs; FORMAT_FAILURES only when the penalty is re-priced.
 WEIGHTS_INPUT = (PROMPT_ID, TURN_REWARDS, FORMAT_PENALTY, ANSWER_NORMS)
 # What weighted SFT needs; it reads CUT_OFF too where present.
@@ -83,14 +86,19 @@ def invalid_conversation_rows(
     message. A column of the type the rollouts write is checked with Arrow, which only the rows it finds
     wrong leave; another, row by row."""
     column = _combined(messages)
+    if _holds_text_messages(column.type):
+        replies, suspects = _replies_and_suspects(column)
+        conversations = {int(row): column[int(row)].as_py() for row in suspects}
+    else:
+        conversations = dict(enumerate(column.to_pylist()))
+        replies = np.array([_count_assistant(conversation) for conversation in conversations.values()], dtype=np.int64)
     found = {}
-    for row in _suspect_conversation_rows(column):
-        problem = conversation_problem(column[int(row)].as_py())
+    for row, conversation in conversations.items():
+        problem = conversation_problem(conversation)
         if problem:
-            found[int(row)] = problem
+            found[row] = problem
     if cut_off is not None and not pa.types.is_null(cut_off.type):
         flags = pc.list_value_length(_combined(cut_off)).to_numpy(zero_copy_only=False)  # null: NaN
-        replies = _assistant_messages(column)
         for row in np.flatnonzero(~np.isnan(flags.astype(float)) & (flags != replies)):
             found.setdefault(int(row), cut_off_mismatch(int(flags[row]), int(replies[row])))
     return sorted(found.items())
@@ -119,31 +127,24 @@ def _combined(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def _assistant_messages(column: pa.Array) -> np.ndarray:
-    """How many assistant messages each conversation holds (0 where it holds no list)."""
-    if not _holds_text_messages(column.type):
-        return np.array([_count_assistant(value.as_py()) for value in column], dtype=np.int64)
-    assistant = pc.fill_null(pc.equal(pc.struct_field(pc.list_flatten(column), "role"), "assistant"), False)
-    rows = list_element_rows(column)
-    return np.bincount(rows[assistant.to_numpy(zero_copy_only=False)], minlength=len(column))
+def _replies_and_suspects(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """For a column of the type the rollouts write: how many assistant messages each conversation holds,
+    and the rows conversation_problem must look at (no assistant message, an empty or null list, or a
+    message that is null or lacks its role or content)."""
+    flat, rows = pc.list_flatten(column), list_element_rows(column)
+    role, content = pc.struct_field(flat, "role"), pc.struct_field(flat, "content")
+    broken = pc.or_(pc.or_(flat.is_null(), role.is_null()), content.is_null()).to_numpy(zero_copy_only=False)
+    assistant = pc.fill_null(pc.equal(role, "assistant"), False).to_numpy(zero_copy_only=False)
+    replies = np.bincount(rows[assistant], minlength=len(column))
+    suspect = replies == 0
+    suspect[rows[broken]] = True
+    return replies, np.flatnonzero(suspect)
 
 
 def _count_assistant(messages: Any) -> int:
     if not isinstance(messages, list):
         return 0
     return sum(isinstance(message, dict) and message.get("role") == "assistant" for message in messages)
-
-
-def _suspect_conversation_rows(column: pa.Array) -> np.ndarray:
-    if not _holds_text_messages(column.type):
-        return np.arange(len(column))
-    flat, rows = pc.list_flatten(column), list_element_rows(column)
-    role, content = pc.struct_field(flat, "role"), pc.struct_field(flat, "content")
-    broken = pc.or_(pc.or_(flat.is_null(), role.is_null()), content.is_null()).to_numpy(zero_copy_only=False)
-    assistant = pc.fill_null(pc.equal(role, "assistant"), False).to_numpy(zero_copy_only=False)
-    suspect = np.bincount(rows[assistant & ~broken], minlength=len(column)) == 0  # empty and null lists too
-    suspect[rows[broken]] = True
-    return np.flatnonzero(suspect)
 
 
 def list_element_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

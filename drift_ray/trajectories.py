@@ -220,10 +220,11 @@ def _by_trajectory(path: str, column: str, optional: str | None = None) -> pa.Ta
     try:
         tables = []
         for file in _parquet_files(Path(path)):
-            columns = [schema.TRAJECTORY_ID, column]
-            if optional is not None and optional in pq.read_schema(file).names:
-                columns.append(optional)
-            tables.append(pq.read_table(file, columns=columns))
+            with pq.ParquetFile(file) as parquet:  # one open, one footer read
+                columns = [schema.TRAJECTORY_ID, column]
+                if optional is not None and optional in parquet.schema_arrow.names:
+                    columns.append(optional)
+                tables.append(parquet.read(columns=columns))
         return pa.concat_tables(tables, promote_options="permissive").sort_by(schema.TRAJECTORY_ID)
     except (pa.ArrowException, OSError, ValueError):
         return None
@@ -448,9 +449,9 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
             raise TrajectoryFileError(f"{file}: not a readable Parquet file: {err}") from err
         schema.require_utf8(tables[-1], str(file), TrajectoryFileError)
     # Read together, files would all take the first one's columns: another file's extra ones would be lost.
-    # Rollouts played before CUT_OFF was recorded lack it, and resumed ones have it: null where not known.
+    # Rollouts of older versions lack the columns added later, and resumed ones have them: null where not known.
     for file, other in zip(files[1:], tables[1:]):
-        differ = sorted((set(other.column_names) ^ set(tables[0].column_names)) - {schema.CUT_OFF})
+        differ = sorted((set(other.column_names) ^ set(tables[0].column_names)) - schema.ADDED_LATER)
         if differ:
             raise TrajectoryFileError(
                 f"{file}: its columns differ from those of {files[0]} in the same directory (in: {', '.join(differ)})"

@@ -57,17 +57,16 @@ def tokenize_trajectory(
     A reply is supervised after the generation prompt as the policy wrote it: its content, then what the
     template writes after an assistant message's content, the end-of-turn token (e.g. <|im_end|>) and
     whatever follows it (ChatML's trailing newline). All of that is supervised (unless the reply was cut
-    off, below): generation stops at the
-    end-of-turn token, so the trailing text is never asked of the model, and the rule needs no knowledge
-    of which token ends a turn. The last reply is taken so even where the template writes the message
-    otherwise (templates that drop its <think> reasoning, or whose generation prompt opens it); a reply
-    that later messages follow (all_turns) is what the template writes for it, as the later contexts
-    hold it, and needs the renderings to extend one another. Each piece (a context, then a reply) takes
-    the tokens that the whole text so far gets after the tokens before it, as the engine tokenizes a
-    prompt whole and the model continues it: a SentencePiece tokenizer's word-start marker goes to the
-    reply's first word, not to a token of its own. Where a token would merge across the boundary (which
-    generation cannot produce), the piece is tokenized alone. Either way the mask boundary falls between
-    the two pieces' tokens.
+    off, below): generation stops at the end-of-turn token, so the trailing text is never asked of the
+    model, and the rule needs no knowledge of which token ends a turn. The last reply is taken so even where
+    the template writes the message otherwise (templates that drop its <think> reasoning, or whose
+    generation prompt opens it); a reply that later messages follow (all_turns) is what the template writes
+    for it, as the later contexts hold it, and needs the renderings to extend one another. Each piece (a
+    context, then a reply) takes the tokens that the whole text so far gets after the tokens before it, as
+    the engine tokenizes a prompt whole and the model continues it: a SentencePiece tokenizer's word-start
+    marker goes to the reply's first word, not to a token of its own. Where a token would merge across the
+    boundary (which generation cannot produce), the piece is tokenized alone. Either way the mask boundary
+    falls between the two pieces' tokens.
 
     `cut_off` (schema.CUT_OFF): one flag per assistant message, None where not known (taken as False). A
     reply cut off at max_new_tokens never ended: what the template writes after its content is not
