@@ -4,8 +4,9 @@ Pluggable by name through `get_verifier(name, **options)`. Every verifier has th
 `normalize` gives the canonical form used to count distinct answers (the repetition term of the return).
 
 - exact:   normalised strings are equal (lowercase, whitespace removed).
-- numeric: both sides read as numbers ("1,234", "-3.5", "1/2", "$12", "50%", "3.0e2", "12 cm") and equal:
-           exactly for a gold written as an integer, else within a tolerance.
+- numeric: both sides read as numbers ("1,234", "-3.5", "1/2", "$12", "50%", "3.0e2", "12 cm", "1.5 million")
+           and equal: exactly for a gold written as an integer, else within a tolerance. "2π" and
+           "2 sqrt 3" are not numbers.
 - choice:  the multiple-choice letter (A–J) of the answer equals the gold letter.
 - math:    symbolic equivalence through math-verify, in killable helper processes (HelperProcesses, on
            pebble) with a per-answer timeout.
@@ -75,10 +76,15 @@ _NUMBER = re.compile(
       | \.\d+(?:[eE][-+]?\d{{1,3}})?                # .5
     ))
     (?:\s*/\s*(?P<denominator>\d+))?                # 1/2
-    \s*(?:\\?%|°|{_UNIT_WORD}(?:(?:\s*/\s*|\s+){_UNIT_WORD})*)?   # 50%, 90°, 12 cm, 5 km/h (one split per word)
+    (?P<scales>(?:\s*(?i:hundred|thousand|million|billion|trillion)s?\b)*)  # 1.5 million, 5 hundred thousand
+    \s*(?P<unit>\\?%|°|{_UNIT_WORD}(?:(?:\s*/\s*|\s+){_UNIT_WORD})*)?   # 50%, 90°, 12 cm, 5 km/h (one split per word)
     """,
     re.VERBOSE,
 )
+_SCALES = {"hundred": 10**2, "thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+# Words after a number that make it another number, not a unit: 2π, 2 pi, 2sqrt3. (Not a letter such as x:
+# "3x" is three times as often as it is a term.)
+_NOT_A_UNIT = re.compile(r"(?:(?i:pi|sqrt)|π)(?![^\W\d_])")
 
 
 # Math mode or a box around the whole answer: $18$, \(18\), \[18\], \boxed{18}.
@@ -101,12 +107,18 @@ def _parse_number(text: str) -> tuple[Fraction, bool] | None:
     while (wrapped := _MATH_WRAPPER.fullmatch(text)) is not None:
         text = next(inner for inner in wrapped.groups() if inner is not None)
     match = _NUMBER.fullmatch(text.strip().replace("−", "-"))
-    if match is None or (match["sign"] and match["number"][0] in "+-"):
+    if (
+        match is None
+        or (match["sign"] and match["number"][0] in "+-")
+        or (match["unit"] and _NOT_A_UNIT.match(match["unit"]))
+    ):
         return None
     try:
         value = Fraction(match["number"].replace(",", ""))
         if match["denominator"] is not None:
             value /= int(match["denominator"])
+        for scale in match["scales"].split():
+            value *= _SCALES[scale.lower().removesuffix("s")]
         float(value)  # rejects values no float can hold, so tolerance checks and formatting stay finite
     except (ZeroDivisionError, OverflowError, ValueError):
         return None
@@ -162,7 +174,8 @@ class NumericVerifier:
 _NAMED_LETTER = r"(?:[(\[](?=[A-Ja-j][)\]])|(?=[A-J]\b))([A-Ja-j])"
 _CHOICE_PATTERNS = (
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]?\s*"),  # whole answer: B, (B), b), B.
-    re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]\s.*", re.DOTALL),  # leading letter: B. text, (B) text, B: text
+    # leading letter: B. text, (B) text, B: text; not one the text rejects ((A) is wrong; the answer is B)
+    re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:](?!\s+(?i:is\s+(?:not|wrong|incorrect|false)\b))\s.*", re.DOTALL),
     re.compile(  # the whole answer: C is correct, B is the right one
         r"\s*[(\[]?([A-J])[)\]]?\s+(?i:is\s+(?:the\s+)?(?:correct|right)(?:\s+(?:answer|option|choice|one))?)\s*[.!]?\s*"
     ),

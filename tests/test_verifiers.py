@@ -49,6 +49,17 @@ def math_verifier():
         ("3.0e2", "300", True),
         ("12 cm", "12", True),
         ("5 km/h", "5", True),
+        ("12 in", "12", True),
+        ("1 million", "1000000", True),
+        ("$1.5 Billion", "1,500,000,000", True),
+        ("1 million", "1", False),  # a scale word multiplies; it is no unit
+        ("5 hundred thousand", "500000", True),
+        ("1.5million", "1500000", True),
+        ("3 millions", "3000000", True),
+        ("2π", "2", False),  # a constant after a number makes another number
+        ("2 pi", "2", False),
+        ("2sqrt3", "2", False),
+        ("3x", "3", True),  # three times, as "3 times" is
         ("0.33333", "1/3", True),  # within rel_tol
         ("100.005", "100.01", True),  # within rel_tol
         ("100.03", "100.01", False),
@@ -140,6 +151,9 @@ def test_numeric_tolerance_options():
         ("The correct answer is option J.", "J"),
         ("The correct choice is option D", "D"),
         ("Option A is wrong; the answer is B", "B"),
+        ("(A) is wrong; the answer is (B)", "B"),
+        ("D. The answer is: I and III", "D"),  # a roman numeral in a choice's text names no letter
+        ("(C) The answer is E. coli", "C"),
         ("Choice A and C are wrong, answer: D", "D"),
         ("The answer is B. Option A is wrong", "B"),
         ("Answer A is wrong, the answer is B", "B"),
