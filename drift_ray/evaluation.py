@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import numbers
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,25 @@ def _read_outcomes(rows: pa.Table | Sequence[Mapping[str, Any]], max_turns: int)
     return outcomes
 
 
+def _as_list(value: Any) -> list[Any] | None:
+    """A per-turn column's value as a list (from a list, a tuple or pandas' array); None if it is none."""
+    return None if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable) else list(value)
+
+
+def _turns(row: Mapping[str, Any], column: str, where: str) -> list[Any]:
+    values = _as_list(row[column])
+    if values is None or any(v is None for v in values):
+        raise ValueError(f"{where}: {column} is {schema.short_repr(row[column])}; expected a list without nulls")
+    return values
+
+
 def _read_outcome(row: Mapping[str, Any], max_turns: int, where: str) -> _Outcome:
-    correct = list(row[schema.CORRECT])
-    format_failures = list(row[schema.FORMAT_FAILURES])
-    answer_norms = list(row[schema.ANSWER_NORMS])
+    correct, format_failures, answer_norms = (
+        _turns(row, column, where) for column in (schema.CORRECT, schema.FORMAT_FAILURES, schema.ANSWER_NORMS)
+    )
+    if not isinstance(row[schema.COMPLETION_TOKENS], numbers.Integral):  # numpy's integers too
+        found = schema.short_repr(row[schema.COMPLETION_TOKENS])
+        raise ValueError(f"{where}: {schema.COMPLETION_TOKENS} is {found}; expected a whole number")
     num_turns = len(correct)
     first_correct = correct.index(True) + 1 if True in correct else None
     problems = []
@@ -102,10 +118,13 @@ def _read_outcome(row: Mapping[str, Any], max_turns: int, where: str) -> _Outcom
             f"never correct yet stopped after {num_turns} turns; an unsolved episode plays max_turns={max_turns} "
             f"turns (evaluate with the max_turns the episodes were played with)"
         )
-    cut_off = row.get(schema.CUT_OFF)
-    if cut_off is not None and (not isinstance(cut_off, list) or len(cut_off) != num_turns):
-        found = f"has {len(cut_off)} turns" if isinstance(cut_off, list) else f"is {schema.short_repr(cut_off)}"
+    given_cut_off = row.get(schema.CUT_OFF)
+    cut_off = _as_list(given_cut_off)
+    if given_cut_off is not None and (cut_off is None or len(cut_off) != num_turns):
+        found = f"is {schema.short_repr(given_cut_off)}" if cut_off is None else f"has {len(cut_off)} turns"
         problems.append(f"{schema.CUT_OFF} {found}; expected a flag for each of the {num_turns} turns")
+    if any(right and failed for right, failed in zip(correct, format_failures)):
+        problems.append("a turn is both correct and a format failure; a turn without an answer is wrong")
     parsable = num_turns - sum(format_failures)
     if len(answer_norms) != parsable:
         problems.append(f"{schema.ANSWER_NORMS} has {len(answer_norms)} answers; expected {parsable} parsable turns")

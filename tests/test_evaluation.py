@@ -202,6 +202,11 @@ def _with(index: int, **changes) -> list[dict]:
         (_with(3, cut_off=[False]), 3, r"cut_off has 1 turns; expected a flag for each of the 3 turns"),
         (_with(3, cut_off=True), 3, r"cut_off is True; expected a flag for each of the 3 turns"),
         (_with(1, prompt_id="first"), 3, r"row 1 \(prompt_id 'first'\): prompt_id already used by row 0"),
+        (_with(0, format_failures=[True], answer_norms=[]), 3, r"'first'\): a turn is both correct and a format failure"),
+        (_with(3, format_failures=None), 3, r"'format'\): format_failures is None; expected a list without nulls"),
+        (_with(3, format_failures=[False, None, False]), 3, r"format_failures is \[False, None, False\]; expected a list"),
+        (_with(2, correct=[None, None, None]), 3, r"'repeats'\): correct is \[None, None, None\]; expected a list"),
+        (_with(2, completion_tokens=None), 3, r"'repeats'\): completion_tokens is None; expected a whole number"),
         ([], 3, r"no trajectory rows"),
         (hand_made_rows(), 0, r"max_turns is 0"),
     ],
@@ -209,6 +214,17 @@ def _with(index: int, **changes) -> list[dict]:
 def test_bad_rows_raise_a_clear_error(rows: list[dict], max_turns: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         episode_metrics(rows, max_turns)
+
+
+def test_rows_from_pandas_hold_arrays_and_numpy_integers() -> None:
+    import numpy as np
+
+    rows = [
+        {key: np.array(value) if isinstance(value, list) else value for key, value in row.items()}
+        | {schema.COMPLETION_TOKENS: np.int64(row[schema.COMPLETION_TOKENS])}
+        for row in hand_made_rows()
+    ]
+    assert episode_metrics(rows, 3) == episode_metrics(hand_made_rows(), 3)
 
 
 def test_missing_column_is_named() -> None:
