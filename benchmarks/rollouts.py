@@ -119,8 +119,12 @@ def measure_two_processes(model: str, workload: dict[str, Any]) -> dict[str, Any
 def measure_ray(
     cfg: Config, model: str, task: Task, problems: list[Problem], num_actors: int, work_dir: Path
 ) -> dict[str, Any]:
-    """run_episodes with `num_actors` actors of 1 CPU and 1 thread; start-up ends when the actors start working."""
-    rollout = cfg.rollout.model_copy(update={"num_actors": num_actors, "cpus_per_actor": 1, "torch_threads": 1})
+    """run_episodes with `num_actors` actors of 1 CPU and 1 thread; start-up ends when the actors start working.
+    The config's custom resources (a cluster node type's, e.g. rollout_gpu) are dropped: the local cluster
+    has none, and the actors would wait for them for ever."""
+    rollout = cfg.rollout.model_copy(
+        update={"num_actors": num_actors, "cpus_per_actor": 1, "torch_threads": 1, "resources": {}}
+    )
     called = time.time()
     summary = run_episodes(
         problems,

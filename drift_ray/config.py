@@ -94,7 +94,12 @@ class TaskConfig(_Section):
         "math, {threshold: 0.5} for reasoning_gym. Recorded with the rollouts: other options are other rewards.",
     )
     num_train: Optional[int] = Field(None, ge=1, description="Use at most this many training problems (default: all).")
-    num_test: Optional[int] = Field(None, ge=1, description="Use at most this many test problems (default: all).")
+    num_test: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Use at most this many test problems (default: all). A hub task's are a random sample, the "
+        "same for every seed.",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the task builder (any kind but file)."
     )
@@ -630,14 +635,15 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{dotted}: {error['msg']}{shown}"
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds: its model, also inside Optional[Model] (e.g. eval.task)."""
+    return next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def _model_at(loc: list[str]) -> type[BaseModel]:
     model: type[BaseModel] = Config
     for part in loc:
-        annotation = model.model_fields[part].annotation
-        # Optional sections (e.g. eval.task) are Optional[Model]: look inside the union.
-        section = next(
-            (a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None
-        )
+        section = _section(model.model_fields[part].annotation)
         if section is None:
             break
         model = section
@@ -645,13 +651,14 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
 
 
 def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, description) for every leaf field, for `drift-ray config --doc`."""
+    """(dotted key, default, description) for every leaf field, and for an optional section (unset by
+    default) before its fields, for `drift-ray config --doc`."""
     rows = []
     for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows.extend(field_docs(annotation, f"{prefix}{name}."))
-        else:
+        section = _section(info.annotation)
+        if section is not info.annotation:
             default = info.get_default(call_default_factory=True)
             rows.append((f"{prefix}{name}", getattr(default, "value", default), info.description or ""))
+        if section is not None:
+            rows.extend(field_docs(section, f"{prefix}{name}."))
     return rows

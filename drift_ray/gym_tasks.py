@@ -36,7 +36,9 @@ code ("99999999!" is a factorial), so for sympy it scores 0. The limits bound th
 second: sympy's simplify on an inert but large expression, or an unevaluated Integral it tries to
 evaluate, can still take long. So these scorers run in killable helper processes (the verifier option
 `timeout_s`, default 10 s per answer, and `max_processes`, default 2), and an answer that runs out of
-time scores 0. The guard is still needed: a timeout bounds time, not what code does.
+time scores 0. The guard is still needed: a timeout bounds time, not what code does. These scorers
+evaluate the gold too (its answer, or metadata such as an integrand), so their golds must be generated
+here: read from a file (`task.kind: file` with `task.verifier: reasoning_gym`) they are refused at load.
 
 Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; this one when it has it),
 so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
@@ -64,6 +66,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from drift_ray import schema
@@ -304,6 +307,31 @@ class ReasoningGymVerifier:
             log.debug("%s: not scoring an answer that could run code: %r", stored.dataset, answer[:200])
             return 0.0
         return self._helpers.run(_score, answer, stored)
+
+
+def refuse_evaluated_golds(problems: Sequence[Problem], key: str) -> None:
+    """Refuse golds that reasoning-gym did not generate here (a file's, a hub copy's) for a generator whose
+    scorer evaluates text: it evaluates the gold too, its answer (number_sorting) or its metadata
+    (bitwise_arithmetic's problem, the integrand of the integrations), and the data would run as code.
+    `key`: the config key the problems come from, for the error."""
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise TaskError(f"{key}: the reasoning_gym verifier needs the reasoning-gym package: pip install reasoning-gym") from err
+    for problem in problems:
+        try:
+            dataset = GymGold.from_json(problem.gold).dataset
+        except ValueError as err:
+            raise TaskError(f"{key}: problem {problem.prompt_id!r}: {err}") from None
+        if dataset not in reasoning_gym.factory.DATASETS:
+            raise TaskError(f"{key}: problem {problem.prompt_id!r}: its gold names no reasoning-gym generator ({dataset!r})")
+        evaluation = answer_evaluation(dataset)
+        if evaluation is not None:
+            raise TaskError(
+                f"{key}: problem {problem.prompt_id!r} is one of {dataset}, whose scorer evaluates text with "
+                f"{'sympy' if evaluation == 'sympy' else 'Python'}, the gold's as well as the answer's, so a gold read "
+                "from data would run as code there; generate these problems with kind: reasoning_gym"
+            )
 
 
 def load_gym_task(cfg: TaskConfig, seed: int) -> Task:

@@ -10,7 +10,9 @@ each split is read with `datasets.load_dataset`, from its cache when offline.
 task.options:
 - seed: the seed of the choice order (gpqa_diamond) and of the train split's order (default: the run's
   seed). The train split is shuffled so that `task.num_train` takes a random sample (MetaMathQA is sorted
-  by type); the test split keeps the hub's order.
+  by type). The test split is shuffled too, the same way for every seed, so that `task.num_test` takes
+  one random sample across subjects (math and mmlu_redux read theirs one subject after another), the
+  same one for every run.
 - subsets: the hub configs to read where a benchmark has several (math: its 7 subjects; mmlu_redux: its
   57 subjects). Default: all.
 
@@ -33,6 +35,7 @@ Choices on the benchmarks:
 from __future__ import annotations
 
 import logging
+import math
 import random
 import string
 from collections.abc import Callable, Iterable, Sequence
@@ -42,7 +45,7 @@ from typing import Any
 
 from drift_ray import schema
 from drift_ray.config import TaskConfig
-from drift_ray.prompts import Problem, Task, TaskError, require_unique_prompt_ids
+from drift_ray.prompts import Problem, Task, TaskError, as_text, require_unique_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +110,9 @@ def last_boxed(text: str) -> str | None:
 
 def _text(row: dict[str, Any], column: str) -> str:
     value = row[column]
-    if value is None or not str(value).strip():
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
         raise ValueError(f"column {column!r} is empty")
-    return str(value).strip()
+    return as_text(value).strip()  # a column of numbers some of them fractional holds 5 as 5.0
 
 
 def _present(**fields: Any) -> dict[str, Any]:
@@ -303,7 +306,9 @@ def load_hub_task(cfg: TaskConfig, seed: int) -> Task:
         }
     train = _problems(cfg.name, "train", spec, parts.get("train", []), seed)
     random.Random(f"{cfg.name}-train-{seed}").shuffle(train)
-    return Task(cfg.name, train, _problems(cfg.name, "test", spec, parts.get("test", []), seed), spec.verifier)
+    test = _problems(cfg.name, "test", spec, parts.get("test", []), seed)
+    random.Random(f"{cfg.name}-test").shuffle(test)
+    return Task(cfg.name, train, test, spec.verifier)
 
 
 def _chosen_configs(spec: HubDataset, subsets: Any) -> tuple[str | None, ...]:
@@ -311,13 +316,18 @@ def _chosen_configs(spec: HubDataset, subsets: Any) -> tuple[str | None, ...]:
         return spec.configs
     if not spec.has_subsets:
         raise TaskError(f"task.options.subsets: {spec.hub_id} has no subsets to choose from")
-    chosen = [subsets] if isinstance(subsets, str) else list(subsets)
+    chosen = [subsets] if isinstance(subsets, str) else subsets
+    if not isinstance(chosen, list) or not chosen or not all(isinstance(s, str) for s in chosen):
+        raise TaskError(
+            f"task.options.subsets: expected a subset name or a list of them, found {schema.short_repr(subsets)}; "
+            f"subsets of {spec.hub_id}: {', '.join(spec.configs)}"
+        )
     unknown = [s for s in chosen if s not in spec.configs]
-    if unknown or not chosen:
+    if unknown:
         raise TaskError(
             f"task.options.subsets: unknown subset(s) {unknown}; expected some of {', '.join(spec.configs)}"
         )
-    return tuple(chosen)
+    return tuple(dict.fromkeys(chosen))  # a subset named twice is read once
 
 
 def _read_file(path: str, name: str, spec: HubDataset) -> _Part:

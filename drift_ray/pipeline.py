@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, ContextManager, Mapping
 import pyarrow.parquet as pq
 
 from drift_ray.config import DEMO_MODEL, Config, EngineKind
-from drift_ray.prompts import Task, load_task
+from drift_ray.prompts import Task, load_task, shared_questions
 from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
 from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
 from drift_ray.trajectories import exclusive_lock, publish_directory, require_same_settings, write_json_atomic
@@ -298,6 +298,14 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
         raise ValueError(
             f"task {task.name!r} has no test problems to evaluate on; set eval.task to a task with a test "
             "split (e.g. eval.task.kind=hub eval.task.name=math500)"
+        )
+    if train_task is not None and (shared := shared_questions(train_task.train, task.test)):
+        # Files and hub copies are split by whoever made them: the same file for both splits is one slip.
+        log.warning(
+            "evaluation: %d of the %d test problems of task %r ask a question that the training problems of "
+            "task %r ask too, so the trained model is scored on questions it was trained on; give test "
+            "problems the training split lacks",
+            shared, len(task.test), task.name, train_task.name,
         )
     return task
 

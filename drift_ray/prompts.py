@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -96,6 +97,10 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
             get_verifier(verifier, **verifier_options)  # its constructor checks the values
         except (TypeError, ValueError) as err:
             raise TaskError(f"task.verifier_options: {err}") from None
+        if verifier == "reasoning_gym" and cfg.kind in ("file", "hub"):  # golds from data, not from code
+            from drift_ray.gym_tasks import refuse_evaluated_golds
+
+            refuse_evaluated_golds([*task.train, *task.test], "task.verifier")
     except TaskError as err:
         message = str(err)
         if key != "task" and message.startswith("task."):
@@ -171,6 +176,10 @@ def _load_plugin(spec: str) -> TaskBuilder:
 PROBLEM_FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 
+# A .json problem file is JSON Lines too, not one JSON array: say so where a row does not read.
+_JSON_LINES = "one JSON object per line"
+
+
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a JSONL (.jsonl/.json) or Parquet file, each with where it is: "file:line" or
     "file: row N".
@@ -197,13 +206,13 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             try:
                 row = schema.loads_json(line)
             except json.JSONDecodeError as err:
-                raise TaskError(f"{path}:{line_no}: not valid JSON: {err.msg}") from None
+                raise TaskError(f"{path}:{line_no}: not valid JSON ({_JSON_LINES}): {err.msg}") from None
             except schema.RepeatedKeyError as err:
                 raise TaskError(f"{path}:{line_no}: {err}") from None
             except UnicodeDecodeError as err:
                 raise TaskError(f"{path}:{line_no}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not isinstance(row, dict):
-                raise TaskError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+                raise TaskError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__} ({_JSON_LINES})")
             rows.append((f"{path}:{line_no}", row))
     return rows
 
@@ -242,21 +251,33 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
                 raise TaskError(f"{where}: column {col!r} is missing or empty")
             if isinstance(row[col], (list, dict)):
                 raise TaskError(f"{where}: column {col!r} holds a {type(row[col]).__name__}; expected text or a number")
+            if isinstance(row[col], float) and not math.isfinite(row[col]):  # NaN: a missing value in pandas' files
+                raise TaskError(f"{where}: column {col!r} holds {row[col]}; expected text or a finite number")
         prompt_id = row.get(id_col)
-        if prompt_id is not None and (isinstance(prompt_id, (list, dict)) or str(prompt_id).strip() == ""):
+        if prompt_id is not None and (
+            isinstance(prompt_id, (list, dict))
+            or str(prompt_id).strip() == ""
+            or (isinstance(prompt_id, float) and not math.isfinite(prompt_id))
+        ):
             raise TaskError(f"{where}: column {id_col!r} holds {prompt_id!r}; expected a non-empty text or number")
         metadata = {k: v for k, v in row.items() if k not in used}
         require_json_metadata(metadata, where)
         problems.append(
             Problem(
-                str(prompt_id) if prompt_id is not None else f"{Path(path).stem}-{row_no}",
+                as_text(prompt_id) if prompt_id is not None else f"{Path(path).stem}-{row_no}",
                 str(row[question_col]),
-                _gold_text(row[gold_col]),
+                as_text(row[gold_col]),
                 metadata,
             )
         )
     require_unique_prompt_ids(problems, str(path))
     return problems
+
+
+def shared_questions(train: Sequence[Problem], test: Sequence[Problem]) -> int:
+    """How many test problems ask a question that a training problem asks too (whitespace aside)."""
+    trained = {" ".join(p.question.split()) for p in train}
+    return sum(" ".join(p.question.split()) in trained for p in test)
 
 
 def require_unique_prompt_ids(problems: Sequence[Problem], where: str) -> None:
@@ -286,9 +307,10 @@ def require_json_metadata(metadata: dict[str, Any], where: str) -> None:
         raise TaskError(f"{where}: metadata keys {schema.short_repr(list(metadata))} cannot all be JSON keys: make them text") from None
 
 
-def _gold_text(value: Any) -> str:
-    """A gold as text. A whole number that a float column holds (100000.0: pandas stores integers with
-    gaps as floats) is written as the integer it is, so the numeric verifier asks for it exactly."""
+def as_text(value: Any) -> str:
+    """A gold or an id as text. A whole number that a float column holds (100000.0: pandas stores integers
+    with gaps as floats) is written as the integer it is: the numeric verifier asks for such a gold exactly,
+    and the id is the file's."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # beyond, floats skip integers
         return str(int(value))
     return str(value)

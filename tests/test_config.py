@@ -294,6 +294,10 @@ def test_every_field_is_documented():
     assert len(docs) > 50
     undocumented = [key for key, _, doc in docs if not doc]
     assert not undocumented
+    keys = [key for key, _, _ in docs]
+    # An optional section: its own line (unset), then its keys, those of the section it stands in for.
+    assert "eval.task" in keys and {f"eval.task.{key[len('task.'):]}" for key in keys if key.startswith("task.")} <= set(keys)
+    assert "task" not in keys and "eval" not in keys
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in JOBS.glob("*.yaml")))

@@ -172,6 +172,34 @@ def test_a_gold_from_another_task_is_refused_with_a_clear_error():
     assert "key 'answer' is written twice" in str(refused.value.__cause__)
 
 
+def write_problems(path, problems) -> str:
+    path.write_text("".join(json.dumps({"question": p.question, "gold": p.gold}) + "\n" for p in problems))
+    return str(path)
+
+
+def test_golds_from_a_file_are_scored_unless_their_scorer_would_evaluate_them(tmp_path):
+    generated = gym_task("chain_sum", options={"size": 5}).test
+    from_file = load_task(
+        TaskConfig(kind="file", name="sums", test_path=write_problems(tmp_path / "sums.jsonl", generated), verifier=VERIFIER), 0
+    )
+    assert [p.gold for p in from_file.test] == [p.gold for p in generated]
+    assert get_verifier(VERIFIER).check(reference_answer(generated[0]), from_file.test[0].gold)
+
+    # number_sorting's scorer evals its gold's answer: read from data, it would run the data's code
+    payload = GymGold("(print('RAN THE GOLD') or [1, 2])", "number_sorting", {}, {}).to_json()
+    path = tmp_path / "sorting.jsonl"
+    path.write_text(json.dumps({"question": "Sort 2, 1.", "gold": payload}) + "\n")
+    config = TaskConfig(kind="file", name="sorting", test_path=str(path), verifier=VERIFIER)
+    with pytest.raises(TaskError, match=r"task.verifier: problem 'sorting-1' is one of number_sorting, whose scorer evaluates"):
+        load_task(config, 0)
+    with pytest.raises(TaskError, match=r"eval.task.verifier: problem 'sorting-1' .* kind: reasoning_gym"):
+        load_task(config, 0, key="eval.task")
+    unknown = GymGold("1", "no_such_generator", {}, {}).to_json()
+    (tmp_path / "unknown.jsonl").write_text(json.dumps({"question": "q", "gold": unknown}) + "\n")
+    with pytest.raises(TaskError, match=r"problem 'unknown-1': its gold names no reasoning-gym generator \('no_such_generator'\)"):
+        load_task(TaskConfig(kind="file", name="u", test_path=str(tmp_path / "unknown.jsonl"), verifier=VERIFIER), 0)
+
+
 def test_a_generator_that_depends_on_string_hashing_is_scored_right_in_another_process():
     # isomorphic_strings builds different puzzles under different hash seeds: the gold must carry the entry
     problem = gym_task("isomorphic_strings", options={"size": 5}).test[0]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from drift_ray.config import TaskConfig, load_config
-from drift_ray.hub_tasks import CHOICE_LETTERS, HUB_DATASETS, last_boxed, render_choices
+from drift_ray.hub_tasks import CHOICE_LETTERS, HUB_DATASETS, MATH_SUBJECTS, last_boxed, render_choices
 from drift_ray.prompts import TaskError, load_task
 
 EVAL_DIR = Path(__file__).resolve().parents[1] / "jobs" / "eval"
@@ -38,6 +38,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 def hub_task(name: str, seed: int = 0, **fields):
     return load_task(TaskConfig(kind="hub", name=name, **fields), seed=seed)
+
+
+def by_id(problems) -> dict:
+    return {p.prompt_id: p for p in problems}
 
 
 def choice_lines(question: str) -> dict[str, str]:
@@ -124,11 +128,11 @@ def test_math_reads_parquet_and_takes_the_last_nested_box(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), test_path)
     task = hub_task("math", test_path=str(test_path))
     assert task.train == [] and task.verifier == "math"
-    assert [(p.prompt_id, p.question, p.gold) for p in task.test] == [
+    assert sorted((p.prompt_id, p.question, p.gold) for p in task.test) == [
         ("math-test-0", "Find x.", "\\frac{\\sqrt{3}}{2}"),
         ("math-test-1", "Count.", "\\{a, b\\}"),
     ]
-    assert task.test[1].metadata == {"level": "Level 5", "type": "Counting & Probability"}
+    assert by_id(task.test)["math-test-1"].metadata == {"level": "Level 5", "type": "Counting & Probability"}
 
 
 def test_math_row_without_a_box_names_file_row_and_column(tmp_path):
@@ -161,6 +165,16 @@ def test_math500_and_its_metadata(tmp_path):
         "math",
     )
     assert problem.metadata == {"level": 2, "subject": "Algebra", "unique_id": "test/algebra/1.json"}
+
+
+def test_numbers_in_a_gold_column_keep_how_they_were_written_and_a_missing_one_is_named(tmp_path):
+    # datasets reads a column of 5 and 0.5 as floats: the gold of the first is 5, as the file wrote it
+    path = write_jsonl(tmp_path / "test.jsonl", [{"problem": "P1", "answer": 5}, {"problem": "P2", "answer": 0.5}])
+    assert sorted(p.gold for p in hub_task("math500", test_path=path).test) == ["0.5", "5"]
+    table = pa.table({"problem": ["P1", "P2"], "answer": [1.5, float("nan")]})  # NaN: pandas' missing value
+    pq.write_table(table, tmp_path / "test.parquet")
+    with pytest.raises(TaskError, match=r"test\.parquet: row 2 \(prompt id math500-test-1\): column 'answer' is empty"):
+        hub_task("math500", test_path=str(tmp_path / "test.parquet"))
 
 
 def test_gsm8k_gold_follows_the_hashes(tmp_path):
@@ -219,8 +233,8 @@ def test_gpqa_choices_are_shuffled_per_seed_and_the_gold_letter_points_at_the_ri
     path = write_gpqa_csv(tmp_path / "gpqa_diamond.csv", 12)
     task = hub_task("gpqa_diamond", seed=3, test_path=path)
     assert task.verifier == "choice" and task.train == []
-    assert [p.prompt_id for p in task.test] == [f"gpqa_diamond-test-rec{i}" for i in range(12)]
-    for i, problem in enumerate(task.test):
+    assert sorted(p.prompt_id for p in task.test) == sorted(f"gpqa_diamond-test-rec{i}" for i in range(12))
+    for i, problem in sorted((int(p.prompt_id.removeprefix("gpqa_diamond-test-rec")), p) for p in task.test):
         assert problem.question.startswith(f"Question {i}?\n\n")
         choices = choice_lines(problem.question)
         assert sorted(choices.values()) == sorted([f"right {i}", f"wrong {i}a", f"wrong {i}b", f"wrong {i}c"])
@@ -380,6 +394,9 @@ def test_option_errors(tmp_path):
         hub_task("math", options={"seed": True})
     with pytest.raises(TaskError, match=r"task.options.subsets: unknown subset\(s\) \['calculus'\]"):
         hub_task("math", options={"subsets": ["algebra", "calculus"]})
+    for subsets in (5, [], ["algebra", 5], {"algebra": 1}):
+        with pytest.raises(TaskError, match=r"task.options.subsets: expected a subset name or a list of them, found"):
+            hub_task("math", options={"subsets": subsets})
     with pytest.raises(TaskError, match=r"task.options.subsets: openai/gsm8k has no subsets"):
         hub_task("gsm8k", options={"subsets": ["main"]})
     path = write_jsonl(tmp_path / "t.jsonl", [{"problem": "P", "solution": "\\boxed{1}"}])
@@ -419,24 +436,39 @@ def test_hub_subsets_are_read_one_config_each_and_named_in_ids(fake_hub):
                 }
                 for i in range(2)
             ]
-    task = hub_task("math", options={"subsets": ["algebra", "geometry"]})
+    task = hub_task("math", options={"subsets": ["algebra", "geometry", "algebra"]})  # each read once
     assert sorted(calls) == sorted(
         ("EleutherAI/hendrycks_math", s, sp) for s in ("algebra", "geometry") for sp in ("train", "test")
     )
-    assert [p.prompt_id for p in task.test] == [
+    assert sorted(p.prompt_id for p in task.test) == [
         "math-test-algebra-0",
         "math-test-algebra-1",
         "math-test-geometry-0",
         "math-test-geometry-1",
     ]
-    assert task.test[3].question == "geometry test 1" and task.test[3].gold == "1"
-    assert task.test[3].metadata == {"level": "Level 1", "type": "Geometry", "subset": "geometry"}
+    geometry_1 = by_id(task.test)["math-test-geometry-1"]
+    assert geometry_1.question == "geometry test 1" and geometry_1.gold == "1"
+    assert geometry_1.metadata == {"level": "Level 1", "type": "Geometry", "subset": "geometry"}
     assert sorted(p.prompt_id for p in task.train) == [
         "math-train-algebra-0",
         "math-train-algebra-1",
         "math-train-geometry-0",
         "math-train-geometry-1",
     ]
+
+
+def test_a_capped_test_split_samples_across_subjects_the_same_for_every_seed(fake_hub):
+    tables, _ = fake_hub
+    for subject in MATH_SUBJECTS:  # read one subject after another, as the hub has them
+        for split in ("train", "test"):
+            tables[("EleutherAI/hendrycks_math", subject, split)] = [
+                {"problem": f"{subject} {split} {i}", "solution": f"\\boxed{{{i}}}"} for i in range(20)
+            ]
+    capped = hub_task("math", num_test=21).test
+    subjects = [p.metadata["subset"] for p in capped]
+    assert subjects.count("algebra") < 10 and len(set(subjects)) >= 5  # not algebra's 20 and one more
+    assert capped == hub_task("math", seed=1, num_test=21).test
+    assert capped == hub_task("math", seed=0).test[:21]
 
 
 def test_hub_eval_only_sets_read_their_own_split_names(fake_hub):

@@ -18,8 +18,9 @@ import yaml
 
 from drift_ray import schema
 from drift_ray.cli import main
-from drift_ray.config import load_config
-from drift_ray.pipeline import CONFIG_FILE, RUN_LOCK_FILE, RUN_RECORD_FILE, lock_run_dir, resolve_model
+from drift_ray.config import load_config, validate_config
+from drift_ray.pipeline import CONFIG_FILE, RUN_LOCK_FILE, RUN_RECORD_FILE, evaluation_task, lock_run_dir, resolve_model
+from drift_ray.prompts import load_task
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +155,24 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     weighted = [pq.read_table(file) for file in sorted((run_dir / "weighted").glob("*.parquet"))]
     assert all(schema.CUT_OFF in table.column_names for table in weighted)
     assert sum(table.column(schema.CUT_OFF).null_count for table in weighted) == pq.read_metadata(shards[0]).num_rows
+
+
+def test_evaluating_on_questions_the_run_trains_on_is_warned_about(tmp_path, caplog):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "gold": str(i + 1)}) + "\n" for i in range(4)))
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"question": "What is  1 + 1?", "gold": "2"}) + "\n" + json.dumps({"question": "New?", "gold": "1"}) + "\n")
+    settings = {"task": {"kind": "file", "name": "sums", "train_path": str(train), "test_path": str(test)}}
+    cfg = validate_config(settings)
+    task = load_task(cfg.task, cfg.seed)
+    assert evaluation_task(cfg, task) == task
+    assert "1 of the 2 test problems of task 'sums' ask a question that the training problems of task 'sums' ask" in caplog.text
+    caplog.clear()
+    evaluation_task(validate_config({**settings, "eval": {"task": {**settings["task"], "test_path": str(train)}}}), task)
+    assert "4 of the 4 test problems" in caplog.text
+    caplog.clear()
+    evaluation_task(cfg)  # `drift-ray eval` does not know what the models were trained on
+    assert "test problems" not in caplog.text
 
 
 def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):
@@ -447,7 +466,6 @@ def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_das
     ray.init would join the one `ray start` runs on the machine (and refuse num_cpus)."""
     import ray
 
-    from drift_ray.config import load_config
     from drift_ray.pipeline import connect_ray
 
     from tests.test_benchmarks import load_benchmark

@@ -156,6 +156,12 @@ def test_read_parquet_file_task(tmp_path):
     pq.write_table(pa.table({"prompt_id": ["x", "y"], "question": ["a", "b"], "gold": ["1", "2"]}), path)
     task = load_task(TaskConfig(kind="file", name="mine", test_path=str(path), verifier="exact"), seed=0)
     assert task.train == [] and [p.prompt_id for p in task.test] == ["x", "y"]
+    # Integer ids beside a null are stored as floats by pandas: still the file's ids, not "7.0".
+    pq.write_table(pa.table({"prompt_id": [7.0, 8.0], "question": ["a", "b"], "gold": ["1", "2"]}), path)
+    assert [p.prompt_id for p in read_problems(path)] == ["7", "8"]
+    pq.write_table(pa.table({"prompt_id": [7.0, float("nan")], "question": ["a", "b"], "gold": ["1", "2"]}), path)
+    with pytest.raises(TaskError, match=r"t\.parquet: row 2: column 'prompt_id' holds nan"):
+        read_problems(path)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +171,10 @@ def test_read_parquet_file_task(tmp_path):
         ('{"question": "a"}\n', {}, "missing column(s) ['gold']"),
         ('{"question": "a", "gold": ""}\n', {}, "bad.jsonl:1: column 'gold' is missing or empty"),
         ('{"question": "a", "gold": "1"}\n\n{"question": "b"}\n', {}, "bad.jsonl:3: column 'gold' is missing or empty"),
-        ('[1, 2]\n', {}, ":1: expected a JSON object"),
+        ('[1, 2]\n', {}, ":1: expected a JSON object, found list (one JSON object per line)"),
+        ('[\n  {"question": "a", "gold": "1"}\n]\n', {}, ":1: not valid JSON (one JSON object per line)"),
+        ('{"question": "a", "gold": NaN}\n', {}, "bad.jsonl:1: column 'gold' holds nan; expected text or a finite number"),
+        ('{"question": -Infinity, "gold": "1"}\n', {}, "bad.jsonl:1: column 'question' holds -inf; expected text"),
         ('{"question": "a", "gold": "1", "gold": "2"}\n', {}, "bad.jsonl:1: key 'gold' is written twice in one object"),
         ('{"prompt_id": "a", "question": "q", "gold": "1"}\n' * 2, {}, "prompt id 'a' appears more than once"),
         ("", {}, "no problems"),
