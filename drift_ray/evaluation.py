@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import numbers
 import os
 from collections import Counter
@@ -95,7 +96,7 @@ def _read_outcome(row: Mapping[str, Any], max_turns: int, where: str) -> _Outcom
     correct, format_failures, answer_norms = (
         _turns(row, column, where) for column in (schema.CORRECT, schema.FORMAT_FAILURES, schema.ANSWER_NORMS)
     )
-    if not isinstance(row[schema.COMPLETION_TOKENS], numbers.Integral):  # numpy's integers too
+    if isinstance(row[schema.COMPLETION_TOKENS], bool) or not isinstance(row[schema.COMPLETION_TOKENS], numbers.Integral):
         found = schema.short_repr(row[schema.COMPLETION_TOKENS])
         raise ValueError(f"{where}: {schema.COMPLETION_TOKENS} is {found}; expected a whole number")
     num_turns = len(correct)
@@ -107,9 +108,12 @@ def _read_outcome(row: Mapping[str, Any], max_turns: int, where: str) -> _Outcom
         problems.append(f"{schema.NUM_TURNS} is {row[schema.NUM_TURNS]} but {schema.CORRECT} has {num_turns} turns")
     if len(format_failures) != num_turns:
         problems.append(f"{schema.FORMAT_FAILURES} has {len(format_failures)} turns; expected {num_turns}")
-    if row[schema.T_STAR] != first_correct:
+    t_star = row[schema.T_STAR]
+    if isinstance(t_star, float) and math.isnan(t_star):  # pandas' null in a column of integers
+        t_star = None
+    if t_star != first_correct:
         problems.append(
-            f"{schema.T_STAR} is {row[schema.T_STAR]} but the first correct turn in {schema.CORRECT} is {first_correct}"
+            f"{schema.T_STAR} is {t_star} but the first correct turn in {schema.CORRECT} is {first_correct}"
         )
     if first_correct is not None and first_correct != num_turns:
         problems.append(f"the episode went on after its first correct turn {first_correct} to {num_turns} turns")

@@ -76,15 +76,16 @@ _NUMBER = re.compile(
       | \.\d+(?:[eE][-+]?\d{{1,3}})?                # .5
     ))
     (?:\s*/\s*(?P<denominator>\d+))?                # 1/2
-    (?P<scales>(?:\s*(?i:hundred|thousand|million|billion|trillion)s?\b)*)  # 1.5 million, 5 hundred thousand
+    (?P<scales>(?:\s*(?i:hundred|thousand|million|billion|trillion)s?\b){{0,3}})  # 1.5 million, 5 hundred thousand
     \s*(?P<unit>\\?%|°|{_UNIT_WORD}(?:(?:\s*/\s*|\s+){_UNIT_WORD})*)?   # 50%, 90°, 12 cm, 5 km/h (one split per word)
+    \.?                                              # the sentence's end: 2.5 million.
     """,
     re.VERBOSE,
 )
 _SCALES = {"hundred": 10**2, "thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
 # Words after a number that make it another number, not a unit: 2π, 2 pi, 2sqrt3. (Not a letter such as x:
 # "3x" is three times as often as it is a term.)
-_NOT_A_UNIT = re.compile(r"(?:(?i:pi|sqrt)|π)(?![^\W\d_])")
+_NOT_A_UNIT = re.compile(r"π|(?i:pi|sqrt)(?![^\W\d_])")  # not pints
 
 
 # Math mode or a box around the whole answer: $18$, \(18\), \[18\], \boxed{18}.
@@ -122,7 +123,10 @@ def _parse_number(text: str) -> tuple[Fraction, bool] | None:
         float(value)  # rejects values no float can hold, so tolerance checks and formatting stay finite
     except (ZeroDivisionError, OverflowError, ValueError):
         return None
-    written_as_integer = match["denominator"] is None and re.fullmatch(r"[-+]?[\d,]+", match["number"]) is not None
+    # 1.5 million is written as the integer 1500000 is.
+    written_as_integer = match["denominator"] is None and (
+        re.fullmatch(r"[-+]?[\d,]+", match["number"]) is not None or (match["scales"] != "" and value.denominator == 1)
+    )
     return (-value if match["sign"] == "-" else value), written_as_integer
 
 
@@ -175,7 +179,7 @@ _NAMED_LETTER = r"(?:[(\[](?=[A-Ja-j][)\]])|(?=[A-J]\b))([A-Ja-j])"
 _CHOICE_PATTERNS = (
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]?\s*"),  # whole answer: B, (B), b), B.
     # leading letter: B. text, (B) text, B: text; not one the text rejects ((A) is wrong; the answer is B)
-    re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:](?!\s+(?i:is\s+(?:not|wrong|incorrect|false)\b))\s.*", re.DOTALL),
+    re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:](?!\s+(?i:(?:is\s+not|isn't|not)\s+(?:correct|right|the\s+answer)|is\s+(?:wrong|incorrect|false))\b)\s.*", re.DOTALL),
     re.compile(  # the whole answer: C is correct, B is the right one
         r"\s*[(\[]?([A-J])[)\]]?\s+(?i:is\s+(?:the\s+)?(?:correct|right)(?:\s+(?:answer|option|choice|one))?)\s*[.!]?\s*"
     ),

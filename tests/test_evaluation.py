@@ -207,6 +207,7 @@ def _with(index: int, **changes) -> list[dict]:
         (_with(3, format_failures=[False, None, False]), 3, r"format_failures is \[False, None, False\]; expected a list"),
         (_with(2, correct=[None, None, None]), 3, r"'repeats'\): correct is \[None, None, None\]; expected a list"),
         (_with(2, completion_tokens=None), 3, r"'repeats'\): completion_tokens is None; expected a whole number"),
+        (_with(2, completion_tokens=True), 3, r"'repeats'\): completion_tokens is True; expected a whole number"),
         ([], 3, r"no trajectory rows"),
         (hand_made_rows(), 0, r"max_turns is 0"),
     ],
@@ -216,14 +217,8 @@ def test_bad_rows_raise_a_clear_error(rows: list[dict], max_turns: int, message:
         episode_metrics(rows, max_turns)
 
 
-def test_rows_from_pandas_hold_arrays_and_numpy_integers() -> None:
-    import numpy as np
-
-    rows = [
-        {key: np.array(value) if isinstance(value, list) else value for key, value in row.items()}
-        | {schema.COMPLETION_TOKENS: np.int64(row[schema.COMPLETION_TOKENS])}
-        for row in hand_made_rows()
-    ]
+def test_rows_from_pandas_hold_arrays_numpy_integers_and_nan_for_null() -> None:
+    rows = pa.Table.from_pylist(hand_made_rows()).to_pandas().to_dict("records")
     assert episode_metrics(rows, 3) == episode_metrics(hand_made_rows(), 3)
 
 

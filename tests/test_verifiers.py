@@ -56,9 +56,13 @@ def math_verifier():
         ("5 hundred thousand", "500000", True),
         ("1.5million", "1500000", True),
         ("3 millions", "3000000", True),
+        ("2.5 million.", "2500000", True),  # the sentence's period is no unit's
+        ("1500100", "1.5 million", False),  # a gold written as a whole number is one
         ("2π", "2", False),  # a constant after a number makes another number
         ("2 pi", "2", False),
         ("2sqrt3", "2", False),
+        ("2πr", "2", False),
+        ("2 pints", "2", True),
         ("3x", "3", True),  # three times, as "3 times" is
         ("0.33333", "1/3", True),  # within rel_tol
         ("100.005", "100.01", True),  # within rel_tol
@@ -106,6 +110,7 @@ def test_numeric_normalize_tells_numbers_apart():
 def test_parse_number_rejects_long_text_quickly():
     started = time.monotonic()
     assert parse_number("12 " + "ab" * 5000 + "!") is None  # no exponential backtracking over unit words
+    assert parse_number("1 " + "thousand " * 5000 + "!") is None  # nor a quadratic one over scale words
     assert time.monotonic() - started < 0.5
 
 
@@ -154,6 +159,8 @@ def test_numeric_tolerance_options():
         ("(A) is wrong; the answer is (B)", "B"),
         ("D. The answer is: I and III", "D"),  # a roman numeral in a choice's text names no letter
         ("(C) The answer is E. coli", "C"),
+        ("(A) isn't correct, the answer is (C)", "C"),
+        ("(A) is not a planet", "A"),  # the choice's own text
         ("Choice A and C are wrong, answer: D", "D"),
         ("The answer is B. Option A is wrong", "B"),
         ("Answer A is wrong, the answer is B", "B"),
