@@ -5,6 +5,7 @@ or a failing server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -505,8 +506,16 @@ def test_a_server_that_hides_which_stop_it_hit_gets_no_stop_and_is_cut_here():
 
 
 def test_requests_in_flight_are_bounded_by_max_concurrency():
+    arrived, two_arrived = 0, asyncio.Event()
+
     async def slow(body, headers):
-        await asyncio.sleep(0.1)
+        nonlocal arrived
+        arrived += 1
+        if arrived == 2:
+            two_arrived.set()
+        with contextlib.suppress(asyncio.TimeoutError):  # the first waits for the second, however busy the machine
+            await asyncio.wait_for(two_arrived.wait(), timeout=10)
+        await asyncio.sleep(0.1)  # time for requests beyond the bound to come
         return completion(choice("x"))
 
     with FakeServer(slow) as server:
@@ -516,11 +525,19 @@ def test_requests_in_flight_are_bounded_by_max_concurrency():
 
 
 def test_more_requests_than_aiohttp_connects_at_once_are_in_flight_together():
-    async def slow(body, headers):
-        await asyncio.sleep(0.3)
+    arrived, all_arrived = 0, asyncio.Event()
+
+    async def held_until_all_arrive(body, headers):
+        # Not a fixed delay: on a busy machine the first replies would go before the last requests came.
+        nonlocal arrived
+        arrived += 1
+        if arrived == 150:
+            all_arrived.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(all_arrived.wait(), timeout=10)
         return completion(choice("x"))
 
-    with FakeServer(slow) as server:
+    with FakeServer(held_until_all_arrive) as server:
         engine_for(server.api_base, max_concurrency=150).generate([CONVERSATION] * 150, SamplingParams(stop=()), 1)
     assert server.most_in_flight == 150  # aiohttp's default connection limit held them to 100
 
