@@ -86,7 +86,9 @@ class TaskConfig(_Section):
         "Unmapped columns are read under our own names (prompt_id, question, gold).",
     )
     verifier: Optional[str] = Field(
-        None, description="Verifier name (exact, numeric, choice, math, reasoning_gym); default: the task's own."
+        None,
+        description="Verifier name (exact, numeric, choice, math, reasoning_gym); default: the task's own (a file "
+        "task's: exact).",
     )
     verifier_options: dict[str, Any] = Field(
         default_factory=dict,
