@@ -179,7 +179,11 @@ _NAMED_LETTER = r"(?:[(\[](?=[A-Ja-j][)\]])|(?=[A-J]\b))([A-Ja-j])"
 _CHOICE_PATTERNS = (
     re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:]?\s*"),  # whole answer: B, (B), b), B.
     # leading letter: B. text, (B) text, B: text; not one the text rejects ((A) is wrong; the answer is B)
-    re.compile(r"\s*[(\[]?([A-Ja-j])[)\].:](?!\s+(?i:(?:is\s+not|isn't|not)\s+(?:correct|right|the\s+answer)|is\s+(?:wrong|incorrect|false))\b)\s.*", re.DOTALL),
+    re.compile(
+        r"\s*[(\[]?([A-Ja-j])[)\].:]"
+        r"(?!\s+(?i:(?:is\s+not|isn't|not)\s+(?:correct|right|the\s+answer)|is\s+(?:wrong|incorrect|false))\b)\s.*",
+        re.DOTALL,
+    ),
     re.compile(  # the whole answer: C is correct, B is the right one
         r"\s*[(\[]?([A-J])[)\]]?\s+(?i:is\s+(?:the\s+)?(?:correct|right)(?:\s+(?:answer|option|choice|one))?)\s*[.!]?\s*"
     ),

@@ -505,39 +505,33 @@ def test_a_server_that_hides_which_stop_it_hit_gets_no_stop_and_is_cut_here():
     assert len(server.requests) == 3 and "stop" not in server.requests[2]
 
 
-def test_requests_in_flight_are_bounded_by_max_concurrency():
-    arrived, two_arrived = 0, asyncio.Event()
+def held_until(count: int, then_s: float = 0.0):
+    """A server handler that holds each request until `count` have come (10 s at most), then `then_s` more:
+    a fixed delay alone would let a busy machine answer the first requests before the last ones come."""
+    arrived, all_arrived = 0, asyncio.Event()
 
-    async def slow(body, headers):
+    async def handler(body, headers):
         nonlocal arrived
         arrived += 1
-        if arrived == 2:
-            two_arrived.set()
-        with contextlib.suppress(asyncio.TimeoutError):  # the first waits for the second, however busy the machine
-            await asyncio.wait_for(two_arrived.wait(), timeout=10)
-        await asyncio.sleep(0.1)  # time for requests beyond the bound to come
+        if arrived == count:
+            all_arrived.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(all_arrived.wait(), timeout=10)
+        await asyncio.sleep(then_s)
         return completion(choice("x"))
 
-    with FakeServer(slow) as server:
+    return handler
+
+
+def test_requests_in_flight_are_bounded_by_max_concurrency():
+    with FakeServer(held_until(2, then_s=0.1)) as server:  # 0.1 s for requests beyond the bound to come
         results = engine_for(server.api_base, max_concurrency=2).generate([CONVERSATION] * 6, SamplingParams(stop=()), 1)
     assert len(results) == 6 and len(server.requests) == 6
     assert server.most_in_flight == 2
 
 
 def test_more_requests_than_aiohttp_connects_at_once_are_in_flight_together():
-    arrived, all_arrived = 0, asyncio.Event()
-
-    async def held_until_all_arrive(body, headers):
-        # Not a fixed delay: on a busy machine the first replies would go before the last requests came.
-        nonlocal arrived
-        arrived += 1
-        if arrived == 150:
-            all_arrived.set()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(all_arrived.wait(), timeout=10)
-        return completion(choice("x"))
-
-    with FakeServer(held_until_all_arrive) as server:
+    with FakeServer(held_until(150)) as server:
         engine_for(server.api_base, max_concurrency=150).generate([CONVERSATION] * 150, SamplingParams(stop=()), 1)
     assert server.most_in_flight == 150  # aiohttp's default connection limit held them to 100
 
