@@ -45,8 +45,9 @@ class TransformersEngine:
     carry_cache: keep the keys and values each reply leaves until the next call, so the next turn of a
     conversation (its messages, that reply, then new messages) prefills only the new tokens instead of
     the whole history. Only the previous call's replies are kept (the episode loop sends every active
-    conversation once per turn), at most `max_carried_tokens` tokens of them (each costs layers × 2 ×
-    kv_heads × head_dim values: 2 KB for the demo model in float32), the rest re-prefill. Reuse stops
+    conversation once per turn), at most `max_carried_bytes` of them (a token costs layers × 2 × kv_heads ×
+    head_dim values: 2 KiB for the demo model in float32, 36 KiB for Qwen2.5-3B in bfloat16), the rest
+    re-prefill. Reuse stops
     at the first token that differs from what was cached, so a reply that tokenizes differently when
     rendered back costs speed, never correctness. Models whose cache is not plain full attention
     (sliding windows, linear attention) always prefill everything.
@@ -67,13 +68,13 @@ class TransformersEngine:
         max_batch_tokens: int = 1 << 16,
         share_prefill: bool = True,
         carry_cache: bool = True,
-        max_carried_tokens: int = 1 << 20,
+        max_carried_bytes: int = 1 << 31,
     ):
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.max_batch_tokens = max_batch_tokens
         self.share_prefill = share_prefill
-        self.max_carried_tokens = max_carried_tokens
+        self.max_carried_bytes = max_carried_bytes
         self._replies: dict[tuple[tuple[str, str], ...], _CachedPrefix] = {}
         if isinstance(model, str):
             self.name = model
@@ -83,7 +84,7 @@ class TransformersEngine:
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
         else:
             # A model in memory (e.g. the policy of an online RL loop, updated between calls): the caller
-            # keeps it in eval mode while generating and must not let carried caches outlive an update.
+            # keeps it in eval mode while generating and calls drop_carried_cache after each update.
             if tokenizer is None:
                 raise ValueError("TransformersEngine: a model object needs its tokenizer (tokenizer=...)")
             self.name = model.config.name_or_path or type(model).__name__
@@ -99,6 +100,13 @@ class TransformersEngine:
             raise ValueError(f"{self.name}: found no end-of-turn token (eos_token_id, {', '.join(_END_OF_TURN_TOKENS)})")
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else min(self.end_of_turn_ids)
+        # vLLM's default max_model_len: a reply stops there, cut off, and a longer prompt is refused.
+        self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
+
+    def drop_carried_cache(self) -> None:
+        """Forget the keys and values the last call's replies left: they hold the weights the model had
+        then, so a caller that changes the weights in place calls this before the next call."""
+        self._replies = {}
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams, n: int) -> list[list[Generation]]:
         if n < 1:
@@ -107,6 +115,14 @@ class TransformersEngine:
             return []
         texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
         prompts: list[list[int]] = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        limit = self.context_length
+        too_long = next((i for i, prompt in enumerate(prompts) if limit and len(prompt) >= limit), None)
+        if too_long is not None:
+            raise ValueError(
+                f"{self.name}: conversation {too_long} is a prompt of {len(prompts[too_long])} tokens, which leaves no "
+                f"room for a reply in the model's context of {limit} (max_position_embeddings); "
+                "lower episode.max_turns or rollout.max_new_tokens"
+            )
         prefixes = [self._replies.get(_history_key(c)) for c in conversations]
         reused = [prefix.usable_length(prompt) if prefix else 0 for prefix, prompt in zip(prefixes, prompts)]
         self._replies = {}
@@ -123,8 +139,8 @@ class TransformersEngine:
                 index = chunk[row // n]
                 generation = self._to_generation(completion, prompts[index], params.stop)
                 results[index].append(generation)
-                if held[row] is not None and carried + len(held[row].tokens) <= self.max_carried_tokens:
-                    carried += len(held[row].tokens)
+                if held[row] is not None and carried + held[row].nbytes <= self.max_carried_bytes:
+                    carried += held[row].nbytes
                     reply = {"role": "assistant", "content": generation.text}
                     self._replies[_history_key([*conversations[index], reply])] = held[row]
             for i in chunk:
@@ -200,6 +216,7 @@ class TransformersEngine:
         next_position = positions[:, -1:].repeat_interleave(copies, dim=0) + 1
 
         stopper = _StopStrings(self.tokenizer, params.stop)
+        room = [self.context_length - len(prompt) if self.context_length else params.max_new_tokens for prompt in prompts]
         top_p = TopPLogitsWarper(params.top_p) if 0 < params.top_p < 1 else None
         completions: list[list[int]] = [[] for _ in range(len(prompts) * copies)]
         held: list[_CachedPrefix | None] = [None] * len(completions)
@@ -213,7 +230,8 @@ class TransformersEngine:
                     continue
                 completion = completions[live[row]]
                 completion.append(token)
-                if token in self.end_of_turn_ids or stopper.hit(completion) or last_step:
+                full = len(completion) >= room[live[row] // copies]
+                if token in self.end_of_turn_ids or stopper.hit(completion) or last_step or full:
                     writing[row] = False
                     if self.carry_cache:
                         # The cache holds every token fed so far: the prompt and all but the last sampled one.
@@ -246,7 +264,7 @@ class TransformersEngine:
     def _to_generation(self, completion: list[int], prompt: list[int], stop: Sequence[str]) -> Generation:
         ended = bool(completion) and completion[-1] in self.end_of_turn_ids
         text = cut_at_stop(reply_text(self.tokenizer, prompt, completion[:-1] if ended else completion), stop)
-        # Generation stops only at an end of turn, a stop string or max_new_tokens.
+        # Generation stops only at an end of turn, a stop string, max_new_tokens or the context's end.
         cut_off = not ended and not ends_on_stop(text, stop)
         return Generation(text, len(prompt), len(completion), cut_off)
 
@@ -268,6 +286,10 @@ class _CachedPrefix:
             [layer.keys[row][:, filled] for layer in cache.layers],
             [layer.values[row][:, filled] for layer in cache.layers],
         )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def usable_length(self, prompt: list[int]) -> int:
         """How many leading tokens of `prompt` this holds; the last prompt token is always fed, for its logits."""

@@ -195,24 +195,31 @@ def play_episodes(
         if turn == 1:
             # All K episodes of a problem share their first prompt: ask for K samples of it once.
             shared = [episodes[i * samples_per_prompt].messages for i in range(len(problems))]
-            replies = _replies(engine, shared, turn_params, samples_per_prompt)
+            names = [f"prompt {p.prompt_id!r}, turn 1" for p in problems]
+            replies = _replies(engine, shared, names, turn_params, samples_per_prompt)
         else:
-            replies = _replies(engine, [e.messages for e in active], turn_params, 1)
+            names = [f"trajectory '{e.problem.prompt_id}/{e.sample_index}', turn {turn}" for e in active]
+            replies = _replies(engine, [e.messages for e in active], names, turn_params, 1)
         for episode, reply in zip(active, replies):
             episode.take_turn(reply, verifier, cfg)
     return episodes
 
 
-def _replies(engine: Engine, conversations: list[Conversation], params: SamplingParams, n: int) -> list[Generation]:
+def _replies(
+    engine: Engine, conversations: list[Conversation], names: list[str], params: SamplingParams, n: int
+) -> list[Generation]:
     """The engine's n replies to each conversation, in order; checked per conversation, as one surplus
-    and one shortfall would otherwise hand replies to another problem's episodes."""
+    and one shortfall would otherwise hand replies to another problem's episodes. `names` say whose each
+    conversation is, for the error."""
     groups = engine.generate(conversations, params, n)
     expected = f"expected {n} replies for each of {len(conversations)} conversations"
     if len(groups) != len(conversations):
         raise RuntimeError(f"engine {engine.name!r} returned reply lists for {len(groups)} conversations; {expected}")
     wrong = next((i for i, group in enumerate(groups) if len(group) != n), None)
     if wrong is not None:
-        raise RuntimeError(f"engine {engine.name!r} returned {len(groups[wrong])} for conversation {wrong}; {expected}")
+        raise RuntimeError(
+            f"engine {engine.name!r} returned {len(groups[wrong])} for conversation {wrong} ({names[wrong]}); {expected}"
+        )
     return [reply for group in groups for reply in group]
 
 

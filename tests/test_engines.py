@@ -138,12 +138,37 @@ def test_carried_cache_prefills_only_new_tokens_and_changes_no_greedy_reply(chao
     assert sum(carried_fed[1:]) < sum(fresh_fed[1:]) / 2
 
 
-def test_no_cache_is_carried_beyond_max_carried_tokens(chaotic_dir, monkeypatch):
-    capped = TransformersEngine(chaotic_dir, torch_threads=1, max_carried_tokens=0)
+def test_no_cache_is_carried_beyond_max_carried_bytes(chaotic_dir, monkeypatch):
+    whole = TransformersEngine(chaotic_dir, torch_threads=1)
+    whole.generate(CONVERSATIONS, GREEDY, 1)
+    carried = sum(prefix.nbytes for prefix in whole._replies.values())
+    assert len(whole._replies) == len(CONVERSATIONS) and carried > 0
+    all_but_one = TransformersEngine(chaotic_dir, torch_threads=1, max_carried_bytes=carried - 1)
+    all_but_one.generate(CONVERSATIONS, GREEDY, 1)
+    assert len(all_but_one._replies) == len(CONVERSATIONS) - 1
+
+    capped = TransformersEngine(chaotic_dir, torch_threads=1, max_carried_bytes=0)
     fresh = TransformersEngine(chaotic_dir, torch_threads=1, carry_cache=False)
     capped_fed, fresh_fed = prefill_tokens(capped, monkeypatch), prefill_tokens(fresh, monkeypatch)
     assert play_turns(capped, 2, newcomer_at=1) == play_turns(fresh, 2, newcomer_at=1)
     assert capped_fed == fresh_fed
+
+
+def test_a_dropped_cache_is_not_reused_after_the_weights_change(chaotic_dir, monkeypatch):
+    policy = TransformersEngine(chaotic_dir, torch_threads=1)
+    first = policy.generate(CONVERSATIONS, GREEDY, 1)
+    with torch.no_grad():  # an update in place, as online RL makes between calls
+        for parameter in policy.model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    policy.drop_carried_cache()
+    after = [
+        [*c, {"role": "assistant", "content": group[0].text}, {"role": "user", "content": "Wrong."}]
+        for c, group in zip(CONVERSATIONS, first)
+    ]
+    fresh = TransformersEngine(policy.model, tokenizer=policy.tokenizer, carry_cache=False)
+    policy_fed, fresh_fed = prefill_tokens(policy, monkeypatch), prefill_tokens(fresh, monkeypatch)
+    assert policy.generate(after, GREEDY, 1) == fresh.generate(after, GREEDY, 1)
+    assert policy_fed == fresh_fed  # the whole history prefilled with the new weights
 
 
 def test_carried_cache_is_not_used_for_a_conversation_whose_reply_was_changed(chaotic_dir):
@@ -190,6 +215,27 @@ def test_a_reply_is_cut_off_where_it_reached_max_new_tokens_without_ending(chaot
     params = SamplingParams(temperature=0, max_new_tokens=GREEDY.max_new_tokens, stop=(stop,))
     [[stopped]] = chaotic.generate([CONVERSATIONS[replies.index(cut)]], params, 1)
     assert (stopped.text, stopped.completion_tokens, stopped.cut_off) == (cut.text, GREEDY.max_new_tokens, False)
+
+
+def test_a_reply_stops_cut_off_at_the_end_of_the_model_s_context_and_a_prompt_filling_it_is_refused(chaotic_dir):
+    engine = TransformersEngine(chaotic_dir, torch_threads=1)
+    assert engine.context_length == engine.model.config.max_position_embeddings
+    texts = [engine.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CONVERSATIONS]
+    prompts = [len(ids) for ids in engine.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    engine.context_length = max(prompts) + 3  # as a model of fewer positions would have
+    at_the_end = []
+    for prompt, group in zip(prompts, engine.generate(CONVERSATIONS, GREEDY, 2)):
+        for reply in group:
+            assert prompt + reply.completion_tokens <= engine.context_length
+            if prompt + reply.completion_tokens == engine.context_length:
+                at_the_end.append(reply)
+    assert at_the_end
+    # Cut off unless its last token ended the turn (a token more than its characters).
+    assert all(reply.cut_off == (reply.completion_tokens == len(reply.text)) for reply in at_the_end)
+    longest = [CONVERSATIONS[prompts.index(max(prompts))]]
+    engine.context_length = max(prompts)
+    with pytest.raises(ValueError, match=rf"conversation 0 is a prompt of {max(prompts)} tokens, .* context of {max(prompts)} "):
+        engine.generate(longest, GREEDY, 1)
 
 
 def test_max_new_tokens_is_respected(chaotic):

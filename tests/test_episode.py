@@ -123,8 +123,27 @@ class UnevenEngine(ScriptedEngine):
 def test_replies_are_checked_per_conversation():
     problems = [Problem("a", "qa", "1"), Problem("b", "qb", "2")]
     engine = UnevenEngine({"qa": ["<answer>1</answer>"], "qb": ["<answer>2</answer>"]})
-    with pytest.raises(RuntimeError, match=r"^engine 'scripted' returned 4 for conversation 0; expected 3 replies for each of 2 conversations$"):
+    expected = r"^engine 'scripted' returned 4 for conversation 0 \(prompt 'a', turn 1\); expected 3 replies for each of 2 conversations$"
+    with pytest.raises(RuntimeError, match=expected):
         play_episodes(problems, engine, get_verifier("exact"), SamplingParams(), 3, CFG)
+
+
+class ShortOnTurn2Engine(ScriptedEngine):
+    """No reply for the second conversation of turn 2: from turn 2 on, conversations are the unfinished episodes."""
+
+    def generate(self, conversations, params, n):
+        out = super().generate(conversations, params, n)
+        if len(conversations) > 1 and len(conversations[0]) > 1:
+            out[1].pop()
+        return out
+
+
+def test_a_missing_reply_after_turn_1_names_its_trajectory_and_turn():
+    problems = [Problem("a", "qa", "1"), Problem("b", "qb", "2")]
+    engine = ShortOnTurn2Engine({"qa": ["<answer>0</answer>"] * 2, "qb": ["<answer>0</answer>"] * 2})
+    expected = r"returned 0 for conversation 1 \(trajectory 'a/1', turn 2\); expected 1 replies for each of 4 conversations$"
+    with pytest.raises(RuntimeError, match=expected):
+        play_episodes(problems, engine, get_verifier("exact"), SamplingParams(), 2, CFG)
 
 
 def test_custom_feedback_and_max_turns():
