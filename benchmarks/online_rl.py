@@ -31,7 +31,6 @@ from record import (  # noqa: E402
     weight_checksums,
 )
 
-from drift_ray import schema  # noqa: E402
 from drift_ray.config import Config, load_config, validate_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import episodes_table, play_episodes  # noqa: E402
@@ -39,7 +38,7 @@ from drift_ray.evaluation import episode_metrics  # noqa: E402
 from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  # noqa: E402
 from drift_ray.pipeline import RUN_RECORD_FILE, evaluation_task, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
-from drift_ray.rollouts import eval_sampling, read_shards  # noqa: E402
+from drift_ray.rollouts import eval_sampling  # noqa: E402
 from drift_ray.trajectories import require_same_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +73,8 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
         )
     timings = record["timings_s"]
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())[cfg.weights.mode.value]
-    tokens = sum(read_shards(cfg.rollout.output_dir or run_dir / "rollouts").column(schema.COMPLETION_TOKENS).to_pylist())
+    # The run's own: a shared rollout.output_dir also holds other runs' prompts.
+    tokens = record["work_by_round"][0]["rollouts"]["completion_tokens"]
     return {
         "method": f"DRIFT ({cfg.weights.mode.value}, Ray pipeline)",
         "seconds": round(timings["rollouts"] + timings["weights"] + timings["weighted_sft"], 1),

@@ -109,11 +109,11 @@ def run_method(
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     """Over the seeds where the metric is defined (None, e.g. a ratio of no answers, is left out); None
-    when it is defined in none (JSON has no NaN)."""
+    when it is defined in none (JSON has no NaN), and the sample std None when in one."""
     defined = [v for v in values if v is not None]
     if not defined:
         return None, None
-    return float(np.mean(defined)), float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
+    return float(np.mean(defined)), float(np.std(defined, ddof=1)) if len(defined) > 1 else None
 
 
 def grouped_weight_share(share: dict[str, float]) -> dict[str, float]:
@@ -138,7 +138,7 @@ def summary_rows(runs: dict[tuple[int, str], dict[str, Any]], seeds: list[int], 
             ]
             mean, std = mean_std(values)
             defined = sum(v is not None for v in values)
-            text = "–" if mean is None else f"{mean:.3f} ± {std:.3f}"
+            text = "–" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
             row[key] = text + (f" ({defined} seeds)" if defined < len(values) else "")
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
             row[f"{key}_per_seed"] = values  # in `seeds` order, for comparisons paired by seed
@@ -176,10 +176,14 @@ def evidence_checks(rows: list[dict[str, Any]]) -> list[str]:
         if sft_label in row_of:
             sft = row_of[sft_label]
             gap = row["multi@5_mean"] - sft["multi@5_mean"]
-            noise = 2 * max(row["multi@5_std"], sft["multi@5_std"])
-            verdict = "NOT beyond" if abs(gap) <= noise else f"{label} {'ahead' if gap > 0 else 'behind'} beyond"
-            checks.append(f"{label} multi@5 − {sft_label} multi@5 = {gap:+.3f}; 2 × the larger seed std = {noise:.3f}: "
-                          f"{verdict} seed noise")
+            stds = (row["multi@5_std"], sft["multi@5_std"])
+            if None in stds:
+                checks.append(f"{label} multi@5 − {sft_label} multi@5 = {gap:+.3f}; seed noise unknown: a std needs 2 seeds")
+            else:
+                noise = 2 * max(stds)
+                verdict = "NOT beyond" if abs(gap) <= noise else f"{label} {'ahead' if gap > 0 else 'behind'} beyond"
+                checks.append(f"{label} multi@5 − {sft_label} multi@5 = {gap:+.3f}; 2 × the larger seed std = {noise:.3f}: "
+                              f"{verdict} seed noise")
             checks.append(paired_check(label, row["multi@5_per_seed"], sft_label, sft["multi@5_per_seed"]))
     return checks
 
@@ -188,7 +192,8 @@ def paired_check(label: str, values: list[float], other_label: str, other_values
     differences = [a - b for a, b in zip(values, other_values, strict=True)]
     mean, std = mean_std(differences)
     leads = sum(d > 0 for d in differences)
-    return (f"{label} − {other_label} multi@5 paired by seed = {mean:+.3f} ± {std:.3f} "
+    spread = "" if std is None else f" ± {std:.3f}"
+    return (f"{label} − {other_label} multi@5 paired by seed = {mean:+.3f}{spread} "
             f"({' '.join(f'{d:+.3f}' for d in differences)}); {label} ahead in {leads} of {len(differences)} seeds")
 
 

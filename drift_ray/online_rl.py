@@ -77,14 +77,15 @@ def train_online(
     evaluate: Callable[[TransformersEngine], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Run the updates; return the curve: after update 0 (the start) and every `eval_every` updates, the
-    update, wall-clock seconds, generated tokens so far, and what `evaluate(engine)` returns.
+    update, wall-clock seconds, generated tokens so far, the mean return of that update's episodes (not of
+    every update since the last point), and what `evaluate(engine)` returns.
 
     Evaluation time is excluded from the wall-clock, as DRIFT's curve excludes it.
     """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    # A carried cache would outlive the update that changed the weights it was computed with.
-    engine = TransformersEngine(model, tokenizer=tokenizer, carry_cache=False)
+    # The engine carries each turn's cache to the next, as DRIFT's rollout engine does; every update drops it.
+    engine = TransformersEngine(model, tokenizer=tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=cfg.train.weight_decay)
     rollout = cfg.rollout
     seconds, generated = 0.0, 0
@@ -100,7 +101,7 @@ def train_online(
         episodes = play_episodes(batch, engine, verifier, params, settings.samples_per_prompt, cfg.episode)
         table = episodes_table(episodes, cfg.episode, engine.name)
         generated += int(sum(table.column(schema.COMPLETION_TOKENS).to_pylist()))
-        returns = trajectory_returns(table, cfg.weights.gamma, cfg.weights.rep_lambda)
+        returns = trajectory_returns(table, cfg.weights.gamma, cfg.weights.rep_lambda, cfg.weights.format_penalty)
         # play_episodes returns each prompt's samples together, in order: consecutive groups.
         advantages = group_advantages(returns, settings.samples_per_prompt, settings.advantage)
 
@@ -114,6 +115,7 @@ def train_online(
             settings.micro_batch_size,
             cut_offs=[e.cut_off for e in episodes],
         )
+        engine.drop_carried_cache()
         seconds += time.perf_counter() - started
         if update % settings.eval_every == 0 or update == settings.updates:
             point = {"update": update, "seconds": round(seconds, 2), "generated_tokens": generated}

@@ -171,6 +171,12 @@ def test_quality_checks_compare_each_drift_row_with_sft_of_its_round():
     # A gap as large the other way is beyond noise too, and says so.
     behind = quality.evidence_checks([rows[0], row("drift", 0.30, 0.30, 0.02), row("uniform", 0.30, 0.40, 0.01)])
     assert "drift multi@5 − uniform multi@5 = -0.100; 2 × the larger seed std = 0.040: drift behind beyond seed noise" in behind
+    # One seed has no std: the gap is not judged against a noise of 0.
+    one_seed = quality.evidence_checks(
+        [rows[0], row("drift", 0.30, 0.50, None, per_seed=(0.5,)), row("uniform", 0.30, 0.40, None, per_seed=(0.4,))]
+    )
+    assert "drift multi@5 − uniform multi@5 = +0.100; seed noise unknown: a std needs 2 seeds" in one_seed
+    assert "drift − uniform multi@5 paired by seed = +0.100 (+0.100); drift ahead in 1 of 1 seeds" in one_seed
 
 
 def test_quality_averages_the_turn_2_correction_rate_over_the_seeds_where_it_is_defined():
@@ -188,6 +194,7 @@ def test_quality_averages_the_turn_2_correction_rate_over_the_seeds_where_it_is_
     # Defined in no seed (every problem solved at turn 1): null in the results line, which JSON can hold.
     [reference] = quality.summary_rows({(0, "reference"): run(None)}, [0], labels=[])
     assert (reference["correction@2_mean"], reference["correction@2_std"], reference["correction@2"]) == (None, None, "– (0 seeds)")
+    assert (reference["multi@1"], reference["multi@1_std"]) == ("0.500", None)  # one seed: no spread to show
     json.dumps(reference, allow_nan=False)
 
 
@@ -227,13 +234,15 @@ def finished_drift_run(
     from drift_ray.trajectories import write_json_atomic, write_table_atomic
     from drift_ray.verifiers import ExactVerifier
 
-    problem = Problem("p", "What is 2+2?", "4")
-    episode = Episode(problem, 0, first_messages(problem.question, cfg.episode))
-    episode.take_turn(Generation("<answer>4</answer>", 10, 7), ExactVerifier(), cfg.episode)
-    write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
+    # Beside another run's prompt (5 tokens), which a shared rollout.output_dir holds too.
+    for prompt_id, tokens in (("p", 7), ("another-run", 5)):
+        problem = Problem(prompt_id, "What is 2+2?", "4")
+        episode = Episode(problem, 0, first_messages(problem.question, cfg.episode))
+        episode.take_turn(Generation("<answer>4</answer>", 10, tokens), ExactVerifier(), cfg.episode)
+        write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
     write_json_atomic({"drift": {"multi@1": 0.4, "multi@3": 0.45, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
     write_json_atomic({"wall_seconds": 30.0}, run_dir / "train" / "model" / "drift_train.json")
-    work = {"rollouts": {"problems": 1, "reused": 0, "new": 1}, "weights_reused": False, "model_reused": False,
+    work = {"rollouts": {"problems": 1, "reused": 0, "new": 1, "completion_tokens": 7}, "weights_reused": False, "model_reused": False,
             "resumed_from_step": 0} | (took_over or {})
     (run_dir / "run.json").unlink(missing_ok=True)
     if wrote_record:

@@ -45,6 +45,7 @@ def test_online_updates_regenerate_episodes_change_the_policy_and_report_a_curve
 
     def evaluate(engine) -> dict[str, float]:
         assert engine.model is model  # the engine samples from the policy being trained
+        assert engine.carry_cache and not engine._replies  # no cache of the weights before the update
         evaluations.append(engine.name)
         return {"multi@1": 0.0}
 
@@ -59,6 +60,18 @@ def test_online_updates_regenerate_episodes_change_the_policy_and_report_a_curve
     # At most one reward of 1; at least a format penalty on each turn and the whole repetition penalty.
     lowest = cfg.episode.max_turns * cfg.episode.format_penalty - cfg.weights.rep_lambda
     assert all(lowest <= point["mean_return"] <= 1.0 for point in curve[1:])
+
+
+def test_online_returns_re_price_format_failures_as_drift_weights_do(tiny_model_dir):
+    # The untrained model writes no <answer>: every turn fails the format, at weights.format_penalty each.
+    overrides = ['episode.instruction="{question}"', "episode.max_turns=2", "rollout.max_new_tokens=4"]
+    cfg = load_config(None, [*overrides, "weights.format_penalty=-10"])
+    problems = [Problem(f"p{i}", f"x ends in {i}. What is x?", f"1{i}") for i in range(2)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    settings = OnlineRLSettings(updates=1, prompts_per_update=2, samples_per_prompt=2, lr=0.0, eval_every=1)
+    curve = train_online(model, tokenizer, problems, get_verifier("exact"), cfg, settings, lambda engine: {})
+    assert curve[1]["mean_return"] <= cfg.episode.max_turns * -10
 
 
 def test_a_policy_gradient_step_favours_the_trajectory_with_the_higher_return(tiny_model_dir):
