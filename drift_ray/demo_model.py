@@ -205,8 +205,9 @@ def ensure_demo_model(
 def _build(out_dir: Path, settings: dict[str, Any], episode: EpisodeConfig) -> None:
     started = time.perf_counter()
     seed = settings["seed"]
-    # The default test split is set aside, so a pipeline evaluating on the candidates test split with
-    # the same seed never evaluates on a question the reference was pre-trained on.
+    # The default test split is set aside: a pipeline evaluating on the candidates test split with the
+    # same seed and the default task options evaluates on no question the reference was pre-trained on.
+    # (Other seeds or a larger task.options.num_test do, with golds drawn anew: see README.)
     task = candidates_task(seed=seed, num_train=settings["num_problems"])
     episodes = play_episodes(
         task.train,

@@ -475,8 +475,8 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
         table = table.set_column(table.schema.get_field_index(name), name, column.cast(_TYPES[name]))
     # Optional columns the weights read as they are: a t_star column with nulls, written by pandas, holds floats.
     for name, accepts, expected in (
-        (schema.CORRECT, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
-        (schema.FORMAT_FAILURES, lambda t: _is_list(t) or pa.types.is_null(t), "lists"),
+        (schema.CORRECT, schema.holds_flags, "lists of booleans"),
+        (schema.FORMAT_FAILURES, schema.holds_flags, "lists of booleans"),
         (schema.CUT_OFF, schema.holds_flags, "lists of booleans"),
         (schema.T_STAR, lambda t: _is_number(t) or pa.types.is_null(t), "numbers"),
         (schema.TRAJECTORY_ID, _is_id, "text or integers"),
@@ -557,9 +557,11 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
             lengths = pc.list_value_length(table.column(field)).to_numpy(zero_copy_only=False).astype(float)  # null: NaN
             fail(np.flatnonzero(~np.isnan(lengths) & (lengths != turns)), field, _PER_TURN_EXPECTED)
     if schema.T_STAR in table.column_names:
-        t_star = table.column(schema.T_STAR).cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null: NaN
-        outside = (t_star < 1) | (t_star > turns) | (t_star != np.floor(t_star))
-        fail(np.flatnonzero(~np.isnan(t_star) & outside), schema.T_STAR, _T_STAR_EXPECTED)
+        column = table.column(schema.T_STAR)
+        t_star = column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null: NaN
+        # A NaN that is not a null (pyarrow and polars keep the two apart) is no turn either.
+        outside = np.isnan(t_star) | (t_star < 1) | (t_star > turns) | (t_star != np.floor(t_star))
+        fail(np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False) & outside), schema.T_STAR, _T_STAR_EXPECTED)
 
 
 # --- JSONL --------------------------------------------------------------------------------------------

@@ -156,6 +156,7 @@ def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
         ({schema.PROMPT_ID: None}, schema.PROMPT_ID),
         ({schema.FORMAT_PENALTY: 0.5}, schema.FORMAT_PENALTY),  # a penalty added to the return is <= 0
         ({schema.T_STAR: 4}, schema.T_STAR),  # of 3 turns
+        ({schema.T_STAR: float("nan")}, schema.T_STAR),  # not a null: would count as a success
         ({schema.CORRECT: [False, True]}, schema.CORRECT),
         ({schema.FORMAT_FAILURES: [True]}, schema.FORMAT_FAILURES),
         ({schema.CUT_OFF: [True, False]}, schema.CUT_OFF),
@@ -222,6 +223,11 @@ def test_parquet_with_wrong_column_type_or_missing_column(tmp_path):
     expected = rf"bad\.parquet: field '{schema.TURN_REWARDS}': expected .*found type string"
     with pytest.raises(TrajectoryFileError, match=expected):
         read_trajectories(path)
+    for field in (schema.CORRECT, schema.FORMAT_FAILURES):  # verdicts the weights read as booleans
+        words = [["yes" if flag else "no" for flag in r[field]] for r in rows]
+        pq.write_table(pa.Table.from_pylist(rows).set_column(list(rows[0]).index(field), field, pa.array(words)), path)
+        with pytest.raises(TrajectoryFileError, match=rf"bad\.parquet: field '{field}': .*lists of booleans, found type list<\w+: string>"):
+            read_trajectories(path)
     pq.write_table(pa.Table.from_pylist(rows).drop_columns([schema.ANSWER_NORMS]), path)
     with pytest.raises(schema.MissingColumnsError, match=schema.ANSWER_NORMS):
         read_trajectories(path)
