@@ -7,7 +7,8 @@ reference model stays in its cache, so only a first run includes its build. What
   workers, DeepSpeed start, tokenisation, the final save);
 - rollouts and evaluation: run_pipeline's timings do not split their actors' start-up from generation
   (benchmarks/rollouts.py measures that split), so they count whole as steady state here.
-Throughput per stage: generated tokens and trajectories of the stage's shards over its wall time.
+Throughput per stage: generated tokens (of the rollouts, the evaluation's shards, the training's tokens)
+over its steady wall time; every round of iterated DRIFT (`rounds`) has rows of its own.
 
 --quick runs jobs/smoke.yaml with a randomly initialised demo-architecture model (no build), which writes
 max_new_tokens every turn; --model PATH replaces the config's rollout.model in either mode.
@@ -34,7 +35,7 @@ from drift_ray.config import load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.pipeline import run_pipeline  # noqa: E402
 from drift_ray.rollouts import read_shards  # noqa: E402
-from drift_ray.train import MODEL_DIR, read_stats  # noqa: E402
+from drift_ray.train import read_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_STAGES = ("reference_model", "ray_start")
@@ -48,24 +49,32 @@ def generated(shard_dirs: list[Path]) -> dict[str, int]:
     }
 
 
-def stage_rows(timings: dict[str, float], run_dir: Path, final_multi: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per stage of `timings` (run_pipeline's timings_s), with start-up and work where known; the
-    evaluation's row also holds `final_multi`, each model's multi@T, so a line shows the run trained sensibly."""
-    train_stats = read_stats(run_dir / "train" / MODEL_DIR)
-    work = {
-        "rollouts": generated([run_dir / "rollouts"]),
+def stage_rows(result: dict[str, Any], mode: str, run_dir: Path, final_multi: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per stage of run_pipeline's `result` (its timings_s), with start-up and work where known, for
+    every round (the rollouts' figures from the round's summary: what this run generated, wherever
+    rollout.output_dir puts it); the evaluation's row also holds `final_multi`, each model's multi@T, so a
+    line shows the run trained sensibly."""
+    timings = result["timings_s"]
+    work: dict[str, dict[str, Any]] = {
         "evaluation": {
             **generated(sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir())),
             "final_multi": final_multi,
         },
-        "weighted_sft": {"tokens": train_stats["tokens"], "steps": train_stats["steps"]},
     }
+    training_s = {}
+    for r, round_work in enumerate(result["work_by_round"], start=1):
+        suffix = "" if r == 1 else f"_round{r}"
+        rollouts = round_work["rollouts"]
+        work[f"rollouts{suffix}"] = {key: rollouts.get(key, 0) for key in ("trajectories", "completion_tokens")}
+        stats = read_stats(result["models"][mode + suffix])
+        work[f"weighted_sft{suffix}"] = {"tokens": stats["tokens"], "steps": stats["steps"]}
+        training_s[f"weighted_sft{suffix}"] = stats["seconds"]
     rows = []
     for stage, seconds in timings.items():
         if stage in STARTUP_STAGES:
             startup = seconds
-        elif stage == "weighted_sft":
-            startup = seconds - train_stats["seconds"]
+        elif stage in training_s:
+            startup = seconds - training_s[stage]
         else:
             startup = 0.0
         figures = work.get(stage, {})
@@ -113,9 +122,8 @@ def main() -> None:
         result = run_pipeline(cfg)
         wall = time.perf_counter() - started
         turns = cfg.episode.max_turns
-        rows = stage_rows(
-            result["timings_s"], run_dir, {label: m[f"multi@{turns}"] for label, m in result["metrics"].items()}
-        )
+        final_multi = {label: m[f"multi@{turns}"] for label, m in result["metrics"].items()}
+        rows = stage_rows(result, cfg.weights.mode.value, run_dir, final_multi)
         evaluation_table = Path(result["paths"]["markdown"]).read_text()
         reference_sha256 = weight_checksums(result["models"]["reference"])
 

@@ -222,24 +222,59 @@ def test_quality_methods_run_every_mode_for_the_rounds_and_drift_at_each_beta():
     assert [m.overrides for m in methods if m.label == "drift_beta0.5"] == [("weights.beta=0.5",)]
 
 
+def one_episode_shard(shard_dir: Path, cfg, prompt_id: str, completion_tokens: int) -> None:
+    """A shard of one episode of the problem `prompt_id`, solved at turn 1 in `completion_tokens` tokens."""
+    from drift_ray.episode import Episode, Generation, episodes_table, first_messages
+    from drift_ray.prompts import Problem
+    from drift_ray.rollouts import shard_path
+    from drift_ray.trajectories import write_table_atomic
+    from drift_ray.verifiers import ExactVerifier
+
+    problem = Problem(prompt_id, "What is 2+2?", "4")
+    episode = Episode(problem, 0, first_messages(problem.question, cfg.episode))
+    episode.take_turn(Generation("<answer>4</answer>", 10, completion_tokens), ExactVerifier(), cfg.episode)
+    write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(shard_dir, [problem]))
+
+
+def test_end_to_end_gives_every_round_its_rollouts_and_training_figures(tmp_path):
+    from drift_ray.config import load_config
+    from drift_ray.train import STATS_FILE
+    from drift_ray.trajectories import write_json_atomic
+
+    end_to_end = load_benchmark("end_to_end.py")
+    cfg = load_config(None, [f"run_dir={tmp_path}", "rounds=2"])
+    one_episode_shard(tmp_path / "eval" / "drift", cfg, "test-1", 9)
+    models = {}
+    for label, training_s in (("drift", 20.0), ("drift_round2", 15.0)):
+        models[label] = tmp_path / label
+        write_json_atomic({"tokens": 1000, "steps": 4, "seconds": training_s}, models[label] / STATS_FILE)
+    result = {
+        "timings_s": {"rollouts": 10.0, "weights": 1.0, "weighted_sft": 30.0, "rollouts_round2": 8.0,
+                      "weights_round2": 1.0, "weighted_sft_round2": 25.0, "evaluation": 3.0},
+        # What this run generated, wherever its rollouts are kept.
+        "work_by_round": [{"rollouts": {"trajectories": 16, "completion_tokens": 100}},
+                          {"rollouts": {"trajectories": 16, "completion_tokens": 80}}],
+        "models": models,
+    }
+    rows = {row["stage"]: row for row in end_to_end.stage_rows(result, "drift", tmp_path, {"drift": 0.5})}
+    assert (rows["rollouts_round2"]["completion_tokens"], rows["rollouts_round2"]["tokens_per_steady_s"]) == (80, 10.0)
+    assert (rows["weighted_sft"]["startup_s"], rows["weighted_sft_round2"]["startup_s"]) == (10.0, 10.0)
+    assert rows["weighted_sft_round2"]["tokens_per_steady_s"] == 1000 / 15.0
+    assert (rows["evaluation"]["completion_tokens"], rows["evaluation"]["final_multi"]) == (9, {"drift": 0.5})
+    assert rows["total"]["seconds"] == 78.0
+
+
 def finished_drift_run(
     run_dir: Path, cfg, timings: dict[str, float], took_over: dict | None = None, wrote_record: bool = True
 ) -> None:
     """What `drift-ray run` of `cfg` leaves in run_dir: one prompt's rollouts (7 tokens), eval.json, the
     training's statistics (30 s) and run.json: the config, `timings` and what the run took over from
     earlier ones: nothing, but for `took_over` (no run.json without `wrote_record`, as an older drift-ray)."""
-    from drift_ray.episode import Episode, Generation, episodes_table, first_messages
-    from drift_ray.prompts import Problem
-    from drift_ray.rollouts import shard_path
-    from drift_ray.trajectories import write_json_atomic, write_table_atomic
-    from drift_ray.verifiers import ExactVerifier
+    from drift_ray.trajectories import write_json_atomic
 
     # Beside another run's prompt (5 tokens), which a shared rollout.output_dir holds too.
     for prompt_id, tokens in (("p", 7), ("another-run", 5)):
-        problem = Problem(prompt_id, "What is 2+2?", "4")
-        episode = Episode(problem, 0, first_messages(problem.question, cfg.episode))
-        episode.take_turn(Generation("<answer>4</answer>", 10, tokens), ExactVerifier(), cfg.episode)
-        write_table_atomic(episodes_table([episode], cfg.episode, "m"), shard_path(run_dir / "rollouts", [problem]))
+        one_episode_shard(run_dir / "rollouts", cfg, prompt_id, tokens)
     write_json_atomic({"drift": {"multi@1": 0.4, "multi@3": 0.45, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
     write_json_atomic({"wall_seconds": 30.0}, run_dir / "train" / "model" / "drift_train.json")
     work = {"rollouts": {"problems": 1, "reused": 0, "new": 1, "completion_tokens": 7}, "weights_reused": False, "model_reused": False,
