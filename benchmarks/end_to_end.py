@@ -65,7 +65,8 @@ def stage_rows(result: dict[str, Any], mode: str, run_dir: Path, final_multi: di
     for r, round_work in enumerate(result["work_by_round"], start=1):
         suffix = "" if r == 1 else f"_round{r}"
         rollouts = round_work["rollouts"]
-        work[f"rollouts{suffix}"] = {key: rollouts.get(key, 0) for key in ("trajectories", "completion_tokens")}
+        # Absent where the round generated nothing (its prompts all in a shared rollout.output_dir): not measured.
+        work[f"rollouts{suffix}"] = {key: rollouts.get(key) for key in ("trajectories", "completion_tokens")}
         stats = read_stats(result["models"][mode + suffix])
         work[f"weighted_sft{suffix}"] = {"tokens": stats["tokens"], "steps": stats["steps"]}
         training_s[f"weighted_sft{suffix}"] = stats["seconds"]

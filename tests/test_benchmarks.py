@@ -262,6 +262,9 @@ def test_end_to_end_gives_every_round_its_rollouts_and_training_figures(tmp_path
     assert rows["weighted_sft_round2"]["tokens_per_steady_s"] == 1000 / 15.0
     assert (rows["evaluation"]["completion_tokens"], rows["evaluation"]["final_multi"]) == (9, {"drift": 0.5})
     assert rows["total"]["seconds"] == 78.0
+    result["work_by_round"][1]["rollouts"] = {"reused": 8, "new": 0}  # generated nothing: not measured
+    rows = {row["stage"]: row for row in end_to_end.stage_rows(result, "drift", tmp_path, {"drift": 0.5})}
+    assert (rows["rollouts_round2"]["completion_tokens"], rows["rollouts_round2"]["tokens_per_steady_s"]) == (None, None)
 
 
 def finished_drift_run(

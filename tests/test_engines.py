@@ -217,8 +217,11 @@ def test_a_reply_is_cut_off_where_it_reached_max_new_tokens_without_ending(chaot
     assert (stopped.text, stopped.completion_tokens, stopped.cut_off) == (cut.text, GREEDY.max_new_tokens, False)
 
 
-def test_a_reply_stops_cut_off_at_the_end_of_the_model_s_context_and_a_prompt_filling_it_is_refused(chaotic_dir):
-    engine = TransformersEngine(chaotic_dir, torch_threads=1)
+@pytest.mark.parametrize("share_prefill", [True, False])
+def test_a_reply_stops_cut_off_at_the_end_of_the_model_s_context_and_a_prompt_filling_it_is_refused(
+    chaotic_dir, share_prefill
+):
+    engine = TransformersEngine(chaotic_dir, torch_threads=1, share_prefill=share_prefill)
     assert engine.context_length == engine.model.config.max_position_embeddings
     texts = [engine.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CONVERSATIONS]
     prompts = [len(ids) for ids in engine.tokenizer(texts, add_special_tokens=False)["input_ids"]]
