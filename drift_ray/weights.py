@@ -68,6 +68,9 @@ def group_weights(returns: npt.ArrayLike, prompt_ids: npt.ArrayLike, beta: float
     group = group.reshape(-1)
     if group.size != returns.size:
         raise ValueError(f"group_weights got {returns.size} returns but {group.size} prompt ids; expected one each")
+    bad = np.flatnonzero(~np.isfinite(returns))
+    if bad.size:  # a NaN would make its whole group's weights NaN
+        raise ValueError(f"group_weights: return {bad[0]} is {returns[bad[0]]}; expected finite returns")
     return _weights_within_groups(returns, group, beta)
 
 
@@ -296,8 +299,8 @@ def _weights_within_groups(
     returns: npt.NDArray[np.float64], group: npt.NDArray[np.int64], beta: float
 ) -> npt.NDArray[np.float64]:
     """group_weights for group codes 0..G−1 that are all used."""
-    if not beta > 0:
-        raise ValueError(f"weights.beta must be > 0, found {beta}")
+    if not 0 < beta < np.inf:  # an infinite β would divide infinite return gaps into NaN
+        raise ValueError(f"weights.beta must be > 0 and finite, found {beta}")
     sizes = np.bincount(group)
     group_max = np.full(sizes.size, -np.inf)
     np.maximum.at(group_max, group, returns)

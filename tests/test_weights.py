@@ -184,10 +184,15 @@ def test_group_weights_small_example_and_singletons():
     np.testing.assert_allclose(weights, [2 * e / (e + 1), 2 / (e + 1), 1.0], rtol=1e-12)
 
 
-@pytest.mark.parametrize("beta", [0.0, -0.1])
-def test_beta_must_be_positive(beta):
-    with pytest.raises(ValueError, match=rf"weights.beta must be > 0, found {beta}"):
-        group_weights([0.0, 1.0], ["a", "a"], beta)
+@pytest.mark.parametrize("beta", [0.0, -0.1, math.inf, math.nan])
+def test_beta_must_be_positive_and_finite(beta):
+    with pytest.raises(ValueError, match=rf"weights.beta must be > 0 and finite, found {beta}"):
+        group_weights([1e308, -1e308], ["a", "a"], beta)
+
+
+def test_returns_must_be_finite():
+    with pytest.raises(ValueError, match=r"group_weights: return 1 is nan; expected finite returns"):
+        group_weights([0.0, math.nan, 1.0], ["a", "a", "b"], 1.0)
 
 
 def test_extreme_returns_stay_finite():
@@ -544,7 +549,7 @@ def test_weights_file_refuses_empty_input_and_bad_beta(tmp_path):
     with pytest.raises(ValueError, match=r"empty\.jsonl: no trajectories"):
         weights_file(empty, out_dir / "w.parquet", WeightsConfig())
     # The config refuses β ≤ 0; a config built without validation still cannot slip it through.
-    with pytest.raises(ValueError, match=r"weights\.beta must be > 0, found 0\.0"):
+    with pytest.raises(ValueError, match=r"weights\.beta must be > 0 and finite, found 0\.0"):
         weights_file(AUTHORS_SAMPLE, out_dir / "w.parquet", WeightsConfig.model_construct(beta=0.0))
     assert not out_dir.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
