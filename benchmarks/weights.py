@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
-from drift_ray.config import WeightsConfig  # noqa: E402
+from drift_ray.config import EpisodeConfig, WeightsConfig  # noqa: E402
 from drift_ray.weights import add_weights, compute_weights, weights_file  # noqa: E402
 
 TARGET_SPEEDUP = 50.0  # core vs the loop on Python rows
@@ -38,13 +38,14 @@ ANSWERS_PER_PROMPT = 4  # distinct answers a prompt's trajectories choose from: 
 PROMPTS_PER_BLOCK = 32  # rollout output: one block per actor call of rollout.prompts_per_batch prompts
 
 
+FEEDBACK = EpisodeConfig().feedback
 REASONING = "Let me think again: 3 × 4 = 12, so the last digit is 2. "  # not all ASCII: the UTF-8 check has work
 
 
 def synthetic_trajectories(n: int, k: int, seed: int, reply_chars: int = 0) -> pa.Table:
     """n trajectories, k per prompt: 1–5 turns, 40% solved at their last turn, 5% format failures per turn.
-    The reply carries `reply_chars` characters of reasoning before its answer: the weights read none of it,
-    but the file entry reads and checks all of it."""
+    One reply per turn, feedback between them; each carries `reply_chars` characters of reasoning before
+    its answer: the weights read none of it, but the file entry reads and checks all of it."""
     rng = np.random.default_rng(seed)
     reasoning = (REASONING * (reply_chars // len(REASONING) + 1))[:reply_chars]
     turns = rng.integers(1, 6, size=n)
@@ -65,9 +66,11 @@ def synthetic_trajectories(n: int, k: int, seed: int, reply_chars: int = 0) -> p
             schema.FORMAT_FAILURES: failures,
             schema.FORMAT_PENALTY: -0.1 * sum(failures),
             schema.T_STAR: t if solved[i] else None,
-            schema.MESSAGES: [
-                {"role": "user", "content": "question"},
-                {"role": "assistant", "content": f"{reasoning}<answer>1</answer>"},
+            schema.MESSAGES: [{"role": "user", "content": "question"}] + [
+                message
+                for turn in range(t)
+                for message in [{"role": "assistant", "content": f"{reasoning}<answer>1</answer>"}]
+                + ([{"role": "user", "content": FEEDBACK}] if turn < t - 1 else [])
             ],
         })
     return pa.Table.from_pylist(rows)

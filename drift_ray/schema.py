@@ -79,12 +79,14 @@ TRAIN_INPUT = (TRAJECTORY_ID, MESSAGES, WEIGHT)
 
 
 def invalid_conversation_rows(
-    messages: pa.Array | pa.ChunkedArray, cut_off: pa.Array | pa.ChunkedArray | None = None
+    messages: pa.Array | pa.ChunkedArray,
+    cut_off: pa.Array | pa.ChunkedArray | None = None,
+    turn_rewards: pa.Array | pa.ChunkedArray | None = None,
 ) -> list[tuple[int, str]]:
     """(row, conversation_problem) of every conversation of a MESSAGES column that weighted SFT cannot
-    train on, in row order; with its CUT_OFF column, also those whose flags are not one per assistant
-    message. A column of the type the rollouts write is checked with Arrow, which only the rows it finds
-    wrong leave; another, row by row."""
+    train on, in row order; with its CUT_OFF or TURN_REWARDS column, also those whose flags or rewards are
+    not one per assistant message (a turn is one reply). A column of the type the rollouts write is checked
+    with Arrow, which only the rows it finds wrong leave; another, row by row."""
     column = _combined(messages)
     if _holds_text_messages(column.type):
         replies, suspects = _replies_and_suspects(column)
@@ -97,16 +99,20 @@ def invalid_conversation_rows(
         problem = conversation_problem(conversation)
         if problem:
             found[row] = problem
-    if cut_off is not None and not pa.types.is_null(cut_off.type):
-        flags = pc.list_value_length(_combined(cut_off)).to_numpy(zero_copy_only=False)  # null: NaN
-        for row in np.flatnonzero(~np.isnan(flags.astype(float)) & (flags != replies)):
-            found.setdefault(int(row), cut_off_mismatch(int(flags[row]), int(replies[row])))
+    for name, per_turn in ((CUT_OFF, cut_off), (TURN_REWARDS, turn_rewards)):
+        if per_turn is None or pa.types.is_null(per_turn.type):
+            continue
+        counts = pc.list_value_length(_combined(per_turn)).to_numpy(zero_copy_only=False)  # null: NaN
+        for row in np.flatnonzero(~np.isnan(counts.astype(float)) & (counts != replies)):
+            found.setdefault(int(row), per_reply_mismatch(name, int(counts[row]), int(replies[row])))
     return sorted(found.items())
 
 
-def cut_off_mismatch(flags: int, replies: int) -> str:
-    """Why `flags` CUT_OFF flags do not fit a conversation of `replies` assistant messages."""
-    return f"{CUT_OFF} has {flags} flags for {replies} assistant messages; expected one each"
+def per_reply_mismatch(column: str, count: int, replies: int) -> str:
+    """Why `count` values of a per-turn `column` (CUT_OFF, TURN_REWARDS) do not fit a conversation of
+    `replies` assistant messages."""
+    values = "flags" if column == CUT_OFF else "values"
+    return f"{column} has {count} {values} for {replies} assistant messages; expected one each"
 
 
 def cut_off_column(table: pa.Table) -> pa.ChunkedArray | None:

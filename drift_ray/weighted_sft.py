@@ -88,7 +88,7 @@ def tokenize_trajectory(
         roles = [message["role"] for message in messages]
         raise ValueError(f"a training conversation needs an assistant message to supervise; found roles {roles}")
     if cut_off is not None and len(cut_off) != len(assistant_turns):
-        raise ValueError(schema.cut_off_mismatch(len(cut_off), len(assistant_turns)))
+        raise ValueError(schema.per_reply_mismatch(schema.CUT_OFF, len(cut_off), len(assistant_turns)))
     cut_turns = {turn for turn, cut in zip(assistant_turns, cut_off or ()) if cut}
     supervised_turns = assistant_turns if kind is ExampleKind.all_turns else assistant_turns[-1:]
 

@@ -180,6 +180,23 @@ def test_bad_parquet_value_names_file_row_and_field(tmp_path, change, field):
         read_trajectories(shards)
 
 
+def test_turns_must_be_the_conversation_s_replies(tmp_path):
+    # One reward per assistant message: a return over turns the conversation lacks would weigh it.
+    rows = _episode_rows()
+    # Its last reply and the feedback before it gone; no cut-off flags, whose count would be named first.
+    rows[1] = {**rows[1], schema.MESSAGES: rows[1][schema.MESSAGES][:-2], schema.CUT_OFF: None}
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "short.parquet")
+    expected = r"short\.parquet: row 2: field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each"
+    with pytest.raises(TrajectoryFileError, match=expected):
+        read_trajectories(tmp_path / "short.parquet")
+    line = json.loads(AUTHORS_SAMPLE.read_text().splitlines()[0])
+    line["turn_rewards"] = {"t1": 0.0, "t2": 1.0, "t3": 0.0}
+    line.pop("verifier"), line.pop("reward_details"), line.pop("t_star")
+    (tmp_path / "authors.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(TrajectoryFileError, match=r"authors\.jsonl:1: .*turn_rewards has 3 values for 1 assistant messages"):
+        read_trajectories(tmp_path / "authors.jsonl")
+
+
 def test_a_trajectory_id_on_two_rows_names_both_across_shards(tmp_path):
     rows = _episode_rows()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-a.parquet")
