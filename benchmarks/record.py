@@ -121,15 +121,16 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
-def commit() -> str:
-    """The short commit of the checkout the benchmarks live in, with -dirty when tracked files changed."""
-    repo = Path(__file__).resolve().parent
+def commit(repo: Path = ROOT) -> str:
+    """The short commit of the checkout `repo`, with -dirty when tracked files changed, but for the result
+    lines the benchmarks append under benchmarks/results (a second run would otherwise read as other code)."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+            cwd=repo, capture_output=True, text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -93,6 +93,22 @@ def test_quick_run_without_ray_appends_one_record(script, tmp_path):
     assert record["config"]["quick"] is True
 
 
+def test_a_result_line_appended_before_does_not_make_the_commit_dirty(tmp_path):
+    record = load_benchmark("record.py")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(tmp_path)]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "weights.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "benchmarks" / "results" / "weights.jsonl").write_text("{}\n{}\n")  # an earlier run's line
+    assert record.commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert record.commit(tmp_path) == f"{head}-dirty"
+
+
 def test_result_lines_name_places_instead_of_machine_paths(tmp_path, monkeypatch):
     record = load_benchmark("record.py")
     monkeypatch.setenv("DRIFT_RAY_CACHE", str(tmp_path / "cache"))
