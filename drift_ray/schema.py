@@ -111,8 +111,9 @@ def invalid_conversation_rows(
 def per_reply_mismatch(column: str, count: int, replies: int) -> str:
     """Why `count` values of a per-turn `column` (CUT_OFF, TURN_REWARDS) do not fit a conversation of
     `replies` assistant messages."""
-    values = "flags" if column == CUT_OFF else "values"
-    return f"{column} has {count} {values} for {replies} assistant messages; expected one each"
+    values = ("flag" if column == CUT_OFF else "value") + ("" if count == 1 else "s")
+    messages = "assistant message" + ("" if replies == 1 else "s")
+    return f"{column} has {count} {values} for {replies} {messages}; expected one each"
 
 
 def cut_off_column(table: pa.Table) -> pa.ChunkedArray | None:

@@ -234,7 +234,7 @@ def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_mo
             [1.0, 1.0, 1.0],
             [],
             [[False], [True, False], [True]],
-            r"conversations that weighted SFT cannot train on: 'q/1': cut_off has 2 flags for 1 assistant messages; expected one each$",
+            r"conversations that weighted SFT cannot train on: 'q/1': cut_off has 2 flags for 1 assistant message; expected one each$",
         ),
         ([1.0] * 3, [], [["no"]] * 3, r"column 'cut_off' holds list<element: string>; expected lists of booleans"),
     ],

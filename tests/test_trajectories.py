@@ -193,7 +193,7 @@ def test_turns_must_be_the_conversation_s_replies(tmp_path):
     line["turn_rewards"] = {"t1": 0.0, "t2": 1.0, "t3": 0.0}
     line.pop("verifier"), line.pop("reward_details"), line.pop("t_star")
     (tmp_path / "authors.jsonl").write_text(json.dumps(line) + "\n")
-    with pytest.raises(TrajectoryFileError, match=r"authors\.jsonl:1: .*turn_rewards has 3 values for 1 assistant messages"):
+    with pytest.raises(TrajectoryFileError, match=r"authors\.jsonl:1: .*turn_rewards has 3 values for 1 assistant message"):
         read_trajectories(tmp_path / "authors.jsonl")
 
 
@@ -390,7 +390,7 @@ def test_rollouts_played_before_cut_offs_were_recorded_read_beside_later_ones_as
     # One flag per turn but not per assistant message: weighted SFT could not tell which reply was cut off.
     messages = rows[1][schema.MESSAGES][:2]
     path.write_text(json.dumps({**rows[1], schema.MESSAGES: messages}) + "\n")
-    with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: .*cut_off has 3 flags for 1 assistant messages"):
+    with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: .*cut_off has 3 flags for 1 assistant message"):
         read_trajectories(path)
 
 

@@ -164,7 +164,7 @@ def test_a_reply_cut_off_before_it_wrote_any_text_supervises_nothing(tokenizer):
 
 
 def test_cut_off_flags_are_one_per_assistant_message(tokenizer):
-    with pytest.raises(ValueError, match="cut_off has 1 flags for 2 assistant messages"):
+    with pytest.raises(ValueError, match="cut_off has 1 flag for 2 assistant messages"):
         tokenize_trajectory(tokenizer, CONVERSATION, ExampleKind.last_turn, 512, cut_off=[True])
 
 

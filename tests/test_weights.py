@@ -170,7 +170,7 @@ def test_cut_off_flags_that_are_not_one_per_assistant_message_are_invalid_conver
         }
     )
     assert invalid_conversations(table).to_pylist() == [
-        {schema.TRAJECTORY_ID: "p/2", "problem": "cut_off has 2 flags for 1 assistant messages; expected one each"},
+        {schema.TRAJECTORY_ID: "p/2", "problem": "cut_off has 2 flags for 1 assistant message; expected one each"},
         {schema.TRAJECTORY_ID: "p/4", "problem": "no assistant message to train on (roles ['user'])"},
     ]
     # All null, as Arrow types a column that pandas wrote of Nones only: no flags.
