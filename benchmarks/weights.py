@@ -58,6 +58,11 @@ def synthetic_trajectories(n: int, k: int, seed: int, reply_chars: int = 0) -> p
             rewards[-1] = 1.0
         answers = [str(prompt * ANSWERS_PER_PROMPT + a) for a in rng.integers(0, ANSWERS_PER_PROMPT, size=t)]
         failures = (rng.random(t) < 0.05).tolist()
+        messages = [{"role": "user", "content": "question"}]
+        for turn in range(t):
+            if turn:
+                messages.append({"role": "user", "content": FEEDBACK})
+            messages.append({"role": "assistant", "content": f"{reasoning}<answer>1</answer>"})
         rows.append({
             schema.PROMPT_ID: f"p{prompt}",
             schema.TRAJECTORY_ID: f"p{prompt}/{i % k}",
@@ -66,12 +71,7 @@ def synthetic_trajectories(n: int, k: int, seed: int, reply_chars: int = 0) -> p
             schema.FORMAT_FAILURES: failures,
             schema.FORMAT_PENALTY: -0.1 * sum(failures),
             schema.T_STAR: t if solved[i] else None,
-            schema.MESSAGES: [{"role": "user", "content": "question"}] + [
-                message
-                for turn in range(t)
-                for message in [{"role": "assistant", "content": f"{reasoning}<answer>1</answer>"}]
-                + ([{"role": "user", "content": FEEDBACK}] if turn < t - 1 else [])
-            ],
+            schema.MESSAGES: messages,
         })
     return pa.Table.from_pylist(rows)
 

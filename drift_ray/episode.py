@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import pyarrow as pa
 
@@ -140,6 +140,10 @@ class Episode:
             self.messages.append({"role": "user", "content": cfg.feedback})
 
     @property
+    def trajectory_id(self) -> str:
+        return schema.trajectory_id(self.problem.prompt_id, self.sample_index)
+
+    @property
     def t_star(self) -> int | None:
         return self.correct.index(True) + 1 if True in self.correct else None
 
@@ -147,7 +151,7 @@ class Episode:
         """The trajectory row (columns from `schema`)."""
         return {
             schema.PROMPT_ID: self.problem.prompt_id,
-            schema.TRAJECTORY_ID: f"{self.problem.prompt_id}/{self.sample_index}",
+            schema.TRAJECTORY_ID: self.trajectory_id,
             schema.SAMPLE_INDEX: self.sample_index,
             schema.GOLD: self.problem.gold,
             schema.MESSAGES: self.messages,
@@ -195,22 +199,25 @@ def play_episodes(
         if turn == 1:
             # All K episodes of a problem share their first prompt: ask for K samples of it once.
             shared = [episodes[i * samples_per_prompt].messages for i in range(len(problems))]
-            names = [f"prompt {p.prompt_id!r}, turn 1" for p in problems]
-            replies = _replies(engine, shared, names, turn_params, samples_per_prompt)
+            replies = _replies(
+                engine, shared, lambda i: f"prompt {problems[i].prompt_id!r}, turn 1", turn_params, samples_per_prompt
+            )
         else:
-            names = [f"trajectory '{e.problem.prompt_id}/{e.sample_index}', turn {turn}" for e in active]
-            replies = _replies(engine, [e.messages for e in active], names, turn_params, 1)
+            replies = _replies(
+                engine, [e.messages for e in active], lambda i: f"trajectory {active[i].trajectory_id!r}, turn {turn}",
+                turn_params, 1,
+            )
         for episode, reply in zip(active, replies):
             episode.take_turn(reply, verifier, cfg)
     return episodes
 
 
 def _replies(
-    engine: Engine, conversations: list[Conversation], names: list[str], params: SamplingParams, n: int
+    engine: Engine, conversations: list[Conversation], name_of: Callable[[int], str], params: SamplingParams, n: int
 ) -> list[Generation]:
     """The engine's n replies to each conversation, in order; checked per conversation, as one surplus
-    and one shortfall would otherwise hand replies to another problem's episodes. `names` say whose each
-    conversation is, for the error."""
+    and one shortfall would otherwise hand replies to another problem's episodes. `name_of(i)` says whose
+    conversation i is, for the error (built only then)."""
     groups = engine.generate(conversations, params, n)
     expected = f"expected {n} replies for each of {len(conversations)} conversations"
     if len(groups) != len(conversations):
@@ -218,7 +225,7 @@ def _replies(
     wrong = next((i for i, group in enumerate(groups) if len(group) != n), None)
     if wrong is not None:
         raise RuntimeError(
-            f"engine {engine.name!r} returned {len(groups[wrong])} for conversation {wrong} ({names[wrong]}); {expected}"
+            f"engine {engine.name!r} returned {len(groups[wrong])} for conversation {wrong} ({name_of(wrong)}); {expected}"
         )
     return [reply for group in groups for reply in group]
 

@@ -78,6 +78,11 @@ WEIGHTS_INPUT = (PROMPT_ID, TURN_REWARDS, FORMAT_PENALTY, ANSWER_NORMS)
 TRAIN_INPUT = (TRAJECTORY_ID, MESSAGES, WEIGHT)
 
 
+def trajectory_id(prompt_id: str, sample_index: int) -> str:
+    """The TRAJECTORY_ID of sample `sample_index` of prompt `prompt_id`."""
+    return f"{prompt_id}/{sample_index}"
+
+
 def invalid_conversation_rows(
     messages: pa.Array | pa.ChunkedArray,
     cut_off: pa.Array | pa.ChunkedArray | None = None,

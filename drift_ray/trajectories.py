@@ -592,7 +592,7 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
             lines_of_prompt[row[schema.PROMPT_ID]] += 1
             if authors:
                 row.setdefault(schema.SAMPLE_INDEX, k)
-                row.setdefault(schema.TRAJECTORY_ID, f"{row[schema.PROMPT_ID]}/{row[schema.SAMPLE_INDEX]}")
+                row.setdefault(schema.TRAJECTORY_ID, schema.trajectory_id(row[schema.PROMPT_ID], row[schema.SAMPLE_INDEX]))
             row[schema.SOURCE_LINE] = line_no
             rows.append(row)
     names = dict.fromkeys(name for row in rows for name in row)
