@@ -123,9 +123,10 @@ def _parse_number(text: str) -> tuple[Fraction, bool] | None:
         float(value)  # rejects values no float can hold, so tolerance checks and formatting stay finite
     except (ZeroDivisionError, OverflowError, ValueError):
         return None
-    # 1.5 million is written as the integer 1500000 is.
+    # 1.5 million and 3e2 are written as the integers 1500000 and 300 are.
+    scaled = match["scales"] != "" or "e" in match["number"].lower()
     written_as_integer = match["denominator"] is None and (
-        re.fullmatch(r"[-+]?[\d,]+", match["number"]) is not None or (match["scales"] != "" and value.denominator == 1)
+        re.fullmatch(r"[-+]?[\d,]+", match["number"]) is not None or (scaled and value.denominator == 1)
     )
     return (-value if match["sign"] == "-" else value), written_as_integer
 
@@ -196,6 +197,10 @@ _CHOICE_PATTERNS = (
     ),
     re.compile(rf".*?\b(?i:option|choice)\b(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s+)?{_NAMED_LETTER}\b.*", re.DOTALL),
 )
+# A hedge beside the named letter: "B or C", "B/C", "option B or option C". It names no one answer.
+_OTHER_LETTER = r"(?:[(\[][A-Ja-j][)\]]|[A-J]\b)"
+_HEDGE_AFTER = re.compile(rf"[)\]]?\s*(?i:or|/)\s*(?:(?i:option|choice)\s+)?{_OTHER_LETTER}")
+_HEDGE_BEFORE = re.compile(rf"{_OTHER_LETTER}\s*(?i:or|/)\s*(?:(?i:option|choice)\s+)?[(\[]?$")
 # Markup around a letter: **B**, $B$, \boxed{B}, \text{(B)}.
 _CHOICE_MARKUP = re.compile(r"\\(?:boxed|text|textbf|mathrm)\s*\{([^{}]*)\}")
 
@@ -208,12 +213,13 @@ def parse_choice(text: str) -> str | None:
     for pattern in _CHOICE_PATTERNS:
         match = pattern.fullmatch(text)
         if match is not None:
-            return match[1].upper()
+            hedged = _HEDGE_AFTER.match(text, match.end(1)) or _HEDGE_BEFORE.search(text[: match.start(1)])
+            return None if hedged else match[1].upper()
     return None
 
 
 class ChoiceVerifier:
-    """Correct when the answer states the gold's choice letter (A–J)."""
+    """Correct when the answer states the gold's choice letter (A–J); a hedge ("B or C") states none."""
 
     name = "choice"
 
@@ -361,8 +367,16 @@ def _math_equivalent(answer: str, gold: str) -> bool:
 
 
 def _math_canonical(answer: str) -> str | None:
+    """One form for the answers check finds equal, as far as it is cheap: every way of writing a rational
+    number ("3", "3.0", "\\frac{1}{2}", "0.5") gets canonical_number's, so that repeating an answer in
+    another notation still counts as a repeat."""
     parsed = _parse_math(answer)
-    return str(parsed[0]) if parsed and not isinstance(parsed[0], str) else None
+    if not parsed or isinstance(parsed[0], str):
+        return None
+    value = parsed[0].doit() if hasattr(parsed[0], "doit") else parsed[0]  # 50\% is 50*(1/100) unevaluated
+    if getattr(value, "is_Rational", False) or getattr(value, "is_Float", False):
+        return canonical_number(Fraction(str(value)))
+    return str(value)
 
 
 class MathVerifier:

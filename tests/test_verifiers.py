@@ -58,6 +58,9 @@ def math_verifier():
         ("3 millions", "3000000", True),
         ("2.5 million.", "2500000", True),  # the sentence's period is no unit's
         ("1500100", "1.5 million", False),  # a gold written as a whole number is one
+        ("300.02", "3e2", False),
+        ("100010000", "1e8", False),
+        ("1.25e-1", "0.125", True),
         ("2π", "2", False),  # a constant after a number makes another number
         ("2 pi", "2", False),
         ("2sqrt3", "2", False),
@@ -179,6 +182,14 @@ def test_numeric_tolerance_options():
         ("A is correct but B is better", None),
         ("K", None),
         ("B or C", None),
+        ("The answer is B or C", None),  # a hedge names no one answer
+        ("Answer: B/C", None),
+        ("Option B or option C", None),
+        ("(A) or (B)", None),
+        ("The answer is (b) or (c)", None),
+        ("The answer is A or B; I'm not sure", None),
+        ("Is it A or B? The answer is B.", "B"),
+        ("The answer is B, or so I think", "B"),
         ("A B", None),
         ("Bob", None),
         ("the answer is a cat", None),
@@ -238,6 +249,8 @@ def test_choice_normalize():
         ("0.51", "\\frac{1}{2}", False),
         ("\\frac{1}{3}", "0.33", False),
         ("x^2-1", "x^2+1", False),
+        ("Paris", "\\text{Paris}", True),  # README: a word gold in \text{} tells anagrams apart
+        ("pairs", "\\text{Paris}", False),
         ("-2", "2", False),
         ("[1,2]", "(1,2)", False),
         ("\\infty", "-\\infty", False),
@@ -255,6 +268,8 @@ def test_math_check(math_verifier, answer, gold, correct):
     [
         ["\\frac{1}{2}", "0.5", "1/2", "$\\frac12$", "\\boxed{\\frac{1}{2}}"],
         ["x^2+1", "1 + x^{2}", "$x^2 + 1$"],
+        ["3", "3.0", "$3.00$", "\\boxed{3}"],  # a repeat in another notation is still a repeat
+        ["0.1", "\\frac{1}{10}", "1/10", "0.10"],
     ],
 )
 def test_math_normalize_equivalent_answers_alike(math_verifier, answers):
