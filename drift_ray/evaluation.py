@@ -211,14 +211,24 @@ def _metric(metrics: Mapping[str, Any], model: str, key: str) -> Any:
     return metrics[key]
 
 
+def _require_models(metrics_by_model: Mapping[str, Mapping[str, Any]], max_turns: int, purpose: str) -> None:
+    if not metrics_by_model:
+        raise ValueError(f"evaluation: no models to {purpose}; expected a mapping model name → episode_metrics(...)")
+    for model, metrics in metrics_by_model.items():
+        if metrics.get("max_turns", max_turns) != max_turns:  # a model's multi@k would sit under another T
+            raise ValueError(
+                f"evaluation: model {model!r} was evaluated over {metrics['max_turns']} turns, not the {max_turns} "
+                f"asked for; {purpose} models evaluated with the same episode.max_turns"
+            )
+
+
 def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
 def comparison_table(metrics_by_model: Mapping[str, Mapping[str, Any]], max_turns: int) -> str:
     """A markdown table, one row per model; fractions and averages with 3 decimals, "–" where undefined."""
-    if not metrics_by_model:
-        raise ValueError("evaluation: no models to compare; expected a mapping model name → episode_metrics(...)")
+    _require_models(metrics_by_model, max_turns, "compare")
     multi_keys = [f"multi@{k}" for k in range(1, max_turns + 1)]
     summary_keys = ["correction_rate_t>=2", "unique_answer_ratio_all", "unique_answer_ratio_unsolved"]
     summary_keys += ["avg_turns", "format_failure_rate", "num_problems"]
@@ -246,8 +256,7 @@ def plot_cumulative_accuracy(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if not metrics_by_model:
-        raise ValueError("evaluation: no models to plot; expected a mapping model name → episode_metrics(...)")
+    _require_models(metrics_by_model, max_turns, "plot")
     turns = list(range(1, max_turns + 1))
     figure = Figure(figsize=(6.4, 4.4), dpi=120)
     FigureCanvasAgg(figure)

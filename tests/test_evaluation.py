@@ -139,8 +139,17 @@ def test_comparison_table_has_every_model_and_its_numbers() -> None:
 
 
 def test_comparison_table_names_the_model_with_missing_metrics() -> None:
-    with pytest.raises(ValueError, match=r"model 'base' have no 'multi@4'"):
-        comparison_table({"base": episode_metrics(hand_made_rows(), 3)}, max_turns=5)
+    metrics = {key: value for key, value in episode_metrics(hand_made_rows(), 3).items() if key != "multi@2"}
+    with pytest.raises(ValueError, match=r"model 'base' have no 'multi@2'"):
+        comparison_table({"base": metrics}, max_turns=3)
+
+
+@pytest.mark.parametrize("max_turns", [2, 5])
+def test_models_evaluated_over_other_turns_are_refused(tmp_path, max_turns) -> None:
+    with pytest.raises(ValueError, match=rf"model 'base' was evaluated over 3 turns, not the {max_turns} asked for"):
+        comparison_table(two_models(), max_turns=max_turns)
+    with pytest.raises(ValueError, match="was evaluated over 3 turns"):
+        plot_cumulative_accuracy(two_models(), max_turns, tmp_path / "multi.png")
 
 
 def test_plot_is_a_png_written_atomically(tmp_path) -> None:
