@@ -468,9 +468,10 @@ class Config(_Section):
 
 class _ConfigLoader(yaml.SafeLoader):
     """YAML as PyYAML reads it, but
-    - for numbers in exponent form without a dot or without a signed exponent (1e-3, 5E4, 2.5e3): YAML 1.1
-      reads them as strings. Typed fields would convert them; free-form options (task.options,
-      task.verifier_options) would keep a string where a number was meant;
+    - booleans and numbers as YAML 1.2 reads them, not YAML 1.1 (PyYAML's): "seed: 010" is 10, not octal
+      8; "1:30" is text, not base-60 90; yes/no/on/off are words, not booleans (a boolean field still takes
+      them); 1e-3, 5E4 and 2.5e3 are numbers, not strings. Typed fields would convert most of these; free-form
+      options (task.options, task.verifier_options) would keep the wrong value;
     - a key written twice in one mapping is an error: PyYAML keeps the last, so a second `task:` section
       would silently drop the first one's keys."""
 
@@ -502,9 +503,38 @@ class _ConfigLoader(yaml.SafeLoader):
                     self._refuse_repeated_keys(part, checked)
 
 
+# YAML 1.2's core schema.
+_BOOL_TAG, _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    _INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
 )
+_ConfigLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+|\.[0-9]+[eE][-+]?[0-9]+)"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
+
+
+def _construct_int(loader: _ConfigLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    try:
+        return int(text if base == 10 else text[2:], base)
+    except ValueError:  # an explicit !!int on text that is none
+        raise yaml.constructor.ConstructorError(
+            problem=f"{text!r} is not an integer", problem_mark=_without_text(node.start_mark)
+        ) from None
+
+
+_ConfigLoader.add_constructor(_INT_TAG, _construct_int)
 
 
 def _without_text(mark: yaml.Mark) -> yaml.Mark:

@@ -39,6 +39,21 @@ def test_numbers_in_exponent_form_are_numbers_in_free_form_options_too(tmp_path)
     assert cfg.weights.beta == 0.2 and cfg.task.options["name"] == "1e-3"  # quoted, it stays a string
 
 
+def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 010\ntask:\n  options: {padded: 0777, octal: 0o17, hex: 0x1F, time: 1:30, words: [on, off, yes, no]}\n")
+    cfg = load_config(path, ["train.lora.enabled=on", "task.options.flag=true"])
+    assert cfg.seed == 10  # not octal 8
+    assert cfg.task.options == {
+        "padded": 777, "octal": 15, "hex": 31, "time": "1:30", "words": ["on", "off", "yes", "no"], "flag": True
+    }
+    assert cfg.train.lora.enabled is True  # a boolean field still takes "on"
+    with pytest.raises(ConfigError, match=r"seed: .*\(found '1:30'\)"):  # not base-60 90
+        load_config(None, ["seed=1:30"])
+    with pytest.raises(ConfigError, match=r"'0b11' is not an integer"):
+        load_config(None, ["task.options.n=!!int 0b11"])
+
+
 def test_paths_from_the_home_directory_are_expanded(monkeypatch):
     monkeypatch.setenv("HOME", "/home/someone")
     cfg = load_config(None, ["run_dir=~/runs/a", "rollout.output_dir=~/rollouts", "task={kind: file, test_path: ~/t.jsonl}"])
@@ -85,7 +100,8 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("run_dir=''", "run_dir: String should have at least 1 character"),
         # Pydantic alone would read true as 1.
         ("seed=true", "seed: Input should be a number, not true or false (found True)"),
-        ("weights.beta=yes", "weights.beta: Input should be a number, not true or false (found True)"),
+        ("weights.beta=True", "weights.beta: Input should be a number, not true or false (found True)"),
+        ("weights.beta=yes", "weights.beta: Input should be a valid number, unable to parse string as a number (found 'yes')"),
         ("task.num_test=false", "task.num_test: Input should be a number, not true or false (found False)"),
         ("rollout.resources={gpu: true}", "rollout.resources.gpu: Input should be a valid number (found True)"),
         ("train.resources=true", "train.resources: Input should be a valid dictionary (found True)"),
