@@ -12,7 +12,7 @@ import os
 import re
 import string
 import urllib.parse
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, get_args
@@ -442,7 +442,7 @@ class RayConfig(_Section):
 
 class Config(_Section):
     run_dir: LocalPath = Field("runs/demo", min_length=1, description="Directory of every artifact of the run.")
-    seed: int = Field(0, description="Seed of problem sampling, generation and training.")
+    seed: int = Field(0, ge=0, description="Seed of problem sampling, generation and training.")
     rounds: int = Field(
         1,
         ge=1,
@@ -579,15 +579,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
     for item in overrides:
         _apply_override(data, item, source)
-    return validate_config(data, source)
+    # Without a file, every value that is not a default came from an override.
+    return validate_config(data, source, [override_key(item) for item in overrides] if path is not None else ())
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>") -> Config:
+def validate_config(data: dict[str, Any], source: str = "<config>", overridden: Sequence[str] = ()) -> Config:
+    """`overridden`: the dotted keys that overrides set on top of the file named by `source`, so that an
+    error under one of them blames the override, not the file."""
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        problems = [_describe(e) for e in err.errors()]
+        problems = [_describe(e) + _set_by_override(e["loc"], overridden) for e in err.errors()]
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def _set_by_override(loc: tuple[Any, ...], overridden: Sequence[str]) -> str:
+    dotted = ".".join(str(part) for part in loc)
+    # The key alone: the override's value may be a secret (see _NEVER_SHOWN).
+    key = next((k for k in overridden if dotted == k or dotted.startswith(k + ".")), None)
+    return "" if key is None else f" [set by the override of {key}]"
 
 
 def override_key(item: str) -> str:

@@ -100,6 +100,7 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("run_dir=''", "run_dir: String should have at least 1 character"),
         # Pydantic alone would read true as 1.
         ("seed=true", "seed: Input should be a number, not true or false (found True)"),
+        ("seed=-1", "seed: Input should be greater than or equal to 0 (found -1)"),  # numpy's generators refuse it
         ("weights.beta=True", "weights.beta: Input should be a number, not true or false (found True)"),
         ("weights.beta=yes", "weights.beta: Input should be a valid number, unable to parse string as a number (found 'yes')"),
         ("task.num_test=false", "task.num_test: Input should be a number, not true or false (found False)"),
@@ -193,6 +194,18 @@ def test_settings_that_would_fail_in_the_workers_fail_when_the_config_loads(over
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
     assert line in str(error.value).splitlines()
+
+
+def test_an_error_under_an_overridden_key_names_the_override_not_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: -1\ntask:\n  num_train: 8\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["task.num_train=0", "rollout={engine: x}"])
+    assert str(error.value).splitlines()[1:] == [
+        "  seed: Input should be greater than or equal to 0 (found -1)",  # the file's own
+        "  task.num_train: Input should be greater than or equal to 1 (found 0) [set by the override of task.num_train]",
+        "  rollout.engine: Input should be 'transformers', 'vllm' or 'openai' (found 'x') [set by the override of rollout]",
+    ]
 
 
 def test_settings_that_the_checks_across_keys_let_through():
