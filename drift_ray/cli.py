@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from drift_ray.config import Config, ConfigError, field_docs, load_config, override_key
+from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_config, override_key
 
 # An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..",
 # and not the name of a report file there.
@@ -60,7 +60,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     require_training_input(args.input)  # before the model is built and Ray starts
-    model = pipeline.resolve_model(cfg.rollout.model if args.model is None else args.model, cfg)
+    if args.model is None and cfg.rollout.engine is EngineKind.openai:
+        raise ValueError(
+            f"rollout.engine=openai: rollout.model {cfg.rollout.model!r} names the server's model; give the model "
+            "to train with --model (a directory or a Hub id)"
+        )
+    model = pipeline.resolve_model(cfg.rollout.model if args.model is None else args.model, cfg, to_train=True)
     with pipeline.lock_run_dir(cfg.run_dir):
         trained = pipeline.run_training(cfg, model, functools.partial(pipeline.connect_ray, cfg, ("train",)), args.input)
     print(json.dumps(read_stats(trained), indent=2, sort_keys=True))
@@ -145,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("rollouts", cmd_rollouts, "play K episodes per training prompt with the reference policy")
     p = command("train", cmd_train, "weighted SFT of a model on weighted trajectories (drift-ray weights' output)")
     p.add_argument("--input", required=True, help="Parquet file or directory with trajectory_id, messages, weight")
-    p.add_argument("--model", help="model to train: local path, hub id or builtin:demo (default: rollout.model)")
+    p.add_argument(
+        "--model",
+        help="model to train: local path, hub id or builtin:demo (default: rollout.model; "
+        "needed with rollout.engine=openai)",
+    )
     p = command("eval", cmd_eval, "greedy multi-turn evaluation of one or several models")
     p.add_argument("--model", action="append", required=True, help="PATH or LABEL=PATH; repeat to compare")
     command("run", cmd_run, "the whole pipeline: rollouts → weights → weighted SFT → evaluation")

@@ -138,13 +138,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DRIFT_RAY_CACHE", Path.home() / ".cache" / "drift_ray"))
 
 
-def resolve_model(model: str, cfg: Config) -> str:
+def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
     """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference.
 
     A relative path that is not here and cannot be a Hub id ('name' or 'namespace/name'), such as a
     mistyped runs/a/train/modle, fails now, not inside a rollout actor or training worker. An absolute
     path may exist on the workers only (a cluster's shared volume), and a server's model name
-    (rollout.engine=openai) is the server's to check.
+    (rollout.engine=openai) is the server's to check, except for a model `to_train`, which the
+    training workers load.
     """
     if not model.strip():
         raise ValueError("the model is empty: give a model directory or a Hub id")
@@ -152,7 +153,7 @@ def resolve_model(model: str, cfg: Config) -> str:
         from drift_ray.demo_model import ensure_demo_model
 
         return ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
-    if cfg.rollout.engine is EngineKind.openai:
+    if cfg.rollout.engine is EngineKind.openai and not to_train:
         return model
     model = os.path.expanduser(model)
     hub_id = model.count("/") <= 1 and not model.startswith((".", "~"))

@@ -286,6 +286,23 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted.parquet"] and not ray.is_initialized()
 
 
+def test_the_model_to_train_is_checked_even_where_a_server_plays_the_rollouts(tmp_path, capsys):
+    import ray
+
+    weighted = tmp_path / "weighted.parquet"
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    pq.write_table(pa.table({schema.TRAJECTORY_ID: ["q/0"], schema.MESSAGES: [conversation], schema.WEIGHT: [1.0]}), weighted)
+    train = ["train", "--config", str(REPO / "jobs/smoke.yaml"), "--input", str(weighted), f"run_dir={tmp_path / 'run'}"]
+    served = ["rollout.engine=openai", "rollout.model=served-name"]
+    assert main([*train, *served]) == 2
+    assert "rollout.model 'served-name' names the server's model; give the model to train with --model" in capsys.readouterr().err
+    assert main([*train, *served, "--model", "runs/a/train/modle"]) == 2  # mistyped: not left to the workers
+    assert "runs/a/train/modle: no such model directory" in capsys.readouterr().err
+    cfg = load_config(None, served)
+    assert resolve_model("runs/a/train/modle", cfg) == "runs/a/train/modle"  # a name the server checks
+    assert not ray.is_initialized()
+
+
 def test_a_model_path_from_the_home_directory_is_expanded(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("HOME", str(Path(tiny_model_dir).parent))
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
