@@ -426,6 +426,10 @@ class EvalConfig(_Section):
                 "eval.task names no task (neither eval.task.kind nor eval.task.name is set): set them, or leave "
                 "eval.task unset to evaluate on task's test split (task.num_test sets how many problems)"
             )
+        if self.task is not None and (unread := [k for k in ("train_path", "num_train") if getattr(self.task, k) is not None]):
+            # Else a train_path would be read for nothing, and one that is missing would stop the run.
+            unread_keys = " and ".join(f"eval.task.{key}" for key in unread)
+            raise ValueError(f"the evaluation reads eval.task's test split only: remove {unread_keys}")
         return self
 
 
