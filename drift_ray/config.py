@@ -360,7 +360,8 @@ class TrainConfig(_Section):
     loss: LossKind = Field(
         LossKind.sample_mean,
         description="sample_mean: mean over the batch of w_i·L_i (authors' default); "
-        "weight_normalized: Σ w_i·L_i / Σ w_i over the global batch.",
+        "weight_normalized: Σ w_i·L_i / Σ w_i over the global batch. Trajectories of weight 0 are left out of "
+        "the batches (so weights.mode=success_only is SFT on the successes, RFT).",
     )
     lr: float = Field(5e-6, gt=0.0, description="Peak learning rate. Paper: 5e-6.")
     lr_schedule: LrSchedule = Field(LrSchedule.constant, description="After warmup: constant or cosine to 0.")

@@ -61,6 +61,7 @@ from drift_ray.weighted_sft import (
     length_buckets,
     loss_normalizer,
     lr_lambda,
+    padding_token_id,
     per_sample_nll,
     tokenize_trajectory,
     weighted_loss,
@@ -116,8 +117,8 @@ def plan_steps(
 ) -> list[OptimizerStep]:
     """Every optimizer step of the run, the same for a seed whatever the world size.
 
-    Each epoch, `length_buckets` cuts the examples into global batches of similar length (only the last
-    is smaller). A global batch is sorted by length, cut into micro-batches, and rank r runs micro-batches
+    Each epoch, `length_buckets` cuts the examples into global batches of similar length (one of them,
+    anywhere in the order, may be smaller). A global batch is sorted by length, cut into micro-batches, and rank r runs micro-batches
     r, r+W, r+2W, … of it; the normalizer is that of the whole global batch.
     """
     accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size)
@@ -408,7 +409,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = padding_token_id(tokenizer)
     deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")  # joins Ray Train's group
     ds_config = deepspeed_config(train, world_size)
     partitioned = loads_partitioned(train, transformers.__version__)

@@ -303,18 +303,27 @@ def weighted_loss(nll: torch.Tensor, weights: torch.Tensor, normalizer: float) -
     return (weights.to(nll.dtype) * nll).sum() / normalizer
 
 
+def padding_token_id(tokenizer: Any) -> int:
+    """The id that collate pads with: the pad token's, else the EOS token's (padding is masked anyway)."""
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_token_id is None:
+        raise ValueError(f"{_name(tokenizer)}: the tokenizer has neither a pad token nor an EOS token to pad with")
+    return pad_token_id
+
+
 def lr_lambda(step: int, total_steps: int, warmup_ratio: float, schedule: LrSchedule | str) -> float:
     """Learning-rate multiplier before optimizer step `step` (0-based) of `total_steps`.
 
-    Linear warmup over ceil(warmup_ratio·total_steps) steps, from 1/(warmup+1) so that no step is
-    wasted at 0, up to 1; then constant 1, or a cosine that reaches 0 at step == total_steps.
+    Linear warmup over ceil(warmup_ratio·total_steps) steps (at most total_steps − 1, so that a short run
+    still reaches the peak), from 1/(warmup+1) so that no step is wasted at 0, up to 1; then constant 1,
+    or a cosine that reaches 0 at step == total_steps.
     """
     schedule = LrSchedule(schedule)
     if total_steps < 1 or not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(
             f"lr_lambda needs total_steps >= 1 and 0 <= warmup_ratio < 1; found {total_steps} and {warmup_ratio}"
         )
-    warmup_steps = math.ceil(warmup_ratio * total_steps)
+    warmup_steps = min(math.ceil(warmup_ratio * total_steps), total_steps - 1)
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if schedule is LrSchedule.constant:
@@ -361,9 +370,7 @@ def fit_plain(
     conversations, weights = [c for c, w in zip(conversations, weights) if w > 0], [w for w in weights if w > 0]
     if not conversations:
         raise ValueError("fit_plain needs at least one conversation with a positive weight; found none")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
-        raise ValueError(f"{_name(tokenizer)}: the tokenizer has neither a pad token nor an EOS token to pad with")
+    pad_token_id = padding_token_id(tokenizer)
     torch.manual_seed(seed)
     examples = [tokenize_trajectory(tokenizer, messages, kind, max_length) for messages in conversations]
     lengths = [len(example.input_ids) for example in examples]

@@ -19,6 +19,7 @@ from drift_ray.weighted_sft import (
     length_buckets,
     loss_normalizer,
     lr_lambda,
+    padding_token_id,
     per_sample_nll,
     tokenize_trajectory,
     weighted_loss,
@@ -424,6 +425,16 @@ def test_gradient_accumulation_of_4_micro_batches_equals_one_batch(tokenizer, ki
     assert_same_gradients(accumulated, full_batch)
 
 
+def test_padding_takes_the_pad_token_else_the_eos_token_else_fails():
+    tokenizer = make_tokenizer()
+    assert padding_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.pad_token = None
+    assert padding_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="test-chars: the tokenizer has neither a pad token nor an EOS token"):
+        padding_token_id(tokenizer)
+
+
 def test_lr_lambda_shapes():
     total, ratio = 100, 0.1
     warmup = [lr_lambda(step, total, ratio, LrSchedule.constant) for step in range(10)]
@@ -440,6 +451,9 @@ def test_lr_lambda_shapes():
     assert all(b <= a for a, b in zip(cosine[10:], cosine[11:]))
     assert 0 < cosine[total - 1] < 1e-3 and cosine[total] == pytest.approx(0.0, abs=1e-12)
     assert lr_lambda(0, total, 0.0, LrSchedule.cosine) == 1.0
+    # A short run reaches the peak: its last step at least, however long the warmup ratio asks for.
+    assert [lr_lambda(0, 1, 0.1, schedule) for schedule in LrSchedule] == [1.0, 1.0]
+    assert [lr_lambda(step, 2, 0.9, "constant") for step in range(2)] == [0.5, 1.0]
 
 
 def demo_conversations() -> list[list[dict[str, str]]]:
