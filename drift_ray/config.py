@@ -412,7 +412,7 @@ class EvalConfig(_Section):
     task: Optional[TaskConfig] = Field(
         None,
         description="Task whose test split is evaluated (default: `task`), e.g. train on MetaMathQA and "
-        "evaluate on MATH-500.",
+        "evaluate on MATH-500; its train_path and num_train are not read.",
     )
     max_new_tokens: Optional[int] = Field(None, ge=1, description="New tokens per turn (default: rollout.max_new_tokens).")
     prompts_per_batch: int = Field(64, ge=1, description="Problems per actor call.")
@@ -427,10 +427,6 @@ class EvalConfig(_Section):
                 "eval.task names no task (neither eval.task.kind nor eval.task.name is set): set them, or leave "
                 "eval.task unset to evaluate on task's test split (task.num_test sets how many problems)"
             )
-        if self.task is not None and (unread := [k for k in ("train_path", "num_train") if getattr(self.task, k) is not None]):
-            # Else a train_path would be read for nothing, and one that is missing would stop the run.
-            unread_keys = " and ".join(f"eval.task.{key}" for key in unread)
-            raise ValueError(f"the evaluation reads eval.task's test split only: remove {unread_keys}")
         return self
 
 

@@ -292,7 +292,10 @@ def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], wei
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
     if cfg.eval.task is not None:
-        task = load_task(cfg.eval.task, cfg.seed, key="eval.task")
+        # Its test split alone: an eval.task copied from task (a YAML alias) keeps a train_path that would
+        # be read for nothing, or stop the evaluation when that file is not on this machine.
+        test_only = cfg.eval.task.model_copy(update={"train_path": None, "num_train": None})
+        task = load_task(test_only, cfg.seed, key="eval.task")
     else:
         task = train_task or load_task(cfg.task, cfg.seed)
     if not task.test:

@@ -149,11 +149,6 @@ def test_a_quoted_hash_is_part_of_the_value():
             "them, or leave eval.task unset to evaluate on task's test split (task.num_test sets how many problems)",
         ),
         (
-            ["eval.task={kind: file, test_path: t.jsonl, train_path: missing.jsonl, num_train: 5}"],
-            "  eval: Value error, the evaluation reads eval.task's test split only: remove eval.task.train_path and "
-            "eval.task.num_train",
-        ),
-        (
             ["train.offload=true", "train.zero_stage=0"],
             "  train: Value error, train.offload=true needs ZeRO: set train.zero_stage to 1, 2 or 3, or train.offload=false",
         ),
@@ -187,7 +182,6 @@ def test_a_quoted_hash_is_part_of_the_value():
     ids=[
         "unquoted-mapping",
         "eval-task-naming-no-task",
-        "eval-task-training-keys",
         "offload-without-zero",
         "vllm-without-gpu",
         "tensor-parallel-gpus",

@@ -171,6 +171,10 @@ def test_evaluating_on_questions_the_run_trains_on_is_warned_about(tmp_path, cap
     evaluation_task(validate_config({**settings, "eval": {"task": {**settings["task"], "test_path": str(train)}}}), task)
     assert "4 of the 4 test problems" in caplog.text
     caplog.clear()
+    # An eval.task copied from a task whose training file is elsewhere: its test split alone is read.
+    copied = {**settings["task"], "train_path": str(tmp_path / "elsewhere.jsonl"), "num_train": 1}
+    assert evaluation_task(validate_config({**settings, "eval": {"task": copied}})).test == task.test
+    caplog.clear()
     evaluation_task(cfg)  # `drift-ray eval` does not know what the models were trained on
     assert "test problems" not in caplog.text
 
