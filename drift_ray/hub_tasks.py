@@ -45,7 +45,7 @@ from typing import Any
 
 from drift_ray import schema
 from drift_ray.config import TaskConfig
-from drift_ray.prompts import Problem, Task, TaskError, as_text, require_unique_prompt_ids
+from drift_ray.prompts import Problem, Task, TaskError, as_text, read_rows, require_unique_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +270,12 @@ HUB_DATASETS: dict[str, HubDataset] = {
 
 @dataclass(frozen=True)
 class _Part:
-    """Rows of one file, or of one hub config and split."""
+    """Rows of one file, or of one hub config and split, each with where it is ("file:line", "source: row N")."""
 
     source: str  # for errors: a file path or "hub_id (config, split)"
     subset: str | None
     columns: list[str]
-    rows: Iterable[dict[str, Any]]
+    rows: Iterable[tuple[str, dict[str, Any]]]
 
 
 def load_hub_task(cfg: TaskConfig, seed: int) -> Task:
@@ -331,8 +331,8 @@ def _chosen_configs(spec: HubDataset, subsets: Any) -> tuple[str | None, ...]:
 
 
 def _read_file(path: str, name: str, spec: HubDataset) -> _Part:
-    import datasets  # heavy: only when a hub task is loaded
-
+    """The rows of a local copy, their values as the file writes them: JSONL and Parquet through
+    read_rows (line numbers, keys written twice refused, integers exact), CSV as text."""
     file = Path(path)
     builder = LOCAL_FORMATS.get(file.suffix.lower())
     if builder is None:
@@ -341,13 +341,22 @@ def _read_file(path: str, name: str, spec: HubDataset) -> _Part:
         raise TaskError(f"{path}: no such file (task {name!r} expects columns {list(spec.columns)})")
     if file.stat().st_size == 0:  # datasets' json reader fails on it with an empty StopIteration
         raise TaskError(f"{path}: empty file (task {name!r} expects rows with the columns {list(spec.columns)})")
+    rows = _read_csv(file) if builder == "csv" else read_rows(file)
+    return _Part(path, None, list(dict.fromkeys(key for _, row in rows for key in row)), rows)
+
+
+def _read_csv(file: Path) -> list[tuple[str, dict[str, Any]]]:
+    import pandas as pd  # heavy: only when a CSV file is read
+
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(file), split="train")
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
-        # datasets wraps the reader's error ("JSON parse error … in row 3") in a generic one
-        raise TaskError(f"{path}: cannot read it as {builder}: {err.__cause__ or err}") from err
-    schema.require_utf8(dataset.data.table, path, TaskError)
-    return _Part(path, None, dataset.column_names, dataset)
+        # Every field as text, and none read as missing but empty ones: pandas would make the gold 1.10
+        # the float 1.1, 007 the integer 7, and the answer "None" or "NA" a missing value.
+        frame = pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (ValueError, pd.errors.ParserError) as err:
+        raise TaskError(f"{file}: cannot read it as CSV: {err}") from None
+    return [(f"{file}: row {row_no}", row) for row_no, row in enumerate(frame.to_dict("records"), 1)]
 
 
 def _read_hub(name: str, spec: HubDataset, config: str | None, split: str) -> _Part:
@@ -364,11 +373,12 @@ def _read_hub(name: str, spec: HubDataset, config: str | None, split: str) -> _P
             f"Without network access, save the dataset elsewhere as JSONL, CSV or Parquet and pass {files}{joined}, "
             f"with the hub's columns {list(spec.columns)}."
         ) from err
-    return _Part(source, config if spec.has_subsets else None, dataset.column_names, dataset)
+    rows = ((f"{source}: row {row_no}", row) for row_no, row in enumerate(dataset, 1))
+    return _Part(source, config if spec.has_subsets else None, dataset.column_names, rows)
 
 
 def _problems(name: str, split: str, spec: HubDataset, parts: list[_Part], seed: int) -> list[Problem]:
-    problems = []
+    problems, places = [], []
     for part in parts:
         missing = [c for c in spec.columns if c not in part.columns]
         if missing:
@@ -377,20 +387,21 @@ def _problems(name: str, split: str, spec: HubDataset, parts: list[_Part], seed:
                 f"expected the hub layout of {spec.hub_id}: {list(spec.columns)}"
             )
         prefix = f"{name}-{split}-" + (f"{part.subset}-" if part.subset else "")
-        for index, row in enumerate(part.rows):
+        for index, (where, row) in enumerate(part.rows):
             row_id = row.get(spec.id_column) if spec.id_column else None
             prompt_id = prefix + str(index if row_id is None else row_id)
             try:
                 converted = spec.convert(row, seed)
             except ValueError as err:
-                raise TaskError(f"{part.source}: row {index + 1} (prompt id {prompt_id}): {err}") from None
+                raise TaskError(f"{where} (prompt id {prompt_id}): {err}") from None
             if converted is None:
                 continue
             question, gold, metadata = converted
             if part.subset:
                 metadata = {**metadata, "subset": part.subset}
             problems.append(Problem(prompt_id, question, gold, metadata))
-    require_unique_prompt_ids(problems, f"task {name!r}, {split} split")
+            places.append(where)
+    require_unique_prompt_ids(problems, f"task {name!r}, {split} split", places)
     if parts and not problems:
         log.warning("task %r: the %s split has no problems (every row was left out)", name, split)
     return problems

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError, validate_call
 
@@ -197,6 +198,12 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         except pa.ArrowException as err:
             raise TaskError(f"{path}: not a readable Parquet file: {err}") from err
         schema.require_utf8(table, str(path), TaskError)
+        for index, column in enumerate(table.schema):
+            if pa.types.is_float32(column.type):
+                # As a Python float, a float32 shows its binary rounding (0.1 is 0.10000000149011612); its
+                # shortest decimal text is the number the file's writer meant.
+                as_double = pc.cast(pc.cast(table.column(index), pa.string()), pa.float64())
+                table = table.set_column(index, column.name, as_double)
         return [(f"{path}: row {row_no}", row) for row_no, row in enumerate(table.to_pylist(), 1)]
     rows = []
     with path.open("rb") as f:
@@ -243,7 +250,7 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
             f"{path}: missing column(s) {missing}; found {found}. "
             "Map your columns with task.columns, e.g. {question: problem, gold: answer}."
         )
-    problems = []
+    problems, places = [], []
     used = {id_col, question_col, gold_col}
     for row_no, (where, row) in enumerate(rows, 1):
         for col in (question_col, gold_col):
@@ -262,15 +269,13 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
             raise TaskError(f"{where}: column {id_col!r} holds {prompt_id!r}; expected a non-empty text or number")
         metadata = {k: v for k, v in row.items() if k not in used}
         require_json_metadata(metadata, where)
-        problems.append(
-            Problem(
-                as_text(prompt_id) if prompt_id is not None else f"{Path(path).stem}-{row_no}",
-                str(row[question_col]),
-                as_text(row[gold_col]),
-                metadata,
-            )
-        )
-    require_unique_prompt_ids(problems, str(path))
+        if prompt_id is None:
+            prompt_id = f"{Path(path).stem}-{row_no}"
+            places.append(f"{where} has no {id_col!r}: the id is made up for it")
+        else:
+            places.append(f"{where} gives {id_col!r} {prompt_id!r}")
+        problems.append(Problem(as_text(prompt_id), str(row[question_col]), as_text(row[gold_col]), metadata))
+    require_unique_prompt_ids(problems, str(path), places)
     return problems
 
 
@@ -280,14 +285,16 @@ def shared_questions(train: Sequence[Problem], test: Sequence[Problem]) -> int:
     return sum(" ".join(p.question.split()) in trained for p in test)
 
 
-def require_unique_prompt_ids(problems: Sequence[Problem], where: str) -> None:
+def require_unique_prompt_ids(problems: Sequence[Problem], where: str, places: Sequence[str] = ()) -> None:
     """Refuse a split that holds a prompt id twice: rollouts, weights and evaluation key on it, so two
-    problems under one id would be weighted as one prompt's group and refused on a rerun."""
-    seen: set[str] = set()
-    for problem in problems:
-        if problem.prompt_id in seen:
-            raise TaskError(f"{where}: prompt id {problem.prompt_id!r} appears more than once; ids must be unique")
-        seen.add(problem.prompt_id)
+    problems under one id would be weighted as one prompt's group and refused on a rerun. `places`: where
+    each problem comes from (its file's line), named in the error."""
+    seen: dict[str, int] = {}
+    for index, problem in enumerate(problems):
+        first = seen.setdefault(problem.prompt_id, index)
+        if first != index:
+            both = f" ({places[first]}; {places[index]})" if places else ""
+            raise TaskError(f"{where}: prompt id {problem.prompt_id!r} appears more than once{both}; ids must be unique")
 
 
 def require_json_metadata(metadata: dict[str, Any], where: str) -> None:

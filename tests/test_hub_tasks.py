@@ -140,7 +140,7 @@ def test_math_row_without_a_box_names_file_row_and_column(tmp_path):
         tmp_path / "test.jsonl", [{"problem": "P", "solution": "\\boxed{1}"}, {"problem": "P2", "solution": "2"}]
     )
     with pytest.raises(
-        TaskError, match=r"test\.jsonl: row 2 \(prompt id math-test-1\): column 'solution' has no \\boxed"
+        TaskError, match=r"test\.jsonl:2 \(prompt id math-test-1\): column 'solution' has no \\boxed"
     ):
         hub_task("math", test_path=path)
 
@@ -292,6 +292,22 @@ def test_mmlu_redux_maps_the_answer_index_to_a_letter_and_keeps_error_free_rows(
     assert task.test[1].metadata == {"source": "s3"}
 
 
+def test_local_golds_are_the_text_the_file_writes(tmp_path):
+    golds = ["1.10", "007", "12345678901234567890123", "None", "NA"]
+    path = tmp_path / "test.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["problem", "answer"])
+        writer.writerows([f"What is {i}?", gold] for i, gold in enumerate(golds))
+    assert sorted(p.gold for p in hub_task("math500", test_path=str(path)).test) == sorted(golds)
+    path.write_text("problem,answer\nWhat is 1?,\n")  # an empty field is no gold
+    with pytest.raises(TaskError, match=r"test\.csv: row 1 \(prompt id math500-test-0\): column 'answer' is empty"):
+        hub_task("math500", test_path=str(path))
+    # JSON integers stay exact beside a fractional number (a common column type would make them floats).
+    jsonl = write_jsonl(tmp_path / "test.jsonl", [{"problem": "a", "answer": 9007199254740993}, {"problem": "b", "answer": 0.5}])
+    assert sorted(p.gold for p in hub_task("math500", test_path=jsonl).test) == ["0.5", "9007199254740993"]
+
+
 def test_a_csv_file_for_a_task_with_a_list_column_is_refused(tmp_path):
     path = tmp_path / "test.csv"
     with path.open("w", newline="") as f:
@@ -304,7 +320,7 @@ def test_a_csv_file_for_a_task_with_a_list_column_is_refused(tmp_path):
 
 def test_mmlu_redux_answer_out_of_range_is_an_error(tmp_path):
     rows = [{"question": "Q", "choices": ["a", "b"], "answer": 2, "error_type": "ok"}]
-    with pytest.raises(TaskError, match=r"row 1 .*column 'answer' is 2; expected the index \(0 to 1\)"):
+    with pytest.raises(TaskError, match=r"test\.jsonl:1 .*column 'answer' is 2; expected the index \(0 to 1\)"):
         hub_task("mmlu_redux", test_path=write_jsonl(tmp_path / "test.jsonl", rows))
 
 
@@ -338,12 +354,15 @@ def test_mmlu_pro_up_to_ten_letters(tmp_path):
     assert task.test[0].metadata == {"category": "math", "src": "ori"}
     rows[1]["answer"] = "E"
     with pytest.raises(
-        TaskError, match=r"row 2 \(prompt id mmlu_pro-test-71\): column 'answer' is 'E'; expected a letter A to D"
+        TaskError, match=r"bad\.jsonl:2 \(prompt id mmlu_pro-test-71\): column 'answer' is 'E'; expected a letter A to D"
     ):
         hub_task("mmlu_pro", test_path=write_jsonl(tmp_path / "bad.jsonl", rows))
     rows[1]["answer"] = "AB"
     with pytest.raises(TaskError, match=r"column 'answer' is 'AB'; expected a letter A to D"):
         hub_task("mmlu_pro", test_path=write_jsonl(tmp_path / "bad2.jsonl", rows))
+    rows[1].update(answer="A", question_id=70)
+    with pytest.raises(TaskError, match=r"prompt id 'mmlu_pro-test-70' appears more than once \(\S*twice\.jsonl:1; \S*twice\.jsonl:2\)"):
+        hub_task("mmlu_pro", test_path=write_jsonl(tmp_path / "twice.jsonl", rows))
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -362,15 +381,23 @@ def test_bad_local_files(tmp_path):
         hub_task("gsm8k", test_path=str(tmp_path / "data.txt"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "Q", "answer": "#### 1"}\n{"question": \n')
-    with pytest.raises(TaskError, match=r"broken\.jsonl: cannot read it as json: JSON parse error: .* in row 1"):
+    with pytest.raises(TaskError, match=r"broken\.jsonl:2: not valid JSON \(one JSON object per line\)"):
         hub_task("gsm8k", test_path=str(broken))
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     with pytest.raises(TaskError, match=r"empty\.jsonl: empty file \(task 'gsm8k' expects rows with the columns \['question', 'answer'\]\)"):
         hub_task("gsm8k", test_path=str(empty))
+    blank_lines = tmp_path / "blank_lines.jsonl"  # the line, counted as an editor does
+    blank_lines.write_text('{"question": "Q", "answer": "#### 1"}\n\n\n{"question": "Q2", "answer": ""}\n')
+    with pytest.raises(TaskError, match=r"blank_lines\.jsonl:4 \(prompt id gsm8k-test-1\): column 'answer' is empty"):
+        hub_task("gsm8k", test_path=str(blank_lines))
+    twice = tmp_path / "twice.jsonl"  # a reader that keeps the last would make the gold 4
+    twice.write_text('{"problem": "p1", "answer": 1}\n{"problem": "p2", "answer": "3", "answer": "4"}\n')
+    with pytest.raises(TaskError, match=r"twice\.jsonl:2: .*'answer'"):
+        hub_task("math500", test_path=str(twice))
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"question": "Combien de caf\u00e9s ?", "answer": "#### 2"}\n'.encode("latin-1"))
-    with pytest.raises(TaskError, match=r"latin1\.jsonl: not UTF-8 text"):
+    with pytest.raises(TaskError, match=r"latin1\.jsonl:1: not UTF-8 text"):
         hub_task("gsm8k", test_path=str(latin1))
 
 

@@ -162,6 +162,9 @@ def test_read_parquet_file_task(tmp_path):
     pq.write_table(pa.table({"prompt_id": [7.0, float("nan")], "question": ["a", "b"], "gold": ["1", "2"]}), path)
     with pytest.raises(TaskError, match=r"t\.parquet: row 2: column 'prompt_id' holds nan"):
         read_problems(path)
+    # A float32 gold is the number written, not its binary rounding (0.10000000149011612).
+    pq.write_table(pa.table({"question": ["a", "b"], "gold": pa.array([0.1, 2.0], pa.float32())}), path)
+    assert [p.gold for p in read_problems(path)] == ["0.1", "2"]
 
 
 @pytest.mark.parametrize(
@@ -177,6 +180,18 @@ def test_read_parquet_file_task(tmp_path):
         ('{"question": -Infinity, "gold": "1"}\n', {}, "bad.jsonl:1: column 'question' holds -inf; expected text"),
         ('{"question": "a", "gold": "1", "gold": "2"}\n', {}, "bad.jsonl:1: key 'gold' is written twice in one object"),
         ('{"prompt_id": "a", "question": "q", "gold": "1"}\n' * 2, {}, "prompt id 'a' appears more than once"),
+        # The id made up for a row without one (<stem>-<row>) is one that another row gives: both lines named.
+        (
+            '{"prompt_id": "bad-2", "question": "q1", "gold": "1"}\n{"question": "q2", "gold": "2"}\n',
+            {},
+            "prompt id 'bad-2' appears more than once (PATH:1 gives 'prompt_id' 'bad-2'; PATH:2 has no 'prompt_id': "
+            "the id is made up for it)",
+        ),
+        (
+            '{"prompt_id": 1.0, "question": "q1", "gold": "1"}\n{"prompt_id": 1, "question": "q2", "gold": "2"}\n',
+            {},
+            "prompt id '1' appears more than once (PATH:1 gives 'prompt_id' 1.0; PATH:2 gives 'prompt_id' 1)",
+        ),
         ("", {}, "no problems"),
         ('{"question": "a", "gold": "1"}\n', {"answer": "gold"}, "task.columns: unknown key"),
         (b'{"question": "a", "gold": "1"}\n{"question": "caf\xe9", "gold": "2"}\n', {}, "bad.jsonl:2: not UTF-8 text"),
@@ -192,7 +207,7 @@ def test_bad_problem_files(tmp_path, content, columns, fragment):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(TaskError) as err:
         read_problems(path, columns)
-    assert fragment in str(err.value)
+    assert fragment.replace("PATH", str(path)) in str(err.value)
 
 
 def test_a_problem_file_is_jsonl_or_parquet_whose_metadata_json_can_hold(tmp_path):
