@@ -472,11 +472,21 @@ def reads_a_boolean_as_a_number(annotation: Any) -> bool:
     return annotation in (int, float)
 
 
+def _wanted_instead_of_text(annotation: Any) -> str | None:
+    """What a value typed `annotation` takes where that is only booleans and numbers, else None."""
+    parts = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    kinds = set(parts) - {type(None)}
+    if not kinds or not kinds <= {bool, int, float}:
+        return None
+    return "true or false" if kinds == {bool} else "a number"
+
+
 def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed: Any) -> str | None:
     """What is wrong with calling `fn(**fixed, **options)`, for an error that names the config key, or None:
     an option that drift-ray passes itself (`fixed`), or options that do not bind (both with the options
-    `fn` accepts), or a boolean given where `fn`'s annotation takes a number (unchecked where the
-    annotations cannot be evaluated). Checked before the call, so a TypeError raised inside `fn` is not
+    `fn` accepts), or a boolean given where `fn`'s annotation takes a number, or text where it takes only
+    booleans or numbers (unchecked where the annotations cannot be evaluated). Text: YAML 1.2 reads
+    `allow_negation: no` as the word "no", which an unchecked dataclass would take as true. Checked before the call, so a TypeError raised inside `fn` is not
     mistaken for a wrong option. (Here, not in config.py: the math verifier's helper processes import this
     module, and need not import pydantic.)"""
     signature = inspect.signature(fn)
@@ -488,17 +498,22 @@ def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed
         signature.bind(**fixed, **options)
     except TypeError as error:
         return f"{error}; accepted options: {accepted}"
-    booleans = {name: value for name, value in options.items() if isinstance(value, bool)}
-    if not booleans:
+    suspects = {name: value for name, value in options.items() if isinstance(value, (bool, str))}
+    if not suspects:
         return None
     try:
         typed = inspect.signature(fn, eval_str=True).parameters
     except Exception:  # a plugin annotation that only a type checker resolves (NameError, TypeError, …): unchecked
         return None
-    for name, value in booleans.items():
+    for name, value in suspects.items():
+        if name not in typed:
+            continue
+        annotation = typed[name].annotation
         # `timeout_s: true` would run with 1 second: YAML's true is a Python bool, which is an int.
-        if name in typed and reads_a_boolean_as_a_number(typed[name].annotation):
+        if isinstance(value, bool) and reads_a_boolean_as_a_number(annotation):
             return f"{name}: {BOOLEAN_FOR_A_NUMBER} (found {value})"
+        if isinstance(value, str) and (wanted := _wanted_instead_of_text(annotation)):
+            return f"{name}: expected {wanted}, found the text {value!r}"
     return None
 
 

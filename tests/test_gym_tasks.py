@@ -309,6 +309,9 @@ def test_errors_name_the_problem():
         gym_task("chain_sum", options={"min_termz": 3})
     with pytest.raises(TaskError, match=r"^task.options: size: Input should be a number, not true or false \(found True\)$"):
         gym_task("chain_sum", options={"size": True})
+    # YAML 1.2 reads `allow_negation: no` as the word, which the generator's unchecked dataclass would take as true.
+    with pytest.raises(TaskError, match=r"^task.options: allow_negation: expected true or false, found the text 'no'$"):
+        gym_task("chain_sum", options={"allow_negation": "no"})
     with pytest.raises(
         TaskError, match=r"reasoning-gym 'chain_sum' rejects the config .*'min_terms': 0.*its fields: \[.*'min_terms'"
     ):

@@ -91,6 +91,14 @@ def test_load_builtin_truncates_and_names_unknown():
             "task.options: size: Input should be a number, not true or false (found True)",
         ),
         (
+            TaskConfig(name="candidates", options={"num_test": "1_000"}),  # YAML 1.2 text, once a YAML 1.1 number
+            "task.options: num_test: expected a number, found the text '1_000'",
+        ),
+        (
+            TaskConfig(name="candidates", verifier="math", verifier_options={"timeout_s": "5"}),
+            "task.verifier_options: verifier 'math': timeout_s: expected a number, found the text '5'",
+        ),
+        (
             TaskConfig(name="candidates", verifier="exactt"),
             "task.verifier: unknown verifier 'exactt'; known: choice, exact, math, numeric, reasoning_gym",
         ),
@@ -115,7 +123,7 @@ def test_load_builtin_truncates_and_names_unknown():
     ],
     ids=[
         "builtin-option", "builtin-seed-option", "plugin-option", "builtin-option-type", "builtin-option-boolean",
-        "plugin-option-boolean", "verifier", "verifier-option", "own-verifier-option", "verifier-option-boolean",
+        "plugin-option-boolean", "builtin-option-text", "verifier-option-text", "verifier", "verifier-option", "own-verifier-option", "verifier-option-boolean",
         "verifier-value",
     ],
 )
