@@ -339,10 +339,15 @@ def _read_file(path: str, name: str, spec: HubDataset) -> _Part:
         raise TaskError(f"{path}: unknown file type {file.suffix!r}; expected one of {', '.join(LOCAL_FORMATS)}")
     if not file.is_file():
         raise TaskError(f"{path}: no such file (task {name!r} expects columns {list(spec.columns)})")
-    if file.stat().st_size == 0:  # datasets' json reader fails on it with an empty StopIteration
-        raise TaskError(f"{path}: empty file (task {name!r} expects rows with the columns {list(spec.columns)})")
-    rows = _read_csv(file) if builder == "csv" else read_rows(file)
-    return _Part(path, None, list(dict.fromkeys(key for _, row in rows for key in row)), rows)
+    if not file.stat().st_size:
+        rows = []  # pandas would fail on it with "No columns to parse"
+    else:
+        rows = _read_csv(file) if builder == "csv" else read_rows(file)
+    if not rows:
+        raise TaskError(f"{path}: no rows (task {name!r} expects rows with the columns {list(spec.columns)})")
+    columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    # Every row with every column: a JSON line that lacks one has it empty, as a CSV or Parquet row would.
+    return _Part(path, None, columns, [(where, {c: row.get(c) for c in columns}) for where, row in rows])
 
 
 def _read_csv(file: Path) -> list[tuple[str, dict[str, Any]]]:

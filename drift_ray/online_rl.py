@@ -30,7 +30,7 @@ from drift_ray.engines import TransformersEngine
 from drift_ray.episode import SamplingParams, episodes_table, play_episodes, stable_seed
 from drift_ray.prompts import Problem
 from drift_ray.verifiers import Verifier
-from drift_ray.weighted_sft import collate, per_sample_nll, tokenize_trajectory, weighted_loss
+from drift_ray.weighted_sft import collate, padding_token_id, per_sample_nll, tokenize_trajectory, weighted_loss
 from drift_ray.weights import trajectory_returns
 
 
@@ -136,7 +136,7 @@ def policy_gradient_step(
     """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations; the end of
     turn of a reply cut off at max_new_tokens (`cut_offs`, one list per conversation) is not a token the
     policy sampled, and is left out."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_token_id(tokenizer)
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)

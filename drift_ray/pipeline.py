@@ -292,8 +292,8 @@ def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], wei
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
     if cfg.eval.task is not None:
-        # Its test split alone: an eval.task copied from task (a YAML alias) keeps a train_path that would
-        # be read for nothing, or stop the evaluation when that file is not on this machine.
+        # Without its train_path and num_train: an eval.task copied from task (a YAML alias) keeps a
+        # train_path that would be read for nothing, or stop the evaluation when that file is not here.
         test_only = cfg.eval.task.model_copy(update={"train_path": None, "num_train": None})
         task = load_task(test_only, cfg.seed, key="eval.task")
     else:

@@ -182,8 +182,8 @@ _JSON_LINES = "one JSON object per line"
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """The rows of a JSONL (.jsonl/.json) or Parquet file, each with where it is: "file:line" or
-    "file: row N".
+    """The rows of a JSONL (.jsonl/.json), JSON array (.json) or Parquet file, each with where it is:
+    "file:line", "file: item N" or "file: row N".
 
     JSONL rows stay as written: no common schema is forced on them, so a key that some rows lack and a
     value whose type varies between rows (a gold of 5 here, "1/2" there) come through."""
@@ -205,6 +205,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
                 as_double = pc.cast(pc.cast(table.column(index), pa.string()), pa.float64())
                 table = table.set_column(index, column.name, as_double)
         return [(f"{path}: row {row_no}", row) for row_no, row in enumerate(table.to_pylist(), 1)]
+    if path.suffix.lower() == ".json" and _holds_an_array(path):
+        return _read_json_array(path)
     rows = []
     with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
@@ -221,6 +223,29 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__} ({_JSON_LINES})")
             rows.append((f"{path}:{line_no}", row))
+    return rows
+
+
+def _holds_an_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        start = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return start.startswith(b"[")
+
+
+def _read_json_array(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        items = schema.loads_json(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise TaskError(f"{path}:{err.lineno}: not valid JSON (a JSON array of objects): {err.msg}") from None
+    except schema.RepeatedKeyError as err:
+        raise TaskError(f"{path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for item_no, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise TaskError(f"{path}: item {item_no}: expected a JSON object, found {type(item).__name__}")
+        rows.append((f"{path}: item {item_no}", item))
     return rows
 
 

@@ -198,9 +198,10 @@ _CHOICE_PATTERNS = (
     re.compile(rf".*?\b(?i:option|choice)\b(?:\s+(?i:is))?\s*:?\s*(?:(?i:option)\s+)?{_NAMED_LETTER}\b.*", re.DOTALL),
 )
 # A hedge beside the named letter: "B or C", "B/C", "option B or option C". It names no one answer.
-_OTHER_LETTER = r"(?:[(\[][A-Ja-j][)\]]|[A-J]\b)"
-_HEDGE_AFTER = re.compile(rf"[)\]]?\s*(?i:or|/)\s*(?:(?i:option|choice)\s+)?{_OTHER_LETTER}")
-_HEDGE_BEFORE = re.compile(rf"{_OTHER_LETTER}\s*(?i:or|/)\s*(?:(?i:option|choice)\s+)?[(\[]?$")
+# "I" only where it ends a clause: "B or I am wrong" names one answer.
+_OTHER_LETTER = r"(?:[(\[][A-Ja-j][)\]]|[A-HJ]\b|I(?=\s*(?:$|[.,;:!?)\]])))"
+_HEDGE_AFTER = re.compile(rf"[)\]]?\s*,?\s*(?i:or|/)\s*(?:(?i:option|choice)\s+)?{_OTHER_LETTER}")
+_HEDGE_BEFORE = re.compile(rf"{_OTHER_LETTER}\s*,?\s*(?i:or|/)\s*(?:(?i:option|choice)\s+)?[(\[]?$")
 # Markup around a letter: **B**, $B$, \boxed{B}, \text{(B)}.
 _CHOICE_MARKUP = re.compile(r"\\(?:boxed|text|textbf|mathrm)\s*\{([^{}]*)\}")
 

@@ -292,6 +292,22 @@ def test_mmlu_redux_maps_the_answer_index_to_a_letter_and_keeps_error_free_rows(
     assert task.test[1].metadata == {"source": "s3"}
 
 
+def test_a_local_json_file_may_hold_one_array(tmp_path):
+    rows = [{"problem": "What is 1?", "answer": "1"}, {"problem": "What is 2?", "answer": "2"}]
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(rows, indent=2))
+    assert sorted(p.gold for p in hub_task("math500", test_path=str(path)).test) == ["1", "2"]
+    path.write_text(json.dumps([rows[0], {"problem": "What is 2?", "answer": ""}], indent=2))
+    with pytest.raises(TaskError, match=r"test\.json: item 2 \(prompt id math500-test-1\): column 'answer' is empty"):
+        hub_task("math500", test_path=str(path))
+    path.write_text('[\n  {"problem": "a", "answer": "1"},\n  {"problem": \n]')
+    with pytest.raises(TaskError, match=r"test\.json:4: not valid JSON \(a JSON array of objects\)"):
+        hub_task("math500", test_path=str(path))
+    path.write_text('[{"problem": "a", "answer": "1"}, ["b", "2"]]')
+    with pytest.raises(TaskError, match=r"test\.json: item 2: expected a JSON object, found list"):
+        hub_task("math500", test_path=str(path))
+
+
 def test_local_golds_are_the_text_the_file_writes(tmp_path):
     golds = ["1.10", "007", "12345678901234567890123", "None", "NA"]
     path = tmp_path / "test.csv"
@@ -385,8 +401,16 @@ def test_bad_local_files(tmp_path):
         hub_task("gsm8k", test_path=str(broken))
     empty = tmp_path / "empty.jsonl"
     empty.touch()
-    with pytest.raises(TaskError, match=r"empty\.jsonl: empty file \(task 'gsm8k' expects rows with the columns \['question', 'answer'\]\)"):
+    with pytest.raises(TaskError, match=r"empty\.jsonl: no rows \(task 'gsm8k' expects rows with the columns \['question', 'answer'\]\)"):
         hub_task("gsm8k", test_path=str(empty))
+    for header_only, content in (("header.csv", "question,answer\n"), ("empty.csv", ""), ("array.json", "[]")):
+        (tmp_path / header_only).write_text(content)
+        with pytest.raises(TaskError, match=rf"{re.escape(header_only)}: no rows \(task 'gsm8k' expects"):
+            hub_task("gsm8k", test_path=str(tmp_path / header_only))
+    lacking = tmp_path / "lacking.jsonl"  # a line without a column the others have: that column is empty
+    lacking.write_text('{"question": "Q", "answer": "#### 1"}\n{"question": "Q2"}\n')
+    with pytest.raises(TaskError, match=r"lacking\.jsonl:2 \(prompt id gsm8k-test-1\): column 'answer' is empty"):
+        hub_task("gsm8k", test_path=str(lacking))
     blank_lines = tmp_path / "blank_lines.jsonl"  # the line, counted as an editor does
     blank_lines.write_text('{"question": "Q", "answer": "#### 1"}\n\n\n{"question": "Q2", "answer": ""}\n')
     with pytest.raises(TaskError, match=r"blank_lines\.jsonl:4 \(prompt id gsm8k-test-1\): column 'answer' is empty"):

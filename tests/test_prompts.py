@@ -142,6 +142,15 @@ def test_read_jsonl_with_column_mapping(tmp_path):
     assert problems[2] == Problem("probs-3", "q2", "2") and problems[2].metadata == {"level": 2}
 
 
+def test_a_json_file_is_json_lines_or_one_array(tmp_path):
+    rows = [{"question": "q1", "gold": "1"}, {"question": "q2", "gold": "2"}]
+    lines, array = tmp_path / "lines.json", tmp_path / "array.json"
+    lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    array.write_bytes(b"\xef\xbb\xbf\n" + json.dumps(rows, indent=2).encode())  # a BOM and a blank line first
+    assert [(p.question, p.gold) for p in read_problems(lines)] == [(p.question, p.gold) for p in read_problems(array)]
+    assert [p.prompt_id for p in read_problems(array)] == ["array-1", "array-2"]
+
+
 def test_jsonl_rows_keep_keys_the_first_row_lacks_and_golds_of_any_type(tmp_path):
     path = tmp_path / "probs.jsonl"
     rows = [{"question": "q1", "gold": 5}, {"question": "q2", "gold": "1/2", "prompt_id": "b"}, {"question": "q3", "gold": 0.5}]

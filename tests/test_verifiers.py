@@ -190,6 +190,10 @@ def test_numeric_tolerance_options():
         ("The answer is A or B; I'm not sure", None),
         ("Is it A or B? The answer is B.", "B"),
         ("The answer is B, or so I think", "B"),
+        ("The answer is C, or D", None),
+        ("The answer is B or I", None),
+        ("The answer is B or I am wrong.", "B"),  # the pronoun, not a tenth choice
+        ("Answer: C / I think so", "C"),
         ("A B", None),
         ("Bob", None),
         ("the answer is a cat", None),
