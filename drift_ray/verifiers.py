@@ -207,15 +207,19 @@ _CHOICE_MARKUP = re.compile(r"\\(?:boxed|text|textbf|mathrm)\s*\{([^{}]*)\}")
 
 
 def parse_choice(text: str) -> str | None:
-    """The upper-case choice letter (A–J) that `text` states, or None."""
+    """The upper-case choice letter (A–J) that `text` states, or None. After a hedge ("A or B"), a later
+    phrase may still state one ("A or B. Checking again, the answer is B")."""
     for _ in range(2):  # \boxed{\text{B}}
         text = _CHOICE_MARKUP.sub(r"\1", text)
     text = text.replace("*", "").replace("$", "")
     for pattern in _CHOICE_PATTERNS:
         match = pattern.fullmatch(text)
         if match is not None:
-            hedged = _HEDGE_AFTER.match(text, match.end(1)) or _HEDGE_BEFORE.search(text[: match.start(1)])
-            return None if hedged else match[1].upper()
+            if hedge := _HEDGE_AFTER.match(text, match.end(1)):
+                return parse_choice(text[hedge.end() :])
+            if _HEDGE_BEFORE.search(text[: match.start(1)]):
+                return parse_choice(text[match.end(1) :])
+            return match[1].upper()
     return None
 
 

@@ -194,6 +194,9 @@ def test_numeric_tolerance_options():
         ("The answer is B or I", None),
         ("The answer is B or I am wrong.", "B"),  # the pronoun, not a tenth choice
         ("Answer: C / I think so", "C"),
+        ("The answer is A or B. Checking again, the answer is B.", "B"),  # a later phrase settles the hedge
+        ("Option A or option B; option B is correct", "B"),
+        ("The answer is B or C, probably C", None),
         ("A B", None),
         ("Bob", None),
         ("the answer is a cat", None),
