@@ -57,6 +57,8 @@ _MAX_BACKOFF_S = 60.0
 _ERROR_BODY_CHARS = 500
 # Keys that vLLM and SGLang add to a choice: the stop string that ended it, or null / a token id.
 _MATCHED_STOP_KEYS = ("stop_reason", "matched_stop")
+# The finish_reason of a reply that the server cut short: max_tokens reached, or a hosted API's filter.
+_CUT_SHORT = ("length", "content_filter")
 # Where a server with a reasoning parser puts the text it took out of a reply.
 _REASONING_KEYS = ("reasoning_content", "reasoning")
 # How servers that cannot return n choices refuse a request for them.
@@ -190,8 +192,9 @@ class OpenAIEngine:
         return [
             # finish_reason "length": max_tokens reached, unless the reply was cut here at a stop string. Some
             # vLLM releases also say "length" where the last token allowed ended the turn; without the token
-            # ids, which a server does not return, such a reply counts as cut off.
-            Generation(text, prompt_tokens, tokens, choice.get("finish_reason") == "length" and not ends_on_stop(text, stop))
+            # ids, which a server does not return, such a reply counts as cut off. "content_filter": a hosted
+            # API cut the reply short, which the policy did not end either.
+            Generation(text, prompt_tokens, tokens, choice.get("finish_reason") in _CUT_SHORT and not ends_on_stop(text, stop))
             for choice, text, tokens in zip(choices, texts, completion_tokens)
         ]
 
@@ -238,6 +241,15 @@ class OpenAIEngine:
             raise OpenAIServerError(
                 f"{self.url}: expected a chat completion with a non-empty list 'choices', found {found}", url=self.url
             )
+        unfinished = sorted(map(str, {c.get("finish_reason") for c in choices} - {"stop", None, *_CUT_SHORT}))
+        if unfinished:
+            # vLLM's and SGLang's "abort", vLLM's "error", tool calls: not a reply the policy ended, which
+            # would be graded (an empty one as a format failure) and trained on as if it were.
+            raise OpenAIServerError(
+                f"{self.url}: a reply ended with finish_reason {unfinished[0]!r}, not 'stop' or 'length': the "
+                "server did not finish it (a rerun plays the batch again)",
+                url=self.url,
+            )
         return sorted(choices, key=lambda c: c.get("index", 0)), response.get("usage") or {}
 
     async def _post(self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, payload: dict[str, Any]) -> Any:
@@ -246,8 +258,9 @@ class OpenAIEngine:
             retry_after = 0.0
             async with slots:
                 try:
-                    async with session.post(self.url, json=payload) as response:
-                        body = await response.text()
+                    # A redirect is reported, not followed: its target is rollout.api_base's to name.
+                    async with session.post(self.url, json=payload, allow_redirects=False) as response:
+                        body = (await response.read()).decode("utf-8", errors="replace")
                         if response.status == 200:
                             return self._parse_json(body)
                         failure = self._http_error(response.status, body)
@@ -260,7 +273,9 @@ class OpenAIEngine:
                         "raise it for long generations or a busy server",
                         url=self.url,
                     ) from None
-                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
+                except aiohttp.ClientError as err:
+                    # A connection error, a broken body or a garbled answer, retried. Never raised as it is: its
+                    # request_info holds the request's headers, the API key among them.
                     failure = OpenAIServerError(f"{self.url}: {type(err).__name__}: {self._redact(str(err))}", url=self.url)
             if attempt < self.max_retries:
                 backoff = min(self.retry_backoff_s * 2**attempt, _MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
@@ -286,6 +301,8 @@ class OpenAIEngine:
             message += f"; the API key comes from the environment variable {self.api_key_env} (rollout.api_key_env), which {found}"
         elif status == 404:
             message += "; check rollout.api_base (the server's URL up to and including /v1) and rollout.model (a model it serves)"
+        elif 300 <= status < 400:
+            message += "; the server redirects: set rollout.api_base to the URL it answers at"
         return OpenAIServerError(message, url=self.url, status=status)
 
     def _excerpt(self, text: str) -> str:

@@ -487,6 +487,61 @@ def test_a_reply_that_reached_max_tokens_is_cut_off_unless_it_holds_a_stop_strin
     ]
 
 
+def test_a_reply_the_server_did_not_finish_is_refused_and_a_filtered_one_is_cut_off():
+    reasons = iter(["content_filter", None, "abort", "tool_calls"])
+
+    async def handler(body, headers):
+        return completion(choice("<answer>4 is", next(reasons)))
+
+    with FakeServer(handler) as server:
+        engine = engine_for(server.api_base)
+        [[filtered]] = engine.generate([CONVERSATION], SamplingParams(stop=()), 1)
+        [[unsaid]] = engine.generate([CONVERSATION], SamplingParams(stop=()), 1)  # some servers leave it null
+        assert (filtered.cut_off, unsaid.cut_off) == (True, False)
+        for reason in ("abort", "tool_calls"):  # an aborted request's reply is no reply the policy ended
+            with pytest.raises(OpenAIServerError, match=rf"finish_reason '{reason}', not 'stop' or 'length'"):
+                engine.generate([CONVERSATION], SamplingParams(stop=()), 1)
+    assert len(server.requests) == 4  # refused, not retried
+
+
+def test_a_redirect_is_reported_not_followed():
+    async def moved(body, headers):
+        return web.Response(status=307, headers={"Location": "/v1/chat/completions"})
+
+    with FakeServer(moved) as server:
+        engine = engine_for(server.api_base, max_retries=3)
+        with pytest.raises(OpenAIServerError, match="HTTP 307.*the server redirects: set rollout.api_base"):
+            engine.generate([CONVERSATION], SamplingParams(), 1)
+    assert len(server.requests) == 1
+
+
+def test_a_garbled_answer_is_retried_then_reported_without_the_key(monkeypatch):
+    import socketserver
+
+    secret = "sk-test-garbled-0123456789"
+    monkeypatch.setenv("DRIFT_TEST_API_KEY", secret)
+    requests = []
+
+    class Garbled(socketserver.StreamRequestHandler):
+        def handle(self):
+            requests.append(self.rfile.readline())
+            self.wfile.write(b"this is no HTTP\r\n\r\n")
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Garbled) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            engine = engine_for(f"http://127.0.0.1:{server.server_address[1]}/v1", api_key_env="DRIFT_TEST_API_KEY", max_retries=1)
+            with pytest.raises(OpenAIServerError) as caught:
+                engine.generate([CONVERSATION], SamplingParams(), 1)
+        finally:
+            server.shutdown()
+    assert len(requests) == 2 and "2 attempts" in str(caught.value) and engine.url in str(caught.value)
+    # aiohttp's own errors carry the request's headers: raised as they are, they would show the key.
+    shown = "".join(traceback.format_exception(caught.value)) + repr(caught.value) + str(vars(caught.value))
+    assert secret not in shown
+    pickle.loads(pickle.dumps(caught.value))  # as Ray hands an actor's error to the driver
+
+
 def test_a_server_that_hides_which_stop_it_hit_gets_no_stop_and_is_cut_here():
     async def like_openai(body, headers):
         # Stripped stop string, no stop_reason: "stop" could be the stop string or the end of turn.
