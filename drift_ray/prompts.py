@@ -212,14 +212,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = schema.loads_json(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{path}:{line_no}: not valid JSON ({_JSON_LINES}): {err.msg}") from None
-            except schema.RepeatedKeyError as err:
-                raise TaskError(f"{path}:{line_no}: {err}") from None
-            except UnicodeDecodeError as err:
-                raise TaskError(f"{path}:{line_no}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            row = _loads_json(line, path, line_no, _JSON_LINES)
             if not isinstance(row, dict):
                 raise TaskError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__} ({_JSON_LINES})")
             rows.append((f"{path}:{line_no}", row))
@@ -232,15 +225,21 @@ def _holds_an_array(path: Path) -> bool:
     return start.startswith(b"[")
 
 
-def _read_json_array(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _loads_json(data: bytes, path: Path, line_no: int | None, form: str) -> Any:
+    """JSON text from `path` (its line `line_no`, or the whole file), or a TaskError naming where it fails."""
+    where = f"{path}:{line_no}" if line_no is not None else str(path)
     try:
-        items = schema.loads_json(path.read_bytes())
+        return schema.loads_json(data)
     except json.JSONDecodeError as err:
-        raise TaskError(f"{path}:{err.lineno}: not valid JSON (a JSON array of objects): {err.msg}") from None
+        raise TaskError(f"{path}:{err.lineno if line_no is None else line_no}: not valid JSON ({form}): {err.msg}") from None
     except schema.RepeatedKeyError as err:
-        raise TaskError(f"{path}: {err}") from None
+        raise TaskError(f"{where}: {err}") from None
     except UnicodeDecodeError as err:
-        raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise TaskError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _read_json_array(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    items = _loads_json(path.read_bytes(), path, None, "a JSON array of objects")
     rows = []
     for item_no, item in enumerate(items, 1):
         if not isinstance(item, dict):

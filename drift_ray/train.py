@@ -118,8 +118,8 @@ def plan_steps(
     """Every optimizer step of the run, the same for a seed whatever the world size.
 
     Each epoch, `length_buckets` cuts the examples into global batches of similar length (one of them,
-    anywhere in the order, may be smaller). A global batch is sorted by length, cut into micro-batches, and rank r runs micro-batches
-    r, r+W, r+2W, … of it; the normalizer is that of the whole global batch.
+    anywhere in the order, may be smaller). A global batch is sorted by length, cut into micro-batches,
+    and rank r runs micro-batches r, r+W, r+2W, … of it; the normalizer is that of the whole global batch.
     """
     accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size)
     steps = []

@@ -469,18 +469,22 @@ def verifier_settings(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 BOOLEAN_FOR_A_NUMBER = "Input should be a number, not true or false"
 
 
+def _kinds(annotation: Any) -> set[Any]:
+    """The types a value typed `annotation` may have: the members of a Union or Optional, else itself."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*map(_kinds, get_args(annotation)))
+    return {annotation}
+
+
 def reads_a_boolean_as_a_number(annotation: Any) -> bool:
     """Whether a value typed `annotation` takes numbers but not booleans, which Python reads as 0 and 1."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        options = get_args(annotation)
-        return bool not in options and any(reads_a_boolean_as_a_number(a) for a in options)
-    return annotation in (int, float)
+    kinds = _kinds(annotation)
+    return bool not in kinds and bool(kinds & {int, float})
 
 
 def _wanted_instead_of_text(annotation: Any) -> str | None:
     """What a value typed `annotation` takes where that is only booleans and numbers, else None."""
-    parts = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    kinds = set(parts) - {type(None)}
+    kinds = _kinds(annotation) - {type(None)}
     if not kinds or not kinds <= {bool, int, float}:
         return None
     return "true or false" if kinds == {bool} else "a number"
@@ -491,8 +495,8 @@ def options_mismatch(fn: Callable[..., Any], options: Mapping[str, Any], **fixed
     an option that drift-ray passes itself (`fixed`), or options that do not bind (both with the options
     `fn` accepts), or a boolean given where `fn`'s annotation takes a number, or text where it takes only
     booleans or numbers (unchecked where the annotations cannot be evaluated). Text: YAML 1.2 reads
-    `allow_negation: no` as the word "no", which an unchecked dataclass would take as true. Checked before the call, so a TypeError raised inside `fn` is not
-    mistaken for a wrong option. (Here, not in config.py: the math verifier's helper processes import this
+    `allow_negation: no` as the word "no", which an unchecked dataclass would take as true. Checked before
+    the call, so a TypeError raised inside `fn` is not mistaken for a wrong option. (Here, not in config.py: the math verifier's helper processes import this
     module, and need not import pydantic.)"""
     signature = inspect.signature(fn)
     accepted = ", ".join(name for name in signature.parameters if name not in fixed) or "none"
