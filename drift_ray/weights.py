@@ -63,14 +63,17 @@ def trajectory_returns(
 
 def group_weights(returns: npt.ArrayLike, prompt_ids: npt.ArrayLike, beta: float) -> npt.NDArray[np.float64]:
     """w_i = K_g·softmax(R/β)_i within each group g of equal prompt ids; every group's weights average to 1."""
-    returns = np.asarray(returns, dtype=np.float64)
-    _, group = np.unique(np.asarray(prompt_ids), return_inverse=True)
-    group = group.reshape(-1)
+    returns = np.asarray(returns, dtype=np.float64).reshape(-1)
+    try:  # Arrow, as the weights stage reads the column: the ids 1 and "1" are not silently one prompt
+        ids = pa.chunked_array([pa.array(np.asarray(prompt_ids, dtype=object).reshape(-1))])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ValueError(f"group_weights: prompt ids must all be of one type (all text or all integers): {error}")
+    group = _prompt_codes(ids)
     if group.size != returns.size:
         raise ValueError(f"group_weights got {returns.size} returns but {group.size} prompt ids; expected one each")
     bad = np.flatnonzero(~np.isfinite(returns))
     if bad.size:  # a NaN would make its whole group's weights NaN
-        raise ValueError(f"group_weights: return {bad[0]} is {returns[bad[0]]}; expected finite returns")
+        raise ValueError(f"group_weights: return {bad[0]} (0-based) is {returns[bad[0]]}; expected finite returns")
     return _weights_within_groups(returns, group, beta)
 
 
@@ -350,7 +353,12 @@ def _require_group_size(table: pa.Table, groups: npt.NDArray[np.int64], group_si
 
 def _group_codes(table: pa.Table) -> npt.NDArray[np.int64]:
     """0..G−1 per row, one code per distinct prompt id."""
-    ids = table.column(schema.PROMPT_ID)
+    return _prompt_codes(table.column(schema.PROMPT_ID))
+
+
+def _prompt_codes(ids: pa.ChunkedArray) -> npt.NDArray[np.int64]:
+    if not len(ids):  # no ids to type: Arrow cannot dictionary-encode their null type
+        return np.zeros(0, dtype=np.int64)
     if ids.null_count:
         raise ValueError(f"{schema.PROMPT_ID!r}: {ids.null_count} rows have no prompt id; every trajectory needs one")
     return ids.dictionary_encode().combine_chunks().indices.to_numpy().astype(np.int64)

@@ -184,6 +184,16 @@ def test_group_weights_small_example_and_singletons():
     np.testing.assert_allclose(weights, [2 * e / (e + 1), 2 / (e + 1), 1.0], rtol=1e-12)
 
 
+def test_group_weights_keeps_integer_and_text_ids_apart():
+    # NumPy would turn [1, "1"] into two equal strings: one prompt of two trajectories.
+    np.testing.assert_allclose(group_weights([1.0, 0.0], np.array([7, 8]), beta=1.0), [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"group_weights: prompt ids must all be of one type"):
+        group_weights([1.0, 0.0], [1, "1"], beta=1.0)
+    with pytest.raises(ValueError, match=r"'prompt_id': 1 rows have no prompt id"):
+        group_weights([1.0, 0.0], ["a", None], beta=1.0)
+    assert group_weights([], [], beta=1.0).size == 0
+
+
 @pytest.mark.parametrize("beta", [0.0, -0.1, math.inf, math.nan])
 def test_beta_must_be_positive_and_finite(beta):
     with pytest.raises(ValueError, match=rf"weights.beta must be > 0 and finite, found {beta}"):
@@ -191,7 +201,7 @@ def test_beta_must_be_positive_and_finite(beta):
 
 
 def test_returns_must_be_finite():
-    with pytest.raises(ValueError, match=r"group_weights: return 1 is nan; expected finite returns"):
+    with pytest.raises(ValueError, match=r"group_weights: return 1 \(0-based\) is nan; expected finite returns"):
         group_weights([0.0, math.nan, 1.0], ["a", "a", "b"], 1.0)
 
 
