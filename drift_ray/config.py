@@ -355,7 +355,8 @@ class TrainConfig(_Section):
     examples: ExampleKind = Field(
         ExampleKind.last_turn,
         description="last_turn: the last assistant message given all earlier ones (paper); "
-        "all_turns: every assistant message, each with the trajectory's weight.",
+        "all_turns: every assistant message, as one example with the trajectory's weight (its per-token mean "
+        "NLL pools the tokens of all its replies).",
     )
     loss: LossKind = Field(
         LossKind.sample_mean,
@@ -376,7 +377,8 @@ class TrainConfig(_Section):
     max_length: int = Field(
         2048,
         ge=8,
-        description="Tokens per example. A longer one loses its earliest tokens (a last reply that alone is "
+        description="Tokens per example. A longer one loses its oldest turns after the question (an answer and "
+        "its feedback at a time, down to the last pair), then its earliest tokens (a last reply that alone is "
         "longer is cut on the right); drift_train.json counts them (truncated_examples).",
     )
     checkpoint_every: int = Field(0, ge=0, description="Report a Ray Train checkpoint every N steps (0 = at the end).")

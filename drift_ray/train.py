@@ -5,8 +5,8 @@ its samples, whatever the number of data-parallel ranks and micro-batches (see `
 To make that hold, and to make a resumed run replay exactly, the split of the data into global batches
 and micro-batches is a pure function of the seed and the sizes (`plan_steps`): every rank reads all the
 (small, text-only) training rows and runs its own share of each global batch. A rank that has fewer real
-micro-batches in the last, partial global batch runs a weight-0 filler micro-batch, so all ranks agree
-on where the accumulation boundary is.
+micro-batches in the one smaller global batch of an epoch (wherever the plan puts it) runs a weight-0
+filler micro-batch, so all ranks agree on where the accumulation boundary is.
 
 DeepSpeed runs on GPUs (NCCL) and on CPUs (its CPU accelerator, gloo); in both cases it reuses the
 process group Ray Train set up. Checkpoints are DeepSpeed checkpoints reported to Ray Train; the run
@@ -382,6 +382,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
     import transformers
+    from jinja2 import TemplateError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     context = ray.train.get_context()
@@ -475,7 +476,9 @@ def train_loop(config: dict[str, Any]) -> None:
                         tokenized[i] = tokenize_trajectory(
                             tokenizer, conversations[i], train.examples, train.max_length, cut_offs[i]
                         )
-                    except ValueError as err:  # a chat template this example cannot be masked with
+                    # A chat template this example cannot be masked with, or one that refuses it
+                    # (raise_exception raises jinja2's TemplateError).
+                    except (ValueError, TemplateError) as err:
                         raise ValueError(f"trajectory {ids[i]!r}: {err}") from err
             batch = collate([tokenized[i] for i in micro.indices], micro.weights, pad_token_id, engine.device)
             # use_cache=False per call, not in the config: the saved model keeps its KV cache for generate().

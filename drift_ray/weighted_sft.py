@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,22 +74,55 @@ def tokenize_trajectory(
     One without text (special tokens alone, or whitespace that the template trims) supervises nothing, so
     an example may hold no supervised token: per_sample_nll gives it 0.
 
-    Longer than `max_length`: tokens are dropped from the left, keeping the last reply whole. A last
-    reply that alone does not fit is cut on the right, after the one context token that lets its first
-    token be predicted, so at least one supervised token always remains (unless the last reply was cut off
-    without text).
+    Longer than `max_length`: the oldest turns after the question are dropped whole, an answer with the
+    feedback on it, until the example fits or only the last answer and its feedback are left. The system
+    prompt and the question stay, since a reply makes sense only given the question, and the roles still
+    alternate, as some templates require. Still too long: tokens are dropped from the left, keeping the last
+    reply whole. A last reply that alone does not fit is cut on the right, after the one context token that
+    lets its first token be predicted, so at least one supervised token always remains (unless the last reply
+    was cut off without text). `cut_tokens` counts the tokens dropped either way.
     """
     kind = ExampleKind(kind)
     messages = list(messages)
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 so one token can be predicted, found {max_length}")
-    assistant_turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    roles = [message["role"] for message in messages]
+    assistant_turns = [i for i, role in enumerate(roles) if role == "assistant"]
     if not assistant_turns:
-        roles = [message["role"] for message in messages]
         raise ValueError(f"a training conversation needs an assistant message to supervise; found roles {roles}")
     if cut_off is not None and len(cut_off) != len(assistant_turns):
         raise ValueError(schema.per_reply_mismatch(schema.CUT_OFF, len(cut_off), len(assistant_turns)))
     cut_turns = {turn for turn, cut in zip(assistant_turns, cut_off or ()) if cut}
+    input_ids, labels, reply_start = _tokenize(tokenizer, messages, kind, assistant_turns, cut_turns)
+    whole_length = len(input_ids)
+    if whole_length <= max_length:
+        return TokenizedExample(input_ids, labels)
+    after_question = roles.index("user") + 1 if "user" in roles else len(messages)
+    for first_kept in (turn for turn in assistant_turns[:-1] if turn > after_question):
+        input_ids, labels, reply_start = _tokenize(
+            tokenizer,
+            messages[:after_question] + messages[first_kept:],
+            kind,
+            _after_dropping(assistant_turns, after_question, first_kept),
+            set(_after_dropping(cut_turns, after_question, first_kept)),
+        )
+        if len(input_ids) <= max_length:
+            return TokenizedExample(input_ids, labels, whole_length - len(input_ids))
+    start = max(0, min(len(input_ids) - max_length, reply_start - 1))
+    return TokenizedExample(
+        input_ids[start : start + max_length], labels[start : start + max_length], whole_length - max_length
+    )
+
+
+def _after_dropping(turns: Iterable[int], start: int, stop: int) -> list[int]:
+    """The message indices `turns` once messages[start:stop] are dropped."""
+    return [turn if turn < start else turn - (stop - start) for turn in turns if not start <= turn < stop]
+
+
+def _tokenize(
+    tokenizer: Any, messages: list[Message], kind: ExampleKind, assistant_turns: list[int], cut_turns: set[int]
+) -> tuple[list[int], list[int], int]:
+    """tokenize_trajectory's example before truncation, and where its last reply starts."""
     supervised_turns = assistant_turns if kind is ExampleKind.all_turns else assistant_turns[-1:]
 
     input_ids: list[int] = []
@@ -125,13 +158,7 @@ def tokenize_trajectory(
         input_ids += reply_ids + end_ids
         labels += reply_ids + [IGNORE_INDEX] * len(end_ids)
         rendered = full
-
-    if len(input_ids) <= max_length:
-        return TokenizedExample(input_ids, labels)
-    start = max(0, min(len(input_ids) - max_length, reply_start - 1))
-    return TokenizedExample(
-        input_ids[start : start + max_length], labels[start : start + max_length], len(input_ids) - max_length
-    )
+    return input_ids, labels, reply_start
 
 
 # Private-use characters: no chat template writes them of its own, or has a reason to rewrite them.
@@ -282,8 +309,9 @@ def loss_normalizer(weights_of_global_batch: Sequence[float], kind: LossKind | s
       `weighted_loss(...) * W`;
     - DeepSpeed also divides by gradient_accumulation_steps inside `engine.backward` unless told not
       to: call `engine.backward(weighted_loss(...) * world_size, scale_wrt_gas=False)`.
-    Each rank sees only its shard: sample_mean needs the global batch size (known), weight_normalized
-    needs Σ w over all ranks' micro-batches of the step (one all-reduce of a scalar per step).
+    Each rank runs only its share of the step: sample_mean needs the global batch size, weight_normalized
+    Σ w over all ranks' micro-batches; both are known to every rank that holds the plan of the step (see
+    train.plan_steps), else Σ w takes one all-reduce of a scalar per step.
     """
     kind = LossKind(kind)
     weights = [float(w) for w in weights_of_global_batch]
@@ -393,6 +421,7 @@ def fit_plain(
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll = per_sample_nll(logits, batch["labels"])
             batch_loss = weighted_loss(nll, batch["weights"], loss_normalizer(batch_weights, loss))
+            lr = scheduler.get_last_lr()[0]  # this step's: the scheduler moves on after it
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
             if grad_clip > 0:
@@ -406,7 +435,7 @@ def fit_plain(
                 elapsed = time.perf_counter() - started
                 print(
                     f"step {step}/{total_steps} epoch {epoch + 1} loss {step_losses[-1]:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {tokens / elapsed:.0f} tokens/s",
+                    f"lr {lr:.2e} {tokens / elapsed:.0f} tokens/s",
                     flush=True,
                 )
     seconds = time.perf_counter() - started

@@ -650,21 +650,42 @@ def test_a_diverged_run_stops_naming_the_step_and_leaves_no_model(ray_cluster, t
     assert not (tmp_path / MODEL_DIR).exists()
 
 
+CHATML_TURN = "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_an_example_the_chat_template_cannot_mask_names_its_trajectory(ray_cluster, tmp_path, model_path):
+@pytest.mark.parametrize(
+    "examples, chat_template, error",
+    [
+        # Writes only the last assistant message, as templates that drop earlier reasoning do: all_turns
+        # cannot mask the earlier replies, since the later contexts do not hold them.
+        (
+            ExampleKind.all_turns,
+            "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}" + CHATML_TURN
+            + "{% endif %}{% endfor %}" + GENERATION_PROMPT,
+            "the chat template is not prefix-stable",
+        ),
+        # Refuses the conversation, as templates that take no system message do (jinja2's TemplateError).
+        (
+            ExampleKind.last_turn,
+            "{% for m in messages %}{% if m['content'].startswith('Incorrect') %}"
+            "{{ raise_exception('this template takes no feedback') }}{% endif %}" + CHATML_TURN
+            + "{% endfor %}" + GENERATION_PROMPT,
+            "this template takes no feedback",
+        ),
+    ],
+)
+def test_an_example_the_chat_template_cannot_mask_names_its_trajectory(
+    ray_cluster, tmp_path, model_path, examples, chat_template, error
+):
     from ray.train import TrainingFailedError
 
     model = tmp_path / "model"
     shutil.copytree(model_path, model)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    # Writes only the last assistant message, as templates that drop earlier reasoning do: all_turns cannot
-    # mask the earlier replies, since the later contexts do not hold them.
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
-        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(model)
     weighted = tmp_path / "weighted"
     weighted.mkdir()
@@ -674,7 +695,7 @@ def test_an_example_the_chat_template_cannot_mask_names_its_trajectory(ray_clust
         schema.WEIGHT: [1.0, 1.0],
     }
     pq.write_table(pa.table(rows), weighted / "part-0.parquet")
-    cfg = make_config(examples=ExampleKind.all_turns, global_batch_size=2, micro_batch_size=1)
-    with pytest.raises(TrainingFailedError, match=r"trajectory 'q/[01]': .*the chat template is not prefix-stable"):
+    cfg = make_config(examples=examples, global_batch_size=2, micro_batch_size=1)
+    with pytest.raises(TrainingFailedError, match=rf"trajectory 'q/[01]': .*{error}"):
         train_weighted_sft(cfg, str(weighted), str(model), str(tmp_path / "out"))
     assert not (tmp_path / "out" / MODEL_DIR).exists()

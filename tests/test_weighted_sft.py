@@ -247,6 +247,42 @@ def test_left_truncation_keeps_the_reply(tokenizer):
     assert supervised_runs(tokenizer, example) == [reply]
 
 
+THREE_TURNS = [
+    *CONVERSATION[:4],
+    {"role": "assistant", "content": "<answer>7</answer>"},
+    {"role": "user", "content": "Incorrect. Please think again."},
+    {"role": "assistant", "content": "<answer>5</answer>"},
+]
+
+
+@pytest.mark.parametrize("kind", list(ExampleKind))
+def test_truncation_drops_the_oldest_turns_after_the_question(tokenizer, kind):
+    full = tokenize_trajectory(tokenizer, THREE_TURNS, kind, max_length=512)
+    # The first answer and its feedback dropped: the question, the second answer, its feedback, the reply.
+    shorter = [*THREE_TURNS[:2], *THREE_TURNS[4:]]
+    cut_off = [True, False, False]  # the dropped answer's flag goes with it
+    expected = tokenize_trajectory(tokenizer, shorter, kind, max_length=512, cut_off=[False, False])
+
+    example = tokenize_trajectory(tokenizer, THREE_TURNS, kind, len(expected.input_ids), cut_off)
+
+    assert (example.input_ids, example.labels) == (expected.input_ids, expected.labels)
+    assert example.cut_tokens == len(full.input_ids) - len(expected.input_ids) > 0
+    assert tokenizer.decode(example.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+3?")
+    assert "<answer>6</answer>" not in tokenizer.decode(example.input_ids)
+
+
+def test_truncation_keeps_the_last_answer_and_its_feedback_then_cuts_from_the_left(tokenizer):
+    full = tokenize_trajectory(tokenizer, THREE_TURNS, ExampleKind.last_turn, max_length=512)
+    shortest = tokenize_trajectory(tokenizer, [*THREE_TURNS[:2], *THREE_TURNS[4:]], ExampleKind.last_turn, 512)
+    max_length = len(shortest.input_ids) - 5
+
+    example = tokenize_trajectory(tokenizer, THREE_TURNS, ExampleKind.last_turn, max_length)
+
+    assert example.input_ids == shortest.input_ids[-max_length:]
+    assert example.cut_tokens == len(full.input_ids) - max_length
+    assert supervised_runs(tokenizer, example) == ["<answer>5</answer><|im_end|>\n"]
+
+
 def test_a_reply_longer_than_max_length_is_cut_on_the_right(tokenizer):
     long_reply = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1 2 3 4 5 6 7 8 9 10"}]
     full = tokenize_trajectory(tokenizer, long_reply, ExampleKind.last_turn, max_length=512)
