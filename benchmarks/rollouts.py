@@ -82,14 +82,14 @@ def play_batches(
 
 def measure_in_process(model: str, threads: int, workload: dict[str, Any], **options: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    engine = TransformersEngine(model, torch_threads=threads, **options)
+    engine = TransformersEngine(model, device="cpu", torch_threads=threads, **options)
     startup = time.perf_counter() - started
     return {"startup_s": startup, **play_batches(engine, **workload)}
 
 
 def _engine_process(model: str, workload: dict[str, Any], barrier, results) -> None:
     started = time.perf_counter()
-    engine = TransformersEngine(model, torch_threads=1)
+    engine = TransformersEngine(model, device="cpu", torch_threads=1)
     startup = time.perf_counter() - started
     barrier.wait()
     results.put({"startup_s": startup, **play_batches(engine, **workload)})

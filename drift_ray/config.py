@@ -185,7 +185,7 @@ class RolloutConfig(_Section):
         0.0,
         ge=0.0,
         description="GPUs per rollout actor (vLLM: = tensor_parallel_size; with tensor_parallel_size 1 a fraction "
-        "packs several actors on one GPU).",
+        "packs several actors on one GPU). The transformers engine runs on the CPU with 0, on its GPU otherwise.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size per actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype for the engine.")

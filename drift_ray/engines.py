@@ -546,7 +546,9 @@ def build_engine(cfg: RolloutConfig, model: str | None = None) -> Engine:
             "drift_ray.demo_model.ensure_demo_model(cache_dir) and pass the returned directory"
         )
     if cfg.engine is EngineKind.transformers:
-        return TransformersEngine(model, dtype=cfg.dtype, torch_threads=cfg.torch_threads)
+        # Ray leaves an actor that reserved no GPU every GPU of its node in sight: it would take one unreserved.
+        device = "cpu" if cfg.gpus_per_actor == 0 else None
+        return TransformersEngine(model, dtype=cfg.dtype, device=device, torch_threads=cfg.torch_threads)
     if cfg.engine is EngineKind.vllm:
         return VLLMEngine(
             model,

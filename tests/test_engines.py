@@ -302,6 +302,15 @@ def test_build_engine_makes_a_transformers_engine(tiny_model_dir):
     assert next(engine.model.parameters()).dtype == torch.bfloat16
 
 
+def test_build_engine_without_a_reserved_gpu_runs_on_the_cpu(tiny_model_dir, monkeypatch):
+    import torch
+
+    # A GPU node: Ray no longer hides its GPUs from an actor that reserved none.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    engine = build_engine(RolloutConfig(engine=EngineKind.transformers, gpus_per_actor=0, torch_threads=1), tiny_model_dir)
+    assert engine.device == torch.device("cpu") and next(engine.model.parameters()).device.type == "cpu"
+
+
 @pytest.mark.vllm
 def test_vllm_engine_samples_n_replies_and_keeps_the_stop_string(tiny_model_dir):
     pytest.importorskip("vllm")
