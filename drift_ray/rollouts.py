@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from drift_ray import schema
-from drift_ray.config import Config, EpisodeConfig, RolloutConfig
+from drift_ray.config import Config, EngineKind, EpisodeConfig, RolloutConfig
 from drift_ray.episode import SamplingParams, episodes_table, first_messages, play_episodes, stable_seed
 from drift_ray.prompts import Problem, problems_table
 from drift_ray.trajectories import (
@@ -207,6 +207,19 @@ def rollouts_lock_file(out_dir: str | Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.play.lock"
 
 
+def engine_identity(rollout: RolloutConfig) -> dict[str, Any]:
+    """What, beside the model, decides the episodes an engine plays. Another engine samples (and another
+    dtype or tensor-parallel split computes) the same policy otherwise: its episodes would not replay from
+    the seeds, and greedy ones can differ. A served model is known by its name alone: another server may
+    serve another model under it."""
+    identity: dict[str, Any] = {"kind": rollout.engine.value, "dtype": rollout.dtype}
+    if rollout.engine is EngineKind.vllm:
+        identity["tensor_parallel_size"] = rollout.tensor_parallel_size
+    if rollout.engine is EngineKind.openai:
+        identity["api_base"] = rollout.api_base
+    return identity
+
+
 def run_episodes(
     problems: Sequence[Problem],
     out_dir: str | Path,
@@ -237,9 +250,7 @@ def run_episodes(
         "model_trained_by": trained_by(model),
         # Any local model replaced at the same path, whoever trained it.
         "model_fingerprint": files_fingerprint(model),
-        # Another engine samples (and another dtype computes) the same policy otherwise: its episodes
-        # would not replay from the seeds, and greedy ones can differ.
-        "engine": {"kind": cfg.rollout.engine.value, "dtype": cfg.rollout.dtype},
+        "engine": engine_identity(cfg.rollout),
         "samples_per_prompt": samples_per_prompt,
         "sampling": asdict(params),
         "episode": cfg.episode.model_dump(mode="json"),

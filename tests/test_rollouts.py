@@ -181,6 +181,36 @@ def test_another_engine_or_dtype_plays_other_episodes(tmp_path):
         play("rollout.engine=vllm", "rollout.gpus_per_actor=1")
 
 
+@pytest.mark.parametrize(
+    "first, second, differ",
+    [
+        # Another server may serve another model under the same name.
+        (
+            ["rollout.engine=openai", "rollout.api_base=http://server-a:8000/v1"],
+            ["rollout.engine=openai", "rollout.api_base=http://server-b:9000/v1"],
+            r"engine\.api_base \('http://server-a:8000/v1' then, 'http://server-b:9000/v1' now\)",
+        ),
+        # Another split across GPUs sums in another order, as another dtype computes otherwise.
+        (
+            ["rollout.engine=vllm", "rollout.gpus_per_actor=1"],
+            ["rollout.engine=vllm", "rollout.gpus_per_actor=2", "rollout.tensor_parallel_size=2"],
+            r"engine\.tensor_parallel_size \(1 then, 2 now\)",
+        ),
+    ],
+)
+def test_another_server_or_tensor_parallel_split_plays_other_episodes(tmp_path, first, second, differ):
+    def play(overrides: list[str]) -> None:
+        cfg = load_config(None, overrides)
+        run_episodes([], tmp_path / "eval", model="served-model", cfg=cfg, verifier="exact", verifier_options={},
+                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+
+    play(first)
+    write_shard(tmp_path / "eval", ["a"], k=2)
+    play(first)
+    with pytest.raises(RuntimeError, match=rf"\(differ in: {differ}\)"):
+        play(second)
+
+
 def test_a_fingerprint_follows_the_content_wherever_the_files_are(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
