@@ -19,7 +19,15 @@ import pyarrow.parquet as pq
 
 from drift_ray.config import DEMO_MODEL, Config, EngineKind
 from drift_ray.prompts import Task, load_task, shared_questions
-from drift_ray.rollouts import MANIFEST, SHARD_GLOB, eval_sampling, read_shards, rollout_sampling, run_episodes
+from drift_ray.rollouts import (
+    MANIFEST,
+    SHARD_GLOB,
+    eval_sampling,
+    read_shards,
+    rollout_sampling,
+    rollouts_fingerprint,
+    run_episodes,
+)
 from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
 from drift_ray.trajectories import exclusive_lock, publish_directory, require_same_settings, write_json_atomic
 
@@ -233,9 +241,10 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
         "weights": cfg.weights.model_dump(mode="json"),
         "rollouts": json.loads((rollouts / MANIFEST).read_text()),
         "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
+        "rollouts_fingerprint": rollouts_fingerprint(rollouts, prompt_ids),
     }
     if weights_finished(run_dir):
-        require_same_settings(settings_path, settings, output=str(out))
+        require_same_settings(settings_path, settings, output=str(out), inputs=["rollouts_fingerprint"])
         return json.loads(diagnostics_path.read_text())
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]

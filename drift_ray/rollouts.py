@@ -27,6 +27,7 @@ from drift_ray.prompts import Problem, problems_table
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
     exclusive_lock,
+    digest_files,
     files_fingerprint,
     require_same_settings,
     write_json_atomic,
@@ -155,6 +156,20 @@ def completed_prompts(
     return set(counts) & set(wanted)
 
 
+def rollouts_fingerprint(out_dir: str | Path, prompt_ids: Collection[str]) -> str:
+    """A digest of the shards of `out_dir` that hold trajectories of `prompt_ids`, by their files: rollouts
+    played again (a shard removed and its prompts replayed, say after the task file changed) are other
+    rollouts under the same settings, while shards that other runs add to a shared rollout.output_dir for
+    prompts of their own change nothing."""
+    wanted = set(prompt_ids)
+    shards = {
+        shard.name: shard
+        for shard in sorted(Path(out_dir).glob(SHARD_GLOB))
+        if not wanted.isdisjoint(_read_shard(shard, columns=[schema.PROMPT_ID]).column(0).to_pylist())
+    }
+    return digest_files(shards)
+
+
 def _require_same_problem(
     shard: Path, problem: Problem, gold: str, messages: list[dict[str, str]], episode: EpisodeConfig
 ) -> None:
@@ -190,7 +205,13 @@ def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     if _manifest_guards(out_dir):
         # A local model is known by its files: at another path (its run_dir moved, or spelled otherwise) it
         # is the same policy.
-        require_same_settings(out_dir / MANIFEST, settings, output=str(out_dir), known_by={"model": "model_fingerprint"})
+        require_same_settings(
+            out_dir / MANIFEST,
+            settings,
+            output=str(out_dir),
+            known_by={"model": "model_fingerprint"},
+            inputs=["model_fingerprint", "model_trained_by"],  # a model replaced at the same path
+        )
 
 
 def record_manifest(out_dir: Path, settings: dict[str, Any]) -> None:

@@ -270,6 +270,8 @@ def train_weighted_sft(
             # The same model files at another relative path (the demo reference's cache, seen from a run_dir
             # that moved) are the same model.
             known_by={"model_path": "model_fingerprint"},
+            # Files rewritten at the same paths: other weights, other rollouts or another model.
+            inputs=["weighted_fingerprint", "conversations_fingerprint", "model_fingerprint"],
         )
         return read_stats(model_out)
     require_training_input(weighted_dir)

@@ -158,6 +158,12 @@ def files_fingerprint(path: str) -> str | None:
         for file in root.rglob("*")
         if file.is_file() and not any(part.startswith(".") for part in file.relative_to(root).parts)
     }
+    return digest_files(files)
+
+
+def digest_files(files: Mapping[str, Path]) -> str:
+    """files_fingerprint's digest of `files` by the names given: each name, size and content (read whole
+    up to 4 MiB, else sampled)."""
     digest = hashlib.sha256()
     for name, file in sorted(files.items()):
         size = file.stat().st_size
@@ -239,6 +245,7 @@ def require_same_settings(
     only: Collection[str] | None = None,
     ignore: Collection[str] = (),
     known_by: Mapping[str, str] | None = None,
+    inputs: Collection[str] = (),
 ) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
@@ -249,9 +256,11 @@ def require_same_settings(
     older records may hold. `known_by` maps a setting to one that identifies what it names: the setting is
     compared only where the record and `settings` do not both hold that identity (a local model's path,
     where both hold its files' fingerprint: the same files at another path are the same model). The
-    message names every differing setting by its dotted path.
+    message names every differing setting by its dotted path. `inputs`: the settings that identify what
+    `output` was made from rather than how (fingerprints of files): where only those differ, the same
+    config cannot make it again, and the message says to remove `output` instead.
     """
-    for name, paths in (("only", only), ("ignore", ignore)):
+    for name, paths in (("only", only), ("ignore", ignore), ("inputs", inputs)):
         if isinstance(paths, str):  # a bare string would be read as its characters, and match nothing
             raise TypeError(f"require_same_settings: {name} takes a collection of dotted paths, not {paths!r}")
     record = Path(record)
@@ -268,17 +277,19 @@ def require_same_settings(
         for key, value in whole_record.items()
         if (only is None or _under(key, only)) and not _under(key, [*ignore, *identified])
     }
-    changed = [
-        f"{key} ({schema.short_repr(value)} then, {schema.short_repr(current[key]) if key in current else 'unset'} now)"
-        for key, value in sorted(recorded.items())
-        if key not in current or current[key] != value
-    ]
+    changed = [key for key, value in sorted(recorded.items()) if key not in current or current[key] != value]
     if changed:
-        listed = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
-        raise RuntimeError(
-            f"{output}: made with other settings (differ in: {listed}), recorded in {record}. "
-            "Rerun with the same config, or use a new run_dir."
-        )
+        described = [
+            f"{key} ({schema.short_repr(recorded[key])} then, "
+            f"{schema.short_repr(current[key]) if key in current else 'unset'} now)"
+            for key in changed
+        ]
+        listed = "; ".join(described[:5]) + (f"; and {len(described) - 5} more" if len(described) > 5 else "")
+        if all(_under(key, inputs) for key in changed):
+            remedy = f"What it was made from changed since: remove {output} to make it again, or use a new run_dir."
+        else:
+            remedy = "Rerun with the same config, or use a new run_dir."
+        raise RuntimeError(f"{output}: made with other settings (differ in: {listed}), recorded in {record}. {remedy}")
 
 
 def _under(key: str, paths: Collection[str]) -> bool:

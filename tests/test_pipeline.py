@@ -118,6 +118,22 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"} == settled
         assert not ray.is_initialized()
 
+    # Rollouts played again under the same settings (a shard removed and its prompts replayed, say after
+    # the task file changed) are other rollouts: the weights of the old ones are refused, with a remedy
+    # that works.
+    played = shards[0].read_bytes()
+    table = pq.read_table(shards[0])
+    conversations = table.column(schema.MESSAGES).to_pylist()
+    conversations[0][-1]["content"] += " again"
+    replayed = pa.array(conversations, table.schema.field(schema.MESSAGES).type)
+    pq.write_table(table.set_column(table.schema.get_field_index(schema.MESSAGES), schema.MESSAGES, replayed), shards[0])
+    assert main(run) == 2
+    refused = capsys.readouterr().err
+    assert f"{run_dir / 'weighted'}: made with other settings (differ in: rollouts_fingerprint (" in refused
+    assert f"What it was made from changed since: remove {run_dir / 'weighted'} to make it again" in refused
+    assert not ray.is_initialized()
+    shards[0].write_bytes(played)
+
     # A smaller test split is evaluated on its own problems, from the episodes already played. And a run
     # killed after publishing the weighted rollouts, before their diagnostics marked them complete, is redone.
     (run_dir / "weighted.diagnostics.json").unlink()

@@ -19,11 +19,13 @@ from drift_ray.config import EpisodeConfig, TaskConfig, load_config
 from drift_ray.episode import first_messages
 from drift_ray.prompts import Problem
 from drift_ray.rollouts import (
+    SHARD_GLOB,
     check_manifest,
     completed_prompts,
     read_shards,
     record_manifest,
     rollout_sampling,
+    rollouts_fingerprint,
     rollouts_lock_file,
     run_episodes,
     shard_path,
@@ -66,9 +68,27 @@ def episode_kwargs(model: str = "some/hub-model") -> dict:
 
 def test_shard_names_depend_only_on_the_batch(tmp_path):
     a = [Problem("p1", "q", "1"), Problem("p2", "q", "2")]
-    assert shard_path(tmp_path, a) == shard_path(tmp_path, list(a))
+    # By the prompt ids alone: a rerun finds the batch's shard whatever the problems' text.
+    assert shard_path(tmp_path, a) == shard_path(tmp_path, [Problem("p1", "other", "7"), Problem("p2", "q", "8")])
     assert shard_path(tmp_path, a) != shard_path(tmp_path, a[:1])
-    assert shard_path(tmp_path, a).name.startswith("part-")
+    assert shard_path(tmp_path, a).parent == tmp_path and shard_path(tmp_path, a).match(SHARD_GLOB)
+
+
+def test_rollouts_fingerprint_follows_the_shards_of_the_prompts(tmp_path):
+    rollouts = tmp_path / "rollouts"
+    rollouts.mkdir()
+    write_shard(rollouts, ["a", "b"], k=2)
+    first = rollouts_fingerprint(rollouts, ["a", "b"])
+    write_shard(rollouts, ["c"], k=2)  # another run's prompts in a shared rollout.output_dir
+    assert rollouts_fingerprint(rollouts, ["b", "a"]) == first
+    assert rollouts_fingerprint(rollouts, ["a", "b", "c"]) != first
+    shutil.copytree(rollouts, tmp_path / "moved")
+    assert rollouts_fingerprint(tmp_path / "moved", ["a", "b"]) == first  # by content, not by path
+    # The batch played again, with other episodes: other rollouts under the same settings.
+    shard = shard_path(rollouts, [problem("a"), problem("b")])
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(table.schema.get_field_index(schema.T_STAR), schema.T_STAR, pa.nulls(4, pa.int64())), shard)
+    assert rollouts_fingerprint(rollouts, ["a", "b"]) != first
 
 
 def test_completed_prompts_ignores_temporary_files_and_rejects_partial_groups(tmp_path):
@@ -145,7 +165,10 @@ def test_a_model_retrained_at_the_same_path_is_another_policy(tmp_path):
     write_shard(tmp_path / "eval", ["a"], k=2)  # as if it had played a problem
     run_episodes([], tmp_path / "eval", **kwargs)  # the same model: its episodes are reused
     write_json_atomic({"train": {"lr": 0.2}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
-    changed = r"eval: made with other settings \(differ in: model_fingerprint .*; model_trained_by\.train\.lr \(0\.1 then, 0\.2 now\)\)"
+    changed = (
+        r"eval: made with other settings \(differ in: model_fingerprint .*; model_trained_by\.train\.lr \(0\.1 then, "
+        r"0\.2 now\)\), recorded in .*\. What it was made from changed since: remove .*eval to make it again"
+    )
     with pytest.raises(RuntimeError, match=changed):
         run_episodes([], tmp_path / "eval", **kwargs)
 

@@ -279,7 +279,8 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
     assert train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start) == {"steps": 4}
     reweighted = [{**row, schema.WEIGHT: 2 * row[schema.WEIGHT]} for row in rows]  # `drift-ray weights`, another β
     pq.write_table(pa.Table.from_pylist(reweighted), weighted)
-    with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: weighted_fingerprint \("):
+    with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: weighted_fingerprint \(.*What it was "
+                       r"made from changed since: remove .*model to make it again"):
         train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start)
     # Other rollouts under the same ids and weights (uniform weights always give that): other conversations.
     replied_otherwise = [

@@ -320,6 +320,15 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
         "shards (['a', 'b'] then, ['a', 'b', 'c'] now); weights.beta (0.1 then, 0.5 now)), "
         f"recorded in {record}. Rerun with the same config, or use a new run_dir."
     )
+    # Where only what it was made from differs, the same config cannot make it again.
+    with pytest.raises(RuntimeError, match=r"Rerun with the same config"):
+        require_same_settings(record, changed, output="run/weighted", inputs=["shards"])
+    with pytest.raises(RuntimeError) as refused:
+        require_same_settings(record, changed, output="run/weighted", ignore=["seed", "weights"], inputs=["shards"])
+    assert str(refused.value).endswith(
+        f"recorded in {record}. What it was made from changed since: remove run/weighted to make it again, "
+        "or use a new run_dir."
+    )
     with pytest.raises(TypeError, match=r"ignore takes a collection of dotted paths, not 'weights'"):
         require_same_settings(record, changed, output="out", ignore="weights")
     with pytest.raises(TypeError, match=r"only takes a collection"):
