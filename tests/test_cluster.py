@@ -162,6 +162,8 @@ def launcher_problems(cluster: dict[str, Any]) -> list[str]:
         mounts = node_type.get("initialization_commands", [])
         if name != head and not any("mount" in command and SHARED_DIR in command for command in mounts):
             problems.append(f"{where}.initialization_commands: no mount of {SHARED_DIR} (run_dir)")
+        if cluster.get("provider", {}).get("type") == "gcp":
+            problems += gcp_scheduling_problems(where, node_type)
     min_total = sum(node_type.get("min_workers", 0) for node_type in node_types.values())
     if cluster.get("max_workers", 0) < min_total:
         problems.append(f"max_workers: {cluster.get('max_workers')} is less than the sum of min_workers {min_total}")
@@ -173,6 +175,22 @@ def launcher_problems(cluster: dict[str, Any]) -> list[str]:
     if docker and not any(f"{SHARED_DIR}:{SHARED_DIR}" in option for option in docker.get("run_options", [])):
         problems.append(f"docker.run_options: {SHARED_DIR} is not mounted into the container")
     return problems
+
+
+def gcp_scheduling_problems(where: str, node_type: dict[str, Any]) -> list[str]:
+    """GCE's instances.insert takes `scheduling` as one object; a VM with GPUs cannot live-migrate."""
+    node_config = node_type.get("node_config") or {}
+    if "scheduling" not in node_config:
+        scheduling = {}
+    elif isinstance(node_config["scheduling"], dict):
+        scheduling = node_config["scheduling"]
+    else:
+        return [f"{where}.node_config.scheduling: a {type(node_config['scheduling']).__name__}; GCE takes a mapping "
+                "(scheduling: {onHostMaintenance: TERMINATE}), not a list of one-key mappings"]
+    if node_type.get("resources", {}).get("GPU", 0) and scheduling.get("onHostMaintenance") != "TERMINATE":
+        return [f"{where}.node_config.scheduling.onHostMaintenance: {scheduling.get('onHostMaintenance')!r}; "
+                "a VM with GPUs needs TERMINATE"]
+    return []
 
 
 def launcher_shapes(cluster: dict[str, Any]) -> dict[str, NodeShape]:
@@ -260,6 +278,27 @@ def test_broken_launcher_is_reported(mutation, expected):
     assert any(expected in problem for problem in problems), problems
 
 
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        (set_path("available_node_types.rollout_gpu.node_config.scheduling", [{"onHostMaintenance": "TERMINATE"}]),
+         "rollout_gpu.node_config.scheduling: a list; GCE takes a mapping"),
+        (set_path("available_node_types.train_gpu.node_config.scheduling", [{"onHostMaintenance": "TERMINATE"}]),
+         "train_gpu.node_config.scheduling: a list; GCE takes a mapping"),
+        (set_path("available_node_types.train_gpu.node_config.scheduling", {"onHostMaintenance": "MIGRATE"}),
+         "train_gpu.node_config.scheduling.onHostMaintenance: 'MIGRATE'; a VM with GPUs needs TERMINATE"),
+    ],
+)
+def test_broken_gcp_scheduling_is_reported(mutation, expected):
+    cluster = copy.deepcopy(load_yaml(CLUSTER / "gcp.yaml"))
+    for node_type in cluster["available_node_types"].values():  # the real file: mappings wherever present
+        scheduling = node_type["node_config"].get("scheduling")
+        assert scheduling is None or isinstance(scheduling, dict), scheduling
+    mutation(cluster)
+    problems = launcher_problems(cluster)
+    assert any(expected in problem for problem in problems), problems
+
+
 # --- KubeRay ----------------------------------------------------------------------------------------
 
 
@@ -317,6 +356,9 @@ def kuberay_problems(documents: list[dict[str, Any]]) -> list[str]:
         requested, limited = resources.get("requests", {}).get(GPU_KEY), resources.get("limits", {}).get(GPU_KEY)
         if requested != limited:
             problems.append(f"{where}: requests {GPU_KEY} {requested} but limits {limited}; expected them equal")
+        if limited and not group["template"]["spec"].get("nodeSelector"):
+            problems.append(f"{where}: no nodeSelector; the cluster autoscaler may place its GPU pods on, or grow, "
+                            "another group's GPU pool")
     for role in ROLES:
         groups = cluster.get("workerGroupSpecs", [])
         owners = [group["groupName"] for group in groups if role in role_resources(group)]
@@ -390,6 +432,14 @@ def test_kuberay_groups_hold_the_entrypoint_job():
     assert capacity_problems(kuberay_shapes(rayjob), cfg, None) == []
 
 
+def test_kuberay_gpu_groups_select_their_own_pools():
+    groups = only_rayjob(load_kuberay())["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    selectors = {group["groupName"]: group["template"]["spec"].get("nodeSelector") for group in groups
+                 if ray_container(group["template"]["spec"])["resources"].get("limits", {}).get(GPU_KEY)}
+    assert len(selectors) == 2 and all(selectors.values()), selectors
+    assert len({json.dumps(selector, sort_keys=True) for selector in selectors.values()}) == 2, selectors
+
+
 TRAIN_GROUP = "spec.rayClusterSpec.workerGroupSpecs.1"
 TRAIN_CONTAINER = f"{TRAIN_GROUP}.template.spec.containers.0"
 
@@ -429,6 +479,9 @@ def test_undersized_kuberay_fails_the_capacity_check(mutation, expected):
         (set_path(f"{TRAIN_CONTAINER}.volumeMounts", [{"name": "shared", "mountPath": SHARED_DIR}]),
          "train-gpu: no memory volume at /dev/shm"),
         (set_path(f"{TRAIN_CONTAINER}.image", "rayproject/ray:2.9.0-py311-gpu"), "does not carry rayVersion"),
+        (set_path("spec.rayClusterSpec.workerGroupSpecs.0.template.spec.nodeSelector", {}),
+         "workerGroupSpecs[rollout-gpu]: no nodeSelector"),
+        (set_path(f"{TRAIN_GROUP}.template.spec.nodeSelector", None), "workerGroupSpecs[train-gpu]: no nodeSelector"),
     ],
 )
 def test_broken_kuberay_is_reported(mutation, expected):
