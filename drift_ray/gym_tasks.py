@@ -28,7 +28,8 @@ number above 1,000, no other call (but in an Integral) and no product or power o
 string, list or tuple is an operand (`[0]*10**10`, `'%09999999d' % 0`), a power has no power inside it
 and no integer exponent above 20, and no float literal is infinite (`1e999999`); for sympy, no string at
 all (it turns strings back into code) and no exponent of four digits in a number (`1e-999999`); for eval,
-which looks names up among the scorer's variables, no name is an operand.
+which looks names up among the scorer's variables, no name is an operand, and none is one of them
+(`oracle_answer`, the reference answer, would earn its partial credit).
 Anything else scores 0: attribute access, subscripts, lambdas, f-strings, any other call (exec, open,
 simplify, factorial, nextprime, ...). Text that does not parse cannot reach Python's eval, so it goes to
 an eval-based scorer as it is (a grid "3 9 5 ..."); sympy's transformations could still turn it into
@@ -67,13 +68,23 @@ import re
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Collection
 
 from drift_ray import schema
 from drift_ray.config import TaskConfig
 from drift_ray.episode import stable_seed
 from drift_ray.prompts import Problem, Task, TaskError
-from drift_ray.verifiers import HelperProcesses, basic_normalize, get_verifier, kill_on_sigterm, options_mismatch
+from drift_ray.verifiers import (
+    ChoiceVerifier,
+    ExactVerifier,
+    HelperProcesses,
+    MathVerifier,
+    NumericVerifier,
+    basic_normalize,
+    get_verifier,
+    kill_on_sigterm,
+    options_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +109,29 @@ _MAX_CALL_NUMBER = 1000
 
 
 @functools.lru_cache(maxsize=None)
+def _scorer_functions(dataset: str) -> tuple[Any, ...]:
+    """The score_answer of generator `dataset`, and the methods and Python functions it calls, and theirs."""
+    import reasoning_gym
+
+    generator_class, _ = reasoning_gym.factory.DATASETS[dataset]
+    seen, pending = {}, [generator_class.score_answer]
+    while pending:
+        function = pending.pop()
+        if not inspect.isfunction(function) or function in seen:
+            continue
+        seen[function] = None
+        called = inspect.getsource(function)
+        pending += [getattr(generator_class, name, None) for name in re.findall(r"\bself\.(\w+)\(", called)]
+        pending += [function.__globals__.get(name) for name in re.findall(r"(?<![.\w])(\w+)\(", called)]
+    return tuple(seen)
+
+
+@functools.lru_cache(maxsize=None)
 def answer_evaluation(dataset: str) -> str | None:
     """How the scorer of generator `dataset` may evaluate an answer, from the source of its score_answer and
     of the methods and functions that calls: "sympy" (parse_expr, sympify or S parse text by evaluating
     it), "python" (eval or exec), or None."""
-    import reasoning_gym
-
-    generator_class, _ = reasoning_gym.factory.DATASETS[dataset]
-    seen, pending = set(), [generator_class.score_answer]
-    while pending:  # score_answer, and the methods and Python functions it calls, and theirs
-        function = pending.pop()
-        if not inspect.isfunction(function) or function in seen:
-            continue
-        seen.add(function)
-        called = inspect.getsource(function)
-        pending += [getattr(generator_class, name, None) for name in re.findall(r"\bself\.(\w+)\(", called)]
-        pending += [function.__globals__.get(name) for name in re.findall(r"(?<![.\w])(\w+)\(", called)]
-    source = "\n".join(inspect.getsource(function) for function in seen)
+    source = "\n".join(inspect.getsource(function) for function in _scorer_functions(dataset))
     if re.search(r"\b(?:parse_expr|sympify|S)\(", source):
         return "sympy"
     return "python" if re.search(r"\b(?:eval|exec)\(", source) else None
@@ -122,14 +139,19 @@ def answer_evaluation(dataset: str) -> str | None:
 
 def refused_answer(dataset: str, answer: str) -> bool:
     """Whether `answer` must not reach the scorer of generator `dataset`: it evaluates answers, and this
-    one may run code there."""
+    one may run code there, or read the scorer's own variables."""
     evaluation = answer_evaluation(dataset)
-    return evaluation is not None and may_run_code(answer, sympy=evaluation == "sympy")
+    if evaluation is None:
+        return False
+    scorer_names = {name for function in _scorer_functions(dataset) for name in function.__code__.co_varnames}
+    return may_run_code(answer, sympy=evaluation == "sympy", scorer_names=scorer_names)
 
 
-def may_run_code(answer: str, sympy: bool) -> bool:
+def may_run_code(answer: str, sympy: bool, scorer_names: Collection[str] = ()) -> bool:
     """Whether `answer` is not inert for a scorer that evaluates it (see the module docstring): with `sympy`,
-    also text that does not parse, which sympy's transformations could still make code of."""
+    also text that does not parse, which sympy's transformations could still make code of. `scorer_names`:
+    the scorer's variables, which Python's eval would read for a name (`oracle_answer` is its reference
+    answer, worth its partial credit)."""
     try:
         # As eval reads it: its parser (which reads past a comment and "\r"), after eval's own stripping.
         tree = ast.parse(answer.lstrip(" \t"), mode="eval")
@@ -148,8 +170,10 @@ def may_run_code(answer: str, sympy: bool) -> bool:
             return True
         if isinstance(node, ast.Constant) and isinstance(node.value, (float, complex)) and not cmath.isfinite(node.value):
             return True  # 1e999999: sympy reads the digits itself, slowly
-        # Python's eval looks names up among the scorer's variables (its reference answer among them): a name
-        # is inert alone, not as an operand (oracle_answer * 10**9).
+        # Python's eval looks names up among the scorer's variables: a name is inert alone (a word, as
+        # string_insertion's answers are), unless it is one of them, and never as an operand (x * 10**9).
+        if not sympy and isinstance(node, ast.Name) and node.id in scorer_names:
+            return True
         if not sympy and isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Call)):
             if any(isinstance(n, ast.Name) for n in ast.iter_child_nodes(node) if n is not getattr(node, "func", None)):
                 return True
@@ -351,10 +375,18 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
     mismatch = options_mismatch(config_cls, cfg.options)  # seed and size are fields of every generator's config
     if mismatch:
         raise TaskError(f"task.options: {mismatch}")
+    # A gold is a reasoning-gym entry (JSON), which drift-ray's other verifiers would compare as text: every
+    # answer would be wrong, and every return equal.
+    if cfg.verifier in (ExactVerifier.name, NumericVerifier.name, ChoiceVerifier.name, MathVerifier.name):
+        raise TaskError(
+            f"task.verifier: {cfg.verifier!r} cannot read a reasoning-gym gold (the generator's entry, as JSON); "
+            f"leave task.verifier unset to score with the generator's own scorer ({VERIFIER!r})"
+        )
     options = dict(cfg.options)
-    seed = options.pop("seed", seed)
+    option_seed = options.pop("seed", None)  # null, as unset: the run's seed
+    seed = seed if option_seed is None else option_seed
     # Reference answers are checked with the options the run will score with (the defaults when task.verifier
-    # names another verifier)
+    # names a verifier of a plugin)
     verifier_options = dict(cfg.verifier_options) if cfg.verifier in (None, VERIFIER) else {}
     try:
         get_verifier(VERIFIER, **verifier_options)  # checks the options; starts no helper process
@@ -433,6 +465,8 @@ def _generate(name: str, split: str, config: dict[str, Any], verifier: Reasoning
 
     try:
         generator = _generator(name, json.dumps(config, sort_keys=True))  # cached: a verifier in this process reuses it
+        # Its config is an unchecked dataclass: a value of the wrong type (a float for an int) fails only here.
+        entries = [generator[index] for index in range(len(generator))]
     except (TypeError, ValueError, AssertionError) as err:
         _, config_cls = reasoning_gym.factory.DATASETS[name]
         fields = [f.name for f in dataclasses.fields(config_cls)]
@@ -440,8 +474,7 @@ def _generate(name: str, split: str, config: dict[str, Any], verifier: Reasoning
             f"task.options: reasoning-gym {name!r} rejects the config {config}: {err!r}; its fields: {fields}"
         ) from None
     problems = []
-    for index in range(len(generator)):
-        entry = generator[index]
+    for index, entry in enumerate(entries):
         prompt_id = f"{name}-{split}-{index}"
         try:
             gold = GymGold(entry["answer"], name, config, entry["metadata"]).to_json()

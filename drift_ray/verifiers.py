@@ -42,7 +42,8 @@ class Verifier(Protocol):
         ...
 
     def check(self, answer: str, gold: str) -> bool:
-        """True when `answer` is correct for `gold`. Never raises and never hangs: failures are False."""
+        """True when `answer` is correct for `gold`. Never hangs, and an answer it cannot read is False; a
+        gold it cannot read may raise (ValueError), since every answer to it would otherwise be wrong."""
         ...
 
 

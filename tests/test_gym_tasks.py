@@ -56,6 +56,9 @@ def test_train_and_test_seeds_are_far_apart_and_follow_the_seed_option():
     # reasoning-gym item i of seed s is item i - 1 of seed s + 1: nearby seeds would share problems
     assert abs(train_config["seed"] - test_config["seed"]) > 1000
     assert gym_task("chain_sum", seed=5, options={"size": 50, "seed": 0}).test == task.test
+    # A null seed option is the run's seed, as an unset one is (not the text "None", the same for every seed).
+    assert gym_task("chain_sum", options={"size": 50, "seed": None}).test == task.test
+    assert gym_task("chain_sum", seed=1, options={"size": 50, "seed": None}).test != task.test
     assert [p.question for p in gym_task("chain_sum", seed=1, options={"size": 50}).test] != [
         p.question for p in task.test
     ]
@@ -131,6 +134,10 @@ def test_an_answer_that_could_run_code_is_not_shown_to_a_scorer_that_evaluates_i
     assert verifier.score(answer, problem.gold) == 1.0
     assert verifier.score(str(list(answer)), problem.gold) == 0.1  # evaluated: a list of its characters
     assert verifier.score(f"print('ran') or {list(answer)}", problem.gold) == 0.0
+    # A bare name is a word (its answers are), unless eval would read the scorer's variable of that name:
+    # `oracle_answer` is the reference answer, worth the partial credit of a list of its characters.
+    assert verifier.score("oracle_answer", problem.gold) == 0.0 and not may_run_code("oracle_answer", sympy=False)
+    assert verifier.score("ADECB" if answer != "ADECB" else "EDCBA", problem.gold) == 0.0
     assert "ran" not in capfd.readouterr().out
     for code in [
         "__import__('os').getpid()", "exec ('x=1')", "(exec)('x=1')", "[exec][0]('x=1')", "exec\\\n('x=1')",
@@ -316,6 +323,13 @@ def test_errors_name_the_problem():
         TaskError, match=r"reasoning-gym 'chain_sum' rejects the config .*'min_terms': 0.*its fields: \[.*'min_terms'"
     ):
         gym_task("chain_sum", options={"min_terms": 0})
+    # The generator's config takes any value: a float where it counts items fails only as it generates.
+    for options in ({"size": 2.5}, {"size": 3, "min_terms": 2.5}):
+        with pytest.raises(TaskError, match=r"^task.options: reasoning-gym 'chain_sum' rejects the config .*its fields"):
+            gym_task("chain_sum", options=options)
+    # Its golds are reasoning-gym entries: another verifier would find every answer wrong.
+    with pytest.raises(TaskError, match=r"^task.verifier: 'numeric' cannot read a reasoning-gym gold .* unset"):
+        gym_task("chain_sum", options={"size": 3}, verifier="numeric")
     with pytest.raises(TaskError, match=r"composite is not supported"):
         gym_task("composite")
     # Degree 12 polynomials multiplied: exponents up to 36, beyond what an answer may hold.
