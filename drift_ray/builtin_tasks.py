@@ -52,7 +52,8 @@ def candidates_task(
     rng.shuffle(questions)
     test, train = questions[:num_test], questions[num_test:]
     # Every question's gold is drawn, whatever num_train keeps, so that the test split's golds do not
-    # change with the size of the train split.
+    # change with the size of the train split. Another num_test draws them in another order: its first
+    # questions are the same, their golds not.
     golds = {question: rng.choice(candidate_values(*question)) for question in train + test}
 
     def make(split: str, chosen: list[tuple[int, int, int]]) -> list[Problem]:

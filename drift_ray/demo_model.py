@@ -108,6 +108,17 @@ def build_model_config(
         raise ValueError(f"demo model size {size!r} is unknown; expected one of {sorted(MODEL_SIZES)}")
     if not isinstance(size, str) and set(size) != set(MODEL_SIZES["tiny"]):
         raise ValueError(f"demo model dimensions {sorted(size)}; expected exactly {sorted(MODEL_SIZES['tiny'])}")
+    dimensions = MODEL_SIZES[size] if isinstance(size, str) else size
+    # Else a model that builds, and fails at its first forward pass on mismatched tensor sizes.
+    wrong = [f"{name}={value!r}" for name, value in dimensions.items() if type(value) is not int or value < 1]
+    if wrong:
+        raise ValueError(f"demo model dimensions must be positive integers; found {', '.join(wrong)}")
+    heads, kv_heads = dimensions["num_attention_heads"], dimensions["num_key_value_heads"]
+    if dimensions["hidden_size"] % heads or heads % kv_heads:
+        raise ValueError(
+            f"demo model dimensions: hidden_size ({dimensions['hidden_size']}) must be a multiple of "
+            f"num_attention_heads ({heads}), and that of num_key_value_heads ({kv_heads})"
+        )
     tokenizer = tokenizer or build_tokenizer()
     return Qwen2Config(
         vocab_size=vocab_size,
@@ -118,7 +129,7 @@ def build_model_config(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        **(MODEL_SIZES[size] if isinstance(size, str) else size),
+        **dimensions,
     )
 
 

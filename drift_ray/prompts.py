@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from pydantic import ValidationError, validate_call
 from drift_ray import schema
 from drift_ray.config import TaskConfig
 from drift_ray.verifiers import Verifier, get_verifier, options_mismatch, require_known_verifier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,13 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
         if key != "task" and message.startswith("task."):
             raise TaskError(key + message[len("task"):]) from None
         raise
+    for name, asked, split in (("num_train", cfg.num_train, task.train), ("num_test", cfg.num_test, task.test)):
+        if asked is not None and asked > len(split):
+            log.warning(
+                "%s.%s = %d, but task %r holds only %d such problems: all of them are used%s",
+                key, name, asked, task.name, len(split),
+                "" if cfg.kind in ("file", "hub") else f" (its builder's own options, {key}.options, may make more)",
+            )
     return Task(task.name, task.train[: cfg.num_train], task.test[: cfg.num_test], verifier, verifier_options)
 
 

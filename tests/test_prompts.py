@@ -61,6 +61,18 @@ def test_load_builtin_truncates_and_names_unknown():
         load_task(TaskConfig(name="nope"), seed=0)
 
 
+def test_asking_for_more_problems_than_the_task_holds_is_warned_about(caplog):
+    cfg = TaskConfig(kind="builtin", name="candidates", num_train=30, num_test=9, options={"num_train": 20, "num_test": 5})
+    with caplog.at_level("WARNING", logger="drift_ray"):
+        task = load_task(cfg, seed=0, key="eval.task")
+    assert (len(task.train), len(task.test)) == (20, 5)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"eval.task.{name} = {asked}, but task 'candidates' holds only {held} such problems: all of them are used "
+        "(its builder's own options, eval.task.options, may make more)"
+        for name, asked, held in (("num_train", 30, 20), ("num_test", 9, 5))
+    ]
+
+
 @pytest.mark.parametrize(
     "cfg, message",
     [
