@@ -135,8 +135,11 @@ def completed_prompts(
     out_dir = Path(out_dir)
     wanted = {p.prompt_id: p for p in problems}
     counts: dict[str, int] = {}
+    holders: dict[str, list[str]] = {}  # the shards that hold each prompt's trajectories
     for shard in sorted(out_dir.glob(SHARD_GLOB)):
         ids = _read_shard(shard, columns=[schema.PROMPT_ID]).column(0).to_pylist()
+        for prompt_id in dict.fromkeys(ids):
+            holders.setdefault(prompt_id, []).append(shard.name)
         first_rows: dict[str, int] = {}
         for row, prompt_id in enumerate(ids):
             counts[prompt_id] = counts.get(prompt_id, 0) + 1
@@ -149,9 +152,11 @@ def completed_prompts(
     bad = {pid: n for pid, n in counts.items() if n != samples_per_prompt}
     if bad:
         pid, n = next(iter(bad.items()))
+        # The manifest guards K: a shard copied in from elsewhere, or a prompt played into two shards.
         raise RuntimeError(
             f"{out_dir}: prompt {pid!r} has {n} trajectories, expected {samples_per_prompt} "
-            f"({len(bad)} such prompts); the directory holds rollouts of other settings. Use a new run_dir."
+            f"(rollout.samples_per_prompt), in {', '.join(holders[pid])} ({len(bad)} such prompts); remove "
+            "the shards that do not belong there (their prompts are played again), or use a new directory"
         )
     return set(counts) & set(wanted)
 
@@ -350,8 +355,8 @@ def _read_shard(shard: Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_shards(out_dir: str | Path, prompt_ids: Collection[str] | None = None) -> pa.Table:
-    """The trajectories of complete shards in `out_dir` (of `prompt_ids` only, when given), sorted by
-    trajectory id."""
+    """The trajectories of complete shards in `out_dir` (of `prompt_ids` only, when given), sorted by prompt
+    id and then sample index."""
     shards = sorted(Path(out_dir).glob(SHARD_GLOB))
     if not shards:
         raise FileNotFoundError(f"{out_dir}: no trajectory shards ({SHARD_GLOB}); run the rollouts first")

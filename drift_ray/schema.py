@@ -32,7 +32,7 @@ FORMAT_PENALTY = "format_penalty"  # double, the trajectory total (≤ 0)
 # list<bool>, one per turn: the reply reached max_new_tokens (or the engine's context limit) before it ended.
 # Null where not known (rollouts written before it was recorded, imported files without it): taken as ended.
 CUT_OFF = "cut_off"
-T_STAR = "t_star"  # int32, 1-based first correct turn, null when never correct
+T_STAR = "t_star"  # int64, 1-based first correct turn, null when never correct
 NUM_TURNS = "num_turns"
 PROMPT_TOKENS = "prompt_tokens"  # tokens of every prompt the engine was given, summed over turns
 COMPLETION_TOKENS = "completion_tokens"  # generated tokens summed over turns

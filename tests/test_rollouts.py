@@ -99,6 +99,16 @@ def test_completed_prompts_ignores_temporary_files_and_rejects_partial_groups(tm
     assert completed_prompts(tmp_path, asked[1:], 2, EPISODE) == {"b"}  # other runs' prompts may share the directory
     with pytest.raises(RuntimeError, match="expected 3"):
         completed_prompts(tmp_path, asked, 3, EPISODE)
+    # A prompt in two shards (one copied in from another run's directory): both are named.
+    write_shard(tmp_path, ["b", "c"], k=2)
+    both = sorted(shard.name for shard in tmp_path.glob(SHARD_GLOB))
+    with pytest.raises(RuntimeError) as refused:
+        completed_prompts(tmp_path, asked, 2, EPISODE)
+    assert str(refused.value) == (
+        f"{tmp_path}: prompt 'b' has 4 trajectories, expected 2 (rollout.samples_per_prompt), in {', '.join(both)} "
+        "(1 such prompts); remove the shards that do not belong there (their prompts are played again), or use a "
+        "new directory"
+    )
 
 
 @pytest.mark.parametrize(
