@@ -44,7 +44,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
 
-from drift_ray.config import Config, EpisodeConfig, load_config  # noqa: E402
+from drift_ray.config import Config, EngineKind, EpisodeConfig, load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.engines import TransformersEngine  # noqa: E402
 from drift_ray.episode import SamplingParams, play_episodes  # noqa: E402
@@ -119,11 +119,11 @@ def measure_two_processes(model: str, workload: dict[str, Any]) -> dict[str, Any
 def measure_ray(
     cfg: Config, model: str, task: Task, problems: list[Problem], num_actors: int, work_dir: Path
 ) -> dict[str, Any]:
-    """run_episodes with `num_actors` actors of 1 CPU and 1 thread; start-up ends when the actors start working.
-    The config's custom resources (a cluster node type's, e.g. rollout_gpu) are dropped: the local cluster
-    has none, and the actors would wait for them for ever."""
+    """run_episodes with `num_actors` actors of 1 CPU, no GPU and 1 thread, as the in-process rows run; start-up
+    ends when the actors start working. The config's custom resources (a cluster node type's, e.g.
+    rollout_gpu) are dropped: the local cluster has none, and the actors would wait for them for ever."""
     rollout = cfg.rollout.model_copy(
-        update={"num_actors": num_actors, "cpus_per_actor": 1, "torch_threads": 1, "resources": {}}
+        update={"num_actors": num_actors, "cpus_per_actor": 1, "gpus_per_actor": 0, "torch_threads": 1, "resources": {}}
     )
     called = time.time()
     summary = run_episodes(
@@ -201,6 +201,13 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.config)
+    if cfg.rollout.engine is not EngineKind.transformers:
+        # Its rows compare the pipeline with the same engine in-process, on CPUs: another engine would make
+        # every ratio one of two engines.
+        parser.error(
+            f"{args.config}: rollout.engine={cfg.rollout.engine.value}; this benchmark times the transformers engine "
+            "on CPUs, in-process and in Ray Data actors. Time a GPU or served job with benchmarks/end_to_end.py."
+        )
     if args.quick:
         quick_rollout = {k: QUICK[k] for k in ("prompts_per_batch", "samples_per_prompt", "max_new_tokens")}
         cfg = cfg.model_copy(

@@ -93,6 +93,17 @@ def test_quick_run_without_ray_appends_one_record(script, tmp_path):
     assert record["config"]["quick"] is True
 
 
+def test_the_rollouts_benchmark_refuses_a_config_of_another_engine(tmp_path):
+    """Its ratios compare Ray Data actors with the transformers engine in-process: with vLLM they would be
+    ratios of two engines."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "rollouts.py"), "--config", "jobs/qwen2.5-3b-metamath.yaml", "--out", str(tmp_path)],
+        cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 2 and not list(tmp_path.iterdir())
+    assert "jobs/qwen2.5-3b-metamath.yaml: rollout.engine=vllm; this benchmark times the transformers engine" in done.stderr
+
+
 def test_a_result_line_appended_before_does_not_make_the_commit_dirty(tmp_path):
     record = load_benchmark("record.py")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(tmp_path)]
