@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up: a virtual environment (.venv unless DRIFT_VENV says otherwise) with drift-ray installed in editable mode.
-# Idempotent: a second run with an unchanged pyproject.toml and the same Python returns at once.
-#   PYTHON             the interpreter that makes the virtual environment (default: python3); an existing one
-#                      made by another Python version stops setup.sh, which asks to remove it
+# Idempotent: a second run with an unchanged pyproject.toml returns at once.
+#   PYTHON             the interpreter that makes the virtual environment (default: python3); where one exists,
+#                      made by another Python version than PYTHON names, setup.sh stops and asks to remove it
 #   DRIFT_TORCH_SPEC   torch requirement to install first (default: torch==2.13.0 on a machine without an
 #                      NVIDIA GPU, a CPU build where the index serves one; the index's default build otherwise)
 #   DRIFT_EXTRAS       extras to install (default: dev; add vllm on GPU machines: "dev,vllm")
@@ -27,24 +27,24 @@ if [ -n "${DRIFT_CONSTRAINTS:-}" ]; then
   [ -f "$DRIFT_CONSTRAINTS" ] || { echo "setup.sh: DRIFT_CONSTRAINTS=$DRIFT_CONSTRAINTS is not a file" >&2; exit 2; }
   constraints=(--constraint "$DRIFT_CONSTRAINTS")
 fi
-version_of='import sys; print("%d.%d.%d" % sys.version_info[:3])'
-python_version=$("$python" -c "$version_of" 2>/dev/null) ||
-  { echo "setup.sh: cannot run the interpreter PYTHON=$python (Python 3.10 or newer)" >&2; exit 2; }
-stamp_want="$(cat pyproject.toml ${DRIFT_CONSTRAINTS:+"$DRIFT_CONSTRAINTS"} | sha256sum | cut -c1-16) $torch_spec $extras python$python_version"
-if [ -f "$venv"/.drift-setup ] && [ "$(cat "$venv"/.drift-setup)" = "$stamp_want" ]; then
-  exit 0
-fi
-# A virtual environment keeps the Python that made it: going on with one of another version would ignore PYTHON
-# and fail later with pip's confusing "No matching distribution" errors, so stop here instead.
-if [ -e "$venv"/bin/python ] || [ -L "$venv"/bin/python ] || [ -f "$venv"/pyvenv.cfg ]; then
-  venv_version=$("$venv"/bin/python -c "$version_of" 2>/dev/null ||
-    sed -n 's/^version\(_info\)\? *= *\([0-9.]*\).*/\2/p' "$venv"/pyvenv.cfg 2>/dev/null | head -n 1) || true
-  if [ "${venv_version%.*}" != "${python_version%.*}" ]; then
+# A virtual environment keeps the Python that made it: with PYTHON naming another version, going on would ignore
+# PYTHON (or, had the packages changed, fail later with pip's confusing "No matching distribution" errors), so
+# stop here instead. Without PYTHON, the environment's own Python is the one wanted.
+minor_version_of='import sys; print("%d.%d" % sys.version_info[:2])'
+if [ -n "${PYTHON:-}" ] && { [ -e "$venv"/bin/python ] || [ -L "$venv"/bin/python ]; }; then
+  python_version=$("$python" -c "$minor_version_of" 2>/dev/null) ||
+    { echo "setup.sh: cannot run the interpreter PYTHON=$python (Python 3.10 or newer)" >&2; exit 2; }
+  venv_version=$("$venv"/bin/python -c "$minor_version_of" 2>/dev/null) || venv_version=
+  if [ "$venv_version" != "$python_version" ]; then
     echo "setup.sh: $venv was made by ${venv_version:+Python }${venv_version:-a Python that no longer runs}," \
       "but $python (PYTHON) is Python $python_version: remove it (rm -rf $venv) and run setup.sh again, or set" \
-      "DRIFT_VENV to another directory${venv_version:+, or PYTHON to a Python ${venv_version%.*}}" >&2
+      "DRIFT_VENV to another directory${venv_version:+, or PYTHON to a Python $venv_version}" >&2
     exit 2
   fi
+fi
+stamp_want="$(cat pyproject.toml ${DRIFT_CONSTRAINTS:+"$DRIFT_CONSTRAINTS"} | sha256sum | cut -c1-16) $torch_spec $extras"
+if [ -f "$venv"/.drift-setup ] && [ "$(cat "$venv"/.drift-setup)" = "$stamp_want" ]; then
+  exit 0
 fi
 # DeepSpeed compiles ops on first use (on CPU its communication op, always): fail here, not after the rollouts.
 cxx=${CXX:-c++}

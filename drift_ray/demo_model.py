@@ -114,10 +114,11 @@ def build_model_config(
     if wrong:
         raise ValueError(f"demo model dimensions must be positive integers; found {', '.join(wrong)}")
     heads, kv_heads = dimensions["num_attention_heads"], dimensions["num_key_value_heads"]
-    if dimensions["hidden_size"] % heads or heads % kv_heads:
+    # Rotary embeddings turn pairs of a head's dimensions: a head needs an even number of them.
+    if dimensions["hidden_size"] % (2 * heads) or heads % kv_heads:
         raise ValueError(
-            f"demo model dimensions: hidden_size ({dimensions['hidden_size']}) must be a multiple of "
-            f"num_attention_heads ({heads}), and that of num_key_value_heads ({kv_heads})"
+            f"demo model dimensions: hidden_size ({dimensions['hidden_size']}) must be an even multiple of "
+            f"num_attention_heads ({heads}), and that a multiple of num_key_value_heads ({kv_heads})"
         )
     tokenizer = tokenizer or build_tokenizer()
     return Qwen2Config(

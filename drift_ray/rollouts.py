@@ -235,14 +235,16 @@ def rollouts_lock_file(out_dir: str | Path) -> Path:
 
 def engine_identity(rollout: RolloutConfig) -> dict[str, Any]:
     """What, beside the model, decides the episodes an engine plays. Another engine samples (and another
-    dtype or tensor-parallel split computes) the same policy otherwise: its episodes would not replay from
+    device, dtype or tensor-parallel split computes) the same policy otherwise: its episodes would not replay from
     the seeds, and greedy ones can differ. A served model is known by its name alone: another server may
     serve another model under it."""
     identity: dict[str, Any] = {"kind": rollout.engine.value, "dtype": rollout.dtype}
+    if rollout.engine is EngineKind.transformers:
+        identity["device"] = "cpu" if rollout.gpus_per_actor == 0 else "gpu"  # see engines.build_engine
     if rollout.engine is EngineKind.vllm:
         identity["tensor_parallel_size"] = rollout.tensor_parallel_size
     if rollout.engine is EngineKind.openai:
-        identity["api_base"] = rollout.api_base
+        identity["api_base"] = rollout.api_base.rstrip("/")  # as the engine joins it to its path
     return identity
 
 

@@ -279,8 +279,10 @@ def require_same_settings(
     }
     changed = [key for key, value in sorted(recorded.items()) if key not in current or current[key] != value]
     if changed:
+        # Where the files differ, a path known by them that differs too is named: the config changed.
+        changed = sorted(changed + [path for path in identified if whole_record.get(path) != current.get(path)])
         described = [
-            f"{key} ({schema.short_repr(recorded[key])} then, "
+            f"{key} ({schema.short_repr(whole_record[key])} then, "
             f"{schema.short_repr(current[key]) if key in current else 'unset'} now)"
             for key in changed
         ]

@@ -109,8 +109,9 @@ def test_an_unknown_model_size_or_dimension_is_refused():
     for wrong, message in [
         ({"num_hidden_layers": 0}, r"must be positive integers; found num_hidden_layers=0$"),
         ({"hidden_size": 64.0}, r"must be positive integers; found hidden_size=64\.0$"),
-        ({"num_attention_heads": 3}, r"hidden_size \(128\) must be a multiple of num_attention_heads \(3\)"),
-        ({"num_key_value_heads": 3}, r"and that of num_key_value_heads \(3\)"),
+        ({"num_attention_heads": 3}, r"hidden_size \(128\) must be an even multiple of num_attention_heads \(3\)"),
+        ({"hidden_size": 12}, r"hidden_size \(12\) must be an even multiple of num_attention_heads \(4\)"),
+        ({"num_key_value_heads": 3}, r"and that a multiple of num_key_value_heads \(3\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             demo_model.build_model_config(len(TOKENIZER), {**demo_model.MODEL_SIZES["tiny"], **wrong})

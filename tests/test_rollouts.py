@@ -223,6 +223,8 @@ def test_another_engine_or_dtype_plays_other_episodes(tmp_path):
             ["rollout.engine=openai", "rollout.api_base=http://server-b:9000/v1"],
             r"engine\.api_base \('http://server-a:8000/v1' then, 'http://server-b:9000/v1' now\)",
         ),
+        # The transformers engine on a GPU computes otherwise than on the CPU.
+        ([], ["rollout.gpus_per_actor=1"], r"engine\.device \('cpu' then, 'gpu' now\)"),
         # Another split across GPUs sums in another order, as another dtype computes otherwise.
         (
             ["rollout.engine=vllm", "rollout.gpus_per_actor=1"],
@@ -242,6 +244,17 @@ def test_another_server_or_tensor_parallel_split_plays_other_episodes(tmp_path, 
     play(first)
     with pytest.raises(RuntimeError, match=rf"\(differ in: {differ}\)"):
         play(second)
+
+
+def test_a_server_address_with_a_trailing_slash_is_the_same_server(tmp_path):
+    def play(api_base: str) -> None:
+        cfg = load_config(None, ["rollout.engine=openai", f"rollout.api_base={api_base}"])
+        run_episodes([], tmp_path / "eval", model="served-model", cfg=cfg, verifier="exact", verifier_options={},
+                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+
+    play("http://server:8000/v1")
+    write_shard(tmp_path / "eval", ["a"], k=2)
+    play("http://server:8000/v1/")
 
 
 def test_a_fingerprint_follows_the_content_wherever_the_files_are(tmp_path):

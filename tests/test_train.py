@@ -375,10 +375,12 @@ def test_other_zero_stages_on_cpu_lower_the_loss_and_save_a_loadable_model(
     assert any(not torch.equal(trained[name], initial[name]) for name in trained)
 
 
-def reference_update(model_path: str, rows: list[dict], max_length: int, lr: float) -> dict:
-    """One plain AdamW step on Σ w_i·L_i / Σ w_i over all positive rows (the replies cut off at
-    max_new_tokens without their end of turn), in one process: the loss, its gradient's norm, the weights
-    after the step, and how many of the rows were cut to max_length."""
+def reference_update(
+    model_path: str, rows: list[dict], max_length: int, lr: float, loss_kind: LossKind = LossKind.weight_normalized
+) -> dict:
+    """One plain AdamW step on Σ w_i·L_i / Σ w_i (weight_normalized) or / N (sample_mean) over all positive
+    rows (the replies cut off at max_new_tokens without their end of turn), in one process: the loss, its
+    gradient's norm, the weights after the step, and how many of the rows were cut to max_length."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # as the workers load it
     total = torch.zeros(())
@@ -390,7 +392,7 @@ def reference_update(model_path: str, rows: list[dict], max_length: int, lr: flo
         truncated += example.cut_tokens > 0
         logits = model(input_ids=torch.tensor([example.input_ids])).logits
         total = total + row[schema.WEIGHT] * per_sample_nll(logits, torch.tensor([example.labels]))[0]
-    loss = total / sum(row[schema.WEIGHT] for row in positive)
+    loss = total / (sum(row[schema.WEIGHT] for row in positive) if loss_kind is LossKind.weight_normalized else len(positive))
     loss.backward()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0).step()  # the workers' optimizer
@@ -402,21 +404,37 @@ def reference_update(model_path: str, rows: list[dict], max_length: int, lr: flo
 # ZeRO-3 on two workers is in the default run too: test_lora_with_gradient_checkpointing_… saves a model
 # gathered from both ranks.
 @pytest.mark.parametrize(
-    "stage", [0, 2, pytest.param(3, marks=pytest.mark.extended)], ids=["zero0", "zero2", "zero3"]
+    "stage, loss_kind, positive",
+    [
+        (0, LossKind.weight_normalized, NUM_POSITIVE),
+        (2, LossKind.weight_normalized, NUM_POSITIVE),
+        pytest.param(3, LossKind.weight_normalized, NUM_POSITIVE, marks=pytest.mark.extended),
+        # 10 rows: three micro-batches of at most 4, so one worker runs a weight-0 filler beside its one.
+        (2, LossKind.sample_mean, 10),
+    ],
+    ids=["zero0", "zero2", "zero3", "zero2-sample_mean-filler"],
 )
 def test_two_workers_make_the_update_of_one_plain_optimizer_step_over_the_global_batch(
-    ray_cluster, tmp_path, weighted_dir, model_path, rows, stage
+    ray_cluster, tmp_path, weighted_dir, model_path, rows, stage, loss_kind, positive
 ):
-    """Two workers of two accumulated micro-batches each: the loss, the gradient and the new weights are
-    those of one plain AdamW step over the whole global batch, with the conversations that opened with a
-    wrong answer cut to max_length. Under ZeRO-3 each worker trains a slice of every parameter, and the
-    saved model is gathered from both. At ZeRO-0 the gradient norm is measured here, not by DeepSpeed."""
+    """Two workers of two accumulated micro-batches each (or one and a filler): the loss, the gradient and
+    the new weights are those of one plain AdamW step over the whole global batch, with the conversations
+    that opened with a wrong answer cut to max_length. Under ZeRO-3 each worker trains a slice of every
+    parameter, and the saved model is gathered from both. At ZeRO-0 the gradient norm is measured here, not
+    by DeepSpeed."""
     max_length, lr = 40, 1e-3
-    expected = reference_update(model_path, rows, max_length, lr)
-    assert 0 < expected["truncated"] < NUM_POSITIVE
+    if positive < NUM_POSITIVE:
+        rows = rows[:positive] + rows[NUM_POSITIVE:]  # and the weight-0 rows
+        weighted_dir = tmp_path / "weighted"
+        weighted_dir.mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), weighted_dir / "part-0.parquet")
+        weighted_dir = str(weighted_dir)
+        tmp_path = tmp_path / "train"
+    expected = reference_update(model_path, rows, max_length, lr, loss_kind)
+    assert 0 < expected["truncated"] < positive
     cfg = make_config(
         num_workers=2, zero_stage=stage, epochs=1, global_batch_size=NUM_POSITIVE, micro_batch_size=4,
-        loss=LossKind.weight_normalized, lr=lr, grad_clip=0.0, max_length=max_length, log_every=1, tensorboard=True,
+        loss=loss_kind, lr=lr, grad_clip=0.0, max_length=max_length, log_every=1, tensorboard=True,
     )
     log_sizes = {path: path.stat().st_size for path in worker_logs(ray_cluster)}
     stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))

@@ -341,8 +341,19 @@ def test_a_setting_known_by_another_is_compared_unless_both_sides_hold_that(tmp_
     write_json_atomic({"model": "runs/a/model", "model_fingerprint": "f1"}, record)
     # The same files at another path: the same model.
     require_same_settings(record, {"model": "runs/b/model", "model_fingerprint": "f1"}, output="out", known_by=known_by)
-    with pytest.raises(RuntimeError, match=r"differ in: model_fingerprint \('f1' then, 'f2' now\)\)"):
-        require_same_settings(record, {"model": "runs/b/model", "model_fingerprint": "f2"}, output="out", known_by=known_by)
+    # Other files at another path: another model in the config, named beside its fingerprint.
+    with pytest.raises(RuntimeError) as refused:
+        require_same_settings(record, {"model": "runs/b/model", "model_fingerprint": "f2"}, output="out",
+                              known_by=known_by, inputs=["model_fingerprint"])
+    assert "differ in: model ('runs/a/model' then, 'runs/b/model' now); model_fingerprint ('f1' then, 'f2' now))" in str(
+        refused.value
+    ) and str(refused.value).endswith("Rerun with the same config, or use a new run_dir.")
+    # Other files at the same path (a model retrained there): only what it was made from changed.
+    with pytest.raises(RuntimeError) as refused:
+        require_same_settings(record, {"model": "runs/a/model", "model_fingerprint": "f2"}, output="out",
+                              known_by=known_by, inputs=["model_fingerprint"])
+    assert "differ in: model_fingerprint ('f1' then, 'f2' now))" in str(refused.value)
+    assert str(refused.value).endswith("What it was made from changed since: remove out to make it again, or use a new run_dir.")
     # Hub ids have no fingerprint, and a record from before fingerprints lacks it: the names are compared.
     for recorded, current in (({"model": "Qwen/A", "model_fingerprint": None}, {"model": "Qwen/B", "model_fingerprint": None}),
                               ({"model": "runs/a/model"}, {"model": "runs/b/model", "model_fingerprint": "f1"})):

@@ -271,6 +271,17 @@ def test_truncation_drops_the_oldest_turns_after_the_question(tokenizer, kind):
     assert "<answer>6</answer>" not in tokenizer.decode(example.input_ids)
 
 
+def test_truncation_keeps_the_cut_off_flags_of_the_turns_it_keeps(tokenizer):
+    # The second answer was cut off: once the first is dropped, it is still trained without an end of turn.
+    shorter = [*THREE_TURNS[:2], *THREE_TURNS[4:]]
+    expected = tokenize_trajectory(tokenizer, shorter, ExampleKind.all_turns, max_length=512, cut_off=[True, False])
+    example = tokenize_trajectory(
+        tokenizer, THREE_TURNS, ExampleKind.all_turns, len(expected.input_ids), cut_off=[False, True, False]
+    )
+    assert (example.input_ids, example.labels) == (expected.input_ids, expected.labels)
+    assert supervised_runs(tokenizer, example) == ["<answer>7</answer>", "<answer>5</answer><|im_end|>\n"]
+
+
 def test_truncation_keeps_the_last_answer_and_its_feedback_then_cuts_from_the_left(tokenizer):
     full = tokenize_trajectory(tokenizer, THREE_TURNS, ExampleKind.last_turn, max_length=512)
     shortest = tokenize_trajectory(tokenizer, [*THREE_TURNS[:2], *THREE_TURNS[4:]], ExampleKind.last_turn, 512)
