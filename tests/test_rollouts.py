@@ -210,7 +210,7 @@ def test_another_engine_or_dtype_plays_other_episodes(tmp_path):
     play("rollout.torch_threads=1")  # how fast, not what it plays
     with pytest.raises(RuntimeError, match=r"\(differ in: engine\.dtype \('auto' then, 'bfloat16' now\)\)"):
         play("rollout.dtype=bfloat16")
-    with pytest.raises(RuntimeError, match=r"\(differ in: engine\.kind \('transformers' then, 'vllm' now\)\)"):
+    with pytest.raises(RuntimeError, match=r"\(differ in: engine\.device \('cpu' then, unset now\); engine\.kind \('transformers' then, 'vllm' now\)\)"):
         play("rollout.engine=vllm", "rollout.gpus_per_actor=1")
 
 
