@@ -4,7 +4,8 @@ Our JSONL holds one row per line with the same columns as our Parquet. The autho
 object per line with per-turn mappings keyed "t1".."tN" (`turn_rewards`, `verifier`, `reward_details`);
 those become lists in turn order: `verifier` → CORRECT, `reward_details` → REWARD_DETAILS (verbatim, as a
 JSON string) and FORMAT_FAILURES (a turn whose detail has a non-zero format penalty). The format is told
-apart per line by the type of `turn_rewards`. Every JSONL row keeps its 1-based line in SOURCE_LINE.
+apart per line by the type of `turn_rewards`; the zeros their scripts pad it and `verifier` with, up to
+their max_turns, are dropped. Every JSONL row keeps its 1-based line in SOURCE_LINE.
 The authors' lines carry no trajectory id; the k-th line of a prompt (0-based, in file order) gets
 TRAJECTORY_ID "<prompt_id>/<k>" and SAMPLE_INDEX k, as our rollouts name theirs, so that weighted SFT
 can order them reproducibly.
@@ -600,7 +601,7 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
                 raise TrajectoryFileError(f"{where}: expected a JSON object, found {type(record).__name__}")
             authors = isinstance(record.get(schema.TURN_REWARDS), dict)
             row = _from_authors(record, where) if authors else record
-            _check_row(row, where)
+            _check_row(row, where, verdicts=AUTHORS_VERIFIER if authors else schema.CORRECT)
             k = lines_of_prompt[row[schema.PROMPT_ID]]
             lines_of_prompt[row[schema.PROMPT_ID]] += 1
             if authors:
@@ -615,40 +616,52 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
 
 
 def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """Our row from one line of the authors' format: per-turn mappings become lists in turn order."""
+    """Our row from one line of the authors' format: per-turn mappings become lists in turn order.
+
+    Their scripts pad `turn_rewards` and `verifier` with zeros to every turn up to their max_turns, while
+    `reward_details` and `messages` hold the turns played: the padding is dropped (it must be zeros). A line
+    without `format_penalty` (their math script writes none) has none, as their weighting reads it; one
+    whose details hold no per-turn format penalty has no FORMAT_FAILURES to re-price.
+    """
     row = dict(record)
     rewards = _by_turn(record[schema.TURN_REWARDS], where, schema.TURN_REWARDS, _REWARDS_EXPECTED)
-    row[schema.TURN_REWARDS] = rewards
     verdicts = row.pop(AUTHORS_VERIFIER, None)
+    correct = None
     if verdicts is not None:
         correct = _by_turn(verdicts, where, AUTHORS_VERIFIER, "a mapping t1..tN of 0 or 1", len(rewards))
         for turn, verdict in enumerate(correct, 1):
             if type(verdict) not in (int, bool) or verdict not in (0, 1):
                 raise _field_error(where, f"{AUTHORS_VERIFIER}.t{turn}", "0 or 1", schema.short_repr(verdict))
-        row[schema.CORRECT] = [bool(v) for v in correct]
     details = record.get(schema.REWARD_DETAILS)
+    messages = record.get(schema.MESSAGES)
+    if isinstance(details, dict) and details:
+        played = len(details)
+    elif isinstance(messages, list):
+        played = sum(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+    else:
+        played = len(rewards)
+    for turn in range(played + 1, len(rewards) + 1):
+        for field, values in ((schema.TURN_REWARDS, rewards), (AUTHORS_VERIFIER, correct)):
+            if values is not None and values[turn - 1] != 0:
+                expected = f"0, as turn {turn} was not played ({played} turn(s) in the line)"
+                raise _field_error(where, f"{field}.t{turn}", expected, schema.short_repr(values[turn - 1]))
+    rewards, correct = rewards[: max(played, 1)], correct and correct[: max(played, 1)]
+    row[schema.TURN_REWARDS] = rewards
+    if correct is not None:
+        row[schema.CORRECT] = [bool(v) for v in correct]
+    row.setdefault(schema.FORMAT_PENALTY, 0.0)
     if details is not None:
         per_turn = _by_turn(details, where, schema.REWARD_DETAILS, "a mapping t1..tN of objects", len(rewards))
-        failures = []
-        for turn, detail in enumerate(per_turn, 1):
-            penalty = detail.get(AUTHORS_TURN_PENALTY) if isinstance(detail, dict) else None
-            if not _is_finite_number(penalty):
-                field = f"{schema.REWARD_DETAILS}.t{turn}.{AUTHORS_TURN_PENALTY}"
-                raise _field_error(where, field, "a finite number", schema.short_repr(penalty))
-            failures.append(penalty != 0)
-        row[schema.FORMAT_FAILURES] = failures
+        if any(isinstance(detail, dict) and AUTHORS_TURN_PENALTY in detail for detail in per_turn):
+            failures = []
+            for turn, detail in enumerate(per_turn, 1):
+                penalty = detail.get(AUTHORS_TURN_PENALTY) if isinstance(detail, dict) else None
+                if not _is_finite_number(penalty):
+                    field = f"{schema.REWARD_DETAILS}.t{turn}.{AUTHORS_TURN_PENALTY}"
+                    raise _field_error(where, field, "a finite number", schema.short_repr(penalty))
+                failures.append(penalty != 0)
+            row[schema.FORMAT_FAILURES] = failures
         row[schema.REWARD_DETAILS] = json.dumps(details, ensure_ascii=False)
-    t_star = record.get(schema.T_STAR)
-    if schema.T_STAR in record and schema.CORRECT in row:
-        # The diagnostics count a trajectory under its t_star: it must be the verifier's first correct turn.
-        first_correct = next((turn for turn, correct in enumerate(row[schema.CORRECT], 1) if correct), None)
-        if t_star != first_correct:
-            expected = (
-                f"{first_correct}, the first turn {AUTHORS_VERIFIER!r} marks 1"
-                if first_correct
-                else f"null, as {AUTHORS_VERIFIER!r} marks no turn 1"
-            )
-            raise _field_error(where, schema.T_STAR, expected, schema.short_repr(t_star))
     return row
 
 
@@ -677,8 +690,9 @@ def _is_finite_number(value: Any) -> bool:
         return False
 
 
-def _check_row(row: dict[str, Any], where: str) -> None:
-    """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms."""
+def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
+    """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms.
+    `verdicts`: the field the line gave CORRECT in, to name."""
     if not isinstance(row.get(schema.PROMPT_ID), str):
         raise _field_error(where, schema.PROMPT_ID, "a string", schema.short_repr(row.get(schema.PROMPT_ID)))
     rewards = row.get(schema.TURN_REWARDS)
@@ -700,6 +714,20 @@ def _check_row(row: dict[str, Any], where: str) -> None:
     whole = type(t_star) is int or (type(t_star) is float and t_star.is_integer())  # pandas writes 2.0 beside nulls
     if t_star is not None and (not whole or not 1 <= t_star <= len(rewards)):
         raise _field_error(where, schema.T_STAR, _T_STAR_EXPECTED, f"{schema.short_repr(t_star)} for {len(rewards)} turn(s)")
+    correct = row.get(schema.CORRECT)
+    if schema.T_STAR in row and isinstance(correct, list):
+        # The diagnostics count a trajectory under its t_star: it must be the verdicts' first correct turn.
+        first_correct = next((turn for turn, verdict in enumerate(correct, 1) if verdict), None)
+        if t_star != first_correct:
+            expected = (
+                f"{first_correct}, the first turn {verdicts!r} marks correct"
+                if first_correct
+                else f"null, as {verdicts!r} marks no turn correct"
+            )
+            raise _field_error(where, schema.T_STAR, expected, schema.short_repr(t_star))
+    if t_star is not None and t_star < len(rewards):  # its later rewards would count in the return
+        expected = f"the last of its {len(rewards)} turns: an episode stops at its first correct answer"
+        raise _field_error(where, schema.T_STAR, expected, schema.short_repr(t_star))
     norms = row.get(schema.ANSWER_NORMS)
     if not isinstance(norms, list) or not all(a is None or isinstance(a, str) for a in norms):
         raise _field_error(where, schema.ANSWER_NORMS, "a list of strings", schema.short_repr(norms))

@@ -78,22 +78,23 @@ def group_weights(returns: npt.ArrayLike, prompt_ids: npt.ArrayLike, beta: float
 
 
 def reached_correct(table: pa.Table) -> npt.NDArray[np.bool_]:
-    """Per row: the trajectory reached a correct answer (T_STAR set, any CORRECT, or any turn reward > 0)."""
-    success = _any_per_row(table.column(schema.TURN_REWARDS), pa.float64(), lambda rewards: pc.greater(rewards, 0))
-    if schema.T_STAR in table.column_names:
-        success |= table.column(schema.T_STAR).is_valid().to_numpy(zero_copy_only=False)
-    if schema.CORRECT in table.column_names:
-        success |= _any_per_row(table.column(schema.CORRECT), pa.bool_(), lambda correct: correct)
-    return success
+    """Per row: the trajectory reached a correct answer (see first_correct_turn)."""
+    return first_correct_turn(table) > 0
 
 
 def first_correct_turn(table: pa.Table) -> npt.NDArray[np.int64]:
     """Per row: the 1-based turn of the first correct answer, 0 when there is none. T_STAR where the table
-    has it, else the first turn with a positive reward."""
+    has it, else the first turn CORRECT marks, else the first turn with a positive reward: a reward may
+    also pay for format (the authors' math script adds such rewards to wrong answers too)."""
     if schema.T_STAR in table.column_names:
         return table.column(schema.T_STAR).fill_null(0).to_numpy().astype(np.int64)
-    rows, rewards, turn_index = _flatten_turns(table.column(schema.TURN_REWARDS))
-    hits = pc.fill_null(pc.greater(rewards, 0), False).to_numpy(zero_copy_only=False)
+    if schema.CORRECT in table.column_names:
+        rows, hits, turn_index = _flatten_turns(table.column(schema.CORRECT), pa.bool_())
+        hits = pc.fill_null(hits, False)
+    else:
+        rows, rewards, turn_index = _flatten_turns(table.column(schema.TURN_REWARDS))
+        hits = pc.fill_null(pc.greater(rewards, 0), False)
+    hits = hits.to_numpy(zero_copy_only=False)
     first = np.full(table.num_rows, np.iinfo(np.int64).max)
     np.minimum.at(first, rows[hits], turn_index[hits] + 1)
     return np.where(first == np.iinfo(np.int64).max, 0, first)
@@ -270,9 +271,11 @@ def _flatten(column: pa.ChunkedArray, value_type: pa.DataType) -> tuple[npt.NDAr
     return schema.list_element_rows(column), pc.list_flatten(column).cast(value_type)
 
 
-def _flatten_turns(column: pa.ChunkedArray) -> tuple[npt.NDArray[np.int64], pa.ChunkedArray, npt.NDArray[np.int64]]:
-    """`_flatten` of a per-turn float list column, plus every element's 0-based turn index (t − 1)."""
-    rows, values = _flatten(column, pa.float64())
+def _flatten_turns(
+    column: pa.ChunkedArray, value_type: pa.DataType = pa.float64()
+) -> tuple[npt.NDArray[np.int64], pa.ChunkedArray, npt.NDArray[np.int64]]:
+    """`_flatten` of a per-turn list column, plus every element's 0-based turn index (t − 1)."""
+    rows, values = _flatten(column, value_type)
     lengths = pc.list_value_length(column).fill_null(0).to_numpy()
     return rows, values, np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]
 

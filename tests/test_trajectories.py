@@ -193,7 +193,11 @@ def test_turns_must_be_the_conversation_s_replies(tmp_path):
     line["turn_rewards"] = {"t1": 0.0, "t2": 1.0, "t3": 0.0}
     line.pop("verifier"), line.pop("reward_details"), line.pop("t_star")
     (tmp_path / "authors.jsonl").write_text(json.dumps(line) + "\n")
-    with pytest.raises(TrajectoryFileError, match=r"authors\.jsonl:1: .*turn_rewards has 3 values for 1 assistant message"):
+    # The authors' scripts pad rewards to their max_turns with zeros; a reward for a turn not played is refused.
+    with pytest.raises(
+        TrajectoryFileError,
+        match=r"authors\.jsonl:1: field 'turn_rewards\.t2': expected 0, as turn 2 was not played \(1 turn\(s\) in the line\), found 1\.0",
+    ):
         read_trajectories(tmp_path / "authors.jsonl")
 
 
@@ -636,3 +640,61 @@ def test_a_weighted_fingerprint_follows_the_ids_and_weights_not_the_files(tmp_pa
     null_weight = table.set_column(1, schema.WEIGHT, pa.array([None, *weights[1:]], pa.float64()))
     pq.write_table(null_weight, tmp_path / "null.parquet")
     assert weighted_fingerprint(str(tmp_path / "null.parquet")) not in {None, first}  # for that check to name too
+
+
+def _authors_line(turns: list[tuple[str, float, int]], max_turns: int, **fields) -> dict:
+    """A line as the authors' scripts write it: per-turn mappings padded with zeros up to `max_turns`, and
+    the details and messages of the turns played. `turns`: (reply, reward, verdict) per turn played."""
+    messages = [{"role": "user", "content": "What is 3 * 4?"}]
+    for k, (reply, _, _) in enumerate(turns):
+        messages += [{"role": "assistant", "content": reply}]
+        if k < len(turns) - 1:
+            messages += [{"role": "user", "content": "Incorrect. Please think again."}]
+    played = {f"t{t}": (reward, verdict) for t, (_, reward, verdict) in enumerate(turns, 1)}
+    return {
+        "prompt_id": "q_0",
+        "messages": messages,
+        "verifier": {f"t{t}": played.get(f"t{t}", (0.0, 0))[1] for t in range(1, max_turns + 1)},
+        "turn_rewards": {f"t{t}": played.get(f"t{t}", (0.0, 0))[0] for t in range(1, max_turns + 1)},
+        "t_star": next((t for t, (_, _, verdict) in enumerate(turns, 1) if verdict), None),
+        **fields,
+    }
+
+
+def test_the_authors_lines_are_read_as_their_scripts_write_them(tmp_path):
+    """Both of their generators pad rewards and verdicts to max_turns; the math one writes no format
+    penalty (its rewards pay for format instead) and per-turn details without one."""
+    metamath = [
+        _authors_line(
+            [("<answer>12</answer>", 1.0, 1)], 5, gold="12", answer_norms=["12"], format_penalty=0.0,
+            reward_details={"t1": {"env_reward": 1.0, "format_penalty": 0.0, "actions": ["12"], "info": {}}},
+        ),
+        _authors_line(
+            [("7", 0.0, 0), ("<answer>12</answer>", 1.0, 1)], 5, gold="12", answer_norms=["12"], format_penalty=-0.1,
+            reward_details={
+                "t1": {"env_reward": 0.0, "format_penalty": -0.1, "actions": [], "info": {}},
+                "t2": {"env_reward": 1.0, "format_penalty": 0.0, "actions": ["12"], "info": {}},
+            },
+        ),
+    ]
+    components = {"correctness": 0.0, "strict_format": 0.0, "loose_format": 0.2, "xml": 0.5, "repeat_penalty": 0.0}
+    math = [
+        _authors_line(
+            [("<answer>7</answer>", 0.7, 0), ("<answer>12</answer>", 3.2, 1)], 2, answer_norms=["7", "12"],
+            reward_details={"t1": components, "t2": {**components, "correctness": 2.0}},
+        ),
+        _authors_line(
+            [("<answer>12</answer>", 3.2, 1)], 2, answer_norms=["12"],
+            reward_details={"t1": {**components, "correctness": 2.0}},
+        ),
+    ]
+    path = tmp_path / "authors.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in metamath + math))
+
+    table = read_trajectories(path)
+
+    assert table.column(schema.TURN_REWARDS).to_pylist() == [[1.0], [0.0, 1.0], [0.7, 3.2], [3.2]]
+    assert table.column(schema.CORRECT).to_pylist() == [[True], [False, True], [False, True], [True]]
+    assert table.column(schema.FORMAT_PENALTY).to_pylist() == [0.0, -0.1, 0.0, 0.0]  # none written: none, as theirs
+    assert table.column(schema.FORMAT_FAILURES).to_pylist() == [[False], [True, False], None, None]
+    assert table.column(schema.TRAJECTORY_ID).to_pylist() == ["q_0/0", "q_0/1", "q_0/2", "q_0/3"]

@@ -25,6 +25,7 @@ from drift_ray.weights import (
     group_weights,
     invalid_conversations,
     invalid_weights,
+    reached_correct,
     trajectory_returns,
     weight_diagnostics,
     weights_file,
@@ -280,12 +281,25 @@ def test_weights_average_one_per_group_and_ignore_row_order(groups, beta, seed):
 
 def _success_table() -> pa.Table:
     rows = [
-        {"prompt": "a", "rewards": [0, 0], "extra": {schema.T_STAR: 2, schema.CORRECT: [False, False]}},
-        {"prompt": "a", "rewards": [0, 0], "extra": {schema.T_STAR: None, schema.CORRECT: [False, True]}},
-        {"prompt": "b", "rewards": [0, 0.5], "extra": {schema.T_STAR: None, schema.CORRECT: [False, False]}},
+        {"prompt": "a", "rewards": [0, 1], "extra": {schema.T_STAR: 2, schema.CORRECT: [False, True]}},
+        {"prompt": "a", "rewards": [0, 1], "extra": {schema.T_STAR: 2, schema.CORRECT: [False, True]}},
+        {"prompt": "b", "rewards": [1], "extra": {schema.T_STAR: 1, schema.CORRECT: [True]}},
         {"prompt": "b", "rewards": [0, 0], "extra": {schema.T_STAR: None, schema.CORRECT: [False, False]}},
     ]
     return _table(rows)
+
+
+def test_success_is_told_by_t_star_else_by_the_verdicts_else_by_a_positive_reward():
+    # The authors' math script pays for format too: a wrong answer in tags has a positive reward.
+    paid_for_format = [
+        {"prompt": "a", "rewards": [0.7, 3.3], "extra": {schema.T_STAR: 2, schema.CORRECT: [False, True]}},
+        {"prompt": "a", "rewards": [0.7, 0.7], "extra": {schema.T_STAR: None, schema.CORRECT: [False, False]}},
+    ]
+    for table in (_table(paid_for_format), _table(paid_for_format).drop_columns([schema.T_STAR])):
+        assert first_correct_turn(table).tolist() == [2, 0] and reached_correct(table).tolist() == [True, False]
+        assert compute_weights(table, WeightsConfig(mode="success_only")).column(schema.WEIGHT).to_pylist() == [1.0, 0.0]
+    rewards_only = _table(paid_for_format).drop_columns([schema.T_STAR, schema.CORRECT])
+    assert first_correct_turn(rewards_only).tolist() == [1, 1]  # nothing else tells
 
 
 def test_a_table_holding_part_of_a_group_is_refused_when_the_group_size_is_given():
@@ -429,7 +443,10 @@ def _without(key: str) -> dict:
     "line_2, message",
     [
         ('{"prompt_id": "q1", "turn_rewards": ', r"not valid JSON"),
-        (json.dumps(_without("format_penalty")), r"field 'format_penalty'.*found None"),
+        (
+            json.dumps({"prompt_id": "q1", "trajectory_id": "q1/0", "turn_rewards": [1.0], "answer_norms": []}),
+            r"field 'format_penalty'.*found None",
+        ),
         (
             json.dumps({**_GOOD, "turn_rewards": "abc"}),
             r"field 'turn_rewards': expected a mapping t1\.\.tN of numbers or a list of numbers, found 'abc'",
@@ -446,18 +463,37 @@ def _without(key: str) -> dict:
         ),
         (json.dumps({**_GOOD, "verifier": {"t1": 2}}), r"field 'verifier\.t1': expected 0 or 1, found 2"),
         (json.dumps({**_GOOD, "verifier": {"t1": 1, "t2": 0}}), r"field 'verifier': expected the 1 turn\(s\) of 'turn_rewards', found 2"),
-        (json.dumps({**_GOOD, "reward_details": {"t1": {}}}), r"field 'reward_details\.t1\.format_penalty'"),
+        (
+            json.dumps({**_GOOD, "reward_details": {"t1": {"format_penalty": None}}}),
+            r"field 'reward_details\.t1\.format_penalty': expected a finite number, found None",
+        ),
         (json.dumps({**_GOOD, "answer_norms": "4"}), r"field 'answer_norms': expected a list of strings"),
         (json.dumps({**_GOOD, "t_star": 3}), r"field 't_star'"),
         (
             json.dumps(
-                {**_without("reward_details"), "verifier": {"t1": 0, "t2": 1}, "turn_rewards": {"t1": 0.0, "t2": 1.0}}
+                {
+                    **_without("reward_details"),
+                    "messages": [*_GOOD["messages"], {"role": "user", "content": "No."}, {"role": "assistant", "content": "4"}],
+                    "verifier": {"t1": 0, "t2": 1},
+                    "turn_rewards": {"t1": 0.0, "t2": 1.0},
+                }
             ),
-            r"field 't_star': expected 2, the first turn 'verifier' marks 1, found 1",
+            r"field 't_star': expected 2, the first turn 'verifier' marks correct, found 1",
         ),
         (
             json.dumps({**_GOOD, "verifier": {"t1": 0}}),
-            r"field 't_star': expected null, as 'verifier' marks no turn 1, found 1",
+            r"field 't_star': expected null, as 'verifier' marks no turn correct, found 1",
+        ),
+        # Our format: the episode stops at its first correct answer, which t_star and the verdicts agree on.
+        (
+            json.dumps({"prompt_id": "q1", "trajectory_id": "q1/9", "turn_rewards": [1.0, 1.0], "t_star": 1,
+                        "answer_norms": [], "format_penalty": 0.0}),
+            r"field 't_star': expected the last of its 2 turns: an episode stops at its first correct answer, found 1",
+        ),
+        (
+            json.dumps({"prompt_id": "q1", "trajectory_id": "q1/9", "turn_rewards": [0.0, 1.0], "correct": [False, True],
+                        "t_star": None, "answer_norms": [], "format_penalty": 0.0}),
+            r"field 't_star': expected 2, the first turn 'correct' marks correct, found None",
         ),
         (
             json.dumps({**_GOOD, "sample_index": 1.7}),
