@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection, ContextManager, Mapping
 
 import pyarrow.parquet as pq
 
-from drift_ray.config import DEMO_MODEL, Config, EngineKind
+from drift_ray.config import DEMO_MODEL, Config, EngineKind, TaskConfig
 from drift_ray.prompts import Task, load_task, shared_questions
 from drift_ray.rollouts import (
     MANIFEST,
@@ -301,12 +301,9 @@ def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], wei
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
     if cfg.eval.task is not None:
-        # Without its train_path and num_train: an eval.task copied from task (a YAML alias) keeps a
-        # train_path that would be read for nothing, or stop the evaluation when that file is not here.
-        test_only = cfg.eval.task.model_copy(update={"train_path": None, "num_train": None})
-        task = load_task(test_only, cfg.seed, key="eval.task")
+        task = load_task(_test_split_only(cfg.eval.task), cfg.seed, key="eval.task")
     else:
-        task = train_task or load_task(cfg.task, cfg.seed)
+        task = train_task or load_task(_test_split_only(cfg.task), cfg.seed)
     if not task.test:
         raise ValueError(
             f"task {task.name!r} has no test problems to evaluate on; set eval.task to a task with a test "
@@ -321,6 +318,13 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
             shared, len(task.test), task.name, train_task.name,
         )
     return task
+
+
+def _test_split_only(task: TaskConfig) -> TaskConfig:
+    """`task` without its num_train, and without its train_path where it gives a test_path: a train_path
+    copied with the task (`drift-ray eval` on a run's config, or eval.task as a YAML alias of task) would be
+    read for nothing, or stop the evaluation where that file is not here."""
+    return task.model_copy(update={"num_train": None, **({"train_path": None} if task.test_path else {})})
 
 
 def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callable[[], None]) -> dict[str, Any]:

@@ -193,6 +193,9 @@ def test_evaluating_on_questions_the_run_trains_on_is_warned_about(tmp_path, cap
     caplog.clear()
     evaluation_task(cfg)  # `drift-ray eval` does not know what the models were trained on
     assert "test problems" not in caplog.text
+    # Nor does it read the training file, which need not be on the machine that evaluates.
+    elsewhere = validate_config({"task": {**settings["task"], "train_path": str(tmp_path / "elsewhere.jsonl")}})
+    assert evaluation_task(elsewhere).test == task.test
 
 
 def test_the_authors_trajectories_go_through_the_weights_and_train_commands(tmp_path, tiny_model_dir, capsys):
