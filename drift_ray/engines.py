@@ -254,6 +254,10 @@ class TransformersEngine:
                 use_cache=True,
             ).logits[:, -1]
             next_position = next_position + 1
+            if self.context_length:
+                # A row that filled the context stays until compaction; its outputs are ignored, but a model
+                # of learned positions has none past its last to embed it at.
+                next_position = next_position.clamp(max=self.context_length - 1)
         return completions, held
 
     def _new_cache(self, columns: int) -> Cache:

@@ -241,6 +241,31 @@ def test_a_reply_stops_cut_off_at_the_end_of_the_model_s_context_and_a_prompt_fi
         engine.generate(longest, GREEDY, 1)
 
 
+def test_a_reply_at_the_end_of_the_context_feeds_no_position_beyond_it(chaotic_dir):
+    """A row that filled the context stays in the batch until a quarter of it has finished: its later
+    steps must not feed positions past the model's last (learned position embeddings have none there)."""
+    engine = TransformersEngine(chaotic_dir, torch_threads=1)
+    long = [{"role": "user", "content": " ".join(QUESTIONS)}]
+    conversations = [long, *CONVERSATIONS[:4]]  # the long one's row is 1/5 of the batch
+    texts = [engine.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    prompts = [len(ids) for ids in engine.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert prompts[0] > max(prompts[1:]) + 8
+    engine.context_length = prompts[0] + 3
+    fed = []
+    forward = engine.model.forward
+
+    def recording(*args, **kwargs):
+        if kwargs.get("position_ids") is not None:
+            fed.append(int(kwargs["position_ids"].max()))
+        return forward(*args, **kwargs)
+
+    engine.model.forward = recording
+    no_end = SamplingParams(temperature=0, max_new_tokens=GREEDY.max_new_tokens, stop=())
+    replies = engine.generate(conversations, no_end, 1)
+    assert replies[0][0].completion_tokens == 3 and replies[0][0].cut_off
+    assert fed and max(fed) < engine.context_length
+
+
 def test_max_new_tokens_is_respected(chaotic):
     for limit in (1, 5):
         params = SamplingParams(temperature=1.0, max_new_tokens=limit, stop=(), seed=0)

@@ -61,6 +61,34 @@ def test_parse_answer(reply, expected):
     assert parse_answer(reply) == expected
 
 
+class SeedRecordingEngine(ScriptedEngine):
+    """A ScriptedEngine that also records the seed of every call."""
+
+    def __init__(self, scripts: dict[str, list[str]]):
+        super().__init__(scripts)
+        self.seeds: list[int | None] = []
+
+    def generate(self, conversations, params, n):
+        self.seeds.append(params.seed)
+        return super().generate(conversations, params, n)
+
+
+def test_every_turn_samples_with_a_seed_of_its_own_from_the_run_s_seed_and_the_batch():
+    wrong = {"q1": ["<answer>0</answer>"] * 4, "q2": ["<answer>0</answer>"] * 4}
+
+    def seeds(problems, seed):
+        engine = SeedRecordingEngine(wrong)
+        play_episodes(problems, engine, get_verifier("exact"), SamplingParams(seed=seed), 2, CFG)
+        return engine.seeds
+
+    batch = [Problem("p1", "q1", "5"), Problem("p2", "q2", "9")]
+    first = seeds(batch, 0)
+    assert len(first) == CFG.max_turns and len(set(first)) == CFG.max_turns  # no turn repeats another's draws
+    assert seeds(batch, 0) == first  # a rerun samples alike
+    assert set(seeds(batch, 1)).isdisjoint(first) and set(seeds(batch[:1], 0)).isdisjoint(first)
+    assert seeds(batch, None) == [None] * CFG.max_turns  # unseeded stays unseeded
+
+
 def test_first_messages_system_instruction_and_think():
     cfg = EpisodeConfig(system_prompt="Be brief.", think=True)
     messages = first_messages("2+2?", cfg)
