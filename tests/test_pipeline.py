@@ -250,6 +250,25 @@ def test_eval_refuses_a_label_that_is_no_directory_name_of_its_own(tmp_path, tin
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_of_labelled_models_prints_their_table_and_a_rerun_plays_nothing(tmp_path, tiny_model_dir, capsys):
+    import ray
+
+    run_dir = tmp_path / "run"
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")  # labelled by its directory's name
+    args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}",
+            "--model", f"ref={tiny_model_dir}", "--model", str(copy)]
+    ray.shutdown()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "\n| ref |" in out and "\n| copy |" in out and f"plot: {run_dir / 'eval' / 'eval.png'}" in out
+    metrics = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert set(metrics) == {"ref", "copy"} and metrics["ref"]["num_problems"] == 8
+    assert metrics["ref"] == metrics["copy"]  # the same files play the same greedy episodes
+    ray.shutdown()
+    assert main(args) == 0  # every episode is there: read, not played
+    assert not ray.is_initialized() and capsys.readouterr().out == out
+
+
 @pytest.mark.parametrize("command", ["run", "rollouts", "train", "eval"])
 def test_a_command_into_a_run_dir_another_process_writes_is_refused_before_any_work(
     tmp_path, tiny_model_dir, capsys, command
