@@ -8,7 +8,7 @@ apart per line by the type of `turn_rewards`; the zeros their scripts pad it and
 their max_turns, are dropped. Every JSONL row keeps its 1-based line in SOURCE_LINE.
 The authors' lines carry no trajectory id; the k-th line of a prompt (0-based, in file order) gets
 TRAJECTORY_ID "<prompt_id>/<k>" and SAMPLE_INDEX k, as our rollouts name theirs, so that weighted SFT
-can order them reproducibly.
+can order them reproducibly. So does a line of ours without a trajectory_id (its own sample_index kept).
 
 Whatever the format, the columns the weights stage needs (schema.WEIGHTS_INPUT) are checked: a bad value
 raises a TrajectoryFileError naming the file, the line (JSONL) or row (Parquet) and the field.
@@ -604,7 +604,7 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
             _check_row(row, where, verdicts=AUTHORS_VERIFIER if authors else schema.CORRECT)
             k = lines_of_prompt[row[schema.PROMPT_ID]]
             lines_of_prompt[row[schema.PROMPT_ID]] += 1
-            if authors:
+            if authors or schema.TRAJECTORY_ID not in row:  # weighted SFT needs ids: made as the authors' are
                 row.setdefault(schema.SAMPLE_INDEX, k)
                 row.setdefault(schema.TRAJECTORY_ID, schema.trajectory_id(row[schema.PROMPT_ID], row[schema.SAMPLE_INDEX]))
             row[schema.SOURCE_LINE] = line_no

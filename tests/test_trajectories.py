@@ -144,6 +144,12 @@ def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
     assert rows[0][schema.TURN_REWARDS] == ours[schema.TURN_REWARDS]
     assert rows[1][schema.TURN_REWARDS] == [1.0]
     assert [r[schema.TRAJECTORY_ID] for r in rows] == [ours[schema.TRAJECTORY_ID], "math-17/0"]
+    # A line of ours without an id gets one as the authors' lines do (weighted SFT needs one per row).
+    anonymous = {k: v for k, v in ours.items() if k not in (schema.TRAJECTORY_ID, schema.SAMPLE_INDEX)}
+    path.write_text(json.dumps(anonymous) + "\n" + json.dumps({**anonymous, schema.SAMPLE_INDEX: 7}) + "\n")
+    rows = read_trajectories(path).to_pylist()
+    prompt = ours[schema.PROMPT_ID]
+    assert [(r[schema.TRAJECTORY_ID], r[schema.SAMPLE_INDEX]) for r in rows] == [(f"{prompt}/0", 0), (f"{prompt}/7", 7)]
 
 
 @pytest.mark.parametrize(

@@ -537,8 +537,8 @@ def _without(key: str) -> dict:
             r"field 'correct': expected a list of one value per turn of 'turn_rewards', found \[False, True\] for 1 turn",
         ),
         (
-            json.dumps({"prompt_id": "q1", "turn_rewards": [1.0], "answer_norms": [], "format_penalty": 0.0}),
-            r"field 'trajectory_id': expected a value, found null",  # beside lines that have one
+            json.dumps({"prompt_id": "q1", "trajectory_id": None, "turn_rewards": [1.0], "answer_norms": [], "format_penalty": 0.0}),
+            r"field 'trajectory_id': expected a value, found null",  # written null: not made up
         ),
     ],
 )
