@@ -68,7 +68,9 @@ def test_authors_file_becomes_lists_in_turn_order_with_source_lines():
     assert [r[schema.TRAJECTORY_ID] for r in rows] == [f"math-{p}/{k}" for p in (17, 42) for k in range(3)]
     assert [r[schema.SAMPLE_INDEX] for r in rows] == [0, 1, 2, 0, 1, 2]
     for row, record in zip(rows, records):
-        turns = sorted(record["turn_rewards"], key=lambda key: int(key[1:]))
+        # The turns played: the details' (rewards and verdicts are padded with zeros to 3 turns, as theirs are).
+        turns = sorted(record["reward_details"], key=lambda key: int(key[1:]))
+        assert len(record["turn_rewards"]) == 3
         assert row[schema.TURN_REWARDS] == [record["turn_rewards"][t] for t in turns]
         assert row[schema.CORRECT] == [record["verifier"][t] == 1 for t in turns]
         assert row[schema.FORMAT_FAILURES] == [record["reward_details"][t]["format_penalty"] != 0 for t in turns]
