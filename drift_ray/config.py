@@ -238,6 +238,12 @@ class RolloutConfig(_Section):
             )
         return value
 
+    @property
+    def transformers_device(self) -> str:
+        """Where the transformers engine runs: "cpu" where the actor reserves no GPU (Ray leaves such an actor
+        every GPU of its node in sight, and it would take one unreserved), else "gpu"."""
+        return "cpu" if self.gpus_per_actor == 0 else "gpu"
+
     @field_validator("api_key_env")
     @classmethod
     def _names_a_variable(cls, value: str) -> str:

@@ -550,8 +550,7 @@ def build_engine(cfg: RolloutConfig, model: str | None = None) -> Engine:
             "drift_ray.demo_model.ensure_demo_model(cache_dir) and pass the returned directory"
         )
     if cfg.engine is EngineKind.transformers:
-        # Ray leaves an actor that reserved no GPU every GPU of its node in sight: it would take one unreserved.
-        device = "cpu" if cfg.gpus_per_actor == 0 else None
+        device = "cpu" if cfg.transformers_device == "cpu" else None  # a GPU: the one Ray assigned
         return TransformersEngine(model, dtype=cfg.dtype, device=device, torch_threads=cfg.torch_threads)
     if cfg.engine is EngineKind.vllm:
         return VLLMEngine(

@@ -143,8 +143,13 @@ def refused_answer(dataset: str, answer: str) -> bool:
     evaluation = answer_evaluation(dataset)
     if evaluation is None:
         return False
-    scorer_names = {name for function in _scorer_functions(dataset) for name in function.__code__.co_varnames}
-    return may_run_code(answer, sympy=evaluation == "sympy", scorer_names=scorer_names)
+    return may_run_code(answer, sympy=evaluation == "sympy", scorer_names=_scorer_variables(dataset))
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer_variables(dataset: str) -> frozenset[str]:
+    """The local variable names of the scorer of generator `dataset` and of what it calls."""
+    return frozenset(name for function in _scorer_functions(dataset) for name in function.__code__.co_varnames)
 
 
 def may_run_code(answer: str, sympy: bool, scorer_names: Collection[str] = ()) -> bool:

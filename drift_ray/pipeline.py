@@ -291,7 +291,8 @@ def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], wei
         log.warning(
             "training: %d examples (counted once per epoch) were longer than train.max_length=%d tokens and lost "
             "their oldest turns after the question, then, where that was not enough, their earliest tokens (or, "
-            "where the trained reply alone is longer, the reply's end, its end of turn too); raise train.max_length to train on them whole",
+            "where the trained reply alone is longer, the reply's end, its end of turn too); raise "
+            "train.max_length to train on them whole",
             stats["truncated_examples"],
             cfg.train.max_length,
         )

@@ -240,7 +240,7 @@ def engine_identity(rollout: RolloutConfig) -> dict[str, Any]:
     serve another model under it."""
     identity: dict[str, Any] = {"kind": rollout.engine.value, "dtype": rollout.dtype}
     if rollout.engine is EngineKind.transformers:
-        identity["device"] = "cpu" if rollout.gpus_per_actor == 0 else "gpu"  # see engines.build_engine
+        identity["device"] = rollout.transformers_device
     if rollout.engine is EngineKind.vllm:
         identity["tensor_parallel_size"] = rollout.tensor_parallel_size
     if rollout.engine is EngineKind.openai:

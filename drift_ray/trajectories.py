@@ -645,10 +645,10 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
             if values is not None and values[turn - 1] != 0:
                 expected = f"0, as turn {turn} was not played ({played} turn(s) in the line)"
                 raise _field_error(where, f"{field}.t{turn}", expected, schema.short_repr(values[turn - 1]))
-    rewards, correct = rewards[: max(played, 1)], correct and correct[: max(played, 1)]
+    rewards = rewards[: max(played, 1)]
     row[schema.TURN_REWARDS] = rewards
     if correct is not None:
-        row[schema.CORRECT] = [bool(v) for v in correct]
+        row[schema.CORRECT] = [bool(v) for v in correct[: len(rewards)]]
     row.setdefault(schema.FORMAT_PENALTY, 0.0)
     if details is not None:
         per_turn = _by_turn(details, where, schema.REWARD_DETAILS, "a mapping t1..tN of objects", len(rewards))

@@ -68,7 +68,7 @@ def group_weights(returns: npt.ArrayLike, prompt_ids: npt.ArrayLike, beta: float
         ids = pa.chunked_array([pa.array(np.asarray(prompt_ids, dtype=object).reshape(-1))])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise ValueError(f"group_weights: prompt ids must all be of one type (all text or all integers): {error}")
-    group = _prompt_codes(ids)
+    group = _group_codes(ids)
     if group.size != returns.size:
         raise ValueError(f"group_weights got {returns.size} returns but {group.size} prompt ids; expected one each")
     bad = np.flatnonzero(~np.isfinite(returns))
@@ -107,7 +107,8 @@ def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None 
     instead of normalising the weights over that part."""
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source="weights input")
     # One encoding of the prompt ids serves the check and DRIFT's normalisation.
-    groups = _group_codes(table) if group_size is not None or cfg.mode == WeightMode.drift else None
+    needs_groups = group_size is not None or cfg.mode == WeightMode.drift
+    groups = _group_codes(table.column(schema.PROMPT_ID)) if needs_groups else None
     if group_size is not None:
         _require_group_size(table, groups, group_size)
     returns = trajectory_returns(table, cfg.gamma, cfg.rep_lambda, cfg.format_penalty)
@@ -132,7 +133,7 @@ def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
     if table.num_rows == 0:
         raise ValueError("weight diagnostics: no trajectories")
     weights = table.column(schema.WEIGHT).to_numpy().astype(np.float64)
-    group = _group_codes(table)
+    group = _group_codes(table.column(schema.PROMPT_ID))
     num_groups = int(group.max()) + 1
     weight_sum = np.bincount(group, weights=weights, minlength=num_groups)
     square_sum = np.bincount(group, weights=weights**2, minlength=num_groups)
@@ -318,12 +319,6 @@ def _weights_within_groups(
     return np.exp(np.log(sizes)[group] + shifted - log_sum[group])
 
 
-def _any_per_row(column: pa.ChunkedArray, value_type: pa.DataType, predicate: Any) -> npt.NDArray[np.bool_]:
-    rows, values = _flatten(column, value_type)
-    hits = pc.fill_null(predicate(values), False).to_numpy(zero_copy_only=False)
-    return np.bincount(rows[hits], minlength=len(column)) > 0
-
-
 def _count_format_failures(table: pa.Table, format_penalty: float) -> npt.NDArray[np.float64]:
     column = table.column(schema.FORMAT_FAILURES) if schema.FORMAT_FAILURES in table.column_names else None
     if column is None or column.null_count:
@@ -340,7 +335,7 @@ def _count_format_failures(table: pa.Table, format_penalty: float) -> npt.NDArra
 
 
 def _require_group_size(table: pa.Table, groups: npt.NDArray[np.int64], group_size: int) -> None:
-    """`groups`: _group_codes(table)."""
+    """`groups`: _group_codes of the table's prompt ids."""
     rows_in_group = np.bincount(groups)[groups]
     wrong = np.flatnonzero(rows_in_group != group_size)
     if len(wrong):
@@ -354,12 +349,8 @@ def _require_group_size(table: pa.Table, groups: npt.NDArray[np.int64], group_si
         )
 
 
-def _group_codes(table: pa.Table) -> npt.NDArray[np.int64]:
-    """0..G−1 per row, one code per distinct prompt id."""
-    return _prompt_codes(table.column(schema.PROMPT_ID))
-
-
-def _prompt_codes(ids: pa.ChunkedArray) -> npt.NDArray[np.int64]:
+def _group_codes(ids: pa.ChunkedArray) -> npt.NDArray[np.int64]:
+    """0..G−1 per row, one code per distinct prompt id of the column `ids`."""
     if not len(ids):  # no ids to type: Arrow cannot dictionary-encode their null type
         return np.zeros(0, dtype=np.int64)
     if ids.null_count:
