@@ -6,7 +6,10 @@ current policy at every update; its greedy multi@1/multi@T (T = episode.max_turn
 test split is measured every few updates (evaluation time excluded). DRIFT's point is one `drift-ray run`
 of the same config: its one-time rollouts plus training, with the tokens its rollouts generated
 (`--drift-run DIR` reuses a finished run, from the run.json it wrote; its seed, task, episode, eval.task and
-max_new_tokens must be written as in --config; its reference is not compared).
+max_new_tokens must be written as in --config; its reference is not compared). Both run on the CPU: a
+config that puts DRIFT's rollouts or training on a GPU, or its rollouts on another engine, is refused.
+DRIFT's seconds include its start-up (rollout actors loading the model, the training workers and DeepSpeed),
+the online baseline's exclude loading the model.
 
     .venv/bin/python benchmarks/online_rl.py [--config jobs/demo_cpu.yaml] [--updates 150] [--drift-run DIR] [--tmp-dir DIR] [--quick] [--out DIR]
 """
@@ -31,7 +34,7 @@ from record import (  # noqa: E402
     weight_checksums,
 )
 
-from drift_ray.config import Config, load_config, validate_config  # noqa: E402
+from drift_ray.config import Config, EngineKind, load_config, validate_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
 from drift_ray.episode import episodes_table, play_episodes  # noqa: E402
 from drift_ray.evaluation import episode_metrics  # noqa: E402
@@ -44,6 +47,18 @@ from drift_ray.trajectories import require_same_settings  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 # The settings that make the problems, the episodes and the evaluation: the two methods must share them.
 COMPARED = ("seed", "task", "episode", "eval.task", "eval.max_new_tokens", "rollout.max_new_tokens")
+ONLINE_LABEL = "online GRPO (single process, CPU, float32)"
+
+
+def require_cpu_drift(cfg: Config, where: str) -> None:
+    """The online baseline runs the transformers engine on the CPU: DRIFT's run must too, or the seconds
+    compare two machines."""
+    if cfg.rollout.engine is not EngineKind.transformers or cfg.rollout.gpus_per_actor or cfg.train.use_gpu:
+        raise SystemExit(
+            f"{where}: DRIFT must run as the online baseline does, the transformers engine on the CPU; found "
+            f"rollout.engine={cfg.rollout.engine.value}, rollout.gpus_per_actor={cfg.rollout.gpus_per_actor:g}, "
+            f"train.use_gpu={str(cfg.train.use_gpu).lower()}"
+        )
 
 
 def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
@@ -65,6 +80,7 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
     )
     record = json.loads(record_path.read_text())
     cfg = validate_config(record["config"], f"{record_path}: config")
+    require_cpu_drift(cfg, str(record_path))
     if reused_work(record["work_by_round"][0], samples_rollouts=True):
         raise SystemExit(
             f"{record_path}: the last run took over work an earlier run did (rollouts, weights, the model or a "
@@ -109,6 +125,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="drift-online-", dir=args.tmp_dir) as tmp:
         cfg = load_config(args.config, [*overrides, f"run_dir={Path(tmp) / 'drift'}"])
+        require_cpu_drift(cfg, str(args.config))
         reference = save_untrained_demo_model(Path(tmp) / "untrained") if args.quick else resolve_model(cfg.rollout.model, cfg)
         cfg.rollout.model = reference
         reference_sha256 = weight_checksums(reference)  # while a --quick reference still exists
@@ -125,7 +142,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)  # as weighted SFT loads it
         tokenizer = AutoTokenizer.from_pretrained(reference)
         curve = train_online(model, tokenizer, task.train, task.new_verifier(), cfg, settings, evaluate)
-        rows = [{"method": f"online GRPO (single process), update {p['update']}", **p} for p in curve]
+        rows = [{"method": f"{ONLINE_LABEL}, update {p['update']}", **p} for p in curve]
 
         if args.drift_run is None:
             run_pipeline(cfg)
@@ -134,7 +151,7 @@ def main() -> None:
     append_result(
         "online_rl",
         {"config": str(args.config), "quick": args.quick, "settings": settings_dict(settings), "reference": reference,
-         "reference_sha256": reference_sha256},
+         "reference_sha256": reference_sha256, "drift_run": None if args.drift_run is None else str(args.drift_run)},
         rows,
         args.out,
     )

@@ -9,6 +9,10 @@ the group-normalised advantage takes the place of DRIFT's weight:
     loss = Σ_i A_i · L_i / N,   L_i = mean token NLL of trajectory i's assistant turns,
     A_i  = (R_i − mean_group R) / (std_group R + ε)   (grpo)   or   R_i − mean of the others' R   (rloo).
 
+The NLL is of the distribution the episodes were sampled from: the logits divided by
+rollout.temperature (top-p truncation would make it another one, so top_p must be 1). The replies are
+re-tokenized from their text, as weighted SFT reads them, not taken as the ids the engine sampled; what
+the policy did not sample after a reply (the end of turn after a stop string or a cut-off) is not trained.
 No KL term to the reference: the comparison is about the cost of regenerating rollouts.
 """
 
@@ -26,8 +30,8 @@ import torch
 
 from drift_ray import schema
 from drift_ray.config import Config, ExampleKind
-from drift_ray.engines import TransformersEngine
-from drift_ray.episode import SamplingParams, episodes_table, play_episodes, stable_seed
+from drift_ray.engines import TransformersEngine, ends_on_stop
+from drift_ray.episode import Episode, SamplingParams, episodes_table, play_episodes, stable_seed
 from drift_ray.prompts import Problem
 from drift_ray.verifiers import Verifier
 from drift_ray.weighted_sft import collate, padding_token_id, per_sample_nll, tokenize_trajectory, weighted_loss
@@ -49,6 +53,15 @@ class OnlineRLSettings:
     micro_batch_size: int = 64
     eval_every: int = 20
 
+    def __post_init__(self) -> None:
+        # Checked here, not where first used: that is after the first evaluation and rollouts.
+        least = {"updates": 1, "prompts_per_update": 1, "samples_per_prompt": 2, "micro_batch_size": 1, "eval_every": 1}
+        for name, minimum in least.items():
+            if getattr(self, name) < minimum:
+                raise ValueError(f"online RL setting {name} must be at least {minimum}; found {getattr(self, name)}")
+        if not self.lr >= 0:
+            raise ValueError(f"online RL setting lr must be at least 0; found {self.lr}")
+
 
 def group_advantages(returns: npt.ArrayLike, group_size: int, kind: Advantage | str) -> npt.NDArray[np.float64]:
     """Advantages of consecutive groups of `group_size` returns (one group per prompt)."""
@@ -64,7 +77,9 @@ def group_advantages(returns: npt.ArrayLike, group_size: int, kind: Advantage | 
     else:
         others_mean = (groups.sum(axis=1, keepdims=True) - groups) / (group_size - 1)
         advantages = groups - others_mean
-    return advantages.reshape(-1)
+    # Equal returns teach nothing; their rounded mean would leave advantages of 1e-11 that Adam's step
+    # normalisation turns into a full-size update.
+    return np.where(np.ptp(groups, axis=1, keepdims=True) > 0, advantages, 0.0).reshape(-1)
 
 
 def train_online(
@@ -82,12 +97,17 @@ def train_online(
 
     Evaluation time is excluded from the wall-clock, as DRIFT's curve excludes it.
     """
+    rollout = cfg.rollout
+    if not (rollout.temperature > 0 and rollout.top_p == 1):
+        raise ValueError(
+            f"online RL samples with rollout.temperature > 0 and rollout.top_p = 1, so that its gradient is of the "
+            f"distribution it samples; found temperature {rollout.temperature} and top_p {rollout.top_p}"
+        )
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     # The engine carries each turn's cache to the next, as DRIFT's rollout engine does; every update drops it.
     engine = TransformersEngine(model, tokenizer=tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=cfg.train.weight_decay)
-    rollout = cfg.rollout
     seconds, generated = 0.0, 0
     model.eval()
     curve = [{"update": 0, "seconds": 0.0, "generated_tokens": 0, **evaluate(engine)}]
@@ -113,7 +133,7 @@ def train_online(
             optimizer,
             cfg,
             settings.micro_batch_size,
-            cut_offs=[e.cut_off for e in episodes],
+            unsampled_ends=[unsampled_ends(e, params.stop) for e in episodes],
         )
         engine.drop_carried_cache()
         seconds += time.perf_counter() - started
@@ -121,6 +141,13 @@ def train_online(
             point = {"update": update, "seconds": round(seconds, 2), "generated_tokens": generated}
             curve.append({**point, "mean_return": float(np.mean(returns)), **evaluate(engine)})
     return curve
+
+
+def unsampled_ends(episode: Episode, stop: Sequence[str]) -> list[bool]:
+    """Per reply of `episode`, whether the policy did not sample its end of turn: the engine stopped it on a
+    stop string, or it was cut off. The chat template still writes one after it."""
+    replies = [m["content"] for m in episode.messages if m["role"] == "assistant"]
+    return [cut or ends_on_stop(reply, stop) for reply, cut in zip(replies, episode.cut_off, strict=True)]
 
 
 def policy_gradient_step(
@@ -131,24 +158,25 @@ def policy_gradient_step(
     optimizer: torch.optim.Optimizer,
     cfg: Config,
     micro_batch_size: int,
-    cut_offs: Sequence[Sequence[bool] | None] | None = None,
+    unsampled_ends: Sequence[Sequence[bool] | None] | None = None,
 ) -> None:
-    """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations; the end of
-    turn of a reply cut off at max_new_tokens (`cut_offs`, one list per conversation) is not a token the
-    policy sampled, and is left out."""
+    """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations, L_i under the
+    logits divided by rollout.temperature. The end of turn of a reply that the policy did not sample
+    (`unsampled_ends`, one list per conversation) is left out."""
     pad_id = padding_token_id(tokenizer)
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    cut_offs = cut_offs or [None] * len(conversations)
+    unsampled_ends = unsampled_ends or [None] * len(conversations)
     examples = [
-        tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length, cut)
-        for m, cut in zip(conversations, cut_offs, strict=True)
+        tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length, unsampled)
+        for m, unsampled in zip(conversations, unsampled_ends, strict=True)
     ]
     for start in range(0, len(examples), micro_batch_size):
         chunk = slice(start, start + micro_batch_size)
         tensors = collate(examples[chunk], advantages[chunk].tolist(), pad_id, device)
         logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+        logits = logits / cfg.rollout.temperature
         loss = weighted_loss(per_sample_nll(logits, tensors["labels"]), tensors["weights"], float(len(examples)))
         loss.backward()
     if cfg.train.grad_clip > 0:
