@@ -9,7 +9,6 @@ stop string (included, like vLLM's `include_stop_str_in_output`), else it is cut
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +28,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from drift_ray.config import DEMO_MODEL, EngineKind, RolloutConfig
 from drift_ray.episode import Conversation, Engine, Generation, Message, SamplingParams, sample_seed
+from drift_ray.trajectories import read_json_object
 
 # Chat models whose config names only the end-of-text eos still end a turn with one of these.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
@@ -511,12 +511,15 @@ class VLLMEngine:
         return Generation(output.text, prompt_tokens, len(output.token_ids), cut_off)
 
 
+_ADAPTER_REMEDY = "give a PEFT adapter's directory as save_pretrained writes it, or a full model's (without that file)"
+
+
 def lora_adapter_base(model: str) -> str | None:
     """The base model of a PEFT adapter directory (adapter_config.json), or None for a full model."""
     config = Path(model) / "adapter_config.json"
     if not config.is_file():
         return None
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    base = read_json_object(config, _ADAPTER_REMEDY).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{config}: no base_model_name_or_path; cannot tell which model the adapter extends")
     return base
@@ -530,7 +533,7 @@ def vllm_max_lora_rank(adapter: str) -> int:
     """The smallest max_lora_rank vLLM accepts that serves the PEFT adapter in `adapter`: its rank `r`, or
     a larger one its `rank_pattern` gives some modules."""
     config_path = Path(adapter) / "adapter_config.json"
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, _ADAPTER_REMEDY)
     rank = max([int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
     fitting = [limit for limit in _VLLM_MAX_LORA_RANKS if limit >= rank]
     if not fitting:

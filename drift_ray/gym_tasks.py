@@ -39,7 +39,10 @@ evaluate, can still take long. So these scorers run in killable helper processes
 `timeout_s`, default 10 s per answer, and `max_processes`, default 2), and an answer that runs out of
 time scores 0. The guard is still needed: a timeout bounds time, not what code does. These scorers
 evaluate the gold too (its answer, or metadata such as an integrand), so their golds must be generated
-here: read from a file (`task.kind: file` with `task.verifier: reasoning_gym`) they are refused at load.
+here: read from a file (`task.kind: file` with `task.verifier: reasoning_gym`) they are refused at load, as
+are golds of `composite`, which forwards each answer to the scorer of the generator its metadata names. The
+generator of every other gold read from a file is built at load, so that a config it rejects is named with
+its problem rather than at the first answer scored.
 
 Problems are generated in a process with a fixed hash seed (PYTHONHASHSEED=0; this one when it has it),
 so that every process gets the same ones for a config: a resumed run, `drift-ray eval` after `drift-ray
@@ -90,6 +93,7 @@ log = logging.getLogger(__name__)
 
 VERIFIER = "reasoning_gym"
 DEFAULT_SIZE = 500
+COMPOSITE = "composite"  # the generator that mixes others: neither generated here nor scored
 
 # Functions an answer of an evaluating scorer may call: elementary ones, quick on any argument, and
 # Integral (intermediate_integration's answers leave some unevaluated).
@@ -248,12 +252,20 @@ class GymGold:
     def from_json(cls, gold: str) -> GymGold:
         try:
             fields = schema.loads_json(gold)
-            return cls(**fields)
+            stored = cls(**fields)
         except (ValueError, TypeError) as err:  # not JSON, a key written twice, or other keys
             raise ValueError(
                 f"{VERIFIER} verifier: the gold {gold[:100]!r} is not a reasoning-gym gold (a JSON object with "
                 f"answer, dataset, config, metadata, as task.kind=reasoning_gym writes); use another task.verifier"
             ) from err
+        if stored.dataset == COMPOSITE:
+            # Its scorer forwards to the generator the metadata names, whatever that one evaluates (the static
+            # scan, answer_evaluation, sees only the forwarding), and its config cannot be rebuilt from JSON.
+            raise ValueError(
+                f"{VERIFIER} verifier: a gold of reasoning-gym's {COMPOSITE}, which is not supported: give each "
+                "problem the gold of the generator that made it"
+            )
+        return stored
 
 
 @functools.lru_cache(maxsize=64)
@@ -263,9 +275,21 @@ def _generator(dataset: str, config_json: str) -> Any:
     return reasoning_gym.create_dataset(dataset, **json.loads(config_json))
 
 
+def _gold_generator(stored: GymGold) -> Any:
+    """The generator of the gold `stored`, or a ValueError naming its generator and config: the config is data
+    where the gold is read from a file."""
+    try:
+        return _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))
+    except Exception as err:  # the generator's unchecked config fails in any way, in its __init__
+        raise ValueError(
+            f"{VERIFIER} verifier: reasoning-gym {stored.dataset!r} cannot be built from the gold's config "
+            f"{schema.short_repr(stored.config)}: {err!r}"
+        ) from err
+
+
 def _score(answer: str, stored: GymGold) -> float:
     """The generator's score of `answer`; 0 when the scorer fails on it (an odd answer is a wrong one)."""
-    generator = _generator(stored.dataset, json.dumps(stored.config, sort_keys=True))
+    generator = _gold_generator(stored)  # not the answer's fault: raised, not scored 0
     try:
         return float(generator.score_answer(answer, {"answer": stored.answer, "metadata": stored.metadata}))
     except Exception as err:
@@ -349,9 +373,10 @@ def refuse_evaluated_golds(problems: Sequence[Problem], key: str) -> None:
         raise TaskError(f"{key}: the reasoning_gym verifier needs the reasoning-gym package: pip install reasoning-gym") from err
     for problem in problems:
         try:
-            dataset = GymGold.from_json(problem.gold).dataset
+            stored = GymGold.from_json(problem.gold)
         except ValueError as err:
             raise TaskError(f"{key}: problem {problem.prompt_id!r}: {err}") from None
+        dataset = stored.dataset
         if dataset not in reasoning_gym.factory.DATASETS:
             raise TaskError(f"{key}: problem {problem.prompt_id!r}: its gold names no reasoning-gym generator ({dataset!r})")
         evaluation = answer_evaluation(dataset)
@@ -361,6 +386,10 @@ def refuse_evaluated_golds(problems: Sequence[Problem], key: str) -> None:
                 f"{'sympy' if evaluation == 'sympy' else 'Python'}, the gold's as well as the answer's, so a gold read "
                 "from data would run as code there; generate these problems with kind: reasoning_gym"
             )
+        try:  # now, with its problem named, not at the first answer scored (building one takes under a second)
+            _gold_generator(stored)
+        except ValueError as err:
+            raise TaskError(f"{key}: problem {problem.prompt_id!r}: {err}") from None
 
 
 def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
@@ -374,7 +403,7 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
         close = difflib.get_close_matches(cfg.name, known, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(known))}"
         raise TaskError(f"task.name: unknown reasoning-gym generator {cfg.name!r}; {hint}")
-    if cfg.name == "composite":  # its config holds configs of other generators, which it cannot rebuild from JSON
+    if cfg.name == COMPOSITE:  # its config holds configs of other generators, which it cannot rebuild from JSON
         raise TaskError("task.name: reasoning-gym's composite is not supported; train on one generator per task")
     _, config_cls = known[cfg.name]
     mismatch = options_mismatch(config_cls, cfg.options)  # seed and size are fields of every generator's config

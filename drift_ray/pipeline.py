@@ -7,7 +7,6 @@ so a killed job resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -29,7 +28,13 @@ from drift_ray.rollouts import (
     run_episodes,
 )
 from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
-from drift_ray.trajectories import exclusive_lock, publish_directory, require_same_settings, write_json_atomic
+from drift_ray.trajectories import (
+    exclusive_lock,
+    publish_directory,
+    read_json_object,
+    require_same_settings,
+    write_json_atomic,
+)
 
 log = logging.getLogger("drift_ray")
 
@@ -43,8 +48,11 @@ CONFIG_FILE = "config.json"  # the config of the last `run` that finished, to re
 RUN_RECORD_FILE = "run.json"
 WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
 TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model
-WEIGHTS_DIAGNOSTICS_FILE = "weighted.diagnostics.json"
-WEIGHTS_SETTINGS_FILE = "weighted.settings.json"  # what made run_dir/weighted: weights config, rollouts, prompts
+# Inside WEIGHTED_DIR, published with it: no file beside it (`drift-ray weights --output run_dir/weighted.parquet`
+# writes weighted.diagnostics.json) can mark it finished or stand for its records. Their "_" keeps Parquet
+# readers of the directory (pyarrow, pandas) off them; Ray Data reads only *.parquet.
+WEIGHTS_DIAGNOSTICS_FILE = "_diagnostics.json"
+WEIGHTS_SETTINGS_FILE = "_settings.json"  # what made the weighted rollouts: weights config, rollouts, prompts
 RUN_LOCK_FILE = ".drift-ray.lock"  # in run_dir: held by the process writing it, naming that process
 
 
@@ -216,8 +224,11 @@ def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], No
 
 
 def weights_finished(run_dir: Path) -> bool:
-    """Whether the weights stage in `run_dir` finished: its diagnostics, written last, mark it complete."""
-    return (run_dir / WEIGHTED_DIR).is_dir() and (run_dir / WEIGHTS_DIAGNOSTICS_FILE).exists()
+    """Whether the weights stage in `run_dir` finished: its records, published with the weighted rollouts,
+    mark them complete. Weights of a drift-ray that kept its records beside them are weighed again (the same
+    weights: the model trained on them is reused)."""
+    out = run_dir / WEIGHTED_DIR
+    return (out / WEIGHTS_DIAGNOSTICS_FILE).is_file() and (out / WEIGHTS_SETTINGS_FILE).is_file()
 
 
 def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[str, Any]:
@@ -231,21 +242,21 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     require_training_problems(task)
     run_dir = Path(cfg.run_dir)
     out = run_dir / WEIGHTED_DIR
-    diagnostics_path = run_dir / WEIGHTS_DIAGNOSTICS_FILE
-    settings_path = run_dir / WEIGHTS_SETTINGS_FILE
     rollouts = rollouts_dir(cfg)
     prompt_ids = sorted(p.prompt_id for p in task.train)
     # The rollouts by their settings and prompts, not by path: a run_dir that moved is still the same run,
     # and other runs may add prompts of their own to a shared rollout.output_dir.
     settings = {
         "weights": cfg.weights.model_dump(mode="json"),
-        "rollouts": json.loads((rollouts / MANIFEST).read_text()),
+        "rollouts": read_json_object(
+            rollouts / MANIFEST, f"it records what played {rollouts}: remove {rollouts} to play them again"
+        ),
         "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
         "rollouts_fingerprint": rollouts_fingerprint(rollouts, prompt_ids),
     }
     if weights_finished(run_dir):
-        require_same_settings(settings_path, settings, output=str(out), inputs=["rollouts_fingerprint"])
-        return json.loads(diagnostics_path.read_text())
+        require_same_settings(out / WEIGHTS_SETTINGS_FILE, settings, output=str(out), inputs=["rollouts_fingerprint"])
+        return read_json_object(out / WEIGHTS_DIAGNOSTICS_FILE, f"remove {out} to weigh the rollouts again")
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
     # With the schema, shards played before a column was recorded (CUT_OFF) read with it as null; else Ray
@@ -254,17 +265,14 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     group_size = settings["rollouts"]["samples_per_prompt"]
     ds = add_weights(trajectories, cfg.weights, whole_groups=False, group_size=group_size)
     staging = run_dir / "weighted.staging"
-    # A run killed after publishing `out` but before its diagnostics marked it complete: redo it. Diagnostics
-    # left from weights deleted by hand go first, or a run killed after recording its settings would find
-    # them beside its own output and report them as its own.
-    diagnostics_path.unlink(missing_ok=True)
+    # A run killed while weighing, or weights without their records (an earlier drift-ray's): redo them.
     for leftover in (staging, out):
         shutil.rmtree(leftover, ignore_errors=True)
     ds.write_parquet(str(staging))
-    diagnostics = weight_diagnostics(pq.read_table(staging))
+    diagnostics = weight_diagnostics(pq.read_table(staging))  # before the records join the Parquet files
+    write_json_atomic(settings, staging / WEIGHTS_SETTINGS_FILE)
+    write_json_atomic(diagnostics, staging / WEIGHTS_DIAGNOSTICS_FILE)
     publish_directory(staging, out)
-    write_json_atomic(settings, settings_path)
-    write_json_atomic(diagnostics, diagnostics_path)  # last: it marks the stage complete
     log.info("weights: %s", diagnostics)
     if diagnostics["cut_off_reply_share"]:
         log.warning(

@@ -10,7 +10,6 @@ are never read), and a retried batch rewrites the same shard name instead of add
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from drift_ray.trajectories import (
     exclusive_lock,
     digest_files,
     files_fingerprint,
+    read_json_object,
     require_same_settings,
     write_json_atomic,
     write_table_atomic,
@@ -196,7 +196,10 @@ def _require_same_problem(
 def trained_by(model: str) -> dict[str, Any] | None:
     """The settings weighted SFT recorded in the model directory `model`, or None."""
     record = Path(model) / TRAIN_SETTINGS_FILE
-    return json.loads(record.read_text()) if record.is_file() else None
+    if not record.is_file():
+        return None
+    # Its content identifies the policy in the manifest: a damaged one would be another policy's.
+    return read_json_object(record, f"it records what trained {model}: train it again, or restore that file")
 
 
 def _manifest_guards(out_dir: Path) -> bool:

@@ -51,6 +51,7 @@ from drift_ray.trajectories import (
     conversations_fingerprint,
     files_fingerprint,
     publish_directory,
+    read_json_object,
     require_parquet,
     require_same_settings,
     weighted_fingerprint,
@@ -217,7 +218,8 @@ def finished_model(out_dir: str | Path) -> bool:
 
 def read_stats(model_dir: str | Path) -> dict[str, Any]:
     """The statistics weighted SFT wrote beside the model in `model_dir` (STATS_FILE)."""
-    return json.loads((Path(model_dir) / STATS_FILE).read_text())
+    remedy = f"the statistics mark the model finished: remove {model_dir} to train it again"
+    return read_json_object(Path(model_dir) / STATS_FILE, remedy)
 
 
 def run_name(settings: dict[str, Any]) -> str:
@@ -679,7 +681,11 @@ def _load_progress(checkpoint: Any) -> dict[str, Any]:
     if checkpoint is None:
         return {}
     with checkpoint.as_directory() as checkpoint_dir:
-        return json.loads((Path(checkpoint_dir) / PROGRESS_FILE).read_text())
+        return read_json_object(
+            Path(checkpoint_dir) / PROGRESS_FILE,
+            f"the checkpoint {checkpoint.path} is damaged: remove the training's {RUN_STORAGE_DIR} directory (under "
+            "its output directory, such as run_dir/train) to train from the start",
+        )
 
 
 def _report_deepspeed_checkpoint(engine: Any, rank: int, metrics: dict[str, Any], progress: dict[str, Any]) -> None:

@@ -135,6 +135,26 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+def read_json_object(path: str | Path, remedy: str) -> dict[str, Any]:
+    """The JSON object in the file `path`. Where it holds none (cut short by a full disk or a killed copy,
+    edited by hand) a ValueError names the file, what is wrong and `remedy`: json's own error names no file,
+    and a list where an object belongs would fail later as an AttributeError."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        value = json.loads(data)  # bytes, not read_text: JSON is UTF-8 whatever the locale's encoding
+    except UnicodeDecodeError as err:
+        problem = f"not UTF-8 text ({err.reason} at byte {err.start})"
+    except ValueError as err:
+        problem = "empty" if not data.strip() else f"not valid JSON ({err})"
+    else:
+        if isinstance(value, dict):
+            return value
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+        problem = f"holds a JSON {kind}, not an object"
+    raise ValueError(f"{path}: {problem}; {remedy}")
+
+
 TRAIN_SETTINGS_FILE = "drift_train_settings.json"  # in a model directory weighted SFT wrote: what made it
 
 # A file up to this size is read whole; a larger one through this many evenly spaced samples of this size.
@@ -267,7 +287,8 @@ def require_same_settings(
     record = Path(record)
     if not record.exists():
         return
-    whole_record = _dotted(json.loads(record.read_text()))
+    remedy = f"it records what made {output}: remove {output} to make it again, or use a new run_dir"
+    whole_record = _dotted(read_json_object(record, remedy))
     current = _dotted(json.loads(json.dumps(settings)))
     identified = [
         path for path, identity in (known_by or {}).items()

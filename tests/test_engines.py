@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from types import SimpleNamespace
 
@@ -13,7 +14,16 @@ from tokenizers import decoders
 from transformers import AutoTokenizer
 
 from drift_ray.config import EngineKind, RolloutConfig
-from drift_ray.engines import TransformersEngine, VLLMEngine, _StopStrings, build_engine, cut_at_stop, reply_text
+from drift_ray.engines import (
+    TransformersEngine,
+    VLLMEngine,
+    _StopStrings,
+    build_engine,
+    cut_at_stop,
+    lora_adapter_base,
+    reply_text,
+    vllm_max_lora_rank,
+)
 from drift_ray.episode import Generation, SamplingParams
 from drift_ray.weighted_sft import IGNORE_INDEX, tokenize_trajectory
 from tests.test_weighted_sft import make_tokenizer
@@ -421,6 +431,20 @@ def test_the_vllm_engine_serves_an_adapter_of_any_rank_it_accepts(
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model_dir, "r": 1024}))
     with pytest.raises(ValueError, match=r"json: LoRA rank 1024 is above the largest vLLM serves \(512\)"):
         VLLMEngine(str(adapter))
+
+
+@pytest.mark.parametrize(
+    "content, problem", [('["r", 8]', "holds a JSON array, not an object"), ('{"r": 8, "base', "not valid JSON")]
+)
+def test_an_adapter_config_that_is_no_json_object_is_named(tmp_path, content, problem):
+    # A model directory is the user's: its adapter_config.json failed as an AttributeError the CLI does not
+    # catch, or as a JSON error that named no file.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(content)
+    for read in (lora_adapter_base, vllm_max_lora_rank):
+        with pytest.raises(ValueError, match=re.escape(f"{adapter / 'adapter_config.json'}: {problem}")):
+            read(str(adapter))
 
 
 @pytest.mark.parametrize("stop", ["</answer>", "答案"])

@@ -207,6 +207,35 @@ def test_golds_from_a_file_are_scored_unless_their_scorer_would_evaluate_them(tm
         load_task(TaskConfig(kind="file", name="u", test_path=str(tmp_path / "unknown.jsonl"), verifier=VERIFIER), 0)
 
 
+def test_a_file_gold_whose_generator_cannot_be_built_from_it_is_refused_at_load_naming_the_problem(tmp_path):
+    # composite forwards each answer to the scorer of the generator its metadata names (some evaluate text),
+    # and its config JSON cannot rebuild: the verifier failed at scoring, with an AttributeError naming no problem.
+    composite = GymGold(
+        "3", "composite", {"datasets": [{"name": "chain_sum", "weight": 1, "config": {}}]},
+        {"source_dataset": "chain_sum", "source_index": 0},
+    ).to_json()
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"question": "1 + 2?", "gold": composite}) + "\n")
+    config = TaskConfig(kind="file", name="mixed", test_path=str(path), verifier=VERIFIER)
+    refused = r"^task.verifier: problem 'mixed-1': reasoning_gym verifier: a gold of reasoning-gym's composite, which is not"
+    with pytest.raises(TaskError, match=refused):
+        load_task(config, 0)
+    with pytest.raises(ValueError, match=r"a gold of reasoning-gym's composite"):
+        get_verifier(VERIFIER).check("3", composite)
+
+    # A config the generator rejects: named with its problem at load, not as a TypeError at scoring.
+    wrong_config = GymGold("3", "chain_sum", {"min_termz": 2}, {}).to_json()
+    path.write_text(json.dumps({"question": "1 + 2?", "gold": wrong_config}) + "\n")
+    with pytest.raises(
+        TaskError,
+        match=r"^task.verifier: problem 'mixed-1': reasoning_gym verifier: reasoning-gym 'chain_sum' cannot be built from the "
+        r"gold's config \{'min_termz': 2\}: TypeError",
+    ):
+        load_task(config, 0)
+    with pytest.raises(ValueError, match=r"reasoning-gym 'chain_sum' cannot be built from the gold's config \{'min_termz': 2\}"):
+        get_verifier(VERIFIER).check("3", wrong_config)
+
+
 def test_a_generator_that_depends_on_string_hashing_is_scored_right_in_another_process():
     # isomorphic_strings builds different puzzles under different hash seeds: the gold must carry the entry
     problem = gym_task("isomorphic_strings", options={"size": 5}).test[0]

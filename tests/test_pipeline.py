@@ -4,6 +4,7 @@ as a job submitted to a `ray start --head` cluster."""
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,19 @@ import yaml
 from drift_ray import schema
 from drift_ray.cli import main
 from drift_ray.config import load_config, validate_config
-from drift_ray.pipeline import CONFIG_FILE, RUN_LOCK_FILE, RUN_RECORD_FILE, evaluation_task, lock_run_dir, resolve_model
+from drift_ray.pipeline import (
+    CONFIG_FILE,
+    RUN_LOCK_FILE,
+    RUN_RECORD_FILE,
+    WEIGHTED_DIR,
+    WEIGHTS_DIAGNOSTICS_FILE,
+    WEIGHTS_SETTINGS_FILE,
+    evaluation_task,
+    lock_run_dir,
+    resolve_model,
+    run_weights,
+    weights_finished,
+)
 from drift_ray.prompts import load_task
 from tests.conftest import free_ports
 
@@ -63,7 +76,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert {p.stat().st_mode & 0o777 for p in model_files} == {(tmp_path / "probe").stat().st_mode & 0o777}
     assert model_dir.stat().st_mode & 0o777 == (tmp_path / "probe-dir").stat().st_mode & 0o777
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
-    diagnostics = json.loads((run_dir / "weighted.diagnostics.json").read_text())
+    diagnostics = json.loads((run_dir / "weighted" / WEIGHTS_DIAGNOSTICS_FILE).read_text())
     assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9
     # The random tiny model often writes on to max_new_tokens: the shards record which replies it cut off.
     shards = sorted((run_dir / "rollouts").glob("part-*.parquet"))
@@ -134,11 +147,11 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert not ray.is_initialized()
     shards[0].write_bytes(played)
 
-    # A smaller test split is evaluated on its own problems, from the episodes already played. And a run
-    # killed after publishing the weighted rollouts, before their diagnostics marked them complete, is redone.
-    (run_dir / "weighted.diagnostics.json").unlink()
+    # A smaller test split is evaluated on its own problems, from the episodes already played. And weighted
+    # rollouts without their records (an earlier drift-ray kept them beside) are weighed again, the same.
+    (run_dir / "weighted" / WEIGHTS_DIAGNOSTICS_FILE).unlink()
     assert main([*run, "task.num_test=5"]) == 0
-    assert json.loads((run_dir / "weighted.diagnostics.json").read_text()) == diagnostics
+    assert json.loads((run_dir / "weighted" / WEIGHTS_DIAGNOSTICS_FILE).read_text()) == diagnostics
     smaller = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert smaller["drift"]["num_problems"] == 5 and smaller["reference"]["num_problems"] == 5
 
@@ -152,14 +165,13 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert (run_dir / "eval" / "drift").is_dir()
 
     # Weights deleted by hand to redo them with another β, and that run killed after recording its settings
-    # but before its diagnostics: no diagnostics of the old β are left beside the new weights to be taken
-    # for theirs.
+    # but before its diagnostics: nothing is published, to be taken for finished weights.
     ray.shutdown()
     shutil.rmtree(run_dir / "weighted")
     with mock.patch("drift_ray.pipeline.write_json_atomic", side_effect=[None, KeyboardInterrupt]):
         with pytest.raises(KeyboardInterrupt):
             main([*run, "weights.beta=0.5"])
-    assert (run_dir / "weighted").is_dir() and not (run_dir / "weighted.diagnostics.json").exists()
+    assert not (run_dir / "weighted").exists()
 
     # Rollouts played before cut_off was recorded, beside later ones (a rerun after an upgrade): every
     # weighted file holds the column, null for the older rollouts' rows. That run then stops at the
@@ -171,6 +183,90 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     weighted = [pq.read_table(file) for file in sorted((run_dir / "weighted").glob("*.parquet"))]
     assert all(schema.CUT_OFF in table.column_names for table in weighted)
     assert sum(table.column(schema.CUT_OFF).null_count for table in weighted) == pq.read_metadata(shards[0]).num_rows
+
+
+def played_rollouts(out: Path, problems, cfg, k: int) -> None:
+    """K one-turn episodes of every problem, as the rollouts stage leaves them: even samples answer right."""
+    from drift_ray.episode import Episode, Generation, episodes_table, first_messages
+    from drift_ray.rollouts import MANIFEST, shard_path
+    from drift_ray.trajectories import write_json_atomic, write_table_atomic
+    from drift_ray.verifiers import ExactVerifier
+
+    episodes = []
+    for problem in problems:
+        for i in range(k):
+            episode = Episode(problem, i, first_messages(problem.question, cfg.episode))
+            answer = problem.gold if i % 2 == 0 else f"not {problem.gold}"
+            episode.take_turn(Generation(f"<answer>{answer}</answer>", 10, 5 + i), ExactVerifier(), cfg.episode)
+            episodes.append(episode)
+    write_table_atomic(episodes_table(episodes, cfg.episode, "m"), shard_path(out, problems))
+    write_json_atomic({"samples_per_prompt": k, "sampling": {"max_new_tokens": 48}}, out / MANIFEST)
+
+
+def test_the_weights_stage_is_done_by_the_records_it_publishes_not_by_files_beside_them(tmp_path):
+    """`drift-ray weights --output run_dir/weighted.parquet` writes weighted.diagnostics.json beside its output,
+    where the weights stage kept its own diagnostics: a rerun reported the other β's as its own, and once a
+    run was killed between publishing run_dir/weighted and recording its settings, the stage counted as done
+    for any config."""
+    import ray
+
+    from drift_ray.train import require_training_input
+
+    def start_ray() -> None:
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+    def no_ray() -> None:
+        raise AssertionError("redid finished weights")
+
+    run_dir = tmp_path / "run"
+    weighted = run_dir / WEIGHTED_DIR
+    cfg = load_config(str(REPO / "jobs/smoke.yaml"), [f"run_dir={run_dir}"])
+    other_beta = load_config(str(REPO / "jobs/smoke.yaml"), [f"run_dir={run_dir}", "weights.beta=0.5"])
+    task = load_task(cfg.task, cfg.seed)
+    played_rollouts(run_dir / "rollouts", task.train, cfg, k=4)
+    diagnostics = run_weights(cfg, task, start_ray)
+    assert diagnostics["num_trajectories"] == 8 * 4
+    assert json.loads((weighted / WEIGHTS_DIAGNOSTICS_FILE).read_text()) == diagnostics
+    assert json.loads((weighted / WEIGHTS_SETTINGS_FILE).read_text())["weights"]["beta"] == 0.1
+    # The records inside are no input to the readers of the weighted rollouts.
+    require_training_input(str(weighted))
+    assert ray.data.read_parquet(str(weighted)).count() == pq.read_table(weighted).num_rows == 8 * 4
+
+    # The standalone command's output in run_dir, its diagnostics beside it: the stage keeps its own.
+    authors = REPO / "tests/fixtures/authors_sample.jsonl"
+    standalone = ["weights", "--input", str(authors), "--output", str(run_dir / "weighted.parquet"), "--beta", "0.5"]
+    assert main(standalone) == 0
+    assert json.loads((run_dir / "weighted.diagnostics.json").read_text()) != diagnostics
+    assert run_weights(cfg, task, no_ray) == diagnostics
+    other_settings = f"{weighted}: made with other settings (differ in: weights.beta (0.1 then"
+    with pytest.raises(RuntimeError, match=re.escape(other_settings)):
+        run_weights(other_beta, task, no_ray)
+
+    # Killed after weighing with another β, before its records were written: nothing was published, so the
+    # next run weighs again (the standalone output's diagnostics beside it mark nothing).
+    shutil.rmtree(weighted)
+    with mock.patch("drift_ray.pipeline.write_json_atomic", side_effect=KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            run_weights(other_beta, task, start_ray)
+    assert not weights_finished(run_dir)
+    assert main(standalone) == 0
+    reweighed = run_weights(other_beta, task, start_ray)
+    assert reweighed["num_trajectories"] == 8 * 4 and reweighed != diagnostics
+    assert json.loads((weighted / WEIGHTS_SETTINGS_FILE).read_text())["weights"]["beta"] == 0.5
+
+    # Weights published by an earlier version, their records beside them: weighed again.
+    for name in (WEIGHTS_DIAGNOSTICS_FILE, WEIGHTS_SETTINGS_FILE):
+        (weighted / name).rename(run_dir / f"weighted.{name.strip('_')}")
+    assert not weights_finished(run_dir)
+    assert run_weights(other_beta, task, start_ray) == reweighed and weights_finished(run_dir)
+
+    # A record cut short is named, with a remedy.
+    (weighted / WEIGHTS_DIAGNOSTICS_FILE).write_text('{"num_trajectories": 3')
+    with pytest.raises(ValueError) as refused:
+        run_weights(other_beta, task, no_ray)
+    assert str(refused.value).startswith(f"{weighted / WEIGHTS_DIAGNOSTICS_FILE}: not valid JSON (")
+    assert str(refused.value).endswith(f"remove {weighted} to weigh the rollouts again")
 
 
 def test_evaluating_on_questions_the_run_trains_on_is_warned_about(tmp_path, caplog):

@@ -19,6 +19,7 @@ from drift_ray.config import EpisodeConfig, TaskConfig, load_config
 from drift_ray.episode import first_messages
 from drift_ray.prompts import Problem
 from drift_ray.rollouts import (
+    MANIFEST,
     SHARD_GLOB,
     check_manifest,
     completed_prompts,
@@ -30,6 +31,7 @@ from drift_ray.rollouts import (
     run_episodes,
     shard_path,
     summarize,
+    trained_by,
 )
 from drift_ray.trajectories import TRAIN_SETTINGS_FILE, exclusive_lock, files_fingerprint, write_json_atomic
 from drift_ray.verifiers import get_verifier
@@ -397,6 +399,18 @@ def test_manifest_refuses_other_settings_once_a_shard_is_there(tmp_path):
     record_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})  # the shards keep the record of theirs
     with pytest.raises(RuntimeError, match="differ in: samples_per_prompt"):
         check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
+    (tmp_path / MANIFEST).write_text('{"model": "m", "sam')  # cut short: a full disk, a killed copy
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / MANIFEST}: not valid JSON (Unterminated string")):
+        check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})
+
+
+def test_a_damaged_record_of_what_trained_a_model_is_named(tmp_path):
+    model = tmp_path / "model"
+    write_json_atomic({"train": {"lr": 0.1}, "seed": 0}, model / TRAIN_SETTINGS_FILE)
+    assert trained_by(str(model)) == {"train": {"lr": 0.1}, "seed": 0}
+    (model / TRAIN_SETTINGS_FILE).write_text("[]")
+    with pytest.raises(ValueError, match=re.escape(f"{model / TRAIN_SETTINGS_FILE}: holds a JSON array, not an object; ")):
+        trained_by(str(model))
 
 
 def test_summary_counts_per_prompt():

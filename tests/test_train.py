@@ -6,6 +6,7 @@ conversations (plus two of weight 0, which must be dropped). DeepSpeed runs on i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -25,12 +26,15 @@ from drift_ray import schema
 from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, LrSchedule, TrainConfig, accumulation_steps
 from drift_ray.train import (
     MODEL_DIR,
+    PROGRESS_FILE,
     STATS_FILE,
     STEPS_FILE,
     TENSORBOARD_DIR,
     TENSORBOARD_SCALARS,
+    _load_progress,
     loads_partitioned,
     plan_steps,
+    read_stats,
     require_finite_step,
     run_name,
     train_loop,
@@ -256,6 +260,22 @@ def test_bad_weights_and_conversations_are_refused_naming_the_file_and_trajector
     with pytest.raises(ValueError, match=re.escape(str(weighted)) + ": " + message):
         train_weighted_sft(make_config(), str(weighted), model_path, str(tmp_path / "out"))
     assert not (tmp_path / "out" / MODEL_DIR).exists()
+
+
+def test_damaged_training_records_are_named(tmp_path):
+    # Cut short (a full disk, a killed copy): the JSON error named no file.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / STATS_FILE).write_text('{"steps": 4, ')
+    with pytest.raises(ValueError, match=re.escape(f"{model / STATS_FILE}: not valid JSON (Expecting")):
+        read_stats(model)
+
+    checkpoint_dir = tmp_path / "checkpoint"
+    checkpoint_dir.mkdir()
+    (checkpoint_dir / PROGRESS_FILE).write_text('"step"')
+    checkpoint = mock.Mock(path=str(checkpoint_dir), as_directory=lambda: contextlib.nullcontext(str(checkpoint_dir)))
+    with pytest.raises(ValueError, match=re.escape(f"{checkpoint_dir / PROGRESS_FILE}: holds a JSON string, not an object; ")):
+        _load_progress(checkpoint)
 
 
 def no_ray_start() -> None:

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -345,6 +346,31 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
         require_same_settings(record, changed, output="out", ignore="weights")
     with pytest.raises(TypeError, match=r"only takes a collection"):
         require_same_settings(record, changed, output="out", only="seed")
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b'{"weights": {"be', r"not valid JSON \(Unterminated string starting at: line 1 column 14 \(char 13\)\)"),
+        (b"", "empty"),
+        (b'["weights", 0.1]\n', "holds a JSON array, not an object"),
+        (b'{"weights": "\xff"}', r"not UTF-8 text \(invalid start byte at byte 13\)"),
+    ],
+)
+def test_a_damaged_settings_record_is_named_with_what_is_wrong_and_a_remedy(tmp_path, content, problem):
+    # A record cut short (a full disk, a killed copy): the error named no file ("Expecting value: line 1 ..."),
+    # and a record that is no object failed inside the comparison.
+    output = tmp_path / "weighted"
+    record = output / "settings.json"
+    output.mkdir()
+    record.write_bytes(content)
+    with pytest.raises(ValueError) as refused:
+        require_same_settings(record, {"weights": {"beta": 0.1}}, output=str(output))
+    assert re.fullmatch(
+        rf"{re.escape(str(record))}: {problem}; it records what made {re.escape(str(output))}: remove "
+        rf"{re.escape(str(output))} to make it again, or use a new run_dir",
+        str(refused.value),
+    )
 
 
 def test_a_setting_known_by_another_is_compared_unless_both_sides_hold_that(tmp_path):
