@@ -17,12 +17,13 @@ computed from these numbers; writes a JSON line and a plot of multi@k per method
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from record import (  # noqa: E402
     QUICK_PIPELINE_OVERRIDES,
     append_result,
     argument_parser,
+    incomplete_last_line,
     print_table,
     reused_work,
     weight_checksums,
@@ -63,12 +65,16 @@ class Method:
         return [self.label if r == 1 else f"{self.label}_round{r}" for r in range(1, self.rounds + 1)]
 
 
+def beta_name(beta: float) -> str:
+    return f"{beta:g}"
+
+
 def comparison_methods(modes: list[str], betas: list[float], rounds: int) -> list[Method]:
     methods = []
     for mode in modes:
         methods.append(Method(mode, mode, rounds=rounds))
         if mode == DRIFT:
-            methods += [Method(f"{DRIFT}_beta{beta:g}", DRIFT, (f"weights.beta={beta}",)) for beta in betas]
+            methods += [Method(f"{DRIFT}_beta{beta_name(beta)}", DRIFT, (f"weights.beta={beta}",)) for beta in betas]
     return methods
 
 
@@ -160,8 +166,9 @@ def evidence_checks(rows: list[dict[str, Any]]) -> list[str]:
     multi@5 over acc@1 (what the feedback adds), and DRIFT's multi@5 against SFT of the same round; the
     criterion is about DRIFT at the config's β, the other DRIFT rows are compared the same way.
 
-    Methods of one seed share the reference's rollouts and the test set, so the DRIFT − SFT gap is also
-    given paired by seed (mean ± std of the per-seed differences, and in how many seeds DRIFT leads):
+    Methods of one seed share the seed's prompts and test set, and in round 1 the reference's rollouts too
+    (a later round collects its own, from its own round-1 model), so the DRIFT − SFT gap is also given
+    paired by seed (mean ± std of the per-seed differences, and in how many seeds DRIFT leads):
     seed-to-seed variation both methods share cancels there."""
     row_of = {row["method"]: row for row in rows}
     base = row_of[REFERENCE]
@@ -197,16 +204,54 @@ def paired_check(label: str, values: list[float], other_label: str, other_values
             f"({' '.join(f'{d:+.3f}' for d in differences)}); {label} ahead in {leads} of {len(differences)} seeds")
 
 
-def main() -> None:
+def whole_number(least: int, refusal: str) -> Callable[[str], int]:
+    """An argparse type: an int of at least `least`, else "VALUE `refusal`" after the flag's name."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < least:
+            raise argparse.ArgumentTypeError(f"{value} {refusal}")
+        return number
+
+    return parse
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, checked before anything runs: the config would refuse a negative seed or 0 rounds
+    only once the demo reference is built (minutes), and nothing later refuses a value given twice."""
     parser = argument_parser(__doc__)
     parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=whole_number(0, "is negative; a seed is 0 or more"), nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=[m.value for m in WeightMode], choices=[m.value for m in WeightMode])
     parser.add_argument("--betas", type=float, nargs="*", default=[0.5, 1.0], help="DRIFT also at these β (beside the config's)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of every mode at the config's β (iterated DRIFT, SFT, RFT)")
+    parser.add_argument("--rounds", type=whole_number(1, "rounds; a run has 1 or more"), default=2,
+                        help="rounds of every mode at the config's β (iterated DRIFT, SFT, RFT)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary dir)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides for every run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # A seed given twice runs in the same seed{s}/ directories, reuses the first run's work and counts as
+    # a second seed of equal multi@5: the std shrinks and a gap within noise reads as beyond it. A β or a
+    # mode given twice makes two rows of one name, which the checks and the JSON line cannot tell apart.
+    for flag, names, why in [
+        ("--seeds", [str(s) for s in args.seeds], "each seed is one sample of the spread"),
+        ("--betas", [beta_name(b) for b in args.betas], "each β is one row, named by its value"),
+        ("--modes", args.modes, "each mode is one row"),
+    ]:
+        repeated = list(dict.fromkeys(name for name in names if names.count(name) > 1))
+        if repeated:
+            parser.error(f"argument {flag}: {', '.join(repeated)} given more than once; {why}")
+    # Checked again when the line is appended, but that is after every seed ran: refused now, no run is lost.
+    results = args.out / "quality.jsonl"
+    if incomplete_last_line(results):
+        parser.error(f"{results}: its last line is incomplete (an append was cut short); remove or mend it first")
+    return parser, args
+
+
+def main() -> None:
+    parser, args = parse_arguments()
     logging.basicConfig(level=logging.WARNING)
     overrides = [*(QUICK_PIPELINE_OVERRIDES if args.quick else []), *args.overrides]
     seeds = args.seeds[:1] if args.quick else args.seeds

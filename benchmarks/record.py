@@ -209,9 +209,41 @@ def append_result(
         "config": without_machine_paths(config),
         "results": without_machine_paths(rows),
     }
+    line = json.dumps(record) + "\n"
+    if incomplete_last_line(path):
+        # Appended after it, this line would join the cut-short one: a reader (one json.loads per line)
+        # would find one unreadable line where two records were meant. The run's line comes with the
+        # refusal, so that a measurement of hours is not lost with it.
+        raise ValueError(
+            f"{path}: its last line is incomplete (an append was cut short); remove or mend it, then append "
+            f"this run's line, the last of this message, by hand:\n{line.rstrip()}"
+        )
+    created = not path.exists()
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
+        # On disk before the run reports it appended: a power cut soon after would leave a cut-short line.
+        f.flush()
+        os.fsync(f.fileno())
+    if created:  # a new file's name is durable only once its directory is on disk
+        directory = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     return path
+
+
+def incomplete_last_line(path: Path) -> bool:
+    """Whether the results file `path` ends in a line without its newline: an append was cut short (a kill,
+    a full disk, a power cut). A missing or empty file has no such line."""
+    try:
+        with Path(path).open("rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _fmt(value: Any) -> str:
