@@ -157,6 +157,20 @@ class EpisodeConfig(_Section):
         return value
 
 
+# Upper case only: most API keys (gsk_..., hf_..., ghp_...) would pass as a name but for their lower-case
+# letters, and the name is shown in errors, reprs and `drift-ray config`.
+_ENV_VAR_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+API_KEY_ENV_EXPECTED = (
+    "expected the name of an environment variable (upper-case letters, digits and _, not starting with a digit, "
+    "e.g. OPENAI_API_KEY), not the API key itself"
+)
+
+
+def is_env_var_name(value: str) -> bool:
+    """Whether `value` may be shown as rollout.api_key_env: a variable's name as conventionally written."""
+    return _ENV_VAR_NAME.fullmatch(value) is not None
+
+
 class EngineKind(str, Enum):
     transformers = "transformers"
     vllm = "vllm"
@@ -185,12 +199,15 @@ class RolloutConfig(_Section):
         0.0,
         ge=0.0,
         description="GPUs per rollout actor (vLLM: = tensor_parallel_size; with tensor_parallel_size 1 a fraction "
-        "packs several actors on one GPU). The transformers engine runs on the CPU with 0, on its GPU otherwise.",
+        "packs several actors on one GPU, each with gpu_memory_utilization at most that fraction). The transformers "
+        "engine runs on the CPU with 0, on its GPU otherwise.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size per actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype for the engine.")
     torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="vLLM: share of the whole GPU's memory the engine takes (at most gpus_per_actor)."
+    )
     output_dir: Optional[LocalPath] = Field(
         None,
         description="Directory of the rollouts (default: run_dir/rollouts). Runs that differ only after the "
@@ -247,11 +264,8 @@ class RolloutConfig(_Section):
     @field_validator("api_key_env")
     @classmethod
     def _names_a_variable(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError(
-                "expected the name of an environment variable (letters, digits and _, not starting with a digit), "
-                "not the API key itself"
-            )
+        if not is_env_var_name(value):
+            raise ValueError(API_KEY_ENV_EXPECTED)  # not the value: _NEVER_SHOWN
         return value
 
     @model_validator(mode="after")
@@ -278,6 +292,19 @@ class RolloutConfig(_Section):
             raise ValueError(
                 f"rollout.tensor_parallel_size={self.tensor_parallel_size} shards the model over that many GPUs of "
                 f"the actor: set rollout.gpus_per_actor to it (now {self.gpus_per_actor:g})"
+            )
+        if self.engine is EngineKind.vllm and self.gpu_memory_utilization > self.gpus_per_actor:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization:g} is the share of the whole GPU's memory "
+                f"each vLLM actor takes, more than the rollout.gpus_per_actor={self.gpus_per_actor:g} of the GPU it "
+                "reserves: the actors sharing the GPU would ask for more memory than it has, and vLLM would refuse to "
+                f"start; set rollout.gpu_memory_utilization to at most {self.gpus_per_actor:g}"
+            )
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            raise ValueError(
+                f"rollout.temperature=0 samples greedily, so the rollout.samples_per_prompt={self.samples_per_prompt} "
+                "episodes of a prompt would all be the same (and vLLM refuses greedy requests for more than one "
+                "sample): set rollout.samples_per_prompt=1 or a temperature above 0"
             )
         return self
 
@@ -376,7 +403,14 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1, description="Passes over the weighted rollouts. Paper: 1.")
     global_batch_size: int = Field(128, ge=1, description="Sequences per optimizer step, all workers. Paper: 128.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass per worker.")
-    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay. Paper: 0.1.")
+    weight_decay: float = Field(
+        0.1,
+        ge=0.0,
+        description=(
+            "AdamW weight decay, on every trainable parameter: norm scales and biases too, as verl and torchtune "
+            "decay them (Hugging Face's Trainer exempts them). Paper: 0.1."
+        ),
+    )
     grad_clip: float = Field(1.0, ge=0.0, description="Gradient-norm clip (0 = off). Paper: 1.0.")
     bf16: bool = Field(False, description="bf16 mixed precision (paper: true on GPUs).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
@@ -551,6 +585,14 @@ def _without_text(mark: yaml.Mark) -> yaml.Mark:
     return yaml.Mark(mark.name, mark.index, mark.line, mark.column, None, None)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message for `err`, its marks' places without the lines they would quote (see _without_text)."""
+    if not isinstance(err, yaml.MarkedYAMLError):  # a ReaderError names the character, not its line
+        return str(err)
+    context_mark, problem_mark = (None if m is None else _without_text(m) for m in (err.context_mark, err.problem_mark))
+    return str(yaml.MarkedYAMLError(err.context, context_mark, err.problem, problem_mark, err.note))
+
+
 def _load_yaml(text: str, source: str = "<override>") -> Any:
     loader = _ConfigLoader(text)  # a SafeLoader: data is never executed
     loader.name = source  # errors point to "line L, column C" of it
@@ -581,7 +623,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = _load_yaml(text, source)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from err
+            raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(err)}") from None
         if data is None:  # an empty file (or only comments): the defaults; `0` or `[]` is no config
             data = {}
         if not isinstance(data, dict):
@@ -615,17 +657,23 @@ def override_key(item: str) -> str:
 
 
 def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
+    # Errors name the key alone: the value may be a secret (see _NEVER_SHOWN), and so may an override
+    # without '=', which is all value as far as anyone can tell.
     key, sep, raw = item.partition("=")
-    if not sep or not all(key.split(".")):  # `task.options.=1` would set a key named ""
-        raise ConfigError(f"{source}: override {item!r} is not of the form key.path=value")
+    if not sep:
+        raise ConfigError(f"{source}: override with no '=': expected key.path=value")
+    if not all(key.split(".")):  # `task.options.=1` would set a key named ""
+        raise ConfigError(f"{source}: override of {key!r}: expected key.path=value, with no empty part in key.path")
     try:
         value = _load_yaml(raw) if raw.strip() else None
         comment = _comment(raw)
     except yaml.YAMLError as err:
-        reason = getattr(err, "problem", None) or err  # the parser's one-line reason, without its excerpt
-        raise ConfigError(f"{source}: override {item!r}: {key}: not a valid YAML value ({reason})") from None
+        reason = getattr(err, "problem", None) or _yaml_problem(err)  # the parser's one-line reason
+        raise ConfigError(f"{source}: override of {key}: not a valid YAML value ({reason})") from None
+    if comment and key.split(".")[-1] in _NEVER_SHOWN:
+        raise ConfigError(f"{source}: override of {key}: YAML reads part of it as a comment (from a '#'): leave it out")
     if comment:  # `episode.feedback=Wrong #2` would set "Wrong"
-        message = f"{source}: override {item!r}: {key}: YAML reads {comment!r} as a comment, which an override has no use for"
+        message = f"{source}: override of {key}: YAML reads {comment!r} as a comment, which an override has no use for"
         if isinstance(value, (dict, list)) or "\n" in raw:
             raise ConfigError(f"{message}: leave it out")
         quoted = raw.replace("'", "''")
@@ -637,7 +685,7 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
             node[part] = {}
         child = node[part]
         if not isinstance(child, dict):
-            raise ConfigError(f"{source}: override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            raise ConfigError(f"{source}: override of {key}: {'.'.join(parts[: i + 1])} is not a section")
         # A copy: a YAML alias or merge key shares one mapping between sections, which would all change.
         node[part] = node = dict(child)
     node[parts[-1]] = value

@@ -32,7 +32,8 @@ conversation back so, but not for rollouts to train on.
 
 The API key is read from the environment variable named by `api_key_env` (surrounding whitespace dropped)
 and sent as a bearer token. It never appears in a repr or an error message; a server that echoes it back
-has it replaced by '***'.
+has it replaced by '***'. A name that is not upper case (as rollout.api_key_env requires) is refused, as it
+may be the key itself.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import aiohttp
 
+from drift_ray.config import API_KEY_ENV_EXPECTED, is_env_var_name
 from drift_ray.engines import cut_at_stop, ends_on_stop
 from drift_ray.episode import Conversation, Generation, SamplingParams, sample_seed
 
@@ -98,6 +100,10 @@ class OpenAIEngine:
     ):
         if max_concurrency < 1:
             raise ValueError(f"rollout.max_concurrency: found {max_concurrency}; expected at least 1")
+        # Checked here too, for an engine made in code: the repr and the HTTP 401/403 error show the name,
+        # and a key given for it would be shown with them.
+        if not is_env_var_name(api_key_env):
+            raise ValueError(f"rollout.api_key_env: {API_KEY_ENV_EXPECTED}")
         self.name = model
         self.url = f"{api_base.rstrip('/')}/chat/completions"
         self.api_key_env = api_key_env

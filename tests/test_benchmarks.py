@@ -356,6 +356,28 @@ def test_reused_work_counts_reused_rollouts_only_where_the_round_was_to_sample_t
     assert record.reused_work({**sampled, "rollouts": {**sampled["rollouts"], "waited_seconds": 2.5}}, samples_rollouts=True)
 
 
+@pytest.mark.parametrize(
+    "overrides, found",
+    [
+        (["rollout.gpus_per_actor=1"], "rollout.engine=transformers, rollout.gpus_per_actor=1, train.use_gpu=false"),
+        (["train.use_gpu=true"], "rollout.engine=transformers, rollout.gpus_per_actor=0, train.use_gpu=true"),
+        (["rollout.engine=vllm", "rollout.gpus_per_actor=1", "rollout.gpu_memory_utilization=0.5"], "rollout.engine=vllm"),
+    ],
+)
+def test_online_rl_compares_with_drift_only_on_the_cpu_it_runs_on_itself(tmp_path, overrides, found):
+    from drift_ray.config import load_config
+
+    online_rl = load_benchmark("online_rl.py")
+    online_rl.require_cpu_drift(load_config(None, []), "jobs/demo_cpu.yaml")
+    with pytest.raises(SystemExit, match=f"c.yaml: DRIFT must run as the online baseline does, .*found {re.escape(found)}"):
+        online_rl.require_cpu_drift(load_config(None, overrides), "c.yaml")
+    # A finished run of another device is refused as well.
+    run = load_config(None, [f"run_dir={tmp_path}", *overrides])
+    finished_drift_run(tmp_path, run, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
+    with pytest.raises(SystemExit, match="run.json: DRIFT must run as the online baseline does"):
+        online_rl.drift_point(tmp_path, load_config(None, [f"run_dir={tmp_path / 'online'}"]))
+
+
 def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(tmp_path):
     from drift_ray.config import load_config
 
@@ -374,3 +396,72 @@ def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(t
         message = rf"--drift-run {re.escape(str(tmp_path))}: made with other settings \(differ in: {re.escape(differs)}"
         with pytest.raises(RuntimeError, match=message):
             online_rl.drift_point(tmp_path, online)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # A seed run twice would count as two seeds with the same multi@5, shrinking the std that judges the gap.
+        (["--seeds", "0", "1", "0"], "argument --seeds: 0 given more than once; each seed is one sample of the spread"),
+        (["--betas", "0.5", "0.50"], "argument --betas: 0.5 given more than once; each β is one row, named by its value"),
+        (["--betas", "0.5", "0.5000001"], "argument --betas: 0.5 given more than once; each β is one row, named by its value"),
+        (["--modes", "drift", "uniform", "drift"], "argument --modes: drift given more than once; each mode is one row"),
+        (["--rounds", "0"], "argument --rounds: 0 rounds; a run has 1 or more"),
+        (["--seeds", "0", "-1"], "argument --seeds: -1 is negative; a seed is 0 or more"),
+    ],
+)
+def test_quality_refuses_repeated_values_and_impossible_rounds_or_seeds_at_parsing(argv, message, tmp_path, capsys):
+    quality = load_benchmark("quality.py")
+    with pytest.raises(SystemExit) as exit_:
+        quality.parse_arguments([*argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quality_accepts_distinct_values_and_the_empty_beta_list(tmp_path):
+    quality = load_benchmark("quality.py")
+    _, args = quality.parse_arguments(["--seeds", "2", "0", "--betas", "--rounds", "1", "--out", str(tmp_path)])
+    assert (args.seeds, args.betas, args.rounds) == ([2, 0], [], 1)
+
+
+def test_quality_stops_before_any_work_on_a_repeated_seed(tmp_path):
+    """The refusal comes from the command line itself, before the demo reference (minutes) is built."""
+    # A config that does not exist: read any later than the arguments, it would fail there instead.
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "quality.py"), "--config", str(tmp_path / "missing.yaml"), "--seeds", "3", "3",
+         "--out", str(tmp_path / "out")],
+        cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 2 and "argument --seeds: 3 given more than once" in done.stderr, done.stderr[-3000:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_quality_refuses_a_results_file_whose_last_line_was_cut_short_before_running(tmp_path, capsys):
+    quality = load_benchmark("quality.py")
+    (tmp_path / "quality.jsonl").write_text('{"benchmark": "quality"}\n{"benchmark": "qua')
+    with pytest.raises(SystemExit) as exit_:
+        quality.parse_arguments(["--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'quality.jsonl'}: its last line is incomplete" in capsys.readouterr().err
+
+
+def test_a_result_line_is_not_glued_onto_a_line_an_interrupted_append_left_incomplete(tmp_path, monkeypatch):
+    record = load_benchmark("record.py")
+    results = tmp_path / "quality.jsonl"
+    cut_short = '{"benchmark": "quality", "results": [{"method": "drift"}]}\n{"benchmark": "quality", "res'
+    results.write_text(cut_short)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(results))}: its last line is incomplete") as refused:
+        record.append_result("quality", {"seeds": [0]}, [{"method": "drift"}], tmp_path)
+    assert results.read_text() == cut_short
+    # The refused run's line comes with the refusal, to append by hand once the file is mended.
+    assert json.loads(str(refused.value).splitlines()[-1])["config"] == {"seeds": [0]}
+    # A file of whole lines, or no file yet, takes the line, which is on disk before the call returns.
+    synced = []
+    real_fsync = record.os.fsync
+    monkeypatch.setattr(record.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    results.write_text(cut_short[: cut_short.index("\n") + 1])
+    record.append_result("quality", {"seeds": [0]}, [{"method": "drift"}], tmp_path)
+    record.append_result("fresh", {"seeds": [1]}, [{"method": "drift"}], tmp_path)
+    assert [json.loads(line).get("config") for line in results.read_text().splitlines()] == [None, {"seeds": [0]}]
+    assert json.loads((tmp_path / "fresh.jsonl").read_text())["config"] == {"seeds": [1]}
+    assert len(synced) >= 2

@@ -85,11 +85,11 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
     [
         ("episode.instruction=no slot", "episode.instruction"),
         ("weights.mode=rft", "weights.mode"),
-        ("novalue", "key.path=value"),
-        ("task.options.=1", "override 'task.options.=1' is not of the form key.path=value"),
-        (".beta=1", "override '.beta=1' is not of the form key.path=value"),
+        ("novalue", "override with no '=': expected key.path=value"),
+        ("task.options.=1", "override of 'task.options.': expected key.path=value"),
+        (".beta=1", "override of '.beta': expected key.path=value"),
         ("weights.beta.x=1", "weights.beta: Input should be a valid number"),
-        ("task.options=[a", "override 'task.options=[a': task.options: not a valid YAML value (expected ',' or ']'"),
+        ("task.options=[a", "override of task.options: not a valid YAML value (expected ',' or ']'"),
         ("rollout.dtype=fp16", "rollout.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
         ("task.kind=hf", "task.kind: Input should be 'builtin', 'file', 'plugin', 'hub' or 'reasoning_gym' (found 'hf')"),
         # Checked when the config loads, not when training starts after the rollouts.
@@ -175,6 +175,19 @@ def test_a_quoted_hash_is_part_of_the_value():
             "of GPUs to shard the model over",
         ),
         (
+            ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5"],
+            "  rollout: Value error, rollout.gpu_memory_utilization=0.85 is the share of the whole GPU's memory each "
+            "vLLM actor takes, more than the rollout.gpus_per_actor=0.5 of the GPU it reserves: the actors sharing the "
+            "GPU would ask for more memory than it has, and vLLM would refuse to start; set "
+            "rollout.gpu_memory_utilization to at most 0.5",
+        ),
+        (
+            ["rollout.temperature=0"],
+            "  rollout: Value error, rollout.temperature=0 samples greedily, so the rollout.samples_per_prompt=16 "
+            "episodes of a prompt would all be the same (and vLLM refuses greedy requests for more than one sample): "
+            "set rollout.samples_per_prompt=1 or a temperature above 0",
+        ),
+        (
             ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],
             "  Value error, rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
         ),
@@ -187,6 +200,8 @@ def test_a_quoted_hash_is_part_of_the_value():
         "tensor-parallel-gpus",
         "tensor-parallel-without-vllm",
         "idle-gpus",
+        "vllm-memory-above-its-share",
+        "greedy-copies",
         "rounds-of-adapters",
     ],
 )
@@ -209,7 +224,9 @@ def test_an_error_under_an_overridden_key_names_the_override_not_the_file(tmp_pa
 
 
 def test_settings_that_the_checks_across_keys_let_through():
-    load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5"])  # two actors share a GPU
+    # Two actors share a GPU, each taking at most its half of the memory.
+    load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5", "rollout.gpu_memory_utilization=0.45"])
+    load_config(None, ["rollout.temperature=0", "rollout.samples_per_prompt=1"])
     load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=1"])
     load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=4", "rollout.gpus_per_actor=4"])
     load_config(None, ["rounds=2", "train.lora.enabled=true"])  # merged: round 2 trains the merged model
@@ -243,8 +260,17 @@ def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment)
     [
         (
             "rollout.api_key_env=sk-proj-SECRET",
-            "  rollout.api_key_env: Value error, expected the name of an environment variable (letters, digits and _, "
-            "not starting with a digit), not the API key itself",
+            "  rollout.api_key_env: Value error, expected the name of an environment variable (upper-case letters, "
+            "digits and _, not starting with a digit, e.g. OPENAI_API_KEY), not the API key itself",
+        ),
+        # Keys without a '-' look like names but for their lower-case letters.
+        *(
+            (
+                f"rollout.api_key_env={key}",
+                "  rollout.api_key_env: Value error, expected the name of an environment variable (upper-case letters, "
+                "digits and _, not starting with a digit, e.g. OPENAI_API_KEY), not the API key itself",
+            )
+            for key in ("gsk_live_abc123SECRET", "hf_SECRETxyz", "ghp_SECRET0123456789")
         ),
         (
             "rollout.api_base=https://me:SECRET@llm.example/v1",
@@ -257,13 +283,44 @@ def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment)
             "would not be the path requested",
         ),
     ],
-    ids=["key-for-its-name", "credentials-in-url", "key-in-query"],
+    ids=["key-for-its-name", "groq-key", "hf-token", "github-token", "credentials-in-url", "key-in-query"],
 )
 def test_what_may_be_a_secret_is_refused_without_being_repeated(override, line):
     with pytest.raises(ConfigError) as error:
         load_config(None, ["rollout.engine=openai", override])
     assert line in str(error.value).splitlines() and "SECRET" not in str(error.value)
     load_config(None, ["rollout.api_key_env=MY_KEY_2", "rollout.api_base=https://llm.example:8443/v1/"])
+
+
+def test_a_yaml_error_names_the_file_and_line_without_quoting_it(tmp_path):
+    path = tmp_path / "unclosed.yaml"
+    path.write_text('rollout:\n  engine: openai\n  api_base: "https://me:s3cr3t@llm.example/v1\n  model: m\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == (
+        f"{path}: not valid YAML: while scanning a quoted scalar\n"
+        f'  in "{path}", line 3, column 13\n'
+        "found unexpected end of stream\n"
+        f'  in "{path}", line 5, column 1'
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ('rollout.api_base="https://me:s3cr3t@llm.example/v1', "override of rollout.api_base: not a valid YAML value"),
+        ("rollout.api_base https://me:s3cr3t@llm.example/v1", "override with no '=': expected key.path=value"),
+        ("rollout.api_base.=https://me:s3cr3t@llm.example/v1", "override of 'rollout.api_base.': expected key.path=value"),
+        ("rollout.api_base.x=https://me:s3cr3t@llm.example/v1", "override of rollout.api_base.x: rollout.api_base is not a section"),
+        ("rollout.api_key_env=s3cr3t #x", "override of rollout.api_key_env: YAML reads part of it as a comment"),
+        ("rollout.api_base=https://me:s3cr3t@llm.example/v1 #x", "override of rollout.api_base: YAML reads part of it"),
+    ],
+    ids=["unclosed-quote", "no-equals", "empty-key-part", "not-a-section", "comment-in-key", "comment-in-url"],
+)
+def test_a_malformed_override_is_refused_without_repeating_its_value(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["rollout.api_base=http://localhost:8000/v1", override])
+    assert message in str(error.value) and "s3cr3t" not in str(error.value)
 
 
 def test_a_key_written_twice_is_refused_without_quoting_its_line(tmp_path):

@@ -380,6 +380,15 @@ def test_the_api_key_is_sent_but_never_shown(monkeypatch, written):
     assert "Incorrect API key provided: Bearer ***" in message
 
 
+@pytest.mark.parametrize("api_key_env", ["gsk_live_abc123SECRET", "hf_SECRETxyz", "sk-proj-SECRET", "openai_api_key_SECRET"])
+def test_an_api_key_given_for_its_variable_is_refused_without_being_shown(api_key_env):
+    # Made in code, the engine bypasses the config's check; its repr and HTTP 401 error would show the value.
+    with pytest.raises(ValueError) as caught:
+        engine_for("http://127.0.0.1:9/v1", api_key_env=api_key_env)
+    message = str(caught.value)
+    assert message.startswith("rollout.api_key_env: expected the name of an environment variable") and "SECRET" not in message
+
+
 def seed_echo(*, honours_n: bool, rejects_n: bool) -> Handler:
     """A server whose reply names the seed (and choice) it was asked for, honouring, rejecting or ignoring n."""
 
