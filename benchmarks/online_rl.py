@@ -87,8 +87,14 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
             "checkpoint) or waited for another run's turn at shared rollouts, so its timings are not DRIFT's cost. "
             "Give --drift-run a run_dir whose last run did all the work."
         )
+    if "metrics" not in record:
+        raise SystemExit(
+            f"{record_path}: no metrics (a run of an older drift-ray, whose report eval/eval.json any later "
+            "`drift-ray eval` there rewrites), so its evaluation cannot be told. Give --drift-run a run_dir that this "
+            "drift-ray ran."
+        )
     timings = record["timings_s"]
-    metrics = json.loads((run_dir / "eval" / "eval.json").read_text())[cfg.weights.mode.value]
+    metrics = record["metrics"][cfg.weights.mode.value]
     # The run's own: a shared rollout.output_dir also holds other runs' prompts.
     tokens = record["work_by_round"][0]["rollouts"]["completion_tokens"]
     return {

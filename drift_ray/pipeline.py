@@ -44,7 +44,8 @@ CONFIG_FILE = "config.json"  # the config of the last `run` that finished, to re
 # took over from earlier runs, so that their seconds can be told from a cost: the rollouts' summary
 # (prompts "reused" and "new", tokens, seconds, and those it waited for its turn at a shared rollouts
 # directory), whether the weights and the model were finished already, and the steps an earlier, killed
-# training had done (all of them when it was killed after training, before the model was published).
+# training had done (all of them when it was killed after training, before the model was published); and
+# "metrics", the run's evaluation per model (eval/eval.json is rewritten by any `drift-ray eval` there).
 RUN_RECORD_FILE = "run.json"
 WEIGHTED_DIR = "weighted"  # in run_dir: the weighted rollouts, training's input
 TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model
@@ -458,7 +459,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
     # At the end: a run refused or killed part-way leaves the last finished run's record (config.json, a
     # copy of its config written after it, may be newer).
     config = cfg.model_dump(mode="json")
-    record = {"config": config, "timings_s": timings, "work_by_round": work_by_round}
+    record = {"config": config, "timings_s": timings, "work_by_round": work_by_round, "metrics": report["metrics"]}
     write_json_atomic(record, Path(cfg.run_dir) / RUN_RECORD_FILE)
     write_json_atomic(config, Path(cfg.run_dir) / CONFIG_FILE)
     return {

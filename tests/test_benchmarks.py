@@ -305,18 +305,20 @@ def finished_drift_run(
     # Beside another run's prompt (5 tokens), which a shared rollout.output_dir holds too.
     for prompt_id, tokens in (("p", 7), ("another-run", 5)):
         one_episode_shard(run_dir / "rollouts", cfg, prompt_id, tokens)
-    write_json_atomic({"drift": {"multi@1": 0.4, "multi@3": 0.45, "multi@5": 0.5}}, run_dir / "eval" / "eval.json")
+    metrics = {"drift": {"multi@1": 0.4, "multi@3": 0.45, "multi@5": 0.5}}
+    write_json_atomic(metrics, run_dir / "eval" / "eval.json")
     write_json_atomic({"wall_seconds": 30.0}, run_dir / "train" / "model" / "drift_train.json")
     work = {"rollouts": {"problems": 1, "reused": 0, "new": 1, "completion_tokens": 7}, "weights_reused": False, "model_reused": False,
             "resumed_from_step": 0} | (took_over or {})
     (run_dir / "run.json").unlink(missing_ok=True)
     if wrote_record:
-        record = {"config": cfg.model_dump(mode="json"), "timings_s": timings, "work_by_round": [work]}
+        record = {"config": cfg.model_dump(mode="json"), "timings_s": timings, "work_by_round": [work], "metrics": metrics}
         write_json_atomic(record, run_dir / "run.json")
 
 
 def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path):
     from drift_ray.config import load_config
+    from drift_ray.trajectories import write_json_atomic
 
     online_rl = load_benchmark("online_rl.py")
     cfg = load_config(None, [f"run_dir={tmp_path}"])
@@ -324,6 +326,15 @@ def test_online_rl_takes_drift_s_cost_only_from_a_run_that_did_the_work(tmp_path
     finished_drift_run(tmp_path, cfg, timings)
     point = online_rl.drift_point(tmp_path, cfg)
     assert (point["seconds"], point["generated_tokens"], point["multi@5"]) == (55.0, 7, 0.5)
+
+    # The run's own evaluation, not the report a later `drift-ray eval` in its run_dir wrote.
+    write_json_atomic({"other": {"multi@1": 0.9, "multi@5": 0.9}}, tmp_path / "eval" / "eval.json")
+    assert online_rl.drift_point(tmp_path, cfg)["multi@5"] == 0.5
+    record = json.loads((tmp_path / "run.json").read_text())
+    del record["metrics"]  # as an older drift-ray wrote it
+    write_json_atomic(record, tmp_path / "run.json")
+    with pytest.raises(SystemExit, match=r"run\.json: no metrics \(a run of an older drift-ray"):
+        online_rl.drift_point(tmp_path, cfg)
 
     # The last turn's multi@k, named by its turn.
     three_turns = load_config(None, [f"run_dir={tmp_path}", "episode.max_turns=3"])
