@@ -102,7 +102,7 @@ def stage_rows(result: dict[str, Any], mode: str, run_dir: Path, final_multi: di
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, "end_to_end")
     parser.add_argument(
         "--config", type=Path, help="job config (default: jobs/demo_cpu.yaml; --quick: jobs/smoke.yaml)"
     )

@@ -161,7 +161,7 @@ def measure(
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, "memory")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the model")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers of the model")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run")

@@ -16,7 +16,6 @@ the online baseline's exclude loading the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from drift_ray.online_rl import OnlineRLSettings, settings_dict, train_online  #
 from drift_ray.pipeline import RUN_RECORD_FILE, evaluation_task, resolve_model, run_pipeline  # noqa: E402
 from drift_ray.prompts import load_task  # noqa: E402
 from drift_ray.rollouts import eval_sampling  # noqa: E402
-from drift_ray.trajectories import require_same_settings  # noqa: E402
+from drift_ray.trajectories import read_json_object, require_same_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The settings that make the problems, the episodes and the evaluation: the two methods must share them.
@@ -51,13 +50,16 @@ ONLINE_LABEL = "online GRPO (single process, CPU, float32)"
 
 
 def require_cpu_drift(cfg: Config, where: str) -> None:
-    """The online baseline runs the transformers engine on the CPU: DRIFT's run must too, or the seconds
-    compare two machines."""
-    if cfg.rollout.engine is not EngineKind.transformers or cfg.rollout.gpus_per_actor or cfg.train.use_gpu:
+    """The online baseline runs the transformers engine on the CPU in float32: DRIFT's run must too, or the
+    seconds compare two machines or precisions."""
+    rollout, train = cfg.rollout, cfg.train
+    if (rollout.engine is not EngineKind.transformers or rollout.gpus_per_actor or rollout.dtype not in ("auto", "float32")
+            or train.use_gpu or train.bf16):
         raise SystemExit(
-            f"{where}: DRIFT must run as the online baseline does, the transformers engine on the CPU; found "
-            f"rollout.engine={cfg.rollout.engine.value}, rollout.gpus_per_actor={cfg.rollout.gpus_per_actor:g}, "
-            f"train.use_gpu={str(cfg.train.use_gpu).lower()}"
+            f"{where}: DRIFT must run as the online baseline does, the transformers engine on the CPU in float32; "
+            f"found rollout.engine={rollout.engine.value}, rollout.gpus_per_actor={rollout.gpus_per_actor:g}, "
+            f"rollout.dtype={rollout.dtype}, train.use_gpu={str(train.use_gpu).lower()}, "
+            f"train.bf16={str(train.bf16).lower()}"
         )
 
 
@@ -71,6 +73,7 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
             "what its last run took over from earlier runs cannot be told. Give --drift-run a run_dir that this "
             "drift-ray ran."
         )
+    record = read_json_object(record_path, "give --drift-run a run_dir whose run finished")
     # What the two methods are measured on must be the same; how DRIFT trained is the run's own.
     require_same_settings(
         record_path,
@@ -78,7 +81,6 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
         output=f"--drift-run {run_dir}",
         only=[f"config.{name}" for name in COMPARED],
     )
-    record = json.loads(record_path.read_text())
     cfg = validate_config(record["config"], f"{record_path}: config")
     require_cpu_drift(cfg, str(record_path))
     if reused_work(record["work_by_round"][0], samples_rollouts=True):
@@ -107,7 +109,7 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, "online_rl")
     parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml")
     parser.add_argument("--updates", type=int, default=150)
     parser.add_argument("--prompts-per-update", type=int, default=32)
@@ -132,6 +134,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="drift-online-", dir=args.tmp_dir) as tmp:
         cfg = load_config(args.config, [*overrides, f"run_dir={Path(tmp) / 'drift'}"])
         require_cpu_drift(cfg, str(args.config))
+        # A --drift-run that cannot be compared is refused now, not after the online updates.
+        drift = None if args.drift_run is None else drift_point(args.drift_run, cfg)
         reference = save_untrained_demo_model(Path(tmp) / "untrained") if args.quick else resolve_model(cfg.rollout.model, cfg)
         cfg.rollout.model = reference
         reference_sha256 = weight_checksums(reference)  # while a --quick reference still exists
@@ -150,9 +154,10 @@ def main() -> None:
         curve = train_online(model, tokenizer, task.train, task.new_verifier(), cfg, settings, evaluate)
         rows = [{"method": f"{ONLINE_LABEL}, update {p['update']}", **p} for p in curve]
 
-        if args.drift_run is None:
+        if drift is None:
             run_pipeline(cfg)
-        rows.append(drift_point(args.drift_run or Path(cfg.run_dir), cfg))
+            drift = drift_point(Path(cfg.run_dir), cfg)
+        rows.append(drift)
     print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", f"multi@{max_turns}"])
     append_result(
         "online_rl",

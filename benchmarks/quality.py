@@ -32,7 +32,6 @@ from record import (  # noqa: E402
     QUICK_PIPELINE_OVERRIDES,
     append_result,
     argument_parser,
-    incomplete_last_line,
     print_table,
     reused_work,
     weight_checksums,
@@ -222,7 +221,7 @@ def whole_number(least: int, refusal: str) -> Callable[[str], int]:
 def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line, checked before anything runs: the config would refuse a negative seed or 0 rounds
     only once the demo reference is built (minutes), and nothing later refuses a value given twice."""
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, "quality")
     parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml")
     parser.add_argument("--seeds", type=whole_number(0, "is negative; a seed is 0 or more"), nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=[m.value for m in WeightMode], choices=[m.value for m in WeightMode])
@@ -243,10 +242,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.ArgumentPar
         repeated = list(dict.fromkeys(name for name in names if names.count(name) > 1))
         if repeated:
             parser.error(f"argument {flag}: {', '.join(repeated)} given more than once; {why}")
-    # Checked again when the line is appended, but that is after every seed ran: refused now, no run is lost.
-    results = args.out / "quality.jsonl"
-    if incomplete_last_line(results):
-        parser.error(f"{results}: its last line is incomplete (an append was cut short); remove or mend it first")
     return parser, args
 
 

@@ -42,9 +42,24 @@ def reused_work(work: dict[str, Any], samples_rollouts: bool) -> bool:
     )
 
 
-def argument_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser with the options every benchmark has; `doc` is the script's docstring (its first line describes it)."""
-    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+class _BenchmarkParser(argparse.ArgumentParser):
+    """Refuses, when it parses, a results file that append_result would refuse after the run: no run is lost."""
+
+    benchmark: str
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        results = parsed.out / f"{self.benchmark}.jsonl"
+        if incomplete_last_line(results):
+            self.error(f"{results}: {INCOMPLETE_LAST_LINE}; remove or mend it first")
+        return parsed
+
+
+def argument_parser(doc: str, benchmark: str) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark has; `doc` is the script's docstring (its first line describes
+    it), `benchmark` the name its results go under (append_result)."""
+    parser = _BenchmarkParser(description=doc.strip().splitlines()[0])
+    parser.benchmark = benchmark
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the <benchmark>.jsonl results")
     return parser
@@ -215,8 +230,8 @@ def append_result(
         # would find one unreadable line where two records were meant. The run's line comes with the
         # refusal, so that a measurement of hours is not lost with it.
         raise ValueError(
-            f"{path}: its last line is incomplete (an append was cut short); remove or mend it, then append "
-            f"this run's line, the last of this message, by hand:\n{line.rstrip()}"
+            f"{path}: {INCOMPLETE_LAST_LINE}; remove or mend it, then append this run's line, the last of this "
+            f"message, by hand:\n{line.rstrip()}"
         )
     created = not path.exists()
     with path.open("a") as f:
@@ -231,6 +246,9 @@ def append_result(
         finally:
             os.close(directory)
     return path
+
+
+INCOMPLETE_LAST_LINE = "its last line is incomplete (an append was cut short)"
 
 
 def incomplete_last_line(path: Path) -> bool:

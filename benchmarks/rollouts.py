@@ -192,7 +192,7 @@ def row(path: str, threads: str, figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, "rollouts")
     parser.add_argument(
         "--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml", help="job config to take the workload from"
     )

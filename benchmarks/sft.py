@@ -211,7 +211,7 @@ def measure_ray_train(
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, "sft")
     parser.add_argument("--prompts", type=int, default=64, help="candidates problems")
     parser.add_argument("--k", type=int, default=8, help="trajectories per problem")
     parser.add_argument("--micro-batch", type=int, default=32, help="sequences per forward pass (per worker)")

@@ -169,7 +169,7 @@ def measure_ray_data(table: pa.Table, cfg: WeightsConfig, k: int) -> list[dict[s
 
 
 def main() -> None:
-    parser = argument_parser(__doc__)
+    parser = argument_parser(__doc__, "weights")
     parser.add_argument("--trajectories", type=int, default=100_000)
     parser.add_argument("--k", type=int, default=16, help="trajectories per prompt")
     parser.add_argument("--reply-chars", type=int, default=0, help="characters of reasoning before each reply's answer")

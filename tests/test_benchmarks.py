@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -370,9 +372,11 @@ def test_reused_work_counts_reused_rollouts_only_where_the_round_was_to_sample_t
 @pytest.mark.parametrize(
     "overrides, found",
     [
-        (["rollout.gpus_per_actor=1"], "rollout.engine=transformers, rollout.gpus_per_actor=1, train.use_gpu=false"),
-        (["train.use_gpu=true"], "rollout.engine=transformers, rollout.gpus_per_actor=0, train.use_gpu=true"),
-        (["rollout.engine=vllm", "rollout.gpus_per_actor=1", "rollout.gpu_memory_utilization=0.5"], "rollout.engine=vllm"),
+        (["rollout.gpus_per_actor=1"], "rollout.gpus_per_actor=1, rollout.dtype=auto, train.use_gpu=false"),
+        (["train.use_gpu=true"], "rollout.gpus_per_actor=0, rollout.dtype=auto, train.use_gpu=true"),
+        (["rollout.engine=vllm", "rollout.gpus_per_actor=1"], "rollout.engine=vllm"),
+        (["rollout.dtype=bfloat16"], "rollout.dtype=bfloat16"),
+        (["train.bf16=true"], "train.bf16=true"),
     ],
 )
 def test_online_rl_compares_with_drift_only_on_the_cpu_it_runs_on_itself(tmp_path, overrides, found):
@@ -380,13 +384,25 @@ def test_online_rl_compares_with_drift_only_on_the_cpu_it_runs_on_itself(tmp_pat
 
     online_rl = load_benchmark("online_rl.py")
     online_rl.require_cpu_drift(load_config(None, []), "jobs/demo_cpu.yaml")
-    with pytest.raises(SystemExit, match=f"c.yaml: DRIFT must run as the online baseline does, .*found {re.escape(found)}"):
+    with pytest.raises(SystemExit, match=f"c.yaml: DRIFT must run as the online baseline does, .*found .*{re.escape(found)}"):
         online_rl.require_cpu_drift(load_config(None, overrides), "c.yaml")
     # A finished run of another device is refused as well.
     run = load_config(None, [f"run_dir={tmp_path}", *overrides])
     finished_drift_run(tmp_path, run, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
     with pytest.raises(SystemExit, match="run.json: DRIFT must run as the online baseline does"):
         online_rl.drift_point(tmp_path, load_config(None, [f"run_dir={tmp_path / 'online'}"]))
+
+
+def test_online_rl_refuses_a_drift_run_before_the_online_updates(tmp_path, monkeypatch):
+    online_rl = load_benchmark("online_rl.py")
+
+    def train_online(*args, **kwargs):
+        raise AssertionError("the online updates ran before --drift-run was checked")
+
+    monkeypatch.setattr(online_rl, "train_online", train_online)
+    monkeypatch.setattr(sys, "argv", ["online_rl.py", "--quick", "--drift-run", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"no run\.json \(not a finished run"):
+        online_rl.main()
 
 
 def test_online_rl_compares_only_with_a_drift_run_of_its_problems_and_episodes(tmp_path):
@@ -456,6 +472,24 @@ def test_quality_refuses_a_results_file_whose_last_line_was_cut_short_before_run
     assert f"{tmp_path / 'quality.jsonl'}: its last line is incomplete" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_checks_the_results_file_it_will_append_to_when_it_parses_its_arguments(script):
+    # Its parser is the one that refuses a cut-short file of its own results, before any work.
+    source = (BENCHMARKS / script).read_text()
+    name = Path(script).stem
+    assert f'argument_parser(__doc__, "{name}")' in source
+    assert re.search(rf"""append_result\(\s*["']{name}["']""", source)
+
+
+def test_the_benchmark_parser_refuses_a_cut_short_results_file_of_its_benchmark_alone(tmp_path, capsys):
+    record = load_benchmark("record.py")
+    (tmp_path / "sft.jsonl").write_text('{"benchmark": "sf')
+    assert record.argument_parser("Doc.", "memory").parse_args(["--out", str(tmp_path)]).out == tmp_path
+    with pytest.raises(SystemExit):
+        record.argument_parser("Doc.", "sft").parse_args(["--out", str(tmp_path)])
+    assert f"{tmp_path / 'sft.jsonl'}: its last line is incomplete" in capsys.readouterr().err
+
+
 def test_a_result_line_is_not_glued_onto_a_line_an_interrupted_append_left_incomplete(tmp_path, monkeypatch):
     record = load_benchmark("record.py")
     results = tmp_path / "quality.jsonl"
@@ -467,12 +501,12 @@ def test_a_result_line_is_not_glued_onto_a_line_an_interrupted_append_left_incom
     # The refused run's line comes with the refusal, to append by hand once the file is mended.
     assert json.loads(str(refused.value).splitlines()[-1])["config"] == {"seeds": [0]}
     # A file of whole lines, or no file yet, takes the line, which is on disk before the call returns.
-    synced = []
+    synced = []  # whether each fsync was of a directory
     real_fsync = record.os.fsync
-    monkeypatch.setattr(record.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(record.os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
     results.write_text(cut_short[: cut_short.index("\n") + 1])
     record.append_result("quality", {"seeds": [0]}, [{"method": "drift"}], tmp_path)
     record.append_result("fresh", {"seeds": [1]}, [{"method": "drift"}], tmp_path)
     assert [json.loads(line).get("config") for line in results.read_text().splitlines()] == [None, {"seeds": [0]}]
     assert json.loads((tmp_path / "fresh.jsonl").read_text())["config"] == {"seeds": [1]}
-    assert len(synced) >= 2
+    assert synced == [False, False, True]  # both appends; the new file's directory, as its name is new
