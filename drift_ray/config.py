@@ -189,7 +189,9 @@ class RolloutConfig(_Section):
         "openai: the model name the server serves.",
     )
     samples_per_prompt: int = Field(16, ge=1, description="K: episodes per prompt. Default 16.")
-    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature. Default 1.0.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature. Default 1.0. 0 (greedy) needs samples_per_prompt 1."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass. Default 1.0.")
     max_new_tokens: int = Field(512, ge=1, description="New tokens per turn, at most. Default 512.")
     prompts_per_batch: int = Field(32, ge=1, description="Prompts per actor call (all K episodes each).")
@@ -224,8 +226,8 @@ class RolloutConfig(_Section):
     )
     api_key_env: str = Field(
         "OPENAI_API_KEY",
-        description="openai: name of the environment variable holding the API key (the key itself never goes "
-        "in a config); unset or empty: no Authorization header, as local servers need none.",
+        description="openai: name of the environment variable holding the API key, in upper case (the key itself "
+        "never goes in a config); unset or empty: no Authorization header, as local servers need none.",
     )
     max_concurrency: int = Field(32, ge=1, description="openai: requests in flight at once, per actor.")
     request_timeout_s: float = Field(
@@ -300,6 +302,10 @@ class RolloutConfig(_Section):
                 "reserves: the actors sharing the GPU would ask for more memory than it has, and vLLM would refuse to "
                 f"start; set rollout.gpu_memory_utilization to at most {self.gpus_per_actor:g}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _samples_can_differ(self) -> "RolloutConfig":
         if self.temperature == 0 and self.samples_per_prompt > 1:
             raise ValueError(
                 f"rollout.temperature=0 samples greedily, so the rollout.samples_per_prompt={self.samples_per_prompt} "

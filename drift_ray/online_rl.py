@@ -59,8 +59,11 @@ class OnlineRLSettings:
         for name, minimum in least.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"online RL setting {name} must be at least {minimum}; found {getattr(self, name)}")
-        if not self.lr >= 0:
-            raise ValueError(f"online RL setting lr must be at least 0; found {self.lr}")
+        if not 0 <= self.lr < float("inf"):
+            raise ValueError(f"online RL setting lr must be a finite number of at least 0; found {self.lr}")
+        kinds = [kind.value for kind in Advantage]
+        if self.advantage not in kinds:
+            raise ValueError(f"online RL setting advantage must be one of {', '.join(kinds)}; found {self.advantage!r}")
 
 
 def group_advantages(returns: npt.ArrayLike, group_size: int, kind: Advantage | str) -> npt.NDArray[np.float64]:
@@ -133,7 +136,7 @@ def train_online(
             optimizer,
             cfg,
             settings.micro_batch_size,
-            unsampled_ends=[unsampled_ends(e, params.stop) for e in episodes],
+            unsampled_ends=[ends_not_sampled(e, params.stop) for e in episodes],
         )
         engine.drop_carried_cache()
         seconds += time.perf_counter() - started
@@ -143,7 +146,7 @@ def train_online(
     return curve
 
 
-def unsampled_ends(episode: Episode, stop: Sequence[str]) -> list[bool]:
+def ends_not_sampled(episode: Episode, stop: Sequence[str]) -> list[bool]:
     """Per reply of `episode`, whether the policy did not sample its end of turn: the engine stopped it on a
     stop string, or it was cut off. The chat template still writes one after it."""
     replies = [m["content"] for m in episode.messages if m["role"] == "assistant"]

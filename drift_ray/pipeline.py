@@ -250,7 +250,9 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     settings = {
         "weights": cfg.weights.model_dump(mode="json"),
         "rollouts": read_json_object(
-            rollouts / MANIFEST, f"it records what played {rollouts}: remove {rollouts} to play them again"
+            rollouts / MANIFEST,
+            f"it records what played the rollouts in {rollouts}: restore it, or remove {rollouts} (with every run's "
+            "rollouts there, where rollout.output_dir is shared) to play them again",
         ),
         "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
         "rollouts_fingerprint": rollouts_fingerprint(rollouts, prompt_ids),

@@ -15,8 +15,8 @@ from drift_ray.online_rl import (
     OnlineRLSettings,
     group_advantages,
     policy_gradient_step,
+    ends_not_sampled,
     train_online,
-    unsampled_ends,
 )
 from drift_ray.prompts import Problem
 from drift_ray.verifiers import get_verifier
@@ -135,7 +135,7 @@ def test_the_ends_the_policy_did_not_sample_are_those_after_a_stop_string_or_a_c
     cfg = load_config(None, ["episode.max_turns=3"]).episode
     for reply in (Generation("<answer>1</answer>", 1, 1), Generation("<answer>2", 1, 1, cut_off=True), Generation("I stop.", 1, 1)):
         episode.take_turn(reply, get_verifier("exact"), cfg)
-    assert unsampled_ends(episode, ("</answer>",)) == [True, True, False]
+    assert ends_not_sampled(episode, ("</answer>",)) == [True, True, False]
 
 
 def test_online_settings_and_sampling_that_cannot_work_are_refused_before_anything_runs(tiny_model_dir):
@@ -143,6 +143,10 @@ def test_online_settings_and_sampling_that_cannot_work_are_refused_before_anythi
         OnlineRLSettings(samples_per_prompt=1)
     with pytest.raises(ValueError, match="eval_every must be at least 1"):
         OnlineRLSettings(eval_every=0)
+    with pytest.raises(ValueError, match="lr must be a finite number of at least 0; found inf"):
+        OnlineRLSettings(lr=float("inf"))
+    with pytest.raises(ValueError, match="advantage must be one of grpo, rloo; found 'ppo'"):
+        OnlineRLSettings(advantage="ppo")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
 
