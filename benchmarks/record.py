@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from drift_ray.trajectories import fsync_directory
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 # --quick for the scripts that run the whole pipeline: a few prompts and samples, one epoch.
@@ -239,12 +241,8 @@ def append_result(
         # On disk before the run reports it appended: a power cut soon after would leave a cut-short line.
         f.flush()
         os.fsync(f.fileno())
-    if created:  # a new file's name is durable only once its directory is on disk
-        directory = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    if created:
+        fsync_directory(out_dir)
     return path
 
 

@@ -347,7 +347,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> str:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return str(path)
 
 
@@ -373,9 +373,9 @@ def publish_directory(staging: str | Path, target: str | Path) -> None:
             _grant(path, 0o666 & ~umask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_directory(directory)
+        fsync_directory(directory)
     os.replace(staging, target)
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 class DirectoryInUseError(RuntimeError):
@@ -447,7 +447,7 @@ def _umask(status_file: str | Path = "/proc/self/status") -> int:
         return mask
 
 
-def _fsync_directory(path: str | Path) -> None:
+def fsync_directory(path: str | Path) -> None:
     """A new or renamed directory entry is durable only once its directory is on disk."""
     dir_fd = os.open(path, os.O_RDONLY)
     try:

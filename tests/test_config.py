@@ -292,17 +292,6 @@ def test_what_may_be_a_secret_is_refused_without_being_repeated(override, line):
     load_config(None, ["rollout.api_key_env=MY_KEY_2", "rollout.api_base=https://llm.example:8443/v1/"])
 
 
-def test_a_yaml_error_names_the_file_and_line_without_quoting_it(tmp_path):
-    path = tmp_path / "unclosed.yaml"
-    path.write_text('rollout:\n  engine: openai\n  api_base: "https://me:s3cr3t@llm.example/v1\n  model: m\n')
-    with pytest.raises(ConfigError) as error:
-        load_config(path)
-    assert str(error.value) == (
-        f"{path}: not valid YAML: while scanning a quoted scalar\n"
-        f'  in "{path}", line 3, column 13\n'
-        "found unexpected end of stream\n"
-        f'  in "{path}", line 5, column 1'
-    )
 
 
 @pytest.mark.parametrize(
@@ -323,15 +312,33 @@ def test_a_malformed_override_is_refused_without_repeating_its_value(override, m
     assert message in str(error.value) and "s3cr3t" not in str(error.value)
 
 
-def test_a_key_written_twice_is_refused_without_quoting_its_line(tmp_path):
-    path = tmp_path / "twice.yaml"
-    path.write_text("rollout:\n  api_base: https://me:SECRET@llm.example/v1\n  api_base: https://me:SECRET@llm.example/v1\n")
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            'rollout:\n  engine: openai\n  api_base: "https://me:SECRET@llm.example/v1\n  model: m\n',
+            "not valid YAML: while scanning a quoted scalar\n"
+            '  in "{path}", line 3, column 13\n'
+            "found unexpected end of stream\n"
+            '  in "{path}", line 5, column 1',
+        ),
+        (
+            "rollout:\n  api_base: https://me:SECRET@llm.example/v1\n  api_base: https://me:SECRET@llm.example/v1\n",
+            "not valid YAML: found the key 'api_base' a second time (first at line 2)\n"
+            '  in "{path}", line 3, column 3',
+        ),
+    ],
+    ids=["unclosed-quote", "key-written-twice"],
+)
+def test_a_yaml_error_names_the_file_and_line_without_quoting_it(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    assert str(error.value) == (
-        f"{path}: not valid YAML: found the key 'api_base' a second time (first at line 2)\n"
-        f'  in "{path}", line 3, column 3'
-    )
+    assert str(error.value) == f"{path}: " + message.format(path=path)
+
+
+def test_a_url_with_a_fragment_is_refused():
     with pytest.raises(ConfigError, match="rollout.api_base: Value error, holds a query or fragment"):
         load_config(None, ["rollout.api_base=http://localhost:8000/v1#"])  # would request /v1 itself
 
