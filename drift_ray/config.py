@@ -205,10 +205,23 @@ class RolloutConfig(_Section):
         "engine runs on the CPU with 0, on its GPU otherwise.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size per actor.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype for the engine.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Model dtype for the engine. auto: the checkpoint's, except that vLLM runs a float32 checkpoint "
+        "(such as a model trained without train.bf16) in 16 bits (bfloat16 on GPUs of compute capability 8.0 or more, "
+        "else float16); set one to compare models at one precision.",
+    )
     torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
     gpu_memory_utilization: float = Field(
         0.85, gt=0.0, le=1.0, description="vLLM: share of the whole GPU's memory the engine takes (at most gpus_per_actor)."
+    )
+    max_model_len: Optional[int] = Field(
+        None,
+        ge=2,
+        description="Tokens of a conversation the engine holds, prompt and reply together (default: the model's "
+        "max_position_embeddings, at most that). vLLM sizes its KV cache for it: a model of a long context (say 128k "
+        "tokens) may not fit a GPU's memory otherwise. A reply stops there, cut off, and a longer prompt is "
+        "refused. Not for openai: set the server's (vllm serve --max-model-len).",
     )
     output_dir: Optional[LocalPath] = Field(
         None,
@@ -294,6 +307,12 @@ class RolloutConfig(_Section):
             raise ValueError(
                 f"rollout.tensor_parallel_size={self.tensor_parallel_size} shards the model over that many GPUs of "
                 f"the actor: set rollout.gpus_per_actor to it (now {self.gpus_per_actor:g})"
+            )
+        if self.engine is EngineKind.openai and self.max_model_len is not None:
+            raise ValueError(
+                f"rollout.max_model_len={self.max_model_len} sets the context of a local engine; with "
+                "rollout.engine=openai the server holds the model: set its context there (vllm serve --max-model-len) "
+                "and leave rollout.max_model_len out"
             )
         if self.engine is EngineKind.vllm and self.gpu_memory_utilization > self.gpus_per_actor:
             raise ValueError(

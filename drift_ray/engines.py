@@ -65,6 +65,7 @@ class TransformersEngine:
         dtype: str = "auto",
         device: str | None = None,
         torch_threads: int | None = None,
+        max_model_len: int | None = None,
         max_batch_tokens: int = 1 << 16,
         share_prefill: bool = True,
         carry_cache: bool = True,
@@ -100,8 +101,16 @@ class TransformersEngine:
             raise ValueError(f"{self.name}: found no end-of-turn token (eos_token_id, {', '.join(_END_OF_TURN_TOKENS)})")
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else min(self.end_of_turn_ids)
-        # vLLM's default max_model_len: a reply stops there, cut off, and a longer prompt is refused.
-        self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        # As vLLM's max_model_len (by default the model's): a reply stops there, cut off, and a longer prompt
+        # is refused, so that both engines play the same episodes.
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if max_model_len is not None and positions is not None and max_model_len > positions:
+            raise ValueError(
+                f"{self.name}: rollout.max_model_len={max_model_len} is above the model's context of {positions} "
+                "tokens (max_position_embeddings), which vLLM refuses too; set it to at most that"
+            )
+        self.context_length: int | None = max_model_len or positions
+        self.context_key = "rollout.max_model_len" if max_model_len else "max_position_embeddings"
 
     def drop_carried_cache(self) -> None:
         """Forget the keys and values the last call's replies left: they hold the weights the model had
@@ -120,7 +129,7 @@ class TransformersEngine:
         if too_long is not None:
             raise ValueError(
                 f"{self.name}: conversation {too_long} is a prompt of {len(prompts[too_long])} tokens, which leaves no "
-                f"room for a reply in the model's context of {limit} (max_position_embeddings); "
+                f"room for a reply in the context of {limit} tokens ({self.context_key}); "
                 "lower episode.max_turns or rollout.max_new_tokens"
             )
         prefixes = [self._replies.get(_history_key(c)) for c in conversations]
@@ -447,6 +456,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
         seed: int = 0,
     ):
         try:
@@ -471,6 +481,7 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,  # None: the model's
             seed=seed,
             **lora_options,
         )
@@ -554,13 +565,16 @@ def build_engine(cfg: RolloutConfig, model: str | None = None) -> Engine:
         )
     if cfg.engine is EngineKind.transformers:
         device = "cpu" if cfg.transformers_device == "cpu" else None  # a GPU: the one Ray assigned
-        return TransformersEngine(model, dtype=cfg.dtype, device=device, torch_threads=cfg.torch_threads)
+        return TransformersEngine(
+            model, dtype=cfg.dtype, device=device, torch_threads=cfg.torch_threads, max_model_len=cfg.max_model_len
+        )
     if cfg.engine is EngineKind.vllm:
         return VLLMEngine(
             model,
             tensor_parallel_size=cfg.tensor_parallel_size,
             dtype=cfg.dtype,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len,
         )
     if cfg.engine is EngineKind.openai:
         from drift_ray.openai_engine import OpenAIEngine

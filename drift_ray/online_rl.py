@@ -109,7 +109,7 @@ def train_online(
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     # The engine carries each turn's cache to the next, as DRIFT's rollout engine does; every update drops it.
-    engine = TransformersEngine(model, tokenizer=tokenizer)
+    engine = TransformersEngine(model, tokenizer=tokenizer, max_model_len=rollout.max_model_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=cfg.train.weight_decay)
     seconds, generated = 0.0, 0
     model.eval()

@@ -241,7 +241,7 @@ def engine_identity(rollout: RolloutConfig) -> dict[str, Any]:
     device, dtype or tensor-parallel split computes) the same policy otherwise: its episodes would not replay from
     the seeds, and greedy ones can differ. A served model is known by its name alone: another server may
     serve another model under it."""
-    identity: dict[str, Any] = {"kind": rollout.engine.value, "dtype": rollout.dtype}
+    identity: dict[str, Any] = {"kind": rollout.engine.value, "dtype": rollout.dtype, "max_model_len": rollout.max_model_len}
     if rollout.engine is EngineKind.transformers:
         identity["device"] = rollout.transformers_device
     if rollout.engine is EngineKind.vllm:

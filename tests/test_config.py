@@ -188,6 +188,12 @@ def test_a_quoted_hash_is_part_of_the_value():
             "set rollout.samples_per_prompt=1 or a temperature above 0",
         ),
         (
+            ["rollout.engine=openai", "rollout.max_model_len=4096"],
+            "  rollout: Value error, rollout.max_model_len=4096 sets the context of a local engine; with "
+            "rollout.engine=openai the server holds the model: set its context there (vllm serve --max-model-len) "
+            "and leave rollout.max_model_len out",
+        ),
+        (
             ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],
             "  Value error, rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
         ),
@@ -202,6 +208,7 @@ def test_a_quoted_hash_is_part_of_the_value():
         "idle-gpus",
         "vllm-memory-above-its-share",
         "greedy-copies",
+        "server-context",
         "rounds-of-adapters",
     ],
 )
@@ -227,7 +234,7 @@ def test_settings_that_the_checks_across_keys_let_through():
     # Two actors share a GPU, each taking at most its half of the memory.
     load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5", "rollout.gpu_memory_utilization=0.45"])
     load_config(None, ["rollout.temperature=0", "rollout.samples_per_prompt=1"])
-    load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=1"])
+    load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=1", "rollout.max_model_len=8192"])
     load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=4", "rollout.gpus_per_actor=4"])
     load_config(None, ["rounds=2", "train.lora.enabled=true"])  # merged: round 2 trains the merged model
     load_config(None, ["train.offload=true", "train.zero_stage=1"])

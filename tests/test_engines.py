@@ -231,11 +231,11 @@ def test_a_reply_is_cut_off_where_it_reached_max_new_tokens_without_ending(chaot
 def test_a_reply_stops_cut_off_at_the_end_of_the_model_s_context_and_a_prompt_filling_it_is_refused(
     chaotic_dir, share_prefill
 ):
-    engine = TransformersEngine(chaotic_dir, torch_threads=1, share_prefill=share_prefill)
-    assert engine.context_length == engine.model.config.max_position_embeddings
-    texts = [engine.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CONVERSATIONS]
-    prompts = [len(ids) for ids in engine.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    engine.context_length = max(prompts) + 3  # as a model of fewer positions would have
+    default = TransformersEngine(chaotic_dir, torch_threads=1)
+    assert default.context_length == default.model.config.max_position_embeddings
+    texts = [default.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CONVERSATIONS]
+    prompts = [len(ids) for ids in default.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    engine = TransformersEngine(chaotic_dir, torch_threads=1, share_prefill=share_prefill, max_model_len=max(prompts) + 3)
     at_the_end = []
     for prompt, group in zip(prompts, engine.generate(CONVERSATIONS, GREEDY, 2)):
         for reply in group:
@@ -246,9 +246,19 @@ def test_a_reply_stops_cut_off_at_the_end_of_the_model_s_context_and_a_prompt_fi
     # Cut off unless its last token ended the turn (a token more than its characters).
     assert all(reply.cut_off == (reply.completion_tokens == len(reply.text)) for reply in at_the_end)
     longest = [CONVERSATIONS[prompts.index(max(prompts))]]
-    engine.context_length = max(prompts)
-    with pytest.raises(ValueError, match=rf"conversation 0 is a prompt of {max(prompts)} tokens, .* context of {max(prompts)} "):
-        engine.generate(longest, GREEDY, 1)
+    filled = TransformersEngine(chaotic_dir, torch_threads=1, max_model_len=max(prompts))
+    with pytest.raises(
+        ValueError,
+        match=rf"conversation 0 is a prompt of {max(prompts)} tokens, .* context of {max(prompts)} tokens "
+        r"\(rollout\.max_model_len\)",
+    ):
+        filled.generate(longest, GREEDY, 1)
+    positions = default.model.config.max_position_embeddings
+    default.context_length = max(prompts)  # as a model of that many positions has
+    with pytest.raises(ValueError, match=rf"context of {max(prompts)} tokens \(max_position_embeddings\)"):
+        default.generate(longest, GREEDY, 1)
+    with pytest.raises(ValueError, match=rf"rollout\.max_model_len={positions + 1} is above the model's context of {positions} "):
+        TransformersEngine(chaotic_dir, max_model_len=positions + 1)
 
 
 def test_a_reply_at_the_end_of_the_context_feeds_no_position_beyond_it(chaotic_dir):
@@ -332,9 +342,17 @@ def test_build_engine_refuses_the_unresolved_demo_model():
 def test_build_engine_makes_a_transformers_engine(tiny_model_dir):
     import torch
 
-    engine = build_engine(RolloutConfig(engine=EngineKind.transformers, dtype="bfloat16", torch_threads=1), tiny_model_dir)
+    cfg = RolloutConfig(engine=EngineKind.transformers, dtype="bfloat16", torch_threads=1, max_model_len=100)
+    engine = build_engine(cfg, tiny_model_dir)
     assert isinstance(engine, TransformersEngine) and engine.name == tiny_model_dir
     assert next(engine.model.parameters()).dtype == torch.bfloat16
+    assert engine.context_length == 100
+
+
+def test_build_engine_gives_vllm_the_context_to_size_its_cache_for(tiny_model_dir, fake_vllm):
+    build_engine(RolloutConfig(engine=EngineKind.vllm, gpus_per_actor=1, max_model_len=4096), tiny_model_dir)
+    [(model, options)] = fake_vllm.built
+    assert model == tiny_model_dir and options["max_model_len"] == 4096
 
 
 def test_build_engine_without_a_reserved_gpu_runs_on_the_cpu(tiny_model_dir, monkeypatch):
@@ -402,6 +420,8 @@ def test_vllm_engine_seeds_every_conversation_apart_and_ends_turns_where_transfo
     SamplingParams for all would make conversations with the same history reply alike. And it stops at
     the eos of the model's configs only, which for a base model's config is not the chat's end of turn."""
     replies = VLLMEngine(tiny_model_dir).generate([CONVERSATIONS[0]] * 3, SamplingParams(temperature=1.0, seed=100), 4)
+    [(_, options)] = fake_vllm.built
+    assert options["max_model_len"] is None  # the model's
     [sampling] = fake_vllm.asked
     assert [params.seed for params in sampling] == [100, 104, 108]
     assert all(params.n == 4 and params.temperature == 1.0 for params in sampling)

@@ -84,7 +84,7 @@ class _ScriptedEngine:
 
     name = "scripted"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, max_model_len):
         self.rng = np.random.default_rng(0)
 
     def generate(self, conversations, params, n):

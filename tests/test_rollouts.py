@@ -227,6 +227,8 @@ def test_another_engine_or_dtype_plays_other_episodes(tmp_path):
         ),
         # The transformers engine on a GPU computes otherwise than on the CPU.
         ([], ["rollout.gpus_per_actor=1"], r"engine\.device \('cpu' then, 'gpu' now\)"),
+        # A shorter context cuts off replies the longer one lets finish.
+        ([], ["rollout.max_model_len=1024"], r"engine\.max_model_len \(None then, 1024 now\)"),
         # Another split across GPUs sums in another order, as another dtype computes otherwise.
         (
             ["rollout.engine=vllm", "rollout.gpus_per_actor=1"],
