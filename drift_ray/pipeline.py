@@ -66,6 +66,11 @@ def lock_run_dir(run_dir: str | Path) -> ContextManager[float]:
     return exclusive_lock(Path(run_dir) / RUN_LOCK_FILE, wait=False)
 
 
+def cluster_address(cfg: Config) -> str | None:
+    """The Ray cluster a command joins (`ray.address`, else RAY_ADDRESS), or None: it starts one of its own."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
     """Join the cluster of `ray.address` or RAY_ADDRESS (as under `ray job submit`), else start a local one;
     nothing when Ray runs already. The stages below call it (as their `start_ray`) only when they have work,
@@ -78,7 +83,7 @@ def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         if cfg.ray.num_cpus:  # said, not refused: one config serves a local run and `ray job submit` alike
             log.info(
@@ -158,11 +163,11 @@ def cache_dir() -> Path:
 def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
     """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference.
 
-    A relative path that is not here and cannot be a Hub id ('name' or 'namespace/name'), such as a
-    mistyped runs/a/train/modle, fails now, not inside a rollout actor or training worker. An absolute
-    path may exist on the workers only (a cluster's shared volume), and a server's model name
-    (rollout.engine=openai) is the server's to check, except for a model `to_train`, which the
-    training workers load.
+    A path that is not here and cannot be a Hub id ('name' or 'namespace/name'), such as a mistyped
+    runs/a/train/modle, fails now, not inside a rollout actor or training worker. On a cluster the command
+    joins, an absolute path may exist on the workers only (a shared volume), and is left to them; a
+    server's model name (rollout.engine=openai) is the server's to check, except for a model `to_train`,
+    which the training workers load.
     """
     if not model.strip():
         raise ValueError("the model is empty: give a model directory or a Hub id")
@@ -173,9 +178,13 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
     if cfg.rollout.engine is EngineKind.openai and not to_train:
         return model
     model = os.path.expanduser(model)
-    hub_id = model.count("/") <= 1 and not model.startswith((".", "~"))
-    if not (os.path.exists(model) or os.path.isabs(model) or hub_id):
-        raise ValueError(f"{model}: no such model directory, nor a Hub id ('name' or 'namespace/name')")
+    absolute = os.path.isabs(model)
+    hub_id = not absolute and model.count("/") <= 1 and not model.startswith((".", "~"))
+    if not (os.path.exists(model) or hub_id or (absolute and cluster_address(cfg))):
+        raise ValueError(
+            f"{model}: no such model directory"
+            + ("" if absolute else ", nor a Hub id ('name' or 'namespace/name')")
+        )
     if os.path.isdir(model) and not _holds_a_model(model):
         from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
 

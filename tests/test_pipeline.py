@@ -466,6 +466,26 @@ def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, mistype
     assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_absolute_model_path_fails_before_a_cluster_of_the_command_s_own_starts(tmp_path, capsys, monkeypatch):
+    import ray
+
+    missing = str(tmp_path / "nope" / "model")
+    args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main([*args, f"rollout.model={missing}"]) == 2
+    assert f"{missing}: no such model directory\n" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    # A cluster's workers may hold it on a shared volume that this machine lacks.
+    for joined in (["ray.address=auto"], []):
+        if not joined:
+            monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+        assert resolve_model(missing, load_config(None, joined)) == missing
+    assert resolve_model("/model", load_config(None, [])) == "/model"  # RAY_ADDRESS still set
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ValueError, match="^/model: no such model directory$"):
+        resolve_model("/model", load_config(None, []))  # one slash, yet no Hub id
+
+
 def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_the_model_below_it(tmp_path, capsys, tiny_model_dir):
     run_dir = tmp_path / "theirs"
     shutil.copytree(tiny_model_dir, run_dir / "train" / "model")
