@@ -270,8 +270,9 @@ def train_weighted_sft(
             output=str(model_out),
             ignore=[f"train.{name}" for name in UNCHANGING_TRAIN_SETTINGS],  # which older records hold
             # The same model files at another relative path (the demo reference's cache, seen from a run_dir
-            # that moved) are the same model.
-            known_by={"model_path": "model_fingerprint"},
+            # that moved) are the same model; the same weighted rollouts elsewhere (`drift-ray weights
+            # --output` before `drift-ray run`) the same input: conversations_fingerprint still compares them.
+            known_by={"model_path": "model_fingerprint", "weighted_dir": "weighted_fingerprint"},
             # Files rewritten at the same paths: other weights, other rollouts or another model.
             inputs=["weighted_fingerprint", "conversations_fingerprint", "model_fingerprint"],
         )

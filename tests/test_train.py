@@ -337,11 +337,16 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path):
+def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path, tmp_path):
     out, stats = zero2_run
+    # The same weighted rollouts at another path, in one file (as `drift-ray weights --output` writes them,
+    # where `drift-ray run` writes run_dir/weighted/), are the same input.
+    one_file = tmp_path / "weighted.parquet"
+    pq.write_table(pq.read_table(weighted_dir), one_file)
     # With train.tensorboard off: it only observed the run, which stays the same run.
     with mock.patch("ray.train.torch.TorchTrainer", side_effect=AssertionError("trained again")):
-        assert train_weighted_sft(make_config(**ZERO2), weighted_dir, model_path, str(out)) == stats
+        for same_input in (weighted_dir, str(one_file)):
+            assert train_weighted_sft(make_config(**ZERO2), same_input, model_path, str(out)) == stats
 
 
 @pytest.mark.ray
