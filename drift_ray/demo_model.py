@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -26,6 +27,8 @@ from drift_ray.config import EpisodeConfig, ExampleKind, LossKind, LrSchedule
 from drift_ray.episode import SamplingParams, play_episodes
 from drift_ray.trajectories import exclusive_lock, publish_directory
 from drift_ray.weighted_sft import fit_plain
+
+log = logging.getLogger(__name__)
 
 # Bump whenever the tokenizer, the architecture or the pre-training recipe changes meaning: it is part of
 # the cache key, so an old cached model is never mistaken for a new one.
@@ -205,6 +208,13 @@ def ensure_demo_model(
         for leftover in [*cache_dir.glob(f".demo-{key}.building-*"), target]:
             shutil.rmtree(leftover, ignore_errors=True)  # a build that crashed, or that copy; we hold the lock
         building = Path(tempfile.mkdtemp(prefix=f".demo-{key}.building-", dir=cache_dir))
+        # Minutes of silent pre-training otherwise; and a new seed or episode setting is a new recipe.
+        log.info(
+            "demo reference: building %s, once for this recipe (seed %d and the episode config; a few minutes "
+            "on 2 CPU cores)",
+            target,
+            seed,
+        )
         try:
             _build(building, settings, episode)
             publish_directory(building, target)

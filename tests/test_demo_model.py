@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -117,16 +118,22 @@ def test_an_unknown_model_size_or_dimension_is_refused():
             demo_model.build_model_config(len(TOKENIZER), {**demo_model.MODEL_SIZES["tiny"], **wrong})
 
 
-def test_demo_model_is_built_once_then_found_in_the_cache(tmp_path):
+def test_demo_model_is_built_once_then_found_in_the_cache(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="drift_ray.demo_model")
     path = ensure_demo_model(tmp_path, **TINY_RECIPE)
+    # Said before the minutes of pre-training, not after them.
+    [announced] = [record.getMessage() for record in caplog.records if "demo reference: building" in record.getMessage()]
+    assert path in announced
     record = json.loads((Path(path) / METADATA_FILE).read_text())
     assert record["settings"]["num_problems"] == 12 and record["pretraining"]["steps"] == 2
     assert record["settings"]["episode"] == DEMO_EPISODE.model_dump(mode="json")
     model_file = Path(path) / "model.safetensors"
     built_at = model_file.stat().st_mtime_ns
 
+    caplog.clear()
     assert ensure_demo_model(tmp_path, **TINY_RECIPE) == path
     assert model_file.stat().st_mtime_ns == built_at
+    assert not caplog.records  # found, not built
     assert ensure_demo_model(tmp_path, **{**TINY_RECIPE, "seed": 1}) != path
     assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == len(TOKENIZER)
 
