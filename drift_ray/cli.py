@@ -181,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Else a traceback through Ray Data's queue threads, which reads like a crash.
+        if args.traceback:
+            raise
+        print(
+            f"drift-ray {args.command}: interrupted; run the same command again to go on from what it finished "
+            "(rollout and evaluation shards, training checkpoints, finished stages)",
+            file=sys.stderr,
+        )
+        return 130  # as a shell reports a process that SIGINT ended
 
 
 if __name__ == "__main__":

@@ -170,8 +170,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     ray.shutdown()
     shutil.rmtree(run_dir / "weighted")
     with mock.patch("drift_ray.pipeline.write_json_atomic", side_effect=[None, KeyboardInterrupt]):
-        with pytest.raises(KeyboardInterrupt):
-            main([*run, "weights.beta=0.5"])
+        assert main([*run, "weights.beta=0.5"]) == 130
+    assert "drift-ray run: interrupted; run the same command again" in capsys.readouterr().err
     assert not (run_dir / "weighted").exists()
 
     # Rollouts played before cut_off was recorded, beside later ones (a rerun after an upgrade): every
@@ -394,6 +394,17 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
     assert [p.name for p in tmp_path.iterdir()] == ["weighted.parquet"]  # no weighted.diagnostics.json
     with pytest.raises(ValueError):  # where it came from, for a bug report
         main(["--traceback", "weights", "--input", str(authors), "--output", str(taken)])
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys):
+    args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}", "rollout.model=gpt2"]
+    with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=KeyboardInterrupt):
+        assert main(args) == 130
+        error = capsys.readouterr().err
+        assert error.startswith("drift-ray rollouts: interrupted; run the same command again to go on from what it finished")
+        assert len(error.splitlines()) == 1
+        with pytest.raises(KeyboardInterrupt):  # where it stopped, for a bug report
+            main(["--traceback", *args])
 
 
 def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, capsys):
