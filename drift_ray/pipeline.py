@@ -327,8 +327,8 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
         task = train_task or load_task(_test_split_only(cfg.task), cfg.seed)
     if not task.test:
         raise ValueError(
-            f"task {task.name!r} has no test problems to evaluate on; set eval.task to a task with a test "
-            "split (e.g. eval.task.kind=hub eval.task.name=math500)"
+            f"task {task.name!r} has no test problems to evaluate on; give it a test split (task.test_path for a "
+            "file task) or set eval.task to a task with one (e.g. eval.task.kind=hub eval.task.name=math500)"
         )
     if train_task is not None and (shared := shared_questions(train_task.train, task.test)):
         # Files and hub copies are split by whoever made them: the same file for both splits is one slip.

@@ -447,6 +447,8 @@ def train_loop(config: dict[str, Any]) -> None:
             loaded, _ = engine.load_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG)
         if loaded is None:
             raise RuntimeError(f"rank {rank}: no DeepSpeed state under tag {DEEPSPEED_TAG!r} in the checkpoint")
+        if rank == 0:  # Ray Train's own lines speak of a folder to delete, not of what goes on
+            log.info("weighted SFT: resuming after step %d of %d, from the run's latest checkpoint", start_step, len(plan))
     # Every step's metrics, carried through checkpoints so that a resumed run keeps the whole curve.
     history: list[dict[str, Any]] = list(progress.get("history", []))
     tokens = history[-1]["tokens"] if history else 0

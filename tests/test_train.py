@@ -369,15 +369,24 @@ def test_rank_0_logs_every_step_once_and_writes_it_to_tensorboard(ray_cluster, z
 
 
 def logged_steps(ray_cluster, since: dict[Path, int] | None = None) -> list[dict]:
-    """The step metrics the training workers logged, as Ray keeps their output (`since`: only what the
-    log files gained after their sizes then, from worker_log_sizes)."""
-    rows = []
+    """The step metrics the training workers logged, as Ray keeps their output (`since`: see worker_output)."""
+    lines = worker_output(ray_cluster, since).splitlines()
+    return [json.loads(line.split("weighted SFT ", 1)[1]) for line in lines if "weighted SFT {" in line]
+
+
+def worker_output(ray_cluster, since: dict[Path, int] | None = None) -> str:
+    """What the workers wrote, as Ray keeps it (`since`: only what the log files gained after their sizes
+    then, from worker_log_sizes)."""
+    output = []
     for path in worker_logs(ray_cluster):
         with path.open("rb") as log_file:
             log_file.seek((since or {}).get(path, 0))
-            lines = log_file.read().decode(errors="replace").splitlines()
-        rows += [json.loads(line.split("weighted SFT ", 1)[1]) for line in lines if "weighted SFT {" in line]
-    return rows
+            output.append(log_file.read().decode(errors="replace"))
+    return "\n".join(output)
+
+
+def worker_log_sizes(ray_cluster) -> dict[Path, int]:
+    return {path: path.stat().st_size for path in worker_logs(ray_cluster)}
 
 
 def worker_logs(ray_cluster) -> list[Path]:
@@ -461,7 +470,7 @@ def test_two_workers_make_the_update_of_one_plain_optimizer_step_over_the_global
         num_workers=2, zero_stage=stage, epochs=1, global_batch_size=NUM_POSITIVE, micro_batch_size=4,
         loss=loss_kind, lr=lr, grad_clip=0.0, max_length=max_length, log_every=1, tensorboard=True,
     )
-    log_sizes = {path: path.stat().st_size for path in worker_logs(ray_cluster)}
+    log_sizes = worker_log_sizes(ray_cluster)
     stats = train_weighted_sft(cfg, weighted_dir, model_path, str(tmp_path))
     assert stats["steps"] == 1 and stats["world_size"] == 2 and stats["lr"] == lr
     # Rank 0 alone logs the step and writes it to TensorBoard.
@@ -569,7 +578,7 @@ def train_loop_that_crashes_after_a_checkpoint(config: dict) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
-    zero2_run, tmp_path, weighted_dir, model_path
+    ray_cluster, zero2_run, tmp_path, weighted_dir, model_path
 ):
     cfg = make_config(checkpoint_every=1, tensorboard=True, **SCHEDULED)
     with pytest.raises(Exception, match="killed after the checkpoint"):
@@ -586,6 +595,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     # more, after its final checkpoint and before the model was published.
     resumed_cfg = make_config(checkpoint_every=2, log_every=1, tensorboard=True, **SCHEDULED)
     staged = []
+    log_sizes = worker_log_sizes(ray_cluster)
 
     def killed_before_publishing(staging, target):
         staged.append(json.loads((Path(staging) / STATS_FILE).read_text()))
@@ -596,6 +606,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
             train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
     [resumed_stats] = staged
     assert resumed_stats["resumed_from_step"] == CRASH_AT_STEP
+    said = f"weighted SFT: resuming after step {CRASH_AT_STEP} of {resumed_stats['steps']}, from the run's latest checkpoint"
+    assert said in worker_output(ray_cluster, since=log_sizes)
     # The next call trains no step: it publishes the finished training, and says that it took it over.
     stats = train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
     assert not list(tmp_path.glob(f".{MODEL_DIR}.staging-*"))
