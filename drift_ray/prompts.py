@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -81,6 +82,10 @@ def builtin_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
     return register
 
 
+# "task." where it begins a config key, not inside a word or a file name (/data/task.jsonl).
+_TASK_KEY = re.compile(rf"(?<![\w./-])task\.(?=(?:{'|'.join(TaskConfig.model_fields)})\b)")
+
+
 def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
     """The task the config names, truncated to task.num_train / task.num_test problems.
 
@@ -106,9 +111,8 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
 
             refuse_evaluated_golds([*task.train, *task.test], "task.verifier")
     except TaskError as err:
-        message = str(err)
-        if key != "task" and message.startswith("task."):
-            raise TaskError(key + message[len("task"):]) from None
+        if key != "task":  # every key the message names, as its remedy may name others (task.test_path=FILE)
+            raise TaskError(_TASK_KEY.sub(key + ".", str(err))) from None
         raise
     for name, asked, split in (("num_train", cfg.num_train, task.train), ("num_test", cfg.num_test, task.test)):
         if asked is not None and asked > len(split):

@@ -434,6 +434,11 @@ def test_offline_hub_error_says_which_dataset_and_how_to_supply_files():
     assert "['question', 'answer']" in message
     with pytest.raises(TaskError, match=r"Idavidrein/gpqa .*gated.* pass task\.test_path=FILE, "):
         hub_task("gpqa_diamond")
+    # The evaluation's own task: each key its remedy names is under eval.task.
+    with pytest.raises(TaskError) as info:
+        load_task(TaskConfig(kind="hub", name="math500"), 0, key="eval.task")
+    assert str(info.value).startswith("eval.task.name=math500: cannot load ")
+    assert "pass eval.task.test_path=FILE, " in str(info.value) and " task.test_path" not in str(info.value)
 
 
 def test_option_errors(tmp_path):
