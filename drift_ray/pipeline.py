@@ -185,6 +185,8 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
             f"{model}: no such model directory"
             + ("" if absolute else ", nor a Hub id ('name' or 'namespace/name')")
         )
+    if hub_id and not os.path.exists(model):
+        _require_hub_model(model)
     if os.path.isdir(model) and not _holds_a_model(model):
         from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
 
@@ -195,6 +197,38 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
             + (f"; did you mean {inner}?" if inner else "")
         )
     return model
+
+
+def _require_hub_model(model: str) -> None:
+    """Fail unless the Hugging Face Hub, or its local cache, holds the model (or LoRA adapter) `model`:
+    here, in a line, rather than in every rollout actor or training worker, in pages of tracebacks."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    remedy = "give a local model directory, or a model id the Hub (or its local cache) holds"
+    out_of_reach = False
+    for record in ("config.json", "adapter_config.json"):  # a full model's, else an adapter's
+        try:
+            hf_hub_download(model, record)
+            return
+        except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: not in the cache, Hub out of reach
+            out_of_reach = True
+        except EntryNotFoundError:
+            continue
+        except RepositoryNotFoundError:  # gated models too: they need a token (HF_TOKEN)
+            raise ValueError(
+                f"{model}: no such local directory, nor a model the Hugging Face Hub serves to this machine "
+                f"(a private or gated one needs a token in HF_TOKEN); {remedy}"
+            ) from None
+        except (OSError, ValueError) as err:  # HTTP errors, and ids the Hub's validation refuses
+            raise ValueError(f"{model}: no such local directory, and the Hugging Face Hub did not give it: {err}") from None
+    if out_of_reach:
+        raise ValueError(
+            f"{model}: no such local directory, and the Hugging Face Hub is out of reach (or HF_HUB_OFFLINE is set) "
+            "with no copy of it in the local cache; give a local model directory, or download the model into the "
+            "cache where the Hub is reachable (HF_HUB_OFFLINE=1 then uses it without trying the network)"
+        )
+    raise ValueError(f"{model}: the Hugging Face Hub holds it, but with neither config.json nor adapter_config.json; {remedy}")
 
 
 def _holds_a_model(directory: str | Path) -> bool:

@@ -396,8 +396,8 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
         main(["--traceback", "weights", "--input", str(authors), "--output", str(taken)])
 
 
-def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys):
-    args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}", "rollout.model=gpt2"]
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_dir):
+    args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}", f"rollout.model={tiny_model_dir}"]
     with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=KeyboardInterrupt):
         assert main(args) == 130
         error = capsys.readouterr().err
@@ -495,6 +495,33 @@ def test_a_missing_absolute_model_path_fails_before_a_cluster_of_the_command_s_o
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(ValueError, match="^/model: no such model directory$"):
         resolve_model("/model", load_config(None, []))  # one slash, yet no Hub id
+
+
+def test_a_hub_model_is_looked_up_in_the_hub_s_cache_before_ray_starts(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    """Offline, as this project's tests run: a model id the cache lacks fails in a line; one it holds (a full
+    model, or a LoRA adapter) is taken, to be loaded by the actors and workers from that cache."""
+    import ray
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = "0" * 40
+    for repo, record in (("drift-ray/tiny", "config.json"), ("drift-ray/tiny-adapter", "adapter_config.json")):
+        cached = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (cached / "refs").mkdir(parents=True)
+        (cached / "refs" / "main").write_text(commit)
+        (cached / "snapshots" / commit).mkdir(parents=True)
+        shutil.copy(Path(tiny_model_dir) / "config.json", cached / "snapshots" / commit / record)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    assert resolve_model("drift-ray/tiny", cfg) == "drift-ray/tiny"
+    assert resolve_model("drift-ray/tiny-adapter", cfg) == "drift-ray/tiny-adapter"
+
+    args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    assert main([*args, "rollout.model=someone/not-cached"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("drift-ray rollouts: error: someone/not-cached: no such local directory, and the Hugging Face Hub is out of reach")
+    assert "HF_HUB_OFFLINE=1 then uses it without trying the network" in error and len(error.splitlines()) == 1
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_the_model_below_it(tmp_path, capsys, tiny_model_dir):
