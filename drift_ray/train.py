@@ -367,6 +367,9 @@ def train_weighted_sft(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # The run's checkpoints: a second copy of the model, and with train.checkpoint_every DeepSpeed's states
+    # (optimizer moments: several times the model's size). Only a run not yet published resumes from them.
+    shutil.rmtree(out / RUN_STORAGE_DIR / run_name(settings), ignore_errors=True)
     return stats
 
 

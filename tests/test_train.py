@@ -27,6 +27,7 @@ from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, LrSchedu
 from drift_ray.train import (
     MODEL_DIR,
     PROGRESS_FILE,
+    RUN_STORAGE_DIR,
     STATS_FILE,
     STEPS_FILE,
     TENSORBOARD_DIR,
@@ -609,8 +610,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     said = f"weighted SFT: resuming after step {CRASH_AT_STEP} of {resumed_stats['steps']}, from the run's latest checkpoint"
     assert said in worker_output(ray_cluster, since=log_sizes)
     # The next call trains no step: it publishes the finished training, and says that it took it over.
+    [checkpoints] = (tmp_path / RUN_STORAGE_DIR).iterdir()
+    assert list(checkpoints.glob("checkpoint_*"))
     stats = train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
     assert not list(tmp_path.glob(f".{MODEL_DIR}.staging-*"))
+    # Published, the model needs its checkpoints no more: they would hold it twice, and the optimizer's states.
+    assert not checkpoints.exists()
     uninterrupted_out, uninterrupted = zero2_run
     assert stats == {**resumed_stats, "resumed_from_step": stats["steps"], "wall_seconds": stats["wall_seconds"]}
     assert stats["steps"] == uninterrupted["steps"]
