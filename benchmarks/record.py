@@ -51,6 +51,10 @@ class _BenchmarkParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
+        if parsed.out is None:
+            # A smoke test's line among the measured ones would read as a measurement of the committed results.
+            quick = Path(tempfile.mkdtemp(prefix=f"{self.benchmark}-quick-")) if parsed.quick else None
+            parsed.out = quick or RESULTS
         results = parsed.out / f"{self.benchmark}.jsonl"
         if incomplete_last_line(results):
             self.error(f"{results}: {INCOMPLETE_LAST_LINE}; remove or mend it first")
@@ -58,12 +62,18 @@ class _BenchmarkParser(argparse.ArgumentParser):
 
 
 def argument_parser(doc: str, benchmark: str) -> argparse.ArgumentParser:
-    """A parser with the options every benchmark has; `doc` is the script's docstring (its first line describes
-    it), `benchmark` the name its results go under (append_result)."""
-    parser = _BenchmarkParser(description=doc.strip().splitlines()[0])
+    """A parser with the options every benchmark has; `doc` is the script's docstring (its first paragraph
+    describes it), `benchmark` the name its results go under (append_result)."""
+    parser = _BenchmarkParser(description=" ".join(doc.strip().split("\n\n")[0].split()))
     parser.benchmark = benchmark
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the <benchmark>.jsonl results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory of the <benchmark>.jsonl results (default: benchmarks/results; with --quick, a new "
+        "temporary directory, so that no smoke test's line joins the measured ones)",
+    )
     return parser
 
 

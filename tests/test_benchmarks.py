@@ -481,6 +481,27 @@ def test_every_benchmark_checks_the_results_file_it_will_append_to_when_it_parse
     assert re.search(rf"""append_result\(\s*["']{name}["']""", source)
 
 
+def test_a_quick_run_keeps_its_line_out_of_the_committed_results_unless_told_where(tmp_path):
+    record = load_benchmark("record.py")
+    parser = record.argument_parser("Doc.", "weights")
+    assert parser.parse_args([]).out == record.RESULTS
+    quick = parser.parse_args(["--quick"]).out
+    assert quick != record.RESULTS and quick.is_dir() and not list(quick.iterdir())
+    assert parser.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
+    quick.rmdir()
+
+
+def test_a_benchmark_s_help_describes_it_in_whole_sentences():
+    record = load_benchmark("record.py")
+    doc = """Throughput of the weights stage: the file entry (Parquet or JSONL
+    in), the Ray Data map stage.
+
+    Details that --help leaves out."""
+    assert record.argument_parser(doc, "weights").description == (
+        "Throughput of the weights stage: the file entry (Parquet or JSONL in), the Ray Data map stage."
+    )
+
+
 def test_the_benchmark_parser_refuses_a_cut_short_results_file_of_its_benchmark_alone(tmp_path, capsys):
     record = load_benchmark("record.py")
     (tmp_path / "sft.jsonl").write_text('{"benchmark": "sf')
