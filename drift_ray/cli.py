@@ -1,4 +1,4 @@
-"""`drift-ray` / `python -m drift_ray`: one entry point for every stage and the whole pipeline."""
+"""drift-ray (or python -m drift_ray): one entry point for every stage and the whole pipeline."""
 
 from __future__ import annotations
 
@@ -156,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "needed with rollout.engine=openai)",
     )
     p = command("eval", cmd_eval, "greedy multi-turn evaluation of one or several models")
-    p.add_argument("--model", action="append", required=True, help="PATH or LABEL=PATH; repeat to compare")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="MODEL or LABEL=MODEL, where MODEL is a local path, hub id or builtin:demo; repeat to compare",
+    )
     command("run", cmd_run, "the whole pipeline: rollouts → weights → weighted SFT → evaluation")
     p = command("config", cmd_config, "print the resolved config (or --doc: every field)", config_required=False)
     p.add_argument("--doc", action="store_true", help="document every config field")
