@@ -242,8 +242,8 @@ def rollouts_dir(cfg: Config) -> Path:
 def require_training_problems(task: Task) -> None:
     if not task.train:
         raise ValueError(
-            f"task {task.name!r} has no training problems; give it a train split "
-            "(task.train_path for a file task)"
+            f"task {task.name!r} has no training problems; give it a train split (task.train_path for a file "
+            "task, or a hub task read from local files, as a task.test_path makes it)"
         )
 
 
@@ -362,7 +362,7 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     if not task.test:
         raise ValueError(
             f"task {task.name!r} has no test problems to evaluate on; give it a test split (task.test_path for a "
-            "file task) or set eval.task to a task with one (e.g. eval.task.kind=hub eval.task.name=math500)"
+            "file task, or a hub task read from local files) or set eval.task to a task with one (e.g. eval.task.kind=hub eval.task.name=math500)"
         )
     if train_task is not None and (shared := shared_questions(train_task.train, task.test)):
         # Files and hub copies are split by whoever made them: the same file for both splits is one slip.

@@ -580,7 +580,7 @@ def test_run_refuses_a_served_policy_whose_trained_model_no_server_serves(tmp_pa
 
 @pytest.mark.parametrize(
     "split_given, refusal",
-    [("test", "has no training problems; give it a train split"), ("train", "has no test problems to evaluate on; give it a test split (task.test_path for a file task)")],
+    [("test", "has no training problems; give it a train split"), ("train", "has no test problems to evaluate on; give it a test split (task.test_path for a file task, or a hub task read from local files)")],
 )
 def test_a_task_without_the_split_a_run_needs_fails_before_ray_starts(tmp_path, tiny_model_dir, capsys, split_given, refusal):
     import ray
