@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ class _BenchmarkParser(argparse.ArgumentParser):
         if parsed.out is None:
             # A smoke test's line among the measured ones would read as a measurement of the committed results.
             quick = Path(tempfile.mkdtemp(prefix=f"{self.benchmark}-quick-")) if parsed.quick else None
+            if quick:
+                print(f"--quick: this smoke test's line goes to {quick}, not to the committed results", file=sys.stderr)
             parsed.out = quick or RESULTS
         results = parsed.out / f"{self.benchmark}.jsonl"
         if incomplete_last_line(results):

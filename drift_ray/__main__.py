@@ -1,5 +1,3 @@
-import sys
+from drift_ray.cli import entry
 
-from drift_ray.cli import main
-
-sys.exit(main())
+entry()

@@ -6,7 +6,9 @@ import argparse
 import functools
 import json
 import logging
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -124,6 +126,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED = 130  # main's status after Ctrl-C: a shell's for a process that SIGINT ended
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `train --mode uniform` would read as `--model uniform`, a hub id.
     parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__, allow_abbrev=False)
@@ -160,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         required=True,
-        help="MODEL or LABEL=MODEL, where MODEL is a local path, hub id or builtin:demo; repeat to compare",
+        help="MODEL or LABEL=MODEL, where MODEL is a local path, hub id or builtin:demo (or, with "
+        "rollout.engine=openai, the server's model name); repeat to compare",
     )
     command("run", cmd_run, "the whole pipeline: rollouts → weights → weighted SFT → evaluation")
     p = command("config", cmd_config, "print the resolved config (or --doc: every field)", config_required=False)
@@ -195,8 +201,21 @@ def main(argv: list[str] | None = None) -> int:
             "(rollout and evaluation shards, training checkpoints, finished stages)",
             file=sys.stderr,
         )
-        return 130  # as a shell reports a process that SIGINT ended
+        return INTERRUPTED
+
+
+def entry() -> None:
+    """The drift-ray command: exits with main's status, except that an interrupted command dies of SIGINT,
+    as Python's own uncaught KeyboardInterrupt does, so that a shell loop around it stops there too."""
+    status = main()
+    if status == INTERRUPTED:
+        ray = sys.modules.get("ray")  # a local cluster of this process goes with it
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -107,7 +107,8 @@ class TransformersEngine:
         if max_model_len is not None and positions is not None and max_model_len > positions:
             raise ValueError(
                 f"{self.name}: rollout.max_model_len={max_model_len} is above the model's context of {positions} "
-                "tokens (max_position_embeddings), which vLLM refuses too; set it to at most that"
+                "tokens (max_position_embeddings), past which the transformers engine has no positions; set it to at "
+                "most that"
             )
         self.context_length: int | None = max_model_len or positions
         self.context_key = "rollout.max_model_len" if max_model_len else "max_position_embeddings"

@@ -186,7 +186,7 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
             + ("" if absolute else ", nor a Hub id ('name' or 'namespace/name')")
         )
     if hub_id and not os.path.exists(model):
-        _require_hub_model(model)
+        _require_hub_model(model, cfg)
     if os.path.isdir(model) and not _holds_a_model(model):
         from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
 
@@ -199,34 +199,53 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
     return model
 
 
-def _require_hub_model(model: str) -> None:
+def _require_hub_model(model: str, cfg: Config) -> None:
     """Fail unless the Hugging Face Hub, or its local cache, holds the model (or LoRA adapter) `model`:
-    here, in a line, rather than in every rollout actor or training worker, in pages of tracebacks."""
+    here, in a line, rather than in every rollout actor or training worker, in pages of tracebacks. On a
+    cluster the command joins, a Hub out of this machine's reach is only warned about: the workers may
+    reach it, or hold the model in their caches."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     remedy = "give a local model directory, or a model id the Hub (or its local cache) holds"
     out_of_reach = False
     for record in ("config.json", "adapter_config.json"):  # a full model's, else an adapter's
         try:
-            hf_hub_download(model, record)
+            # Once the Hub is out of reach, the cache alone: each file asked of the network retries for ~20 s.
+            hf_hub_download(model, record, local_files_only=out_of_reach)
             return
         except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: not in the cache, Hub out of reach
             out_of_reach = True
         except EntryNotFoundError:
             continue
-        except RepositoryNotFoundError:  # gated models too: they need a token (HF_TOKEN)
+        except GatedRepoError:  # before RepositoryNotFoundError, its base
+            raise ValueError(
+                f"{model}: a gated model; it needs HF_TOKEN to hold the token of an account that its Hub page "
+                f"(https://huggingface.co/{model}) granted access, or {remedy}"
+            ) from None
+        except RepositoryNotFoundError:
             raise ValueError(
                 f"{model}: no such local directory, nor a model the Hugging Face Hub serves to this machine "
-                f"(a private or gated one needs a token in HF_TOKEN); {remedy}"
+                f"(a private one needs a token in HF_TOKEN); {remedy}"
             ) from None
         except (OSError, ValueError) as err:  # HTTP errors, and ids the Hub's validation refuses
             raise ValueError(f"{model}: no such local directory, and the Hugging Face Hub did not give it: {err}") from None
     if out_of_reach:
-        raise ValueError(
+        message = (
             f"{model}: no such local directory, and the Hugging Face Hub is out of reach (or HF_HUB_OFFLINE is set) "
-            "with no copy of it in the local cache; give a local model directory, or download the model into the "
-            "cache where the Hub is reachable (HF_HUB_OFFLINE=1 then uses it without trying the network)"
+            "with no copy of it in the local cache"
+        )
+        if cluster_address(cfg):
+            log.warning("%s; left to the cluster's workers, which may reach the Hub or hold it in their caches", message)
+            return
+        raise ValueError(
+            f"{message}; give a local model directory, or download the model into the cache where the Hub is "
+            "reachable (HF_HUB_OFFLINE=1 then uses it without trying the network)"
         )
     raise ValueError(f"{model}: the Hugging Face Hub holds it, but with neither config.json nor adapter_config.json; {remedy}")
 
@@ -242,8 +261,8 @@ def rollouts_dir(cfg: Config) -> Path:
 def require_training_problems(task: Task) -> None:
     if not task.train:
         raise ValueError(
-            f"task {task.name!r} has no training problems; give it a train split (task.train_path for a file "
-            "task, or a hub task read from local files, as a task.test_path makes it)"
+            f"task {task.name!r} has no training problems; give it a train split: task.train_path (a file "
+            "task's, or a hub task's given task.test_path, which then reads no split from the Hub)"
         )
 
 
@@ -360,9 +379,11 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     else:
         task = train_task or load_task(_test_split_only(cfg.task), cfg.seed)
     if not task.test:
+        key = "task" if cfg.eval.task is None else "eval.task"
         raise ValueError(
-            f"task {task.name!r} has no test problems to evaluate on; give it a test split (task.test_path for a "
-            "file task, or a hub task read from local files) or set eval.task to a task with one (e.g. eval.task.kind=hub eval.task.name=math500)"
+            f"task {task.name!r} has no test problems to evaluate on; give it a test split: {key}.test_path (a file "
+            f"task's, or a hub task's given {key}.train_path, which then reads no split from the Hub)"
+            + (" or set eval.task to a task with one (e.g. eval.task.kind=hub eval.task.name=math500)" if key == "task" else "")
         )
     if train_task is not None and (shared := shared_questions(train_task.train, task.test)):
         # Files and hub copies are split by whoever made them: the same file for both splits is one slip.

@@ -219,6 +219,7 @@ def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
             output=str(out_dir),
             known_by={"model": "model_fingerprint"},
             inputs=["model_fingerprint", "model_trained_by"],  # a model replaced at the same path
+            absent_means={"engine.max_model_len": None},  # recorded since: before, every engine held the model's
         )
 
 

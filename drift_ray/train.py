@@ -276,6 +276,7 @@ def train_weighted_sft(
             # Files rewritten at the same paths: other weights, other rollouts or another model.
             inputs=["weighted_fingerprint", "conversations_fingerprint", "model_fingerprint"],
         )
+        _remove_checkpoints(out)  # those a run killed after publishing, or an older drift-ray, left
         return read_stats(model_out)
     require_training_input(weighted_dir)
     if start_ray:
@@ -367,10 +368,15 @@ def train_weighted_sft(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    # The run's checkpoints: a second copy of the model, and with train.checkpoint_every DeepSpeed's states
-    # (optimizer moments: several times the model's size). Only a run not yet published resumes from them.
-    shutil.rmtree(out / RUN_STORAGE_DIR / run_name(settings), ignore_errors=True)
+    _remove_checkpoints(out)
     return stats
+
+
+def _remove_checkpoints(out: Path) -> None:
+    """Ray Train's checkpoints under `out`, whose model is published: they hold it a second time and, with
+    train.checkpoint_every, DeepSpeed's states (optimizer moments: several times the model's size). Only an
+    unpublished run resumes from them, and any other run into `out` is refused while its model is there."""
+    shutil.rmtree(out / RUN_STORAGE_DIR, ignore_errors=True)
 
 
 def train_loop(config: dict[str, Any]) -> None:

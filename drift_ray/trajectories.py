@@ -267,6 +267,7 @@ def require_same_settings(
     ignore: Collection[str] = (),
     known_by: Mapping[str, str] | None = None,
     inputs: Collection[str] = (),
+    absent_means: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
@@ -279,7 +280,9 @@ def require_same_settings(
     where both hold its files' fingerprint: the same files at another path are the same model). The
     message names every differing setting by its dotted path. `inputs`: the settings that identify what
     `output` was made from rather than how (fingerprints of files): where only those differ, the same
-    config cannot make it again, and the message says to remove `output` instead.
+    config cannot make it again, and the message says to remove `output` instead. `absent_means`: the value
+    that a setting a record lacks had when it was made (a setting added since, whose every earlier value was
+    that one), so that it is compared after all.
     """
     for name, paths in (("only", only), ("ignore", ignore), ("inputs", inputs)):
         if isinstance(paths, str):  # a bare string would be read as its characters, and match nothing
@@ -288,8 +291,9 @@ def require_same_settings(
     if not record.exists():
         return
     remedy = f"it records what made {output}: remove {output} to make it again, or use a new run_dir"
-    whole_record = _dotted(read_json_object(record, remedy))
     current = _dotted(json.loads(json.dumps(settings)))
+    assumed = {key: value for key, value in (absent_means or {}).items() if key in current}
+    whole_record = {**assumed, **_dotted(read_json_object(record, remedy))}
     identified = [
         path for path, identity in (known_by or {}).items()
         if whole_record.get(identity) is not None and current.get(identity) is not None

@@ -481,12 +481,13 @@ def test_every_benchmark_checks_the_results_file_it_will_append_to_when_it_parse
     assert re.search(rf"""append_result\(\s*["']{name}["']""", source)
 
 
-def test_a_quick_run_keeps_its_line_out_of_the_committed_results_unless_told_where(tmp_path):
+def test_a_quick_run_keeps_its_line_out_of_the_committed_results_unless_told_where(tmp_path, capsys):
     record = load_benchmark("record.py")
     parser = record.argument_parser("Doc.", "weights")
     assert parser.parse_args([]).out == record.RESULTS
     quick = parser.parse_args(["--quick"]).out
     assert quick != record.RESULTS and quick.is_dir() and not list(quick.iterdir())
+    assert f"--quick: this smoke test's line goes to {quick}, not to the committed results" in capsys.readouterr().err
     assert parser.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
     quick.rmdir()
 

@@ -407,6 +407,16 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
             main(["--traceback", *args])
 
 
+def test_the_interrupted_command_dies_of_sigint_so_that_a_shell_loop_around_it_stops():
+    import signal
+
+    assert '\ndrift-ray = "drift_ray.cli:entry"\n' in (REPO / "pyproject.toml").read_text()
+    interrupted = "import drift_ray.cli as cli; cli.main = lambda: cli.INTERRUPTED; cli.entry()"
+    assert subprocess.run([sys.executable, "-c", interrupted], cwd=REPO).returncode == -signal.SIGINT
+    failed = "import drift_ray.cli as cli; cli.main = lambda: 2; cli.entry()"
+    assert subprocess.run([sys.executable, "-c", failed], cwd=REPO).returncode == 2
+
+
 def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, capsys):
     import ray
 
@@ -497,7 +507,7 @@ def test_a_missing_absolute_model_path_fails_before_a_cluster_of_the_command_s_o
         resolve_model("/model", load_config(None, []))  # one slash, yet no Hub id
 
 
-def test_a_hub_model_is_looked_up_in_the_hub_s_cache_before_ray_starts(tmp_path, capsys, monkeypatch, tiny_model_dir):
+def test_a_hub_model_is_looked_up_in_the_hub_s_cache_before_ray_starts(tmp_path, capsys, caplog, monkeypatch, tiny_model_dir):
     """Offline, as this project's tests run: a model id the cache lacks fails in a line; one it holds (a full
     model, or a LoRA adapter) is taken, to be loaded by the actors and workers from that cache."""
     import ray
@@ -522,6 +532,11 @@ def test_a_hub_model_is_looked_up_in_the_hub_s_cache_before_ray_starts(tmp_path,
     assert error.startswith("drift-ray rollouts: error: someone/not-cached: no such local directory, and the Hugging Face Hub is out of reach")
     assert "HF_HUB_OFFLINE=1 then uses it without trying the network" in error and len(error.splitlines()) == 1
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    # On a cluster the command joins, the workers may reach the Hub, or hold the model in their caches.
+    with caplog.at_level(logging.WARNING, logger="drift_ray.pipeline"):
+        assert resolve_model("someone/not-cached", load_config(None, ["ray.address=auto"])) == "someone/not-cached"
+    assert "someone/not-cached: no such local directory, and the Hugging Face Hub is out of reach" in caplog.text
+    assert "left to the cluster's workers" in caplog.text
 
 
 def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_the_model_below_it(tmp_path, capsys, tiny_model_dir):
@@ -580,7 +595,10 @@ def test_run_refuses_a_served_policy_whose_trained_model_no_server_serves(tmp_pa
 
 @pytest.mark.parametrize(
     "split_given, refusal",
-    [("test", "has no training problems; give it a train split"), ("train", "has no test problems to evaluate on; give it a test split (task.test_path for a file task, or a hub task read from local files)")],
+    [
+        ("test", "has no training problems; give it a train split: task.train_path (a file task's, or a hub task's given task.test_path"),
+        ("train", "has no test problems to evaluate on; give it a test split: task.test_path (a file task's, or a hub task's given task.train_path"),
+    ],
 )
 def test_a_task_without_the_split_a_run_needs_fails_before_ray_starts(tmp_path, tiny_model_dir, capsys, split_given, refusal):
     import ray
@@ -593,6 +611,16 @@ def test_a_task_without_the_split_a_run_needs_fails_before_ray_starts(tmp_path, 
     assert main([*args, *task]) == 2
     assert f"task 'mine' {refusal}" in capsys.readouterr().err
     assert not (run_dir / "rollouts").exists() and not ray.is_initialized()
+
+
+def test_an_evaluation_task_without_a_test_split_is_named_by_its_own_keys(tmp_path):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"question": "x is between 10 and 29 and ends in 3. What is x?", "gold": "13"}\n')
+    cfg = load_config(None, [f"eval.task={{kind: file, name: mine, options: {{}}, train_path: {problems}}}"])
+    with pytest.raises(ValueError) as refusal:
+        evaluation_task(cfg)
+    assert "give it a test split: eval.task.test_path (a file task's, or a hub task's given eval.task.train_path" in str(refusal.value)
+    assert "or set eval.task" not in str(refusal.value)  # it is set
 
 
 def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_path, tiny_model_dir, capsys):

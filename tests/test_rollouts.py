@@ -1,6 +1,7 @@
 """The rollout stage: shards, resume and manifests without Ray; the Ray Data actor pool on a local cluster."""
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -248,6 +249,22 @@ def test_another_server_or_tensor_parallel_split_plays_other_episodes(tmp_path, 
     play(first)
     with pytest.raises(RuntimeError, match=rf"\(differ in: {differ}\)"):
         play(second)
+
+
+def test_rollouts_recorded_before_max_model_len_are_of_the_model_s_whole_context(tmp_path):
+    def play(*overrides: str) -> None:
+        cfg = load_config(None, list(overrides))
+        run_episodes([], tmp_path / "eval", model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={},
+                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+
+    play()
+    write_shard(tmp_path / "eval", ["a"], k=2)
+    manifest = json.loads((tmp_path / "eval" / MANIFEST).read_text())
+    del manifest["engine"]["max_model_len"]  # as an earlier drift-ray wrote it
+    (tmp_path / "eval" / MANIFEST).write_text(json.dumps(manifest))
+    play()
+    with pytest.raises(RuntimeError, match=r"\(differ in: engine\.max_model_len \(None then, 1024 now\)\)"):
+        play("rollout.max_model_len=1024")
 
 
 def test_a_server_address_with_a_trailing_slash_is_the_same_server(tmp_path):

@@ -344,10 +344,13 @@ def test_a_finished_run_is_not_trained_again(zero2_run, weighted_dir, model_path
     # where `drift-ray run` writes run_dir/weighted/), are the same input.
     one_file = tmp_path / "weighted.parquet"
     pq.write_table(pq.read_table(weighted_dir), one_file)
+    # Checkpoints that a run killed after publishing its model (or an older drift-ray) left: no use any more.
+    (out / RUN_STORAGE_DIR / "weighted_sft-killed" / "checkpoint_0").mkdir(parents=True)
     # With train.tensorboard off: it only observed the run, which stays the same run.
     with mock.patch("ray.train.torch.TorchTrainer", side_effect=AssertionError("trained again")):
         for same_input in (weighted_dir, str(one_file)):
             assert train_weighted_sft(make_config(**ZERO2), same_input, model_path, str(out)) == stats
+    assert not (out / RUN_STORAGE_DIR).exists()
 
 
 @pytest.mark.ray
