@@ -219,9 +219,9 @@ class RolloutConfig(_Section):
         None,
         ge=2,
         description="Tokens of a conversation the engine holds, prompt and reply together (default: the model's "
-        "max_position_embeddings, which the transformers engine takes as its most). vLLM sizes its KV cache for it: a model of a long context (say 128k "
-        "tokens) may not fit a GPU's memory otherwise. A reply stops there, cut off, and a longer prompt is "
-        "refused. Not for openai: set the server's (vllm serve --max-model-len).",
+        "max_position_embeddings, which the transformers engine takes as its most). vLLM sizes its KV cache for "
+        "it: a model of a long context (say 128k tokens) may not fit a GPU's memory otherwise. A reply stops there, "
+        "cut off, and a longer prompt is refused. Not for openai: set the server's (vllm serve --max-model-len).",
     )
     output_dir: Optional[LocalPath] = Field(
         None,

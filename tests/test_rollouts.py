@@ -202,11 +202,16 @@ def test_other_verifier_options_are_other_rewards(tmp_path):
         run_episodes([], tmp_path / "eval", **kwargs, verifier_options={"rel_tol": 0.01, "abs_tol": 5.0})
 
 
+def play_no_prompts(out_dir: Path, overrides: list[str], model: str = "some/hub-model") -> None:
+    """Check `out_dir`'s manifest against the settings the config `overrides` make (no prompt is played)."""
+    cfg = load_config(None, overrides)
+    run_episodes([], out_dir, model=model, cfg=cfg, verifier="exact", verifier_options={},
+                 params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+
+
 def test_another_engine_or_dtype_plays_other_episodes(tmp_path):
     def play(*overrides: str) -> None:
-        cfg = load_config(None, list(overrides))
-        run_episodes([], tmp_path / "eval", model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={},
-                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+        play_no_prompts(tmp_path / "eval", list(overrides))
 
     play()
     write_shard(tmp_path / "eval", ["a"], k=2)
@@ -240,9 +245,7 @@ def test_another_engine_or_dtype_plays_other_episodes(tmp_path):
 )
 def test_another_server_or_tensor_parallel_split_plays_other_episodes(tmp_path, first, second, differ):
     def play(overrides: list[str]) -> None:
-        cfg = load_config(None, overrides)
-        run_episodes([], tmp_path / "eval", model="served-model", cfg=cfg, verifier="exact", verifier_options={},
-                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+        play_no_prompts(tmp_path / "eval", overrides, model="served-model")
 
     play(first)
     write_shard(tmp_path / "eval", ["a"], k=2)
@@ -253,9 +256,7 @@ def test_another_server_or_tensor_parallel_split_plays_other_episodes(tmp_path, 
 
 def test_rollouts_recorded_before_max_model_len_are_of_the_model_s_whole_context(tmp_path):
     def play(*overrides: str) -> None:
-        cfg = load_config(None, list(overrides))
-        run_episodes([], tmp_path / "eval", model="some/hub-model", cfg=cfg, verifier="exact", verifier_options={},
-                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+        play_no_prompts(tmp_path / "eval", list(overrides))
 
     play()
     write_shard(tmp_path / "eval", ["a"], k=2)
@@ -269,9 +270,7 @@ def test_rollouts_recorded_before_max_model_len_are_of_the_model_s_whole_context
 
 def test_a_server_address_with_a_trailing_slash_is_the_same_server(tmp_path):
     def play(api_base: str) -> None:
-        cfg = load_config(None, ["rollout.engine=openai", f"rollout.api_base={api_base}"])
-        run_episodes([], tmp_path / "eval", model="served-model", cfg=cfg, verifier="exact", verifier_options={},
-                     params=rollout_sampling(cfg), samples_per_prompt=2, prompts_per_batch=2, num_actors=1)
+        play_no_prompts(tmp_path / "eval", ["rollout.engine=openai", f"rollout.api_base={api_base}"], model="served-model")
 
     play("http://server:8000/v1")
     write_shard(tmp_path / "eval", ["a"], k=2)
