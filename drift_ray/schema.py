@@ -84,33 +84,48 @@ def trajectory_id(prompt_id: str, sample_index: int) -> str:
 
 
 def invalid_conversation_rows(
-    messages: pa.Array | pa.ChunkedArray,
-    cut_off: pa.Array | pa.ChunkedArray | None = None,
-    turn_rewards: pa.Array | pa.ChunkedArray | None = None,
+    messages: pa.Array | pa.ChunkedArray, cut_off: pa.Array | pa.ChunkedArray | None = None
 ) -> list[tuple[int, str]]:
     """(row, conversation_problem) of every conversation of a MESSAGES column that weighted SFT cannot
-    train on, in row order; with its CUT_OFF or TURN_REWARDS column, also those whose flags or rewards are
-    not one per assistant message (a turn is one reply). A column of the type the rollouts write is checked
-    with Arrow, which only the rows it finds wrong leave; another, row by row."""
+    train on, in row order; with its CUT_OFF column, also those whose flags are not one per assistant
+    message (a turn is one reply). A column of the type the rollouts write is checked with Arrow, which
+    only the rows it finds wrong leave; another, row by row."""
     column = _combined(messages)
     if _holds_text_messages(column.type):
         replies, suspects = _replies_and_suspects(column)
         conversations = {int(row): column[int(row)].as_py() for row in suspects}
     else:
         conversations = dict(enumerate(column.to_pylist()))
-        replies = np.array([_count_assistant(conversation) for conversation in conversations.values()], dtype=np.int64)
+        replies = reply_counts(column)
     found = {}
     for row, conversation in conversations.items():
         problem = conversation_problem(conversation)
         if problem:
             found[row] = problem
-    for name, per_turn in ((CUT_OFF, cut_off), (TURN_REWARDS, turn_rewards)):
-        if per_turn is None or pa.types.is_null(per_turn.type):
-            continue
-        counts = pc.list_value_length(_combined(per_turn)).to_numpy(zero_copy_only=False)  # null: NaN
-        for row in np.flatnonzero(~np.isnan(counts.astype(float)) & (counts != replies)):
-            found.setdefault(int(row), per_reply_mismatch(name, int(counts[row]), int(replies[row])))
+    for row, problem in per_reply_mismatches(CUT_OFF, cut_off, replies):
+        found.setdefault(row, problem)
     return sorted(found.items())
+
+
+def reply_counts(messages: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Per row of a MESSAGES column: its assistant messages (0 for a conversation that is not a list)."""
+    column = _combined(messages)
+    if _holds_text_messages(column.type):
+        return _replies_and_suspects(column)[0]
+    return np.array([count_replies(conversation) for conversation in column.to_pylist()], dtype=np.int64)
+
+
+def per_reply_mismatches(
+    column: str, per_turn: pa.Array | pa.ChunkedArray | None, replies: np.ndarray
+) -> list[tuple[int, str]]:
+    """(row, per_reply_mismatch) of every row whose list in the per-turn column `column` (CUT_OFF,
+    TURN_REWARDS) does not hold one value per reply; a null list, or a conversation without replies
+    (which conversation_problem names), is not one."""
+    if per_turn is None or pa.types.is_null(per_turn.type):
+        return []
+    counts = pc.list_value_length(_combined(per_turn)).to_numpy(zero_copy_only=False)  # null: NaN
+    rows = np.flatnonzero(~np.isnan(counts.astype(float)) & (replies > 0) & (counts != replies))
+    return [(int(row), per_reply_mismatch(column, int(counts[row]), int(replies[row]))) for row in rows]
 
 
 def per_reply_mismatch(column: str, count: int, replies: int) -> str:
@@ -153,7 +168,8 @@ def _replies_and_suspects(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return replies, np.flatnonzero(suspect)
 
 
-def _count_assistant(messages: Any) -> int:
+def count_replies(messages: Any) -> int:
+    """The assistant messages of one conversation (0 for what is not a list)."""
     if not isinstance(messages, list):
         return 0
     return sum(isinstance(message, dict) and message.get("role") == "assistant" for message in messages)

@@ -102,9 +102,7 @@ def _check_ids_and_conversations(table: pa.Table, where: Callable[[int], str]) -
                 )
             first_row[trajectory_id] = row
     if schema.MESSAGES in table.column_names:
-        found = schema.invalid_conversation_rows(
-            table.column(schema.MESSAGES), schema.cut_off_column(table), table.column(schema.TURN_REWARDS)
-        )
+        found = schema.invalid_conversation_rows(table.column(schema.MESSAGES), schema.cut_off_column(table))
         for row, problem in found[:1]:
             raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
 
@@ -593,6 +591,10 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
     with np.errstate(over="ignore"):
         sums = np.bincount(value_rows, weights=np.abs(values), minlength=len(turns)) - penalty
     fail(np.flatnonzero(~np.isfinite(sums)), schema.TURN_REWARDS, _SUM_EXPECTED)
+    if schema.MESSAGES in table.column_names:  # the turns: first, so that a reward too many is named as such
+        replies = schema.reply_counts(table.column(schema.MESSAGES))
+        for row, problem in schema.per_reply_mismatches(schema.TURN_REWARDS, rewards, replies)[:1]:
+            raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
     for field in (schema.CORRECT, schema.FORMAT_FAILURES, schema.CUT_OFF):
         if field in table.column_names:
             lengths = pc.list_value_length(table.column(field)).to_numpy(zero_copy_only=False).astype(float)  # null: NaN
@@ -731,6 +733,10 @@ def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
         raise _field_error(where, schema.FORMAT_PENALTY, _PENALTY_EXPECTED, schema.short_repr(penalty))
     if not math.isfinite(sum(abs(float(reward)) for reward in rewards) - penalty):
         raise _field_error(where, schema.TURN_REWARDS, _SUM_EXPECTED, schema.short_repr(rewards))
+    replies = schema.count_replies(row.get(schema.MESSAGES))
+    if replies and replies != len(rewards):  # the turns: first, so that a reward too many is named as such
+        problem = schema.per_reply_mismatch(schema.TURN_REWARDS, len(rewards), replies)
+        raise TrajectoryFileError(f"{where}: field {schema.MESSAGES!r}: {problem}")
     for field in (schema.CORRECT, schema.FORMAT_FAILURES, schema.CUT_OFF):
         value = row.get(field)
         if isinstance(value, list) and len(value) != len(rewards):

@@ -192,12 +192,16 @@ def test_bad_parquet_value_names_file_row_and_field(tmp_path, change, field):
 def test_turns_must_be_the_conversation_s_replies(tmp_path):
     # One reward per assistant message: a return over turns the conversation lacks would weigh it.
     rows = _episode_rows()
-    # Its last reply and the feedback before it gone; no cut-off flags, whose count would be named first.
-    rows[1] = {**rows[1], schema.MESSAGES: rows[1][schema.MESSAGES][:-2], schema.CUT_OFF: None}
+    # Its last reply and the feedback before it gone: the rewards, not the per-turn flags that match them
+    # (correct, format_failures, cut_off), are what disagrees with the conversation.
+    rows[1] = {**rows[1], schema.MESSAGES: rows[1][schema.MESSAGES][:-2]}
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "short.parquet")
-    expected = r"short\.parquet: row 2: field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each"
-    with pytest.raises(TrajectoryFileError, match=expected):
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    problem = "field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each"
+    with pytest.raises(TrajectoryFileError, match=re.escape(f"short.parquet: row 2: {problem}")):
         read_trajectories(tmp_path / "short.parquet")
+    with pytest.raises(TrajectoryFileError, match=re.escape(f"short.jsonl:2: {problem}")):
+        read_trajectories(tmp_path / "short.jsonl")
     line = json.loads(AUTHORS_SAMPLE.read_text().splitlines()[0])
     line["turn_rewards"] = {"t1": 0.0, "t2": 1.0, "t3": 0.0}
     line.pop("verifier"), line.pop("reward_details"), line.pop("t_star")
@@ -446,9 +450,10 @@ def test_rollouts_played_before_cut_offs_were_recorded_read_beside_later_ones_as
         with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:1: field '{schema.CUT_OFF}': expected {expected}"):
             read_trajectories(path)
     # One flag per turn but not per assistant message: weighted SFT could not tell which reply was cut off.
+    # The turns (the rewards, which the flags agree with) are what the conversation lacks.
     messages = rows[1][schema.MESSAGES][:2]
     path.write_text(json.dumps({**rows[1], schema.MESSAGES: messages}) + "\n")
-    with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: .*cut_off has 3 flags for 1 assistant message"):
+    with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: .*turn_rewards has 3 values for 1 assistant message"):
         read_trajectories(path)
 
 
