@@ -655,8 +655,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
     for item in overrides:
         _apply_override(data, item, source)
-    # Without a file, every value that is not a default came from an override.
-    return validate_config(data, source, [override_key(item) for item in overrides] if path is not None else ())
+    return validate_config(data, source, [override_key(item) for item in overrides])
 
 
 def validate_config(data: dict[str, Any], source: str = "<config>", overridden: Sequence[str] = ()) -> Config:
@@ -736,13 +735,21 @@ def _comment(text: str) -> str | None:
 _NEVER_SHOWN = frozenset({"api_key_env", "api_base"})
 
 
+def _keys_with_words(key: str, known: list[str]) -> list[str]:
+    """The `known` keys that hold every word of `key` ("samples" in samples_per_prompt): difflib finds a
+    short key too far from them to suggest, or suggests one of several."""
+    words = set(key.lower().split("_"))
+    return [name for name in known if words <= set(name.split("_"))]
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     dotted = ".".join(loc)
     if error["type"] == "extra_forbidden":
         known = list(_model_at(loc[:-1]).model_fields)
-        close = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"; known keys: {', '.join(known)}"
+        close = _keys_with_words(loc[-1], known) or difflib.get_close_matches(loc[-1], known, n=1)
+        suggested = " or ".join(f"'{'.'.join(loc[:-1] + [key])}'" for key in close)
+        hint = f"; did you mean {suggested}?" if close else f"; known keys: {', '.join(known)}"
         return f"{dotted}: unknown key{hint}"
     found = error.get("input")
     if not loc:  # a check across sections: its message names the keys

@@ -80,6 +80,26 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
     assert "trainn: unknown key; did you mean 'train'?" in message
 
 
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        # Too short for difflib beside the key it abbreviates: found by its words.
+        ("rollout.samples=4", "  rollout.samples: unknown key; did you mean 'rollout.samples_per_prompt'?"),
+        ("train.batch_size=8", "  train.batch_size: unknown key; did you mean 'train.global_batch_size' or "
+         "'train.micro_batch_size'?"),
+        ("rollout.actors=2", "  rollout.actors: unknown key; did you mean 'rollout.num_actors'?"),
+    ],
+)
+def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    # Without a file too, the override is named as the source of its key.
+    assert str(error.value).splitlines() == [
+        "<defaults>: invalid config:",
+        f"{line} [set by the override of {override.partition('=')[0]}]",
+    ]
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
@@ -141,7 +161,7 @@ def test_a_quoted_hash_is_part_of_the_value():
         (
             ["episode.instruction=Q: {question}"],
             "  episode.instruction: Input should be a valid string (found the mapping {'Q': {'question': None}}; "
-            "quote a value with ': ' or braces in it)",
+            "quote a value with ': ' or braces in it) [set by the override of episode.instruction]",
         ),
         (
             ["eval.task.num_test=50"],
@@ -295,7 +315,9 @@ def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment)
 def test_what_may_be_a_secret_is_refused_without_being_repeated(override, line):
     with pytest.raises(ConfigError) as error:
         load_config(None, ["rollout.engine=openai", override])
-    assert line in str(error.value).splitlines() and "SECRET" not in str(error.value)
+    # The override's key alone names it.
+    tagged = f"{line} [set by the override of {override.partition('=')[0]}]"
+    assert tagged in str(error.value).splitlines() and "SECRET" not in str(error.value)
     load_config(None, ["rollout.api_key_env=MY_KEY_2", "rollout.api_base=https://llm.example:8443/v1/"])
 
 
