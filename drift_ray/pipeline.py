@@ -7,6 +7,7 @@ so a killed job resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -60,10 +61,37 @@ RUN_LOCK_FILE = ".drift-ray.lock"  # in run_dir: held by the process writing it,
 STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connect_ray's check
 
 
-def lock_run_dir(run_dir: str | Path) -> ContextManager[float]:
-    """Held while a process writes `run_dir` (made if new): a second one, such as a job resubmitted while
-    the first still runs, is refused at once instead of overwriting the stages the first is writing."""
-    return exclusive_lock(Path(run_dir) / RUN_LOCK_FILE, wait=False)
+# Set by Ray for the entrypoint of a submitted job: JSON holding the job's runtime_env.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def lock_run_dir(cfg: Config) -> ContextManager[float]:
+    """Held while a process writes cfg.run_dir (made if new): a second one, such as a job resubmitted while
+    the first still runs, is refused at once instead of overwriting the stages the first is writing.
+    Warns first of every output path that goes with the job (see outputs_deleted_with_the_job)."""
+    for problem in outputs_deleted_with_the_job(cfg, os.environ):
+        log.warning(problem)
+    return exclusive_lock(Path(cfg.run_dir) / RUN_LOCK_FILE, wait=False)
+
+
+def outputs_deleted_with_the_job(cfg: Config, environ: Mapping[str, str]) -> list[str]:
+    """Why each relative output path of `cfg` (run_dir, rollout.output_dir) would be lost, where `environ`
+    is that of a Ray job submitted with a working_dir: the job runs in Ray's copy of it, kept by the content
+    it was uploaded with, which Ray deletes when its cache of such copies outgrows its limit."""
+    try:
+        working_dir = json.loads(environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env", {}).get("working_dir")
+    except (ValueError, AttributeError):  # not Ray's JSON: no job of Ray's to speak of
+        return []
+    if not working_dir:
+        return []
+    paths = {"run_dir": cfg.run_dir, "rollout.output_dir": cfg.rollout.output_dir}
+    return [
+        f"{key}={path} is relative to this Ray job's working directory ({Path.cwd()}): Ray's copy of the job's "
+        "working_dir, which a job submitted with other files does not share (a rerun would not find this run to "
+        f"resume) and which Ray may delete once the job ends. Give an absolute {key} on storage that outlives the job"
+        for key, path in paths.items()
+        if path and not Path(path).is_absolute()
+    ]
 
 
 def cluster_address(cfg: Config) -> str | None:
@@ -468,7 +496,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             "the server at rollout.api_base does not serve. Run `drift-ray rollouts`, `weights` and `train`, "
             "serve the trained model, and evaluate it with `drift-ray eval`"
         )
-    with lock_run_dir(cfg.run_dir):
+    with lock_run_dir(cfg):
         return _run_stages(cfg)
 
 
