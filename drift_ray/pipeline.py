@@ -208,12 +208,13 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
     model = os.path.expanduser(model)
     absolute = os.path.isabs(model)
     hub_id = not absolute and model.count("/") <= 1 and not model.startswith((".", "~"))
-    if not (os.path.exists(model) or hub_id or (absolute and cluster_address(cfg))):
+    here = os.path.exists(model)
+    if not (here or hub_id or (absolute and cluster_address(cfg))):
         raise ValueError(
             f"{model}: no such model directory"
             + ("" if absolute else ", nor a Hub id ('name' or 'namespace/name')")
         )
-    if hub_id and not os.path.exists(model):
+    if hub_id and not here:
         _require_hub_model(model, cfg)
     if os.path.isdir(model) and not _holds_a_model(model):
         from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
