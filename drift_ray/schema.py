@@ -96,7 +96,7 @@ def invalid_conversation_rows(
         conversations = {int(row): column[int(row)].as_py() for row in suspects}
     else:
         conversations = dict(enumerate(column.to_pylist()))
-        replies = reply_counts(column)
+        replies = np.array([count_replies(conversation) for conversation in conversations.values()], dtype=np.int64)
     found = {}
     for row, conversation in conversations.items():
         problem = conversation_problem(conversation)

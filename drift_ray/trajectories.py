@@ -102,7 +102,8 @@ def _check_ids_and_conversations(table: pa.Table, where: Callable[[int], str]) -
                 )
             first_row[trajectory_id] = row
     if schema.MESSAGES in table.column_names:
-        found = schema.invalid_conversation_rows(table.column(schema.MESSAGES), schema.cut_off_column(table))
+        # Without cut_off: the value checks refused flags not one per turn, and turns not one per reply.
+        found = schema.invalid_conversation_rows(table.column(schema.MESSAGES))
         for row, problem in found[:1]:
             raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
 

@@ -449,12 +449,6 @@ def test_rollouts_played_before_cut_offs_were_recorded_read_beside_later_ones_as
         path.write_text(json.dumps({**rows[1], schema.CUT_OFF: value}) + "\n")
         with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:1: field '{schema.CUT_OFF}': expected {expected}"):
             read_trajectories(path)
-    # One flag per turn but not per assistant message: weighted SFT could not tell which reply was cut off.
-    # The turns (the rewards, which the flags agree with) are what the conversation lacks.
-    messages = rows[1][schema.MESSAGES][:2]
-    path.write_text(json.dumps({**rows[1], schema.MESSAGES: messages}) + "\n")
-    with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: .*turn_rewards has 3 values for 1 assistant message"):
-        read_trajectories(path)
 
 
 def test_parquet_answers_that_are_all_empty_lists_read_as_no_answers(tmp_path):
