@@ -735,21 +735,70 @@ def _comment(text: str) -> str | None:
 _NEVER_SHOWN = frozenset({"api_key_env", "api_base"})
 
 
-def _keys_with_words(key: str, known: list[str]) -> list[str]:
-    """The `known` keys that hold every word of `key` ("samples" in samples_per_prompt): difflib finds a
-    short key too far from them to suggest, or suggests one of several."""
-    words = set(key.lower().split("_"))
-    return [name for name in known if words <= set(name.split("_"))]
+# Words that qualify a key's subject: shared by too many keys to point to one.
+_QUALIFIERS = frozenset({"max", "min", "num", "per", "use", "size"})
+_MOST_SUGGESTED = 3
+
+
+def _suggested_keys(loc: list[str]) -> list[str]:
+    """The dotted keys to suggest for the unknown key at `loc`, best first: the same name in another section
+    (episode.max_turns for eval.max_turns); else the keys of its section that hold all its words (samples:
+    samples_per_prompt; temp: temperature), the fewest-worded first; else those holding the most of its
+    words but qualifiers such as max or num (num_samples: samples_per_prompt); else difflib's nearest,
+    which finds a short key too far from a longer one that holds it."""
+    name, section = loc[-1], loc[:-1]
+    elsewhere = [key for key in _dotted_keys() if key.split(".")[-1] == name and key.split(".")[:-1] != section]
+    if elsewhere:
+        return elsewhere[:_MOST_SUGGESTED]
+    known = list(_model_at(section).model_fields)
+    words = _words(name)
+    holding = [key for key in known if _held(words, key) == len(words)]
+    if not holding:
+        held = {key: _held(words - _QUALIFIERS, key) for key in known}
+        most = max(held.values(), default=0)
+        holding = [key for key in known if most and held[key] == most]
+    if holding:
+        fewest = min(len(_words(key)) for key in holding)
+        close = [key for key in holding if len(_words(key)) == fewest]
+    else:
+        close = difflib.get_close_matches(name, known, n=1)
+    return [".".join([*section, key]) for key in close[:_MOST_SUGGESTED]]
+
+
+def _words(key: str) -> set[str]:
+    """The words of a key, singular or plural alike."""
+    return {word[:-1] if word.endswith("s") and len(word) > 3 else word for word in key.lower().split("_") if word}
+
+
+def _held(words: set[str], key: str) -> int:
+    """How many of `words` the key `key` holds: a word of its, or from three letters on, one that begins
+    the other (temp: temperature; scheduler: schedule)."""
+    own = _words(key)
+    return sum(any(_same_word(word, mine) for mine in own) for word in words)
+
+
+def _same_word(a: str, b: str) -> bool:
+    return a == b or (min(len(a), len(b)) >= 3 and (a.startswith(b) or b.startswith(a)))
+
+
+def _dotted_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every key of the config tree, sections included."""
+    keys = []
+    for name, info in model.model_fields.items():
+        keys.append(prefix + name)
+        section = _section(info.annotation)
+        if section is not None:
+            keys.extend(_dotted_keys(section, f"{prefix}{name}."))
+    return keys
 
 
 def _describe(error: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     dotted = ".".join(loc)
     if error["type"] == "extra_forbidden":
-        known = list(_model_at(loc[:-1]).model_fields)
-        close = _keys_with_words(loc[-1], known) or difflib.get_close_matches(loc[-1], known, n=1)
-        suggested = " or ".join(f"'{'.'.join(loc[:-1] + [key])}'" for key in close)
-        hint = f"; did you mean {suggested}?" if close else f"; known keys: {', '.join(known)}"
+        suggested = " or ".join(f"'{key}'" for key in _suggested_keys(loc))
+        known = ", ".join(_model_at(loc[:-1]).model_fields)
+        hint = f"; did you mean {suggested}?" if suggested else f"; known keys: {known}"
         return f"{dotted}: unknown key{hint}"
     found = error.get("input")
     if not loc:  # a check across sections: its message names the keys

@@ -80,15 +80,23 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
     assert "trainn: unknown key; did you mean 'train'?" in message
 
 
-
 @pytest.mark.parametrize(
     "override, line",
     [
         # Too short for difflib beside the key it abbreviates: found by its words.
         ("rollout.samples=4", "  rollout.samples: unknown key; did you mean 'rollout.samples_per_prompt'?"),
+        ("rollout.temp=0.7", "  rollout.temp: unknown key; did you mean 'rollout.temperature'?"),
+        ("train.gpus=1", "  train.gpus: unknown key; did you mean 'train.use_gpu'?"),  # singular or plural
         ("train.batch_size=8", "  train.batch_size: unknown key; did you mean 'train.global_batch_size' or "
          "'train.micro_batch_size'?"),
+        # The fewest-worded of the keys holding it, not cpus_per_actor and gpus_per_actor.
         ("rollout.actors=2", "  rollout.actors: unknown key; did you mean 'rollout.num_actors'?"),
+        # Not all its words: the most of them but qualifiers (num, size), not tensor_parallel_size.
+        ("rollout.num_samples=4", "  rollout.num_samples: unknown key; did you mean 'rollout.samples_per_prompt'?"),
+        ("rollout.batch_size=8", "  rollout.batch_size: unknown key; did you mean 'rollout.prompts_per_batch'?"),
+        ("train.lr_scheduler=cosine", "  train.lr_scheduler: unknown key; did you mean 'train.lr_schedule'?"),
+        # The key of another section.
+        ("eval.max_turns=3", "  eval.max_turns: unknown key; did you mean 'episode.max_turns'?"),
     ],
 )
 def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
