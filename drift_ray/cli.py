@@ -24,6 +24,7 @@ def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
+    from drift_ray import pipeline
     from drift_ray.weights import weights_file
 
     flags = {dest: getattr(args, dest) for dest in ("beta", "gamma", "rep_lambda", "format_penalty", "mode")}
@@ -36,6 +37,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
                 flag = "--" + dest.replace("_", "-")
                 raise ValueError(f"{flag} and the override {override!r} both set weights.{dest}; give one of them")
     cfg = _config(args, [f"weights.{dest}={value}" for dest, value in given.items()])
+    pipeline.warn_of_outputs_left_in_the_job({"--output": args.output})
     diagnostics = weights_file(args.input, args.output, cfg.weights)
     print(json.dumps(diagnostics, indent=2))
     print(f"wrote {args.output}")
@@ -49,7 +51,7 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     cfg = _config(args)
     model = pipeline.resolve_model(cfg.rollout.model, cfg)
     task = load_task(cfg.task, cfg.seed)
-    with pipeline.lock_run_dir(cfg):
+    with pipeline.lock_run_dir(cfg, writes_rollouts=True):
         summary = pipeline.run_rollouts(cfg, task, model, functools.partial(pipeline.connect_ray, cfg, ("rollouts",)))
     print(json.dumps(summary, indent=2))
     print(f"trajectories in {pipeline.rollouts_dir(cfg)}")
@@ -68,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "to train with --model (a directory or a Hub id)"
         )
     model = pipeline.resolve_model(cfg.rollout.model if args.model is None else args.model, cfg, to_train=True)
-    with pipeline.lock_run_dir(cfg):
+    with pipeline.lock_run_dir(cfg, writes_rollouts=False):
         trained = pipeline.run_training(cfg, model, functools.partial(pipeline.connect_ray, cfg, ("train",)), args.input)
     print(json.dumps(read_stats(trained), indent=2, sort_keys=True))
     print(f"trained model in {trained}")
@@ -95,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--model: two models labelled {label!r}; label each, e.g. --model {label}-2={path}")
         models[label] = pipeline.resolve_model(path, cfg)
     task = pipeline.evaluation_task(cfg)
-    with pipeline.lock_run_dir(cfg):
+    with pipeline.lock_run_dir(cfg, writes_rollouts=False):
         report = pipeline.run_eval(cfg, task, models, start_ray=functools.partial(pipeline.connect_ray, cfg, ("eval",)))
     print(Path(report["paths"]["markdown"]).read_text())
     print(f"plot: {report['paths']['plot']}")

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Collection, ContextManager, Mapping
+from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 
@@ -65,31 +66,38 @@ STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connec
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def lock_run_dir(cfg: Config) -> ContextManager[float]:
+def lock_run_dir(cfg: Config, *, writes_rollouts: bool) -> ContextManager[float]:
     """Held while a process writes cfg.run_dir (made if new): a second one, such as a job resubmitted while
     the first still runs, is refused at once instead of overwriting the stages the first is writing.
-    Warns first of every output path that goes with the job (see outputs_deleted_with_the_job)."""
-    for problem in outputs_deleted_with_the_job(cfg, os.environ):
-        log.warning(problem)
+    Warns first of a relative run_dir, and rollout.output_dir where the command `writes_rollouts`, that a
+    Ray job would leave in its working_dir (see outputs_left_in_the_job)."""
+    outputs = {"run_dir": cfg.run_dir, **({"rollout.output_dir": cfg.rollout.output_dir} if writes_rollouts else {})}
+    warn_of_outputs_left_in_the_job(outputs)
     return exclusive_lock(Path(cfg.run_dir) / RUN_LOCK_FILE, wait=False)
 
 
-def outputs_deleted_with_the_job(cfg: Config, environ: Mapping[str, str]) -> list[str]:
-    """Why each relative output path of `cfg` (run_dir, rollout.output_dir) would be lost, where `environ`
-    is that of a Ray job submitted with a working_dir: the job runs in Ray's copy of it, kept by the content
-    it was uploaded with, which Ray deletes when its cache of such copies outgrows its limit."""
+def warn_of_outputs_left_in_the_job(outputs: Mapping[str, str | None]) -> None:
+    for problem in outputs_left_in_the_job(outputs, os.environ):
+        log.warning(problem)
+
+
+def outputs_left_in_the_job(outputs: Mapping[str, str | None], environ: Mapping[str, str]) -> list[str]:
+    """Why each relative path of `outputs` (by the key or flag that sets it) would be lost, where `environ`
+    is that of a Ray job submitted with a working_dir that Ray copies (all but a local:// one, used in place):
+    the job starts in the copy, kept by the content it was uploaded with, under the cluster's session
+    directory, and Ray deletes unused copies when they outgrow their cache."""
     try:
         working_dir = json.loads(environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env", {}).get("working_dir")
     except (ValueError, AttributeError):  # not Ray's JSON: no job of Ray's to speak of
         return []
-    if not working_dir:
+    if not working_dir or urlparse(working_dir).scheme == "local":
         return []
-    paths = {"run_dir": cfg.run_dir, "rollout.output_dir": cfg.rollout.output_dir}
     return [
-        f"{key}={path} is relative to this Ray job's working directory ({Path.cwd()}): Ray's copy of the job's "
-        "working_dir, which a job submitted with other files does not share (a rerun would not find this run to "
-        f"resume) and which Ray may delete once the job ends. Give an absolute {key} on storage that outlives the job"
-        for key, path in paths.items()
+        f"{key}={path} is relative to the directory this process runs in ({Path.cwd()}), in a Ray job submitted "
+        "with a working_dir Ray's copy of it unless the entrypoint changed directory: a job submitted with other "
+        "files, or after the cluster restarts, gets another copy (so a rerun would not find this run to resume), "
+        f"and Ray may delete this one once the job ends. Give an absolute {key} on storage that outlives the job"
+        for key, path in outputs.items()
         if path and not Path(path).is_absolute()
     ]
 
@@ -497,7 +505,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             "the server at rollout.api_base does not serve. Run `drift-ray rollouts`, `weights` and `train`, "
             "serve the trained model, and evaluate it with `drift-ray eval`"
         )
-    with lock_run_dir(cfg):
+    with lock_run_dir(cfg, writes_rollouts=True):
         return _run_stages(cfg)
 
 

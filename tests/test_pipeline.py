@@ -22,7 +22,6 @@ from drift_ray.cli import main
 from drift_ray.config import load_config, validate_config
 from drift_ray.pipeline import (
     CONFIG_FILE,
-    RAY_JOB_CONFIG_ENV,
     RUN_LOCK_FILE,
     RUN_RECORD_FILE,
     WEIGHTED_DIR,
@@ -30,7 +29,6 @@ from drift_ray.pipeline import (
     WEIGHTS_SETTINGS_FILE,
     evaluation_task,
     lock_run_dir,
-    outputs_deleted_with_the_job,
     resolve_model,
     run_weights,
     weights_finished,
@@ -379,7 +377,7 @@ def test_a_command_into_a_run_dir_another_process_writes_is_refused_before_any_w
     extra = {"train": ["--input", str(weighted)], "eval": ["--model", tiny_model_dir]}.get(command, [])
     args = [command, "--config", str(REPO / "jobs/smoke.yaml"), *extra, *smoke_overrides(run_dir, tiny_model_dir)]
     # In this process: an flock conflicts with every other open of its file.
-    with lock_run_dir(load_config(None, [f"run_dir={run_dir}"])):
+    with lock_run_dir(load_config(None, [f"run_dir={run_dir}"]), writes_rollouts=False):
         assert main(args) == 2
     error = capsys.readouterr().err
     assert f"{run_dir} is in use by pid {os.getpid()} on " in error and len(error.splitlines()) == 1
@@ -642,12 +640,14 @@ def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_pat
     assert not (run_dir / "rollouts").exists()
 
 
-def submit_when_ready(client, entrypoint: str, wait_s: float = 120.0) -> str:
-    """Submit the job; the head's job agent may still be starting ("No available agent"), so retry."""
+def submit_when_ready(client, entrypoint: str, runtime_env: dict | None = None, wait_s: float = 120.0) -> str:
+    """Submit the job (by default with DeepSpeed on CPU); the head's job agent may still be starting ("No
+    available agent"), so retry."""
+    runtime_env = runtime_env or {"env_vars": {"DS_ACCELERATOR": "cpu"}}
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
@@ -719,35 +719,27 @@ def test_a_job_with_a_working_dir_is_warned_of_relative_outputs_that_go_with_it(
         "from drift_ray.config import load_config\n"
         "from drift_ray.pipeline import lock_run_dir\n"
         "logging.basicConfig(level=logging.INFO)\n"
-        "with lock_run_dir(load_config(None, sys.argv[1:])):\n"
+        "with lock_run_dir(load_config(None, sys.argv[1:]), writes_rollouts=True):\n"
         "    pass\n"
     )
     client = JobSubmissionClient(head_node_dashboard)
     absolute = tmp_path / "run"
     logs = {}
     for label, overrides in (("relative", "run_dir=runs/x rollout.output_dir=shared"), ("absolute", f"run_dir={absolute}")):
-        job = client.submit_job(entrypoint=f"{sys.executable} lock.py {overrides}", runtime_env={"working_dir": str(working_dir)})
+        job = submit_when_ready(client, f"{sys.executable} lock.py {overrides}", {"working_dir": str(working_dir)})
         deadline = time.monotonic() + 120
         while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED} and time.monotonic() < deadline:
             time.sleep(1)
         logs[label] = client.get_job_logs(job)
         assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[label][-4000:]
-    copy = re.search(r"run_dir=runs/x is relative to this Ray job's working directory \((.+?)\): ", logs["relative"])
+    copy = re.search(r"run_dir=runs/x is relative to the directory this process runs in \((.+?)\), ", logs["relative"])
     assert copy and Path(copy.group(1)) != working_dir and (Path(copy.group(1)) / "lock.py").exists()
     assert (Path(copy.group(1)) / "runs" / "x" / RUN_LOCK_FILE).exists()  # written into Ray's copy
     assert "Give an absolute run_dir on storage that outlives the job" in logs["relative"]
     assert "rollout.output_dir=shared is relative" in logs["relative"]
-    assert "is relative to this Ray job's working directory" not in logs["absolute"]
+    assert "is relative to the directory" not in logs["absolute"]
     assert (absolute / RUN_LOCK_FILE).exists()
 
-
-def test_outputs_are_warned_of_only_in_a_job_that_has_a_working_dir():
-    cfg = load_config(None, ["run_dir=runs/x"])
-    job = {RAY_JOB_CONFIG_ENV: json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}})}
-    assert [problem.split(" is relative")[0] for problem in outputs_deleted_with_the_job(cfg, job)] == ["run_dir=runs/x"]
-    assert outputs_deleted_with_the_job(cfg, {}) == []  # not a Ray job: relative to where the user ran it
-    assert outputs_deleted_with_the_job(cfg, {RAY_JOB_CONFIG_ENV: json.dumps({"runtime_env": {}})}) == []
-    assert outputs_deleted_with_the_job(cfg, {RAY_JOB_CONFIG_ENV: "not json"}) == []
 
 def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_dashboard, caplog):
     """A config without ray.address, and every benchmark, start a cluster of their own size; a bare
