@@ -24,7 +24,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -345,7 +347,7 @@ def train_weighted_sft(
         # Every rank reads all rows and takes its share of each global batch itself (see plan_steps).
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
 
     # A copy left by a process killed while copying: a whole model's size on disk, never to be published.
     for leftover in out.glob(f".{MODEL_DIR}.staging-*"):
@@ -370,6 +372,37 @@ def train_weighted_sft(
         raise
     _remove_checkpoints(out)
     return stats
+
+
+def _fit(trainer: Any) -> Any:
+    """trainer.fit(), where Ctrl-C ends as a KeyboardInterrupt, as it does in every other stage. In the main
+    thread fit installs Ray Train's own SIGINT handler, which aborts the run and so ends fit with SystemExit
+    or the dead controller's error: a crash's exit status 1 without a word. The handler is left installed,
+    to end a later stage's Ctrl-C the same way, so the one before is restored. Which signal ended fit (SIGTERM
+    ends it with SystemExit too) is read from the signal wakeup fd, which Python writes every signal's number
+    to, whatever handler runs."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        return trainer.fit()
+    handler = signal.getsignal(signal.SIGINT)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    try:
+        return trainer.fit()
+    except BaseException:
+        try:
+            received = os.read(read_end, 4096)
+        except BlockingIOError:  # no signal
+            received = b""
+        if signal.SIGINT in received:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.set_wakeup_fd(wakeup_fd)
+        signal.signal(signal.SIGINT, handler)
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _remove_checkpoints(out: Path) -> None:

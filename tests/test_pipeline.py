@@ -408,6 +408,35 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
             main(["--traceback", *args])
 
 
+
+def test_ctrl_c_during_training_is_the_same_one_line_and_death_by_sigint(tmp_path, tiny_model_dir):
+    """Ray Train's own SIGINT handler aborts the run, which would end the command with status 1 and no
+    word. Sent to the process group, as a terminal's Ctrl-C is: Ray's local cluster gets it too."""
+    import signal
+
+    weighted = tmp_path / "weighted.parquet"
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    pq.write_table(pa.table({schema.TRAJECTORY_ID: ["q/0"], schema.MESSAGES: [conversation], schema.WEIGHT: [1.0]}), weighted)
+    command = [
+        str(Path(sys.executable).with_name("drift-ray")), "train", "--config", str(REPO / "jobs/smoke.yaml"),
+        "--input", str(weighted), *smoke_overrides(tmp_path / "run", tiny_model_dir),
+        "train.epochs=100000",  # one step per epoch: it trains until interrupted
+    ]
+    log = tmp_path / "train.log"
+    with log.open("wb") as out:
+        train = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while b"Started training worker group" not in log.read_bytes() and time.monotonic() < deadline:
+            assert train.poll() is None, log.read_text()[-4000:]
+            time.sleep(1)
+        os.killpg(train.pid, signal.SIGINT)
+        assert train.wait(timeout=120) == -signal.SIGINT, log.read_text()[-4000:]
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)
+    assert "drift-ray train: interrupted; run the same command again to go on from what it finished" in log.read_text()
+
 def test_the_interrupted_command_dies_of_sigint_so_that_a_shell_loop_around_it_stops():
     import signal
 
