@@ -687,7 +687,7 @@ HEAD_NODE_CPUS = 2
 
 
 @pytest.fixture(scope="module")
-def head_node_dashboard():
+def head_node_dashboard(tmp_path_factory):
     """A `ray start --head` cluster of HEAD_NODE_CPUS on this machine, as on a cluster's head node; yields
     its dashboard address."""
     ray_bin = Path(sys.executable).with_name("ray")
@@ -695,17 +695,25 @@ def head_node_dashboard():
     # Ray refuses two components on one port.
     gcs_port, dashboard_port, agent_port = free_ports(3)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    started = subprocess.run(
-        [str(ray_bin), "start", "--head", f"--num-cpus={HEAD_NODE_CPUS}", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         f"--dashboard-agent-listen-port={agent_port}"],
-        env=env, capture_output=True, text=True,
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
+    # --block: stopped by ending this process, which takes its own node's processes with it. `ray stop`
+    # would stop every Ray cluster of the user on the machine, a drift-ray run beside the tests included.
+    log = tmp_path_factory.mktemp("head-node") / "ray_start.log"
+    with log.open("wb") as out:
+        head = subprocess.Popen(
+            [str(ray_bin), "start", "--head", "--block", f"--num-cpus={HEAD_NODE_CPUS}", f"--port={gcs_port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+             f"--dashboard-agent-listen-port={agent_port}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
     try:
+        deadline = time.monotonic() + 120
+        while b"will now block forever" not in log.read_bytes():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
         yield f"http://127.0.0.1:{dashboard_port}"
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)
+        head.terminate()  # SIGTERM: the node stops its processes, then exits
+        head.wait(timeout=120)
 
 
 def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_path, tiny_model_dir, head_node_dashboard):
