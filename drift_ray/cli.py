@@ -25,7 +25,7 @@ def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
-    from drift_ray.weights import weights_file
+    from drift_ray.weights import weight_warnings, weights_file
 
     flags = {dest: getattr(args, dest) for dest in ("beta", "gamma", "rep_lambda", "format_penalty", "mode")}
     given = {dest: value for dest, value in flags.items() if value is not None}
@@ -40,6 +40,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
     pipeline.warn_of_outputs_left_in_the_job({"--output": args.output})
     diagnostics = weights_file(args.input, args.output, cfg.weights)
     print(json.dumps(diagnostics, indent=2))
+    for warning in weight_warnings(diagnostics):
+        pipeline.log.warning("weights: %s", warning)
     print(f"wrote {args.output}")
     return 0
 

@@ -337,7 +337,7 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     import ray.data
     from ray.data.expressions import col
 
-    from drift_ray.weights import add_weights, weight_diagnostics
+    from drift_ray.weights import add_weights, weight_diagnostics, weight_warnings
 
     require_training_problems(task)
     run_dir = Path(cfg.run_dir)
@@ -376,6 +376,8 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     write_json_atomic(diagnostics, staging / WEIGHTS_DIAGNOSTICS_FILE)
     publish_directory(staging, out)
     log.info("weights: %s", diagnostics)
+    for warning in weight_warnings(diagnostics):
+        log.warning("weights: %s", warning)
     if diagnostics["cut_off_reply_share"]:
         log.warning(
             "weights: %.1f%% of the rollouts' replies (of those recorded) reached rollout.max_new_tokens=%d, or the "

@@ -9,6 +9,7 @@ a file entry (`weights_file`) and a thin Ray Data wrapper (`add_weights`) that i
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,8 +158,43 @@ def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
         "groups_without_success_share": float(1.0 - group_solved.mean()),
         "success_weight_share": float(weights[success].sum() / total) if total > 0 else 0.0,
         "weight_share_by_first_correct_turn": share_by_turn,
+        "repeated_groups_share": _repeated_groups_share(table, group, num_groups),
         **_cut_off_shares(table, weights, total),
     }
+
+
+def _repeated_groups_share(table: pa.Table, group: npt.NDArray[np.int64], num_groups: int) -> float | None:
+    """Of the prompts with more than one trajectory, the share whose trajectories are one conversation
+    repeated; None without a MESSAGES column, or without such prompts."""
+    if schema.MESSAGES not in table.column_names:
+        return None
+    sizes = np.bincount(group, minlength=num_groups)
+    if not (sizes > 1).any():
+        return None
+    texts = pa.array([json.dumps(conversation, sort_keys=True) for conversation in table.column(schema.MESSAGES).to_pylist()])
+    codes = texts.dictionary_encode().indices.to_numpy()
+    lowest, highest = np.full(num_groups, np.iinfo(np.int64).max), np.full(num_groups, -1)
+    np.minimum.at(lowest, group, codes)
+    np.maximum.at(highest, group, codes)
+    return float(((lowest == highest) & (sizes > 1)).sum() / (sizes > 1).sum())
+
+
+def weight_warnings(diagnostics: dict[str, Any]) -> list[str]:
+    """What weight_diagnostics' `diagnostics` show that leaves weighted SFT little or nothing to learn."""
+    warnings = []
+    if diagnostics["groups_without_success_share"] == 1.0:
+        warnings.append(
+            "no trajectory of any prompt reached a correct answer: weights.mode=success_only leaves weighted SFT "
+            "nothing to train on, and drift or uniform train on failures alone. Check that the verifier reads the "
+            "replies' answers and the gold ones, or give the reference an easier task"
+        )
+    if diagnostics["repeated_groups_share"] == 1.0:
+        warnings.append(
+            "every prompt's trajectories are one conversation repeated, so the weights tell no episode from "
+            "another: the engine did not sample (rollout.temperature=0, or a server that ignores the temperature: "
+            "transformers serve samples only for a model whose generation_config.json sets do_sample: true)"
+        )
+    return warnings
 
 
 def _cut_off_shares(table: pa.Table, weights: npt.NDArray[np.float64], total: float) -> dict[str, float | None]:

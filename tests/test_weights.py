@@ -28,6 +28,7 @@ from drift_ray.weights import (
     reached_correct,
     trajectory_returns,
     weight_diagnostics,
+    weight_warnings,
     weights_file,
 )
 
@@ -346,8 +347,9 @@ def test_diagnostics_by_hand():
     ).append_column(schema.WEIGHT, pa.array([1.5, 0.5, 1.0, 1.0]))
     diagnostics = weight_diagnostics(table)
     assert diagnostics.pop("weight_share_by_first_correct_turn") == pytest.approx({"1": 1.5 / 4, "unsolved": 2.5 / 4})
-    # Unknown without a CUT_OFF column.
+    # Unknown without a CUT_OFF column, or a MESSAGES one.
     assert diagnostics.pop("cut_off_reply_share") is None and diagnostics.pop("cut_off_last_reply_weight_share") is None
+    assert diagnostics.pop("repeated_groups_share") is None
     # ESS: a = 2² / (1.5² + 0.5²) = 1.6, b = 2² / 2 = 2; p10 of [1.6, 2] = 1.64.
     assert diagnostics == pytest.approx(
         {
@@ -379,6 +381,32 @@ def test_diagnostics_count_the_cut_off_replies_that_are_known():
     diagnostics = weight_diagnostics(all_null.append_column(schema.WEIGHT, pa.array([1.0, 1.0])))
     assert diagnostics["cut_off_reply_share"] is None
 
+
+
+def conversation(*replies: str) -> list[dict[str, str]]:
+    turns = [[{"role": "user", "content": "q" if t == 0 else "Incorrect."}, {"role": "assistant", "content": r}] for t, r in enumerate(replies)]
+    return [message for turn in turns for message in turn]
+
+
+def test_what_leaves_weighted_sft_nothing_to_learn_is_warned_of():
+    def weighed(conversations: dict[str, list[list[str]]], solved: bool = False) -> dict:
+        rows = [
+            {"prompt": prompt, "rewards": [0.0] * (len(replies) - 1) + [float(solved)], "extra": {schema.MESSAGES: conversation(*replies)}}
+            for prompt, group in conversations.items()
+            for replies in group
+        ]
+        return weight_diagnostics(compute_weights(_table(rows), WeightsConfig()))
+
+    # Prompt a's two episodes are one conversation; b's two differ in their second reply; c has one episode.
+    sampled = weighed({"a": [["7"], ["7"]], "b": [["7", "8"], ["7", "9"]], "c": [["7"]]}, solved=True)
+    assert sampled["repeated_groups_share"] == 0.5 and weight_warnings(sampled) == []
+    repeated = weighed({"a": [["7"], ["7"]], "b": [["7", "8"], ["7", "8"]]}, solved=True)
+    assert repeated["repeated_groups_share"] == 1.0
+    [warning] = weight_warnings(repeated)
+    assert warning.startswith("every prompt's trajectories are one conversation repeated") and "do_sample: true" in warning
+    unsolved = weighed({"a": [["7"], ["8"]]})
+    [warning] = weight_warnings(unsolved)
+    assert warning.startswith("no trajectory of any prompt reached a correct answer: weights.mode=success_only")
 
 def test_first_correct_turn_from_rewards_and_from_t_star():
     rows = [
