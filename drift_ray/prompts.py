@@ -7,6 +7,7 @@ verifier that checks answers to them and the options it is built with.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -181,10 +182,25 @@ def _load_plugin(spec: str) -> TaskBuilder:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise TaskError(f"task.name: cannot import plugin module {module_name!r}: {err}") from err
+        # The drift-ray command, unlike `python -m drift_ray`, does not import from the current directory.
+        hint = (
+            "; put the directory that holds it on PYTHONPATH (e.g. PYTHONPATH=. drift-ray …)"
+            if isinstance(err, ModuleNotFoundError) and err.name == module_name.split(".")[0]
+            else ""
+        )
+        raise TaskError(f"task.name: cannot import plugin module {module_name!r}: {err}{hint}") from err
     builder = getattr(module, attr, None)
     if not callable(builder):
         raise TaskError(f"task.name: {module_name!r} has no callable {attr!r}")
+    try:
+        inspect.signature(builder).bind_partial(seed=0)
+    except TypeError:
+        raise TaskError(
+            f"task.name: {spec} takes no seed; drift-ray calls it as {attr}(seed=<seed>, **task.options), with the "
+            "run's seed to sample problems by: give it a seed parameter"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): left to the call
+        pass
     return builder
 
 

@@ -278,6 +278,10 @@ def make_plugin_task_with_a_name_in_a_union(seed, size: "int | 'Integral'" = 2, 
     return make_plugin_task(seed, size)
 
 
+def make_seedless_plugin_task():
+    return make_plugin_task(0)
+
+
 def make_plugin_task_with_repeated_ids(seed):
     # Ids from an index that restarts per source: two different problems under "src-0".
     return Task("plugin", [], [Problem(f"src-{i}", f"q{n}", "a") for n in range(2) for i in range(2)], "exact")
@@ -317,8 +321,21 @@ def test_plugin_task_and_errors():
         assert len(load_task(typed, seed=0).train) == 3
     with pytest.raises(TaskError, match="module:function"):
         load_task(TaskConfig(kind="plugin", name="no_colon"), seed=0)
-    with pytest.raises(TaskError, match="cannot import plugin module"):
+    # The drift-ray command does not import from the current directory, as `python -m drift_ray` does.
+    with pytest.raises(TaskError) as err:
         load_task(TaskConfig(kind="plugin", name="no_such_module_xyz:f"), seed=0)
+    assert str(err.value) == (
+        "task.name: cannot import plugin module 'no_such_module_xyz': No module named 'no_such_module_xyz'; put the "
+        "directory that holds it on PYTHONPATH (e.g. PYTHONPATH=. drift-ray …)"
+    )
+    # A builder without a seed is named, not the task.options it was called with.
+    with pytest.raises(TaskError) as err:
+        load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_seedless_plugin_task"), seed=0)
+    assert str(err.value) == (
+        "task.name: tests.test_prompts:make_seedless_plugin_task takes no seed; drift-ray calls it as "
+        "make_seedless_plugin_task(seed=<seed>, **task.options), with the run's seed to sample problems by: give it "
+        "a seed parameter"
+    )
     with pytest.raises(TaskError) as err:
         load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task_with_repeated_ids"), seed=0)
     assert str(err.value) == (
