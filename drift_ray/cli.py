@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_config, override_key
@@ -19,8 +20,10 @@ from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_c
 _LABEL = re.compile(r"(?!eval\.(?:json|md|png)$)[\w:+-][\w.:+-]*")
 
 
-def _config(args: argparse.Namespace, extra: list[str] = ()) -> Config:
-    return load_config(args.config, [*extra, *args.overrides])
+def _config(args: argparse.Namespace, flags: Mapping[str, str] | None = None) -> Config:
+    """The config of --config and the overrides, on top of `flags`: overrides by the flag that gave them."""
+    flags = flags or {}
+    return load_config(args.config, [*flags, *args.overrides], given_as={override_key(item): flag for item, flag in flags.items()})
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -36,7 +39,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
             if overridden in (f"weights.{dest}", "weights"):
                 flag = "--" + dest.replace("_", "-")
                 raise ValueError(f"{flag} and the override {override!r} both set weights.{dest}; give one of them")
-    cfg = _config(args, [f"weights.{dest}={value}" for dest, value in given.items()])
+    cfg = _config(args, {f"weights.{dest}={value}": "--" + dest.replace("_", "-") for dest, value in given.items()})
     pipeline.warn_of_outputs_left_in_the_job({"--output": args.output})
     diagnostics = weights_file(args.input, args.output, cfg.weights)
     print(json.dumps(diagnostics, indent=2))

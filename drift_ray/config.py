@@ -12,7 +12,7 @@ import os
 import re
 import string
 import urllib.parse
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, get_args
@@ -631,8 +631,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message lists every problem with its dotted path."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key.path=value` overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), given_as: Mapping[str, str] | None = None
+) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.path=value` overrides.
+    `given_as`: how the user gave the override of a key, where not as one (a flag such as --beta), for errors."""
     source = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
@@ -655,24 +658,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
     for item in overrides:
         _apply_override(data, item, source)
-    return validate_config(data, source, [override_key(item) for item in overrides])
+    given_as = given_as or {}
+    overridden = {override_key(item): given_as.get(override_key(item), f"the override of {override_key(item)}") for item in overrides}
+    return validate_config(data, source, overridden)
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>", overridden: Sequence[str] = ()) -> Config:
-    """`overridden`: the dotted keys that overrides set on top of the file named by `source`, so that an
-    error under one of them blames the override, not the file."""
+def validate_config(data: dict[str, Any], source: str = "<config>", overridden: Mapping[str, str] | None = None) -> Config:
+    """`overridden`: the dotted keys that overrides set on top of the file named by `source`, each with how it
+    was given ("the override of KEY"), so that an error under one of them blames that, not the file."""
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        problems = [_describe(e) + _set_by_override(e["loc"], overridden) for e in err.errors()]
+        problems = [_describe(e) + _set_by_override(e["loc"], overridden or {}) for e in err.errors()]
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
 
 
-def _set_by_override(loc: tuple[Any, ...], overridden: Sequence[str]) -> str:
+def _set_by_override(loc: tuple[Any, ...], overridden: Mapping[str, str]) -> str:
     dotted = ".".join(str(part) for part in loc)
     # The key alone: the override's value may be a secret (see _NEVER_SHOWN).
     key = next((k for k in overridden if dotted == k or dotted.startswith(k + ".")), None)
-    return "" if key is None else f" [set by the override of {key}]"
+    return "" if key is None else f" [set by {overridden[key]}]"
 
 
 def override_key(item: str) -> str:

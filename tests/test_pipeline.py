@@ -465,6 +465,8 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     assert "--beta and the override 'weights.beta=2' both set weights.beta; give one of them" in capsys.readouterr().err
     assert main([*weights, "--gamma", "0.5", "weights={beta: 2}"]) == 2  # the whole section, --gamma included
     assert "--gamma and the override 'weights={beta: 2}' both set weights.gamma" in capsys.readouterr().err
+    assert main([*weights, "--beta", "0"]) == 2  # named by the flag the user gave, not as an override
+    assert "  weights.beta: Input should be greater than 0 (found 0.0) [set by --beta]" in capsys.readouterr().err.splitlines()
     assert main(["config", "seed=3", "--config", str(REPO / "jobs/smoke.yaml"), "run_dir=elsewhere"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)  # overrides on both sides of a flag
     assert (printed["seed"], printed["run_dir"]) == (3, "elsewhere")
