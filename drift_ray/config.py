@@ -106,6 +106,12 @@ class TaskConfig(_Section):
         default_factory=dict, description="Extra keyword arguments for the task builder (any kind but file)."
     )
 
+    @field_validator("columns", "options", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        # So that an override (task.options=null) can clear what a config file set, as it can a path.
+        return {} if value is None else value
+
     @field_validator("train_path", "test_path", "columns", "options")
     @classmethod
     def _read_by_its_kind(cls, value: Any, info: ValidationInfo) -> Any:
@@ -113,7 +119,7 @@ class TaskConfig(_Section):
         kind, readers = info.data.get("kind"), _TASK_KEY_READERS[info.field_name]
         if value and kind is not None and kind not in readers:
             only = ", ".join(map(repr, readers))
-            raise ValueError(f"kind {kind!r} does not read it, only {only} do: change kind, or remove the key")
+            raise ValueError(f"kind {kind!r} does not read it, only {only} do: change kind, or remove the key (or set it to null)")
         return value
 
 

@@ -67,6 +67,16 @@ def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
     assert load_config(path, ["task.name=gsm8k", "task.kind=hub"]).task.name == "gsm8k"
 
 
+def test_an_override_clears_what_the_file_set_that_another_kind_does_not_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\n  kind: builtin\n  name: candidates\n  options: {num_train: 8}\n")
+    as_file = ["task.kind=file", "task.test_path=t.jsonl"]
+    with pytest.raises(ConfigError, match=re.escape("change kind, or remove the key (or set it to null)")):
+        load_config(path, as_file)
+    assert load_config(path, [*as_file, "task.options=null"]).task.options == {}
+    assert load_config(None, ["task.columns=null"]).task.columns == {}
+
+
 def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("rollout:\n  modle: x\n  samples_per_prompt: zero\nweights:\n  beta: -1\ntrainn: {}\n")
