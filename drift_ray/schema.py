@@ -175,6 +175,18 @@ def count_replies(messages: Any) -> int:
     return sum(isinstance(message, dict) and message.get("role") == "assistant" for message in messages)
 
 
+def message_codes(messages: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a MESSAGES column of the type the rollouts write: a code for every message in row order, the
+    same for messages of the same role and content, and the messages per row; None for another type."""
+    column = _combined(messages)
+    if not _holds_text_messages(column.type):
+        return None
+    flat = pc.list_flatten(column)
+    role, content = (pc.fill_null(pc.struct_field(flat, key), "").dictionary_encode() for key in ("role", "content"))
+    codes = role.indices.to_numpy().astype(np.int64) * len(content.dictionary) + content.indices.to_numpy()
+    return codes, pc.list_value_length(column).fill_null(0).to_numpy().astype(np.int64)
+
+
 def list_element_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The row of every element that pc.list_flatten(column) returns, in order. From the lengths, not
     list_parent_indices: that one also counts the values an Arrow array may keep behind a null list,

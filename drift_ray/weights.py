@@ -9,7 +9,6 @@ a file entry (`weights_file`) and a thin Ray Data wrapper (`add_weights`) that i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,9 +125,9 @@ def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None 
 
 
 def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
-    """Weight range, effective sample size per group (Σw)²/Σw², how much weight success gets, and the
-    share of the weight by the turn of the first correct answer ("1", "2", …, "unsolved"): what the
-    fine-tuning will mostly learn from. Where the table records CUT_OFF: the share of the replies (of
+    """Weight range, effective sample size per group (Σw)²/Σw², how much weight success gets, the share of
+    the weight by the turn of the first correct answer ("1", "2", …, "unsolved"): what the fine-tuning
+    will mostly learn from; and the share of the prompts whose trajectories are one conversation repeated. Where the table records CUT_OFF: the share of the replies (of
     those known) that reached max_new_tokens, and of the weight on trajectories whose last reply did;
     else None."""
     if table.num_rows == 0:
@@ -165,18 +164,26 @@ def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
 
 def _repeated_groups_share(table: pa.Table, group: npt.NDArray[np.int64], num_groups: int) -> float | None:
     """Of the prompts with more than one trajectory, the share whose trajectories are one conversation
-    repeated; None without a MESSAGES column, or without such prompts."""
-    if schema.MESSAGES not in table.column_names:
-        return None
+    repeated; None without a MESSAGES column of the rollouts' type, or without such prompts. Each row is
+    compared, message by message, with its group's first row."""
+    found = schema.message_codes(table.column(schema.MESSAGES)) if schema.MESSAGES in table.column_names else None
     sizes = np.bincount(group, minlength=num_groups)
-    if not (sizes > 1).any():
+    if found is None or not (sizes > 1).any():
         return None
-    texts = pa.array([json.dumps(conversation, sort_keys=True) for conversation in table.column(schema.MESSAGES).to_pylist()])
-    codes = texts.dictionary_encode().indices.to_numpy()
-    lowest, highest = np.full(num_groups, np.iinfo(np.int64).max), np.full(num_groups, -1)
-    np.minimum.at(lowest, group, codes)
-    np.maximum.at(highest, group, codes)
-    return float(((lowest == highest) & (sizes > 1)).sum() / (sizes > 1).sum())
+    codes, lengths = found
+    starts = np.cumsum(lengths) - lengths
+    first = np.full(num_groups, table.num_rows)
+    np.minimum.at(first, group, np.arange(table.num_rows))
+    model = first[group]  # each row's group's first row
+    same_length = lengths == lengths[model]
+    rows = np.repeat(np.arange(table.num_rows), lengths)
+    compared = np.flatnonzero(same_length[rows])
+    position = compared - starts[rows[compared]]
+    differs = codes[compared] != codes[starts[model[rows[compared]]] + position]
+    other = ~same_length
+    other[rows[compared][differs]] = True
+    repeated = np.bincount(group, weights=other, minlength=num_groups) == 0
+    return float((repeated & (sizes > 1)).sum() / (sizes > 1).sum())
 
 
 def weight_warnings(diagnostics: dict[str, Any]) -> list[str]:
@@ -191,8 +198,9 @@ def weight_warnings(diagnostics: dict[str, Any]) -> list[str]:
     if diagnostics["repeated_groups_share"] == 1.0:
         warnings.append(
             "every prompt's trajectories are one conversation repeated, so the weights tell no episode from "
-            "another: the engine did not sample (rollout.temperature=0, or a server that ignores the temperature: "
-            "transformers serve samples only for a model whose generation_config.json sets do_sample: true)"
+            "another: the engine probably did not sample (a temperature or top_p near 0, or a server that ignores "
+            "the temperature: transformers serve samples only for a model whose generation_config.json sets "
+            "do_sample: true)"
         )
     return warnings
 

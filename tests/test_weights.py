@@ -407,6 +407,11 @@ def test_what_leaves_weighted_sft_nothing_to_learn_is_warned_of():
     unsolved = weighed({"a": [["7"], ["8"]]})
     [warning] = weight_warnings(unsolved)
     assert warning.startswith("no trajectory of any prompt reached a correct answer: weights.mode=success_only")
+    # Messages with fields beyond role and content (bytes, say) are compared by role and content.
+    table = _table([{"prompt": "a", "rewards": [1]}] * 2)
+    extra = [[{"role": "user", "content": "q", "raw": b"\x00"}, {"role": "assistant", "content": "7", "raw": b"\x01"}]] * 2
+    table = table.append_column(schema.MESSAGES, pa.array(extra)).append_column(schema.WEIGHT, pa.array([1.0, 1.0]))
+    assert weight_diagnostics(table)["repeated_groups_share"] == 1.0
 
 def test_first_correct_turn_from_rewards_and_from_t_star():
     rows = [
