@@ -21,7 +21,8 @@ _LABEL = re.compile(r"(?!eval\.(?:json|md|png)$)[\w:+-][\w.:+-]*")
 
 
 def _config(args: argparse.Namespace, flags: Mapping[str, str] | None = None) -> Config:
-    """The config of --config and the overrides, on top of `flags`: overrides by the flag that gave them."""
+    """The config of --config and the overrides. `flags`: override → the flag that gave it, applied before
+    the overrides (and named in errors by that flag)."""
     flags = flags or {}
     return load_config(args.config, [*flags, *args.overrides], given_as={override_key(item): flag for item, flag in flags.items()})
 
@@ -30,16 +31,16 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
     from drift_ray.weights import weight_warnings, weights_file
 
-    flags = {dest: getattr(args, dest) for dest in ("beta", "gamma", "rep_lambda", "format_penalty", "mode")}
-    given = {dest: value for dest, value in flags.items() if value is not None}
+    values = {dest: getattr(args, dest) for dest in ("beta", "gamma", "rep_lambda", "format_penalty", "mode")}
+    given = {dest: value for dest, value in values.items() if value is not None}
+    flag_of = {dest: "--" + dest.replace("_", "-") for dest in given}
     for override in args.overrides:
         # Overrides come last: one of the flag's key, or of the whole section, would silently win.
         overridden = override_key(override)
         for dest in given:
             if overridden in (f"weights.{dest}", "weights"):
-                flag = "--" + dest.replace("_", "-")
-                raise ValueError(f"{flag} and the override {override!r} both set weights.{dest}; give one of them")
-    cfg = _config(args, {f"weights.{dest}={value}": "--" + dest.replace("_", "-") for dest, value in given.items()})
+                raise ValueError(f"{flag_of[dest]} and the override {override!r} both set weights.{dest}; give one of them")
+    cfg = _config(args, {f"weights.{dest}={value}": flag_of[dest] for dest, value in given.items()})
     pipeline.warn_of_outputs_left_in_the_job({"--output": args.output})
     diagnostics = weights_file(args.input, args.output, cfg.weights)
     print(json.dumps(diagnostics, indent=2))

@@ -106,7 +106,7 @@ class TaskConfig(_Section):
         default_factory=dict, description="Extra keyword arguments for the task builder (any kind but file)."
     )
 
-    @field_validator("columns", "options", mode="before")
+    @field_validator("columns", "verifier_options", "options", mode="before")
     @classmethod
     def _null_is_empty(cls, value: Any) -> Any:
         # So that an override (task.options=null) can clear what a config file set, as it can a path.

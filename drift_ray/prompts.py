@@ -193,14 +193,16 @@ def _load_plugin(spec: str) -> TaskBuilder:
     if not callable(builder):
         raise TaskError(f"task.name: {module_name!r} has no callable {attr!r}")
     try:
-        inspect.signature(builder).bind_partial(seed=0)
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # none to read (a builtin): options_mismatch says so before the call
+        return builder
+    try:
+        signature.bind_partial(seed=0)
     except TypeError:
         raise TaskError(
-            f"task.name: {spec} takes no seed; drift-ray calls it as {attr}(seed=<seed>, **task.options), with the "
-            "run's seed to sample problems by: give it a seed parameter"
+            f"task.name: {spec} takes no seed keyword; drift-ray calls it as {attr}(seed=<seed>, **task.options), "
+            "with the run's seed to sample problems by: give it a seed parameter"
         ) from None
-    except ValueError:  # no signature to read (a builtin): left to the call
-        pass
     return builder
 
 

@@ -377,32 +377,43 @@ def train_weighted_sft(
 def _fit(trainer: Any) -> Any:
     """trainer.fit(), where Ctrl-C ends as a KeyboardInterrupt, as it does in every other stage. In the main
     thread fit installs Ray Train's own SIGINT handler, which aborts the run and so ends fit with SystemExit
-    or the dead controller's error: a crash's exit status 1 without a word. The handler is left installed,
-    to end a later stage's Ctrl-C the same way, so the one before is restored. Which signal ended fit (SIGTERM
-    ends it with SystemExit too) is read from the signal wakeup fd, which Python writes every signal's number
-    to, whatever handler runs."""
+    or the dead controller's error (a crash's exit status 1, without a word), or, where the run finished
+    first, lets fit return. The handler is left installed, to end a later stage's Ctrl-C the same way, so
+    the one before is restored. That a SIGINT came is read from the signal wakeup fd, which Python writes
+    the number of every signal with a Python handler to, whichever handler that is: SIGTERM, which
+    ray.init's handler turns into SystemExit, is not one."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
         return trainer.fit()
     handler = signal.getsignal(signal.SIGINT)
     read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    os.set_blocking(write_end, False)
-    wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     try:
-        return trainer.fit()
-    except BaseException:
+        for end in (read_end, write_end):
+            os.set_blocking(end, False)
+        wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         try:
-            received = os.read(read_end, 4096)
-        except BlockingIOError:  # no signal
-            received = b""
-        if signal.SIGINT in received:
-            raise KeyboardInterrupt from None
-        raise
+            result = trainer.fit()
+        except BaseException:
+            if _received(read_end, signal.SIGINT):
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            signal.set_wakeup_fd(wakeup_fd)
+            if handler is not None:  # None: one installed from outside Python, which cannot be put back
+                signal.signal(signal.SIGINT, handler)
+        if _received(read_end, signal.SIGINT):  # the model is not published: a rerun does that
+            raise KeyboardInterrupt
+        return result
     finally:
-        signal.set_wakeup_fd(wakeup_fd)
-        signal.signal(signal.SIGINT, handler)
         os.close(read_end)
         os.close(write_end)
+
+
+def _received(wakeup_read_end: int, signum: int) -> bool:
+    """Whether the signal wakeup fd whose read end is given was written `signum` (see _fit)."""
+    try:
+        return signum in os.read(wakeup_read_end, 4096)
+    except BlockingIOError:  # nothing written
+        return False
 
 
 def _remove_checkpoints(out: Path) -> None:

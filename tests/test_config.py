@@ -74,7 +74,8 @@ def test_an_override_clears_what_the_file_set_that_another_kind_does_not_read(tm
     with pytest.raises(ConfigError, match=re.escape("change kind, or remove the key (or set it to null)")):
         load_config(path, as_file)
     assert load_config(path, [*as_file, "task.options=null"]).task.options == {}
-    assert load_config(None, ["task.columns=null"]).task.columns == {}
+    assert load_config(None, ["task.columns=null", "task.verifier_options=null"]).task.columns == {}
+    assert load_config(None, ["task.verifier_options=null"]).task.verifier_options == {}
 
 
 def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
@@ -117,6 +118,7 @@ def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
         "<defaults>: invalid config:",
         f"{line} [set by the override of {override.partition('=')[0]}]",
     ]
+
 
 @pytest.mark.parametrize(
     "override, fragment",
@@ -337,8 +339,6 @@ def test_what_may_be_a_secret_is_refused_without_being_repeated(override, line):
     tagged = f"{line} [set by the override of {override.partition('=')[0]}]"
     assert tagged in str(error.value).splitlines() and "SECRET" not in str(error.value)
     load_config(None, ["rollout.api_key_env=MY_KEY_2", "rollout.api_base=https://llm.example:8443/v1/"])
-
-
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from unittest import mock
@@ -408,7 +409,6 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
             main(["--traceback", *args])
 
 
-
 def test_ctrl_c_during_training_is_the_same_one_line_and_death_by_sigint(tmp_path, tiny_model_dir):
     """Ray Train's own SIGINT handler aborts the run, which would end the command with status 1 and no
     word. Sent to the process group, as a terminal's Ctrl-C is: Ray's local cluster gets it too."""
@@ -427,8 +427,8 @@ def test_ctrl_c_during_training_is_the_same_one_line_and_death_by_sigint(tmp_pat
         train = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while b"Started training worker group" not in log.read_bytes() and time.monotonic() < deadline:
-            assert train.poll() is None, log.read_text()[-4000:]
+        while b"Started training worker group" not in log.read_bytes():
+            assert train.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(1)
         os.killpg(train.pid, signal.SIGINT)
         assert train.wait(timeout=120) == -signal.SIGINT, log.read_text()[-4000:]
@@ -436,6 +436,7 @@ def test_ctrl_c_during_training_is_the_same_one_line_and_death_by_sigint(tmp_pat
         if train.poll() is None:
             os.killpg(train.pid, signal.SIGKILL)
     assert "drift-ray train: interrupted; run the same command again to go on from what it finished" in log.read_text()
+
 
 def test_the_interrupted_command_dies_of_sigint_so_that_a_shell_loop_around_it_stops():
     import signal
@@ -696,7 +697,8 @@ def head_node_dashboard(tmp_path_factory):
     # The dashboard agent's port too: its default, 52365, is one the system may hand out for the others, and
     # Ray refuses two components on one port.
     gcs_port, dashboard_port, agent_port = free_ports(3)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # Stopped at once: a node that gets SIGTERM first waits this long for its work to drain.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     # --block: stopped by ending this process, which takes its own node's processes with it. `ray stop`
     # would stop every Ray cluster of the user on the machine, a drift-ray run beside the tests included.
     log = tmp_path_factory.mktemp("head-node") / "ray_start.log"
@@ -715,7 +717,16 @@ def head_node_dashboard(tmp_path_factory):
         yield f"http://127.0.0.1:{dashboard_port}"
     finally:
         head.terminate()  # SIGTERM: the node stops its processes, then exits
-        head.wait(timeout=120)
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()  # its reaper process then stops the node's processes
+            head.wait()
+        # As `ray stop` does: else a later bare ray.init() would look for this cluster at the address that
+        # Ray keeps of the last one started.
+        address_file = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or tempfile.gettempdir(), "ray", "ray_current_cluster")
+        if address_file.exists() and address_file.read_text().strip().endswith(f":{gcs_port}"):
+            address_file.unlink()
 
 
 def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_path, tiny_model_dir, head_node_dashboard):
@@ -743,7 +754,6 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
 
     round2 = read_shards(run_dir / "round-2" / "rollouts")
     assert set(round2.column(schema.MODEL).to_pylist()) == {str(run_dir / "train" / "model")}
-
 
 
 def test_a_job_with_a_working_dir_is_warned_of_relative_outputs_that_go_with_it(tmp_path, head_node_dashboard):

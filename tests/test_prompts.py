@@ -332,7 +332,7 @@ def test_plugin_task_and_errors():
     with pytest.raises(TaskError) as err:
         load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_seedless_plugin_task"), seed=0)
     assert str(err.value) == (
-        "task.name: tests.test_prompts:make_seedless_plugin_task takes no seed; drift-ray calls it as "
+        "task.name: tests.test_prompts:make_seedless_plugin_task takes no seed keyword; drift-ray calls it as "
         "make_seedless_plugin_task(seed=<seed>, **task.options), with the run's seed to sample problems by: give it "
         "a seed parameter"
     )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 from unittest import mock
@@ -33,6 +35,7 @@ from drift_ray.train import (
     STEPS_FILE,
     TENSORBOARD_DIR,
     TENSORBOARD_SCALARS,
+    _fit,
     _load_progress,
     loads_partitioned,
     plan_steps,
@@ -192,6 +195,46 @@ def test_global_batch_that_does_not_split_evenly_names_the_config_keys():
 # --- Ray Train + DeepSpeed on CPU ---
 
 
+class SignalledTrainer:
+    """A trainer whose fit does what Ray Train's does when the process gets `signum` (SIGINT, or SIGTERM,
+    which ray.init turns into SystemExit): installs a SIGINT handler of its own, which aborts the run, and
+    ends with SystemExit (`finished=False`) or returns (the run finished before the abort)."""
+
+    def __init__(self, signum: int | None, finished: bool = False):
+        self.signum, self.finished = signum, finished
+
+    def fit(self) -> str:
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        if self.signum is not None:
+            os.kill(os.getpid(), self.signum)
+        if not self.finished:
+            raise SystemExit(1)
+        return "result"
+
+
+@pytest.fixture
+def sys_exit_on_sigterm():
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init's
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["aborted", "finished-before-the-abort"])
+def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_ray_s_handler_goes_with_fit(finished):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(SignalledTrainer(signal.SIGINT, finished))
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert signal.set_wakeup_fd(-1) == -1  # put back too
+
+
+def test_fit_ended_otherwise_ends_as_it_did(sys_exit_on_sigterm):
+    with pytest.raises(SystemExit) as ended:
+        _fit(SignalledTrainer(signal.SIGTERM))
+    assert ended.value.code == signal.SIGTERM
+    assert _fit(SignalledTrainer(None, finished=True)) == "result"
+
+
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, tmp_path_factory, weighted_dir, model_path):
     out = tmp_path_factory.mktemp("zero2")
@@ -202,8 +245,8 @@ def zero2_run(ray_cluster, tmp_path_factory, weighted_dir, model_path):
 @pytest.mark.slow
 def test_zero2_on_cpu_drops_zero_weights_lowers_the_loss_and_saves_a_loadable_model(zero2_run, model_path):
     out, stats = zero2_run
-    # Ray Train's SIGINT handler, which fit installs, is gone with it: Ctrl-C in a later stage is pytest's.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Ray Train's SIGINT handler, which fit installs, is gone with it: Ctrl-C in a later stage is not Ray's.
+    assert "DataParallelTrainer" not in getattr(signal.getsignal(signal.SIGINT), "__qualname__", "")
     assert stats["examples"] == NUM_POSITIVE and stats["loaded_partitioned"] is False  # ZeRO-2 loads whole
     assert stats["steps"] == 2 * NUM_POSITIVE // 8 and stats["resumed_from_step"] == 0
     assert stats["final_loss"] < stats["initial_loss"]

@@ -382,7 +382,6 @@ def test_diagnostics_count_the_cut_off_replies_that_are_known():
     assert diagnostics["cut_off_reply_share"] is None
 
 
-
 def conversation(*replies: str) -> list[dict[str, str]]:
     turns = [[{"role": "user", "content": "q" if t == 0 else "Incorrect."}, {"role": "assistant", "content": r}] for t, r in enumerate(replies)]
     return [message for turn in turns for message in turn]
@@ -412,6 +411,7 @@ def test_what_leaves_weighted_sft_nothing_to_learn_is_warned_of():
     extra = [[{"role": "user", "content": "q", "raw": b"\x00"}, {"role": "assistant", "content": "7", "raw": b"\x01"}]] * 2
     table = table.append_column(schema.MESSAGES, pa.array(extra)).append_column(schema.WEIGHT, pa.array([1.0, 1.0]))
     assert weight_diagnostics(table)["repeated_groups_share"] == 1.0
+
 
 def test_first_correct_turn_from_rewards_and_from_t_star():
     rows = [
