@@ -664,9 +664,8 @@ def load_config(
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
     for item in overrides:
         _apply_override(data, item, source)
-    given_as = given_as or {}
-    overridden = {override_key(item): given_as.get(override_key(item), f"the override of {override_key(item)}") for item in overrides}
-    return validate_config(data, source, overridden)
+    keys = [override_key(item) for item in overrides]
+    return validate_config(data, source, {key: (given_as or {}).get(key, f"the override of {key}") for key in keys})
 
 
 def validate_config(data: dict[str, Any], source: str = "<config>", overridden: Mapping[str, str] | None = None) -> Config:
@@ -758,7 +757,7 @@ def _suggested_keys(loc: list[str]) -> list[str]:
     words but qualifiers such as max or num (num_samples: samples_per_prompt); else difflib's nearest,
     which finds a short key too far from a longer one that holds it."""
     name, section = loc[-1], loc[:-1]
-    elsewhere = [key for key in _dotted_keys() if key.split(".")[-1] == name and key.split(".")[:-1] != section]
+    elsewhere = [key for key, _ in _fields() if key.split(".")[-1] == name and key.split(".")[:-1] != section]
     if elsewhere:
         return elsewhere[:_MOST_SUGGESTED]
     known = list(_model_at(section).model_fields)
@@ -790,17 +789,6 @@ def _held(words: set[str], key: str) -> int:
 
 def _same_word(a: str, b: str) -> bool:
     return a == b or (min(len(a), len(b)) >= 3 and (a.startswith(b) or b.startswith(a)))
-
-
-def _dotted_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every key of the config tree, sections included."""
-    keys = []
-    for name, info in model.model_fields.items():
-        keys.append(prefix + name)
-        section = _section(info.annotation)
-        if section is not None:
-            keys.extend(_dotted_keys(section, f"{prefix}{name}."))
-    return keys
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -841,15 +829,23 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
     return model
 
 
-def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+def _fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, pydantic FieldInfo) of every field of the config tree, a section before its fields."""
+    fields = []
+    for name, info in model.model_fields.items():
+        fields.append((prefix + name, info))
+        section = _section(info.annotation)
+        if section is not None:
+            fields.extend(_fields(section, f"{prefix}{name}."))
+    return fields
+
+
+def field_docs() -> list[tuple[str, Any, str]]:
     """(dotted key, default, description) for every leaf field, and for an optional section (unset by
     default) before its fields, for `drift-ray config --doc`."""
     rows = []
-    for name, info in model.model_fields.items():
-        section = _section(info.annotation)
-        if section is not info.annotation:
+    for key, info in _fields():
+        if _section(info.annotation) is not info.annotation:
             default = info.get_default(call_default_factory=True)
-            rows.append((f"{prefix}{name}", getattr(default, "value", default), info.description or ""))
-        if section is not None:
-            rows.extend(field_docs(section, f"{prefix}{name}."))
+            rows.append((key, getattr(default, "value", default), info.description or ""))
     return rows

@@ -127,9 +127,9 @@ def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None 
 def weight_diagnostics(table: pa.Table) -> dict[str, Any]:
     """Weight range, effective sample size per group (Σw)²/Σw², how much weight success gets, the share of
     the weight by the turn of the first correct answer ("1", "2", …, "unsolved"): what the fine-tuning
-    will mostly learn from; and the share of the prompts whose trajectories are one conversation repeated. Where the table records CUT_OFF: the share of the replies (of
-    those known) that reached max_new_tokens, and of the weight on trajectories whose last reply did;
-    else None."""
+    will mostly learn from; and the share of the prompts whose trajectories are one conversation repeated.
+    Where the table records CUT_OFF: the share of the replies (of those known) that reached
+    max_new_tokens, and of the weight on trajectories whose last reply did; else None."""
     if table.num_rows == 0:
         raise ValueError("weight diagnostics: no trajectories")
     weights = table.column(schema.WEIGHT).to_numpy().astype(np.float64)

@@ -686,6 +686,18 @@ def submit_when_ready(client, entrypoint: str, runtime_env: dict | None = None, 
             time.sleep(2)
 
 
+def finished_job(client, job: str, wait_s: float):
+    """The job's status once it has ended (or when `wait_s` ran out), and its logs."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + wait_s
+    status = client.get_job_status(job)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+        time.sleep(1)
+        status = client.get_job_status(job)
+    return status, client.get_job_logs(job)
+
+
 HEAD_NODE_CPUS = 2
 
 
@@ -738,13 +750,7 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
         [sys.executable, "-m", "drift_ray", "run", "--config", str(REPO / "jobs/smoke.yaml"),
          *smoke_overrides(run_dir, tiny_model_dir), "train.zero_stage=3", "rounds=2"]
     )
-    job = submit_when_ready(client, entrypoint)
-    deadline = time.monotonic() + 600
-    status = client.get_job_status(job)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
-        time.sleep(2)
-        status = client.get_job_status(job)
-    logs = client.get_job_logs(job)
+    status, logs = finished_job(client, submit_when_ready(client, entrypoint), wait_s=600)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "| drift " in logs and "| drift_round2 " in logs  # iterated DRIFT: both rounds evaluated
     assert (run_dir / "eval" / "eval.md").exists()
@@ -776,11 +782,8 @@ def test_a_job_with_a_working_dir_is_warned_of_relative_outputs_that_go_with_it(
     logs = {}
     for label, overrides in (("relative", "run_dir=runs/x rollout.output_dir=shared"), ("absolute", f"run_dir={absolute}")):
         job = submit_when_ready(client, f"{sys.executable} lock.py {overrides}", {"working_dir": str(working_dir)})
-        deadline = time.monotonic() + 120
-        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED} and time.monotonic() < deadline:
-            time.sleep(1)
-        logs[label] = client.get_job_logs(job)
-        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[label][-4000:]
+        status, logs[label] = finished_job(client, job, wait_s=120)
+        assert status == JobStatus.SUCCEEDED, logs[label][-4000:]
     copy = re.search(r"run_dir=runs/x is relative to the directory this process runs in \((.+?)\), ", logs["relative"])
     assert copy and Path(copy.group(1)) != working_dir and (Path(copy.group(1)) / "lock.py").exists()
     assert (Path(copy.group(1)) / "runs" / "x" / RUN_LOCK_FILE).exists()  # written into Ray's copy

@@ -312,6 +312,13 @@ def test_verifier_options_reach_the_verifier(verifier, options, tolerance):
     assert check.check("109", "100") == (tolerance[0] == 0.1)
 
 
+def plugin_error(name: str) -> str:
+    """The message load_task refuses the plugin task `name` with."""
+    with pytest.raises(TaskError) as err:
+        load_task(TaskConfig(kind="plugin", name=name), seed=0)
+    return str(err.value)
+
+
 def test_plugin_task_and_errors():
     task = load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task", options={"size": 3}), seed=0)
     assert len(task.train) == 3
@@ -322,29 +329,21 @@ def test_plugin_task_and_errors():
     with pytest.raises(TaskError, match="module:function"):
         load_task(TaskConfig(kind="plugin", name="no_colon"), seed=0)
     # The drift-ray command does not import from the current directory, as `python -m drift_ray` does.
-    with pytest.raises(TaskError) as err:
-        load_task(TaskConfig(kind="plugin", name="no_such_module_xyz:f"), seed=0)
-    assert str(err.value) == (
+    assert plugin_error("no_such_module_xyz:f") == (
         "task.name: cannot import plugin module 'no_such_module_xyz': No module named 'no_such_module_xyz'; put the "
         "directory that holds it on PYTHONPATH (e.g. PYTHONPATH=. drift-ray …)"
     )
     # A builder without a seed is named, not the task.options it was called with.
-    with pytest.raises(TaskError) as err:
-        load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_seedless_plugin_task"), seed=0)
-    assert str(err.value) == (
+    assert plugin_error("tests.test_prompts:make_seedless_plugin_task") == (
         "task.name: tests.test_prompts:make_seedless_plugin_task takes no seed keyword; drift-ray calls it as "
         "make_seedless_plugin_task(seed=<seed>, **task.options), with the run's seed to sample problems by: give it "
         "a seed parameter"
     )
-    with pytest.raises(TaskError) as err:
-        load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task_with_repeated_ids"), seed=0)
-    assert str(err.value) == (
+    assert plugin_error("tests.test_prompts:make_plugin_task_with_repeated_ids") == (
         "task.name: plugin 'tests.test_prompts:make_plugin_task_with_repeated_ids', test split: "
         "prompt id 'src-0' appears more than once; ids must be unique"
     )
-    with pytest.raises(TaskError) as err:
-        load_task(TaskConfig(kind="plugin", name="tests.test_prompts:make_plugin_task_with_mixed_keys_in_metadata"), seed=0)
-    assert str(err.value).startswith(
+    assert plugin_error("tests.test_prompts:make_plugin_task_with_mixed_keys_in_metadata").startswith(
         "task.name: plugin 'tests.test_prompts:make_plugin_task_with_mixed_keys_in_metadata', problem 'p': metadata: "
         "'levels' holds dict {1: 'easy', 'b': 'hard'}, which problem metadata (stored as JSON) cannot hold"
     )
