@@ -481,11 +481,15 @@ class TrainConfig(_Section):
         return self
 
 
+# Keys of eval.task that evaluation does not read (accepted: eval.task may be a YAML alias of task).
+EVAL_TASK_UNREAD = ("train_path", "num_train")
+
+
 class EvalConfig(_Section):
     task: Optional[TaskConfig] = Field(
         None,
         description="Task whose test split is evaluated (default: `task`), e.g. train on MetaMathQA and "
-        "evaluate on MATH-500; its train_path and num_train are not read.",
+        f"evaluate on MATH-500; the task keys but {' and '.join(EVAL_TASK_UNREAD)}, which are not read.",
     )
     max_new_tokens: Optional[int] = Field(None, ge=1, description="New tokens per turn (default: rollout.max_new_tokens).")
     prompts_per_batch: int = Field(64, ge=1, description="Problems per actor call.")
@@ -844,8 +848,9 @@ def field_docs() -> list[tuple[str, Any, str]]:
     """(dotted key, default, description) for every leaf field, and for an optional section (unset by
     default) before its fields, for `drift-ray config --doc`."""
     rows = []
+    unread = {f"eval.task.{name}" for name in EVAL_TASK_UNREAD}
     for key, info in _fields():
-        if _section(info.annotation) is not info.annotation:
+        if _section(info.annotation) is not info.annotation and key not in unread:
             default = info.get_default(call_default_factory=True)
             rows.append((key, getattr(default, "value", default), info.description or ""))
     return rows
