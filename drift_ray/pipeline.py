@@ -564,7 +564,13 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
     # At the end: a run refused or killed part-way leaves the last finished run's record (config.json, a
     # copy of its config written after it, may be newer).
     config = cfg.model_dump(mode="json")
-    record = {"config": config, "timings_s": timings, "work_by_round": work_by_round, "metrics": report["metrics"]}
+    record = {
+        "config": config,
+        "timings_s": timings,
+        "work_by_round": work_by_round,
+        "models": models,
+        "metrics": report["metrics"],
+    }
     write_json_atomic(record, Path(cfg.run_dir) / RUN_RECORD_FILE)
     write_json_atomic(config, Path(cfg.run_dir) / CONFIG_FILE)
     return {

@@ -98,6 +98,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert (rollouts["problems"], rollouts["reused"], rollouts["new"], rollouts["trajectories"]) == (8, 0, 8, 8 * 4)
     assert (work["weights_reused"], work["model_reused"], work["resumed_from_step"]) == (False, False, 0)
     assert record["metrics"] == metrics  # the run's own, which a later `drift-ray eval` there does not rewrite
+    assert record["models"] == {"reference": tiny_model_dir, "drift": str(model_dir)}
 
     # A rerun finds every stage's output, redoes nothing and starts no Ray; it prints the same table.
     import ray
