@@ -425,7 +425,9 @@ class TrainConfig(_Section):
     loss: LossKind = Field(
         LossKind.sample_mean,
         description="sample_mean: mean over the batch of w_i·L_i (authors' default); "
-        "weight_normalized: Σ w_i·L_i / Σ w_i over the global batch. Trajectories of weight 0 are left out of "
+        "weight_normalized: Σ w_i·L_i / Σ w_i over the global batch, whose trajectories are drawn at random "
+        "(sample_mean's are of similar length, to cut padding; a batch of long failures alone, divided by its "
+        "own small Σ w_i, would train on them at full strength). Trajectories of weight 0 are left out of "
         "the batches (so weights.mode=success_only is SFT on the successes, RFT).",
     )
     lr: float = Field(5e-6, gt=0.0, description="Peak learning rate. Paper: 5e-6.")

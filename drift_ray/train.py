@@ -61,7 +61,7 @@ from drift_ray.trajectories import (
 from drift_ray.weights import invalid_conversations, invalid_weights
 from drift_ray.weighted_sft import (
     collate,
-    length_buckets,
+    global_batches,
     loss_normalizer,
     lr_lambda,
     padding_token_id,
@@ -120,14 +120,14 @@ def plan_steps(
 ) -> list[OptimizerStep]:
     """Every optimizer step of the run, the same for a seed whatever the world size.
 
-    Each epoch, `length_buckets` cuts the examples into global batches of similar length (one of them,
-    anywhere in the order, may be smaller). A global batch is sorted by length, cut into micro-batches,
+    Each epoch, `global_batches` cuts the examples into global batches (one of them, anywhere in the
+    order, may be smaller). A global batch is sorted by length, cut into micro-batches,
     and rank r runs micro-batches r, r+W, r+2W, … of it; the normalizer is that of the whole global batch.
     """
     accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size)
     steps = []
     for epoch in range(epochs):
-        for batch in length_buckets(lengths, global_batch_size, (seed, epoch)):
+        for batch in global_batches(lengths, global_batch_size, (seed, epoch), loss):
             batch = sorted(batch, key=lambda i: lengths[i])
             chunks = [batch[i : i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
             filler = MicroBatch([batch[0]], [0.0], filler=True)

@@ -277,6 +277,22 @@ def length_buckets(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def global_batches(
+    lengths: Sequence[int], batch_size: int, seed: int | Sequence[int], loss: LossKind | str
+) -> list[list[int]]:
+    """One epoch's global batches for a loss kind: of similar length (`length_buckets`) for sample_mean,
+    random for weight_normalized.
+
+    weight_normalized divides each batch by its own Σ w, and a trajectory's length follows its weight (a
+    failure plays every turn, a first-turn success one): a batch of long failures, each weighing nearly 0,
+    would be divided by its tiny Σ w and trained on as plain SFT. sample_mean divides every batch by its
+    size, so how batches are made does not change what an example weighs.
+    """
+    if LossKind(loss) is LossKind.sample_mean:
+        return length_buckets(lengths, batch_size, seed)
+    return length_buckets(lengths, batch_size, seed, batches_per_chunk=1)  # each batch sorted alone: random
+
+
 def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_i [B]: mean token NLL over each sample's supervised tokens, in float32.
 
@@ -415,7 +431,7 @@ def fit_plain(
     step_losses: list[float] = []
     started = time.perf_counter()
     for epoch in range(epochs):
-        for indices in length_buckets(lengths, batch_size, (seed, epoch)):
+        for indices in global_batches(lengths, batch_size, (seed, epoch), loss):
             batch_weights = [weights[i] for i in indices]
             batch = collate([examples[i] for i in indices], batch_weights, pad_token_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -176,6 +176,32 @@ def test_plan_uses_every_example_once_per_epoch_in_identical_global_batches_for_
         assert step_1.normalizer == pytest.approx(sum(weights[i] for i in real))
 
 
+def test_weight_normalized_batches_do_not_follow_length():
+    # As in DRIFT's rollouts: failures play every turn (long) and weigh nearly 0 at beta 0.1, first-turn
+    # successes are short and carry the weight.
+    rng = np.random.default_rng(0)
+    failed = rng.random(1800 * 16) < 0.5
+    lengths = np.where(failed, rng.integers(2800, 3200, failed.size), rng.integers(500, 700, failed.size)).tolist()
+    weights = np.where(failed, 2 * np.exp(-10.0), 2.0).tolist()
+
+    def failures_share_of_the_loss(loss: LossKind) -> float:
+        plan = plan_steps(
+            lengths, weights, global_batch_size=128, micro_batch_size=8, world_size=1, epochs=1, seed=0, loss=loss
+        )
+        coefficient = np.zeros(failed.size)  # of an example's L_i in the loss of its step
+        for step in plan:
+            for micro in step.micro_batches[0]:
+                if not micro.filler:
+                    coefficient[micro.indices] = np.asarray(micro.weights) / step.normalizer
+        return coefficient[failed].sum() / coefficient.sum()
+
+    # Their share of the weight, as in a random batch; batches of long failures alone, each divided by
+    # its own tiny sum of weights, would give them nearly half the loss.
+    share_of_weight = np.sum(np.asarray(weights)[failed]) / np.sum(weights)
+    assert failures_share_of_the_loss(LossKind.weight_normalized) == pytest.approx(share_of_weight, rel=0.05)
+    assert failures_share_of_the_loss(LossKind.sample_mean) == pytest.approx(share_of_weight, rel=1e-6)
+
+
 def test_plan_pads_a_partial_global_batch_with_weight_zero_fillers():
     plan = plan_steps(
         [5] * 10, [1.0] * 10, global_batch_size=8, micro_batch_size=2, world_size=2, epochs=1, seed=0,
