@@ -187,6 +187,16 @@ def message_codes(messages: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.
     return codes, pc.list_value_length(column).fill_null(0).to_numpy().astype(np.int64)
 
 
+def first_true_turns(flags: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """Per row: the 1-based turn of its first True flag, 0 where it has none. `flags`: every row's per-turn
+    flags in row order, as pc.list_flatten gives them (nulls as False); `turns`: how many each row has."""
+    rows = np.repeat(np.arange(len(turns)), turns)
+    turn = np.arange(rows.size) - (np.cumsum(turns) - turns)[rows] + 1
+    first = np.full(len(turns), np.iinfo(np.int64).max)
+    np.minimum.at(first, rows[flags], turn[flags])
+    return np.where(first == np.iinfo(np.int64).max, 0, first)
+
+
 def list_element_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The row of every element that pc.list_flatten(column) returns, in order. From the lengths, not
     list_parent_indices: that one also counts the values an Arrow array may keep behind a null list,

@@ -605,7 +605,19 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
         t_star = column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null: NaN
         # A NaN that is not a null (pyarrow and polars keep the two apart) is no turn either.
         outside = np.isnan(t_star) | (t_star < 1) | (t_star > turns) | (t_star != np.floor(t_star))
-        fail(np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False) & outside), schema.T_STAR, _T_STAR_EXPECTED)
+        given = column.is_valid().to_numpy(zero_copy_only=False)
+        fail(np.flatnonzero(given & outside), schema.T_STAR, _T_STAR_EXPECTED)
+        if schema.CORRECT in table.column_names:
+            verdicts = table.column(schema.CORRECT)
+            flags = pc.fill_null(pc.list_flatten(verdicts), False).to_numpy(zero_copy_only=False)
+            first = schema.first_true_turns(flags, pc.list_value_length(verdicts).fill_null(0).to_numpy())
+            differs = verdicts.is_valid().to_numpy(zero_copy_only=False) & np.where(given, t_star != first, first != 0)
+            for row in np.flatnonzero(differs)[:1]:
+                found = schema.short_repr(column[int(row)].as_py())
+                raise _field_error(where(int(row)), schema.T_STAR, _first_correct_expected(int(first[row]), schema.CORRECT), found)
+        for row in np.flatnonzero(given & (t_star < turns))[:1]:
+            found = schema.short_repr(column[int(row)].as_py())
+            raise _field_error(where(int(row)), schema.T_STAR, _last_turn_expected(int(turns[row])), found)
 
 
 # --- JSONL --------------------------------------------------------------------------------------------
@@ -640,6 +652,17 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     names = dict.fromkeys(name for row in rows for name in row)
     lines = [row[schema.SOURCE_LINE] for row in rows]
     table = pa.table({name: _column(path, name, [row.get(name) for row in rows], lines) for name in names})
+    for field in (schema.T_STAR, schema.CORRECT):
+        # Where the file has the column, a row's first correct turn is read from it: a line without the
+        # field would count as unsolved, whatever its verdicts or rewards say.
+        lacking = next((row for row in rows if field not in row), None)
+        if field in names and lacking is not None:
+            giving = next(row for row in rows if field in row)
+            named = f"{field!r}" + (f" (nor {AUTHORS_VERIFIER!r}, the authors' name for it)" if field == schema.CORRECT else "")
+            raise TrajectoryFileError(
+                f"{path}:{lacking[schema.SOURCE_LINE]}: no field {named}, which line {giving[schema.SOURCE_LINE]} "
+                "gives: give it on every line or on none"
+            )
     return table, lambda row: f"{path}:{lines[row]}"
 
 
@@ -718,6 +741,19 @@ def _is_finite_number(value: Any) -> bool:
         return False
 
 
+def _first_correct_expected(first_correct: int | None, verdicts: str) -> str:
+    """What t_star must be where `verdicts` (the field that gave CORRECT) first mark turn `first_correct`
+    correct (None or 0: no turn)."""
+    if first_correct:
+        return f"{first_correct}, the first turn {verdicts!r} marks correct"
+    return f"null, as {verdicts!r} marks no turn correct"
+
+
+def _last_turn_expected(turns: int) -> str:
+    """What a t_star before the last of `turns` turns must be: its later rewards would count in the return."""
+    return f"the last of its {turns} turns: an episode stops at its first correct answer"
+
+
 def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
     """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms.
     `verdicts`: the field the line gave CORRECT in, to name."""
@@ -751,15 +787,9 @@ def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
         # The diagnostics count a trajectory under its t_star: it must be the verdicts' first correct turn.
         first_correct = next((turn for turn, verdict in enumerate(correct, 1) if verdict), None)
         if t_star != first_correct:
-            expected = (
-                f"{first_correct}, the first turn {verdicts!r} marks correct"
-                if first_correct
-                else f"null, as {verdicts!r} marks no turn correct"
-            )
-            raise _field_error(where, schema.T_STAR, expected, schema.short_repr(t_star))
-    if t_star is not None and t_star < len(rewards):  # its later rewards would count in the return
-        expected = f"the last of its {len(rewards)} turns: an episode stops at its first correct answer"
-        raise _field_error(where, schema.T_STAR, expected, schema.short_repr(t_star))
+            raise _field_error(where, schema.T_STAR, _first_correct_expected(first_correct, verdicts), schema.short_repr(t_star))
+    if t_star is not None and t_star < len(rewards):
+        raise _field_error(where, schema.T_STAR, _last_turn_expected(len(rewards)), schema.short_repr(t_star))
     norms = row.get(schema.ANSWER_NORMS)
     if not isinstance(norms, list) or not all(a is None or isinstance(a, str) for a in norms):
         raise _field_error(where, schema.ANSWER_NORMS, "a list of strings", schema.short_repr(norms))

@@ -89,15 +89,13 @@ def first_correct_turn(table: pa.Table) -> npt.NDArray[np.int64]:
     if schema.T_STAR in table.column_names:
         return table.column(schema.T_STAR).fill_null(0).to_numpy().astype(np.int64)
     if schema.CORRECT in table.column_names:
-        rows, hits, turn_index = _flatten_turns(table.column(schema.CORRECT), pa.bool_())
-        hits = pc.fill_null(hits, False)
+        column = table.column(schema.CORRECT)
+        hits = _flatten(column, pa.bool_())[1]
     else:
-        rows, rewards, turn_index = _flatten_turns(table.column(schema.TURN_REWARDS))
-        hits = pc.fill_null(pc.greater(rewards, 0), False)
-    hits = hits.to_numpy(zero_copy_only=False)
-    first = np.full(table.num_rows, np.iinfo(np.int64).max)
-    np.minimum.at(first, rows[hits], turn_index[hits] + 1)
-    return np.where(first == np.iinfo(np.int64).max, 0, first)
+        column = table.column(schema.TURN_REWARDS)
+        hits = pc.greater(_flatten(column, pa.float64())[1], 0)
+    turns = pc.list_value_length(column).fill_null(0).to_numpy()
+    return schema.first_true_turns(pc.fill_null(hits, False).to_numpy(zero_copy_only=False), turns)
 
 
 def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None = None) -> pa.Table:

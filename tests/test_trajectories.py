@@ -189,6 +189,41 @@ def test_bad_parquet_value_names_file_row_and_field(tmp_path, change, field):
         read_trajectories(shards)
 
 
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({schema.T_STAR: 2}, "null, as 'correct' marks no turn correct, found 2"),
+        ({schema.CORRECT: [False, True, False]}, "2, the first turn 'correct' marks correct, found None"),
+        # A success at turn 1 that played on: its later rewards would count in the return.
+        (
+            {schema.T_STAR: 1, schema.CORRECT: [True, False, False], schema.TURN_REWARDS: [1.0, 1.0, 0.0]},
+            "the last of its 3 turns: an episode stops at its first correct answer, found 1",
+        ),
+    ],
+)
+def test_t_star_must_be_the_first_correct_and_last_turn_in_parquet_as_in_jsonl(tmp_path, change, expected):
+    rows = _episode_rows()
+    rows[1] = {**rows[1], **change}  # unsolved in 3 turns
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for where in ("bad.parquet: row 2", "bad.jsonl:2"):
+        with pytest.raises(TrajectoryFileError, match=re.escape(f"{where}: field 't_star': expected {expected}")):
+            read_trajectories(tmp_path / where.split(":")[0])
+
+
+def test_a_field_that_says_which_turn_was_correct_is_on_every_jsonl_line_or_none(tmp_path):
+    # The column the file has is read for every row: a line without the field would count as unsolved.
+    solved = _episode_rows()[0]  # at turn 2
+    path = tmp_path / "mixed.jsonl"
+    for field, named in ((schema.T_STAR, "'t_star'"), (schema.CORRECT, "'correct' (nor 'verifier', the authors' name for it)")):
+        lacking = {key: value for key, value in solved.items() if key != field}
+        path.write_text(json.dumps(solved) + "\n" + json.dumps(lacking) + "\n")
+        with pytest.raises(TrajectoryFileError, match=re.escape(f"mixed.jsonl:2: no field {named}, which line 1 gives")):
+            read_trajectories(path)
+        path.write_text(json.dumps(lacking) + "\n" + json.dumps({**lacking, schema.TRAJECTORY_ID: "p1/9"}) + "\n")
+        assert read_trajectories(path).num_rows == 2  # on no line: the turn is read from the others
+
+
 def test_turns_must_be_the_conversation_s_replies(tmp_path):
     # One reward per assistant message: a return over turns the conversation lacks would weigh it.
     rows = _episode_rows()
