@@ -224,15 +224,12 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
         )
     if hub_id and not here:
         _require_hub_model(model, cfg)
-    if os.path.isdir(model) and not _holds_a_model(model):
+    if here and (problem := _not_a_model(Path(model))):
         from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
 
         candidates = (Path(model) / MODEL_DIR, Path(model) / TRAIN_DIR / MODEL_DIR)
-        inner = next((path for path in candidates if _holds_a_model(path)), None)
-        raise ValueError(
-            f"{model}: not a model directory (no config.json, nor a LoRA adapter's adapter_config.json)"
-            + (f"; did you mean {inner}?" if inner else "")
-        )
+        inner = next((path for path in candidates if path.is_dir() and not _not_a_model(path)), None)
+        raise ValueError(f"{model}: not a model directory ({problem})" + (f"; did you mean {inner}?" if inner else ""))
     return model
 
 
@@ -287,8 +284,31 @@ def _require_hub_model(model: str, cfg: Config) -> None:
     raise ValueError(f"{model}: the Hugging Face Hub holds it, but with neither config.json nor adapter_config.json; {remedy}")
 
 
-def _holds_a_model(directory: str | Path) -> bool:
-    return any((Path(directory) / name).is_file() for name in ("config.json", "adapter_config.json"))
+# A model's config names its architecture; an adapter's config, its PEFT method.
+_MODEL_RECORDS = {"config.json": ("model_type", "architectures"), "adapter_config.json": ("peft_type",)}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _not_a_model(path: Path) -> str | None:
+    """Why transformers or vLLM could not load a model or LoRA adapter from `path`; None where they could
+    (as far as its files tell). Else a run directory, whose config.json is drift-ray's, or a model saved
+    without its weights, fails in every actor or worker, in pages of tracebacks."""
+    if not path.is_dir():
+        return "a file"
+    records = [name for name in _MODEL_RECORDS if (path / name).is_file()]
+    if not records:
+        return "no config.json, nor a LoRA adapter's adapter_config.json"
+    for name in records:
+        try:
+            record = json.loads((path / name).read_bytes())
+        except (OSError, ValueError) as err:
+            return f"its {name} cannot be read as JSON: {err}"
+        if not (isinstance(record, dict) and any(key in record for key in _MODEL_RECORDS[name])):
+            keys = " or ".join(_MODEL_RECORDS[name])
+            return f"its {name} names no {keys}" + (", as a drift-ray run's does" if RUN_RECORD_FILE in os.listdir(path) else "")
+    if not any(file.name.endswith(_WEIGHT_SUFFIXES) for file in path.iterdir()):
+        return "no weights: no " + ", ".join(f"*{suffix}" for suffix in _WEIGHT_SUFFIXES) + " file"
+    return None
 
 
 def rollouts_dir(cfg: Config) -> Path:

@@ -582,6 +582,20 @@ def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_t
         f"{run_dir / 'train'}: not a model directory (no config.json, nor a LoRA adapter's adapter_config.json); "
         f"did you mean {run_dir / 'train' / 'model'}?"
     ) in capsys.readouterr().err
+    # The run directory itself: its config.json is drift-ray's, not a model's.
+    (run_dir / "config.json").write_text(json.dumps(load_config(None).model_dump(mode="json")))
+    (run_dir / "run.json").write_text("{}")
+    assert main([*args, "--model", f"drift={run_dir}"]) == 2
+    assert (
+        f"{run_dir}: not a model directory (its config.json names no model_type or architectures, as a drift-ray "
+        f"run's does); did you mean {run_dir / 'train' / 'model'}?"
+    ) in capsys.readouterr().err
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_model_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert main([*args, "--model", f"drift={weightless}"]) == 2
+    assert f"{weightless}: not a model directory (no weights: no *.safetensors, *.bin, *.pt, *.pth file)" in capsys.readouterr().err
+    assert main([*args, "--model", f"drift={run_dir / 'run.json'}"]) == 2
+    assert f"{run_dir / 'run.json'}: not a model directory (a file)" in capsys.readouterr().err
     assert main([*args, "--model", "drift="]) == 2
     assert "--model drift=: no model after the label; give LABEL=PATH" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
