@@ -285,13 +285,15 @@ def write_report(
 ) -> dict[str, str]:
     """Write eval.json (metrics per model), eval.md (the table) and eval.png (the plot) into out_dir.
 
-    Returns their paths under the keys "json", "markdown" and "plot".
+    Returns their paths under the keys "json", "markdown" and "plot". An earlier report's files go first and
+    eval.json, the record, comes last: a report cut short never stands beside files of another one.
     """
     out_dir = Path(out_dir)
     text = json.dumps(metrics_by_model, indent=2, allow_nan=False) + "\n"
     table = comparison_table(metrics_by_model, max_turns)
-    return {
-        "json": write_atomic(out_dir / "eval.json", lambda handle: handle.write(text.encode())),
-        "markdown": write_atomic(out_dir / "eval.md", lambda handle: handle.write(table.encode())),
-        "plot": plot_cumulative_accuracy(metrics_by_model, max_turns, out_dir / "eval.png"),
-    }
+    for name in ("eval.json", "eval.md", "eval.png"):
+        (out_dir / name).unlink(missing_ok=True)
+    plot = plot_cumulative_accuracy(metrics_by_model, max_turns, out_dir / "eval.png")
+    markdown = write_atomic(out_dir / "eval.md", lambda handle: handle.write(table.encode()))
+    record = write_atomic(out_dir / "eval.json", lambda handle: handle.write(text.encode()))
+    return {"json": record, "markdown": markdown, "plot": plot}

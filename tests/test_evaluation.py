@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drift_ray import schema
+from drift_ray import evaluation, schema
 from drift_ray.config import EpisodeConfig
 from drift_ray.episode import Episode, Generation, first_messages
 from drift_ray.evaluation import comparison_table, episode_metrics, plot_cumulative_accuracy, write_report
@@ -190,6 +190,18 @@ def test_write_report_writes_json_markdown_and_png(tmp_path) -> None:
         assert handle.read() == comparison_table(metrics_by_model, 3)
     with open(paths["plot"], "rb") as handle:
         assert handle.read(len(PNG_MAGIC)) == PNG_MAGIC
+
+
+def test_a_report_cut_short_leaves_no_file_of_the_one_before(tmp_path, monkeypatch) -> None:
+    write_report(two_models(), 3, tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "plot_cumulative_accuracy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_report({"other": two_models()["base"]}, 3, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # not the old plot, table or metrics beside the new ones
 
 
 def _with(index: int, **changes) -> list[dict]:
