@@ -10,7 +10,9 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_config, override_key
@@ -134,7 +136,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-INTERRUPTED = 130  # main's status after Ctrl-C: a shell's for a process that SIGINT ended
+# main's status after Ctrl-C or SIGTERM: a shell's for a process that the signal ended.
+INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, `ray job stop`, a preempted pod) during a command: it ends as Ctrl-C does,
+    leaving what the stages finished for a rerun."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += left_over
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+    sigterm_handler = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return args.fn(args)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
@@ -200,28 +214,34 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         # Else a traceback through Ray Data's queue threads, which reads like a crash.
         if args.traceback:
             raise
         print(
-            f"drift-ray {args.command}: interrupted; run the same command again to go on from what it finished "
-            "(rollout and evaluation shards, training checkpoints, finished stages)",
+            f"drift-ray {args.command}: {'terminated' if isinstance(err, Terminated) else 'interrupted'}; run the "
+            "same command again to go on from what it finished (rollout and evaluation shards, training "
+            "checkpoints, finished stages)",
             file=sys.stderr,
         )
-        return INTERRUPTED
+        return TERMINATED if isinstance(err, Terminated) else INTERRUPTED
+    finally:
+        if sigterm_handler is not None:  # None: one installed from outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 def entry() -> None:
-    """The drift-ray command: exits with main's status, except that an interrupted command dies of SIGINT,
-    as Python's own uncaught KeyboardInterrupt does, so that a shell loop around it stops there too."""
+    """The drift-ray command: exits with main's status, except that a command interrupted or terminated dies
+    of its signal, as Python's own uncaught KeyboardInterrupt does, so that a shell loop around it stops there
+    too."""
     status = main()
-    if status == INTERRUPTED:
+    signum = {INTERRUPTED: signal.SIGINT, TERMINATED: signal.SIGTERM}.get(status)
+    if signum is not None:
         ray = sys.modules.get("ray")  # a local cluster of this process goes with it
         if ray is not None and ray.is_initialized():
             ray.shutdown()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     sys.exit(status)
 
 

@@ -6,14 +6,17 @@ so a killed job resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, ContextManager, Mapping
+from typing import Any, Callable, Collection, ContextManager, Iterator, Mapping
 from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
@@ -119,6 +122,30 @@ def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
 
     if ray.is_initialized():
         return
+    with _sigterm_handler_kept():
+        _init_ray(cfg, stages)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """Puts back the SIGTERM handler that ray.init replaces: with a handler in C that prints a stack dump
+    before calling the Python one, a `kill` or `ray job stop` read as a crash (the drift-ray command's own
+    handler ends it as Ctrl-C does)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        yield
+    finally:
+        if handler is not None:  # None: one installed from outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(cfg: Config, stages: Collection[str]) -> None:
+    import ray
+
     address = cluster_address(cfg)
     if address:
         if cfg.ray.num_cpus:  # said, not refused: one config serves a local run and `ray job submit` alike
@@ -143,9 +170,6 @@ def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
                 + ". Lower these settings, run on a machine that has what they ask for, or join a cluster that "
                 "has it (ray.address or RAY_ADDRESS)"
             )
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
 
 
 def local_cluster_shortfalls(cfg: Config, stages: Collection[str], available: Mapping[str, float]) -> list[str]:

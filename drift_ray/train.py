@@ -375,13 +375,16 @@ def train_weighted_sft(
 
 
 def _fit(trainer: Any) -> Any:
-    """trainer.fit(), where Ctrl-C ends as a KeyboardInterrupt, as it does in every other stage. In the main
-    thread fit installs Ray Train's own SIGINT handler, which aborts the run and so ends fit with SystemExit
-    or the dead controller's error (a crash's exit status 1, without a word), or, where the run finished
-    first, lets fit return. The handler is left installed, to end a later stage's Ctrl-C the same way, so
-    the one before is restored. That a SIGINT came is read from the signal wakeup fd, which Python writes
-    the number of every signal with a Python handler to, whichever handler that is: SIGTERM, which
-    ray.init's handler turns into SystemExit, is not one."""
+    """trainer.fit(), where Ctrl-C and SIGTERM end as their handlers before fit say, as in every other stage.
+
+    In the main thread fit installs Ray Train's own SIGINT handler, which aborts the run and so ends fit with
+    SystemExit or the dead controller's error (a crash's exit status 1, without a word), or, where the run
+    finished first, lets fit return; it is left installed, to end a later stage's Ctrl-C the same way, so
+    the one before is restored. The exception a SIGTERM handler raises in fit (the drift-ray command's
+    Terminated) reaches fit's caller as a KeyboardInterrupt. So each signal that came during fit is handed
+    to its handler again, once fit is over: Python's SIGINT handler raises KeyboardInterrupt. That one came
+    is read from the signal wakeup fd, which Python writes the number of every signal with a Python handler
+    to, whichever handler that is."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
         return trainer.fit()
     handler = signal.getsignal(signal.SIGINT)
@@ -391,29 +394,31 @@ def _fit(trainer: Any) -> Any:
             os.set_blocking(end, False)
         wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         try:
-            result = trainer.fit()
-        except BaseException:
-            if _received(read_end, signal.SIGINT):
-                raise KeyboardInterrupt from None
-            raise
+            result, failure = trainer.fit(), None
+        except BaseException as err:
+            result, failure = None, err
         finally:
             signal.set_wakeup_fd(wakeup_fd)
             if handler is not None:  # None: one installed from outside Python, which cannot be put back
                 signal.signal(signal.SIGINT, handler)
-        if _received(read_end, signal.SIGINT):  # the model is not published: a rerun does that
-            raise KeyboardInterrupt
+        received = _signals_received(read_end)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signum in received and callable(handler_now := signal.getsignal(signum)):
+                handler_now(signum, None)  # raises, where the handler does: a finished model is not published
+        if failure is not None:
+            raise failure
         return result
     finally:
         os.close(read_end)
         os.close(write_end)
 
 
-def _received(wakeup_read_end: int, signum: int) -> bool:
-    """Whether the signal wakeup fd whose read end is given was written `signum` (see _fit)."""
+def _signals_received(wakeup_read_end: int) -> bytes:
+    """The numbers of the signals written to the signal wakeup fd whose read end is given (see _fit)."""
     try:
-        return signum in os.read(wakeup_read_end, 4096)
+        return os.read(wakeup_read_end, 4096)
     except BlockingIOError:  # nothing written
-        return False
+        return b""
 
 
 def _remove_checkpoints(out: Path) -> None:

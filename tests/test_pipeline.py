@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -408,13 +409,18 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
         assert len(error.splitlines()) == 1
         with pytest.raises(KeyboardInterrupt):  # where it stopped, for a bug report
             main(["--traceback", *args])
+    with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=lambda *args: os.kill(os.getpid(), signal.SIGTERM)):
+        assert main(args) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.startswith("drift-ray rollouts: terminated; run the same command again")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main's handler is main's alone
 
 
-def test_ctrl_c_during_training_is_the_same_one_line_and_death_by_sigint(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("signum, group, said", [(signal.SIGINT, True, "interrupted"), (signal.SIGTERM, False, "terminated")])
+def test_a_signal_during_training_is_the_same_one_line_and_death_by_it(tmp_path, tiny_model_dir, signum, group, said):
     """Ray Train's own SIGINT handler aborts the run, which would end the command with status 1 and no
-    word. Sent to the process group, as a terminal's Ctrl-C is: Ray's local cluster gets it too."""
-    import signal
-
+    word; a SIGTERM went to the handler ray.init puts in C, which prints a stack dump. Ctrl-C is sent to
+    the process group, as a terminal's is (Ray's local cluster gets it too); SIGTERM to the command, as
+    `kill` sends it."""
     weighted = tmp_path / "weighted.parquet"
     conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     pq.write_table(pa.table({schema.TRAJECTORY_ID: ["q/0"], schema.MESSAGES: [conversation], schema.WEIGHT: [1.0]}), weighted)
@@ -431,20 +437,21 @@ def test_ctrl_c_during_training_is_the_same_one_line_and_death_by_sigint(tmp_pat
         while b"Started training worker group" not in log.read_bytes():
             assert train.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(1)
-        os.killpg(train.pid, signal.SIGINT)
-        assert train.wait(timeout=120) == -signal.SIGINT, log.read_text()[-4000:]
+        (os.killpg if group else os.kill)(train.pid, signum)
+        assert train.wait(timeout=120) == -signum, log.read_text()[-4000:]
     finally:
         if train.poll() is None:
             os.killpg(train.pid, signal.SIGKILL)
-    assert "drift-ray train: interrupted; run the same command again to go on from what it finished" in log.read_text()
+    text = log.read_text()
+    assert f"drift-ray train: {said}; run the same command again to go on from what it finished" in text
+    assert "SIGTERM received" not in text
 
 
-def test_the_interrupted_command_dies_of_sigint_so_that_a_shell_loop_around_it_stops():
-    import signal
-
+def test_the_interrupted_command_dies_of_its_signal_so_that_a_shell_loop_around_it_stops():
     assert '\ndrift-ray = "drift_ray.cli:entry"\n' in (REPO / "pyproject.toml").read_text()
-    interrupted = "import drift_ray.cli as cli; cli.main = lambda: cli.INTERRUPTED; cli.entry()"
-    assert subprocess.run([sys.executable, "-c", interrupted], cwd=REPO).returncode == -signal.SIGINT
+    for status, signum in (("INTERRUPTED", signal.SIGINT), ("TERMINATED", signal.SIGTERM)):
+        interrupted = f"import drift_ray.cli as cli; cli.main = lambda: cli.{status}; cli.entry()"
+        assert subprocess.run([sys.executable, "-c", interrupted], cwd=REPO).returncode == -signum
     failed = "import drift_ray.cli as cli; cli.main = lambda: 2; cli.entry()"
     assert subprocess.run([sys.executable, "-c", failed], cwd=REPO).returncode == 2
 

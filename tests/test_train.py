@@ -261,6 +261,32 @@ def test_fit_ended_otherwise_ends_as_it_did(sys_exit_on_sigterm):
     assert _fit(SignalledTrainer(None, finished=True)) == "result"
 
 
+class Stopped(Exception):
+    pass
+
+
+def test_a_sigterm_during_fit_ends_as_its_handler_says(monkeypatch):
+    """Ray's get turns what a SIGTERM handler raises while it waits into a KeyboardInterrupt."""
+
+    class Trainer(SignalledTrainer):
+        def fit(self) -> str:
+            try:
+                return super().fit()
+            except Stopped:
+                raise KeyboardInterrupt from None
+
+    def stop(signum, frame):
+        raise Stopped
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        for finished in (False, True):
+            with pytest.raises(Stopped):
+                _fit(Trainer(signal.SIGTERM, finished))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.fixture(scope="module")
 def zero2_run(ray_cluster, tmp_path_factory, weighted_dir, model_path):
     out = tmp_path_factory.mktemp("zero2")
