@@ -141,7 +141,7 @@ INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, `ray job stop`, a preempted pod) during a command: it ends as Ctrl-C does,
+    """SIGTERM (`kill`, `timeout`) during a command: it ends as Ctrl-C does,
     leaving what the stages finished for a rerun."""
 
 
