@@ -56,7 +56,9 @@ from drift_ray.trajectories import (
     read_json_object,
     require_parquet,
     require_same_settings,
+    settings_changes,
     weighted_fingerprint,
+    write_json_atomic,
 )
 from drift_ray.weights import invalid_conversations, invalid_weights
 from drift_ray.weighted_sft import (
@@ -347,6 +349,10 @@ def train_weighted_sft(
         # Every rank reads all rows and takes its share of each global batch itself (see plan_steps).
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+    runs = out / RUN_STORAGE_DIR
+    for warning in other_runs_left(runs, settings):
+        log.warning("weighted SFT: %s", warning)
+    write_json_atomic(settings, runs / run_name(settings) / TRAIN_SETTINGS_FILE)  # for a run with other settings to name
     result = _fit(trainer)
 
     # A copy left by a process killed while copying: a whole model's size on disk, never to be published.
@@ -372,6 +378,33 @@ def train_weighted_sft(
         raise
     _remove_checkpoints(out)
     return stats
+
+
+def other_runs_left(runs: Path, settings: dict[str, Any]) -> list[str]:
+    """What the checkpoints under `runs` (out_dir's Ray Train storage) of killed runs with settings other
+    than `settings` hold, one line each: the run about to start does not resume them, and removes them
+    once its model is published (a rerun with their settings would resume one)."""
+    lines = []
+    for run in sorted(path for path in runs.glob("weighted_sft-*") if path.is_dir() and path.name != run_name(settings)):
+        progress = []
+        for file in run.glob(f"checkpoint_*/{PROGRESS_FILE}"):
+            with contextlib.suppress(OSError, ValueError):
+                progress.append(json.loads(file.read_text()))
+        progress = [entry for entry in progress if isinstance(entry, dict)]
+        if not progress:
+            continue
+        finished = any(entry.get("finished") for entry in progress)
+        done = "trained to the end" if finished else f"step {max(entry.get('step', 0) for entry in progress)} reached"
+        try:
+            changes = settings_changes(json.loads((run / TRAIN_SETTINGS_FILE).read_text()), settings)
+        except (OSError, ValueError):
+            changes = "not recorded"
+        lines.append(
+            f"{run} holds the checkpoints of a killed training with other settings ({done}; differ in: {changes}); "
+            "this one starts at step 0 and removes them once its model is published: rerun with those settings "
+            "to resume that one instead"
+        )
+    return lines
 
 
 def _fit(trainer: Any) -> Any:

@@ -30,7 +30,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable, Collection, Iterator, Mapping
+from typing import IO, Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -306,17 +306,28 @@ def require_same_settings(
     if changed:
         # Where the files differ, a path known by them that differs too is named: the config changed.
         changed = sorted(changed + [path for path in identified if whole_record.get(path) != current.get(path)])
-        described = [
-            f"{key} ({schema.short_repr(whole_record[key])} then, "
-            f"{schema.short_repr(current[key]) if key in current else 'unset'} now)"
-            for key in changed
-        ]
-        listed = "; ".join(described[:5]) + (f"; and {len(described) - 5} more" if len(described) > 5 else "")
+        listed = _described_changes(whole_record, current, changed)
         if all(_under(key, inputs) for key in changed):
             remedy = f"What it was made from changed since: remove {output} to make it again, or use a new run_dir."
         else:
             remedy = "Rerun with the same config, or use a new run_dir."
         raise RuntimeError(f"{output}: made with other settings (differ in: {listed}), recorded in {record}. {remedy}")
+
+
+def settings_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """Every setting (dotted path) that differs between two settings mappings, with both values."""
+    before, now = (_dotted(json.loads(json.dumps(settings))) for settings in (recorded, current))
+    return _described_changes(before, now, sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key)))
+
+
+def _described_changes(before: Mapping[str, Any], now: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """'key (value then, value now); …' of the dotted `keys`, five at most."""
+    described = [
+        f"{key} ({schema.short_repr(before[key]) if key in before else 'unset'} then, "
+        f"{schema.short_repr(now[key]) if key in now else 'unset'} now)"
+        for key in keys
+    ]
+    return "; ".join(described[:5]) + (f"; and {len(described) - 5} more" if len(described) > 5 else "")
 
 
 def _under(key: str, paths: Collection[str]) -> bool:

@@ -38,6 +38,7 @@ from drift_ray.train import (
     _fit,
     _load_progress,
     loads_partitioned,
+    other_runs_left,
     plan_steps,
     read_stats,
     require_finite_step,
@@ -647,6 +648,21 @@ def test_the_saved_twin_of_a_zero3_model_holds_the_gathered_weights_with_tied_em
     assert loaded.state_dict().keys() == expected.keys()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_checkpoints_of_a_killed_run_with_other_settings_are_named_with_what_differs(tmp_path):
+    settings = {"train": {"lr": 2e-4, "epochs": 1}, "seed": 0}
+    killed = {"train": {"lr": 1e-4, "epochs": 1}, "seed": 0}
+    for run_settings, step in ((killed, 120), (settings, 7)):  # this run's own checkpoints: resumed, not named
+        checkpoint = tmp_path / run_name(run_settings) / "checkpoint_2026-12-07_00-00-00.000000"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / PROGRESS_FILE).write_text(json.dumps({"step": step}))
+        (checkpoint.parent / TRAIN_SETTINGS_FILE).write_text(json.dumps(run_settings))
+    (tmp_path / "weighted_sft-0123456789ab").mkdir()  # killed before its first checkpoint: nothing to lose
+    [line] = other_runs_left(tmp_path, settings)
+    assert line.startswith(f"{tmp_path / run_name(killed)} holds the checkpoints of a killed training with other settings")
+    assert "(step 120 reached; differ in: train.lr (0.0001 then, 0.0002 now))" in line
+    assert "this one starts at step 0 and removes them once its model is published" in line
 
 
 class SimulatedCrash(RuntimeError):
