@@ -263,7 +263,10 @@ def _loads_json(data: bytes, path: Path, line_no: int | None, form: str) -> Any:
     try:
         return schema.loads_json(data)
     except json.JSONDecodeError as err:
-        raise TaskError(f"{path}:{err.lineno if line_no is None else line_no}: not valid JSON ({form}): {err.msg}") from None
+        line = err.lineno if line_no is None else line_no
+        # json's msg ends where it names the place ("Invalid control character at"), which it gives apart.
+        problem = f"{err.msg.removesuffix(' at')} at column {err.colno}"
+        raise TaskError(f"{path}:{line}: not valid JSON ({form}): {problem}") from None
     except schema.RepeatedKeyError as err:
         raise TaskError(f"{where}: {err}") from None
     except UnicodeDecodeError as err:

@@ -199,7 +199,8 @@ def test_read_parquet_file_task(tmp_path):
 @pytest.mark.parametrize(
     "content, columns, fragment",
     [
-        ('{"question": "a", "gold": "1"}\n{not json}\n', {}, ":2: not valid JSON"),
+        ('{"question": "a", "gold": "1"}\n{not json}\n', {}, ":2: not valid JSON (one JSON object per line): Expecting property name enclosed in double quotes at column 2"),
+        ('{"question": "a\tb", "gold": "1"}\n', {}, ":1: not valid JSON (one JSON object per line): Invalid control character at column 16"),
         ('{"question": "a"}\n', {}, "missing column(s) ['gold']"),
         ('{"question": "a", "gold": ""}\n', {}, "bad.jsonl:1: column 'gold' is missing or empty"),
         ('{"question": "a", "gold": "1"}\n\n{"question": "b"}\n', {}, "bad.jsonl:3: column 'gold' is missing or empty"),
