@@ -789,6 +789,9 @@ def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
         value = row.get(field)
         if isinstance(value, list) and len(value) != len(rewards):
             raise _field_error(where, field, _PER_TURN_EXPECTED, f"{schema.short_repr(value)} for {len(rewards)} turn(s)")
+        if isinstance(value, list) and not all(flag is None or isinstance(flag, bool) for flag in value):
+            # Read as its truth value below, "no" would mark a turn correct.
+            raise _field_error(where, field, "true or false for each turn", schema.short_repr(value))
     t_star = row.get(schema.T_STAR)
     whole = type(t_star) is int or (type(t_star) is float and t_star.is_integer())  # pandas writes 2.0 beside nulls
     if t_star is not None and (not whole or not 1 <= t_star <= len(rewards)):

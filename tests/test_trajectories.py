@@ -480,7 +480,7 @@ def test_rollouts_played_before_cut_offs_were_recorded_read_beside_later_ones_as
     (tmp_path / "part-c.parquet").unlink()
     # Not of the same turns, or not booleans: named.
     path = tmp_path / "data.jsonl"
-    for value, expected in (([True], "a list of one value per turn"), ([1, 0, 0], "a value of type list<item: bool>")):
+    for value, expected in (([True], "a list of one value per turn"), ([1, 0, 0], "true or false for each turn")):
         path.write_text(json.dumps({**rows[1], schema.CUT_OFF: value}) + "\n")
         with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:1: field '{schema.CUT_OFF}': expected {expected}"):
             read_trajectories(path)

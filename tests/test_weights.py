@@ -570,6 +570,11 @@ def _without(key: str) -> dict:
             r"field 'correct': expected a list of one value per turn of 'turn_rewards', found \[False, True\] for 1 turn",
         ),
         (
+            json.dumps({"prompt_id": "q1", "trajectory_id": "q1/9", "turn_rewards": [0.0], "correct": ["no"], "t_star": None,
+                        "answer_norms": [], "format_penalty": 0.0}),
+            r"field 'correct': expected true or false for each turn, found \['no'\]",
+        ),
+        (
             json.dumps({"prompt_id": "q1", "trajectory_id": None, "turn_rewards": [1.0], "correct": [True], "t_star": 1, "answer_norms": [], "format_penalty": 0.0}),
             r"field 'trajectory_id': expected a value, found null",  # written null: not made up
         ),
