@@ -10,6 +10,7 @@ are never read), and a retried batch rewrites the same shard name instead of add
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +35,8 @@ from drift_ray.trajectories import (
     write_table_atomic,
 )
 from drift_ray.verifiers import get_verifier, verifier_settings
+
+log = logging.getLogger(__name__)
 
 SHARD_GLOB = "part-*.parquet"
 MANIFEST = "manifest.json"
@@ -306,6 +309,11 @@ def run_episodes(
         if todo and start_ray:
             start_ray()  # before the directory is made: a cluster that cannot run the actors leaves none
         record_manifest(out_dir, settings)
+        if todo and len(todo) < len(problems):  # else a resumed run says so only in its summary, at the end
+            log.info(
+                "%s: %d of the %d problems were played already; playing the other %d",
+                out_dir, len(problems) - len(todo), len(problems), len(todo),
+            )
         summary: dict[str, Any] = {
             "problems": len(problems), "reused": len(problems) - len(todo), "new": len(todo),
             "waited_seconds": waited,

@@ -441,7 +441,7 @@ def test_summary_counts_per_prompt():
 
 
 @pytest.mark.ray
-def test_ray_rollouts_resume_after_interruption(tmp_path, ray_cluster, tiny_model_dir):
+def test_ray_rollouts_resume_after_interruption(tmp_path, ray_cluster, tiny_model_dir, caplog):
     cfg = load_config(None, ['episode.instruction="{question}"', "episode.max_turns=2", "rollout.max_new_tokens=6",
                              "rollout.cpus_per_actor=1", "seed=7"])
     problems = [Problem(f"p{i}", f"x is between 10 and 29, and x+1 ends in {i}. What is x?", "9") for i in range(6)]
@@ -454,8 +454,10 @@ def test_ray_rollouts_resume_after_interruption(tmp_path, ray_cluster, tiny_mode
     assert first["new"] == 2 and first["trajectories"] == 6
     (out / ".part-deadbeef.parquet.0.tmp").write_bytes(b"PAR1 partial")
 
-    second = run_episodes(problems, out, **kwargs)
+    with caplog.at_level(logging.INFO, logger="drift_ray.rollouts"):
+        second = run_episodes(problems, out, **kwargs)
     assert (second["reused"], second["new"], second["trajectories"]) == (2, 4, 12)
+    assert f"{out}: 2 of the 6 problems were played already; playing the other 4" in caplog.text
     table = read_shards(out)
     ids = table.column(schema.TRAJECTORY_ID).to_pylist()
     assert len(ids) == len(set(ids)) == 6 * 3
