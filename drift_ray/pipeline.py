@@ -76,6 +76,10 @@ def lock_run_dir(cfg: Config, *, writes_rollouts: bool) -> ContextManager[float]
     Ray job would leave in its working_dir (see outputs_left_in_the_job)."""
     outputs = {"run_dir": cfg.run_dir, **({"rollout.output_dir": cfg.rollout.output_dir} if writes_rollouts else {})}
     warn_of_outputs_left_in_the_job(outputs)
+    try:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # its message names the path, not the key that set it
+        raise OSError(f"run_dir={cfg.run_dir}: cannot make the directory ({err.strerror})") from err
     return exclusive_lock(Path(cfg.run_dir) / RUN_LOCK_FILE, wait=False)
 
 

@@ -400,6 +400,14 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
         main(["--traceback", "weights", "--input", str(authors), "--output", str(taken)])
 
 
+def test_a_run_dir_that_cannot_be_made_is_named_by_its_key(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    run_dir = tmp_path / "a-file" / "run"
+    assert main(["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}"]) == 2
+    error = capsys.readouterr().err
+    assert error == f"drift-ray rollouts: error: run_dir={run_dir}: cannot make the directory (Not a directory)\n"
+
+
 def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_dir):
     args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}", f"rollout.model={tiny_model_dir}"]
     with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=KeyboardInterrupt):
