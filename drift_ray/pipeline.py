@@ -405,7 +405,13 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
         "rollouts_fingerprint": rollouts_fingerprint(rollouts, prompt_ids),
     }
     if weights_finished(run_dir):
-        require_same_settings(out / WEIGHTS_SETTINGS_FILE, settings, output=str(out), inputs=["rollouts_fingerprint"])
+        require_same_settings(
+            out / WEIGHTS_SETTINGS_FILE,
+            settings,
+            output=str(out),
+            inputs=["rollouts_fingerprint"],
+            meanings={"prompts": "the training problems, which the task.* keys and seed choose"},
+        )
         return read_json_object(out / WEIGHTS_DIAGNOSTICS_FILE, f"remove {out} to weigh the rollouts again")
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]

@@ -267,6 +267,7 @@ def require_same_settings(
     known_by: Mapping[str, str] | None = None,
     inputs: Collection[str] = (),
     absent_means: Mapping[str, Any] | None = None,
+    meanings: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
@@ -281,7 +282,8 @@ def require_same_settings(
     `output` was made from rather than how (fingerprints of files): where only those differ, the same
     config cannot make it again, and the message says to remove `output` instead. `absent_means`: the value
     that a setting a record lacks had when it was made (a setting added since, whose every earlier value was
-    that one), so that it is compared after all.
+    that one), so that it is compared after all. `meanings`: what a recorded setting (and those under it)
+    is, in the config's words, said where it differs.
     """
     for name, paths in (("only", only), ("ignore", ignore), ("inputs", inputs)):
         if isinstance(paths, str):  # a bare string would be read as its characters, and match nothing
@@ -307,6 +309,7 @@ def require_same_settings(
         # Where the files differ, a path known by them that differs too is named: the config changed.
         changed = sorted(changed + [path for path in identified if whole_record.get(path) != current.get(path)])
         listed = _described_changes(whole_record, current, changed)
+        listed += "".join(f"; {path}: {meaning}" for path, meaning in (meanings or {}).items() if any(_under(key, [path]) for key in changed))
         if all(_under(key, inputs) for key in changed):
             remedy = f"What it was made from changed since: remove {output} to make it again, or use a new run_dir."
         else:

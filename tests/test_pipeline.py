@@ -125,13 +125,14 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     # A rerun with other settings is refused at the first stage whose finished output they would change,
     # instead of reporting that output as theirs, and it changes nothing.
     settled = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"}
-    for override, stage, setting in [
-        ("weights.beta=0.5", "weighted", "weights.beta (0.1 then, 0.5 now)"),
-        ("train.lr=0.001", "train/model", "train.lr"),
-        ("task.num_train=6", "weighted", "prompts.count (8 then, 6 now)"),
+    for override, stage, setting, explained in [
+        ("weights.beta=0.5", "weighted", "weights.beta (0.1 then, 0.5 now)", ""),
+        ("train.lr=0.001", "train/model", "train.lr", ""),
+        ("task.num_train=6", "weighted", "prompts.count (8 then, 6 now)", "; prompts: the training problems, which the task.* keys and seed choose)"),
     ]:
         assert main([*run, override]) == 2
-        assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in error and explained in error
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"} == settled
         assert not ray.is_initialized()
 
