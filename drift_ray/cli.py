@@ -145,7 +145,12 @@ class Terminated(KeyboardInterrupt):
     leaving what the stages finished for a rerun."""
 
 
+# Set by the SIGTERM handler: Ray, waiting in ray.get, turns what a handler raises into a bare KeyboardInterrupt.
+_TERMINATED = threading.Event()
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _TERMINATED.set()
     raise Terminated
 
 
@@ -204,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += left_over
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+    _TERMINATED.clear()
     sigterm_handler = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return args.fn(args)
@@ -218,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         # Else a traceback through Ray Data's queue threads, which reads like a crash.
         if args.traceback:
             raise
+        terminated = isinstance(err, Terminated) or _TERMINATED.is_set()
         print(
-            f"drift-ray {args.command}: {'terminated' if isinstance(err, Terminated) else 'interrupted'}; run the "
-            "same command again to go on from what it finished (rollout and evaluation shards, training "
-            "checkpoints, finished stages)",
+            f"drift-ray {args.command}: {'terminated' if terminated else 'interrupted'}; run the same command "
+            "again to go on from what it finished (rollout and evaluation shards, training checkpoints, finished "
+            "stages)",
             file=sys.stderr,
         )
-        return TERMINATED if isinstance(err, Terminated) else INTERRUPTED
+        return TERMINATED if terminated else INTERRUPTED
     finally:
         if sigterm_handler is not None:  # None: one installed from outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, sigterm_handler)

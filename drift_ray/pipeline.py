@@ -326,14 +326,18 @@ def _not_a_model(path: Path) -> str | None:
     records = [name for name in _MODEL_RECORDS if (path / name).is_file()]
     if not records:
         return "no config.json, nor a LoRA adapter's adapter_config.json"
+    problems = []
     for name in records:
         try:
             record = json.loads((path / name).read_bytes())
         except (OSError, ValueError) as err:
-            return f"its {name} cannot be read as JSON: {err}"
+            problems.append(f"its {name} cannot be read as JSON: {err}")
+            continue
         if not (isinstance(record, dict) and any(key in record for key in _MODEL_RECORDS[name])):
             keys = " or ".join(_MODEL_RECORDS[name])
-            return f"its {name} names no {keys}" + (", as a drift-ray run's does" if RUN_RECORD_FILE in os.listdir(path) else "")
+            problems.append(f"its {name} names no {keys}" + (", as a drift-ray run's does" if RUN_RECORD_FILE in os.listdir(path) else ""))
+    if len(problems) == len(records):  # one record that holds a model or adapter is enough
+        return problems[0]
     if not any(file.name.endswith(_WEIGHT_SUFFIXES) for file in path.iterdir()):
         return "no weights: no " + ", ".join(f"*{suffix}" for suffix in _WEIGHT_SUFFIXES) + " file"
     return None

@@ -393,12 +393,13 @@ def other_runs_left(runs: Path, settings: dict[str, Any]) -> list[str]:
         progress = [entry for entry in progress if isinstance(entry, dict)]
         if not progress:
             continue
+        steps = [entry.get("step") for entry in progress if type(entry.get("step")) is int]
         finished = any(entry.get("finished") for entry in progress)
-        done = "trained to the end" if finished else f"step {max(entry.get('step', 0) for entry in progress)} reached"
-        try:
-            changes = settings_changes(json.loads((run / TRAIN_SETTINGS_FILE).read_text()), settings)
-        except (OSError, ValueError):
-            changes = "not recorded"
+        done = "trained to the end" if finished else f"step {max(steps, default=0)} reached"
+        recorded: Any = None
+        with contextlib.suppress(OSError, ValueError):
+            recorded = json.loads((run / TRAIN_SETTINGS_FILE).read_text())
+        changes = settings_changes(recorded, settings) if isinstance(recorded, dict) else "not recorded"
         lines.append(
             f"{run} holds the checkpoints of a killed training with other settings ({done}; differ in: {changes}); "
             "this one starts at step 0 and removes them once its model is published: rerun with those settings "

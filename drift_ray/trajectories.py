@@ -623,7 +623,7 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
         fail(np.flatnonzero(given & outside), schema.T_STAR, _T_STAR_EXPECTED)
         if schema.CORRECT in table.column_names:
             verdicts = table.column(schema.CORRECT)
-            flags = pc.fill_null(pc.list_flatten(verdicts), False).to_numpy(zero_copy_only=False)
+            flags = pc.fill_null(pc.list_flatten(verdicts).cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
             first = schema.first_true_turns(flags, pc.list_value_length(verdicts).fill_null(0).to_numpy())
             differs = verdicts.is_valid().to_numpy(zero_copy_only=False) & np.where(given, t_star != first, first != 0)
             for row in np.flatnonzero(differs)[:1]:
@@ -666,17 +666,17 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     names = dict.fromkeys(name for row in rows for name in row)
     lines = [row[schema.SOURCE_LINE] for row in rows]
     table = pa.table({name: _column(path, name, [row.get(name) for row in rows], lines) for name in names})
-    for field in (schema.T_STAR, schema.CORRECT):
-        # Where the file has the column, a row's first correct turn is read from it: a line without the
-        # field would count as unsolved, whatever its verdicts or rewards say.
-        lacking = next((row for row in rows if field not in row), None)
-        if field in names and lacking is not None:
-            giving = next(row for row in rows if field in row)
-            named = f"{field!r}" + (f" (nor {AUTHORS_VERIFIER!r}, the authors' name for it)" if field == schema.CORRECT else "")
-            raise TrajectoryFileError(
-                f"{path}:{lacking[schema.SOURCE_LINE]}: no field {named}, which line {giving[schema.SOURCE_LINE]} "
-                "gives: give it on every line or on none"
-            )
+    # A row's first correct turn is read from t_star where the file has the column, else from the verdicts
+    # where it has those: a line without the field read would count as unsolved, whatever it says otherwise.
+    field = schema.T_STAR if schema.T_STAR in names else schema.CORRECT
+    lacking = next((row for row in rows if field not in row), None)
+    if field in names and lacking is not None:
+        giving = next(row for row in rows if field in row)
+        named = f"{field!r}" + (f" (nor {AUTHORS_VERIFIER!r}, the authors' name for it)" if field == schema.CORRECT else "")
+        raise TrajectoryFileError(
+            f"{path}:{lacking[schema.SOURCE_LINE]}: no field {named}, which line {giving[schema.SOURCE_LINE]} "
+            "gives: give it on every line or on none"
+        )
     return table, lambda row: f"{path}:{lines[row]}"
 
 

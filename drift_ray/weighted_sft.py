@@ -395,7 +395,7 @@ def fit_plain(
     seed: int = 0,
     log_every: int = 0,
 ) -> dict[str, float]:
-    """Weighted SFT in one process: AdamW, length-bucketed batches, one optimizer step per batch.
+    """Weighted SFT in one process: AdamW, `global_batches` of `loss`, one optimizer step per batch.
 
     `weights` None means 1 for every conversation. Conversations of weight 0 are left out, as the
     distributed loop leaves them out (train.train_weighted_sft). Deterministic for a seed on CPU.

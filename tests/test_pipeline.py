@@ -401,15 +401,16 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
         main(["--traceback", "weights", "--input", str(authors), "--output", str(taken)])
 
 
-def test_a_run_dir_that_cannot_be_made_is_named_by_its_key(tmp_path, capsys):
+def test_a_run_dir_that_cannot_be_made_is_named_by_its_key(tmp_path, capsys, tiny_model_dir):
     (tmp_path / "a-file").write_text("")
     run_dir = tmp_path / "a-file" / "run"
-    assert main(["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}"]) == 2
+    assert main(["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir)]) == 2
     error = capsys.readouterr().err
     assert error == f"drift-ray rollouts: error: run_dir={run_dir}: cannot make the directory (Not a directory)\n"
 
 
 def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_dir):
+    sigterm_handler = signal.getsignal(signal.SIGTERM)  # ray.init's, where an earlier test started Ray
     args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}", f"rollout.model={tiny_model_dir}"]
     with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=KeyboardInterrupt):
         assert main(args) == 130
@@ -418,10 +419,22 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
         assert len(error.splitlines()) == 1
         with pytest.raises(KeyboardInterrupt):  # where it stopped, for a bug report
             main(["--traceback", *args])
-    with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=lambda *args: os.kill(os.getpid(), signal.SIGTERM)):
-        assert main(args) == 128 + signal.SIGTERM
-        assert capsys.readouterr().err.startswith("drift-ray rollouts: terminated; run the same command again")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main's handler is main's alone
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def terminated_while_ray_waits(*args):  # Ray's get turns what a signal handler raises into this
+        try:
+            terminated()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None
+
+    for stage in (terminated, terminated_while_ray_waits):
+        with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=stage):
+            assert main(args) == 128 + signal.SIGTERM
+            assert capsys.readouterr().err.startswith("drift-ray rollouts: terminated; run the same command again")
+    with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=KeyboardInterrupt):
+        assert main(args) == 130  # not the SIGTERM of the run before
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # main's handler is main's alone
 
 
 @pytest.mark.parametrize("signum, group, said", [(signal.SIGINT, True, "interrupted"), (signal.SIGTERM, False, "terminated")])

@@ -266,14 +266,17 @@ class Stopped(Exception):
     pass
 
 
-def test_a_sigterm_during_fit_ends_as_its_handler_says(monkeypatch):
-    """Ray's get turns what a SIGTERM handler raises while it waits into a KeyboardInterrupt."""
+def test_a_sigterm_during_fit_ends_as_its_handler_says():
+    """Ray's get turns what a SIGTERM handler raises while it waits into a KeyboardInterrupt; or the run
+    finishes first, and fit returns."""
 
     class Trainer(SignalledTrainer):
         def fit(self) -> str:
             try:
                 return super().fit()
             except Stopped:
+                if self.finished:
+                    return "result"
                 raise KeyboardInterrupt from None
 
     def stop(signum, frame):
@@ -663,6 +666,13 @@ def test_checkpoints_of_a_killed_run_with_other_settings_are_named_with_what_dif
     assert line.startswith(f"{tmp_path / run_name(killed)} holds the checkpoints of a killed training with other settings")
     assert "(step 120 reached; differ in: train.lr (0.0001 then, 0.0002 now))" in line
     assert "this one starts at step 0 and removes them once its model is published" in line
+    # Records it cannot read are named as such: a warning never stops the training.
+    (tmp_path / run_name(killed) / TRAIN_SETTINGS_FILE).write_text("[]")
+    odd = tmp_path / run_name(killed) / "checkpoint_2026-12-07_00-00-01.000000"
+    odd.mkdir()
+    (odd / PROGRESS_FILE).write_text(json.dumps({"step": None}))
+    [line] = other_runs_left(tmp_path, settings)
+    assert "(step 120 reached; differ in: not recorded)" in line
 
 
 class SimulatedCrash(RuntimeError):

@@ -211,17 +211,35 @@ def test_t_star_must_be_the_first_correct_and_last_turn_in_parquet_as_in_jsonl(t
             read_trajectories(tmp_path / where.split(":")[0])
 
 
-def test_a_field_that_says_which_turn_was_correct_is_on_every_jsonl_line_or_none(tmp_path):
-    # The column the file has is read for every row: a line without the field would count as unsolved.
+def test_the_field_that_says_which_turn_was_correct_is_on_every_jsonl_line_or_none(tmp_path):
+    # The column the file has is read for every row (t_star, else the verdicts): a line without the field
+    # would count as unsolved.
     solved = _episode_rows()[0]  # at turn 2
+    without = {field: {key: value for key, value in solved.items() if key not in fields}
+               for field, fields in ((schema.T_STAR, [schema.T_STAR]), (schema.CORRECT, [schema.T_STAR, schema.CORRECT]))}
     path = tmp_path / "mixed.jsonl"
-    for field, named in ((schema.T_STAR, "'t_star'"), (schema.CORRECT, "'correct' (nor 'verifier', the authors' name for it)")):
-        lacking = {key: value for key, value in solved.items() if key != field}
-        path.write_text(json.dumps(solved) + "\n" + json.dumps(lacking) + "\n")
+    for field, giving, named in (
+        (schema.T_STAR, solved, "'t_star'"),
+        (schema.CORRECT, without[schema.T_STAR], "'correct' (nor 'verifier', the authors' name for it)"),
+    ):
+        path.write_text(json.dumps(giving) + "\n" + json.dumps(without[field]) + "\n")
         with pytest.raises(TrajectoryFileError, match=re.escape(f"mixed.jsonl:2: no field {named}, which line 1 gives")):
             read_trajectories(path)
-        path.write_text(json.dumps(lacking) + "\n" + json.dumps({**lacking, schema.TRAJECTORY_ID: "p1/9"}) + "\n")
+        path.write_text(json.dumps(without[field]) + "\n" + json.dumps({**without[field], schema.TRAJECTORY_ID: "p1/9"}) + "\n")
         assert read_trajectories(path).num_rows == 2  # on no line: the turn is read from the others
+    # Verdicts on some lines only, where every line gives t_star, which is what is read: accepted.
+    path.write_text(json.dumps(solved) + "\n" + json.dumps({**solved, schema.TRAJECTORY_ID: "p1/9", schema.CORRECT: None}) + "\n")
+    assert read_trajectories(path).num_rows == 2
+    partial = {key: value for key, value in solved.items() if key != schema.CORRECT}
+    path.write_text(json.dumps(solved) + "\n" + json.dumps({**partial, schema.TRAJECTORY_ID: "p1/9"}) + "\n")
+    assert read_trajectories(path).num_rows == 2
+
+
+def test_verdicts_that_arrow_types_as_nulls_are_read_as_no_verdicts(tmp_path):
+    rows = [{**{key: value for key, value in row.items() if key != schema.CORRECT}, schema.T_STAR: None} for row in _episode_rows()]
+    table = pa.Table.from_pylist(rows).append_column(schema.CORRECT, pa.array([[None, None], [None] * 3], pa.list_(pa.null())))
+    pq.write_table(table, tmp_path / "nulls.parquet")
+    assert read_trajectories(tmp_path / "nulls.parquet").num_rows == 2
 
 
 def test_turns_must_be_the_conversation_s_replies(tmp_path):
