@@ -16,6 +16,7 @@ from typing import Any
 from pathlib import Path
 
 from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_config, override_key
+from drift_ray.signals import signal_handler
 
 # An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..",
 # and not the name of a report file there.
@@ -208,11 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += left_over
-    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
     _TERMINATED.clear()
-    sigterm_handler = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        return args.fn(args)
+        with signal_handler(signal.SIGTERM, _raise_terminated):
+            return args.fn(args)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
         # Expected user errors (OSError: a path that is a file, a directory or not allowed): one clear line.
         # The same types come from bugs too, whose traceback --traceback shows.
@@ -232,9 +232,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return TERMINATED if terminated else INTERRUPTED
-    finally:
-        if sigterm_handler is not None:  # None: one installed from outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 def entry() -> None:

@@ -6,17 +6,15 @@ so a killed job resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, ContextManager, Iterator, Mapping
+from typing import Any, Callable, Collection, ContextManager, Mapping
 from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
@@ -33,6 +31,7 @@ from drift_ray.rollouts import (
     run_episodes,
 )
 from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
+from drift_ray.signals import signal_handler
 from drift_ray.trajectories import (
     exclusive_lock,
     publish_directory,
@@ -126,25 +125,13 @@ def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
 
     if ray.is_initialized():
         return
-    with _sigterm_handler_kept():
+    # ray.init replaces the SIGTERM handler with one in C that prints a stack dump before calling its own:
+    # a `kill` would read as a crash (the drift-ray command's handler ends it as Ctrl-C does).
+    with signal_handler(signal.SIGTERM):
         _init_ray(cfg, stages)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-
-
-@contextlib.contextmanager
-def _sigterm_handler_kept() -> Iterator[None]:
-    """Puts back the SIGTERM handler that ray.init replaces: with a handler in C that prints a stack dump
-    before calling the Python one, a `kill` or `ray job stop` read as a crash (the drift-ray command's own
-    handler ends it as Ctrl-C does)."""
-    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
-    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
-    try:
-        yield
-    finally:
-        if handler is not None:  # None: one installed from outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, handler)
 
 
 def _init_ray(cfg: Config, stages: Collection[str]) -> None:
@@ -335,7 +322,7 @@ def _not_a_model(path: Path) -> str | None:
             continue
         if not (isinstance(record, dict) and any(key in record for key in _MODEL_RECORDS[name])):
             keys = " or ".join(_MODEL_RECORDS[name])
-            problems.append(f"its {name} names no {keys}" + (", as a drift-ray run's does" if RUN_RECORD_FILE in os.listdir(path) else ""))
+            problems.append(f"its {name} names no {keys}" + (", as a drift-ray run's does" if (path / RUN_RECORD_FILE).is_file() else ""))
     if len(problems) == len(records):  # one record that holds a model or adapter is enough
         return problems[0]
     if not any(file.name.endswith(_WEIGHT_SUFFIXES) for file in path.iterdir()):

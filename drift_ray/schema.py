@@ -187,9 +187,16 @@ def message_codes(messages: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.
     return codes, pc.list_value_length(column).fill_null(0).to_numpy().astype(np.int64)
 
 
-def first_true_turns(flags: np.ndarray, turns: np.ndarray) -> np.ndarray:
-    """Per row: the 1-based turn of its first True flag, 0 where it has none. `flags`: every row's per-turn
-    flags in row order, as pc.list_flatten gives them (nulls as False); `turns`: how many each row has."""
+def first_true_turns(flags: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Per row of a per-turn list column of flags (booleans, or nulls only, as Arrow types a column of
+    them): the 1-based turn of its first true flag, 0 where it has none (a null is not true)."""
+    values = pc.fill_null(pc.list_flatten(flags).cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
+    return first_true_positions(values, pc.list_value_length(flags).fill_null(0).to_numpy())
+
+
+def first_true_positions(flags: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """first_true_turns of flags already flattened: every row's per-turn flags in row order, as
+    pc.list_flatten gives them (nulls as False), and how many each row has."""
     rows = np.repeat(np.arange(len(turns)), turns)
     turn = np.arange(rows.size) - (np.cumsum(turns) - turns)[rows] + 1
     first = np.full(len(turns), np.iinfo(np.int64).max)

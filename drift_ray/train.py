@@ -47,6 +47,7 @@ from drift_ray.schema import (
     holds_flags,
     require_columns,
 )
+from drift_ray.signals import signal_handler
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
     TrajectoryFileError,
@@ -77,6 +78,7 @@ MODEL_DIR = "model"  # under out_dir: the trained model, loadable with from_pret
 STATS_FILE = "drift_train.json"  # inside MODEL_DIR: the training statistics
 STEPS_FILE = "drift_train_steps.jsonl"  # inside MODEL_DIR: one line of metrics per optimizer step
 RUN_STORAGE_DIR = "ray_train"  # under out_dir: Ray Train's run directories and checkpoints
+RUN_NAME_PREFIX = "weighted_sft-"  # of a run directory there (see run_name)
 HF_CHECKPOINT_DIR = "hf_model"  # inside the final checkpoint: the model as save_pretrained writes it
 DEEPSPEED_TAG = "deepspeed"  # inside an intermediate checkpoint: DeepSpeed's state
 PROGRESS_FILE = "progress.json"  # inside every checkpoint: the step reached and the statistics so far
@@ -228,7 +230,7 @@ def read_stats(model_dir: str | Path) -> dict[str, Any]:
 
 def run_name(settings: dict[str, Any]) -> str:
     """A name that changes with train_settings, so that only the same run resumes."""
-    return "weighted_sft-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return RUN_NAME_PREFIX + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def train_weighted_sft(
@@ -325,6 +327,7 @@ def train_weighted_sft(
 
     # Stamped on the final metrics: a final checkpoint with another stamp was written by an earlier call.
     call_id = uuid.uuid4().hex
+    runs, name = out / RUN_STORAGE_DIR, run_name(settings)
     trainer = TorchTrainer(
         train_loop_per_worker or train_loop,
         train_loop_config={
@@ -333,7 +336,7 @@ def train_weighted_sft(
             "model_path": model_path,
             "call_id": call_id,
             # One directory per run: a rerun with other settings is another curve, not the same one continued.
-            "tensorboard_dir": str(out / TENSORBOARD_DIR / run_name(settings)),
+            "tensorboard_dir": str(out / TENSORBOARD_DIR / name),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -341,18 +344,17 @@ def train_weighted_sft(
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **cfg.train.resources},
         ),
         run_config=RunConfig(
-            storage_path=str(out / RUN_STORAGE_DIR),
-            name=run_name(settings),
+            storage_path=str(runs),
+            name=name,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
         # Every rank reads all rows and takes its share of each global batch itself (see plan_steps).
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    runs = out / RUN_STORAGE_DIR
     for warning in other_runs_left(runs, settings):
         log.warning("weighted SFT: %s", warning)
-    write_json_atomic(settings, runs / run_name(settings) / TRAIN_SETTINGS_FILE)  # for a run with other settings to name
+    write_json_atomic(settings, runs / name / TRAIN_SETTINGS_FILE)  # for a run with other settings to name
     result = _fit(trainer)
 
     # A copy left by a process killed while copying: a whole model's size on disk, never to be published.
@@ -384,8 +386,8 @@ def other_runs_left(runs: Path, settings: dict[str, Any]) -> list[str]:
     """What the checkpoints under `runs` (out_dir's Ray Train storage) of killed runs with settings other
     than `settings` hold, one line each: the run about to start does not resume them, and removes them
     once its model is published (a rerun with their settings would resume one)."""
-    lines = []
-    for run in sorted(path for path in runs.glob("weighted_sft-*") if path.is_dir() and path.name != run_name(settings)):
+    lines, name = [], run_name(settings)
+    for run in sorted(path for path in runs.glob(f"{RUN_NAME_PREFIX}*") if path.is_dir() and path.name != name):
         progress = []
         for file in run.glob(f"checkpoint_*/{PROGRESS_FILE}"):
             with contextlib.suppress(OSError, ValueError):
@@ -421,20 +423,18 @@ def _fit(trainer: Any) -> Any:
     to, whichever handler that is."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
         return trainer.fit()
-    handler = signal.getsignal(signal.SIGINT)
     read_end, write_end = os.pipe()
     try:
         for end in (read_end, write_end):
             os.set_blocking(end, False)
         wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         try:
-            result, failure = trainer.fit(), None
+            with signal_handler(signal.SIGINT):
+                result, failure = trainer.fit(), None
         except BaseException as err:
             result, failure = None, err
         finally:
             signal.set_wakeup_fd(wakeup_fd)
-            if handler is not None:  # None: one installed from outside Python, which cannot be put back
-                signal.signal(signal.SIGINT, handler)
         received = _signals_received(read_end)
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signum in received and callable(handler_now := signal.getsignal(signum)):

@@ -623,8 +623,7 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
         fail(np.flatnonzero(given & outside), schema.T_STAR, _T_STAR_EXPECTED)
         if schema.CORRECT in table.column_names:
             verdicts = table.column(schema.CORRECT)
-            flags = pc.fill_null(pc.list_flatten(verdicts).cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
-            first = schema.first_true_turns(flags, pc.list_value_length(verdicts).fill_null(0).to_numpy())
+            first = schema.first_true_turns(verdicts)
             differs = verdicts.is_valid().to_numpy(zero_copy_only=False) & np.where(given, t_star != first, first != 0)
             for row in np.flatnonzero(differs)[:1]:
                 found = schema.short_repr(column[int(row)].as_py())

@@ -89,13 +89,10 @@ def first_correct_turn(table: pa.Table) -> npt.NDArray[np.int64]:
     if schema.T_STAR in table.column_names:
         return table.column(schema.T_STAR).fill_null(0).to_numpy().astype(np.int64)
     if schema.CORRECT in table.column_names:
-        column = table.column(schema.CORRECT)
-        hits = _flatten(column, pa.bool_())[1]
-    else:
-        column = table.column(schema.TURN_REWARDS)
-        hits = pc.greater(_flatten(column, pa.float64())[1], 0)
-    turns = pc.list_value_length(column).fill_null(0).to_numpy()
-    return schema.first_true_turns(pc.fill_null(hits, False).to_numpy(zero_copy_only=False), turns)
+        return schema.first_true_turns(table.column(schema.CORRECT))
+    rewards = table.column(schema.TURN_REWARDS)
+    hits = pc.fill_null(pc.greater(_flatten(rewards, pa.float64())[1], 0), False).to_numpy(zero_copy_only=False)
+    return schema.first_true_positions(hits, pc.list_value_length(rewards).fill_null(0).to_numpy())
 
 
 def compute_weights(table: pa.Table, cfg: WeightsConfig, group_size: int | None = None) -> pa.Table:
