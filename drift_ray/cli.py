@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Mapping
 from typing import Any
 from pathlib import Path
@@ -221,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        # Else a traceback through Ray Data's queue threads, which reads like a crash.
+        # Else a traceback through Ray Data's queue threads, which reads like a crash. Shown on request, the
+        # command still ends as an interrupted one, so that a shell loop around it stops there too.
         if args.traceback:
-            raise
+            traceback.print_exc()
         terminated = isinstance(err, Terminated) or _TERMINATED.is_set()
         print(
             f"drift-ray {args.command}: {'terminated' if terminated else 'interrupted'}; run the same command "

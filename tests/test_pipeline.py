@@ -417,8 +417,11 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
         error = capsys.readouterr().err
         assert error.startswith("drift-ray rollouts: interrupted; run the same command again to go on from what it finished")
         assert len(error.splitlines()) == 1
-        with pytest.raises(KeyboardInterrupt):  # where it stopped, for a bug report
-            main(["--traceback", *args])
+        assert main(["--traceback", *args]) == 130  # where it stopped, for a bug report, and still Ctrl-C's status
+        error = capsys.readouterr().err
+        assert error.startswith("Traceback (most recent call last):") and "KeyboardInterrupt" in error
+        assert error.endswith("interrupted; run the same command again to go on from what it finished (rollout and "
+                              "evaluation shards, training checkpoints, finished stages)\n")
     def terminated(*args):
         os.kill(os.getpid(), signal.SIGTERM)
 
