@@ -30,6 +30,7 @@ from drift_ray.trajectories import (
     digest_files,
     files_fingerprint,
     read_json_object,
+    RERUN_REMEDY,
     require_same_settings,
     write_json_atomic,
     write_table_atomic,
@@ -211,8 +212,8 @@ def _manifest_guards(out_dir: Path) -> bool:
     return (out_dir / MANIFEST).exists() and any(out_dir.glob(SHARD_GLOB))
 
 
-def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse to add trajectories of `settings` to those of other settings in `out_dir`."""
+def check_manifest(out_dir: Path, settings: dict[str, Any], remedy: str = RERUN_REMEDY) -> None:
+    """Refuse to add trajectories of `settings` to those of other settings in `out_dir`, saying `remedy`."""
     if _manifest_guards(out_dir):
         # A local model is known by its files: at another path (its run_dir moved, or spelled otherwise) it
         # is the same policy.
@@ -223,6 +224,7 @@ def check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
             known_by={"model": "model_fingerprint"},
             inputs=["model_fingerprint", "model_trained_by"],  # a model replaced at the same path
             absent_means={"engine.max_model_len": None},  # recorded since: before, every engine held the model's
+            remedy=remedy,
         )
 
 
@@ -268,6 +270,7 @@ def run_episodes(
     prompts_per_batch: int,
     num_actors: int,
     start_ray: Callable[[], None] | None = None,
+    other_settings_remedy: str = RERUN_REMEDY,
 ) -> dict[str, Any]:
     """Play every problem not yet in `out_dir` through a Ray Data actor pool; return a run summary.
 
@@ -294,7 +297,7 @@ def run_episodes(
     }
 
     def left_to_play() -> list[Problem]:
-        check_manifest(out_dir, settings)
+        check_manifest(out_dir, settings, other_settings_remedy)
         done = completed_prompts(out_dir, problems, samples_per_prompt, cfg.episode)
         return [p for p in problems if p.prompt_id not in done]
 

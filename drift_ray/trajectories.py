@@ -258,6 +258,9 @@ def _by_trajectory(path: str, column: str, optional: str | None = None) -> pa.Ta
         return None
 
 
+RERUN_REMEDY = "Rerun with the same config, or use a new run_dir."
+
+
 def require_same_settings(
     record: str | Path,
     settings: dict[str, Any],
@@ -268,6 +271,7 @@ def require_same_settings(
     inputs: Collection[str] = (),
     absent_means: Mapping[str, Any] | None = None,
     meanings: Mapping[str, str] | None = None,
+    remedy: str = RERUN_REMEDY,
 ) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
@@ -283,7 +287,7 @@ def require_same_settings(
     config cannot make it again, and the message says to remove `output` instead. `absent_means`: the value
     that a setting a record lacks had when it was made (a setting added since, whose every earlier value was
     that one), so that it is compared after all. `meanings`: what a recorded setting (and those under it)
-    is, in the config's words, said where it differs.
+    is, in the config's words, said where it differs. `remedy`: what to do where a setting differs.
     """
     for name, paths in (("only", only), ("ignore", ignore), ("inputs", inputs)):
         if isinstance(paths, str):  # a bare string would be read as its characters, and match nothing
@@ -291,10 +295,10 @@ def require_same_settings(
     record = Path(record)
     if not record.exists():
         return
-    remedy = f"it records what made {output}: remove {output} to make it again, or use a new run_dir"
+    damaged = f"it records what made {output}: remove {output} to make it again, or use a new run_dir"
     current = _dotted(json.loads(json.dumps(settings)))
     assumed = {key: value for key, value in (absent_means or {}).items() if key in current}
-    whole_record = {**assumed, **_dotted(read_json_object(record, remedy))}
+    whole_record = {**assumed, **_dotted(read_json_object(record, damaged))}
     identified = [
         path for path, identity in (known_by or {}).items()
         if whole_record.get(identity) is not None and current.get(identity) is not None
@@ -312,8 +316,6 @@ def require_same_settings(
         listed += "".join(f"; {path}: {meaning}" for path, meaning in (meanings or {}).items() if any(_under(key, [path]) for key in changed))
         if all(_under(key, inputs) for key in changed):
             remedy = f"What it was made from changed since: remove {output} to make it again, or use a new run_dir."
-        else:
-            remedy = "Rerun with the same config, or use a new run_dir."
         raise RuntimeError(f"{output}: made with other settings (differ in: {listed}), recorded in {record}. {remedy}")
 
 
@@ -516,16 +518,16 @@ def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
         odd = _first_odd(files, tables)
         raise TrajectoryFileError(f"{odd}: its column types differ from those of {files[0]}: {err}") from err
     schema.require_columns(table.column_names, schema.WEIGHTS_INPUT, stage="weights", source=str(path))
-    for name, accepts in (
-        (schema.PROMPT_ID, _is_string),
-        (schema.TURN_REWARDS, _is_list_of(_is_number)),
-        (schema.FORMAT_PENALTY, _is_number),
+    for name, accepts, expected in (
+        (schema.PROMPT_ID, _is_prompt_id, "text or integers"),
+        (schema.TURN_REWARDS, _is_list_of(_is_number), f"type {_TYPES[schema.TURN_REWARDS]}"),
+        (schema.FORMAT_PENALTY, _is_number, f"type {_TYPES[schema.FORMAT_PENALTY]}"),
         # list<null>: what Arrow infers when no trajectory had a parsable answer
-        (schema.ANSWER_NORMS, _is_list_of(lambda t: _is_string(t) or pa.types.is_null(t))),
+        (schema.ANSWER_NORMS, _is_list_of(lambda t: _is_string(t) or pa.types.is_null(t)), f"type {_TYPES[schema.ANSWER_NORMS]}"),
     ):
         column = table.column(name)
         if not accepts(column.type):
-            raise _field_error(str(path), name, f"a column of type {_TYPES[name]}", f"type {column.type}")
+            raise _field_error(str(path), name, f"a column of {expected}", f"type {column.type}")
         table = table.set_column(table.schema.get_field_index(name), name, column.cast(_TYPES[name]))
     # Optional columns the weights read as they are: a t_star column with nulls, written by pandas, holds floats.
     for name, accepts, expected in (
@@ -569,6 +571,12 @@ def _is_string(t: pa.DataType) -> bool:
 
 def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _is_prompt_id(t: pa.DataType) -> bool:
+    """Text or integers (as a task file's ids may be, and pandas writes them), or a dictionary of them."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return _is_string(t) or pa.types.is_integer(t)
 
 
 def _is_id(t: pa.DataType) -> bool:
@@ -639,6 +647,7 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
 def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     rows: list[dict[str, Any]] = []
     lines_of_prompt: collections.Counter[str] = collections.Counter()
+    spellings: dict[str, tuple[int, Any]] = {}  # the first line giving each prompt id, and how it gave it
     with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -654,7 +663,13 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
                 raise TrajectoryFileError(f"{where}: expected a JSON object, found {type(record).__name__}")
             authors = isinstance(record.get(schema.TURN_REWARDS), dict)
             row = _from_authors(record, where) if authors else record
+            given = row.get(schema.PROMPT_ID)
             _check_row(row, where, verdicts=AUTHORS_VERIFIER if authors else schema.CORRECT)
+            first_line, first = spellings.setdefault(row[schema.PROMPT_ID], (line_no, given))
+            if type(first) is not type(given):  # 7 and "7" are read as one prompt: which did the file mean?
+                raise _field_error(
+                    where, schema.PROMPT_ID, f"{first!r} as line {first_line} gives it, or another id", repr(given)
+                )
             k = lines_of_prompt[row[schema.PROMPT_ID]]
             lines_of_prompt[row[schema.PROMPT_ID]] += 1
             if authors or schema.TRAJECTORY_ID not in row:  # weighted SFT needs ids: made as the authors' are
@@ -770,8 +785,11 @@ def _last_turn_expected(turns: int) -> str:
 def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
     """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms.
     `verdicts`: the field the line gave CORRECT in, to name."""
-    if not isinstance(row.get(schema.PROMPT_ID), str):
-        raise _field_error(where, schema.PROMPT_ID, "a string", schema.short_repr(row.get(schema.PROMPT_ID)))
+    prompt_id = row.get(schema.PROMPT_ID)
+    if type(prompt_id) is int:  # read as the task files' ids are: as text
+        row[schema.PROMPT_ID] = str(prompt_id)
+    elif not isinstance(prompt_id, str):
+        raise _field_error(where, schema.PROMPT_ID, "a string or an integer", schema.short_repr(prompt_id))
     rewards = row.get(schema.TURN_REWARDS)
     if not isinstance(rewards, list) or not rewards:
         raise _field_error(where, schema.TURN_REWARDS, _REWARDS_EXPECTED, schema.short_repr(rewards))

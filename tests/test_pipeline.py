@@ -135,6 +135,14 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in error and explained in error
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"} == settled
         assert not ray.is_initialized()
+    # Another model under a label evaluated already: the remedy is another label, or its evaluation removed.
+    evaluate = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", "--model", f"reference={model_dir}"]
+    assert main(evaluate) == 2
+    error = capsys.readouterr().err
+    assert f"{run_dir / 'eval' / 'reference'}: made with other settings (differ in: model (" in error
+    assert error.endswith(f"Remove {run_dir / 'eval' / 'reference'} to evaluate reference again, evaluate this model "
+                          "under another label (drift-ray eval --model LABEL=MODEL), or use a new run_dir.\n")
+    assert not ray.is_initialized()
 
     # Rollouts played again under the same settings (a shard removed and its prompts replayed, say after
     # the task file changed) are other rollouts: the weights of the old ones are refused, with a remedy

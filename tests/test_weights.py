@@ -484,7 +484,8 @@ def _without(key: str) -> dict:
             json.dumps({**_GOOD, "turn_rewards": "abc"}),
             r"field 'turn_rewards': expected a mapping t1\.\.tN of numbers or a list of numbers, found 'abc'",
         ),
-        (json.dumps({**_GOOD, "prompt_id": 7}), r"field 'prompt_id': expected a string, found 7"),
+        (json.dumps({**_GOOD, "prompt_id": 7.0}), r"field 'prompt_id': expected a string or an integer, found 7\.0"),
+        (json.dumps({**_GOOD, "prompt_id": True}), r"field 'prompt_id': expected a string or an integer, found True"),
         (
             json.dumps({**_GOOD, "turn_rewards": {"t1": float("nan")}}),
             r"field 'turn_rewards': expected finite numbers, found nan at turn 1",
@@ -589,6 +590,35 @@ def test_weights_file_refuses_bad_lines_and_writes_nothing(tmp_path, line_2, mes
         weights_file(source, out_dir / "weighted.parquet", WeightsConfig())
     assert not out_dir.exists()
     assert [p.name for p in source.parent.iterdir()] == ["data.jsonl"]
+
+
+def test_integer_prompt_ids_are_read_as_the_task_files_read_them(tmp_path):
+    """As text: the trajectories of a task file with integer ids, written by another tool, weigh as ours do."""
+    lines = [{**_GOOD, "prompt_id": prompt_id, "verifier": {"t1": correct}, "turn_rewards": {"t1": float(correct)},
+              "t_star": 1 if correct else None} for prompt_id, correct in ((7, 1), (7, 0), (8, 1), (8, 1))]
+    as_text = [{**line, "prompt_id": str(line["prompt_id"])} for line in lines]
+    weighted = {}
+    for name, rows in (("numbers", lines), ("text", as_text)):
+        source = tmp_path / f"{name}.jsonl"
+        source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        weights_file(source, tmp_path / f"{name}.parquet", WeightsConfig())
+        weighted[name] = pq.read_table(tmp_path / f"{name}.parquet")
+    assert weighted["numbers"].column(schema.PROMPT_ID).to_pylist() == ["7", "7", "8", "8"]
+    assert weighted["numbers"].column(schema.WEIGHT) == weighted["text"].column(schema.WEIGHT)
+    # Parquet: an integer column, as pandas writes one, and a dictionary (category) column.
+    table = pq.read_table(tmp_path / "text.parquet").drop_columns([schema.RETURN, schema.WEIGHT])
+    for prompt_ids in (pa.array([7, 7, 8, 8]), pa.array(["7", "7", "8", "8"]).dictionary_encode()):
+        pq.write_table(table.set_column(table.schema.get_field_index(schema.PROMPT_ID), schema.PROMPT_ID, prompt_ids),
+                       tmp_path / "typed.parquet")
+        weights_file(tmp_path / "typed.parquet", tmp_path / "typed-weighted.parquet", WeightsConfig())
+        again = pq.read_table(tmp_path / "typed-weighted.parquet")
+        assert again.column(schema.PROMPT_ID).to_pylist() == ["7", "7", "8", "8"]
+        assert again.column(schema.WEIGHT) == weighted["text"].column(schema.WEIGHT)
+    # Both spellings of one id in a file: one prompt, or two that the file tells apart?
+    source = tmp_path / "mixed.jsonl"
+    source.write_text(json.dumps(lines[0]) + "\n" + json.dumps(as_text[1]) + "\n")
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:2: field 'prompt_id': expected 7 as line 1 gives it, or another id, found '7'"):
+        weights_file(source, tmp_path / "mixed.parquet", WeightsConfig())
 
 
 def test_weights_file_will_not_replace_or_join_its_input(tmp_path):
