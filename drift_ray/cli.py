@@ -59,8 +59,9 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     from drift_ray.prompts import load_task
 
     cfg = _config(args)
-    model = pipeline.resolve_model(cfg.rollout.model, cfg)
     task = load_task(cfg.task, cfg.seed)
+    pipeline.check_rollouts_before_the_model(cfg, task)
+    model = pipeline.resolve_model(cfg.rollout.model, cfg)
     with pipeline.lock_run_dir(cfg, writes_rollouts=True):
         summary = pipeline.run_rollouts(cfg, task, model, functools.partial(pipeline.connect_ray, cfg, ("rollouts",)))
     print(json.dumps(summary, indent=2))

@@ -23,8 +23,11 @@ from drift_ray.config import DEMO_MODEL, Config, EngineKind, TaskConfig
 from drift_ray.prompts import Task, load_task, shared_questions
 from drift_ray.rollouts import (
     MANIFEST,
+    MODEL_SETTINGS,
     SHARD_GLOB,
+    check_manifest,
     eval_sampling,
+    play_settings,
     read_shards,
     rollout_sampling,
     rollouts_fingerprint,
@@ -342,6 +345,24 @@ def require_training_problems(task: Task) -> None:
         )
 
 
+def _rollouts_play(cfg: Config, task: Task) -> dict[str, Any]:
+    """The arguments of play_settings that the rollouts stage plays with."""
+    return dict(
+        verifier=task.verifier,
+        verifier_options=task.verifier_options,
+        params=rollout_sampling(cfg),
+        samples_per_prompt=cfg.rollout.samples_per_prompt,
+    )
+
+
+def check_rollouts_before_the_model(cfg: Config, task: Task) -> None:
+    """Refuse rollouts of other settings than those in rollouts_dir before the reference is resolved: building
+    builtin:demo, or downloading a Hub model, takes minutes that the refusal would waste, and a refusal then
+    would name the other seed's demo reference by its cache path before the seed. The policy's own settings
+    are checked once it is here (run_episodes)."""
+    check_manifest(rollouts_dir(cfg), play_settings(cfg, **_rollouts_play(cfg, task)), ignore=MODEL_SETTINGS)
+
+
 def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], None]) -> dict[str, Any]:
     require_training_problems(task)
     out = rollouts_dir(cfg)
@@ -350,10 +371,7 @@ def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], No
         out,
         model=model,
         cfg=cfg,
-        verifier=task.verifier,
-        verifier_options=task.verifier_options,
-        params=rollout_sampling(cfg),
-        samples_per_prompt=cfg.rollout.samples_per_prompt,
+        **_rollouts_play(cfg, task),
         prompts_per_batch=cfg.rollout.prompts_per_batch,
         num_actors=cfg.rollout.num_actors,
         start_ray=start_ray,
@@ -585,8 +603,9 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
 
         return start_ray
 
-    reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     task = timed("prompts", load_task, cfg.task, cfg.seed)
+    check_rollouts_before_the_model(cfg, task)
+    reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     # Before any stage: a mistake in eval.task must not surface only after the training.
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     models = {"reference": reference}

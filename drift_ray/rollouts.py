@@ -212,8 +212,11 @@ def _manifest_guards(out_dir: Path) -> bool:
     return (out_dir / MANIFEST).exists() and any(out_dir.glob(SHARD_GLOB))
 
 
-def check_manifest(out_dir: Path, settings: dict[str, Any], remedy: str = RERUN_REMEDY) -> None:
-    """Refuse to add trajectories of `settings` to those of other settings in `out_dir`, saying `remedy`."""
+def check_manifest(
+    out_dir: Path, settings: dict[str, Any], remedy: str = RERUN_REMEDY, ignore: Collection[str] = ()
+) -> None:
+    """Refuse to add trajectories of `settings` to those of other settings in `out_dir`, saying `remedy`;
+    the settings under `ignore` are not compared."""
     if _manifest_guards(out_dir):
         # A local model is known by its files: at another path (its run_dir moved, or spelled otherwise) it
         # is the same policy.
@@ -225,6 +228,7 @@ def check_manifest(out_dir: Path, settings: dict[str, Any], remedy: str = RERUN_
             inputs=["model_fingerprint", "model_trained_by"],  # a model replaced at the same path
             absent_means={"engine.max_model_len": None},  # recorded since: before, every engine held the model's
             remedy=remedy,
+            ignore=ignore,
         )
 
 
@@ -255,6 +259,24 @@ def engine_identity(rollout: RolloutConfig) -> dict[str, Any]:
     if rollout.engine is EngineKind.openai:
         identity["api_base"] = rollout.api_base.rstrip("/")  # as the engine joins it to its path
     return identity
+
+
+# The settings of a manifest that name the policy; play_settings are the others.
+MODEL_SETTINGS = ("model", "model_trained_by", "model_fingerprint")
+
+
+def play_settings(
+    cfg: Config, verifier: str, verifier_options: Mapping[str, Any], params: SamplingParams, samples_per_prompt: int
+) -> dict[str, Any]:
+    """What, beside the policy, a manifest records as deciding the episodes in its directory."""
+    return {
+        "engine": engine_identity(cfg.rollout),
+        "samples_per_prompt": samples_per_prompt,
+        "sampling": asdict(params),
+        "episode": cfg.episode.model_dump(mode="json"),
+        "verifier": verifier,
+        "verifier_options": verifier_settings(verifier, verifier_options),
+    }
 
 
 def run_episodes(
@@ -288,12 +310,7 @@ def run_episodes(
         "model_trained_by": trained_by(model),
         # Any local model replaced at the same path, whoever trained it.
         "model_fingerprint": files_fingerprint(model),
-        "engine": engine_identity(cfg.rollout),
-        "samples_per_prompt": samples_per_prompt,
-        "sampling": asdict(params),
-        "episode": cfg.episode.model_dump(mode="json"),
-        "verifier": verifier,
-        "verifier_options": verifier_settings(verifier, verifier_options),
+        **play_settings(cfg, verifier, verifier_options, params, samples_per_prompt),
     }
 
     def left_to_play() -> list[Problem]:

@@ -135,6 +135,12 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in error and explained in error
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"} == settled
         assert not ray.is_initialized()
+    # Rollouts of another seed are refused before the reference that would play them is built (minutes for
+    # builtin:demo), by the setting that differs rather than by that reference's cache path.
+    with mock.patch("drift_ray.demo_model.ensure_demo_model", side_effect=AssertionError("the reference was built")):
+        assert main([*run, "rollout.model=builtin:demo", "seed=1"]) == 2
+    error = capsys.readouterr().err
+    assert f"{run_dir / 'rollouts'}: made with other settings (differ in: sampling.seed (0 then, 1 now)), recorded in " in error
     # Another model under a label evaluated already: the remedy is another label, or its evaluation removed.
     evaluate = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", "--model", f"reference={model_dir}"]
     assert main(evaluate) == 2
