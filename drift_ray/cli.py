@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `train --mode uniform` would read as `--model uniform`, a hub id.
     parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__, allow_abbrev=False)
     parser.add_argument(
-        "--traceback", action="store_true", help="on an error, show its whole traceback instead of one line"
+        "--traceback",
+        action="store_true",
+        help="on an error, show its whole traceback instead of one line; on Ctrl-C or SIGTERM, before it",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

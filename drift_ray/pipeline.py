@@ -526,8 +526,8 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
             prompts_per_batch=cfg.eval.prompts_per_batch,
             num_actors=cfg.eval.num_actors,
             start_ray=start_ray,
-            other_settings_remedy=f"Remove {out} to evaluate {label} again, evaluate this model under another label "
-            "(drift-ray eval --model LABEL=MODEL), or use a new run_dir.",
+            other_settings_remedy=f"Rerun with the same config, remove {out} to evaluate {label} again, or use a new "
+            "run_dir; `drift-ray eval --model LABEL=MODEL` evaluates a model under a label of its own.",
         )
         metrics[label] = episode_metrics(read_shards(out, prompt_ids=test_ids), cfg.episode.max_turns)
         if metrics[label]["cut_off_rate"]:

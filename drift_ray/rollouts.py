@@ -192,8 +192,7 @@ def _require_same_problem(
         raise RuntimeError(
             f"{shard}: prompt {problem.prompt_id!r} was played on another problem (its {' and '.join(differs)} "
             f"{'differ' if len(differs) > 1 else 'differs'} from the task's now): the task changed (task.* or seed) "
-            "since these episodes were played. "
-            "Rerun with the same config, or use a new run_dir."
+            f"since these episodes were played. {RERUN_REMEDY}"
         )
 
 

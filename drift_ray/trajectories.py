@@ -574,9 +574,10 @@ def _is_number(t: pa.DataType) -> bool:
 
 
 def _is_prompt_id(t: pa.DataType) -> bool:
-    """Text or integers (as a task file's ids may be, and pandas writes them), or a dictionary of them."""
+    """Text or integers (as a task file's ids may be, and pandas writes them), or a dictionary of them: not
+    bytes, which need not be text."""
     t = t.value_type if pa.types.is_dictionary(t) else t
-    return _is_string(t) or pa.types.is_integer(t)
+    return _is_id(t) and not (pa.types.is_binary(t) or pa.types.is_large_binary(t))
 
 
 def _is_id(t: pa.DataType) -> bool:
@@ -667,8 +668,9 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
             _check_row(row, where, verdicts=AUTHORS_VERIFIER if authors else schema.CORRECT)
             first_line, first = spellings.setdefault(row[schema.PROMPT_ID], (line_no, given))
             if type(first) is not type(given):  # 7 and "7" are read as one prompt: which did the file mean?
-                raise _field_error(
-                    where, schema.PROMPT_ID, f"{first!r} as line {first_line} gives it, or another id", repr(given)
+                raise TrajectoryFileError(
+                    f"{where}: field {schema.PROMPT_ID!r}: {given!r} is read as the same prompt {row[schema.PROMPT_ID]!r} "
+                    f"as line {first_line}'s {first!r}: give each prompt's id one way, as text or as a number"
                 )
             k = lines_of_prompt[row[schema.PROMPT_ID]]
             lines_of_prompt[row[schema.PROMPT_ID]] += 1
@@ -783,10 +785,10 @@ def _last_turn_expected(turns: int) -> str:
 
 
 def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
-    """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms.
-    `verdicts`: the field the line gave CORRECT in, to name."""
+    """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms, and
+    write an integer prompt id as text. `verdicts`: the field the line gave CORRECT in, to name."""
     prompt_id = row.get(schema.PROMPT_ID)
-    if type(prompt_id) is int:  # read as the task files' ids are: as text
+    if type(prompt_id) is int:  # text, as a task file's integer ids are read
         row[schema.PROMPT_ID] = str(prompt_id)
     elif not isinstance(prompt_id, str):
         raise _field_error(where, schema.PROMPT_ID, "a string or an integer", schema.short_repr(prompt_id))

@@ -146,8 +146,9 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert main(evaluate) == 2
     error = capsys.readouterr().err
     assert f"{run_dir / 'eval' / 'reference'}: made with other settings (differ in: model (" in error
-    assert error.endswith(f"Remove {run_dir / 'eval' / 'reference'} to evaluate reference again, evaluate this model "
-                          "under another label (drift-ray eval --model LABEL=MODEL), or use a new run_dir.\n")
+    assert error.endswith(f"Rerun with the same config, remove {run_dir / 'eval' / 'reference'} to evaluate reference "
+                          "again, or use a new run_dir; `drift-ray eval --model LABEL=MODEL` evaluates a model under a "
+                          "label of its own.\n")
     assert not ray.is_initialized()
 
     # Rollouts played again under the same settings (a shard removed and its prompts replayed, say after
@@ -449,6 +450,9 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
         with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=stage):
             assert main(args) == 128 + signal.SIGTERM
             assert capsys.readouterr().err.startswith("drift-ray rollouts: terminated; run the same command again")
+            assert main(["--traceback", *args]) == 128 + signal.SIGTERM
+            error = capsys.readouterr().err
+            assert error.startswith("Traceback (most recent call last):") and "\ndrift-ray rollouts: terminated; " in error
     with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=KeyboardInterrupt):
         assert main(args) == 130  # not the SIGTERM of the run before
     assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # main's handler is main's alone

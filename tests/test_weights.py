@@ -614,11 +614,18 @@ def test_integer_prompt_ids_are_read_as_the_task_files_read_them(tmp_path):
         again = pq.read_table(tmp_path / "typed-weighted.parquet")
         assert again.column(schema.PROMPT_ID).to_pylist() == ["7", "7", "8", "8"]
         assert again.column(schema.WEIGHT) == weighted["text"].column(schema.WEIGHT)
+    for other_type in (pa.array([True, True, False, False]), pa.array([7.0, 7.0, 8.0, 8.0]), pa.array([b"7", b"7", b"8", b"8"])):
+        pq.write_table(table.set_column(table.schema.get_field_index(schema.PROMPT_ID), schema.PROMPT_ID, other_type),
+                       tmp_path / "typed.parquet")
+        with pytest.raises(ValueError, match=rf"typed\.parquet: field 'prompt_id': expected a column of text or integers, found type {other_type.type}"):
+            weights_file(tmp_path / "typed.parquet", tmp_path / "typed-weighted.parquet", WeightsConfig())
     # Both spellings of one id in a file: one prompt, or two that the file tells apart?
-    source = tmp_path / "mixed.jsonl"
-    source.write_text(json.dumps(lines[0]) + "\n" + json.dumps(as_text[1]) + "\n")
-    with pytest.raises(ValueError, match=r"mixed\.jsonl:2: field 'prompt_id': expected 7 as line 1 gives it, or another id, found '7'"):
-        weights_file(source, tmp_path / "mixed.parquet", WeightsConfig())
+    for first, second, shown in ((lines[0], as_text[1], "'7' is read as the same prompt '7' as line 1's 7"),
+                                 (as_text[0], lines[1], "7 is read as the same prompt '7' as line 1's '7'")):
+        source = tmp_path / "mixed.jsonl"
+        source.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
+        with pytest.raises(ValueError, match=rf"mixed\.jsonl:2: field 'prompt_id': {shown}: give each prompt's id one way"):
+            weights_file(source, tmp_path / "mixed.parquet", WeightsConfig())
 
 
 def test_weights_file_will_not_replace_or_join_its_input(tmp_path):
