@@ -454,7 +454,12 @@ class TrainConfig(_Section):
         "its feedback at a time, down to the last pair), then its earliest tokens (a last reply that alone is "
         "longer is cut on the right); drift_train.json counts them (truncated_examples).",
     )
-    checkpoint_every: int = Field(0, ge=0, description="Report a Ray Train checkpoint every N steps (0 = at the end).")
+    checkpoint_every: Optional[int] = Field(
+        None,
+        ge=0,
+        description="Save a checkpoint that a killed run resumes from every N steps (default: at the end of each "
+        "epoch but the last; 0: none, so that a killed run starts again from step 0).",
+    )
     log_every: int = Field(10, ge=0, description="Rank 0 logs the step's metrics every N steps (0 = never).")
     tensorboard: bool = Field(
         False,

@@ -456,8 +456,8 @@ def _signals_received(wakeup_read_end: int) -> bytes:
 
 
 def _remove_checkpoints(out: Path) -> None:
-    """Ray Train's checkpoints under `out`, whose model is published: they hold it a second time and, with
-    train.checkpoint_every, DeepSpeed's states (optimizer moments: several times the model's size). Only an
+    """Ray Train's checkpoints under `out`, whose model is published: they hold it a second time and, but for
+    the final one, DeepSpeed's states (optimizer moments: several times the model's size). Only an
     unpublished run resumes from them, and any other run into `out` is refused while its model is there."""
     shutil.rmtree(out / RUN_STORAGE_DIR, ignore_errors=True)
 
@@ -645,7 +645,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "call_id": config["call_id"],
             }
             _report_final(engine, tokenizer, train, rank, final, history)
-        elif train.checkpoint_every and done % train.checkpoint_every == 0:
+        elif checkpoint_due(done, len(plan), train.epochs, train.checkpoint_every):
             if writer is not None:
                 # A background thread writes the events: closing waits for it, so the steps up to a checkpoint
                 # outlive a crash after it (a run resumed from it purges only the later ones).
@@ -655,6 +655,16 @@ def train_loop(config: dict[str, Any]) -> None:
             _report_deepspeed_checkpoint(engine, rank, metrics, progress)
     if writer is not None:
         writer.close()
+
+
+def checkpoint_due(done: int, total: int, epochs: int, every: int | None) -> bool:
+    """Whether step `done` (1-based) of `total` in `epochs` epochs saves a checkpoint to resume from: every
+    `every` steps, by default (None) at each epoch's end; never after the last step, which publishes the model."""
+    if done >= total:
+        return False
+    if every is None:
+        return done % (total // epochs) == 0
+    return every > 0 and done % every == 0
 
 
 def _event_writer(logdir: str, first_step: int, purge: bool) -> Any:

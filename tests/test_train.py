@@ -37,6 +37,7 @@ from drift_ray.train import (
     TENSORBOARD_SCALARS,
     _fit,
     _load_progress,
+    checkpoint_due,
     loads_partitioned,
     other_runs_left,
     plan_steps,
@@ -102,6 +103,17 @@ def model_path(tiny_model_dir) -> str:
 
 # The ray_cluster fixture's logical CPUs: two 1-CPU workers plus Ray Data's tasks must fit, even on a 2-core machine.
 RAY_NUM_CPUS = 4
+
+
+def test_a_killed_training_resumes_by_default_from_the_end_of_its_last_epoch():
+    """Before, a run saved no checkpoint before its last step unless train.checkpoint_every was set: killed,
+    it started again from step 0."""
+    assert TrainConfig().checkpoint_every is None
+    due = lambda every, epochs=3: [step for step in range(1, 13) if checkpoint_due(step, 12, epochs, every)]
+    assert due(None) == [4, 8]  # at each epoch's end; the last step publishes the model instead
+    assert due(None, epochs=1) == []
+    assert due(5) == [5, 10] and due(1) == list(range(1, 12))
+    assert due(0) == []  # none asked for
 
 
 def make_config(**train: object) -> Config:
@@ -708,7 +720,9 @@ def train_loop_that_crashes_after_a_checkpoint(config: dict) -> None:
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
     ray_cluster, zero2_run, tmp_path, weighted_dir, model_path
 ):
-    cfg = make_config(checkpoint_every=1, tensorboard=True, **SCHEDULED)
+    # train.checkpoint_every left unset: the checkpoint of step CRASH_AT_STEP is that of the end of epoch 1.
+    cfg = make_config(tensorboard=True, **SCHEDULED)
+    assert CRASH_AT_STEP == NUM_POSITIVE // cfg.train.global_batch_size  # the steps of an epoch
     with pytest.raises(Exception, match="killed after the checkpoint"):
         train_weighted_sft(
             cfg, weighted_dir, model_path, str(tmp_path),
