@@ -645,7 +645,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "call_id": config["call_id"],
             }
             _report_final(engine, tokenizer, train, rank, final, history)
-        elif checkpoint_due(done, len(plan), train.epochs, train.checkpoint_every):
+        elif checkpoint_due(plan, done, train.checkpoint_every):
             if writer is not None:
                 # A background thread writes the events: closing waits for it, so the steps up to a checkpoint
                 # outlive a crash after it (a run resumed from it purges only the later ones).
@@ -657,13 +657,13 @@ def train_loop(config: dict[str, Any]) -> None:
         writer.close()
 
 
-def checkpoint_due(done: int, total: int, epochs: int, every: int | None) -> bool:
-    """Whether step `done` (1-based) of `total` in `epochs` epochs saves a checkpoint to resume from: every
-    `every` steps, by default (None) at each epoch's end; never after the last step, which publishes the model."""
-    if done >= total:
+def checkpoint_due(plan: Sequence[OptimizerStep], done: int, every: int | None) -> bool:
+    """Whether step `done` (1-based) of `plan` saves a checkpoint to resume from: every `every` steps, by
+    default (None) at each epoch's end; never after the last step, which publishes the model."""
+    if done >= len(plan):
         return False
     if every is None:
-        return done % (total // epochs) == 0
+        return plan[done].epoch != plan[done - 1].epoch
     return every > 0 and done % every == 0
 
 

@@ -109,10 +109,17 @@ def test_a_killed_training_resumes_by_default_from_the_end_of_its_last_epoch():
     """Before, a run saved no checkpoint before its last step unless train.checkpoint_every was set: killed,
     it started again from step 0."""
     assert TrainConfig().checkpoint_every is None
-    due = lambda every, epochs=3: [step for step in range(1, 13) if checkpoint_due(step, 12, epochs, every)]
-    assert due(None) == [4, 8]  # at each epoch's end; the last step publishes the model instead
+
+    def due(every, epochs=3, examples=11, loss=LossKind.sample_mean):
+        plan = plan_steps([1 + i % 4 for i in range(examples)], [1.0] * examples, global_batch_size=4,
+                          micro_batch_size=2, world_size=1, epochs=epochs, seed=0, loss=loss)
+        assert len(plan) == 3 * epochs  # 11 examples: batches of 4, 4 and 3
+        return [step for step in range(1, len(plan) + 1) if checkpoint_due(plan, step, every)]
+
+    for loss in LossKind:
+        assert due(None, loss=loss) == [3, 6]  # at each epoch's end; the last step publishes the model instead
     assert due(None, epochs=1) == []
-    assert due(5) == [5, 10] and due(1) == list(range(1, 12))
+    assert due(4) == [4, 8] and due(1) == list(range(1, 9))
     assert due(0) == []  # none asked for
 
 
