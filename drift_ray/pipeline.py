@@ -360,7 +360,12 @@ def check_rollouts_before_the_model(cfg: Config, task: Task) -> None:
     builtin:demo, or downloading a Hub model, takes minutes that the refusal would waste, and a refusal then
     would name the other seed's demo reference by its cache path before the seed. The policy's own settings
     are checked once it is here (run_episodes)."""
-    check_manifest(rollouts_dir(cfg), play_settings(cfg, **_rollouts_play(cfg, task)), ignore=MODEL_SETTINGS)
+    check_manifest(
+        rollouts_dir(cfg),
+        play_settings(cfg, **_rollouts_play(cfg, task)),
+        ignore=MODEL_SETTINGS,
+        meanings={"sampling": "rollout.temperature, rollout.top_p, rollout.max_new_tokens and seed in the config"},
+    )
 
 
 def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], None]) -> dict[str, Any]:
@@ -543,16 +548,25 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
     return {"metrics": metrics, "paths": paths}
 
 
+ROUND_DIR_PREFIX = "round-"
+
+
 def round_config(cfg: Config, round_index: int) -> Config:
     """The config of round `round_index` (1-based) of iterated DRIFT: round 1 is `cfg` itself; a later
     round has its own run_dir (run_dir/round-r) and rollouts, and a seed of its own."""
     if round_index == 1:
         return cfg
     later = cfg.model_copy(deep=True)
-    later.run_dir = str(Path(cfg.run_dir) / f"round-{round_index}")
+    later.run_dir = str(Path(cfg.run_dir) / f"{ROUND_DIR_PREFIX}{round_index}")
     later.rollout.output_dir = None
     later.seed = cfg.seed + round_index - 1
     return later
+
+
+def rounds_beyond(run_dir: str | Path, rounds: int) -> list[int]:
+    """The rounds after the first `rounds` whose directories run_dir holds: an earlier run's, with more rounds."""
+    found = (path.name.removeprefix(ROUND_DIR_PREFIX) for path in Path(run_dir).glob(f"{ROUND_DIR_PREFIX}*"))
+    return sorted(int(r) for r in found if r.isdigit() and int(r) > rounds)
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
@@ -608,10 +622,19 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
     reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     # Before any stage: a mistake in eval.task must not surface only after the training.
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
+    if beyond := rounds_beyond(cfg.run_dir, cfg.rounds):
+        # Else the rewritten run.json and evaluation report would drop them without a word.
+        log.warning(
+            "%s holds round(s) %s of an earlier run with more rounds, which this one (rounds=%d) neither continues "
+            "nor evaluates: its run.json and evaluation report leave them out; rerun with rounds=%d to keep them",
+            cfg.run_dir, ", ".join(map(str, beyond)), cfg.rounds, beyond[-1],
+        )
     models = {"reference": reference}
     policy = reference
     work_by_round, diagnostics_by_round = [], []
     for round_index in range(1, cfg.rounds + 1):
+        if cfg.rounds > 1:  # the stages' own lines are the same in every round
+            log.info("iterated DRIFT: round %d of %d, rollouts from %s", round_index, cfg.rounds, policy)
         round_cfg = round_config(cfg, round_index)
         round_dir = Path(round_cfg.run_dir)
         suffix = "" if round_index == 1 else f"_round{round_index}"

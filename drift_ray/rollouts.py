@@ -212,10 +212,14 @@ def _manifest_guards(out_dir: Path) -> bool:
 
 
 def check_manifest(
-    out_dir: Path, settings: dict[str, Any], remedy: str = RERUN_REMEDY, ignore: Collection[str] = ()
+    out_dir: Path,
+    settings: dict[str, Any],
+    remedy: str = RERUN_REMEDY,
+    ignore: Collection[str] = (),
+    meanings: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse to add trajectories of `settings` to those of other settings in `out_dir`, saying `remedy`;
-    the settings under `ignore` are not compared."""
+    the settings under `ignore` are not compared; `meanings` as require_same_settings takes them."""
     if _manifest_guards(out_dir):
         # A local model is known by its files: at another path (its run_dir moved, or spelled otherwise) it
         # is the same policy.
@@ -228,6 +232,7 @@ def check_manifest(
             absent_means={"engine.max_model_len": None},  # recorded since: before, every engine held the model's
             remedy=remedy,
             ignore=ignore,
+            meanings=meanings,
         )
 
 

@@ -140,7 +140,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     with mock.patch("drift_ray.demo_model.ensure_demo_model", side_effect=AssertionError("the reference was built")):
         assert main([*run, "rollout.model=builtin:demo", "seed=1"]) == 2
     error = capsys.readouterr().err
-    assert f"{run_dir / 'rollouts'}: made with other settings (differ in: sampling.seed (0 then, 1 now)), recorded in " in error
+    assert (f"{run_dir / 'rollouts'}: made with other settings (differ in: sampling.seed (0 then, 1 now); sampling: "
+            "rollout.temperature, rollout.top_p, rollout.max_new_tokens and seed in the config), recorded in ") in error
     # Another model under a label evaluated already: the remedy is another label, or its evaluation removed.
     evaluate = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", "--model", f"reference={model_dir}"]
     assert main(evaluate) == 2
@@ -806,7 +807,9 @@ def head_node_dashboard(tmp_path_factory):
             address_file.unlink()
 
 
-def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_path, tiny_model_dir, head_node_dashboard):
+def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(
+    tmp_path, tiny_model_dir, head_node_dashboard, caplog, capsys
+):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(head_node_dashboard)
@@ -818,6 +821,7 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
     status, logs = finished_job(client, submit_when_ready(client, entrypoint), wait_s=600)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "| drift " in logs and "| drift_round2 " in logs  # iterated DRIFT: both rounds evaluated
+    assert f"iterated DRIFT: round 2 of 2, rollouts from {run_dir / 'train' / 'model'}" in logs  # which round is running
     assert (run_dir / "eval" / "eval.md").exists()
     assert (run_dir / "round-2" / "train" / "model" / "config.json").exists()
     # Round 2 collects its own rollouts, from the policy round 1 trained.
@@ -825,6 +829,12 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(tmp_pat
 
     round2 = read_shards(run_dir / "round-2" / "rollouts")
     assert set(round2.column(schema.MODEL).to_pylist()) == {str(run_dir / "train" / "model")}
+    # Rerun with one round (everything finished: no Ray), its report leaves round 2 out, and says so.
+    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir),
+                 "train.zero_stage=3", "rounds=1"]) == 0
+    assert "| drift_round2 " not in capsys.readouterr().out
+    assert (f"{run_dir} holds round(s) 2 of an earlier run with more rounds, which this one (rounds=1) neither continues "
+            "nor evaluates: its run.json and evaluation report leave them out; rerun with rounds=2 to keep them") in caplog.text
 
 
 def test_a_job_with_a_working_dir_is_warned_of_relative_outputs_that_go_with_it(tmp_path, head_node_dashboard):
