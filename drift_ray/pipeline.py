@@ -36,6 +36,7 @@ from drift_ray.rollouts import (
 from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
 from drift_ray.signals import signal_handler
 from drift_ray.trajectories import (
+    RERUN_REMEDY,
     exclusive_lock,
     publish_directory,
     read_json_object,
@@ -393,9 +394,20 @@ def weights_finished(run_dir: Path) -> bool:
     return (out / WEIGHTS_DIAGNOSTICS_FILE).is_file() and (out / WEIGHTS_SETTINGS_FILE).is_file()
 
 
-def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[str, Any]:
+def keep_rollouts_remedy(cfg: Config) -> str:
+    """What to do where a stage after the rollouts was made with other settings: a new run_dir of its own
+    would play the rollouts again, the stage that takes longest."""
+    return (
+        f"Rerun with the same config, or use a new run_dir with rollout.output_dir={rollouts_dir(cfg)} to weigh and "
+        "train on these rollouts instead of playing them again."
+    )
+
+
+def run_weights(
+    cfg: Config, task: Task, start_ray: Callable[[], None], other_settings_remedy: str = RERUN_REMEDY
+) -> dict[str, Any]:
     """Returns and normalised weights of the rollouts of the task's training prompts, as a Ray Data map
-    stage; skipped when done (refused when other settings made it)."""
+    stage; skipped when done (refused when other settings made it, with `other_settings_remedy`)."""
     import ray.data
     from ray.data.expressions import col
 
@@ -425,8 +437,11 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
             output=str(out),
             inputs=["rollouts_fingerprint"],
             meanings={"prompts": "the training problems, which the task.* keys and seed choose"},
+            remedy=other_settings_remedy,
         )
-        return read_json_object(out / WEIGHTS_DIAGNOSTICS_FILE, f"remove {out} to weigh the rollouts again")
+        diagnostics = read_json_object(out / WEIGHTS_DIAGNOSTICS_FILE, f"remove {out} to weigh the rollouts again")
+        log.info("weights: %s holds them, weighed with these settings before: %s", out, diagnostics)
+        return diagnostics
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
     # With the schema, shards played before a column was recorded (CUT_OFF) read with it as null; else Ray
@@ -458,15 +473,27 @@ def run_weights(cfg: Config, task: Task, start_ray: Callable[[], None]) -> dict[
     return diagnostics
 
 
-def run_training(cfg: Config, reference: str, start_ray: Callable[[], None], weighted: str | None = None) -> str:
+def run_training(
+    cfg: Config,
+    reference: str,
+    start_ray: Callable[[], None],
+    weighted: str | None = None,
+    other_settings_remedy: str = RERUN_REMEDY,
+) -> str:
     """Weighted SFT of the reference on weighted trajectories (default: the run's own, run_dir/weighted)
     into run_dir/train; returns the trained model's directory."""
-    from drift_ray.train import MODEL_DIR, train_weighted_sft
+    from drift_ray.train import MODEL_DIR, finished_model, train_weighted_sft
 
     out = Path(cfg.run_dir) / TRAIN_DIR
     weighted = weighted or str(Path(cfg.run_dir) / WEIGHTED_DIR)
-    stats = train_weighted_sft(cfg, weighted, reference, str(out), start_ray=start_ray)
-    log.info("training: %s", stats)
+    reused = finished_model(out)
+    stats = train_weighted_sft(
+        cfg, weighted, reference, str(out), start_ray=start_ray, other_settings_remedy=other_settings_remedy
+    )
+    if reused:  # its wall_seconds are those of the run that trained it
+        log.info("training: %s holds the model, trained with these settings before: %s", out / MODEL_DIR, stats)
+    else:
+        log.info("training: %s", stats)
     if stats.get("truncated_examples"):
         log.warning(
             "training: %d examples (counted once per epoch) were longer than train.max_length=%d tokens and lost "
@@ -596,9 +623,9 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
     timings: dict[str, float] = {}
     ray_start_s = 0.0
 
-    def timed(name: str, fn, *args):
+    def timed(name: str, fn, *args, **kwargs):
         start, ray_start_before = time.perf_counter(), ray_start_s
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         # The stage that starts Ray is timed without that: ray_start is a row of its own.
         timings[name] = round(time.perf_counter() - start - (ray_start_s - ray_start_before), 2)
         return result
@@ -631,6 +658,8 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         )
     models = {"reference": reference}
     policy = reference
+    # Every round's weights and training take part in round 1's rollouts, which a new run_dir can share.
+    remedy = keep_rollouts_remedy(cfg)
     work_by_round, diagnostics_by_round = [], []
     for round_index in range(1, cfg.rounds + 1):
         if cfg.rounds > 1:  # the stages' own lines are the same in every round
@@ -643,9 +672,12 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         # The weights stage asks Ray Data for no more than a CPU. New weights are new training input, so
         # the training after it is checked too (even in the rare rerun whose weights come out the same).
         start_before_training = ray_starter("train", round_index)
-        diagnostics_by_round.append(timed(f"weights{suffix}", run_weights, round_cfg, task, start_before_training))
+        diagnostics = timed(f"weights{suffix}", run_weights, round_cfg, task, start_before_training, other_settings_remedy=remedy)
+        diagnostics_by_round.append(diagnostics)
         work["model_reused"] = finished_model(round_dir / TRAIN_DIR)
-        policy = timed(f"weighted_sft{suffix}", run_training, round_cfg, policy, start_before_training)
+        policy = timed(
+            f"weighted_sft{suffix}", run_training, round_cfg, policy, start_before_training, other_settings_remedy=remedy
+        )
         work["resumed_from_step"] = read_stats(policy)["resumed_from_step"]
         work_by_round.append(work)
         models[f"{cfg.weights.mode.value}{suffix}"] = policy

@@ -49,6 +49,7 @@ from drift_ray.schema import (
 )
 from drift_ray.signals import signal_handler
 from drift_ray.trajectories import (
+    RERUN_REMEDY,
     TRAIN_SETTINGS_FILE,
     TrajectoryFileError,
     conversations_fingerprint,
@@ -241,11 +242,12 @@ def train_weighted_sft(
     *,
     start_ray: Callable[[], None] | None = None,
     train_loop_per_worker: Callable[[dict[str, Any]], None] | None = None,
+    other_settings_remedy: str = RERUN_REMEDY,
 ) -> dict[str, Any]:
     """Weighted SFT of `model_path` on the weighted rollouts in `weighted_dir`; the model goes to out_dir/model.
 
     Skipped when out_dir/model exists (it appears whole or not at all), and refused when other settings
-    made it (out_dir/model/TRAIN_SETTINGS_FILE records them). A run killed part-way resumes
+    made it (out_dir/model/TRAIN_SETTINGS_FILE records them), with `other_settings_remedy`. A run killed part-way resumes
     from its latest checkpoint when called again with the same config. Checkpoints go under out_dir,
     which on a multi-node cluster must be storage that every node sees (Ray Train's storage_path).
     Returns the training statistics: steps, tokens, examples, initial_loss, final_loss (mean over the
@@ -281,6 +283,7 @@ def train_weighted_sft(
             known_by={"model_path": "model_fingerprint", "weighted_dir": "weighted_fingerprint"},
             # Files rewritten at the same paths: other weights, other rollouts or another model.
             inputs=["weighted_fingerprint", "conversations_fingerprint", "model_fingerprint"],
+            remedy=other_settings_remedy,
         )
         _remove_checkpoints(out)  # those a run killed after publishing, or an older drift-ray, left
         return read_stats(model_out)

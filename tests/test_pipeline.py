@@ -108,8 +108,13 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     # Lock files are rewritten by each run that takes them, to name it.
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts
               and p.suffix != ".lock"}
-    assert main(run) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="drift_ray"):
+        assert main(run) == 0
     assert not ray.is_initialized()
+    # The log tells the stages' reused outputs from work done: the training's seconds are an earlier run's.
+    assert f"weights: {run_dir / 'weighted'} holds them, weighed with these settings before: {{" in caplog.text
+    assert f"training: {model_dir} holds the model, trained with these settings before: {{" in caplog.text
     record = json.loads((run_dir / RUN_RECORD_FILE).read_text())
     assert "ray_start" not in record["timings_s"]
     [work] = record["work_by_round"]  # so that its seconds are not taken for a cost
@@ -133,6 +138,9 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert main([*run, override]) == 2
         error = capsys.readouterr().err
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in error and explained in error
+        # A new run_dir of its own would play the rollouts again: the remedy says how to keep them.
+        assert error.endswith(f"Rerun with the same config, or use a new run_dir with rollout.output_dir={run_dir / 'rollouts'} "
+                              "to weigh and train on these rollouts instead of playing them again.\n")
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"} == settled
         assert not ray.is_initialized()
     # Rollouts of another seed are refused before the reference that would play them is built (minutes for
