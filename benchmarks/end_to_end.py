@@ -33,7 +33,7 @@ from record import add_tmp_dir_option, append_result, argument_parser, print_tab
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
-from drift_ray.pipeline import run_pipeline  # noqa: E402
+from drift_ray.pipeline import round_suffix, run_pipeline  # noqa: E402
 from drift_ray.rollouts import read_shards  # noqa: E402
 from drift_ray.train import read_stats  # noqa: E402
 
@@ -63,7 +63,7 @@ def stage_rows(result: dict[str, Any], mode: str, run_dir: Path, final_multi: di
     }
     training_s = {}
     for r, round_work in enumerate(result["work_by_round"], start=1):
-        suffix = "" if r == 1 else f"_round{r}"
+        suffix = round_suffix(r)
         rollouts = round_work["rollouts"]
         # Absent where the round generated nothing (its prompts all in a shared rollout.output_dir): not measured.
         work[f"rollouts{suffix}"] = {key: rollouts.get(key) for key in ("trajectories", "completion_tokens")}

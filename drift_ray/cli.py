@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
 
     cfg = _config(args)
-    models = {}
+    paths = {}
     for spec in args.model:
         label, sep, path = spec.partition("=")
         if not sep or "/" in label or Path(spec).exists():  # no label, or an "=" in a path such as lr=1e-5/model
@@ -104,10 +104,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"--model {spec}: the label {label!r} names the directory eval/{label}; give one of letters, digits "
                 "and _ . : + - that does not start with a dot, e.g. --model drift=PATH"
             )
-        if label in models:
+        if label in paths:
             raise ValueError(f"--model: two models labelled {label!r}; label each, e.g. --model {label}-2={path}")
-        models[label] = pipeline.resolve_model(path, cfg)
+        paths[label] = path
     task = pipeline.evaluation_task(cfg)
+    pipeline.check_evaluations_before_the_models(cfg, task, list(paths))
+    models = {label: pipeline.resolve_model(path, cfg) for label, path in paths.items()}
     with pipeline.lock_run_dir(cfg, writes_rollouts=False):
         report = pipeline.run_eval(cfg, task, models, start_ray=functools.partial(pipeline.connect_ray, cfg, ("eval",)))
     print(Path(report["paths"]["markdown"]).read_text())

@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, ContextManager, Mapping
+from typing import Any, Callable, Collection, ContextManager, Mapping, Sequence
 from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
@@ -537,6 +537,34 @@ def _test_split_only(task: TaskConfig) -> TaskConfig:
     return task.model_copy(update={"num_train": None, **({"train_path": None} if task.test_path else {})})
 
 
+def _eval_play(cfg: Config, task: Task) -> dict[str, Any]:
+    """The arguments of play_settings that the evaluation plays with."""
+    return dict(verifier=task.verifier, verifier_options=task.verifier_options, params=eval_sampling(cfg), samples_per_prompt=1)
+
+
+def _other_evaluation_remedy(out: Path, label: str) -> str:
+    return (
+        f"Rerun with the same config, remove {out} to evaluate {label} again, or use a new run_dir; `drift-ray eval "
+        "--model LABEL=MODEL` evaluates a model under a label of its own."
+    )
+
+
+def check_evaluations_before_the_models(cfg: Config, task: Task, labels: Sequence[str]) -> None:
+    """Refuse to evaluate a model under any of `labels` with other settings than its evaluation in run_dir/eval
+    was played with, before the models are resolved (or trained): building builtin:demo or downloading a Hub
+    model takes minutes that the refusal would waste. The models themselves are checked once they are here
+    (run_episodes)."""
+    for label in labels:
+        out = Path(cfg.run_dir) / "eval" / label
+        check_manifest(
+            out,
+            play_settings(cfg, **_eval_play(cfg, task)),
+            _other_evaluation_remedy(out, label),
+            ignore=MODEL_SETTINGS,
+            meanings={"sampling": "eval.max_new_tokens (default: rollout.max_new_tokens) in the config"},
+        )
+
+
 def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callable[[], None]) -> dict[str, Any]:
     """Greedy multi-turn episodes of every model on the test split; metrics, table and plot under run_dir/eval."""
     from drift_ray.evaluation import episode_metrics, write_report
@@ -551,15 +579,11 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
             out,
             model=model,
             cfg=cfg,
-            verifier=task.verifier,
-            verifier_options=task.verifier_options,
-            params=eval_sampling(cfg),
-            samples_per_prompt=1,
+            **_eval_play(cfg, task),
             prompts_per_batch=cfg.eval.prompts_per_batch,
             num_actors=cfg.eval.num_actors,
             start_ray=start_ray,
-            other_settings_remedy=f"Rerun with the same config, remove {out} to evaluate {label} again, or use a new "
-            "run_dir; `drift-ray eval --model LABEL=MODEL` evaluates a model under a label of its own.",
+            other_settings_remedy=_other_evaluation_remedy(out, label),
         )
         metrics[label] = episode_metrics(read_shards(out, prompt_ids=test_ids), cfg.episode.max_turns)
         if metrics[label]["cut_off_rate"]:
@@ -588,6 +612,11 @@ def round_config(cfg: Config, round_index: int) -> Config:
     later.rollout.output_dir = None
     later.seed = cfg.seed + round_index - 1
     return later
+
+
+def round_suffix(round_index: int) -> str:
+    """What names round `round_index`'s stages (timings_s) and model (its evaluation's label) after round 1's."""
+    return "" if round_index == 1 else f"_round{round_index}"
 
 
 def rounds_beyond(run_dir: str | Path, rounds: int) -> list[int]:
@@ -646,9 +675,12 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
 
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     check_rollouts_before_the_model(cfg, task)
-    reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
-    # Before any stage: a mistake in eval.task must not surface only after the training.
+    # Before any stage: a mistake in eval.task, or evaluations of other settings, must not surface only after
+    # the training.
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
+    labels = {r: f"{cfg.weights.mode.value}{round_suffix(r)}" for r in range(1, cfg.rounds + 1)}  # of the trained models
+    check_evaluations_before_the_models(cfg, eval_task, ["reference", *labels.values()])
+    reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
     if beyond := rounds_beyond(cfg.run_dir, cfg.rounds):
         # Else the rewritten run.json and evaluation report would drop them without a word.
         log.warning(
@@ -666,7 +698,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
             log.info("iterated DRIFT: round %d of %d, rollouts from %s", round_index, cfg.rounds, policy)
         round_cfg = round_config(cfg, round_index)
         round_dir = Path(round_cfg.run_dir)
-        suffix = "" if round_index == 1 else f"_round{round_index}"
+        suffix = round_suffix(round_index)
         rollouts = timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
         work = {"rollouts": rollouts, "weights_reused": weights_finished(round_dir)}
         # The weights stage asks Ray Data for no more than a CPU. New weights are new training input, so
@@ -680,7 +712,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         )
         work["resumed_from_step"] = read_stats(policy)["resumed_from_step"]
         work_by_round.append(work)
-        models[f"{cfg.weights.mode.value}{suffix}"] = policy
+        models[labels[round_index]] = policy
     report = timed("evaluation", run_eval, cfg, eval_task, models, ray_starter("eval"))
     # At the end: a run refused or killed part-way leaves the last finished run's record (config.json, a
     # copy of its config written after it, may be newer).

@@ -150,6 +150,16 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     error = capsys.readouterr().err
     assert (f"{run_dir / 'rollouts'}: made with other settings (differ in: sampling.seed (0 then, 1 now); sampling: "
             "rollout.temperature, rollout.top_p, rollout.max_new_tokens and seed in the config), recorded in ") in error
+    # So are evaluations of other settings, by `run` and by `eval`, before any model is built.
+    changed = ["eval.max_new_tokens=40", "rollout.model=builtin:demo"]
+    evaluate_demo = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", changed[0], "--model",
+                     "reference=builtin:demo"]
+    for command in [[*run, *changed], evaluate_demo]:
+        with mock.patch("drift_ray.demo_model.ensure_demo_model", side_effect=AssertionError("the reference was built")):
+            assert main(command) == 2
+        error = capsys.readouterr().err
+        assert (f"{run_dir / 'eval' / 'reference'}: made with other settings (differ in: sampling.max_new_tokens (48 then, "
+                "40 now); sampling: eval.max_new_tokens (default: rollout.max_new_tokens) in the config), recorded in ") in error
     # Another model under a label evaluated already: the remedy is another label, or its evaluation removed.
     evaluate = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", "--model", f"reference={model_dir}"]
     assert main(evaluate) == 2
