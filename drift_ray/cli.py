@@ -59,6 +59,7 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     from drift_ray.prompts import load_task
 
     cfg = _config(args)
+    pipeline.check_model_here(cfg.rollout.model, cfg)  # before the task, which may be a download
     task = load_task(cfg.task, cfg.seed)
     pipeline.check_rollouts_before_the_model(cfg, task)
     model = pipeline.resolve_model(cfg.rollout.model, cfg)
@@ -106,6 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         if label in paths:
             raise ValueError(f"--model: two models labelled {label!r}; label each, e.g. --model {label}-2={path}")
+        pipeline.check_model_here(path, cfg)  # before the task, which may be a download
         paths[label] = path
     task = pipeline.evaluation_task(cfg)
     pipeline.check_evaluations_before_the_models(cfg, task, list(paths))

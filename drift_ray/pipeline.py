@@ -218,20 +218,36 @@ def cache_dir() -> Path:
 def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
     """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference.
 
-    A path that is not here and cannot be a Hub id ('name' or 'namespace/name'), such as a mistyped
-    runs/a/train/modle, fails now, not inside a rollout actor or training worker. On a cluster the command
-    joins, an absolute path may exist on the workers only (a shared volume), and is left to them; a
-    server's model name (rollout.engine=openai) is the server's to check, except for a model `to_train`,
-    which the training workers load.
+    Refused as check_model_here refuses, then a Hub id that neither the Hub nor its local cache holds (see
+    _require_hub_model).
     """
-    if not model.strip():
-        raise ValueError("the model is empty: give a model directory or a Hub id")
+    on_the_hub = check_model_here(model, cfg, to_train=to_train)
     if model == DEMO_MODEL:
         from drift_ray.demo_model import ensure_demo_model
 
         return ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
     if cfg.rollout.engine is EngineKind.openai and not to_train:
         return model
+    model = os.path.expanduser(model)
+    if on_the_hub:
+        _require_hub_model(model, cfg)
+    return model
+
+
+def check_model_here(model: str, cfg: Config, *, to_train: bool = False) -> bool:
+    """Refuse a model that this machine's files tell cannot load; whether it is a Hub id to look up. It reads
+    no network and builds nothing, so commands run it before they load a task (a Hub download).
+
+    A path that is not here and cannot be a Hub id ('name' or 'namespace/name'), such as a mistyped
+    runs/a/train/modle, fails now, not inside a rollout actor or training worker; so does a directory that
+    holds no model. On a cluster the command joins, an absolute path may exist on the workers only (a shared
+    volume), and is left to them; a server's model name (rollout.engine=openai) is the server's to check,
+    except for a model `to_train`, which the training workers load.
+    """
+    if not model.strip():
+        raise ValueError("the model is empty: give a model directory or a Hub id")
+    if model == DEMO_MODEL or (cfg.rollout.engine is EngineKind.openai and not to_train):
+        return False
     model = os.path.expanduser(model)
     absolute = os.path.isabs(model)
     hub_id = not absolute and model.count("/") <= 1 and not model.startswith((".", "~"))
@@ -241,15 +257,13 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
             f"{model}: no such model directory"
             + ("" if absolute else ", nor a Hub id ('name' or 'namespace/name')")
         )
-    if hub_id and not here:
-        _require_hub_model(model, cfg)
     if here and (problem := _not_a_model(Path(model))):
         from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
 
         candidates = (Path(model) / MODEL_DIR, Path(model) / TRAIN_DIR / MODEL_DIR)
         inner = next((path for path in candidates if path.is_dir() and not _not_a_model(path)), None)
         raise ValueError(f"{model}: not a model directory ({problem})" + (f"; did you mean {inner}?" if inner else ""))
-    return model
+    return hub_id and not here
 
 
 def _require_hub_model(model: str, cfg: Config) -> None:
@@ -673,6 +687,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
 
         return start_ray
 
+    check_model_here(cfg.rollout.model, cfg)  # before the task, which may be a download
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     check_rollouts_before_the_model(cfg, task)
     # Before any stage: a mistake in eval.task, or evaluations of other settings, must not surface only after

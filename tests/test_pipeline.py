@@ -590,6 +590,18 @@ def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, mistype
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "rollouts", "eval"])
+def test_a_mistyped_model_path_is_reported_before_the_task_loads(tmp_path, capsys, command):
+    """A Hub task's first load is a download, which a mistyped model must not wait for."""
+    args = [command, "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    model = ["--model", "runs/a/train/modle"] if command == "eval" else ["rollout.model=runs/a/train/modle"]
+    never = mock.Mock(side_effect=AssertionError("the task was loaded"))
+    with mock.patch("drift_ray.prompts.load_task", never), mock.patch("drift_ray.pipeline.load_task", never):
+        assert main([*args, *model]) == 2
+    assert "runs/a/train/modle: no such model directory, nor a Hub id" in capsys.readouterr().err
+    never.assert_not_called()
+
+
 def test_a_missing_absolute_model_path_fails_before_a_cluster_of_the_command_s_own_starts(tmp_path, capsys, monkeypatch):
     import ray
 
