@@ -338,6 +338,7 @@ def train_weighted_sft(
             "seed": cfg.seed,
             "model_path": model_path,
             "call_id": call_id,
+            "saved_steps": _saved_steps(runs / name),
             # One directory per run: a rerun with other settings is another curve, not the same one continued.
             "tensorboard_dir": str(out / TENSORBOARD_DIR / name),
         },
@@ -391,16 +392,11 @@ def other_runs_left(runs: Path, settings: dict[str, Any]) -> list[str]:
     once its model is published (a rerun with their settings would resume one)."""
     lines, name = [], run_name(settings)
     for run in sorted(path for path in runs.glob(f"{RUN_NAME_PREFIX}*") if path.is_dir() and path.name != name):
-        progress = []
-        for file in run.glob(f"checkpoint_*/{PROGRESS_FILE}"):
-            with contextlib.suppress(OSError, ValueError):
-                progress.append(json.loads(file.read_text()))
-        progress = [entry for entry in progress if isinstance(entry, dict)]
+        progress = _checkpoints_progress(run)
         if not progress:
             continue
-        steps = [entry.get("step") for entry in progress if type(entry.get("step")) is int]
         finished = any(entry.get("finished") for entry in progress)
-        done = "trained to the end" if finished else f"step {max(steps, default=0)} reached"
+        done = "trained to the end" if finished else f"step {max(_saved_steps(run), default=0)} reached"
         recorded: Any = None
         with contextlib.suppress(OSError, ValueError):
             recorded = json.loads((run / TRAIN_SETTINGS_FILE).read_text())
@@ -469,7 +465,8 @@ def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed ZeRO weighted SFT over this rank's share of every global batch.
 
     config: {"train": TrainConfig as JSON, "seed": int, "model_path": str, "call_id": str (goes into the final
-    metrics), "tensorboard_dir": str}.
+    metrics), "saved_steps": the steps of the run's checkpoints on disk before it started (see
+    unrecorded_checkpoints), "tensorboard_dir": str}.
     """
     train = TrainConfig.model_validate(config["train"])
     seed = int(config["seed"])
@@ -537,6 +534,8 @@ def train_loop(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     start_step = int(progress.get("step", 0))
+    if rank == 0 and (unrecorded := unrecorded_checkpoints(config["saved_steps"], start_step)):
+        log.warning("weighted SFT: %s", unrecorded)
     if start_step:
         with ray.train.get_checkpoint().as_directory() as checkpoint_dir:
             loaded, _ = engine.load_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG)
@@ -783,6 +782,37 @@ def _with_lora(model: Any, train: TrainConfig) -> Any:
     if train.gradient_checkpointing:
         model.enable_input_require_grads()  # else the frozen embeddings cut the checkpointed graph
     return model
+
+
+def _checkpoints_progress(run: Path) -> list[dict[str, Any]]:
+    """The progress records of the checkpoints on disk in the Ray Train run directory `run`, whether Ray Train
+    recorded them or not (those it cannot read left out)."""
+    progress = []
+    for file in run.glob(f"checkpoint_*/{PROGRESS_FILE}"):
+        with contextlib.suppress(OSError, ValueError):
+            progress.append(json.loads(file.read_text()))
+    return [entry for entry in progress if isinstance(entry, dict)]
+
+
+def _saved_steps(run: Path) -> list[int]:
+    """The steps of the checkpoints on disk in the Ray Train run directory `run` (the final one, which records
+    none, left out)."""
+    return sorted(entry["step"] for entry in _checkpoints_progress(run) if type(entry.get("step")) is int)
+
+
+def unrecorded_checkpoints(saved_steps: Sequence[int], start_step: int) -> str | None:
+    """What to say where checkpoints on disk are later than the one the run resumes from (`start_step`, 0 for
+    none): Ray Train records a checkpoint as one to resume from a few seconds after it is saved (at its
+    controller's next poll of the workers), and a run stopped in between resumes from an earlier one."""
+    later = [step for step in saved_steps if step > start_step]
+    if not later:
+        return None
+    resumes = f"resumes after step {start_step}" if start_step else "starts again from step 0"
+    return (
+        f"the checkpoint(s) of step(s) {', '.join(map(str, later))} were saved, but the run was stopped before Ray "
+        f"Train recorded them (it records one a few seconds after it is saved), so this run {resumes} and trains "
+        "those steps again"
+    )
 
 
 def _load_progress(checkpoint: Any) -> dict[str, Any]:

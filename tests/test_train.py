@@ -37,6 +37,7 @@ from drift_ray.train import (
     TENSORBOARD_SCALARS,
     _fit,
     _load_progress,
+    _saved_steps,
     checkpoint_due,
     loads_partitioned,
     other_runs_left,
@@ -47,6 +48,7 @@ from drift_ray.train import (
     train_loop,
     train_settings,
     train_weighted_sft,
+    unrecorded_checkpoints,
 )
 from drift_ray.trajectories import TRAIN_SETTINGS_FILE, write_json_atomic
 from drift_ray.weighted_sft import per_sample_nll, tokenize_trajectory
@@ -121,6 +123,24 @@ def test_a_killed_training_resumes_by_default_from_the_end_of_its_last_epoch():
     assert due(None, epochs=1) == []
     assert due(4) == [4, 8] and due(1) == list(range(1, 9))
     assert due(0) == []  # none asked for
+
+
+def test_checkpoints_saved_after_the_one_a_run_resumes_from_are_told(tmp_path):
+    """Ray Train records a checkpoint a few seconds after it is saved: a run stopped in between resumes from an
+    earlier one, and before, it said only where it resumed."""
+    run = tmp_path / "run"
+    for name, progress in [("a", {"step": 30}), ("b", {"step": 40}), ("c", {"step": 50}), ("d", {"finished": True}),
+                           ("e", ["not a record"])]:
+        (run / f"checkpoint_{name}").mkdir(parents=True)
+        (run / f"checkpoint_{name}" / PROGRESS_FILE).write_text(json.dumps(progress))
+    (run / "checkpoint_cut").mkdir()  # a copy cut short before its progress
+    assert _saved_steps(run) == [30, 40, 50]
+    assert unrecorded_checkpoints(_saved_steps(run), 30) == (
+        "the checkpoint(s) of step(s) 40, 50 were saved, but the run was stopped before Ray Train recorded them (it "
+        "records one a few seconds after it is saved), so this run resumes after step 30 and trains those steps again"
+    )
+    assert "so this run starts again from step 0 and" in unrecorded_checkpoints([30], 0)
+    assert unrecorded_checkpoints(_saved_steps(run), 50) is None and unrecorded_checkpoints([], 0) is None
 
 
 def make_config(**train: object) -> Config:
@@ -739,6 +759,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     leftover = tmp_path / f".{MODEL_DIR}.staging-killed"  # as a process killed while copying the model leaves it
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"cut short")
+    # As a run stopped before Ray Train recorded its last checkpoint leaves it.
+    [killed_run] = (tmp_path / RUN_STORAGE_DIR).iterdir()
+    (killed_run / "checkpoint_unrecorded").mkdir()
+    (killed_run / "checkpoint_unrecorded" / PROGRESS_FILE).write_text(json.dumps({"step": CRASH_AT_STEP + 1}))
 
     # Resumed with settings that only observe or place the run changed: still the same run. Killed once
     # more, after its final checkpoint and before the model was published.
@@ -756,7 +780,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     [resumed_stats] = staged
     assert resumed_stats["resumed_from_step"] == CRASH_AT_STEP
     said = f"weighted SFT: resuming after step {CRASH_AT_STEP} of {resumed_stats['steps']}, from the run's latest checkpoint"
-    assert said in worker_output(ray_cluster, since=log_sizes)
+    output = worker_output(ray_cluster, since=log_sizes)
+    assert said in output
+    assert f"weighted SFT: the checkpoint(s) of step(s) {CRASH_AT_STEP + 1} were saved, but the run was stopped" in output
     # The next call trains no step: it publishes the finished training, and says that it took it over.
     [checkpoints] = (tmp_path / RUN_STORAGE_DIR).iterdir()
     assert list(checkpoints.glob("checkpoint_*"))
