@@ -417,6 +417,34 @@ def keep_rollouts_remedy(cfg: Config) -> str:
     )
 
 
+_WEIGHTS_MEANINGS = {"prompts": "the training problems, which the task.* keys and seed choose"}
+
+
+def _weighing(cfg: Config, task: Task) -> dict[str, Any]:
+    """What the weights' records hold besides the rollouts: the weights settings and the training problems."""
+    prompt_ids = sorted(p.prompt_id for p in task.train)
+    return {
+        "weights": cfg.weights.model_dump(mode="json"),
+        "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
+    }
+
+
+def check_weights_before_the_rollouts(cfg: Config, task: Task) -> None:
+    """Refuse finished weights in run_dir of other weights settings or training problems before the rollouts
+    play (and the reference is resolved): a task with more problems would have its new ones played for nothing."""
+    out = Path(cfg.run_dir) / WEIGHTED_DIR
+    if weights_finished(Path(cfg.run_dir)):
+        settings = _weighing(cfg, task)
+        require_same_settings(
+            out / WEIGHTS_SETTINGS_FILE,
+            settings,
+            output=str(out),
+            only=list(settings),
+            meanings=_WEIGHTS_MEANINGS,
+            remedy=keep_rollouts_remedy(cfg),
+        )
+
+
 def run_weights(
     cfg: Config, task: Task, start_ray: Callable[[], None], other_settings_remedy: str = RERUN_REMEDY
 ) -> dict[str, Any]:
@@ -435,13 +463,12 @@ def run_weights(
     # The rollouts by their settings and prompts, not by path: a run_dir that moved is still the same run,
     # and other runs may add prompts of their own to a shared rollout.output_dir.
     settings = {
-        "weights": cfg.weights.model_dump(mode="json"),
+        **_weighing(cfg, task),
         "rollouts": read_json_object(
             rollouts / MANIFEST,
             f"it records what played the rollouts in {rollouts}: restore it, or remove {rollouts} (with every run's "
             "rollouts there, where rollout.output_dir is shared) to play them again",
         ),
-        "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
         "rollouts_fingerprint": rollouts_fingerprint(rollouts, prompt_ids),
     }
     if weights_finished(run_dir):
@@ -450,7 +477,7 @@ def run_weights(
             settings,
             output=str(out),
             inputs=["rollouts_fingerprint"],
-            meanings={"prompts": "the training problems, which the task.* keys and seed choose"},
+            meanings=_WEIGHTS_MEANINGS,
             remedy=other_settings_remedy,
         )
         diagnostics = read_json_object(out / WEIGHTS_DIAGNOSTICS_FILE, f"remove {out} to weigh the rollouts again")
@@ -690,6 +717,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
     check_model_here(cfg.rollout.model, cfg)  # before the task, which may be a download
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     check_rollouts_before_the_model(cfg, task)
+    check_weights_before_the_rollouts(cfg, task)
     # Before any stage: a mistake in eval.task, or evaluations of other settings, must not surface only after
     # the training.
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)

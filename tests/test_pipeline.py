@@ -130,12 +130,14 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     # A rerun with other settings is refused at the first stage whose finished output they would change,
     # instead of reporting that output as theirs, and it changes nothing.
     settled = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"}
-    for override, stage, setting, explained in [
-        ("weights.beta=0.5", "weighted", "weights.beta (0.1 then, 0.5 now)", ""),
-        ("train.lr=0.001", "train/model", "train.lr", ""),
-        ("task.num_train=6", "weighted", "prompts.count (8 then, 6 now)", "; prompts: the training problems, which the task.* keys and seed choose)"),
+    for overrides, stage, setting, explained in [
+        (["weights.beta=0.5"], "weighted", "weights.beta (0.1 then, 0.5 now)", ""),
+        (["train.lr=0.001"], "train/model", "train.lr", ""),
+        (["task.num_train=6"], "weighted", "prompts.count (8 then, 6 now)", "; prompts: the training problems, which the task.* keys and seed choose)"),
+        # Refused before the rollouts play, or the 2 problems added would be played for nothing.
+        (["task.num_train=10", "task.options.num_train=10"], "weighted", "prompts.count (8 then, 10 now)", ""),
     ]:
-        assert main([*run, override]) == 2
+        assert main([*run, *overrides]) == 2
         error = capsys.readouterr().err
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in error and explained in error
         # A new run_dir of its own would play the rollouts again: the remedy says how to keep them.
