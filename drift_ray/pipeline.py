@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 from drift_ray.config import DEMO_MODEL, Config, EngineKind, TaskConfig
 from drift_ray.prompts import Task, load_task, shared_questions
 from drift_ray.rollouts import (
-    MANIFEST,
     MODEL_SETTINGS,
     SHARD_GLOB,
     check_manifest,
     eval_sampling,
+    manifest_file,
     play_settings,
     read_shards,
     rollout_sampling,
@@ -465,7 +465,7 @@ def run_weights(
     settings = {
         **_weighing(cfg, task),
         "rollouts": read_json_object(
-            rollouts / MANIFEST,
+            manifest_file(rollouts),
             f"it records what played the rollouts in {rollouts}: restore it, or remove {rollouts} (with every run's "
             "rollouts there, where rollout.output_dir is shared) to play them again",
         ),

@@ -40,7 +40,10 @@ from drift_ray.verifiers import get_verifier, verifier_settings
 log = logging.getLogger(__name__)
 
 SHARD_GLOB = "part-*.parquet"
-MANIFEST = "manifest.json"
+# The record of what played the episodes in a directory of shards; its "_" keeps Parquet readers of the
+# directory (pyarrow, pandas, Ray Data) from taking it for a shard, as they skip such names.
+MANIFEST = "_manifest.json"
+MANIFEST_BEFORE = "manifest.json"  # the name earlier drift-ray versions gave it, still read where it is
 SUMMARY_SCHEMA = pa.schema(
     [
         (schema.PROMPT_ID, pa.string()),
@@ -205,10 +208,18 @@ def trained_by(model: str) -> dict[str, Any] | None:
     return read_json_object(record, f"it records what trained {model}: train it again, or restore that file")
 
 
+def manifest_file(out_dir: str | Path) -> Path:
+    """The manifest of the shards in `out_dir`: MANIFEST, or where only an earlier drift-ray's is there,
+    MANIFEST_BEFORE (which guards its shards as well)."""
+    out_dir = Path(out_dir)
+    before = out_dir / MANIFEST_BEFORE
+    return before if before.exists() and not (out_dir / MANIFEST).exists() else out_dir / MANIFEST
+
+
 def _manifest_guards(out_dir: Path) -> bool:
     # A manifest beside no shard guards nothing (a run that failed before its first batch, say on a
     # mistyped model): it is replaced, so that the corrected config can use the directory.
-    return (out_dir / MANIFEST).exists() and any(out_dir.glob(SHARD_GLOB))
+    return manifest_file(out_dir).exists() and any(out_dir.glob(SHARD_GLOB))
 
 
 def check_manifest(
@@ -224,7 +235,7 @@ def check_manifest(
         # A local model is known by its files: at another path (its run_dir moved, or spelled otherwise) it
         # is the same policy.
         require_same_settings(
-            out_dir / MANIFEST,
+            manifest_file(out_dir),
             settings,
             output=str(out_dir),
             known_by={"model": "model_fingerprint"},
@@ -241,6 +252,7 @@ def record_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     if not _manifest_guards(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(settings, out_dir / MANIFEST)
+        (out_dir / MANIFEST_BEFORE).unlink(missing_ok=True)  # an earlier drift-ray's, which guarded nothing
 
 
 def rollouts_lock_file(out_dir: str | Path) -> Path:

@@ -78,6 +78,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert {p.stat().st_mode & 0o777 for p in model_files} == {(tmp_path / "probe").stat().st_mode & 0o777}
     assert model_dir.stat().st_mode & 0o777 == (tmp_path / "probe-dir").stat().st_mode & 0o777
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
+    # Each directory of shards reads whole, as Parquet readers take one.
+    assert pq.read_table(run_dir / "rollouts").num_rows == 8 * 4 and pq.read_table(run_dir / "eval" / "drift").num_rows == 8
     diagnostics = json.loads((run_dir / "weighted" / WEIGHTS_DIAGNOSTICS_FILE).read_text())
     assert diagnostics["num_trajectories"] == 8 * 4 and abs(diagnostics["weight_mean"] - 1) < 1e-9
     # The random tiny model often writes on to max_new_tokens: the shards record which replies it cut off.

@@ -21,6 +21,7 @@ from drift_ray.episode import first_messages
 from drift_ray.prompts import Problem
 from drift_ray.rollouts import (
     MANIFEST,
+    MANIFEST_BEFORE,
     SHARD_GLOB,
     check_manifest,
     completed_prompts,
@@ -420,6 +421,24 @@ def test_manifest_refuses_other_settings_once_a_shard_is_there(tmp_path):
     (tmp_path / MANIFEST).write_text('{"model": "m", "sam')  # cut short: a full disk, a killed copy
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / MANIFEST}: not valid JSON (Unterminated string")):
         check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})
+
+
+def test_the_manifest_leaves_the_directory_readable_as_parquet_and_an_earlier_name_still_guards(tmp_path):
+    """Before, manifest.json among the shards stopped pyarrow and pandas reading the directory whole."""
+    record_manifest(tmp_path, {"model": "m", "samples_per_prompt": 2})
+    write_shard(tmp_path, ["a", "b"], k=2)
+    assert pq.read_table(tmp_path).num_rows == 4
+    # An earlier drift-ray's manifest guards its shards still, and one beside no shard gives way.
+    (tmp_path / MANIFEST).rename(tmp_path / MANIFEST_BEFORE)
+    with pytest.raises(RuntimeError, match=re.escape(f"recorded in {tmp_path / MANIFEST_BEFORE}")):
+        check_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
+    record_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
+    assert not (tmp_path / MANIFEST).exists()
+    for shard in tmp_path.glob(SHARD_GLOB):
+        shard.unlink()
+    record_manifest(tmp_path, {"model": "m", "samples_per_prompt": 4})
+    assert [path.name for path in tmp_path.iterdir()] == [MANIFEST]
+    assert json.loads((tmp_path / MANIFEST).read_text())["samples_per_prompt"] == 4
 
 
 def test_a_damaged_record_of_what_trained_a_model_is_named(tmp_path):
