@@ -164,15 +164,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `train --mode uniform` would read as `--model uniform`, a hub id.
     parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__, allow_abbrev=False)
-    parser.add_argument(
-        "--traceback",
-        action="store_true",
-        help="on an error, show its whole traceback instead of one line; on Ctrl-C or SIGTERM, before it",
-    )
+    traceback_help = "on an error, show its whole traceback instead of one line; on Ctrl-C or SIGTERM, before it"
+    parser.add_argument("--traceback", action="store_true", help=traceback_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn, help: str, config_required: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        # After the command too; unset there, it leaves the value given before the command.
+        p.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=traceback_help)
         p.add_argument("--config", required=config_required, help="YAML config (see jobs/)")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
         p.set_defaults(fn=fn)

@@ -437,6 +437,9 @@ def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behin
     assert [p.name for p in tmp_path.iterdir()] == ["weighted.parquet"]  # no weighted.diagnostics.json
     with pytest.raises(ValueError):  # where it came from, for a bug report
         main(["--traceback", "weights", "--input", str(authors), "--output", str(taken)])
+    with pytest.raises(ValueError):  # after the command too
+        main(["weights", "--input", str(authors), "--output", str(taken), "--traceback"])
+    assert main(["weights", "--input", str(authors), "--output", str(taken)]) == 2  # and only where given
 
 
 def test_a_run_dir_that_cannot_be_made_is_named_by_its_key(tmp_path, capsys, tiny_model_dir):
