@@ -6,15 +6,17 @@ so a killed job resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, ContextManager, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
@@ -63,6 +65,9 @@ TRAIN_DIR = "train"  # in run_dir: weighted SFT's checkpoints and model
 WEIGHTS_DIAGNOSTICS_FILE = "_diagnostics.json"
 WEIGHTS_SETTINGS_FILE = "_settings.json"  # what made the weighted rollouts: weights config, rollouts, prompts
 RUN_LOCK_FILE = ".drift-ray.lock"  # in run_dir: held by the process writing it, naming that process
+# In run_dir: the drift-ray lines of every command that held it, appended, and how each ended; on the console
+# they scroll away among Ray's (the actors' and workers' own lines are in Ray's session logs).
+RUN_LOG_FILE = "drift-ray.log"
 
 
 STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connect_ray's check
@@ -72,18 +77,51 @@ STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connec
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def lock_run_dir(cfg: Config, *, writes_rollouts: bool) -> ContextManager[float]:
+@contextlib.contextmanager
+def lock_run_dir(cfg: Config, *, writes_rollouts: bool) -> Iterator[None]:
     """Held while a process writes cfg.run_dir (made if new): a second one, such as a job resubmitted while
     the first still runs, is refused at once instead of overwriting the stages the first is writing.
     Warns first of a relative run_dir, and rollout.output_dir where the command `writes_rollouts`, that a
-    Ray job would leave in its working_dir (see outputs_left_in_the_job)."""
+    Ray job would leave in its working_dir (see outputs_left_in_the_job). Meanwhile drift-ray's log goes to
+    RUN_LOG_FILE in run_dir too."""
     outputs = {"run_dir": cfg.run_dir, **({"rollout.output_dir": cfg.rollout.output_dir} if writes_rollouts else {})}
     warn_of_outputs_left_in_the_job(outputs)
     try:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:  # its message names the path, not the key that set it
         raise OSError(f"run_dir={cfg.run_dir}: cannot make the directory ({err.strerror})") from err
-    return exclusive_lock(Path(cfg.run_dir) / RUN_LOCK_FILE, wait=False)
+    with exclusive_lock(Path(cfg.run_dir) / RUN_LOCK_FILE, wait=False), _logged_to(Path(cfg.run_dir) / RUN_LOG_FILE):
+        yield
+
+
+@contextlib.contextmanager
+def _logged_to(file: Path) -> Iterator[None]:
+    """Within: drift-ray's log records go to `file` too (appended), and then how the command ended."""
+    handler = logging.FileHandler(file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # the file holds the info lines, as the console shows them
+    # Not the command line: an override's value may be a secret (see config._NEVER_SHOWN).
+    log.info("pid %d on %s: logging to %s", os.getpid(), socket.gethostname(), file)
+
+    def ended(level: int, how: str) -> None:  # in the file alone: the command says it on the console
+        handler.handle(log.makeRecord(log.name, level, __file__, 0, "ended: %s", (how,), None))
+
+    try:
+        yield
+    except KeyboardInterrupt:  # SIGTERM's too
+        ended(logging.ERROR, "interrupted or terminated; run the same command again to go on")
+        raise
+    except Exception as err:
+        ended(logging.ERROR, f"{type(err).__name__}: {err}")
+        raise
+    else:
+        ended(logging.INFO, "finished")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 def warn_of_outputs_left_in_the_job(outputs: Mapping[str, str | None]) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from drift_ray.config import load_config, validate_config
 from drift_ray.pipeline import (
     CONFIG_FILE,
     RUN_LOCK_FILE,
+    RUN_LOG_FILE,
     RUN_RECORD_FILE,
     WEIGHTED_DIR,
     WEIGHTS_DIAGNOSTICS_FILE,
@@ -78,6 +80,11 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert {p.stat().st_mode & 0o777 for p in model_files} == {(tmp_path / "probe").stat().st_mode & 0o777}
     assert model_dir.stat().st_mode & 0o777 == (tmp_path / "probe-dir").stat().st_mode & 0o777
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
+    # The run's own lines stay in run_dir, where the console's scroll away among Ray's.
+    logged = (run_dir / RUN_LOG_FILE).read_text()
+    assert f"INFO pid {os.getpid()} on {socket.gethostname()}: logging to {run_dir / RUN_LOG_FILE}\n" in logged
+    assert "INFO weights: {" in logged and "INFO training: {" in logged and "reached rollout.max_new_tokens=48" in logged
+    assert logged.endswith("INFO ended: finished\n")
     # Each directory of shards reads whole, as Parquet readers take one.
     assert pq.read_table(run_dir / "rollouts").num_rows == 8 * 4 and pq.read_table(run_dir / "eval" / "drift").num_rows == 8
     diagnostics = json.loads((run_dir / "weighted" / WEIGHTS_DIAGNOSTICS_FILE).read_text())
@@ -109,7 +116,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     ray.shutdown()
     # Lock files are rewritten by each run that takes them, to name it.
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts
-              and p.suffix != ".lock"}
+              and p.suffix not in (".lock", ".log")}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="drift_ray"):
         assert main(run) == 0
@@ -131,7 +138,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
 
     # A rerun with other settings is refused at the first stage whose finished output they would change,
     # instead of reporting that output as theirs, and it changes nothing.
-    settled = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"}
+    settled = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix not in (".lock", ".log")}
     for overrides, stage, setting, explained in [
         (["weights.beta=0.5"], "weighted", "weights.beta (0.1 then, 0.5 now)", ""),
         (["train.lr=0.001"], "train/model", "train.lr", ""),
@@ -145,8 +152,9 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         # A new run_dir of its own would play the rollouts again: the remedy says how to keep them.
         assert error.endswith(f"Rerun with the same config, or use a new run_dir with rollout.output_dir={run_dir / 'rollouts'} "
                               "to weigh and train on these rollouts instead of playing them again.\n")
-        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".lock"} == settled
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix not in (".lock", ".log")} == settled
         assert not ray.is_initialized()
+        assert (run_dir / RUN_LOG_FILE).read_text().endswith(f"ERROR ended: RuntimeError: {error.partition('error: ')[2]}")
     # Rollouts of another seed are refused before the reference that would play them is built (minutes for
     # builtin:demo), by the setting that differs rather than by that reference's cache path.
     with mock.patch("drift_ray.demo_model.ensure_demo_model", side_effect=AssertionError("the reference was built")):
@@ -215,6 +223,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert main([*run, "weights.beta=0.5"]) == 130
     assert "drift-ray run: interrupted; run the same command again" in capsys.readouterr().err
     assert not (run_dir / "weighted").exists()
+    assert (run_dir / RUN_LOG_FILE).read_text().endswith("ERROR ended: interrupted or terminated; run the same command again to go on\n")
 
     # Rollouts played before cut_off was recorded, beside later ones (a rerun after an upgrade): every
     # weighted file holds the column, null for the older rollouts' rows. That run then stops at the
@@ -423,7 +432,8 @@ def test_a_command_into_a_run_dir_another_process_writes_is_refused_before_any_w
         assert main(args) == 2
     error = capsys.readouterr().err
     assert f"{run_dir} is in use by pid {os.getpid()} on " in error and len(error.splitlines()) == 1
-    assert [p.name for p in run_dir.iterdir()] == [RUN_LOCK_FILE]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([RUN_LOCK_FILE, RUN_LOG_FILE])
+    assert "is in use" not in (run_dir / RUN_LOG_FILE).read_text()  # the holder's log alone
 
 
 def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behind(tmp_path, capsys):
