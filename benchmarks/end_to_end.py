@@ -33,6 +33,7 @@ from record import add_tmp_dir_option, append_result, argument_parser, print_tab
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
+from drift_ray.evaluation import comparison_table  # noqa: E402
 from drift_ray.pipeline import round_suffix, run_pipeline  # noqa: E402
 from drift_ray.rollouts import read_shards  # noqa: E402
 from drift_ray.train import read_stats  # noqa: E402
@@ -125,7 +126,7 @@ def main() -> None:
         turns = cfg.episode.max_turns
         final_multi = {label: m[f"multi@{turns}"] for label, m in result["metrics"].items()}
         rows = stage_rows(result, cfg.weights.mode.value, run_dir, final_multi)
-        evaluation_table = Path(result["paths"]["markdown"]).read_text()
+        evaluation_table = comparison_table(result["metrics"], turns)
         reference_sha256 = weight_checksums(result["models"]["reference"])
 
     import ray

@@ -91,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
+    from drift_ray.evaluation import comparison_table
 
     cfg = _config(args)
     paths = {}
@@ -114,18 +115,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     models = {label: pipeline.resolve_model(path, cfg) for label, path in paths.items()}
     with pipeline.lock_run_dir(cfg, writes_rollouts=False):
         report = pipeline.run_eval(cfg, task, models, start_ray=functools.partial(pipeline.connect_ray, cfg, ("eval",)))
-    print(Path(report["paths"]["markdown"]).read_text())
+    print(comparison_table(report["metrics"], cfg.episode.max_turns))
     print(f"plot: {report['paths']['plot']}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
+    from drift_ray.evaluation import comparison_table
 
     cfg = _config(args)
     result = pipeline.run_pipeline(cfg)
     print(json.dumps({"timings_s": result["timings_s"]}, indent=2))
-    print(Path(result["paths"]["markdown"]).read_text())
+    print(comparison_table(result["metrics"], cfg.episode.max_turns))
     print(f"plot: {result['paths']['plot']}")
     return 0
 

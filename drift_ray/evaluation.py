@@ -280,10 +280,24 @@ def plot_cumulative_accuracy(
     return write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
 
 
+# Below the table in eval.md, which a reader may open without the README at hand.
+COLUMNS_EXPLAINED = """\
+- **multi@k**: the share of the problems answered correctly within the first k turns (multi@1 is acc@1).
+- **correction rate t≥2**: of the turns 2..T played (each by a problem unsolved until then), the share answered
+  correctly; per turn, with turn 1, as `per_turn_accuracy` in eval.json.
+- **unique-answer ratio (all / unsolved)**: distinct normalised answers over parsable answers in an episode,
+  averaged over the problems with a parsable answer / over those never solved; low: a wrong answer repeated.
+- **avg turns**: the turns played per problem; an episode stops at its first correct answer.
+- **format-failure rate**: the turns without a parsable `<answer>` over all turns played.
+- **problems**: the test problems evaluated, one greedy episode each.
+"""
+
+
 def write_report(
     metrics_by_model: Mapping[str, Mapping[str, Any]], max_turns: int, out_dir: str | os.PathLike[str]
 ) -> dict[str, str]:
-    """Write eval.json (metrics per model), eval.md (the table) and eval.png (the plot) into out_dir.
+    """Write eval.json (metrics per model), eval.md (the table, its columns explained below it) and eval.png
+    (the plot) into out_dir.
 
     Returns their paths under the keys "json", "markdown" and "plot". An earlier report's files go first and
     eval.json, the record, comes last: a report cut short never stands beside files of another one.
@@ -294,6 +308,6 @@ def write_report(
     for name in ("eval.json", "eval.md", "eval.png"):
         (out_dir / name).unlink(missing_ok=True)
     plot = plot_cumulative_accuracy(metrics_by_model, max_turns, out_dir / "eval.png")
-    markdown = write_atomic(out_dir / "eval.md", lambda handle: handle.write(table.encode()))
+    markdown = write_atomic(out_dir / "eval.md", lambda handle: handle.write(f"{table}\n{COLUMNS_EXPLAINED}".encode()))
     record = write_atomic(out_dir / "eval.json", lambda handle: handle.write(text.encode()))
     return {"json": record, "markdown": markdown, "plot": plot}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from drift_ray import evaluation, schema
 from drift_ray.config import EpisodeConfig
 from drift_ray.episode import Episode, Generation, first_messages
-from drift_ray.evaluation import comparison_table, episode_metrics, plot_cumulative_accuracy, write_report
+from drift_ray.evaluation import COLUMNS_EXPLAINED, comparison_table, episode_metrics, plot_cumulative_accuracy, write_report
 from drift_ray.prompts import Problem
 from drift_ray.verifiers import ExactVerifier
 
@@ -187,7 +188,11 @@ def test_write_report_writes_json_markdown_and_png(tmp_path) -> None:
     with open(paths["json"]) as handle:
         assert json.load(handle) == metrics_by_model
     with open(paths["markdown"]) as handle:
-        assert handle.read() == comparison_table(metrics_by_model, 3)
+        assert handle.read() == f"{comparison_table(metrics_by_model, 3)}\n{COLUMNS_EXPLAINED}"
+    # Every column of the table is explained below it.
+    header = comparison_table(metrics_by_model, 3).splitlines()[0].strip("| ").split(" | ")
+    explained = re.findall(r"^- \*\*(.+?)\*\*", COLUMNS_EXPLAINED, flags=re.M)
+    assert list(dict.fromkeys(re.sub(r"@\d", "@k", name) for name in header[1:])) == explained
     with open(paths["plot"], "rb") as handle:
         assert handle.read(len(PNG_MAGIC)) == PNG_MAGIC
 
