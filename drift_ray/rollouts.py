@@ -192,10 +192,11 @@ def _require_same_problem(
         if not same
     ]
     if differs:
+        golds = f"; gold {schema.short_repr(gold)} then, {schema.short_repr(problem.gold)} now" if "gold" in differs else ""
         raise RuntimeError(
             f"{shard}: prompt {problem.prompt_id!r} was played on another problem (its {' and '.join(differs)} "
-            f"{'differ' if len(differs) > 1 else 'differs'} from the task's now): the task changed (task.* or seed) "
-            f"since these episodes were played. {RERUN_REMEDY}"
+            f"{'differ' if len(differs) > 1 else 'differs'} from the task's now{golds}): the task changed (task.* or "
+            f"seed) since these episodes were played. {RERUN_REMEDY}"
         )
 
 

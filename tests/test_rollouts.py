@@ -118,15 +118,15 @@ def test_completed_prompts_ignores_temporary_files_and_rejects_partial_groups(tm
 @pytest.mark.parametrize(
     "changed, differs",
     [
-        (Problem("b", "question b", "another gold"), "gold differs"),
-        (Problem("b", "another question", "gold b"), "question differs"),
-        (Problem("b", "another question", "another gold"), "gold and question differ"),
+        (Problem("b", "question b", "another gold"), "gold differs from the task's now; gold 'gold b' then, 'another gold' now"),
+        (Problem("b", "another question", "gold b"), "question differs from the task's now"),
+        (Problem("b", "another question", "another gold"), "gold and question differ from the task's now; gold 'gold b' then"),
     ],
 )
 def test_a_prompt_id_now_naming_another_problem_is_not_reused(tmp_path, changed, differs):
     write_shard(tmp_path, ["a", "b"], k=2)
     [shard] = tmp_path.glob("part-*.parquet")
-    message = f"{shard}: prompt 'b' was played on another problem (its {differs} from the task's now)"
+    message = f"{shard}: prompt 'b' was played on another problem (its {differs}"
     with pytest.raises(RuntimeError, match=re.escape(message)):
         completed_prompts(tmp_path, [problem("a"), changed], 2, EPISODE)
     with pytest.raises(RuntimeError, match="its question differs"):  # the instruction is part of the question asked
