@@ -212,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
-    # Overrides after a flag (`--input a key=1 --output b key=2`) are left over by argparse: still overrides.
+    # Overrides after a flag (`--input a key=1 --output b key=2`) are left over by argparse: still overrides,
+    # refused as any other where they have no '='. An unknown flag is named without what follows its '=', which
+    # may be a secret.
     args, left_over = parser.parse_known_args(argv)
-    unknown = [item for item in left_over if item.startswith("-") or "=" not in item]
+    unknown = [item.partition("=")[0] + ("=…" if "=" in item else "") for item in left_over if item.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += left_over

@@ -673,8 +673,8 @@ def load_config(
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
-    for position, item in enumerate(overrides, 1):
-        _apply_override(data, item, source, f"{position} of {len(overrides)}")
+    for item in overrides:
+        _apply_override(data, item, source)
     keys = [override_key(item) for item in overrides]
     return validate_config(data, source, {key: (given_as or {}).get(key, f"the override of {key}") for key in keys})
 
@@ -704,16 +704,15 @@ def override_key(item: str) -> str:
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
 
 
-def _apply_override(data: dict[str, Any], item: str, source: str, position: str) -> None:
+def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     # Errors name the key alone: the value may be a secret (see _NEVER_SHOWN), and so may an override
-    # without '=', unless it reads as a key of the config (`rollout.max_new_tokens 16`). `position`: "2 of 3".
+    # without '=', unless it reads as a key of the config (`rollout.max_new_tokens 16`).
     key, sep, raw = item.partition("=")
     if not sep:
         if _DOTTED_KEY.fullmatch(item) and item.split(".")[0] in Config.model_fields:
             raise ConfigError(f"{source}: override {item!r} has no '=': expected key.path=value, e.g. {item}=VALUE")
         raise ConfigError(
-            f"{source}: override {position} has no '=' (not shown: it may be a value, such as a secret): expected "
-            "key.path=value"
+            f"{source}: an override has no '=' (not shown: it may be a value, such as a secret): expected key.path=value"
         )
     if not all(key.split(".")):  # `task.options.=1` would set a key named ""
         raise ConfigError(f"{source}: override of {key!r}: expected key.path=value, with no empty part in key.path")

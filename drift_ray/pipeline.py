@@ -98,10 +98,9 @@ def lock_run_dir(cfg: Config, *, writes_rollouts: bool) -> Iterator[None]:
 def _logged_to(file: Path) -> Iterator[None]:
     """Within: drift-ray's log records go to `file` too (appended), and then how the command ended."""
     handler = logging.FileHandler(file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # the file holds the info lines, as the console shows them
+    # The pid: on a file system that takes no locks (see exclusive_lock), two commands' lines may mix.
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    log.addHandler(handler)  # at the level the process logs at, as the console shows it
     # Not the command line: an override's value may be a secret (see config._NEVER_SHOWN).
     log.info("pid %d on %s: logging to %s", os.getpid(), socket.gethostname(), file)
 
@@ -113,14 +112,13 @@ def _logged_to(file: Path) -> Iterator[None]:
     except KeyboardInterrupt:  # SIGTERM's too
         ended(logging.ERROR, "interrupted or terminated; run the same command again to go on")
         raise
-    except Exception as err:
+    except BaseException as err:
         ended(logging.ERROR, f"{type(err).__name__}: {err}")
         raise
     else:
         ended(logging.INFO, "finished")
     finally:
         log.removeHandler(handler)
-        log.setLevel(level)
         handler.close()
 
 

@@ -331,6 +331,7 @@ def train_weighted_sft(
     # Stamped on the final metrics: a final checkpoint with another stamp was written by an earlier call.
     call_id = uuid.uuid4().hex
     runs, name = out / RUN_STORAGE_DIR, run_name(settings)
+    saved_steps = _saved_steps(runs / name)
     trainer = TorchTrainer(
         train_loop_per_worker or train_loop,
         train_loop_config={
@@ -338,7 +339,7 @@ def train_weighted_sft(
             "seed": cfg.seed,
             "model_path": model_path,
             "call_id": call_id,
-            "saved_steps": _saved_steps(runs / name),
+            "saved_steps": saved_steps,
             # One directory per run: a rerun with other settings is another curve, not the same one continued.
             "tensorboard_dir": str(out / TENSORBOARD_DIR / name),
         },
@@ -376,6 +377,9 @@ def train_weighted_sft(
         if stats.pop("call_id", None) != call_id:
             # Killed after its final checkpoint, before the model was published: no step was trained now.
             stats["resumed_from_step"] = stats["steps"]
+        # Said by rank 0 as it resumes, on the console; here for run_dir's log too.
+        if unrecorded := unrecorded_checkpoints(saved_steps, stats["resumed_from_step"]):
+            log.warning("weighted SFT: %s", unrecorded)
         (staging / TRAIN_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         publish_directory(staging, model_out)
@@ -795,8 +799,8 @@ def _checkpoints_progress(run: Path) -> list[dict[str, Any]]:
 
 
 def _saved_steps(run: Path) -> list[int]:
-    """The steps of the checkpoints on disk in the Ray Train run directory `run` (the final one, which records
-    none, left out)."""
+    """The steps of the checkpoints on disk in the Ray Train run directory `run`, the final one's included (but
+    where an earlier drift-ray wrote it without its step)."""
     return sorted(entry["step"] for entry in _checkpoints_progress(run) if type(entry.get("step")) is int)
 
 
@@ -864,7 +868,8 @@ def _report_final(
             (Path(checkpoint_dir) / HF_CHECKPOINT_DIR / STEPS_FILE).write_text(
                 "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
             )
-            (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True}))
+            # Its step too: a rerun that Ray Train had not recorded it for names it (unrecorded_checkpoints).
+            (Path(checkpoint_dir) / PROGRESS_FILE).write_text(json.dumps({"finished": True, "step": metrics["steps"]}))
         # After the save, which under ZeRO-3 holds the whole model in rank 0's memory.
         metrics = {**metrics, "peak_rss_mb": max(metrics["peak_rss_mb"], _peak_rss_mb_of_all_ranks(engine.device))}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if rank == 0 else None

@@ -125,7 +125,7 @@ def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
     [
         ("episode.instruction=no slot", "episode.instruction"),
         ("weights.mode=rft", "weights.mode"),
-        ("novalue", "<defaults>: override 1 of 1 has no '=' (not shown: it may be a value, such as a secret): expected key.path=value"),
+        ("novalue", "<defaults>: an override has no '=' (not shown: it may be a value, such as a secret): expected key.path=value"),
         # A key of the config is no secret: named, as in `rollout.max_new_tokens 16`.
         ("rollout.max_new_tokens", "override 'rollout.max_new_tokens' has no '=': expected key.path=value, e.g. rollout.max_new_tokens=VALUE"),
         ("task.options.=1", "override of 'task.options.': expected key.path=value"),
@@ -347,7 +347,7 @@ def test_what_may_be_a_secret_is_refused_without_being_repeated(override, line):
     "override, message",
     [
         ('rollout.api_base="https://me:s3cr3t@llm.example/v1', "override of rollout.api_base: not a valid YAML value"),
-        ("rollout.api_base https://me:s3cr3t@llm.example/v1", "override 2 of 2 has no '=' (not shown: it may be a value"),
+        ("rollout.api_base https://me:s3cr3t@llm.example/v1", "an override has no '=' (not shown: it may be a value"),
         ("rollout.api_base.=https://me:s3cr3t@llm.example/v1", "override of 'rollout.api_base.': expected key.path=value"),
         ("rollout.api_base.x=https://me:s3cr3t@llm.example/v1", "override of rollout.api_base.x: rollout.api_base is not a section"),
         ("rollout.api_key_env=s3cr3t #x", "override of rollout.api_key_env: YAML reads part of it as a comment"),

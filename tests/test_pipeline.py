@@ -64,7 +64,9 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     # (the end of this test).
     run = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir),
            "train.cpus_per_worker=2"]
-    assert main(run) == 0
+    with caplog.at_level(logging.INFO, logger="drift_ray"):  # as the command's own logging shows them
+        assert main(run) == 0
+    assert not logging.getLogger("drift_ray").handlers  # run_dir's log closed with the command
     out = capsys.readouterr().out
     assert "| reference" in out and "| drift" in out and "eval.png" in out
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())
@@ -82,7 +84,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
     # The run's own lines stay in run_dir, where the console's scroll away among Ray's.
     logged = (run_dir / RUN_LOG_FILE).read_text()
-    assert f"INFO pid {os.getpid()} on {socket.gethostname()}: logging to {run_dir / RUN_LOG_FILE}\n" in logged
+    assert f" {os.getpid()} drift_ray INFO pid {os.getpid()} on {socket.gethostname()}: logging to {run_dir / RUN_LOG_FILE}\n" in logged
     assert "INFO weights: {" in logged and "INFO training: {" in logged and "reached rollout.max_new_tokens=48" in logged
     assert logged.endswith("INFO ended: finished\n")
     # Each directory of shards reads whole, as Parquet readers take one.
@@ -561,6 +563,13 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     with pytest.raises(SystemExit):
         main(["config", "seed=3", "--config", str(REPO / "jobs/smoke.yaml"), "--seed", "4"])
     assert "unrecognized arguments: --seed" in capsys.readouterr().err
+    # What follows a flag without being one is an override, refused as such, and what may be a secret is not shown.
+    config = ["config", "seed=3", "--config", str(REPO / "jobs/smoke.yaml")]
+    assert main([*config, "https://me:s3cr3t@llm.example/v1"]) == 2
+    assert "an override has no '=' (not shown" in (error := capsys.readouterr().err) and "s3cr3t" not in error
+    with pytest.raises(SystemExit):
+        main([*config, "--api-key=s3cr3t"])
+    assert "unrecognized arguments: --api-key=…" in (error := capsys.readouterr().err) and "s3cr3t" not in error
     assert main(["config", "--doc", "weights.bta=1"]) == 2  # the typo would go unnoticed
     assert "--doc documents every field and reads no config" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted.parquet"] and not ray.is_initialized()

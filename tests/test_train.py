@@ -129,12 +129,12 @@ def test_checkpoints_saved_after_the_one_a_run_resumes_from_are_told(tmp_path):
     """Ray Train records a checkpoint a few seconds after it is saved: a run stopped in between resumes from an
     earlier one, and before, it said only where it resumed."""
     run = tmp_path / "run"
-    for name, progress in [("a", {"step": 30}), ("b", {"step": 40}), ("c", {"step": 50}), ("d", {"finished": True}),
-                           ("e", ["not a record"])]:
+    for name, progress in [("a", {"step": 30}), ("b", {"step": 40}), ("c", {"finished": True, "step": 50}),
+                           ("d", {"finished": True}), ("e", ["not a record"])]:  # d: as an earlier drift-ray wrote it
         (run / f"checkpoint_{name}").mkdir(parents=True)
         (run / f"checkpoint_{name}" / PROGRESS_FILE).write_text(json.dumps(progress))
     (run / "checkpoint_cut").mkdir()  # a copy cut short before its progress
-    assert _saved_steps(run) == [30, 40, 50]
+    assert _saved_steps(run) == [30, 40, 50]  # the final checkpoint's too: a whole training would go unsaid
     assert unrecorded_checkpoints(_saved_steps(run), 30) == (
         "the checkpoint(s) of step(s) 40, 50 were saved, but the run was stopped before Ray Train recorded them (it "
         "records one a few seconds after it is saved), so this run resumes after step 30 and trains those steps again"
