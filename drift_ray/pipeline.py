@@ -36,7 +36,7 @@ from drift_ray.rollouts import (
     run_episodes,
 )
 from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
-from drift_ray.signals import signal_handler
+from drift_ray.signals import handled_as_before
 from drift_ray.trajectories import (
     RERUN_REMEDY,
     exclusive_lock,
@@ -165,9 +165,10 @@ def connect_ray(cfg: Config, stages: Collection[str] = STAGES) -> None:
 
     if ray.is_initialized():
         return
-    # ray.init replaces the SIGTERM handler with one in C that prints a stack dump before calling its own:
-    # a `kill` would read as a crash (the drift-ray command's handler ends it as Ctrl-C does).
-    with signal_handler(signal.SIGTERM):
+    # ray.init replaces the SIGTERM handler with one in C that prints a stack dump before calling its own,
+    # which ends the process with SystemExit: a `kill` would read as a crash, during ray.init too (the drift-ray
+    # command's handler ends it as Ctrl-C does).
+    with handled_as_before(signal.SIGTERM):
         _init_ray(cfg, stages)
     from ray.data import DataContext
 

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from drift_ray.schema import (
     holds_flags,
     require_columns,
 )
-from drift_ray.signals import signal_handler
+from drift_ray.signals import handled_as_before
 from drift_ray.trajectories import (
     RERUN_REMEDY,
     TRAIN_SETTINGS_FILE,
@@ -421,41 +420,9 @@ def _fit(trainer: Any) -> Any:
     finished first, lets fit return; it is left installed, to end a later stage's Ctrl-C the same way, so
     the one before is restored. The exception a SIGTERM handler raises in fit (the drift-ray command's
     Terminated) reaches fit's caller as a KeyboardInterrupt. So each signal that came during fit is handed
-    to its handler again, once fit is over: Python's SIGINT handler raises KeyboardInterrupt. That one came
-    is read from the signal wakeup fd, which Python writes the number of every signal with a Python handler
-    to, whichever handler that is."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+    to its handler again, once fit is over (see handled_as_before), and a finished model is not published."""
+    with handled_as_before(signal.SIGINT, signal.SIGTERM):
         return trainer.fit()
-    read_end, write_end = os.pipe()
-    try:
-        for end in (read_end, write_end):
-            os.set_blocking(end, False)
-        wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        try:
-            with signal_handler(signal.SIGINT):
-                result, failure = trainer.fit(), None
-        except BaseException as err:
-            result, failure = None, err
-        finally:
-            signal.set_wakeup_fd(wakeup_fd)
-        received = _signals_received(read_end)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signum in received and callable(handler_now := signal.getsignal(signum)):
-                handler_now(signum, None)  # raises, where the handler does: a finished model is not published
-        if failure is not None:
-            raise failure
-        return result
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-
-
-def _signals_received(wakeup_read_end: int) -> bytes:
-    """The numbers of the signals written to the signal wakeup fd whose read end is given (see _fit)."""
-    try:
-        return os.read(wakeup_read_end, 4096)
-    except BlockingIOError:  # nothing written
-        return b""
 
 
 def _remove_checkpoints(out: Path) -> None:
