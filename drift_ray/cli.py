@@ -63,7 +63,7 @@ def cmd_rollouts(args: argparse.Namespace) -> int:
     task = load_task(cfg.task, cfg.seed)
     pipeline.check_rollouts_before_the_model(cfg, task)
     model = pipeline.resolve_model(cfg.rollout.model, cfg)
-    with pipeline.lock_run_dir(cfg, writes_rollouts=True):
+    with pipeline.lock_run_dir(cfg, "rollouts", writes_rollouts=True):
         summary = pipeline.run_rollouts(cfg, task, model, functools.partial(pipeline.connect_ray, cfg, ("rollouts",)))
     print(json.dumps(summary, indent=2))
     print(f"trajectories in {pipeline.rollouts_dir(cfg)}")
@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "to train with --model (a directory or a Hub id)"
         )
     model = pipeline.resolve_model(cfg.rollout.model if args.model is None else args.model, cfg, to_train=True)
-    with pipeline.lock_run_dir(cfg, writes_rollouts=False):
+    with pipeline.lock_run_dir(cfg, "train", writes_rollouts=False):
         trained = pipeline.run_training(cfg, model, functools.partial(pipeline.connect_ray, cfg, ("train",)), args.input)
     print(json.dumps(read_stats(trained), indent=2, sort_keys=True))
     print(f"trained model in {trained}")
@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = pipeline.evaluation_task(cfg)
     pipeline.check_evaluations_before_the_models(cfg, task, list(paths))
     models = {label: pipeline.resolve_model(path, cfg) for label, path in paths.items()}
-    with pipeline.lock_run_dir(cfg, writes_rollouts=False):
+    with pipeline.lock_run_dir(cfg, "eval", writes_rollouts=False):
         report = pipeline.run_eval(cfg, task, models, start_ray=functools.partial(pipeline.connect_ray, cfg, ("eval",)))
     print(comparison_table(report["metrics"], cfg.episode.max_turns))
     print(f"plot: {report['paths']['plot']}")

@@ -78,31 +78,32 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @contextlib.contextmanager
-def lock_run_dir(cfg: Config, *, writes_rollouts: bool) -> Iterator[None]:
+def lock_run_dir(cfg: Config, command: str, *, writes_rollouts: bool) -> Iterator[None]:
     """Held while a process writes cfg.run_dir (made if new): a second one, such as a job resubmitted while
     the first still runs, is refused at once instead of overwriting the stages the first is writing.
     Warns first of a relative run_dir, and rollout.output_dir where the command `writes_rollouts`, that a
     Ray job would leave in its working_dir (see outputs_left_in_the_job). Meanwhile drift-ray's log goes to
-    RUN_LOG_FILE in run_dir too."""
+    RUN_LOG_FILE in run_dir too, headed by `command` (the drift-ray command's name)."""
     outputs = {"run_dir": cfg.run_dir, **({"rollout.output_dir": cfg.rollout.output_dir} if writes_rollouts else {})}
     warn_of_outputs_left_in_the_job(outputs)
     try:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:  # its message names the path, not the key that set it
         raise OSError(f"run_dir={cfg.run_dir}: cannot make the directory ({err.strerror})") from err
-    with exclusive_lock(Path(cfg.run_dir) / RUN_LOCK_FILE, wait=False), _logged_to(Path(cfg.run_dir) / RUN_LOG_FILE):
+    run_dir = Path(cfg.run_dir)
+    with exclusive_lock(run_dir / RUN_LOCK_FILE, wait=False), _logged_to(run_dir / RUN_LOG_FILE, command):
         yield
 
 
 @contextlib.contextmanager
-def _logged_to(file: Path) -> Iterator[None]:
+def _logged_to(file: Path, command: str) -> Iterator[None]:
     """Within: drift-ray's log records go to `file` too (appended), and then how the command ended."""
     handler = logging.FileHandler(file, encoding="utf-8")
     # The pid: on a file system that takes no locks (see exclusive_lock), two commands' lines may mix.
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
     log.addHandler(handler)  # at the level the process logs at, as the console shows it
     # Not the command line: an override's value may be a secret (see config._NEVER_SHOWN).
-    log.info("pid %d on %s: logging to %s", os.getpid(), socket.gethostname(), file)
+    log.info("drift-ray %s, pid %d on %s: logging to %s", command, os.getpid(), socket.gethostname(), file)
 
     def ended(level: int, how: str) -> None:  # in the file alone: the command says it on the console
         handler.handle(log.makeRecord(log.name, level, __file__, 0, "ended: %s", (how,), None))
@@ -450,7 +451,7 @@ def keep_rollouts_remedy(cfg: Config) -> str:
     would play the rollouts again, the stage that takes longest."""
     return (
         f"Rerun with the same config, or use a new run_dir with rollout.output_dir={rollouts_dir(cfg)} to weigh and "
-        "train on these rollouts instead of playing them again."
+        "train on these rollouts instead of playing them again (the rollouts of problems they lack are added there)."
     )
 
 
@@ -720,7 +721,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             "the server at rollout.api_base does not serve. Run `drift-ray rollouts`, `weights` and `train`, "
             "serve the trained model, and evaluate it with `drift-ray eval`"
         )
-    with lock_run_dir(cfg, writes_rollouts=True):
+    with lock_run_dir(cfg, "run", writes_rollouts=True):
         return _run_stages(cfg)
 
 

@@ -84,7 +84,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 2  # 8 prompts, 4 per batch
     # The run's own lines stay in run_dir, where the console's scroll away among Ray's.
     logged = (run_dir / RUN_LOG_FILE).read_text()
-    assert f" {os.getpid()} drift_ray INFO pid {os.getpid()} on {socket.gethostname()}: logging to {run_dir / RUN_LOG_FILE}\n" in logged
+    assert f" {os.getpid()} drift_ray INFO drift-ray run, pid {os.getpid()} on {socket.gethostname()}: logging to {run_dir / RUN_LOG_FILE}\n" in logged
     assert "INFO weights: {" in logged and "INFO training: {" in logged and "reached rollout.max_new_tokens=48" in logged
     assert logged.endswith("INFO ended: finished\n")
     # Each directory of shards reads whole, as Parquet readers take one.
@@ -153,7 +153,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert f"{run_dir / stage}: made with other settings (differ in: {setting}" in error and explained in error
         # A new run_dir of its own would play the rollouts again: the remedy says how to keep them.
         assert error.endswith(f"Rerun with the same config, or use a new run_dir with rollout.output_dir={run_dir / 'rollouts'} "
-                              "to weigh and train on these rollouts instead of playing them again.\n")
+                              "to weigh and train on these rollouts instead of playing them again (the rollouts of "
+                              "problems they lack are added there).\n")
         assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix not in (".lock", ".log")} == settled
         assert not ray.is_initialized()
         assert (run_dir / RUN_LOG_FILE).read_text().endswith(f"ERROR ended: RuntimeError: {error.partition('error: ')[2]}")
@@ -430,7 +431,7 @@ def test_a_command_into_a_run_dir_another_process_writes_is_refused_before_any_w
     extra = {"train": ["--input", str(weighted)], "eval": ["--model", tiny_model_dir]}.get(command, [])
     args = [command, "--config", str(REPO / "jobs/smoke.yaml"), *extra, *smoke_overrides(run_dir, tiny_model_dir)]
     # In this process: an flock conflicts with every other open of its file.
-    with lock_run_dir(load_config(None, [f"run_dir={run_dir}"]), writes_rollouts=False):
+    with lock_run_dir(load_config(None, [f"run_dir={run_dir}"]), "a test", writes_rollouts=False):
         assert main(args) == 2
     error = capsys.readouterr().err
     assert f"{run_dir} is in use by pid {os.getpid()} on " in error and len(error.splitlines()) == 1
@@ -905,7 +906,7 @@ def test_a_job_with_a_working_dir_is_warned_of_relative_outputs_that_go_with_it(
         "from drift_ray.config import load_config\n"
         "from drift_ray.pipeline import lock_run_dir\n"
         "logging.basicConfig(level=logging.INFO)\n"
-        "with lock_run_dir(load_config(None, sys.argv[1:]), writes_rollouts=True):\n"
+        "with lock_run_dir(load_config(None, sys.argv[1:]), 'lock.py', writes_rollouts=True):\n"
         "    pass\n"
     )
     client = JobSubmissionClient(head_node_dashboard)
