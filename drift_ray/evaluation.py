@@ -290,6 +290,9 @@ COLUMNS_EXPLAINED = """\
 - **avg turns**: the turns played per problem; an episode stops at its first correct answer.
 - **format-failure rate**: the turns without a parsable `<answer>` over all turns played.
 - **problems**: the test problems evaluated, one greedy episode each.
+
+"–": undefined (no problem to average over). eval.json also holds the share of replies cut off at
+eval.max_new_tokens (`cut_off_rate`), each of them a format failure.
 """
 
 

@@ -519,7 +519,7 @@ def run_weights(
             remedy=other_settings_remedy,
         )
         diagnostics = read_json_object(out / WEIGHTS_DIAGNOSTICS_FILE, f"remove {out} to weigh the rollouts again")
-        log.info("weights: %s holds them, weighed with these settings before: %s", out, diagnostics)
+        log.info("weights: %s holds them, weighed with these settings before; their diagnostics: %s", out, diagnostics)
         return diagnostics
     start_ray()
     shards = [str(shard) for shard in sorted(rollouts.glob(SHARD_GLOB))]
@@ -570,7 +570,7 @@ def run_training(
         cfg, weighted, reference, str(out), start_ray=start_ray, other_settings_remedy=other_settings_remedy
     )
     if reused:  # its wall_seconds are those of the run that trained it
-        log.info("training: %s holds the model, trained with these settings before: %s", out / MODEL_DIR, stats)
+        log.info("training: %s holds the model, trained with these settings before; its statistics: %s", out / MODEL_DIR, stats)
     else:
         log.info("training: %s", stats)
     if stats.get("truncated_examples"):
