@@ -330,7 +330,7 @@ def train_weighted_sft(
     # Stamped on the final metrics: a final checkpoint with another stamp was written by an earlier call.
     call_id = uuid.uuid4().hex
     runs, name = out / RUN_STORAGE_DIR, run_name(settings)
-    saved_steps = _saved_steps(runs / name)
+    saved_steps = _saved_steps(_checkpoints_progress(runs / name))
     trainer = TorchTrainer(
         train_loop_per_worker or train_loop,
         train_loop_config={
@@ -399,7 +399,7 @@ def other_runs_left(runs: Path, settings: dict[str, Any]) -> list[str]:
         if not progress:
             continue
         finished = any(entry.get("finished") for entry in progress)
-        done = "trained to the end" if finished else f"step {max(_saved_steps(run), default=0)} reached"
+        done = "trained to the end" if finished else f"step {max(_saved_steps(progress), default=0)} reached"
         recorded: Any = None
         with contextlib.suppress(OSError, ValueError):
             recorded = json.loads((run / TRAIN_SETTINGS_FILE).read_text())
@@ -765,10 +765,10 @@ def _checkpoints_progress(run: Path) -> list[dict[str, Any]]:
     return [entry for entry in progress if isinstance(entry, dict)]
 
 
-def _saved_steps(run: Path) -> list[int]:
-    """The steps of the checkpoints on disk in the Ray Train run directory `run`, the final one's included (but
-    where an earlier drift-ray wrote it without its step)."""
-    return sorted(entry["step"] for entry in _checkpoints_progress(run) if type(entry.get("step")) is int)
+def _saved_steps(progress: Sequence[dict[str, Any]]) -> list[int]:
+    """The steps of the checkpoints whose `progress` records (_checkpoints_progress) are given, the final one's
+    included (but where an earlier drift-ray wrote it without its step)."""
+    return sorted(entry["step"] for entry in progress if type(entry.get("step")) is int)
 
 
 def unrecorded_checkpoints(saved_steps: Sequence[int], start_step: int) -> str | None:

@@ -35,6 +35,7 @@ from drift_ray.train import (
     STEPS_FILE,
     TENSORBOARD_DIR,
     TENSORBOARD_SCALARS,
+    _checkpoints_progress,
     _fit,
     _load_progress,
     _saved_steps,
@@ -134,13 +135,14 @@ def test_checkpoints_saved_after_the_one_a_run_resumes_from_are_told(tmp_path):
         (run / f"checkpoint_{name}").mkdir(parents=True)
         (run / f"checkpoint_{name}" / PROGRESS_FILE).write_text(json.dumps(progress))
     (run / "checkpoint_cut").mkdir()  # a copy cut short before its progress
-    assert _saved_steps(run) == [30, 40, 50]  # the final checkpoint's too: a whole training would go unsaid
-    assert unrecorded_checkpoints(_saved_steps(run), 30) == (
+    saved = _saved_steps(_checkpoints_progress(run))
+    assert saved == [30, 40, 50]  # the final checkpoint's too: a whole training would go unsaid
+    assert unrecorded_checkpoints(saved, 30) == (
         "the checkpoint(s) of step(s) 40, 50 were saved, but the run was stopped before Ray Train recorded them (it "
         "records one a few seconds after it is saved), so this run resumes after step 30 and trains those steps again"
     )
     assert "so this run starts again from step 0 and" in unrecorded_checkpoints([30], 0)
-    assert unrecorded_checkpoints(_saved_steps(run), 50) is None and unrecorded_checkpoints([], 0) is None
+    assert unrecorded_checkpoints(saved, 50) is None and unrecorded_checkpoints([], 0) is None
 
 
 def make_config(**train: object) -> Config:
