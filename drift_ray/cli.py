@@ -10,14 +10,12 @@ import os
 import re
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Mapping
-from typing import Any
 from pathlib import Path
 
 from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_config, override_key
-from drift_ray.signals import signal_handler
+from drift_ray.signals import sigterm_interrupts, terminated
 
 # An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..",
 # and not the name of a report file there.
@@ -149,20 +147,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`) during a command: it ends as Ctrl-C does,
-    leaving what the stages finished for a rerun."""
-
-
-# Set by the SIGTERM handler: Ray, waiting in ray.get, turns what a handler raises into a bare KeyboardInterrupt.
-_TERMINATED = threading.Event()
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    _TERMINATED.set()
-    raise Terminated
-
-
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `train --mode uniform` would read as `--model uniform`, a hub id.
     parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__, allow_abbrev=False)
@@ -220,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += left_over
-    _TERMINATED.clear()
     try:
-        with signal_handler(signal.SIGTERM, _raise_terminated):
+        with sigterm_interrupts():
             return args.fn(args)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
         # Expected user errors (OSError: a path that is a file, a directory or not allowed): one clear line.
@@ -236,14 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         # command still ends as an interrupted one, so that a shell loop around it stops there too.
         if args.traceback:
             traceback.print_exc()
-        terminated = isinstance(err, Terminated) or _TERMINATED.is_set()
         print(
-            f"drift-ray {args.command}: {'terminated' if terminated else 'interrupted'}; run the same command "
+            f"drift-ray {args.command}: {'terminated' if terminated(err) else 'interrupted'}; run the same command "
             "again to go on from what it finished (rollout and evaluation shards, training checkpoints, finished "
             "stages)",
             file=sys.stderr,
         )
-        return TERMINATED if terminated else INTERRUPTED
+        return TERMINATED if terminated(err) else INTERRUPTED
 
 
 def entry() -> None:

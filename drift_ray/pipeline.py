@@ -36,7 +36,7 @@ from drift_ray.rollouts import (
     run_episodes,
 )
 from drift_ray.schema import PROMPT_ID, TRAJECTORY_SCHEMA
-from drift_ray.signals import handled_as_before
+from drift_ray.signals import handled_as_before, terminated
 from drift_ray.trajectories import (
     RERUN_REMEDY,
     exclusive_lock,
@@ -110,8 +110,8 @@ def _logged_to(file: Path, command: str) -> Iterator[None]:
 
     try:
         yield
-    except KeyboardInterrupt:  # SIGTERM's too
-        ended(logging.ERROR, "interrupted or terminated; run the same command again to go on")
+    except KeyboardInterrupt as interrupt:  # SIGTERM's too
+        ended(logging.ERROR, f"{'terminated' if terminated(interrupt) else 'interrupted'}; run the same command again to go on")
         raise
     except BaseException as err:
         ended(logging.ERROR, f"{type(err).__name__}: {err}")

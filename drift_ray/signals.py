@@ -1,5 +1,6 @@
 """Signal handlers kept across the engines that install their own: ray.init (SIGTERM, with one in C that
-prints a stack dump, then SystemExit) and Ray Train's fit (SIGINT, which aborts the run)."""
+prints a stack dump, then SystemExit) and Ray Train's fit (SIGINT, which aborts the run); and SIGTERM raised
+as a KeyboardInterrupt, told apart from Ctrl-C's."""
 
 from __future__ import annotations
 
@@ -25,6 +26,33 @@ def signal_handler(signum: int, handler: Callable[[int, Any], Any] | None = None
     finally:
         if before is not None:  # None: one installed from outside Python, which cannot be put back
             signal.signal(signum, before)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`) during a command: it ends as Ctrl-C does,
+    leaving what the stages finished for a rerun."""
+
+
+# Set by the SIGTERM handler: Ray, waiting in ray.get, turns what a handler raises into a bare KeyboardInterrupt.
+_TERMINATED = threading.Event()
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _TERMINATED.set()
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM raises Terminated, a KeyboardInterrupt, which `terminated` tells from Ctrl-C's."""
+    _TERMINATED.clear()
+    with signal_handler(signal.SIGTERM, _raise_terminated):
+        yield
+
+
+def terminated(interrupt: KeyboardInterrupt) -> bool:
+    """Whether `interrupt`, within sigterm_interrupts, came of SIGTERM rather than Ctrl-C."""
+    return isinstance(interrupt, Terminated) or _TERMINATED.is_set()
 
 
 @contextlib.contextmanager

@@ -418,8 +418,8 @@ def _fit(trainer: Any) -> Any:
     In the main thread fit installs Ray Train's own SIGINT handler, which aborts the run and so ends fit with
     SystemExit or the dead controller's error (a crash's exit status 1, without a word), or, where the run
     finished first, lets fit return; it is left installed, to end a later stage's Ctrl-C the same way, so
-    the one before is restored. The exception a SIGTERM handler raises in fit (the drift-ray command's
-    Terminated) reaches fit's caller as a KeyboardInterrupt. So each signal that came during fit is handed
+    the one before is restored. The exception a SIGTERM handler raises in fit (signals.Terminated, the
+    drift-ray command's) reaches fit's caller as a KeyboardInterrupt. So each signal that came during fit is handed
     to its handler again, once fit is over (see handled_as_before), and a finished model is not published."""
     with handled_as_before(signal.SIGINT, signal.SIGTERM):
         return trainer.fit()

@@ -226,7 +226,7 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
         assert main([*run, "weights.beta=0.5"]) == 130
     assert "drift-ray run: interrupted; run the same command again" in capsys.readouterr().err
     assert not (run_dir / "weighted").exists()
-    assert (run_dir / RUN_LOG_FILE).read_text().endswith("ERROR ended: interrupted or terminated; run the same command again to go on\n")
+    assert (run_dir / RUN_LOG_FILE).read_text().endswith("ERROR ended: interrupted; run the same command again to go on\n")
 
     # Rollouts played before cut_off was recorded, beside later ones (a rerun after an upgrade): every
     # weighted file holds the column, null for the older rollouts' rows. That run then stops at the
@@ -492,8 +492,10 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, capsys, tiny_model_
             assert main(["--traceback", *args]) == 128 + signal.SIGTERM
             error = capsys.readouterr().err
             assert error.startswith("Traceback (most recent call last):") and "\ndrift-ray rollouts: terminated; " in error
+            assert (tmp_path / "run" / RUN_LOG_FILE).read_text().endswith("ERROR ended: terminated; run the same command again to go on\n")
     with mock.patch("drift_ray.pipeline.run_rollouts", side_effect=KeyboardInterrupt):
         assert main(args) == 130  # not the SIGTERM of the run before
+    assert (tmp_path / "run" / RUN_LOG_FILE).read_text().endswith("ERROR ended: interrupted; run the same command again to go on\n")
     assert signal.getsignal(signal.SIGTERM) is sigterm_handler  # main's handler is main's alone
 
 
