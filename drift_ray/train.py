@@ -330,7 +330,6 @@ def train_weighted_sft(
     # Stamped on the final metrics: a final checkpoint with another stamp was written by an earlier call.
     call_id = uuid.uuid4().hex
     runs, name = out / RUN_STORAGE_DIR, run_name(settings)
-    saved_steps = _saved_steps(_checkpoints_progress(runs / name))
     trainer = TorchTrainer(
         train_loop_per_worker or train_loop,
         train_loop_config={
@@ -338,7 +337,6 @@ def train_weighted_sft(
             "seed": cfg.seed,
             "model_path": model_path,
             "call_id": call_id,
-            "saved_steps": saved_steps,
             # One directory per run: a rerun with other settings is another curve, not the same one continued.
             "tensorboard_dir": str(out / TENSORBOARD_DIR / name),
         },
@@ -358,6 +356,11 @@ def train_weighted_sft(
     )
     for warning in other_runs_left(runs, settings):
         log.warning("weighted SFT: %s", warning)
+    # Said before the training, not by its first worker: the driver's log reaches run_dir's (see lock_run_dir).
+    resumed = _recorded_progress(runs / name)
+    saved_steps = _saved_steps(_checkpoints_progress(runs / name))
+    if not resumed.get("finished") and (unrecorded := unrecorded_checkpoints(saved_steps, int(resumed.get("step", 0)))):
+        log.warning("weighted SFT: %s", unrecorded)
     write_json_atomic(settings, runs / name / TRAIN_SETTINGS_FILE)  # for a run with other settings to name
     result = _fit(trainer)
 
@@ -376,9 +379,6 @@ def train_weighted_sft(
         if stats.pop("call_id", None) != call_id:
             # Killed after its final checkpoint, before the model was published: no step was trained now.
             stats["resumed_from_step"] = stats["steps"]
-        # Said by rank 0 as it resumes, on the console; here for run_dir's log too.
-        if unrecorded := unrecorded_checkpoints(saved_steps, stats["resumed_from_step"]):
-            log.warning("weighted SFT: %s", unrecorded)
         (staging / TRAIN_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         publish_directory(staging, model_out)
@@ -436,8 +436,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed ZeRO weighted SFT over this rank's share of every global batch.
 
     config: {"train": TrainConfig as JSON, "seed": int, "model_path": str, "call_id": str (goes into the final
-    metrics), "saved_steps": the steps of the run's checkpoints on disk before it started (see
-    unrecorded_checkpoints), "tensorboard_dir": str}.
+    metrics), "tensorboard_dir": str}.
     """
     train = TrainConfig.model_validate(config["train"])
     seed = int(config["seed"])
@@ -505,8 +504,6 @@ def train_loop(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     start_step = int(progress.get("step", 0))
-    if rank == 0 and (unrecorded := unrecorded_checkpoints(config["saved_steps"], start_step)):
-        log.warning("weighted SFT: %s", unrecorded)
     if start_step:
         with ray.train.get_checkpoint().as_directory() as checkpoint_dir:
             loaded, _ = engine.load_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG)
@@ -769,6 +766,20 @@ def _saved_steps(progress: Sequence[dict[str, Any]]) -> list[int]:
     """The steps of the checkpoints whose `progress` records (_checkpoints_progress) are given, the final one's
     included (but where an earlier drift-ray wrote it without its step)."""
     return sorted(entry["step"] for entry in progress if type(entry.get("step")) is int)
+
+
+def _recorded_progress(run: Path) -> dict[str, Any]:
+    """The progress record of the checkpoint that Ray Train recorded last in the run directory `run`, which a
+    training there resumes from ({} for none)."""
+    import ray.train
+
+    if not run.is_dir():
+        return {}
+    try:
+        checkpoint = ray.train.Result.from_path(run).checkpoint
+    except RuntimeError:  # a run stopped before Ray Train recorded anything
+        return {}
+    return _load_progress(checkpoint)
 
 
 def unrecorded_checkpoints(saved_steps: Sequence[int], start_step: int) -> str | None:

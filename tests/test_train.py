@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+import drift_ray.train
 from drift_ray import schema
 from drift_ray.config import Config, ExampleKind, LoraConfig, LossKind, LrSchedule, TrainConfig, accumulation_steps
 from drift_ray.train import (
@@ -747,7 +749,7 @@ def train_loop_that_crashes_after_a_checkpoint(config: dict) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
-    ray_cluster, zero2_run, tmp_path, weighted_dir, model_path
+    ray_cluster, zero2_run, tmp_path, weighted_dir, model_path, caplog
 ):
     # train.checkpoint_every left unset: the checkpoint of step CRASH_AT_STEP is that of the end of epoch 1.
     cfg = make_config(tensorboard=True, **SCHEDULED)
@@ -776,19 +778,31 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
         staged.append(json.loads((Path(staging) / STATS_FILE).read_text()))
         raise SimulatedCrash("killed before publishing the model")
 
-    with mock.patch("drift_ray.train.publish_directory", killed_before_publishing):
-        with pytest.raises(SimulatedCrash):
+    said_before_the_training = []
+
+    def fit_after_what_was_said(trainer):
+        said_before_the_training.extend(record.getMessage() for record in caplog.records)
+        return fit(trainer)
+
+    fit = drift_ray.train._fit
+    with mock.patch("drift_ray.train.publish_directory", killed_before_publishing), caplog.at_level(logging.INFO, logger="drift_ray"):
+        with pytest.raises(SimulatedCrash), mock.patch("drift_ray.train._fit", fit_after_what_was_said):
             train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
     [resumed_stats] = staged
     assert resumed_stats["resumed_from_step"] == CRASH_AT_STEP
     said = f"weighted SFT: resuming after step {CRASH_AT_STEP} of {resumed_stats['steps']}, from the run's latest checkpoint"
-    output = worker_output(ray_cluster, since=log_sizes)
-    assert said in output
-    assert f"weighted SFT: the checkpoint(s) of step(s) {CRASH_AT_STEP + 1} were saved, but the run was stopped" in output
+    assert said in worker_output(ray_cluster, since=log_sizes)
+    # By the driver, before the training: a run killed again before its end has said it in run_dir's log too.
+    [unrecorded] = [message for message in said_before_the_training if "were saved, but the run was stopped" in message]
+    assert unrecorded.startswith(f"weighted SFT: the checkpoint(s) of step(s) {CRASH_AT_STEP + 1} were saved")
+    assert f"so this run resumes after step {CRASH_AT_STEP} and trains those steps again" in unrecorded
+    caplog.clear()
     # The next call trains no step: it publishes the finished training, and says that it took it over.
     [checkpoints] = (tmp_path / RUN_STORAGE_DIR).iterdir()
     assert list(checkpoints.glob("checkpoint_*"))
-    stats = train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="drift_ray"):
+        stats = train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
+    assert not any("were saved, but the run was stopped" in record.getMessage() for record in caplog.records)  # finished
     assert not list(tmp_path.glob(f".{MODEL_DIR}.staging-*"))
     # Published, the model needs its checkpoints no more: they would hold it twice, and the optimizer's states.
     assert not checkpoints.exists()
