@@ -7,6 +7,7 @@ so a killed job resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -294,14 +295,33 @@ def check_model_here(model: str, cfg: Config, *, to_train: bool = False) -> bool
         raise ValueError(
             f"{model}: no such model directory"
             + ("" if absolute else ", nor a Hub id ('name' or 'namespace/name')")
+            + _models_named_like(model)
         )
     if here and (problem := _not_a_model(Path(model))):
-        from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
-
-        candidates = (Path(model) / MODEL_DIR, Path(model) / TRAIN_DIR / MODEL_DIR)
-        inner = next((path for path in candidates if path.is_dir() and not _not_a_model(path)), None)
+        inner = _model_within(Path(model))
         raise ValueError(f"{model}: not a model directory ({problem})" + (f"; did you mean {inner}?" if inner else ""))
     return hub_id and not here
+
+
+def _model_within(path: Path) -> Path | None:
+    """`path` where it is a model directory, else the model a run directory or training output `path` holds."""
+    from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
+
+    candidates = (path, path / MODEL_DIR, path / TRAIN_DIR / MODEL_DIR)
+    return next((candidate for candidate in candidates if candidate.is_dir() and not _not_a_model(candidate)), None)
+
+
+def _models_named_like(model: str) -> str:
+    """'; did you mean …?' naming the models in the directory of a missing `model` (for a Hub id, its namespace,
+    or else the working directory) whose names are close to its own: runs/model for runs/modle, the model in
+    runs/demo for runs/dmeo. Empty where none is: a Hub id's namespace is rarely a directory here."""
+    parent, name = os.path.split(model)
+    try:
+        names = [entry.name for entry in Path(parent or ".").iterdir() if entry.is_dir()]
+    except OSError:
+        return ""
+    found = [str(inner) for close in difflib.get_close_matches(name, names) if (inner := _model_within(Path(parent, close)))]
+    return f"; did you mean {' or '.join(found)}?" if found else ""
 
 
 def _require_hub_model(model: str, cfg: Config) -> None:
@@ -336,10 +356,12 @@ def _require_hub_model(model: str, cfg: Config) -> None:
         except RepositoryNotFoundError:
             raise ValueError(
                 f"{model}: no such local directory, nor a model the Hugging Face Hub serves to this machine "
-                f"(a private one needs a token in HF_TOKEN); {remedy}"
+                f"(a private one needs a token in HF_TOKEN); {remedy}{_models_named_like(model)}"
             ) from None
         except (OSError, ValueError) as err:  # HTTP errors, and ids the Hub's validation refuses
-            raise ValueError(f"{model}: no such local directory, and the Hugging Face Hub did not give it: {err}") from None
+            raise ValueError(
+                f"{model}: no such local directory, and the Hugging Face Hub did not give it: {err}{_models_named_like(model)}"
+            ) from None
     if out_of_reach:
         message = (
             f"{model}: no such local directory, and the Hugging Face Hub is out of reach (or HF_HUB_OFFLINE is set) "
@@ -350,7 +372,7 @@ def _require_hub_model(model: str, cfg: Config) -> None:
             return
         raise ValueError(
             f"{message}; give a local model directory, or download the model into the cache where the Hub is "
-            "reachable (HF_HUB_OFFLINE=1 then uses it without trying the network)"
+            f"reachable (HF_HUB_OFFLINE=1 then uses it without trying the network){_models_named_like(model)}"
         )
     raise ValueError(f"{model}: the Hugging Face Hub holds it, but with neither config.json nor adapter_config.json; {remedy}")
 

@@ -612,10 +612,19 @@ def test_a_model_path_that_starts_like_a_label_is_a_path(tmp_path, tiny_model_di
 
 
 @pytest.mark.parametrize("mistyped", ["runs/a/train/modle", "runs/lr=1e-5/train/modle"])
-def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, mistyped):
+def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, monkeypatch, tiny_model_dir, mistyped):
+    monkeypatch.chdir(tmp_path)
     args = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
     assert main([*args, "--model", mistyped]) == 2  # the "=" of a path is no label
-    assert f"{mistyped}: no such model directory, nor a Hub id ('name' or 'namespace/name')" in capsys.readouterr().err
+    assert f"{mistyped}: no such model directory, nor a Hub id ('name' or 'namespace/name')\n" in capsys.readouterr().err
+    # Where the model it was meant for is there, it is named.
+    meant = str(Path(mistyped).with_name("model"))
+    shutil.copytree(tiny_model_dir, meant)
+    assert main([*args, "--model", mistyped]) == 2
+    assert f"{mistyped}: no such model directory, nor a Hub id ('name' or 'namespace/name'); did you mean {meant}?\n" in capsys.readouterr().err
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # else an absolute path is left to the cluster's workers
+    assert main([*args, "--model", str(tmp_path / mistyped)]) == 2  # absolute
+    assert f"{tmp_path / mistyped}: no such model directory; did you mean {tmp_path / meant}?\n" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -681,6 +690,18 @@ def test_a_hub_model_is_looked_up_in_the_hub_s_cache_before_ray_starts(tmp_path,
         assert resolve_model("someone/not-cached", load_config(None, ["ray.address=auto"])) == "someone/not-cached"
     assert "someone/not-cached: no such local directory, and the Hugging Face Hub is out of reach" in caplog.text
     assert "left to the cluster's workers" in caplog.text
+
+    # A mistyped local model that reads as a Hub id is one the Hub lacks too: the models here named like it are
+    # suggested, a run directory's by the model it holds.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "model")
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "demo" / "train" / "model")
+    (tmp_path / "runs" / "models").mkdir()  # named alike, but no model
+    for mistyped, meant in (("runs/modle", "runs/model"), ("runs/dmeo", "runs/demo/train/model"),
+                            ("rnus", "runs/model"), ("gpt2", None), ("someone/modle", None)):
+        with pytest.raises(ValueError, match="Hugging Face Hub is out of reach") as refused:
+            resolve_model(mistyped, cfg)
+        assert str(refused.value).endswith(f"; did you mean {meant}?" if meant else "without trying the network)")
 
 
 def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_the_model_below_it(tmp_path, capsys, tiny_model_dir):
