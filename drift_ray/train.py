@@ -779,6 +779,11 @@ def _recorded_progress(run: Path) -> dict[str, Any]:
         checkpoint = ray.train.Result.from_path(run).checkpoint
     except RuntimeError:  # a run stopped before Ray Train recorded anything
         return {}
+    except Exception as err:  # its record of another Ray version, or of checkpoints removed since
+        raise ValueError(
+            f"{run}: Ray Train cannot resume the killed training there ({err}); remove that directory to train "
+            "from the start"
+        ) from err
     return _load_progress(checkpoint)
 
 

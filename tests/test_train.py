@@ -40,6 +40,7 @@ from drift_ray.train import (
     _checkpoints_progress,
     _fit,
     _load_progress,
+    _recorded_progress,
     _saved_steps,
     checkpoint_due,
     loads_partitioned,
@@ -765,6 +766,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     (leftover / "model.safetensors").write_bytes(b"cut short")
     # As a run stopped before Ray Train recorded its last checkpoint leaves it.
     [killed_run] = (tmp_path / RUN_STORAGE_DIR).iterdir()
+    assert _recorded_progress(killed_run)["step"] == CRASH_AT_STEP
+    # Its recorded checkpoint removed by hand: Ray Train could not resume it, said in a line before it starts.
+    damaged = tmp_path / "damaged" / killed_run.name
+    shutil.copytree(killed_run, damaged)
+    for checkpoint in damaged.glob("checkpoint_*/"):
+        shutil.rmtree(checkpoint)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(damaged))}: Ray Train cannot resume the killed training there "):
+        _recorded_progress(damaged)
+    assert _recorded_progress(tmp_path / "damaged") == {}  # no run there
     (killed_run / "checkpoint_unrecorded").mkdir()
     (killed_run / "checkpoint_unrecorded" / PROGRESS_FILE).write_text(json.dumps({"step": CRASH_AT_STEP + 1}))
 
