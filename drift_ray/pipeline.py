@@ -74,6 +74,9 @@ RUN_LOG_FILE = "drift-ray.log"
 STAGES = ("rollouts", "train", "eval")  # the stages that run on Ray, for connect_ray's check
 
 
+# Ray's, where it is free: a local cluster's dashboard serves there as it would by Ray's default.
+DEFAULT_DASHBOARD_PORT = 8265
+
 # Set by Ray for the entrypoint of a submitted job: JSON holding the job's runtime_env.
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -191,10 +194,21 @@ def _init_ray(cfg: Config, stages: Collection[str]) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": a new cluster of ray.num_cpus even where `ray start` runs one on this machine, which a bare
-        # ray.init() would join (and refuse num_cpus for). With Ray's default, the dashboard starts: it serves
-        # the State API, which Ray Train's placement-group cleaner polls (without it every run logs "Failed to
-        # query Ray Train Controller actor state").
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, log_to_driver=True)
+        # ray.init() would join (and refuse num_cpus for). Its dashboard serves the State API, which Ray Train's
+        # placement-group cleaner polls to tell whether the training's controller lives (without one, every run
+        # logs "Failed to query Ray Train Controller actor state"). It asks the API that RAY_API_SERVER_ADDRESS
+        # names; else, beside another cluster on this machine, it fails with a traceback, or asks the cluster that
+        # `ray start` ran, finds no such controller there, and may remove the placement group of a training that
+        # runs, which then dies.
+        dashboard_port = _free_port(preferred=DEFAULT_DASHBOARD_PORT)
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            log_to_driver=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
+        )
         shortfalls = local_cluster_shortfalls(cfg, stages, ray.cluster_resources())
         if shortfalls:
             ray.shutdown()
@@ -204,6 +218,18 @@ def _init_ray(cfg: Config, stages: Collection[str]) -> None:
                 + ". Lower these settings, run on a machine that has what they ask for, or join a cluster that "
                 "has it (ray.address or RAY_ADDRESS)"
             )
+
+
+def _free_port(preferred: int) -> int:
+    """`preferred` where this machine's loopback has it free, else a port the system hands out."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1 for the local Ray cluster's dashboard")
 
 
 def local_cluster_shortfalls(cfg: Config, stages: Collection[str], available: Mapping[str, float]) -> list[str]:
@@ -258,18 +284,22 @@ def resolve_model(model: str, cfg: Config, *, to_train: bool = False) -> str:
     """A loadable model path or id; 'builtin:demo' builds (once, cached) the tiny demo reference.
 
     Refused as check_model_here refuses, then a Hub id that neither the Hub nor its local cache holds (see
-    _require_hub_model).
+    _require_hub_model), and a model `to_train` that train.lora.target_modules matches nothing of.
     """
     on_the_hub = check_model_here(model, cfg, to_train=to_train)
     if model == DEMO_MODEL:
         from drift_ray.demo_model import ensure_demo_model
 
-        return ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
-    if cfg.rollout.engine is EngineKind.openai and not to_train:
+        model = ensure_demo_model(cache_dir() / "models", seed=cfg.seed, episode=cfg.episode)
+    elif cfg.rollout.engine is EngineKind.openai and not to_train:
         return model
     model = os.path.expanduser(model)
     if on_the_hub:
-        _require_hub_model(model, cfg)
+        _require_hub_model(model, cfg, to_train=to_train)
+    if to_train:
+        from drift_ray.train import check_lora_targets  # not at the top: it imports torch
+
+        check_lora_targets(cfg.train, model)
     return model
 
 
@@ -300,7 +330,25 @@ def check_model_here(model: str, cfg: Config, *, to_train: bool = False) -> bool
     if here and (problem := _not_a_model(Path(model))):
         inner = _model_within(Path(model))
         raise ValueError(f"{model}: not a model directory ({problem})" + (f"; did you mean {inner}?" if inner else ""))
+    if here and to_train and (Path(model) / ADAPTER_RECORD).is_file():
+        _refuse_to_train_an_adapter(model, Path(model))
     return hub_id and not here
+
+
+def _refuse_to_train_an_adapter(model: str, directory: Path) -> None:
+    """transformers loads a LoRA adapter (in `directory`) onto its base model frozen: weighted SFT would find
+    nothing to train, in every worker, after the stages before it."""
+    from drift_ray.engines import lora_adapter_base  # not at the top: it imports torch
+
+    try:
+        base = lora_adapter_base(str(directory))
+    except ValueError:  # a record without its base: refused all the same
+        base = None
+    raise ValueError(
+        f"{model}: a LoRA adapter (its {ADAPTER_RECORD}), which weighted SFT cannot train further; train its base "
+        f"model{f' ({base})' if base else ''}, or save the model merged (train.lora.merge=true, the default) to "
+        "train it further"
+    )
 
 
 def _model_within(path: Path) -> Path | None:
@@ -324,7 +372,7 @@ def _models_named_like(model: str) -> str:
     return f"; did you mean {' or '.join(found)}?" if found else ""
 
 
-def _require_hub_model(model: str, cfg: Config) -> None:
+def _require_hub_model(model: str, cfg: Config, *, to_train: bool = False) -> None:
     """Fail unless the Hugging Face Hub, or its local cache, holds the model (or LoRA adapter) `model`:
     here, in a line, rather than in every rollout actor or training worker, in pages of tracebacks. On a
     cluster the command joins, a Hub out of this machine's reach is only warned about: the workers may
@@ -339,11 +387,10 @@ def _require_hub_model(model: str, cfg: Config) -> None:
 
     remedy = "give a local model directory, or a model id the Hub (or its local cache) holds"
     out_of_reach = False
-    for record in ("config.json", "adapter_config.json"):  # a full model's, else an adapter's
+    for record in ("config.json", ADAPTER_RECORD):  # a full model's, else an adapter's
         try:
             # Once the Hub is out of reach, the cache alone: each file asked of the network retries for ~20 s.
-            hf_hub_download(model, record, local_files_only=out_of_reach)
-            return
+            downloaded = hf_hub_download(model, record, local_files_only=out_of_reach)
         except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: not in the cache, Hub out of reach
             out_of_reach = True
         except EntryNotFoundError:
@@ -362,6 +409,10 @@ def _require_hub_model(model: str, cfg: Config) -> None:
             raise ValueError(
                 f"{model}: no such local directory, and the Hugging Face Hub did not give it: {err}{_models_named_like(model)}"
             ) from None
+        else:
+            if to_train and record == ADAPTER_RECORD:
+                _refuse_to_train_an_adapter(model, Path(downloaded).parent)
+            return
     if out_of_reach:
         message = (
             f"{model}: no such local directory, and the Hugging Face Hub is out of reach (or HF_HUB_OFFLINE is set) "
@@ -378,7 +429,8 @@ def _require_hub_model(model: str, cfg: Config) -> None:
 
 
 # A model's config names its architecture; an adapter's config, its PEFT method.
-_MODEL_RECORDS = {"config.json": ("model_type", "architectures"), "adapter_config.json": ("peft_type",)}
+ADAPTER_RECORD = "adapter_config.json"
+_MODEL_RECORDS = {"config.json": ("model_type", "architectures"), ADAPTER_RECORD: ("peft_type",)}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -774,7 +826,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
 
         return start_ray
 
-    check_model_here(cfg.rollout.model, cfg)  # before the task, which may be a download
+    check_model_here(cfg.rollout.model, cfg, to_train=True)  # before the task, which may be a download
     task = timed("prompts", load_task, cfg.task, cfg.seed)
     check_rollouts_before_the_model(cfg, task)
     check_weights_before_the_rollouts(cfg, task)
@@ -783,7 +835,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
     labels = {r: f"{cfg.weights.mode.value}{round_suffix(r)}" for r in range(1, cfg.rounds + 1)}  # of the trained models
     check_evaluations_before_the_models(cfg, eval_task, ["reference", *labels.values()])
-    reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg)
+    reference = timed("reference_model", resolve_model, cfg.rollout.model, cfg, to_train=True)
     if beyond := rounds_beyond(cfg.run_dir, cfg.rounds):
         # Else the rewritten run.json and evaluation report would drop them without a word.
         log.warning(

@@ -28,6 +28,7 @@ import signal
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -734,6 +735,31 @@ def _zero3_loading(ds_config: dict[str, Any]) -> Any:
         yield hf_config  # held here until the block ends: transformers keeps only a weak reference
     finally:
         unset_hf_deepspeed_config()
+
+
+def check_lora_targets(train: TrainConfig, model_path: str) -> None:
+    """Refuse train.lora.target_modules that match no module of the model at `model_path` (a directory or Hub
+    id), before any stage: else every training worker fails, after the rollouts and weights. The model is
+    built on the meta device, from its config alone. Where this machine cannot read that config (a cluster's
+    shared volume, a Hub it cannot reach), the workers' own load tells."""
+    if not train.lora.enabled:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except OSError:
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with warnings.catch_warnings():  # the libraries' deprecations, which the workers show anyway
+            warnings.simplefilter("ignore", FutureWarning)
+            _with_lora(model, train)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError
+        linear = sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+        raise ValueError(f"train.lora.target_modules: {err} The linear modules of {model_path}: {', '.join(linear)}") from None
 
 
 def _with_lora(model: Any, train: TrainConfig) -> Any:

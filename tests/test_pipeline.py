@@ -678,6 +678,8 @@ def test_a_hub_model_is_looked_up_in_the_hub_s_cache_before_ray_starts(tmp_path,
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
     assert resolve_model("drift-ray/tiny", cfg) == "drift-ray/tiny"
     assert resolve_model("drift-ray/tiny-adapter", cfg) == "drift-ray/tiny-adapter"
+    with pytest.raises(ValueError, match="^drift-ray/tiny-adapter: a LoRA adapter .* weighted SFT cannot train further; train its base model, or"):
+        resolve_model("drift-ray/tiny-adapter", cfg, to_train=True)  # its record names no base
 
     args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
     assert main([*args, "rollout.model=someone/not-cached"]) == 2
@@ -730,6 +732,48 @@ def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_t
     assert main([*args, "--model", "drift="]) == 2
     assert "--model drift=: no model after the label; give LABEL=PATH" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unmerged_lora_adapter_is_refused_for_training_before_any_stage(tmp_path, capsys, tiny_model_dir):
+    """transformers loads an adapter frozen onto its base: the training workers found nothing to train, after
+    the rollouts and weights. It still plays rollouts and is evaluated."""
+    import ray
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": tiny_model_dir}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    refused = (f"{adapter}: a LoRA adapter (its adapter_config.json), which weighted SFT cannot train further; train its "
+               f"base model ({tiny_model_dir}), or save the model merged (train.lora.merge=true, the default) to train it further\n")
+    weighted = tmp_path / "weighted.parquet"
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    pq.write_table(pa.table({schema.TRAJECTORY_ID: ["q/0"], schema.MESSAGES: [conversation], schema.WEIGHT: [1.0]}), weighted)
+    smoke = ["--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}"]
+    assert main(["train", *smoke, "--input", str(weighted), "--model", str(adapter)]) == 2
+    assert capsys.readouterr().err == f"drift-ray train: error: {refused}"
+    assert not (tmp_path / "run").exists()
+    assert main(["run", *smoke, f"rollout.model={adapter}"]) == 2
+    assert capsys.readouterr().err == f"drift-ray run: error: {refused}"
+    assert not ray.is_initialized() and not (tmp_path / "run" / "rollouts").exists()
+    assert resolve_model(str(adapter), load_config(None, [])) == str(adapter)  # to play or evaluate
+
+
+def test_lora_target_modules_that_match_nothing_are_refused_before_any_stage(tmp_path, capsys, tiny_model_dir):
+    """Else every training worker failed with peft's error, after the rollouts and weights."""
+    import ray
+
+    run = ["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(tmp_path / "run", tiny_model_dir),
+           "train.lora.enabled=true", "train.lora.target_modules=[c_attn]"]
+    assert main(run) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("drift-ray run: error: train.lora.target_modules: Target modules {'c_attn'} not found in the base model")
+    assert error.endswith(f"The linear modules of {tiny_model_dir}: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+                          "up_proj, v_proj\n")
+    assert not ray.is_initialized() and not (tmp_path / "run" / "rollouts").exists()
+    lora = load_config(None, ["train.lora.enabled=true", "train.lora.target_modules=[q_proj, v_proj]"])
+    assert resolve_model(tiny_model_dir, lora, to_train=True) == tiny_model_dir
+    unmatched = load_config(None, ["train.lora.enabled=true", "train.lora.target_modules=[c_attn]"])
+    assert resolve_model(tiny_model_dir, unmatched) == tiny_model_dir  # to play or evaluate: no LoRA
 
 
 def test_train_names_input_without_its_columns_before_starting_ray(tmp_path, capsys):
@@ -948,6 +992,16 @@ def test_a_job_with_a_working_dir_is_warned_of_relative_outputs_that_go_with_it(
     assert (absolute / RUN_LOCK_FILE).exists()
 
 
+class Marker:
+    pass
+
+
+def actors_named(name: str) -> list[str]:
+    from ray.util.state import list_actors
+
+    return [actor.name for actor in list_actors(filters=[("name", "=", name)])]
+
+
 def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_dashboard, caplog):
     """A config without ray.address, and every benchmark, start a cluster of their own size; a bare
     ray.init would join the one `ray start` runs on the machine (and refuse num_cpus)."""
@@ -963,6 +1017,12 @@ def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_das
     own_cpus = HEAD_NODE_CPUS + 1
     connect_ray(load_config(smoke, [f"ray.num_cpus={own_cpus}"]), stages=())
     assert ray.cluster_resources()["CPU"] == own_cpus
+    # Its tasks and actors ask its own State API, as Ray Train's placement-group cleaner does of the training's
+    # controller: the one of the `ray start` cluster knows none of them (and the cleaner would remove the
+    # placement group of a training that runs).
+    marker = ray.remote(num_cpus=0)(Marker).options(name="drift-ray-own-cluster").remote()
+    ray.get(marker.__ray_ready__.remote())
+    assert ray.get(ray.remote(num_cpus=0)(actors_named).remote("drift-ray-own-cluster")) == ["drift-ray-own-cluster"]
     ray.shutdown()
     with local_ray(num_cpus=own_cpus):
         assert ray.cluster_resources()["CPU"] == own_cpus
