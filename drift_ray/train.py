@@ -203,6 +203,10 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
 
 
 WEIGH_FIRST = "Weigh the trajectories with `drift-ray weights` first: it adds the weight column."
+WEIGH_AGAIN = (
+    "Weigh the trajectories again with `drift-ray weights`, which gives those without ids theirs (a prompt's rows "
+    "are its samples 0, 1, … in file order), or give them a trajectory_id column"
+)
 
 
 def require_training_input(weighted_dir: str) -> None:
@@ -215,7 +219,9 @@ def require_training_input(weighted_dir: str) -> None:
                 columns = pq.read_schema(file).names
             except (pa.ArrowException, OSError) as err:
                 raise TrajectoryFileError(f"{file}: not a readable Parquet file ({err}); {hint}") from err
-            require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=str(file), remedy=WEIGH_FIRST)
+            # Weights without ids: an earlier `drift-ray weights`, given Parquet without them, wrote such files.
+            remedy = WEIGH_FIRST if WEIGHT not in columns else WEIGH_AGAIN
+            require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=str(file), remedy=remedy)
 
 
 def finished_model(out_dir: str | Path) -> bool:

@@ -76,12 +76,36 @@ def read_trajectories(path: str | Path) -> pa.Table:
         raise TrajectoryFileError(f"{path}: no such file")
     if path.is_dir() or _starts_with(path, _PARQUET_MAGIC):
         table, where = _read_parquet(path)
+        if schema.TRAJECTORY_ID not in table.column_names:
+            table = _with_trajectory_ids(table, path, where)
     else:
         table, where = _read_jsonl(path)
     if table.num_rows == 0:
         raise TrajectoryFileError(f"{path}: no trajectories in the file")
     _check_ids_and_conversations(table, where)
     return table
+
+
+def _with_trajectory_ids(table: pa.Table, path: Path, where: Callable[[int], str]) -> pa.Table:
+    """`table` with the trajectory ids that weighted SFT needs, made as for JSONL lines without: a prompt's rows,
+    in the files' order, are its samples 0, 1, … (where the table has no sample_index of its own)."""
+    prompt_ids = table.column(schema.PROMPT_ID).to_pylist()
+    if schema.SAMPLE_INDEX in table.column_names:
+        column = table.column(schema.SAMPLE_INDEX)
+        samples = column.to_pylist()
+        if not pa.types.is_integer(column.type):
+            raise _field_error(str(path), schema.SAMPLE_INDEX, "a column of integers", f"type {column.type}")
+        if column.null_count:
+            raise _field_error(where(samples.index(None)), schema.SAMPLE_INDEX, "a value", "null")
+    else:
+        rows_of_prompt: collections.Counter[str] = collections.Counter()
+        samples = []
+        for prompt_id in prompt_ids:
+            samples.append(rows_of_prompt[prompt_id])
+            rows_of_prompt[prompt_id] += 1
+        table = table.append_column(schema.SAMPLE_INDEX, pa.array(samples, pa.int64()))
+    ids = [schema.trajectory_id(prompt_id, k) for prompt_id, k in zip(prompt_ids, samples)]
+    return table.append_column(schema.TRAJECTORY_ID, pa.array(ids, pa.string()))
 
 
 def _check_ids_and_conversations(table: pa.Table, where: Callable[[int], str]) -> None:

@@ -38,6 +38,8 @@ from drift_ray.pipeline import (
     weights_finished,
 )
 from drift_ray.prompts import load_task
+from drift_ray.train import require_training_input
+from drift_ray.trajectories import read_trajectories
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -786,6 +788,22 @@ def test_train_names_input_without_its_columns_before_starting_ray(tmp_path, cap
     error = capsys.readouterr().err
     assert f"{rollouts}: the weighted SFT stage needs column(s) ['weight']" in error
     assert "Weigh the trajectories with `drift-ray weights` first" in error
+    assert not ray.is_initialized()
+    # Weights without ids, as an earlier `drift-ray weights` wrote them from Parquet without: weighed again, they
+    # have them.
+    unweighed = tmp_path / "no_ids.parquet"
+    rows = read_trajectories(Path(__file__).parent / "fixtures" / "authors_sample.jsonl").to_pylist()
+    pq.write_table(pa.Table.from_pylist(rows).drop_columns([schema.TRAJECTORY_ID, schema.SAMPLE_INDEX, schema.SOURCE_LINE]), unweighed)
+    weighted = tmp_path / "weighted.parquet"
+    pq.write_table(pa.Table.from_pylist(rows).drop_columns([schema.TRAJECTORY_ID]).append_column(
+        schema.WEIGHT, pa.array([1.0] * len(rows))), weighted)
+    assert main([*args[:3], "--input", str(weighted), *args[5:]]) == 2
+    error = capsys.readouterr().err
+    assert f"{weighted}: the weighted SFT stage needs column(s) ['trajectory_id']" in error
+    assert "Weigh the trajectories again with `drift-ray weights`, which gives those without ids theirs" in error
+    assert main(["weights", "--input", str(unweighed), "--output", str(weighted)]) == 0
+    assert pq.read_table(weighted).column(schema.TRAJECTORY_ID).to_pylist() == [row[schema.TRAJECTORY_ID] for row in rows]
+    require_training_input(str(weighted))
     assert not ray.is_initialized()
 
 

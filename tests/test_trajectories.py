@@ -124,6 +124,29 @@ def test_our_jsonl_reads_like_our_parquet(tmp_path):
     assert from_jsonl == from_parquet == rows
 
 
+def test_parquet_without_trajectory_ids_gets_them_as_jsonl_does(tmp_path):
+    """Else `drift-ray weights` wrote weights that `drift-ray train` refused for want of their ids."""
+    rows = [{k: v for k, v in row.items() if k not in (schema.TRAJECTORY_ID, schema.SAMPLE_INDEX)} for row in _episode_rows()]
+    jsonl = tmp_path / "rollouts.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_table_atomic(pa.Table.from_pylist(rows[1:]), tmp_path / "dir" / "part-b.parquet")
+    write_table_atomic(pa.Table.from_pylist(rows[:1]), tmp_path / "dir" / "part-a.parquet")
+    from_parquet = read_trajectories(tmp_path / "dir").to_pylist()
+    from_jsonl = [{k: v for k, v in r.items() if k != schema.SOURCE_LINE} for r in read_trajectories(jsonl).to_pylist()]
+    assert from_parquet == from_jsonl
+    assert [(r[schema.TRAJECTORY_ID], r[schema.SAMPLE_INDEX]) for r in from_parquet] == [("p1/0", 0), ("p1/1", 1)]
+    # A sample_index of its own names the samples.
+    own = tmp_path / "own.parquet"
+    write_table_atomic(pa.Table.from_pylist([{**row, schema.SAMPLE_INDEX: 7 - k} for k, row in enumerate(rows)]), own)
+    assert [r[schema.TRAJECTORY_ID] for r in read_trajectories(own).to_pylist()] == ["p1/7", "p1/6"]
+    write_table_atomic(pa.Table.from_pylist([{**row, schema.SAMPLE_INDEX: k or None} for k, row in enumerate(rows)]), own)
+    with pytest.raises(TrajectoryFileError, match=f"^{re.escape(str(own))}: row 1: field 'sample_index': expected a value, found null$"):
+        read_trajectories(own)
+    write_table_atomic(pa.Table.from_pylist([{**row, schema.SAMPLE_INDEX: "0"} for row in rows]), own)
+    with pytest.raises(TrajectoryFileError, match="field 'sample_index': expected a column of integers, found type string$"):
+        read_trajectories(own)
+
+
 def test_a_rollouts_directory_reads_as_its_shards_beside_the_manifest_and_temporary_files(tmp_path):
     rows = _episode_rows()
     write_table_atomic(pa.Table.from_pylist(rows[1:]), tmp_path / "part-b.parquet")
