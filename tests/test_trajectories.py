@@ -158,6 +158,14 @@ def test_a_rollouts_directory_reads_as_its_shards_beside_the_manifest_and_tempor
         shard.unlink()
     with pytest.raises(TrajectoryFileError, match="no \\*\\.parquet file in the directory"):
         read_trajectories(tmp_path)
+    # JSONL beside the shards, or alone: named, not left out or taken for no file at all.
+    write_table_atomic(pa.Table.from_pylist(rows), tmp_path / "part-a.parquet")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "b.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    for directory in (tmp_path, tmp_path / "more"):
+        with pytest.raises(TrajectoryFileError, match=f"^{re.escape(str(tmp_path / 'more' / 'b.jsonl'))}: a directory is "
+                           "read as Parquet files alone; give a JSONL file as the input by its own path$"):
+            read_trajectories(directory)
 
 
 def test_mixed_formats_in_one_file_each_line_detected(tmp_path):
