@@ -888,5 +888,8 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
         try:
             pa.array([value], type=expected)
         except (pa.ArrowException, OverflowError):
+            # A conversation's type reads badly, and its repr is cut before the message at fault: name that one.
+            if name == schema.MESSAGES and (problem := schema.conversation_problem(value)):
+                raise TrajectoryFileError(f"{path}:{line}: field {name!r}: {problem}") from None
             raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", schema.short_repr(value)) from None
     raise TrajectoryFileError(f"{path}: field {name!r}: values do not form one column of type {expected}")

@@ -557,6 +557,11 @@ def _without(key: str) -> dict:
             json.dumps({**_GOOD, "messages": _GOOD["messages"][:1]}),
             r"field 'messages': no assistant message to train on \(roles \['user'\]\)",
         ),
+        # Content that Arrow cannot type as text: named by its message, not by the column's type.
+        (
+            json.dumps({**_GOOD, "messages": [_GOOD["messages"][0], {"role": "assistant", "content": 5}]}),
+            r"field 'messages': message 1: expected text 'role' and 'content', found \{'role': 'assistant', 'content': 5\}$",
+        ),
         (
             json.dumps({**_GOOD, "sample_index": 0}),  # the trajectory id of line 1's sample
             r"trajectory_id 'q1/0' is also that of .*data\.jsonl:1; weighted SFT needs one row per trajectory",
