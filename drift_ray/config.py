@@ -818,8 +818,10 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"; did you mean {suggested}?" if suggested else f"; known keys: {known}"
         return f"{dotted}: unknown key{hint}"
     found = error.get("input")
-    if not loc:  # a check across sections: its message names the keys
-        return error["msg"]
+    # A check of ours raised it: its own words, without pydantic's "Value error, " before them.
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" and "error" in error.get("ctx", {}) else error["msg"]
+    if not loc or (error["type"] == "value_error" and _names_a_section(loc)):
+        return message  # a check across sections, or across a section's keys: its message names the keys
     if loc[-1] in _NEVER_SHOWN:
         shown = ""
     elif not isinstance(found, dict):
@@ -829,12 +831,23 @@ def _describe(error: dict[str, Any]) -> str:
         shown = f" (found the mapping {found!r}; quote a value with ': ' or braces in it)"
     else:  # a check across the keys of this section: the input is the whole section
         shown = ""
-    return f"{dotted}: {error['msg']}{shown}"
+    return f"{dotted}: {message}{shown}"
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
     """The config section a field holds: its model, also inside Optional[Model] (e.g. eval.task)."""
     return next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def _names_a_section(loc: list[str]) -> bool:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        section = _section(field.annotation) if field is not None else None
+        if section is None:
+            return False
+        model = section
+    return True
 
 
 def _model_at(loc: list[str]) -> type[BaseModel]:

@@ -149,13 +149,13 @@ def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
         ("rollout.resources={gpu: true}", "rollout.resources.gpu: Input should be a valid number (found True)"),
         ("train.resources=true", "train.resources: Input should be a valid dictionary (found True)"),
         # A key the task's kind does not read is an error, not a silently different task.
-        ("task.train_path=problems.jsonl", "task.train_path: Value error, kind 'builtin' does not read it, only 'file', 'hub' do"),
-        ("eval.task={kind: builtin, name: candidates, test_path: t.jsonl}", "eval.task.test_path: Value error, kind 'builtin' does not"),
-        ("task={kind: reasoning_gym, name: chain_sum, test_path: t.jsonl}", "task.test_path: Value error, kind 'reasoning_gym' does not"),
-        ("task={kind: hub, name: math, columns: {question: q}}", "task.columns: Value error, kind 'hub' does not read it, only 'file' do"),
-        ("task={kind: file, test_path: t.jsonl, options: {n: 1}}", "task.options: Value error, kind 'file' does not read it"),
+        ("task.train_path=problems.jsonl", "task.train_path: kind 'builtin' does not read it, only 'file', 'hub' do"),
+        ("eval.task={kind: builtin, name: candidates, test_path: t.jsonl}", "eval.task.test_path: kind 'builtin' does not"),
+        ("task={kind: reasoning_gym, name: chain_sum, test_path: t.jsonl}", "task.test_path: kind 'reasoning_gym' does not"),
+        ("task={kind: hub, name: math, columns: {question: q}}", "task.columns: kind 'hub' does not read it, only 'file' do"),
+        ("task={kind: file, test_path: t.jsonl, options: {n: 1}}", "task.options: kind 'file' does not read it"),
         ("task={kind: file, test_path: t.jsonl, test_path: u.jsonl}", "task: not a valid YAML value (found the key 'test_path' a second time (first at line 1))"),
-        ("rollout.api_base=localhost:8000/v1", "rollout.api_base: Value error, expected an http:// or https:// URL"),
+        ("rollout.api_base=localhost:8000/v1", "rollout.api_base: expected an http:// or https:// URL"),
         # YAML would read "Wrong" alone, in a mapping or list too.
         ("episode.feedback=Wrong #2, think again", "episode.feedback: YAML reads '#2, think again' as a comment, which "
          "an override has no use for: leave it out, or quote the value if it belongs to it, e.g. "
@@ -187,57 +187,57 @@ def test_a_quoted_hash_is_part_of_the_value():
         ),
         (
             ["eval.task.num_test=50"],
-            "  eval: Value error, eval.task names no task (neither eval.task.kind nor eval.task.name is set): set "
+            "  eval.task names no task (neither eval.task.kind nor eval.task.name is set): set "
             "them, or leave eval.task unset to evaluate on task's test split (task.num_test sets how many problems)",
         ),
         (
             ["train.offload=true", "train.zero_stage=0"],
-            "  train: Value error, train.offload=true needs ZeRO: set train.zero_stage to 1, 2 or 3, or train.offload=false",
+            "  train.offload=true needs ZeRO: set train.zero_stage to 1, 2 or 3, or train.offload=false",
         ),
         (
             ["rollout.engine=vllm"],
-            "  rollout: Value error, rollout.engine=vllm runs on GPUs: set rollout.gpus_per_actor (to "
+            "  rollout.engine=vllm runs on GPUs: set rollout.gpus_per_actor (to "
             "rollout.tensor_parallel_size, now 1)",
         ),
         (
             ["rollout.engine=vllm", "rollout.tensor_parallel_size=2", "rollout.gpus_per_actor=1"],
-            "  rollout: Value error, rollout.tensor_parallel_size=2 shards the model over that many GPUs of the actor: "
+            "  rollout.tensor_parallel_size=2 shards the model over that many GPUs of the actor: "
             "set rollout.gpus_per_actor to it (now 1)",
         ),
         (
             ["rollout.tensor_parallel_size=2"],
-            "  rollout: Value error, rollout.tensor_parallel_size=2 shards the model over GPUs with rollout.engine=vllm "
+            "  rollout.tensor_parallel_size=2 shards the model over GPUs with rollout.engine=vllm "
             "only; the transformers engine would run it unsharded",
         ),
         (
             ["rollout.engine=vllm", "rollout.gpus_per_actor=3"],
-            "  rollout: Value error, rollout.gpus_per_actor=3 reserves GPUs that vLLM, with "
+            "  rollout.gpus_per_actor=3 reserves GPUs that vLLM, with "
             "rollout.tensor_parallel_size=1, leaves idle: set rollout.gpus_per_actor to 1 (or less, to share "
             "a GPU between actors), or rollout.tensor_parallel_size and rollout.gpus_per_actor both to the number "
             "of GPUs to shard the model over",
         ),
         (
             ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5"],
-            "  rollout: Value error, rollout.gpu_memory_utilization=0.85 is the share of the whole GPU's memory each "
+            "  rollout.gpu_memory_utilization=0.85 is the share of the whole GPU's memory each "
             "vLLM actor takes, more than the rollout.gpus_per_actor=0.5 of the GPU it reserves: the actors sharing the "
             "GPU would ask for more memory than it has, and vLLM would refuse to start; set "
             "rollout.gpu_memory_utilization to at most 0.5",
         ),
         (
             ["rollout.temperature=0"],
-            "  rollout: Value error, rollout.temperature=0 samples greedily, so the rollout.samples_per_prompt=16 "
+            "  rollout.temperature=0 samples greedily, so the rollout.samples_per_prompt=16 "
             "episodes of a prompt would all be the same (and vLLM refuses greedy requests for more than one sample): "
             "set rollout.samples_per_prompt=1 or a temperature above 0",
         ),
         (
             ["rollout.engine=openai", "rollout.max_model_len=4096"],
-            "  rollout: Value error, rollout.max_model_len=4096 sets the context of a local engine; with "
+            "  rollout.max_model_len=4096 sets the context of a local engine; with "
             "rollout.engine=openai the server holds the model: set its context there (vllm serve --max-model-len) "
             "and leave rollout.max_model_len out",
         ),
         (
             ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],
-            "  Value error, rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
+            "  rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
         ),
     ],
     ids=[
@@ -299,7 +299,7 @@ def test_settings_that_the_checks_across_keys_let_through():
     ],
 )
 def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment):
-    with pytest.raises(ConfigError, match="episode.instruction: Value error, " + re.escape(fragment)):
+    with pytest.raises(ConfigError, match="episode.instruction: " + re.escape(fragment)):
         validate_config({"episode": {"instruction": instruction}})
     assert validate_config({"episode": {"instruction": "{{Q}}: {question}"}}).episode.instruction == "{{Q}}: {question}"
 
@@ -309,26 +309,26 @@ def test_an_instruction_is_checked_as_str_format_reads_it(instruction, fragment)
     [
         (
             "rollout.api_key_env=sk-proj-SECRET",
-            "  rollout.api_key_env: Value error, expected the name of an environment variable (upper-case letters, "
+            "  rollout.api_key_env: expected the name of an environment variable (upper-case letters, "
             "digits and _, not starting with a digit, e.g. OPENAI_API_KEY), not the API key itself",
         ),
         # Keys without a '-' look like names but for their lower-case letters.
         *(
             (
                 f"rollout.api_key_env={key}",
-                "  rollout.api_key_env: Value error, expected the name of an environment variable (upper-case letters, "
+                "  rollout.api_key_env: expected the name of an environment variable (upper-case letters, "
                 "digits and _, not starting with a digit, e.g. OPENAI_API_KEY), not the API key itself",
             )
             for key in ("gsk_live_abc123SECRET", "hf_SECRETxyz", "ghp_SECRET0123456789")
         ),
         (
             "rollout.api_base=https://me:SECRET@llm.example/v1",
-            "  rollout.api_base: Value error, holds credentials, which every error would show: put the API key in the "
+            "  rollout.api_base: holds credentials, which every error would show: put the API key in the "
             "environment variable that rollout.api_key_env names",
         ),
         (
             "rollout.api_base=https://llm.example/v1?key=SECRET",
-            "  rollout.api_base: Value error, holds a query or fragment: /chat/completions is appended to it, so that "
+            "  rollout.api_base: holds a query or fragment: /chat/completions is appended to it, so that "
             "would not be the path requested",
         ),
     ],
@@ -388,7 +388,7 @@ def test_a_yaml_error_names_the_file_and_line_without_quoting_it(tmp_path, text,
 
 
 def test_a_url_with_a_fragment_is_refused():
-    with pytest.raises(ConfigError, match="rollout.api_base: Value error, holds a query or fragment"):
+    with pytest.raises(ConfigError, match="rollout.api_base: holds a query or fragment"):
         load_config(None, ["rollout.api_base=http://localhost:8000/v1#"])  # would request /v1 itself
 
 
