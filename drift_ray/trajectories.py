@@ -815,6 +815,11 @@ def _last_turn_expected(turns: int) -> str:
     return f"the last of its {turns} turns: an episode stops at its first correct answer"
 
 
+def _found(row: dict[str, Any], field: str) -> str:
+    """A required field of `row` as an error quotes it: its value, or that the line has none."""
+    return schema.short_repr(row[field]) if field in row else "no such field on the line"
+
+
 def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
     """Check the weights input of one JSONL row; drop non-answers (null or blank) from its answer_norms, and
     write an integer prompt id as text. `verdicts`: the field the line gave CORRECT in, to name."""
@@ -822,18 +827,18 @@ def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
     if type(prompt_id) is int:  # text, as a task file's integer ids are read
         row[schema.PROMPT_ID] = str(prompt_id)
     elif not isinstance(prompt_id, str):
-        raise _field_error(where, schema.PROMPT_ID, "a string or an integer", schema.short_repr(prompt_id))
+        raise _field_error(where, schema.PROMPT_ID, "a string or an integer", _found(row, schema.PROMPT_ID))
     rewards = row.get(schema.TURN_REWARDS)
     if not isinstance(rewards, list) or not rewards:
-        raise _field_error(where, schema.TURN_REWARDS, _REWARDS_EXPECTED, schema.short_repr(rewards))
+        raise _field_error(where, schema.TURN_REWARDS, _REWARDS_EXPECTED, _found(row, schema.TURN_REWARDS))
     for turn, reward in enumerate(rewards, 1):
         if not _is_finite_number(reward):
             raise _field_error(where, schema.TURN_REWARDS, "finite numbers", f"{schema.short_repr(reward)} at turn {turn}")
     penalty = row.get(schema.FORMAT_PENALTY)
     if not _is_finite_number(penalty) or penalty > 0:
-        raise _field_error(where, schema.FORMAT_PENALTY, _PENALTY_EXPECTED, schema.short_repr(penalty))
+        raise _field_error(where, schema.FORMAT_PENALTY, _PENALTY_EXPECTED, _found(row, schema.FORMAT_PENALTY))
     if not math.isfinite(sum(abs(float(reward)) for reward in rewards) - penalty):
-        raise _field_error(where, schema.TURN_REWARDS, _SUM_EXPECTED, schema.short_repr(rewards))
+        raise _field_error(where, schema.TURN_REWARDS, _SUM_EXPECTED, _found(row, schema.TURN_REWARDS))
     replies = schema.count_replies(row.get(schema.MESSAGES))
     if replies and replies != len(rewards):  # the turns: first, so that a reward too many is named as such
         problem = schema.per_reply_mismatch(schema.TURN_REWARDS, len(rewards), replies)
@@ -859,7 +864,7 @@ def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
         raise _field_error(where, schema.T_STAR, _last_turn_expected(len(rewards)), schema.short_repr(t_star))
     norms = row.get(schema.ANSWER_NORMS)
     if not isinstance(norms, list) or not all(a is None or isinstance(a, str) for a in norms):
-        raise _field_error(where, schema.ANSWER_NORMS, "a list of strings", schema.short_repr(norms))
+        raise _field_error(where, schema.ANSWER_NORMS, "a list of strings", _found(row, schema.ANSWER_NORMS))
     row[schema.ANSWER_NORMS] = [a for a in norms if a and a.strip()]
 
 

@@ -478,8 +478,14 @@ def _without(key: str) -> dict:
         ('{"prompt_id": "q1", "turn_rewards": ', r"not valid JSON"),
         (
             json.dumps({"prompt_id": "q1", "trajectory_id": "q1/0", "turn_rewards": [1.0], "answer_norms": []}),
-            r"field 'format_penalty'.*found None",
+            r"field 'format_penalty'.*found no such field on the line$",
         ),
+        (  # not taken for a null one
+            json.dumps({**_GOOD, "answer_norms": None}),
+            r"field 'answer_norms': expected a list of strings, found None$",
+        ),
+        (json.dumps(_without("answer_norms")), r"field 'answer_norms': expected a list of strings, found no such field on the line$"),
+        (json.dumps(_without("prompt_id")), r"field 'prompt_id': expected a string or an integer, found no such field on the line$"),
         (
             json.dumps({**_GOOD, "turn_rewards": "abc"}),
             r"field 'turn_rewards': expected a mapping t1\.\.tN of numbers or a list of numbers, found 'abc'",
