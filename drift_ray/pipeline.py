@@ -727,7 +727,7 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
     metrics = {}
     for label, model in models.items():
         out = eval_dir / label
-        run_episodes(
+        played = run_episodes(
             task.test,
             out,
             model=model,
@@ -738,6 +738,7 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
             start_ray=start_ray,
             other_settings_remedy=_other_evaluation_remedy(out, label),
         )
+        log.info("eval: %s: %s", label, played)  # as the rollouts': a rerun says what it took over
         metrics[label] = episode_metrics(read_shards(out, prompt_ids=test_ids), cfg.episode.max_turns)
         if metrics[label]["cut_off_rate"]:
             log.warning(

@@ -386,7 +386,7 @@ def run_episodes(
                 completion_tokens=int(pc.sum(produced[schema.COMPLETION_TOKENS]).as_py()),
                 prompt_tokens=int(pc.sum(produced[schema.PROMPT_TOKENS]).as_py()),
             )
-        summary["seconds"] = time.perf_counter() - start
+        summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
 
 

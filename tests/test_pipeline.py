@@ -128,6 +128,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     # The log tells the stages' reused outputs from work done: the training's seconds are an earlier run's.
     assert f"weights: {run_dir / 'weighted'} holds them, weighed with these settings before; their diagnostics: {{" in caplog.text
     assert f"training: {model_dir} holds the model, trained with these settings before; its statistics: {{" in caplog.text
+    assert "eval: reference: {'problems': 8, 'reused': 8, 'new': 0, 'waited_seconds': 0.0, 'seconds': " in caplog.text
+    assert "eval: drift: {'problems': 8, 'reused': 8, 'new': 0," in caplog.text
     record = json.loads((run_dir / RUN_RECORD_FILE).read_text())
     assert "ray_start" not in record["timings_s"]
     [work] = record["work_by_round"]  # so that its seconds are not taken for a cost
