@@ -289,6 +289,10 @@ def train_weighted_sft(
             known_by={"model_path": "model_fingerprint", "weighted_dir": "weighted_fingerprint"},
             # Files rewritten at the same paths: other weights, other rollouts or another model.
             inputs=["weighted_fingerprint", "conversations_fingerprint", "model_fingerprint"],
+            meanings={
+                "weighted_dir": "the weighted trajectories trained on (`drift-ray train --input`; `run`'s own weights)",
+                "model_path": "the model trained (`drift-ray train --model`, else rollout.model)",
+            },
             remedy=other_settings_remedy,
         )
         _remove_checkpoints(out)  # those a run killed after publishing, or an older drift-ray, left

@@ -449,6 +449,12 @@ def test_a_finished_model_is_refused_when_its_weighted_file_was_rewritten(tmp_pa
     with pytest.raises(RuntimeError, match=r"made with other settings \(differ in: weighted_fingerprint \(.*What it was "
                        r"made from changed since: remove .*model to make it again"):
         train_weighted_sft(cfg, str(weighted), model_path, str(out), start_ray=no_ray_start)
+    # Another file of other weights (`drift-ray train --input`): the setting is said in the command's words.
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.Table.from_pylist(reweighted), other)
+    with pytest.raises(RuntimeError, match=r"differ in: weighted_dir \('\.\./weighted\.parquet' then, '\.\./other\.parquet' now\); .*"
+                       r"weighted_dir: the weighted trajectories trained on \(`drift-ray train --input`; `run`'s own weights\)"):
+        train_weighted_sft(cfg, str(other), model_path, str(out), start_ray=no_ray_start)
     # Other rollouts under the same ids and weights (uniform weights always give that): other conversations.
     replied_otherwise = [
         {**row, schema.MESSAGES: [*row[schema.MESSAGES][:-1], {"role": "assistant", "content": "<answer>0</answer>"}]}
