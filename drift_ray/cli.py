@@ -87,18 +87,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_of(model: str) -> str:
-    """The label of a model given without one: its directory's name, but a run's trained model (RUN/train/model)
-    is labelled by its run's, so that the models of two runs are told apart."""
-    from drift_ray.pipeline import TRAIN_DIR
-    from drift_ray.train import MODEL_DIR  # not at the top: it imports torch
-
-    path = Path(model)
-    if path.name == MODEL_DIR and path.parent.name == TRAIN_DIR and path.parent.parent.name not in ("", ".", ".."):
-        return path.parent.parent.name
-    return path.name or model
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
     from drift_ray.evaluation import comparison_table
@@ -108,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for spec in args.model:
         label, sep, path = spec.partition("=")
         if not sep or "/" in label or Path(spec).exists():  # no label, or an "=" in a path such as lr=1e-5/model
-            label, path = _label_of(spec), spec
+            label, path = Path(spec).name or spec, spec
         elif not path:
             raise ValueError(f"--model {spec}: no model after the label; give LABEL=PATH, e.g. --model {label}=runs/demo/train/model")
         if not _LABEL.fullmatch(label):
@@ -197,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         help="MODEL or LABEL=MODEL, where MODEL is a local path, hub id or builtin:demo (or, with "
-        "rollout.engine=openai, the server's model name); repeat to compare. Without a label, a model is labelled by "
-        "its directory's name, a run's RUN/train/model by RUN's",
+        "rollout.engine=openai, the server's model name); repeat to compare",
     )
     command("run", cmd_run, "the whole pipeline: rollouts → weights → weighted SFT → evaluation")
     p = command("config", cmd_config, "print the resolved config (or --doc: every field)", config_required=False)

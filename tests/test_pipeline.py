@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from drift_ray import schema
-from drift_ray.cli import _label_of, main
+from drift_ray.cli import main
 from drift_ray.config import load_config, validate_config
 from drift_ray.pipeline import (
     CONFIG_FILE,
@@ -613,12 +613,6 @@ def test_a_model_path_that_starts_like_a_label_is_a_path(tmp_path, tiny_model_di
     assert main([*args, "--model", "lr=1e-5/model", "--model", f"model={tiny_model_dir}"]) == 2
     assert f"--model: two models labelled 'model'; label each, e.g. --model model-2={tiny_model_dir}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    # A run's trained model is labelled by its run: those of two runs are told apart.
-    for run in ("a", "b"):
-        shutil.copytree(tiny_model_dir, tmp_path / "runs" / run / "train" / "model")
-    assert main([*args, "--model", "runs/a/train/model", "--model", str(tmp_path / "runs/a/train/model")]) == 2
-    assert f"--model: two models labelled 'a'; label each, e.g. --model a-2={tmp_path / 'runs/a/train/model'}" in capsys.readouterr().err
-    assert _label_of("runs/b/train/model") == "b" and _label_of("train/model") == "model" and _label_of("b/model") == "model"
 
 
 @pytest.mark.parametrize("mistyped", ["runs/a/train/modle", "runs/lr=1e-5/train/modle"])
