@@ -193,22 +193,7 @@ def _init_ray(cfg: Config, stages: Collection[str]) -> None:
             )
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local": a new cluster of ray.num_cpus even where `ray start` runs one on this machine, which a bare
-        # ray.init() would join (and refuse num_cpus for). Its dashboard serves the State API, which Ray Train's
-        # placement-group cleaner polls to tell whether the training's controller lives (without one, every run
-        # logs "Failed to query Ray Train Controller actor state"). It asks the API that RAY_API_SERVER_ADDRESS
-        # names; else, beside another cluster on this machine, it fails with a traceback, or asks the cluster that
-        # `ray start` ran, finds no such controller there, and may remove the placement group of a training that
-        # runs, which then dies.
-        dashboard_port = _free_port(preferred=DEFAULT_DASHBOARD_PORT)
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus,
-            log_to_driver=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
-        )
+        _start_local_ray(cfg.ray.num_cpus)
         shortfalls = local_cluster_shortfalls(cfg, stages, ray.cluster_resources())
         if shortfalls:
             ray.shutdown()
@@ -220,16 +205,51 @@ def _init_ray(cfg: Config, stages: Collection[str]) -> None:
             )
 
 
-def _free_port(preferred: int) -> int:
-    """`preferred` where this machine's loopback has it free, else a port the system hands out."""
+def _start_local_ray(num_cpus: int | None) -> None:
+    """A new local cluster of `num_cpus` ("local": even where `ray start` runs one on this machine, which a bare
+    ray.init() would join, and refuse num_cpus for), whose processes ask its own dashboard of its state.
+
+    Ray Train's placement-group cleaner asks the State API, which the dashboard serves, whether the training's
+    controller lives. It asks the API that RAY_API_SERVER_ADDRESS names; else, beside another cluster on this
+    machine, it fails with a traceback, or asks the cluster that `ray start` ran, finds no such controller
+    there, and may remove the placement group of a training that runs, which then dies. So the dashboard's
+    port is chosen first, and the variable names it; a dashboard that another process took the port from
+    in the meantime (another command starting beside this one) is started again on another port, for the
+    variable must name this cluster's dashboard and no other.
+    """
+    import ray
+
+    init = dict(address="local", num_cpus=num_cpus, log_to_driver=True)
+    for preferred in (DEFAULT_DASHBOARD_PORT, 0, 0):
+        port = _free_port(preferred)
+        if port is None:  # no IPv4 loopback: Ray's own choice, as before
+            break
+        url = f"127.0.0.1:{port}"
+        context = ray.init(
+            **init, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{url}"}}
+        )
+        if context.dashboard_url == url:
+            return
+        ray.shutdown()
+    log.warning(
+        "ray: the local cluster's dashboard did not start on a port of its own; Ray Train's placement-group cleaner "
+        "may then ask another Ray cluster on this machine whether the training lives"
+    )
+    ray.init(**init)
+
+
+def _free_port(preferred: int) -> int | None:
+    """`preferred` where this machine's IPv4 loopback has it free (as Ray's dashboard binds it), else a port the
+    system hands out; None without an IPv4 loopback."""
     for port in (preferred, 0):
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to a server
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return probe.getsockname()[1]
-    raise OSError("no free port on 127.0.0.1 for the local Ray cluster's dashboard")
+    return None
 
 
 def local_cluster_shortfalls(cfg: Config, stages: Collection[str], available: Mapping[str, float]) -> list[str]:
@@ -363,7 +383,7 @@ def _models_named_like(model: str) -> str:
     """'; did you mean …?' naming the models in the directory of a missing `model` (for a Hub id, its namespace,
     or else the working directory) whose names are close to its own: runs/model for runs/modle, the model in
     runs/demo for runs/dmeo. Empty where none is: a Hub id's namespace is rarely a directory here."""
-    parent, name = os.path.split(model)
+    parent, name = os.path.split(model.rstrip("/"))
     try:
         names = [entry.name for entry in Path(parent or ".").iterdir() if entry.is_dir()]
     except OSError:

@@ -225,7 +225,7 @@ def conversation_problem(messages: Any) -> str | None:
     messages with text role and content, an assistant message among them."""
     if not isinstance(messages, list) or not messages:
         return f"expected a non-empty list of messages, found {short_repr(messages)}"
-    for index, message in enumerate(messages):
+    for index, message in enumerate(messages, 1):  # counted from 1, as the lines and rows of the files
         texts = isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))
         if not texts:
             return f"message {index}: expected text 'role' and 'content', found {short_repr(message)}"

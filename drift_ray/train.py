@@ -31,7 +31,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -202,11 +202,18 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
     }
 
 
-WEIGH_FIRST = "Weigh the trajectories with `drift-ray weights` first: it adds the weight column."
-WEIGH_AGAIN = (
-    "Weigh the trajectories again with `drift-ray weights`, which gives those without ids theirs (a prompt's rows "
-    "are its samples 0, 1, … in file order), or give them a trajectory_id column"
-)
+def require_training_columns(columns: Sequence[str], source: str) -> None:
+    """Refuse weighted SFT's input `source` without a column of TRAIN_INPUT, with the remedy for what it lacks."""
+    if WEIGHT not in columns:
+        remedy = "Weigh the trajectories with `drift-ray weights` first: it adds the weight column."
+    elif TRAJECTORY_ID not in columns:  # an earlier `drift-ray weights`, given Parquet without ids, wrote such files
+        remedy = (
+            "Weigh the trajectories again with `drift-ray weights`, which gives those without ids theirs (a prompt's "
+            "rows are its samples 0, 1, … in file order), or give them a trajectory_id column."
+        )
+    else:
+        remedy = "Weighted SFT trains on each trajectory's conversation: give the trajectories theirs."
+    require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=source, remedy=remedy)
 
 
 def require_training_input(weighted_dir: str) -> None:
@@ -219,9 +226,7 @@ def require_training_input(weighted_dir: str) -> None:
                 columns = pq.read_schema(file).names
             except (pa.ArrowException, OSError) as err:
                 raise TrajectoryFileError(f"{file}: not a readable Parquet file ({err}); {hint}") from err
-            # Weights without ids: an earlier `drift-ray weights`, given Parquet without them, wrote such files.
-            remedy = WEIGH_FIRST if WEIGHT not in columns else WEIGH_AGAIN
-            require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=str(file), remedy=remedy)
+            require_training_columns(columns, str(file))
 
 
 def finished_model(out_dir: str | Path) -> bool:
@@ -291,7 +296,7 @@ def train_weighted_sft(
             inputs=["weighted_fingerprint", "conversations_fingerprint", "model_fingerprint"],
             meanings={
                 "weighted_dir": "the weighted trajectories trained on (`drift-ray train --input`; `run`'s own weights)",
-                "model_path": "the model trained (`drift-ray train --model`, else rollout.model)",
+                "model_path": "the model trained (`drift-ray train --model`; `run`'s rollout.model, or its round before's model)",
             },
             remedy=other_settings_remedy,
         )
@@ -308,7 +313,7 @@ def train_weighted_sft(
 
     ds = ray.data.read_parquet(weighted_dir)
     schema = ds.schema()
-    require_columns(schema.names, TRAIN_INPUT, stage="weighted SFT", source=weighted_dir, remedy=WEIGH_FIRST)
+    require_training_columns(schema.names, weighted_dir)
     weight_type = schema.types[schema.names.index(WEIGHT)]
     if not (pa.types.is_floating(weight_type) or pa.types.is_integer(weight_type)):
         raise ValueError(f"{weighted_dir}: column {WEIGHT!r} holds {weight_type}; expected numbers")
@@ -370,8 +375,9 @@ def train_weighted_sft(
     # Said before the training, not by its first worker: the driver's log reaches run_dir's (see lock_run_dir).
     resumed = _recorded_progress(runs / name)
     saved_steps = _saved_steps(_checkpoints_progress(runs / name))
-    if not resumed.get("finished") and (unrecorded := unrecorded_checkpoints(saved_steps, int(resumed.get("step", 0)))):
-        log.warning("weighted SFT: %s", unrecorded)
+    if resumed is not None and not resumed.get("finished"):
+        if unrecorded := unrecorded_checkpoints(saved_steps, int(resumed.get("step", 0))):
+            log.warning("weighted SFT: %s", unrecorded)
     write_json_atomic(settings, runs / name / TRAIN_SETTINGS_FILE)  # for a run with other settings to name
     result = _fit(trainer)
 
@@ -751,18 +757,20 @@ def check_lora_targets(train: TrainConfig, model_path: str) -> None:
     """Refuse train.lora.target_modules that match no module of the model at `model_path` (a directory or Hub
     id), before any stage: else every training worker fails, after the rollouts and weights. The model is
     built on the meta device, from its config alone. Where this machine cannot read that config (a cluster's
-    shared volume, a Hub it cannot reach), the workers' own load tells."""
+    shared volume, a Hub it cannot reach) or build the model (its code on the Hub, or a newer transformers on
+    the workers), the workers' own load tells."""
     if not train.lora.enabled:
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(model_path)
-    except OSError:
+        # From this machine's files (a Hub model's record is in the cache by now): no wait for a Hub out of reach.
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, ImportError):  # also a model this transformers cannot build
         return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
     try:
         with warnings.catch_warnings():  # the libraries' deprecations, which the workers show anyway
             warnings.simplefilter("ignore", FutureWarning)
@@ -804,23 +812,39 @@ def _saved_steps(progress: Sequence[dict[str, Any]]) -> list[int]:
     return sorted(entry["step"] for entry in progress if type(entry.get("step")) is int)
 
 
-def _recorded_progress(run: Path) -> dict[str, Any]:
+def _recorded_progress(run: Path) -> dict[str, Any] | None:
     """The progress record of the checkpoint that Ray Train recorded last in the run directory `run`, which a
-    training there resumes from ({} for none)."""
+    training there resumes from ({} for none; None where this Ray cannot read its record)."""
     import ray.train
 
     if not run.is_dir():
         return {}
     try:
-        checkpoint = ray.train.Result.from_path(run).checkpoint
-    except RuntimeError:  # a run stopped before Ray Train recorded anything
+        # Ray's INFO that it found the record is the controller's to say, as it resumes from it.
+        with _level_of(logging.getLogger("ray.train"), logging.WARNING):
+            checkpoint = ray.train.Result.from_path(run).checkpoint
+    except NotImplementedError:  # a Ray Train that reads no run's record
+        return None
+    except RuntimeError:  # no record: a run stopped before Ray Train recorded anything
         return {}
-    except Exception as err:  # its record of another Ray version, or of checkpoints removed since
+    except OSError:
+        raise
+    except Exception as err:  # a record that names checkpoints removed since, or of another Ray version
         raise ValueError(
             f"{run}: Ray Train cannot resume the killed training there ({err}); remove that directory to train "
             "from the start"
         ) from err
     return _load_progress(checkpoint)
+
+
+@contextlib.contextmanager
+def _level_of(logger: logging.Logger, level: int) -> Iterator[None]:
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def unrecorded_checkpoints(saved_steps: Sequence[int], start_step: int) -> str | None:

@@ -512,19 +512,18 @@ def _field_error(where: str, field: str, expected: str, found: Any) -> Trajector
 
 
 def _parquet_files(path: Path) -> list[Path]:
-    """`path`, or the Parquet files of the directory `path`: a rollouts directory also holds its manifest. A JSONL
-    file there is refused by name: read beside them, it would be left out without a word."""
-    if not path.is_dir():
-        return [path]
-    for jsonl in sorted(path.rglob("*.jsonl")):
-        raise TrajectoryFileError(
-            f"{jsonl}: a directory is read as Parquet files alone; give a JSONL file as the input by its own path"
-        )
-    return sorted(path.rglob("*.parquet"))
+    """`path`, or the Parquet files of the directory `path`: a rollouts directory also holds its manifest."""
+    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
 
 
 def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
-    """The table of `path`'s files, and where a row of it is: its file and 1-based row there."""
+    """The table of `path`'s files, and where a row of it is: its file and 1-based row there. A JSONL file
+    among them is refused by name: read beside them, it would be left out without a word."""
+    if path.is_dir() and (jsonl := next(iter(sorted(path.rglob("*.jsonl"))), None)):
+        raise TrajectoryFileError(
+            f"{jsonl}: a directory of trajectories is read as Parquet files alone; give a JSONL file as the input by "
+            "its own path"
+        )
     files = _parquet_files(path)
     if not files:
         raise TrajectoryFileError(f"{path}: no *.parquet file in the directory")

@@ -626,6 +626,8 @@ def test_a_mistyped_model_path_fails_before_ray_starts(tmp_path, capsys, monkeyp
     shutil.copytree(tiny_model_dir, meant)
     assert main([*args, "--model", mistyped]) == 2
     assert f"{mistyped}: no such model directory, nor a Hub id ('name' or 'namespace/name'); did you mean {meant}?\n" in capsys.readouterr().err
+    assert main([*args, "--model", f"{mistyped}/"]) == 2  # as a shell completes a directory
+    assert f"did you mean {meant}?\n" in capsys.readouterr().err
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # else an absolute path is left to the cluster's workers
     assert main([*args, "--model", str(tmp_path / mistyped)]) == 2  # absolute
     assert f"{tmp_path / mistyped}: no such model directory; did you mean {tmp_path / meant}?\n" in capsys.readouterr().err
@@ -803,6 +805,9 @@ def test_train_names_input_without_its_columns_before_starting_ray(tmp_path, cap
     error = capsys.readouterr().err
     assert f"{weighted}: the weighted SFT stage needs column(s) ['trajectory_id']" in error
     assert "Weigh the trajectories again with `drift-ray weights`, which gives those without ids theirs" in error
+    pq.write_table(pa.table({schema.TRAJECTORY_ID: ["p/0"], schema.WEIGHT: [1.0]}), weighted)
+    assert main([*args[:3], "--input", str(weighted), *args[5:]]) == 2
+    assert "needs column(s) ['messages']" in (error := capsys.readouterr().err) and "give the trajectories theirs" in error
     assert main(["weights", "--input", str(unweighed), "--output", str(weighted)]) == 0
     assert pq.read_table(weighted).column(schema.TRAJECTORY_ID).to_pylist() == [row[schema.TRAJECTORY_ID] for row in rows]
     require_training_input(str(weighted))

@@ -163,8 +163,8 @@ def test_a_rollouts_directory_reads_as_its_shards_beside_the_manifest_and_tempor
     (tmp_path / "more").mkdir()
     (tmp_path / "more" / "b.jsonl").write_text(json.dumps(rows[0]) + "\n")
     for directory in (tmp_path, tmp_path / "more"):
-        with pytest.raises(TrajectoryFileError, match=f"^{re.escape(str(tmp_path / 'more' / 'b.jsonl'))}: a directory is "
-                           "read as Parquet files alone; give a JSONL file as the input by its own path$"):
+        with pytest.raises(TrajectoryFileError, match=f"^{re.escape(str(tmp_path / 'more' / 'b.jsonl'))}: a directory of "
+                           "trajectories is read as Parquet files alone; give a JSONL file as the input by its own path$"):
             read_trajectories(directory)
 
 
@@ -393,6 +393,7 @@ def test_require_parquet_names_what_is_missing_or_not_parquet(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     write_table_atomic(pa.table({"x": [1]}), shards / "part-0.parquet")
+    (shards / "notes.jsonl").write_text("{}\n")  # weighted SFT reads the Parquet files alone: beside them, not refused
     require_parquet(shards, hint)
     require_parquet(shards / "part-0.parquet", hint)
     (shards / "part-1.parquet").write_text("{}\n")  # a shard that only says it is Parquet

@@ -143,7 +143,7 @@ def test_invalid_conversations_are_those_without_text_messages_or_an_assistant_r
         "no assistant message to train on (roles ['user'])",
         "expected a non-empty list of messages, found []",
         "expected a non-empty list of messages, found None",
-        "message 0: expected text 'role' and 'content', found {'role': 'user', 'content': None}",
+        "message 1: expected text 'role' and 'content', found {'role': 'user', 'content': None}",
     ]
     assert invalid_conversations(table.slice(0, 1)).num_rows == 0
     # A null list whose offsets still span messages: they are not the row's.
@@ -156,7 +156,7 @@ def test_invalid_conversations_are_those_without_text_messages_or_an_assistant_r
     in_parts = [{"role": role, "content": [{"type": "text", "text": "x"}]} for role in ("user", "assistant")]
     table = pa.table({schema.TRAJECTORY_ID: ["a"], schema.MESSAGES: [in_parts]})
     assert invalid_conversations(table).column("problem").to_pylist() == [
-        "message 0: expected text 'role' and 'content', found {'role': 'user', 'content': [{'type': 'text', 'text': 'x'}]}"
+        "message 1: expected text 'role' and 'content', found {'role': 'user', 'content': [{'type': 'text', 'text': 'x'}]}"
     ]
 
 
@@ -557,7 +557,7 @@ def _without(key: str) -> dict:
         # What the weights pass on to weighted SFT, which would fail at the row's step, hours in.
         (
             json.dumps({**_GOOD, "messages": [{"role": "user", "content": None}, _GOOD["messages"][1]]}),
-            r"field 'messages': message 0: expected text 'role' and 'content', found \{'role': 'user', 'content': None\}",
+            r"field 'messages': message 1: expected text 'role' and 'content', found \{'role': 'user', 'content': None\}",
         ),
         (
             json.dumps({**_GOOD, "messages": _GOOD["messages"][:1]}),
@@ -566,7 +566,7 @@ def _without(key: str) -> dict:
         # Content that Arrow cannot type as text: named by its message, not by the column's type.
         (
             json.dumps({**_GOOD, "messages": [_GOOD["messages"][0], {"role": "assistant", "content": 5}]}),
-            r"field 'messages': message 1: expected text 'role' and 'content', found \{'role': 'assistant', 'content': 5\}$",
+            r"field 'messages': message 2: expected text 'role' and 'content', found \{'role': 'assistant', 'content': 5\}$",
         ),
         (
             json.dumps({**_GOOD, "sample_index": 0}),  # the trajectory id of line 1's sample
