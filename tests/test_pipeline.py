@@ -1021,6 +1021,10 @@ class Marker:
     pass
 
 
+def environment_variable(name: str) -> str | None:
+    return os.environ.get(name)
+
+
 def actors_named(name: str) -> list[str]:
     from ray.util.state import list_actors
 
@@ -1048,6 +1052,24 @@ def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_das
     marker = ray.remote(num_cpus=0)(Marker).options(name="drift-ray-own-cluster").remote()
     ray.get(marker.__ray_ready__.remote())
     assert ray.get(ray.remote(num_cpus=0)(actors_named).remote("drift-ray-own-cluster")) == ["drift-ray-own-cluster"]
+    ray.shutdown()
+    # The port chosen for its dashboard taken meanwhile (another command starting beside it): started again on
+    # another, its processes ask its own dashboard, not the process that took the port.
+    import drift_ray.pipeline
+
+    free_port = drift_ray.pipeline._free_port
+    with socket.socket() as taker:
+        taker.bind(("127.0.0.1", 0))
+        taker.listen()
+        taken = taker.getsockname()[1]
+        chosen = iter([taken])
+        with mock.patch("drift_ray.pipeline._free_port", lambda preferred: next(chosen, None) or free_port(0)):
+            connect_ray(load_config(smoke, [f"ray.num_cpus={own_cpus}"]), stages=())
+        asked = ray.get(ray.remote(num_cpus=0)(environment_variable).remote("RAY_API_SERVER_ADDRESS"))
+        assert asked.startswith("http://127.0.0.1:") and asked != f"http://127.0.0.1:{taken}"
+        marker = ray.remote(num_cpus=0)(Marker).options(name="drift-ray-own-cluster").remote()
+        ray.get(marker.__ray_ready__.remote())
+        assert ray.get(ray.remote(num_cpus=0)(actors_named).remote("drift-ray-own-cluster")) == ["drift-ray-own-cluster"]
     ray.shutdown()
     with local_ray(num_cpus=own_cpus):
         assert ray.cluster_resources()["CPU"] == own_cpus
