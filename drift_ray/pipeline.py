@@ -219,21 +219,35 @@ def _start_local_ray(num_cpus: int | None) -> None:
     """
     import ray
 
-    init = dict(address="local", num_cpus=num_cpus, log_to_driver=True)
+    init: dict[str, Any] = dict(address="local", num_cpus=num_cpus, log_to_driver=True)
     for preferred in (DEFAULT_DASHBOARD_PORT, 0, 0):
         port = _free_port(preferred)
-        if port is None:  # no IPv4 loopback: Ray's own choice, as before
+        if port is None:
+            why = "this machine has no IPv4 loopback for its dashboard"
             break
         url = f"127.0.0.1:{port}"
         context = ray.init(
             **init, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{url}"}}
         )
-        if context.dashboard_url == url:
+        # The dashboard writes its address once it serves. Under RAY_OVERRIDE_DASHBOARD_URL (a dashboard behind a
+        # proxy) the context holds that URL instead, where the dashboard started.
+        if context.dashboard_url == url or (context.dashboard_url and "RAY_OVERRIDE_DASHBOARD_URL" in os.environ):
             return
         ray.shutdown()
+        if _free_port(port) == port:  # nobody took it: the dashboard failed otherwise, and would fail again
+            why = "its dashboard did not start (Ray's error above says why)"
+            break
+        log.info(
+            "ray: another process took port %d while the local cluster's dashboard started there; starting the "
+            "cluster again with its dashboard on another port",
+            port,
+        )
+    else:
+        why = "other processes took each port chosen for its dashboard"
     log.warning(
-        "ray: the local cluster's dashboard did not start on a port of its own; Ray Train's placement-group cleaner "
-        "may then ask another Ray cluster on this machine whether the training lives"
+        "ray: the local cluster's processes are not told where its dashboard is (%s): Ray Train's placement-group "
+        "cleaner may ask another Ray cluster on this machine whether the training lives, and end it",
+        why,
     )
     ray.init(**init)
 
@@ -242,13 +256,13 @@ def _free_port(preferred: int) -> int | None:
     """`preferred` where this machine's IPv4 loopback has it free (as Ray's dashboard binds it), else a port the
     system hands out; None without an IPv4 loopback."""
     for port in (preferred, 0):
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to a server
-            try:
+        try:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to a server
                 probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return probe.getsockname()[1]
+                return probe.getsockname()[1]
+        except OSError:
+            continue
     return None
 
 

@@ -204,15 +204,15 @@ def train_settings(cfg: Config, weighted_dir: str, model_path: str, out_dir: Pat
 
 def require_training_columns(columns: Sequence[str], source: str) -> None:
     """Refuse weighted SFT's input `source` without a column of TRAIN_INPUT, with the remedy for what it lacks."""
-    if WEIGHT not in columns:
+    if MESSAGES not in columns:  # first: the weights stage does not need them, and would not add them
+        remedy = "Weighted SFT trains on each trajectory's conversation: give the trajectories theirs."
+    elif WEIGHT not in columns:
         remedy = "Weigh the trajectories with `drift-ray weights` first: it adds the weight column."
-    elif TRAJECTORY_ID not in columns:  # an earlier `drift-ray weights`, given Parquet without ids, wrote such files
+    else:  # trajectory_id: an earlier `drift-ray weights`, given Parquet without ids, wrote such files
         remedy = (
             "Weigh the trajectories again with `drift-ray weights`, which gives those without ids theirs (a prompt's "
             "rows are its samples 0, 1, … in file order), or give them a trajectory_id column."
         )
-    else:
-        remedy = "Weighted SFT trains on each trajectory's conversation: give the trajectories theirs."
     require_columns(columns, TRAIN_INPUT, stage="weighted SFT", source=source, remedy=remedy)
 
 
@@ -296,7 +296,7 @@ def train_weighted_sft(
             inputs=["weighted_fingerprint", "conversations_fingerprint", "model_fingerprint"],
             meanings={
                 "weighted_dir": "the weighted trajectories trained on (`drift-ray train --input`; `run`'s own weights)",
-                "model_path": "the model trained (`drift-ray train --model`; `run`'s rollout.model, or its round before's model)",
+                "model_path": "the model trained (`drift-ray train --model`, else rollout.model; in `run`'s later rounds, the model of the round before)",
             },
             remedy=other_settings_remedy,
         )
@@ -769,7 +769,7 @@ def check_lora_targets(train: TrainConfig, model_path: str) -> None:
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError, ImportError):  # also a model this transformers cannot build
+    except Exception:  # whatever it is, the workers' own load tells it
         return
     try:
         with warnings.catch_warnings():  # the libraries' deprecations, which the workers show anyway

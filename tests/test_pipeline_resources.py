@@ -1,7 +1,11 @@
 """What a local Ray cluster lacks to run a config: checked when drift-ray starts one, since a local
-cluster never grows and Ray would wait for the missing resources forever (no Ray here; the check's use
-in `drift-ray run` is in test_pipeline.py)."""
+cluster never grows and Ray would wait for the missing resources forever; and how one is started, so
+that its processes ask its own dashboard (no Ray here; the check's use in `drift-ray run`, and a real
+cluster beside a `ray start` one, are in test_pipeline.py)."""
 
+import logging
+import socket
+import types
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,76 @@ def test_a_run_checks_the_stage_that_starts_ray_and_those_after_it():
     assert stages_left("eval", 1, 1) == ("eval",)  # trained elsewhere: evaluation alone must fit
     assert stages_left("train", 1, 2) == STAGES  # round 2 still collects rollouts
     assert stages_left("train", 2, 2) == ("train", "eval")
+
+
+class FakeRayStart:
+    """ray.init and ray.shutdown of a local cluster whose dashboard serves at the addresses given in turn (None: it
+    did not start); `taken` of them were lost to another process, which holds the port afterwards."""
+
+    def __init__(self, dashboards: list[str | None], taken: int = 0):
+        self.dashboards, self.taken, self.calls, self.holders = iter(dashboards), taken, [], []
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+        url = next(self.dashboards)
+        if url == "own":
+            url = f"127.0.0.1:{kwargs['dashboard_port']}"
+        elif url is None and self.taken:
+            self.taken -= 1
+            holder = socket.socket()
+            holder.bind(("127.0.0.1", kwargs["dashboard_port"]))
+            holder.listen()
+            self.holders.append(holder)
+        return types.SimpleNamespace(dashboard_url=url)
+
+
+@pytest.mark.parametrize(
+    "dashboards, taken, tries, said",
+    [
+        (["own"], 0, 1, None),
+        # Another process took the port meanwhile: started again, on another port.
+        ([None, "own"], 1, 2, None),
+        # The dashboard failed otherwise, as it would again: Ray's own start, said.
+        ([None, "unused"], 0, 1, "its dashboard did not start (Ray's error above says why)"),
+        ([None, None, None, "unused"], 3, 3, "other processes took each port chosen for its dashboard"),
+    ],
+)
+def test_a_local_cluster_s_processes_are_told_its_own_dashboard(monkeypatch, caplog, dashboards, taken, tries, said):
+    import ray
+
+    from drift_ray import pipeline
+
+    fake = FakeRayStart(dashboards, taken)
+    monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_OVERRIDE_DASHBOARD_URL", raising=False)
+    try:
+        with caplog.at_level(logging.INFO, logger="drift_ray"):
+            pipeline._start_local_ray(2)
+    finally:
+        for holder in fake.holders:
+            holder.close()
+    told = [call for call in fake.calls if "runtime_env" in call]
+    assert len(told) == tries and all(call["num_cpus"] == 2 and call["address"] == "local" for call in fake.calls)
+    for call in told:
+        assert call["runtime_env"] == {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{call['dashboard_port']}"}}
+    assert len({call["dashboard_port"] for call in told}) == tries  # each try on a port of its own
+    if said is None:
+        assert len(fake.calls) == tries and "not told where its dashboard is" not in caplog.text
+    else:
+        assert len(fake.calls) == tries + 1 and "runtime_env" not in fake.calls[-1]
+        assert f"the local cluster's processes are not told where its dashboard is ({said})" in caplog.text
+    assert ("starting the cluster again with its dashboard on another port" in caplog.text) == bool(taken)
+
+
+def test_a_dashboard_behind_a_proxy_is_taken_as_started(monkeypatch):
+    """Under RAY_OVERRIDE_DASHBOARD_URL, Ray's context holds that URL, not the dashboard's own."""
+    import ray
+
+    from drift_ray import pipeline
+
+    fake = FakeRayStart(["proxy.example/dashboard"])
+    monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.setenv("RAY_OVERRIDE_DASHBOARD_URL", "https://proxy.example/dashboard")
+    pipeline._start_local_ray(None)
+    assert len(fake.calls) == 1 and "runtime_env" in fake.calls[0]

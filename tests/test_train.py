@@ -42,6 +42,7 @@ from drift_ray.train import (
     _load_progress,
     _recorded_progress,
     _saved_steps,
+    check_lora_targets,
     checkpoint_due,
     loads_partitioned,
     other_runs_left,
@@ -146,6 +147,33 @@ def test_checkpoints_saved_after_the_one_a_run_resumes_from_are_told(tmp_path):
     )
     assert "so this run starts again from step 0 and" in unrecorded_checkpoints([30], 0)
     assert unrecorded_checkpoints(saved, 50) is None and unrecorded_checkpoints([], 0) is None
+
+
+def test_a_record_of_checkpoints_that_this_ray_cannot_read_is_no_resume_to_warn_of(tmp_path):
+    """A Ray Train whose Result.from_path is not implemented tells nothing (None: no warning of retrained steps, which
+    would be false); an I/O error is not given the remedy of removing the checkpoints."""
+    import ray.train
+
+    (tmp_path / "run").mkdir()
+    with mock.patch.object(ray.train.Result, "from_path", side_effect=NotImplementedError("not implemented yet")):
+        assert _recorded_progress(tmp_path / "run") is None
+    with mock.patch.object(ray.train.Result, "from_path", side_effect=PermissionError(13, "Permission denied")):
+        with pytest.raises(PermissionError):
+            _recorded_progress(tmp_path / "run")
+    assert _recorded_progress(tmp_path / "run") == {}  # no record: stopped before Ray Train recorded anything
+    assert _recorded_progress(tmp_path / "absent") == {}
+
+
+def test_the_lora_check_leaves_a_model_it_cannot_build_to_the_workers(tmp_path, model_path):
+    lora = make_config(lora=LoraConfig(enabled=True, target_modules=["c_attn"])).train
+    with pytest.raises(ValueError, match=r"^train\.lora\.target_modules: Target modules \{'c_attn'\} not found"):
+        check_lora_targets(lora, model_path)
+    unknown = tmp_path / "unknown"
+    shutil.copytree(model_path, unknown)
+    (unknown / "config.json").write_text(json.dumps({**json.loads((unknown / "config.json").read_text()), "model_type": "not-a-model-type"}))
+    check_lora_targets(lora, str(unknown))  # this transformers cannot build it: the workers' load tells
+    check_lora_targets(lora, "someone/not-cached")  # nor read it: no wait for the Hub either
+    check_lora_targets(make_config().train, str(unknown))  # no LoRA: nothing to check
 
 
 def make_config(**train: object) -> Config:
