@@ -566,9 +566,9 @@ def keep_rollouts_remedy(cfg: Config) -> str:
 _WEIGHTS_MEANINGS = {"prompts": "the training problems, which the task.* keys and seed choose"}
 
 
-def _weighing(cfg: Config, task: Task) -> dict[str, Any]:
-    """What the weights' records hold besides the rollouts: the weights settings and the training problems."""
-    prompt_ids = sorted(p.prompt_id for p in task.train)
+def _weighing(cfg: Config, prompt_ids: Sequence[str]) -> dict[str, Any]:
+    """What the weights' records hold besides the rollouts: the weights settings and the training problems (their
+    sorted `prompt_ids`)."""
     return {
         "weights": cfg.weights.model_dump(mode="json"),
         "prompts": {"count": len(prompt_ids), "sha256": hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()},
@@ -580,7 +580,7 @@ def check_weights_before_the_rollouts(cfg: Config, task: Task) -> None:
     play (and the reference is resolved): a task with more problems would have its new ones played for nothing."""
     out = Path(cfg.run_dir) / WEIGHTED_DIR
     if weights_finished(Path(cfg.run_dir)):
-        settings = _weighing(cfg, task)
+        settings = _weighing(cfg, sorted(p.prompt_id for p in task.train))
         require_same_settings(
             out / WEIGHTS_SETTINGS_FILE,
             settings,
@@ -609,7 +609,7 @@ def run_weights(
     # The rollouts by their settings and prompts, not by path: a run_dir that moved is still the same run,
     # and other runs may add prompts of their own to a shared rollout.output_dir.
     settings = {
-        **_weighing(cfg, task),
+        **_weighing(cfg, prompt_ids),
         "rollouts": read_json_object(
             manifest_file(rollouts),
             f"it records what played the rollouts in {rollouts}: restore it, or remove {rollouts} (with every run's "
