@@ -102,13 +102,16 @@ def local_ray(num_cpus: int) -> Iterator[float]:
     """A new Ray cluster of `num_cpus` logical CPUs for the measurement, shut down after it; yields the seconds
     it took to start.
 
-    address="local": a bare ray.init would join a cluster that `ray start` runs on this machine (and refuse
-    num_cpus there), so the figures would come from a cluster of another size.
+    Started as drift-ray starts its own (pipeline.start_local_ray): a bare ray.init would join a cluster that
+    `ray start` runs on this machine (and refuse num_cpus there), so the figures would come from a cluster of
+    another size; and a training's placement-group cleaner would ask that cluster whether it lives.
     """
     import ray.data
 
+    from drift_ray.pipeline import start_local_ray
+
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    start_local_ray(num_cpus, log_to_driver=False, logging_level=logging.WARNING)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield time.perf_counter() - started

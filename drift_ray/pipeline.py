@@ -193,7 +193,7 @@ def _init_ray(cfg: Config, stages: Collection[str]) -> None:
             )
         ray.init(address=address, log_to_driver=True)
     else:
-        _start_local_ray(cfg.ray.num_cpus)
+        start_local_ray(cfg.ray.num_cpus)
         shortfalls = local_cluster_shortfalls(cfg, stages, ray.cluster_resources())
         if shortfalls:
             ray.shutdown()
@@ -205,9 +205,10 @@ def _init_ray(cfg: Config, stages: Collection[str]) -> None:
             )
 
 
-def _start_local_ray(num_cpus: int | None) -> None:
+def start_local_ray(num_cpus: int | None, **init_options: Any) -> None:
     """A new local cluster of `num_cpus` ("local": even where `ray start` runs one on this machine, which a bare
-    ray.init() would join, and refuse num_cpus for), whose processes ask its own dashboard of its state.
+    ray.init() would join, and refuse num_cpus for), whose processes ask its own dashboard of its state;
+    `init_options` go to ray.init as they are (the benchmarks' quieter logging).
 
     Ray Train's placement-group cleaner asks the State API, which the dashboard serves, whether the training's
     controller lives. It asks the API that RAY_API_SERVER_ADDRESS names; else, beside another cluster on this
@@ -219,7 +220,7 @@ def _start_local_ray(num_cpus: int | None) -> None:
     """
     import ray
 
-    init: dict[str, Any] = dict(address="local", num_cpus=num_cpus, log_to_driver=True)
+    init: dict[str, Any] = dict(address="local", num_cpus=num_cpus, log_to_driver=True) | init_options
     for preferred in (DEFAULT_DASHBOARD_PORT, 0, 0):
         port = _free_port(preferred)
         if port is None:

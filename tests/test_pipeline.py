@@ -1073,6 +1073,9 @@ def test_beside_a_ray_start_cluster_only_ray_address_auto_joins_it(head_node_das
     ray.shutdown()
     with local_ray(num_cpus=own_cpus):
         assert ray.cluster_resources()["CPU"] == own_cpus
+        marker = ray.remote(num_cpus=0)(Marker).options(name="drift-ray-own-cluster").remote()
+        ray.get(marker.__ray_ready__.remote())
+        assert ray.get(ray.remote(num_cpus=0)(actors_named).remote("drift-ray-own-cluster")) == ["drift-ray-own-cluster"]
     caplog.set_level(logging.INFO, logger="drift_ray")
     connect_ray(load_config(smoke, ["ray.address=auto"]), stages=())
     assert ray.cluster_resources()["CPU"] == HEAD_NODE_CPUS

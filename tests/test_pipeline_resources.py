@@ -123,7 +123,7 @@ def test_a_local_cluster_s_processes_are_told_its_own_dashboard(monkeypatch, cap
     monkeypatch.delenv("RAY_OVERRIDE_DASHBOARD_URL", raising=False)
     try:
         with caplog.at_level(logging.INFO, logger="drift_ray"):
-            pipeline._start_local_ray(2)
+            pipeline.start_local_ray(2)
     finally:
         for holder in fake.holders:
             holder.close()
@@ -149,5 +149,5 @@ def test_a_dashboard_behind_a_proxy_is_taken_as_started(monkeypatch):
     fake = FakeRayStart(["proxy.example/dashboard"])
     monkeypatch.setattr(ray, "init", fake.init)
     monkeypatch.setenv("RAY_OVERRIDE_DASHBOARD_URL", "https://proxy.example/dashboard")
-    pipeline._start_local_ray(None)
+    pipeline.start_local_ray(None)
     assert len(fake.calls) == 1 and "runtime_env" in fake.calls[0]
