@@ -149,8 +149,8 @@ def _tokenize(
             end_ids, rendered_ids = _continuation(tokenizer, reply, rendered_ids, full)
         if not reply_ids and turn not in cut_turns:
             raise ValueError(
-                f"{_name(tokenizer)}: the chat template renders assistant message {turn} as no tokens at all; "
-                "expected at least its end-of-turn token"
+                f"{_name(tokenizer)}: the chat template renders message {turn + 1} (an assistant reply; counted from 1) "
+                "as no tokens at all; expected at least its end-of-turn token"
             )
         input_ids += context_ids
         labels += [IGNORE_INDEX] * len(context_ids)
@@ -183,9 +183,9 @@ def _without_end(tokenizer: Any, history: list[Message], rendered: str) -> str:
     after = _after_reply(tokenizer, history)
     if not rendered.endswith(after):
         raise ValueError(
-            f"{_name(tokenizer)}: the chat template ends assistant message {len(history)} otherwise than its "
-            f"rendering of a lone reply ({after!r}), so the end of that reply, cut off at max_new_tokens, cannot "
-            "be left unsupervised. Use train.examples=last_turn."
+            f"{_name(tokenizer)}: the chat template ends message {len(history) + 1} (an assistant reply; counted from 1) "
+            f"otherwise than its rendering of a lone reply ({after!r}), so the end of that reply, cut off at "
+            "max_new_tokens, cannot be left unsupervised. Use train.examples=last_turn."
         )
     return rendered[: len(rendered) - len(after)]
 

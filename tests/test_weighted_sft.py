@@ -160,7 +160,7 @@ def test_a_reply_cut_off_before_it_wrote_any_text_supervises_nothing(tokenizer):
     assert per_sample_nll(logits, torch.tensor([example.labels])).tolist() == [0.0]
     # Not cut off, a reply is at least its end of turn: a template that writes none, for no text, is refused.
     bare = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-    with pytest.raises(ValueError, match="renders assistant message 2 as no tokens at all"):
+    with pytest.raises(ValueError, match=r"renders message 3 \(an assistant reply; counted from 1\) as no tokens at all"):
         tokenize_trajectory(make_tokenizer(bare), silent[:3], ExampleKind.last_turn, 512)
 
 
@@ -176,7 +176,7 @@ def test_a_template_that_ends_an_earlier_reply_otherwise_cannot_leave_its_end_ou
         "{% if message['content'] | length > 20 %}<|endoftext|>{% else %}<|im_end|>\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    with pytest.raises(ValueError, match="ends assistant message 2 otherwise.*train.examples=last_turn"):
+    with pytest.raises(ValueError, match=r"ends message 3 \(an assistant reply; counted from 1\) otherwise.*train.examples=last_turn"):
         tokenize_trajectory(tokenizer, CUT_CONVERSATION, ExampleKind.all_turns, 512, cut_off=[True, False])
 
 
