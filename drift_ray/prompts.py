@@ -142,8 +142,10 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
     if cfg.kind == "file":
         if not cfg.train_path and not cfg.test_path:
             raise TaskError("task.train_path / task.test_path: a file task needs at least one of them")
+        # Unnamed, it is told by its file in messages, not by the built-in task that task.name defaults to.
+        name = cfg.name if "name" in cfg.model_fields_set else str(cfg.train_path or cfg.test_path)
         return Task(
-            cfg.name,
+            name,
             read_problems(cfg.train_path, cfg.columns) if cfg.train_path else [],
             read_problems(cfg.test_path, cfg.columns) if cfg.test_path else [],
             cfg.verifier or "exact",

@@ -185,6 +185,9 @@ def test_read_parquet_file_task(tmp_path):
     pq.write_table(pa.table({"prompt_id": ["x", "y"], "question": ["a", "b"], "gold": ["1", "2"]}), path)
     task = load_task(TaskConfig(kind="file", name="mine", test_path=str(path), verifier="exact"), seed=0)
     assert task.train == [] and [p.prompt_id for p in task.test] == ["x", "y"]
+    assert task.name == "mine"
+    # Unnamed, told by its file, not by the built-in task that task.name defaults to.
+    assert load_task(TaskConfig(kind="file", test_path=str(path)), seed=0).name == str(path)
     # Integer ids beside a null are stored as floats by pandas: still the file's ids, not "7.0".
     pq.write_table(pa.table({"prompt_id": [7.0, 8.0], "question": ["a", "b"], "gold": ["1", "2"]}), path)
     assert [p.prompt_id for p in read_problems(path)] == ["7", "8"]
