@@ -128,12 +128,16 @@ def per_reply_mismatches(
     return [(int(row), per_reply_mismatch(column, int(counts[row]), int(replies[row]))) for row in rows]
 
 
-def per_reply_mismatch(column: str, count: int, replies: int) -> str:
+def per_reply_mismatch(column: str, count: int, replies: int, conversation: Any = None) -> str:
     """Why `count` values of a per-turn `column` (CUT_OFF, TURN_REWARDS) do not fit a conversation of
-    `replies` assistant messages."""
+    `replies` assistant messages; given the `conversation`, its roles too, where a misspelt one shows."""
     values = ("flag" if column == CUT_OFF else "value") + ("" if count == 1 else "s")
     messages = "assistant message" + ("" if replies == 1 else "s")
-    return f"{column} has {count} {values} for {replies} {messages}; expected one each"
+    problem = f"{column} has {count} {values} for {replies} {messages}; expected one each"
+    if isinstance(conversation, list):
+        roles = [message.get("role") if isinstance(message, dict) else None for message in conversation]
+        problem += f" (its roles in order: {short_repr(roles) if len(roles) > 12 else roles})"
+    return problem
 
 
 def cut_off_column(table: pa.Table) -> pa.ChunkedArray | None:

@@ -647,7 +647,9 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
     fail(np.flatnonzero(~np.isfinite(sums)), schema.TURN_REWARDS, _SUM_EXPECTED)
     if schema.MESSAGES in table.column_names:  # the turns: first, so that a reward too many is named as such
         replies = schema.reply_counts(table.column(schema.MESSAGES))
-        for row, problem in schema.per_reply_mismatches(schema.TURN_REWARDS, rewards, replies)[:1]:
+        for row, _ in schema.per_reply_mismatches(schema.TURN_REWARDS, rewards, replies)[:1]:
+            conversation = table.column(schema.MESSAGES)[row].as_py()  # its roles may show why
+            problem = schema.per_reply_mismatch(schema.TURN_REWARDS, len(rewards[row].as_py()), int(replies[row]), conversation)
             raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
     for field in (schema.CORRECT, schema.FORMAT_FAILURES, schema.CUT_OFF):
         if field in table.column_names:
@@ -840,7 +842,7 @@ def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
         raise _field_error(where, schema.TURN_REWARDS, _SUM_EXPECTED, _found(row, schema.TURN_REWARDS))
     replies = schema.count_replies(row.get(schema.MESSAGES))
     if replies and replies != len(rewards):  # the turns: first, so that a reward too many is named as such
-        problem = schema.per_reply_mismatch(schema.TURN_REWARDS, len(rewards), replies)
+        problem = schema.per_reply_mismatch(schema.TURN_REWARDS, len(rewards), replies, row.get(schema.MESSAGES))
         raise TrajectoryFileError(f"{where}: field {schema.MESSAGES!r}: {problem}")
     for field in (schema.CORRECT, schema.FORMAT_FAILURES, schema.CUT_OFF):
         value = row.get(field)
@@ -879,15 +881,15 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
         return pa.array(values, type=expected)
     except (pa.ArrowException, OverflowError):
         pass
-    if expected is None:  # inferred: every line must hold the type of the first value given
-        first, line = next((v, line) for v, line in zip(values, lines) if v is not None)
-        try:
-            expected = pa.array([first]).type
-        except (pa.ArrowException, OverflowError):
-            raise _field_error(
-                f"{path}:{line}", name, "a value of one type (lists of one element type, integers of 64 bits)",
-                schema.short_repr(first),
-            ) from None
+    if expected is None:
+        # A field drift-ray does not read, whose values Arrow cannot hold in one column: kept as JSON text, for
+        # the weights file to carry, rather than refuse the file over it.
+        log.warning(
+            "%s: field %r holds values of more than one type (or integers beyond 64 bits); drift-ray does not read "
+            "it, and keeps it as JSON text",
+            path, name,
+        )
+        return pa.array([None if value is None else json.dumps(value, ensure_ascii=False) for value in values], pa.string())
     for value, line in zip(values, lines):
         try:
             pa.array([value], type=expected)

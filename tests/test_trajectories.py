@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -281,11 +282,22 @@ def test_turns_must_be_the_conversation_s_replies(tmp_path):
     rows[1] = {**rows[1], schema.MESSAGES: rows[1][schema.MESSAGES][:-2]}
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "short.parquet")
     (tmp_path / "short.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    problem = "field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each"
+    problem = (
+        "field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each "
+        "(its roles in order: ['user', 'assistant', 'user', 'assistant'])"
+    )
     with pytest.raises(TrajectoryFileError, match=re.escape(f"short.parquet: row 2: {problem}")):
         read_trajectories(tmp_path / "short.parquet")
     with pytest.raises(TrajectoryFileError, match=re.escape(f"short.jsonl:2: {problem}")):
         read_trajectories(tmp_path / "short.jsonl")
+    # A misspelt role shows among them.
+    rows = _episode_rows()
+    typo_messages = [{**message, "role": "assistent"} if i == 1 else message for i, message in enumerate(rows[0][schema.MESSAGES])]
+    rows[0] = {**rows[0], schema.MESSAGES: typo_messages}
+    (tmp_path / "typo.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    typo = "turn_rewards has 2 values for 1 assistant message; expected one each (its roles in order: ['user', 'assistent', 'user', 'assistant'])"
+    with pytest.raises(TrajectoryFileError, match=re.escape(f"typo.jsonl:1: field 'messages': {typo}")):
+        read_trajectories(tmp_path / "typo.jsonl")
     line = json.loads(AUTHORS_SAMPLE.read_text().splitlines()[0])
     line["turn_rewards"] = {"t1": 0.0, "t2": 1.0, "t3": 0.0}
     line.pop("verifier"), line.pop("reward_details"), line.pop("t_star")
@@ -496,11 +508,20 @@ def test_a_column_that_changes_type_names_its_line(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{schema.NUM_TURNS}'.*'three'"):
         read_trajectories(path)
-    # A field of no fixed type whose first value Arrow cannot store at all.
-    for extra in ([1, "x"], 2**64):
-        path.write_text(json.dumps({**_episode_rows()[0], "tags": extra}) + "\n")
-        with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:1: field 'tags'"):
-            read_trajectories(path)
+
+def test_a_field_drift_ray_does_not_read_is_kept_as_json_text_where_arrow_cannot_hold_it(tmp_path, caplog):
+    # Values of two types, a list of two, an integer beyond 64 bits: kept as written, not refused.
+    rows = _episode_rows()
+    tags = [[1, "x"], 2**64]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({**row, "tags": tag}) + "\n" for row, tag in zip(rows, tags)))
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        table = read_trajectories(path)
+    assert [json.loads(text) for text in table.column("tags").to_pylist()] == tags
+    assert "data.jsonl: field 'tags' holds values of more than one type" in caplog.text
+    # Values of one type stay of it.
+    path.write_text("".join(json.dumps({**row, "tags": ["a", "b"]}) + "\n" for row in rows))
+    assert read_trajectories(path).column("tags").to_pylist() == [["a", "b"]] * 2
 
 
 def test_the_shards_of_a_directory_keep_their_own_columns_or_are_named(tmp_path):
