@@ -83,8 +83,9 @@ class TaskConfig(_Section):
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="file: our column name → the file's column name, e.g. {question: problem, gold: answer}. "
-        "Unmapped columns are read under our own names (prompt_id, question, gold).",
+        description="file: our column name → the file's column name, e.g. {question: problem, gold: answer}, one "
+        "mapping for train_path and test_path alike. Unmapped columns are read under our own names (prompt_id, "
+        "question, gold).",
     )
     verifier: Optional[str] = Field(
         None,

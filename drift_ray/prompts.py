@@ -106,7 +106,7 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
         try:
             get_verifier(verifier, **verifier_options)  # its constructor checks the values
         except (TypeError, ValueError) as err:
-            raise TaskError(f"task.verifier_options: {err}") from None
+            raise TaskError(f"{_verifier_options_source(cfg, task)}: {err}") from None
         if verifier == "reasoning_gym" and cfg.kind in ("file", "hub"):  # golds from data, not from code
             from drift_ray.gym_tasks import refuse_evaluated_golds
 
@@ -122,7 +122,46 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
                 key, name, asked, task.name, len(split),
                 "" if cfg.kind in ("file", "hub") else f" (its builder's own options, {key}.options, may make more)",
             )
-    return Task(task.name, task.train[: cfg.num_train], task.test[: cfg.num_test], verifier, verifier_options)
+    kept = Task(task.name, task.train[: cfg.num_train], task.test[: cfg.num_test], verifier, verifier_options)
+    if verifier in _GOLDS_CHECKED:
+        _warn_of_unmet_golds(kept, key)
+    return kept
+
+
+# Verifiers that check in this process at no cost: each gold is checked against itself when the task loads.
+# (The math and reasoning-gym verifiers run helper processes.)
+_GOLDS_CHECKED = ("numeric", "choice")
+
+
+def _warn_of_unmet_golds(task: Task, key: str) -> None:
+    """Warn of golds that not even themselves meet under the task's verifier: every answer to them is scored
+    wrong (a gold "eight" under numeric, "\\frac{1}{2}" under numeric rather than math)."""
+    verifier = task.new_verifier()
+    unmet = [
+        (split, problem)
+        for split, problems in (("train", task.train), ("test", task.test))
+        for problem in problems
+        if not verifier.check(problem.gold, problem.gold)
+    ]
+    if unmet:
+        split, problem = unmet[0]
+        log.warning(
+            "task %r: %d of its %d golds are not met even by themselves under the %r verifier (e.g. the %s "
+            "problem %r, gold %s), so every answer to them is scored wrong; %s.verifier may need to be another",
+            task.name, len(unmet), len(task.train) + len(task.test), task.verifier, split, problem.prompt_id,
+            schema.short_repr(problem.gold), key,
+        )
+
+
+def _verifier_options_source(cfg: TaskConfig, task: Task) -> str:
+    """Who gave the verifier options that were refused: the config, or the task itself (a plugin's, which the
+    user may not have written)."""
+    own = {} if cfg.verifier else dict(task.verifier_options)
+    if not own:
+        return "task.verifier_options"
+    if not cfg.verifier_options:
+        return f"task.name: task {task.name!r} gives verifier_options {own}"
+    return f"task.verifier_options, over task {task.name!r}'s own {own}"
 
 
 def _build_task(cfg: TaskConfig, seed: int) -> Task:
@@ -151,10 +190,18 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
             cfg.verifier or "exact",
         )
     if cfg.kind == "plugin":
-        task = _call_builder(_load_plugin(cfg.name), seed, cfg.options)
+        builder = _load_plugin(cfg.name)
+        try:
+            task = _call_builder(builder, seed, cfg.options)
+        except TaskError:  # its options, or problems it read with drift-ray's readers, which name the file and row
+            raise
+        except Exception as err:  # the user's code: said to be it, or the error would read as drift-ray's own
+            raise TaskError(f"task.name: plugin {cfg.name!r} raised {_error_and_where(err)}") from err
         if not isinstance(task, Task):
             raise TaskError(f"task.name: plugin {cfg.name!r} returned {type(task).__name__}, expected drift_ray.prompts.Task")
         for split, problems in (("train", task.train), ("test", task.test)):
+            for number, problem in enumerate(problems, 1):
+                _require_problem(problem, f"task.name: plugin {cfg.name!r}, {split} split, problem {number}")
             require_unique_prompt_ids(problems, f"task.name: plugin {cfg.name!r}, {split} split")
             for problem in problems:
                 where = f"task.name: plugin {cfg.name!r}, problem {problem.prompt_id!r}: metadata"
@@ -167,6 +214,21 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
     from drift_ray.gym_tasks import load_gym_task  # reasoning_gym; not at the top: gym_tasks builds on this module
 
     return load_gym_task(cfg, seed)
+
+
+def _error_and_where(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err} (rerun with --traceback to see where)"
+
+
+def _require_problem(problem: Any, where: str) -> None:
+    """A plugin's problem as the stages read it: a Problem whose id, question and gold are non-empty text
+    (rollouts write them as text, and the episodes format and verify them as such)."""
+    if not isinstance(problem, Problem):
+        raise TaskError(f"{where}: expected a drift_ray.prompts.Problem, found {type(problem).__name__}")
+    for name in ("prompt_id", "question", "gold"):
+        value = getattr(problem, name)
+        if not isinstance(value, str) or not value.strip():
+            raise TaskError(f"{where}: {name} is {schema.short_repr(value)}; expected non-empty text (a str)")
 
 
 def _call_builder(builder: TaskBuilder, seed: int, options: dict[str, Any]) -> Task:
@@ -191,6 +253,8 @@ def _load_plugin(spec: str) -> TaskBuilder:
             else ""
         )
         raise TaskError(f"task.name: cannot import plugin module {module_name!r}: {err}{hint}") from err
+    except Exception as err:  # raised by the module's own code as it ran
+        raise TaskError(f"task.name: importing plugin module {module_name!r} raised {_error_and_where(err)}") from err
     builder = getattr(module, attr, None)
     if not callable(builder):
         raise TaskError(f"task.name: {module_name!r} has no callable {attr!r}")
@@ -211,6 +275,8 @@ def _load_plugin(spec: str) -> TaskBuilder:
 PROBLEM_FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+
 # A .json problem file is JSON Lines too, not one JSON array: say so where a row does not read.
 _JSON_LINES = "one JSON object per line"
 
@@ -224,6 +290,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         raise TaskError(f"{path}: no such file")
+    if path.is_dir():
+        raise TaskError(f"{path}: a directory; give one file of problems per split ({', '.join(PROBLEM_FILE_TYPES)})")
     if path.suffix.lower() not in PROBLEM_FILE_TYPES:
         raise TaskError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(PROBLEM_FILE_TYPES)}")
     if path.suffix.lower() == ".parquet":
@@ -232,6 +300,8 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         except pa.ArrowException as err:
             raise TaskError(f"{path}: not a readable Parquet file: {err}") from err
         schema.require_utf8(table, str(path), TaskError)
+        # pandas' row labels (an index other than 0..n-1, as after a filter), stored as columns: not the problems'.
+        table = table.drop_columns([name for name in table.column_names if _PANDAS_INDEX.fullmatch(name)])
         for index, column in enumerate(table.schema):
             if pa.types.is_float32(column.type):
                 # As a Python float, a float32 shows its binary rounding (0.1 is 0.10000000149011612); its
@@ -309,11 +379,15 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
     if missing:
         raise TaskError(
             f"{path}: missing column(s) {missing}; found {found}. "
-            "Map your columns with task.columns, e.g. {question: problem, gold: answer}."
+            "Map your columns with task.columns, e.g. {question: problem, gold: answer} (one mapping for both "
+            "splits' files: give them the same columns)."
         )
     problems, places = [], []
     used = {id_col, question_col, gold_col}
     for row_no, (where, row) in enumerate(rows, 1):
+        for col in (id_col, question_col, gold_col):
+            if isinstance(row.get(col), bytes):  # a Parquet binary column: its text, not Python's b'...' of it
+                row[col] = _decoded(row[col], where, col)
         for col in (question_col, gold_col):
             if row.get(col) is None or str(row[col]).strip() == "":
                 raise TaskError(f"{where}: column {col!r} is missing or empty")
@@ -337,7 +411,23 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
             places.append(f"{where} gives {id_col!r} {prompt_id!r}")
         problems.append(Problem(as_text(prompt_id), str(row[question_col]), as_text(row[gold_col]), metadata))
     require_unique_prompt_ids(problems, str(path), places)
+    made_up = sum(place.endswith("the id is made up for it") for place in places)
+    if 0 < made_up < len(problems):  # ids on some rows only: nulls where the ids were meant to be, as a rule
+        log.warning(
+            "%s: %d of its %d rows have no %r: their ids are made up ('%s-ROW'); give every row its id, or none",
+            path, made_up, len(problems), id_col, Path(path).stem,
+        )
     return problems
+
+
+def _decoded(value: bytes, where: str, column: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TaskError(
+            f"{where}: column {column!r} holds bytes that are not UTF-8 text ({err.reason} at byte {err.start}); "
+            "expected text or a number"
+        ) from None
 
 
 def shared_questions(train: Sequence[Problem], test: Sequence[Problem]) -> int:

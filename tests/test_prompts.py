@@ -1,6 +1,7 @@
 """Problem sources: the built-in task, local files with column mapping, plugins, and their errors."""
 
 import json
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -180,6 +181,25 @@ def test_jsonl_rows_keep_keys_the_first_row_lacks_and_golds_of_any_type(tmp_path
     assert read_problems(path)[0].gold == str(12345678901234567.0)
 
 
+def test_pandas_row_labels_are_no_metadata_and_ids_on_some_rows_only_are_warned_of(tmp_path, caplog):
+    path = tmp_path / "t.parquet"
+    table = pa.table({"prompt_id": ["x", None], "question": ["a", "b"], "gold": ["1", "2"], "__index_level_0__": [3, 7]})
+    pq.write_table(table, path)
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        problems = read_problems(path)
+    assert [(p.prompt_id, p.metadata) for p in problems] == [("x", {}), ("t-2", {})]
+    assert f"{path}: 1 of its 2 rows have no 'prompt_id': their ids are made up ('t-ROW')" in caplog.text
+
+
+def test_parquet_bytes_are_read_as_their_text(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"prompt_id": [b"x"], "question": [b"What is 2+2?"], "gold": [b"4"]}), path)
+    assert read_problems(path) == [Problem("x", "What is 2+2?", "4")]
+    pq.write_table(pa.table({"question": [b"q", b"q\xff"], "gold": [b"4", b"5"]}), path)
+    with pytest.raises(TaskError, match=r"t\.parquet: row 2: column 'question' holds bytes that are not UTF-8 text"):
+        read_problems(path)
+
+
 def test_read_parquet_file_task(tmp_path):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": ["x", "y"], "question": ["a", "b"], "gold": ["1", "2"]}), path)
@@ -232,7 +252,12 @@ def test_read_parquet_file_task(tmp_path):
         ('{"question": "a", "gold": {"x": 1}}\n', {}, "bad.jsonl:1: column 'gold' holds a dict; expected text"),
         ('{"prompt_id": " ", "question": "a", "gold": "1"}\n', {}, "bad.jsonl:1: column 'prompt_id' holds ' '"),
         # A mapped id column that is not there is a typo, not a file without ids.
-        ('{"idx": "a", "question": "q", "gold": "1"}\n', {"prompt_id": "id"}, "missing column(s) ['id']; found ['idx'"),
+        (
+            '{"idx": "a", "question": "q", "gold": "1"}\n',
+            {"prompt_id": "id"},
+            "missing column(s) ['id']; found ['idx', 'question', 'gold']. Map your columns with task.columns, e.g. "
+            "{question: problem, gold: answer} (one mapping for both splits' files: give them the same columns)",
+        ),
     ],
 )
 def test_bad_problem_files(tmp_path, content, columns, fragment):
@@ -248,6 +273,8 @@ def test_a_problem_file_is_jsonl_or_parquet_whose_metadata_json_can_hold(tmp_pat
     csv.write_text("question,gold\na,1\n")
     with pytest.raises(TaskError, match=r"problems\.csv: unknown file type '\.csv'; expected one of \.jsonl, \.json, \.parquet$"):
         read_problems(csv)
+    with pytest.raises(TaskError, match=r": a directory; give one file of problems per split \(\.jsonl, \.json, \.parquet\)$"):
+        read_problems(tmp_path)
     shouted = tmp_path / "PROBLEMS.JSONL"
     shouted.write_text('{"question": "a", "gold": "1"}\n')
     assert [p.question for p in read_problems(shouted)] == ["a"]
@@ -316,11 +343,48 @@ def test_verifier_options_reach_the_verifier(verifier, options, tolerance):
     assert check.check("109", "100") == (tolerance[0] == 0.1)
 
 
+def make_plugin_task_with_numbers_for_text(seed):
+    return Task("plugin", [Problem("p1", "q", "1"), Problem(2, "q", "2")], [], "exact")
+
+
+def make_plugin_task_that_raises(seed):
+    raise RuntimeError("the dataset server is down")
+
+
+def make_plugin_task_with_bad_verifier_options(seed):
+    return Task("plugin", [Problem("p", "q", "100")], [], "numeric", {"rel_toll": 0.1})
+
+
 def plugin_error(name: str) -> str:
     """The message load_task refuses the plugin task `name` with."""
     with pytest.raises(TaskError) as err:
         load_task(TaskConfig(kind="plugin", name=name), seed=0)
     return str(err.value)
+
+
+def test_a_plugin_module_that_fails_as_it_imports_is_named(tmp_path, monkeypatch):
+    (tmp_path / "plugin_that_fails_to_import.py").write_text("raise OSError('no data here')\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    assert plugin_error("plugin_that_fails_to_import:f") == (
+        "task.name: importing plugin module 'plugin_that_fails_to_import' raised OSError: no data here (rerun with "
+        "--traceback to see where)"
+    )
+
+
+def test_golds_that_the_verifier_cannot_meet_are_warned_of(tmp_path, caplog):
+    path = tmp_path / "golds.jsonl"
+    path.write_text("".join(json.dumps({"question": "q", "gold": gold}) + "\n" for gold in ("8", "eight", "\\frac{1}{2}")))
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        load_task(TaskConfig(kind="file", train_path=str(path), verifier="numeric"), seed=0)
+    assert (
+        f"task {str(path)!r}: 2 of its 3 golds are not met even by themselves under the 'numeric' verifier (e.g. the "
+        "train problem 'golds-2', gold 'eight'), so every answer to them is scored wrong; task.verifier may need to be "
+        "another"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        load_task(TaskConfig(kind="file", train_path=str(path), verifier="exact"), seed=0)
+    assert "golds" not in caplog.text
 
 
 def test_plugin_task_and_errors():
@@ -346,6 +410,19 @@ def test_plugin_task_and_errors():
     assert plugin_error("tests.test_prompts:make_plugin_task_with_repeated_ids") == (
         "task.name: plugin 'tests.test_prompts:make_plugin_task_with_repeated_ids', test split: "
         "prompt id 'src-0' appears more than once; ids must be unique"
+    )
+    # Errors of the plugin's own code are said to be its own, and what it returns is checked as the stages read it.
+    assert plugin_error("tests.test_prompts:make_plugin_task_that_raises") == (
+        "task.name: plugin 'tests.test_prompts:make_plugin_task_that_raises' raised RuntimeError: the dataset server is "
+        "down (rerun with --traceback to see where)"
+    )
+    assert plugin_error("tests.test_prompts:make_plugin_task_with_numbers_for_text") == (
+        "task.name: plugin 'tests.test_prompts:make_plugin_task_with_numbers_for_text', train split, problem 2: "
+        "prompt_id is 2; expected non-empty text (a str)"
+    )
+    assert plugin_error("tests.test_prompts:make_plugin_task_with_bad_verifier_options") == (
+        "task.name: task 'plugin' gives verifier_options {'rel_toll': 0.1}: verifier 'numeric': got an unexpected "
+        "keyword argument 'rel_toll'; accepted options: rel_tol, abs_tol"
     )
     assert plugin_error("tests.test_prompts:make_plugin_task_with_mixed_keys_in_metadata").startswith(
         "task.name: plugin 'tests.test_prompts:make_plugin_task_with_mixed_keys_in_metadata', problem 'p': metadata: "
