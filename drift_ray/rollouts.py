@@ -245,6 +245,7 @@ def check_manifest(
             remedy=remedy,
             ignore=ignore,
             meanings=meanings,
+            follows={"verifier_options": "verifier"},  # the defaults of another verifier's options
         )
 
 

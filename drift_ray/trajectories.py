@@ -296,6 +296,7 @@ def require_same_settings(
     absent_means: Mapping[str, Any] | None = None,
     meanings: Mapping[str, str] | None = None,
     remedy: str = RERUN_REMEDY,
+    follows: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse to reuse `output` when the JSON file `record` says that other settings made it.
 
@@ -311,7 +312,9 @@ def require_same_settings(
     config cannot make it again, and the message says to remove `output` instead. `absent_means`: the value
     that a setting a record lacks had when it was made (a setting added since, whose every earlier value was
     that one), so that it is compared after all. `meanings`: what a recorded setting (and those under it)
-    is, in the config's words, said where it differs. `remedy`: what to do where a setting differs.
+    is, in the config's words, said where it differs. `remedy`: what to do where a setting differs. `follows`:
+    a setting → the one it follows from (verifier_options → verifier, whose defaults they hold): not named
+    where that one differs too, as the user changed only that one.
     """
     for name, paths in (("only", only), ("ignore", ignore), ("inputs", inputs)):
         if isinstance(paths, str):  # a bare string would be read as its characters, and match nothing
@@ -336,6 +339,8 @@ def require_same_settings(
     if changed:
         # Where the files differ, a path known by them that differs too is named: the config changed.
         changed = sorted(changed + [path for path in identified if whole_record.get(path) != current.get(path)])
+        followed = [setting for setting, source in (follows or {}).items() if any(_under(key, [source]) for key in changed)]
+        changed = [key for key in changed if not _under(key, followed)]
         listed = _described_changes(whole_record, current, changed)
         listed += "".join(f"; {path}: {meaning}" for path, meaning in (meanings or {}).items() if any(_under(key, [path]) for key in changed))
         if all(_under(key, inputs) for key in changed):

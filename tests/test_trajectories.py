@@ -443,6 +443,14 @@ def test_require_same_settings_names_each_changed_setting_by_its_dotted_path(tmp
         f"recorded in {record}. What it was made from changed since: remove run/weighted to make it again, "
         "or use a new run_dir."
     )
+    # Options that follow from a verifier are not named where the verifier changed: the user changed only that.
+    write_json_atomic({"verifier": "numeric", "verifier_options": {"rel_tol": None, "abs_tol": None}}, record)
+    follows = {"verifier_options": "verifier"}
+    with pytest.raises(RuntimeError, match=r"\(differ in: verifier \('numeric' then, 'exact' now\)\), recorded"):
+        require_same_settings(record, {"verifier": "exact", "verifier_options": {}}, output="out", follows=follows)
+    with pytest.raises(RuntimeError, match=r"\(differ in: verifier_options.rel_tol \(None then, 0.1 now\)\), recorded"):
+        tolerant = {"verifier": "numeric", "verifier_options": {"rel_tol": 0.1, "abs_tol": None}}
+        require_same_settings(record, tolerant, output="out", follows=follows)
     with pytest.raises(TypeError, match=r"ignore takes a collection of dotted paths, not 'weights'"):
         require_same_settings(record, changed, output="out", ignore="weights")
     with pytest.raises(TypeError, match=r"only takes a collection"):
