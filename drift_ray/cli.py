@@ -54,11 +54,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 def cmd_rollouts(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
-    from drift_ray.prompts import load_task
-
     cfg = _config(args)
     pipeline.check_model_here(cfg.rollout.model, cfg)  # before the task, which may be a download
-    task = load_task(cfg.task, cfg.seed)
+    task = pipeline.training_task(cfg, evaluated=False)
     pipeline.check_rollouts_before_the_model(cfg, task)
     model = pipeline.resolve_model(cfg.rollout.model, cfg)
     with pipeline.lock_run_dir(cfg, "rollouts", writes_rollouts=True):

@@ -297,10 +297,13 @@ eval.max_new_tokens (`cut_off_rate`), each of them a format failure.
 
 
 def write_report(
-    metrics_by_model: Mapping[str, Mapping[str, Any]], max_turns: int, out_dir: str | os.PathLike[str]
+    metrics_by_model: Mapping[str, Mapping[str, Any]],
+    max_turns: int,
+    out_dir: str | os.PathLike[str],
+    evaluated_on: str = "",
 ) -> dict[str, str]:
-    """Write eval.json (metrics per model), eval.md (the table, its columns explained below it) and eval.png
-    (the plot) into out_dir.
+    """Write eval.json (metrics per model), eval.md (`evaluated_on`, what the models were scored on, above the
+    table, its columns explained below it) and eval.png (the plot) into out_dir.
 
     Returns their paths under the keys "json", "markdown" and "plot". An earlier report's files go first and
     eval.json, the record, comes last: a report cut short never stands beside files of another one.
@@ -311,6 +314,7 @@ def write_report(
     for name in ("eval.json", "eval.md", "eval.png"):
         (out_dir / name).unlink(missing_ok=True)
     plot = plot_cumulative_accuracy(metrics_by_model, max_turns, out_dir / "eval.png")
-    markdown = write_atomic(out_dir / "eval.md", lambda handle: handle.write(f"{table}\n{COLUMNS_EXPLAINED}".encode()))
+    heading = f"{evaluated_on}\n\n" if evaluated_on else ""  # a table shared on its own would not say which task
+    markdown = write_atomic(out_dir / "eval.md", lambda handle: handle.write(f"{heading}{table}\n{COLUMNS_EXPLAINED}".encode()))
     record = write_atomic(out_dir / "eval.json", lambda handle: handle.write(text.encode()))
     return {"json": record, "markdown": markdown, "plot": plot}

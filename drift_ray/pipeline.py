@@ -499,12 +499,32 @@ def rollouts_dir(cfg: Config) -> Path:
     return Path(cfg.rollout.output_dir) if cfg.rollout.output_dir else Path(cfg.run_dir) / "rollouts"
 
 
-def require_training_problems(task: Task) -> None:
+def require_training_problems(task: Task, kind: str) -> None:
     if not task.train:
-        raise ValueError(
-            f"task {task.name!r} has no training problems; give it a train split: task.train_path (a file "
-            "task's, or a hub task's given task.test_path, which then reads no split from the Hub)"
+        raise ValueError(_missing_split(task, "train", "task", kind))
+
+
+def _missing_split(task: Task, split: str, key: str, kind: str) -> str:
+    """Why `task` (of config section `key`, of task.kind `kind`) is refused without problems in `split` ("train"
+    or "test"), with the remedy for its kind."""
+    if kind in ("file", "hub"):
+        other = "test" if split == "train" else "train"
+        remedy = (
+            f"give it a {split} split: {key}.{split}_path (a file task's, or a hub task's given {key}.{other}_path, "
+            "which then reads no split from the Hub)"
         )
+    else:
+        remedy = f"its {'plugin' if kind == 'plugin' else 'builder'} ({key}.name) made none; give {key}.options that make some"
+    return f"task {task.name!r} has no {'training problems' if split == 'train' else 'test problems to evaluate on'}; {remedy}"
+
+
+def training_task(cfg: Config, evaluated: bool) -> Task:
+    """`task`, for its training split; its test split too where `evaluated` (a run that evaluates on it, eval.task
+    unset): else that split would be read, and task.num_test warned of, for nothing."""
+    task_cfg = cfg.task
+    if not evaluated:
+        task_cfg = task_cfg.model_copy(update={"num_test": None, **({"test_path": None} if task_cfg.train_path else {})})
+    return load_task(task_cfg, cfg.seed)
 
 
 def _rollouts_play(cfg: Config, task: Task) -> dict[str, Any]:
@@ -531,7 +551,7 @@ def check_rollouts_before_the_model(cfg: Config, task: Task) -> None:
 
 
 def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], None]) -> dict[str, Any]:
-    require_training_problems(task)
+    require_training_problems(task, cfg.task.kind)
     out = rollouts_dir(cfg)
     summary = run_episodes(
         task.train,
@@ -602,7 +622,7 @@ def run_weights(
 
     from drift_ray.weights import add_weights, weight_diagnostics, weight_warnings
 
-    require_training_problems(task)
+    require_training_problems(task, cfg.task.kind)
     run_dir = Path(cfg.run_dir)
     out = run_dir / WEIGHTED_DIR
     rollouts = rollouts_dir(cfg)
@@ -701,10 +721,9 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     else:
         task = train_task or load_task(_test_split_only(cfg.task), cfg.seed)
     if not task.test:
-        key = "task" if cfg.eval.task is None else "eval.task"
+        key, kind = ("task", cfg.task.kind) if cfg.eval.task is None else ("eval.task", cfg.eval.task.kind)
         raise ValueError(
-            f"task {task.name!r} has no test problems to evaluate on; give it a test split: {key}.test_path (a file "
-            f"task's, or a hub task's given {key}.train_path, which then reads no split from the Hub)"
+            _missing_split(task, "test", key, kind)
             + (" or set eval.task to a task with one (e.g. eval.task.kind=hub eval.task.name=math500)" if key == "task" else "")
         )
     if train_task is not None and (shared := shared_questions(train_task.train, task.test)):
@@ -784,7 +803,12 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
                 label,
                 eval_sampling(cfg).max_new_tokens,
             )
-    paths = write_report(metrics, cfg.episode.max_turns, eval_dir)
+    options = f" {dict(task.verifier_options)}" if task.verifier_options else ""
+    evaluated_on = (
+        f"Task {task.name!r}: {len(task.test)} test problems, verifier {task.verifier!r}{options}; one greedy episode "
+        f"of up to {cfg.episode.max_turns} turns per problem."
+    )
+    paths = write_report(metrics, cfg.episode.max_turns, eval_dir, evaluated_on)
     return {"metrics": metrics, "paths": paths}
 
 
@@ -863,7 +887,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         return start_ray
 
     check_model_here(cfg.rollout.model, cfg, to_train=True)  # before the task, which may be a download
-    task = timed("prompts", load_task, cfg.task, cfg.seed)
+    task = timed("prompts", training_task, cfg, cfg.eval.task is None)
     check_rollouts_before_the_model(cfg, task)
     check_weights_before_the_rollouts(cfg, task)
     # Before any stage: a mistake in eval.task, or evaluations of other settings, must not surface only after

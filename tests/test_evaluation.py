@@ -183,12 +183,12 @@ def test_the_plot_legend_names_every_model_even_one_named_with_a_leading_undersc
 
 def test_write_report_writes_json_markdown_and_png(tmp_path) -> None:
     metrics_by_model = two_models()
-    paths = write_report(metrics_by_model, 3, tmp_path)
+    paths = write_report(metrics_by_model, 3, tmp_path, "Task 't': 2 test problems.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval.md", "eval.png"]
     with open(paths["json"]) as handle:
         assert json.load(handle) == metrics_by_model
     with open(paths["markdown"]) as handle:
-        assert handle.read() == f"{comparison_table(metrics_by_model, 3)}\n{COLUMNS_EXPLAINED}"
+        assert handle.read() == f"Task 't': 2 test problems.\n\n{comparison_table(metrics_by_model, 3)}\n{COLUMNS_EXPLAINED}"
     # Every column of the table is explained below it.
     header = comparison_table(metrics_by_model, 3).splitlines()[0].strip("| ").split(" | ")
     explained = re.findall(r"^- \*\*(.+?)\*\*", COLUMNS_EXPLAINED, flags=re.M)

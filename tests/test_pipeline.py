@@ -35,9 +35,10 @@ from drift_ray.pipeline import (
     lock_run_dir,
     resolve_model,
     run_weights,
+    training_task,
     weights_finished,
 )
-from drift_ray.prompts import load_task
+from drift_ray.prompts import TaskError, load_task
 from drift_ray.train import require_training_input
 from drift_ray.trajectories import read_trajectories
 from tests.conftest import free_ports
@@ -74,6 +75,9 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     metrics = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert set(metrics) == {"reference", "drift"}
     assert metrics["drift"]["num_problems"] == 8
+    assert (run_dir / "eval" / "eval.md").read_text().startswith(
+        "Task 'candidates': 8 test problems, verifier 'exact'; one greedy episode of up to 3 turns per problem.\n\n| "
+    )
     assert (run_dir / "train" / "model" / "config.json").exists()
     # Readable as any file this user makes, by a serving process of another user too (see publish_directory).
     (tmp_path / "probe").touch()
@@ -869,6 +873,25 @@ def test_an_evaluation_task_without_a_test_split_is_named_by_its_own_keys(tmp_pa
         evaluation_task(cfg)
     assert "give it a test split: eval.task.test_path (a file task's, or a hub task's given eval.task.train_path" in str(refusal.value)
     assert "or set eval.task" not in str(refusal.value)  # it is set
+    # A plugin's remedy is its own: it has no paths to give.
+    cfg = load_config(None, ["eval.task={kind: plugin, name: 'tests.test_prompts:make_plugin_task'}"])
+    with pytest.raises(ValueError, match=re.escape(
+        "task 'plugin' has no test problems to evaluate on; its plugin (eval.task.name) made none; give "
+        "eval.task.options that make some"
+    )):
+        evaluation_task(cfg)
+
+
+def test_the_rollouts_read_the_training_split_alone_where_no_evaluation_follows(tmp_path, caplog):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"question": "x is between 10 and 29 and ends in 3. What is x?", "gold": "13"}\n')
+    task = f"task={{kind: file, train_path: {problems}, test_path: {tmp_path / 'gone.jsonl'}, num_test: 8}}"
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        assert len(training_task(load_config(None, [task]), evaluated=False).train) == 1
+    assert "num_test" not in caplog.text  # a test split it does not read is not warned of
+    # A run that evaluates on the task reads both.
+    with pytest.raises(TaskError, match="gone.jsonl: no such file"):
+        training_task(load_config(None, [task]), evaluated=True)
 
 
 def test_a_config_the_local_cluster_cannot_run_fails_before_the_rollouts(tmp_path, tiny_model_dir, capsys):
