@@ -97,12 +97,14 @@ class TaskConfig(_Section):
         description="Keyword arguments for the verifier, e.g. {rel_tol: 0.001} for numeric, {timeout_s: 10} for "
         "math, {threshold: 0.5} for reasoning_gym. Recorded with the rollouts: other options are other rewards.",
     )
-    num_train: Optional[int] = Field(None, ge=1, description="Use at most this many training problems (default: all).")
+    num_train: Optional[int] = Field(
+        None, ge=1, description="Use at most this many training problems (default: all): a file task's first ones, in file order."
+    )
     num_test: Optional[int] = Field(
         None,
         ge=1,
-        description="Use at most this many test problems (default: all). A hub task's are a random sample, the "
-        "same for every seed.",
+        description="Use at most this many test problems (default: all). A file task's are its first ones, in "
+        "file order; a hub task's a random sample, the same for every seed.",
     )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the task builder (any kind but file)."

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -102,12 +103,19 @@ def lock_run_dir(cfg: Config, command: str, *, writes_rollouts: bool) -> Iterato
 @contextlib.contextmanager
 def _logged_to(file: Path, command: str) -> Iterator[None]:
     """Within: drift-ray's log records go to `file` too (appended), and then how the command ended."""
+    unended = _command_that_left_no_end(file)
     handler = logging.FileHandler(file, encoding="utf-8")
     # The pid: on a file system that takes no locks (see exclusive_lock), two commands' lines may mix.
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
     log.addHandler(handler)  # at the level the process logs at, as the console shows it
     # Not the command line: an override's value may be a secret (see config._NEVER_SHOWN).
     log.info("drift-ray %s, pid %d on %s: logging to %s", command, os.getpid(), socket.gethostname(), file)
+    if unended:
+        log.warning(
+            "the command before this one here (%s) stopped without a line saying how: it was killed (SIGKILL, out of "
+            "memory) or its machine stopped; what it finished is kept, and this one goes on from there",
+            unended,
+        )
 
     def ended(level: int, how: str) -> None:  # in the file alone: the command says it on the console
         handler.handle(log.makeRecord(log.name, level, __file__, 0, "ended: %s", (how,), None))
@@ -125,6 +133,27 @@ def _logged_to(file: Path, command: str) -> Iterator[None]:
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+# The line _logged_to heads a command's lines with, and the one it ends them with.
+_COMMAND_HEADER = re.compile(r" drift_ray INFO drift-ray (.+?), pid (\d+) on (\S+): logging to ")
+_COMMAND_END = re.compile(r" drift_ray (?:INFO|ERROR) ended: ")
+
+
+def _command_that_left_no_end(file: Path) -> str | None:
+    """'drift-ray COMMAND, pid N on HOST' of the command that logged to `file` last where it left no line saying
+    how it ended (killed), else None. Read from the file's end: a header more than 64 KiB back is not looked for."""
+    try:
+        with file.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 65536))
+            tail = handle.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    headers = list(_COMMAND_HEADER.finditer(tail))
+    if not headers or _COMMAND_END.search(tail, headers[-1].end()):
+        return None
+    command, pid, host = headers[-1].groups()
+    return f"drift-ray {command}, pid {pid} on {host}"
 
 
 def warn_of_outputs_left_in_the_job(outputs: Mapping[str, str | None]) -> None:
@@ -546,7 +575,11 @@ def check_rollouts_before_the_model(cfg: Config, task: Task) -> None:
         rollouts_dir(cfg),
         play_settings(cfg, **_rollouts_play(cfg, task)),
         ignore=MODEL_SETTINGS,
-        meanings={"sampling": "rollout.temperature, rollout.top_p, rollout.max_new_tokens and seed in the config"},
+        meanings={
+            f"sampling.{name}": f"{key} in the config"
+            for name, key in (("temperature", "rollout.temperature"), ("top_p", "rollout.top_p"),
+                              ("max_new_tokens", "rollout.max_new_tokens"), ("seed", "seed"))
+        },
     )
 
 
@@ -768,7 +801,7 @@ def check_evaluations_before_the_models(cfg: Config, task: Task, labels: Sequenc
             play_settings(cfg, **_eval_play(cfg, task)),
             _other_evaluation_remedy(out, label),
             ignore=MODEL_SETTINGS,
-            meanings={"sampling": "eval.max_new_tokens (default: rollout.max_new_tokens) in the config"},
+            meanings={"sampling.max_new_tokens": "eval.max_new_tokens (default: rollout.max_new_tokens) in the config"},
         )
 
 

@@ -375,6 +375,8 @@ def train_weighted_sft(
     # Said before the training, not by its first worker: the driver's log reaches run_dir's (see lock_run_dir).
     resumed = _recorded_progress(runs / name)
     saved_steps = _saved_steps(_checkpoints_progress(runs / name))
+    if resumed is not None:
+        log.info("weighted SFT: %s", starting_point(resumed, runs / name))
     if resumed is not None and not resumed.get("finished"):
         if unrecorded := unrecorded_checkpoints(saved_steps, int(resumed.get("step", 0))):
             log.warning("weighted SFT: %s", unrecorded)
@@ -810,6 +812,19 @@ def _saved_steps(progress: Sequence[dict[str, Any]]) -> list[int]:
     """The steps of the checkpoints whose `progress` records (_checkpoints_progress) are given, the final one's
     included (but where an earlier drift-ray wrote it without its step)."""
     return sorted(entry["step"] for entry in progress if type(entry.get("step")) is int)
+
+
+def starting_point(progress: dict[str, Any], run: Path) -> str:
+    """Where a training in the Ray Train run directory `run` starts, given the progress of the checkpoint
+    recorded last there (_recorded_progress): said by the driver, so that run_dir's log tells a resumed
+    training from one that starts again."""
+    if progress.get("finished"):
+        return f"the training in {run} reached its last step before it was stopped; its model is published from its final checkpoint"
+    if "step" in progress:
+        return f"resuming after step {progress['step']}, from the checkpoint recorded last in {run}"
+    if run.is_dir():
+        return f"training from step 0: the training in {run} was stopped before it recorded a checkpoint"
+    return "training from step 0"
 
 
 def _recorded_progress(run: Path) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """End to end: the smoke config through Ray Data, Ray Train + DeepSpeed and evaluation, locally and
 as a job submitted to a `ray start --head` cluster."""
 
+import contextlib
 import json
 import logging
 import os
@@ -171,8 +172,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     with mock.patch("drift_ray.demo_model.ensure_demo_model", side_effect=AssertionError("the reference was built")):
         assert main([*run, "rollout.model=builtin:demo", "seed=1"]) == 2
     error = capsys.readouterr().err
-    assert (f"{run_dir / 'rollouts'}: made with other settings (differ in: sampling.seed (0 then, 1 now); sampling: "
-            "rollout.temperature, rollout.top_p, rollout.max_new_tokens and seed in the config), recorded in ") in error
+    assert (f"{run_dir / 'rollouts'}: made with other settings (differ in: sampling.seed (0 then, 1 now); sampling.seed: "
+            "seed in the config), recorded in ") in error
     # So are evaluations of other settings, by `run` and by `eval`, before any model is built.
     changed = ["eval.max_new_tokens=40", "rollout.model=builtin:demo"]
     evaluate_demo = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", changed[0], "--model",
@@ -182,7 +183,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
             assert main(command) == 2
         error = capsys.readouterr().err
         assert (f"{run_dir / 'eval' / 'reference'}: made with other settings (differ in: sampling.max_new_tokens (48 then, "
-                "40 now); sampling: eval.max_new_tokens (default: rollout.max_new_tokens) in the config), recorded in ") in error
+                "40 now); sampling.max_new_tokens: eval.max_new_tokens (default: rollout.max_new_tokens) in the config), "
+                "recorded in ") in error
     # Another model under a label evaluated already: the remedy is another label, or its evaluation removed.
     evaluate = ["eval", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", "--model", f"reference={model_dir}"]
     assert main(evaluate) == 2
@@ -445,6 +447,32 @@ def test_a_command_into_a_run_dir_another_process_writes_is_refused_before_any_w
     assert f"{run_dir} is in use by pid {os.getpid()} on " in error and len(error.splitlines()) == 1
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([RUN_LOCK_FILE, RUN_LOG_FILE])
     assert "is in use" not in (run_dir / RUN_LOG_FILE).read_text()  # the holder's log alone
+
+
+def test_run_dir_s_log_says_that_the_command_before_was_killed(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    with lock_run_dir(cfg, "finished", writes_rollouts=False):
+        pass
+    with contextlib.suppress(ValueError), lock_run_dir(cfg, "failed", writes_rollouts=False):
+        raise ValueError("a multi-line\nerror")
+    with lock_run_dir(cfg, "second", writes_rollouts=False):
+        pass
+    assert "ERROR ended: ValueError: a multi-line\nerror\n" in (run_dir / RUN_LOG_FILE).read_text()
+    assert "stopped without a line saying how" not in (run_dir / RUN_LOG_FILE).read_text()
+    # As SIGKILL leaves it: its header, lines, and no end.
+    with (run_dir / RUN_LOG_FILE).open("a") as log_file:
+        log_file.write(f"2026-01-01 00:00:00,000 4242 drift_ray INFO drift-ray run, pid 4242 on node-7: logging to {run_dir / RUN_LOG_FILE}\n")
+        log_file.write("2026-01-01 00:00:01,000 4242 drift_ray INFO rollouts: {'problems': 8}\n")
+    for command in ("after the kill", "after that"):
+        with lock_run_dir(cfg, command, writes_rollouts=False):
+            pass
+    logged = (run_dir / RUN_LOG_FILE).read_text()
+    assert logged.count("stopped without a line saying how") == 1
+    assert (
+        "WARNING the command before this one here (drift-ray run, pid 4242 on node-7) stopped without a line saying "
+        "how: it was killed (SIGKILL, out of memory) or its machine stopped; what it finished is kept"
+    ) in logged
 
 
 def test_an_output_path_that_is_a_directory_is_one_line_and_leaves_nothing_behind(tmp_path, capsys):

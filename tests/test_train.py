@@ -50,6 +50,7 @@ from drift_ray.train import (
     read_stats,
     require_finite_step,
     run_name,
+    starting_point,
     train_loop,
     train_settings,
     train_weighted_sft,
@@ -162,6 +163,11 @@ def test_a_record_of_checkpoints_that_this_ray_cannot_read_is_no_resume_to_warn_
             _recorded_progress(tmp_path / "run")
     assert _recorded_progress(tmp_path / "run") == {}  # no record: stopped before Ray Train recorded anything
     assert _recorded_progress(tmp_path / "absent") == {}
+    # Said as the training starts: run_dir's log tells a training that starts again from one never started.
+    assert starting_point({}, tmp_path / "run") == (
+        f"training from step 0: the training in {tmp_path / 'run'} was stopped before it recorded a checkpoint"
+    )
+    assert starting_point({}, tmp_path / "absent") == "training from step 0"
 
 
 def test_the_lora_check_leaves_a_model_it_cannot_build_to_the_workers(tmp_path, model_path):
@@ -840,6 +846,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     [unrecorded] = [message for message in said_before_the_training if "were saved, but the run was stopped" in message]
     assert unrecorded.startswith(f"weighted SFT: the checkpoint(s) of step(s) {CRASH_AT_STEP + 1} were saved")
     assert f"so this run resumes after step {CRASH_AT_STEP} and trains those steps again" in unrecorded
+    # Where it starts, said by the driver too (the worker's line above reaches the console only).
+    assert f"weighted SFT: resuming after step {CRASH_AT_STEP}, from the checkpoint recorded last in {killed_run}" in said_before_the_training
     caplog.clear()
     # The next call trains no step: it publishes the finished training, and says that it took it over.
     [checkpoints] = (tmp_path / RUN_STORAGE_DIR).iterdir()
@@ -847,6 +855,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     with caplog.at_level(logging.INFO, logger="drift_ray"):
         stats = train_weighted_sft(resumed_cfg, weighted_dir, model_path, str(tmp_path))
     assert not any("were saved, but the run was stopped" in record.getMessage() for record in caplog.records)  # finished
+    assert (
+        f"weighted SFT: the training in {checkpoints} reached its last step before it was stopped; its model is "
+        "published from its final checkpoint"
+    ) in [record.getMessage() for record in caplog.records]
     assert not list(tmp_path.glob(f".{MODEL_DIR}.staging-*"))
     # Published, the model needs its checkpoints no more: they would hold it twice, and the optimizer's states.
     assert not checkpoints.exists()
