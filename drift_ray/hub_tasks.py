@@ -376,8 +376,11 @@ def _read_hub(name: str, spec: HubDataset, config: str | None, split: str) -> _P
         raise TaskError(
             f"task.name={name}: cannot load {source} from the Hugging Face Hub: {err}. {spec.access_note} "
             f"Without network access, save the dataset elsewhere as JSONL, CSV or Parquet and pass {files}{joined}, "
-            f"with the hub's columns {list(spec.columns)}; a copy in the datasets cache is read without waiting on "
-            "the network under HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1)."
+            f"with the hub's columns {list(spec.columns)}"
+            + (
+                "." if datasets.config.HF_HUB_OFFLINE
+                else "; a copy in the datasets cache is read without waiting on the network under HF_HUB_OFFLINE=1."
+            )
         ) from err
     rows = ((f"{source}: row {row_no}", row) for row_no, row in enumerate(dataset, 1))
     return _Part(source, config if spec.has_subsets else None, dataset.column_names, rows)

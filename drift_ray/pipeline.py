@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import pyarrow.parquet as pq
 
 from drift_ray.config import DEMO_MODEL, Config, EngineKind, TaskConfig
-from drift_ray.prompts import Task, load_task, shared_questions
+from drift_ray.prompts import Task, load_task, shared_questions, task_label
 from drift_ray.rollouts import (
     MODEL_SETTINGS,
     SHARD_GLOB,
@@ -108,12 +108,14 @@ def _logged_to(file: Path, command: str) -> Iterator[None]:
     # The pid: on a file system that takes no locks (see exclusive_lock), two commands' lines may mix.
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
     log.addHandler(handler)  # at the level the process logs at, as the console shows it
-    # Not the command line: an override's value may be a secret (see config._NEVER_SHOWN).
-    log.info("drift-ray %s, pid %d on %s: logging to %s", command, os.getpid(), socket.gethostname(), file)
+    # Not the command line: an override's value may be a secret (see config._NEVER_SHOWN). Whatever the level
+    # the process logs at: the next command finds where this one's lines begin by it.
+    header = ("drift-ray %s, pid %d on %s: logging to %s", (command, os.getpid(), socket.gethostname(), file))
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, *header, None))
     if unended:
         log.warning(
             "the command before this one here (%s) stopped without a line saying how: it was killed (SIGKILL, out of "
-            "memory) or its machine stopped; what it finished is kept, and this one goes on from there",
+            "memory) or its machine stopped; what it finished is kept",
             unended,
         )
 
@@ -135,9 +137,8 @@ def _logged_to(file: Path, command: str) -> Iterator[None]:
         handler.close()
 
 
-# The line _logged_to heads a command's lines with, and the one it ends them with.
+# The line _logged_to heads a command's lines with.
 _COMMAND_HEADER = re.compile(r" drift_ray INFO drift-ray (.+?), pid (\d+) on (\S+): logging to ")
-_COMMAND_END = re.compile(r" drift_ray (?:INFO|ERROR) ended: ")
 
 
 def _command_that_left_no_end(file: Path) -> str | None:
@@ -150,10 +151,25 @@ def _command_that_left_no_end(file: Path) -> str | None:
     except FileNotFoundError:
         return None
     headers = list(_COMMAND_HEADER.finditer(tail))
-    if not headers or _COMMAND_END.search(tail, headers[-1].end()):
+    if not headers:
         return None
     command, pid, host = headers[-1].groups()
+    # Its own end line (by its pid: on a file system without locks, another command's lines may come between).
+    if re.compile(rf"^\S+ \S+ {pid} drift_ray (?:INFO|ERROR) ended: ", re.M).search(tail, headers[-1].end()):
+        return None
+    if host == socket.gethostname() and _alive(int(pid)):  # still running beside this one, unlocked
+        return None
     return f"drift-ray {command}, pid {pid} on {host}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def warn_of_outputs_left_in_the_job(outputs: Mapping[str, str | None]) -> None:
@@ -549,11 +565,8 @@ def _missing_split(task: Task, split: str, key: str, kind: str) -> str:
 
 def training_task(cfg: Config, evaluated: bool) -> Task:
     """`task`, for its training split; its test split too where `evaluated` (a run that evaluates on it, eval.task
-    unset): else that split would be read, and task.num_test warned of, for nothing."""
-    task_cfg = cfg.task
-    if not evaluated:
-        task_cfg = task_cfg.model_copy(update={"num_test": None, **({"test_path": None} if task_cfg.train_path else {})})
-    return load_task(task_cfg, cfg.seed)
+    unset): else a test file would be read, and that split warned of and checked, for nothing."""
+    return load_task(cfg.task, cfg.seed) if evaluated else _load_split(cfg.task, "train", cfg.seed)
 
 
 def _rollouts_play(cfg: Config, task: Task) -> dict[str, Any]:
@@ -750,9 +763,9 @@ def run_training(
 def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     """The task whose test split is evaluated: `eval.task` when set, else `task` (reusing `train_task`)."""
     if cfg.eval.task is not None:
-        task = load_task(_test_split_only(cfg.eval.task), cfg.seed, key="eval.task")
+        task = _load_split(cfg.eval.task, "test", cfg.seed, key="eval.task")
     else:
-        task = train_task or load_task(_test_split_only(cfg.task), cfg.seed)
+        task = train_task or _load_split(cfg.task, "test", cfg.seed)
     if not task.test:
         key, kind = ("task", cfg.task.kind) if cfg.eval.task is None else ("eval.task", cfg.eval.task.kind)
         raise ValueError(
@@ -770,11 +783,16 @@ def evaluation_task(cfg: Config, train_task: Task | None = None) -> Task:
     return task
 
 
-def _test_split_only(task: TaskConfig) -> TaskConfig:
-    """`task` without its num_train, and without its train_path where it gives a test_path: a train_path
-    copied with the task (`drift-ray eval` on a run's config, or eval.task as a YAML alias of task) would be
-    read for nothing, or stop the evaluation where that file is not here."""
-    return task.model_copy(update={"num_train": None, **({"train_path": None} if task.test_path else {})})
+def _load_split(task: TaskConfig, split: str, seed: int, key: str = "task") -> Task:
+    """`task` (of config section `key`) with the problems of `split` ("train" or "test") alone. Where it gives
+    that split's file, the other one is not read: a path copied with the task (`drift-ray eval` on a run's
+    config, eval.task as a YAML alias of task) would be read for nothing, or stop the command where that file
+    is not here. Its name is the one it has with both files (a file task's, of its training file), so that
+    `drift-ray eval` names the task as `run` does."""
+    other = "test" if split == "train" else "train"
+    given = getattr(task, f"{split}_path")
+    task = task.model_copy(update={"name": task_label(task), **({f"{other}_path": None} if given else {})})
+    return load_task(task, seed, key=key, splits=(split,))
 
 
 def _eval_play(cfg: Config, task: Task) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -87,8 +87,9 @@ def builtin_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
 _TASK_KEY = re.compile(rf"(?<![\w./-])task\.(?=(?:{'|'.join(TaskConfig.model_fields)})\b)")
 
 
-def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
-    """The task the config names, truncated to task.num_train / task.num_test problems.
+def load_task(cfg: TaskConfig, seed: int, key: str = "task", splits: Collection[str] = ("train", "test")) -> Task:
+    """The task the config names, truncated to task.num_train / task.num_test problems, with the problems of
+    `splits` alone (the other split empty, neither warned of nor checked).
 
     Errors name the config keys under `key`, the config section `cfg` was read from (eval.task for a
     task of the evaluation's own).
@@ -115,14 +116,16 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task") -> Task:
         if key != "task":  # every key the message names, as its remedy may name others (task.test_path=FILE)
             raise TaskError(_TASK_KEY.sub(key + ".", str(err))) from None
         raise
-    for name, asked, split in (("num_train", cfg.num_train, task.train), ("num_test", cfg.num_test, task.test)):
-        if asked is not None and asked > len(split):
+    for name, asked, split in (("num_train", cfg.num_train, "train"), ("num_test", cfg.num_test, "test")):
+        if split in splits and asked is not None and asked > len(getattr(task, split)):
             log.warning(
                 "%s.%s = %d, but task %r holds only %d such problems: all of them are used%s",
-                key, name, asked, task.name, len(split),
+                key, name, asked, task.name, len(getattr(task, split)),
                 "" if cfg.kind in ("file", "hub") else f" (its builder's own options, {key}.options, may make more)",
             )
-    kept = Task(task.name, task.train[: cfg.num_train], task.test[: cfg.num_test], verifier, verifier_options)
+    train = task.train[: cfg.num_train] if "train" in splits else []
+    test = task.test[: cfg.num_test] if "test" in splits else []
+    kept = Task(task.name, train, test, verifier, verifier_options)
     if verifier in _GOLDS_CHECKED:
         _warn_of_unmet_golds(kept, key)
     return kept
@@ -153,6 +156,15 @@ def _warn_of_unmet_golds(task: Task, key: str) -> None:
         )
 
 
+def task_label(cfg: TaskConfig) -> str:
+    """The task's name in messages and reports: task.name, but a file task left with the built-in task's name
+    (task.name's default, or a config written for the demo with task.kind changed) is named by its training
+    file, else its test file."""
+    if cfg.kind == "file" and cfg.name == TaskConfig.model_fields["name"].default:
+        return str(cfg.train_path or cfg.test_path)
+    return cfg.name
+
+
 def _verifier_options_source(cfg: TaskConfig, task: Task) -> str:
     """Who gave the verifier options that were refused: the config, or the task itself (a plugin's, which the
     user may not have written)."""
@@ -181,10 +193,8 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
     if cfg.kind == "file":
         if not cfg.train_path and not cfg.test_path:
             raise TaskError("task.train_path / task.test_path: a file task needs at least one of them")
-        # Unnamed, it is told by its file in messages, not by the built-in task that task.name defaults to.
-        name = cfg.name if "name" in cfg.model_fields_set else str(cfg.train_path or cfg.test_path)
         return Task(
-            name,
+            task_label(cfg),
             read_problems(cfg.train_path, cfg.columns) if cfg.train_path else [],
             read_problems(cfg.test_path, cfg.columns) if cfg.test_path else [],
             cfg.verifier or "exact",
@@ -290,8 +300,11 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         raise TaskError(f"{path}: no such file")
-    if path.is_dir():
-        raise TaskError(f"{path}: a directory; give one file of problems per split ({', '.join(PROBLEM_FILE_TYPES)})")
+    if path.is_dir() and path.suffix.lower() != ".parquet":  # NAME.parquet/part-*.parquet: one Parquet dataset
+        raise TaskError(
+            f"{path}: a directory; give one file of problems per split ({', '.join(PROBLEM_FILE_TYPES)}), or a "
+            "directory of Parquet files named *.parquet"
+        )
     if path.suffix.lower() not in PROBLEM_FILE_TYPES:
         raise TaskError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(PROBLEM_FILE_TYPES)}")
     if path.suffix.lower() == ".parquet":

@@ -130,13 +130,19 @@ def per_reply_mismatches(
 
 def per_reply_mismatch(column: str, count: int, replies: int, conversation: Any = None) -> str:
     """Why `count` values of a per-turn `column` (CUT_OFF, TURN_REWARDS) do not fit a conversation of
-    `replies` assistant messages; given the `conversation`, its roles too, where a misspelt one shows."""
+    `replies` assistant messages; given the `conversation`, its messages of other roles than system, user and
+    assistant too (a misspelt "assistent" is not counted as a reply)."""
     values = ("flag" if column == CUT_OFF else "value") + ("" if count == 1 else "s")
     messages = "assistant message" + ("" if replies == 1 else "s")
     problem = f"{column} has {count} {values} for {replies} {messages}; expected one each"
     if isinstance(conversation, list):
-        roles = [message.get("role") if isinstance(message, dict) else None for message in conversation]
-        problem += f" (its roles in order: {short_repr(roles) if len(roles) > 12 else roles})"
+        others = [
+            f"message {number}'s {short_repr(message.get('role'))}"
+            for number, message in enumerate(conversation, 1)
+            if isinstance(message, dict) and message.get("role") not in ("system", "user", "assistant")
+        ]
+        if others:
+            problem += f" (roles other than system, user and assistant: {', '.join(others[:3])}{', …' if len(others) > 3 else ''})"
     return problem
 
 

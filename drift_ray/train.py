@@ -375,7 +375,9 @@ def train_weighted_sft(
     # Said before the training, not by its first worker: the driver's log reaches run_dir's (see lock_run_dir).
     resumed = _recorded_progress(runs / name)
     saved_steps = _saved_steps(_checkpoints_progress(runs / name))
-    if resumed is not None:
+    if resumed is None:
+        log.info("weighted SFT: this Ray Train reads no record of its checkpoints here; its first worker says where the training starts")
+    else:
         log.info("weighted SFT: %s", starting_point(resumed, runs / name))
     if resumed is not None and not resumed.get("finished"):
         if unrecorded := unrecorded_checkpoints(saved_steps, int(resumed.get("step", 0))):

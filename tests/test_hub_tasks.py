@@ -7,6 +7,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -425,11 +426,20 @@ def test_bad_local_files(tmp_path):
         hub_task("gsm8k", test_path=str(latin1))
 
 
-def test_offline_hub_error_says_which_dataset_and_how_to_supply_files():
+def test_offline_hub_error_says_which_dataset_and_how_to_supply_files(monkeypatch):
     with pytest.raises(TaskError) as info:
         hub_task("gsm8k")
     message = str(info.value)
     assert "cannot load openai/gsm8k (config 'main', split 'train') from the Hugging Face Hub" in message
+    assert "HF_HUB_OFFLINE" not in message  # set already
+    # Online, a Hub out of reach: a copy in the cache is read at once offline.
+    import datasets
+
+    with monkeypatch.context() as online:
+        online.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        online.setattr(datasets, "load_dataset", mock.Mock(side_effect=OSError("the Hub is out of reach")))
+        with pytest.raises(TaskError, match=r"; a copy in the datasets cache is read without waiting on the network under HF_HUB_OFFLINE=1\.$"):
+            hub_task("gsm8k")
     assert "task.train_path=FILE task.test_path=FILE" in message
     assert "['question', 'answer']" in message
     with pytest.raises(TaskError, match=r"Idavidrein/gpqa .*gated.* pass task\.test_path=FILE, "):

@@ -460,10 +460,17 @@ def test_run_dir_s_log_says_that_the_command_before_was_killed(tmp_path):
         pass
     assert "ERROR ended: ValueError: a multi-line\nerror\n" in (run_dir / RUN_LOG_FILE).read_text()
     assert "stopped without a line saying how" not in (run_dir / RUN_LOG_FILE).read_text()
-    # As SIGKILL leaves it: its header, lines, and no end.
+    # A command still running on this machine (beside this one, on a file system without locks) is not one killed.
+    with (run_dir / RUN_LOG_FILE).open("a") as log_file:
+        log_file.write(f"2026-01-01 00:00:00,000 {os.getpid()} drift_ray INFO drift-ray eval, pid {os.getpid()} on {socket.gethostname()}: logging to x\n")
+    with lock_run_dir(cfg, "beside it", writes_rollouts=False):
+        pass
+    assert "stopped without a line saying how" not in (run_dir / RUN_LOG_FILE).read_text()
+    # As SIGKILL leaves it: its header, lines, and no end of its own (another pid's lines may come between).
     with (run_dir / RUN_LOG_FILE).open("a") as log_file:
         log_file.write(f"2026-01-01 00:00:00,000 4242 drift_ray INFO drift-ray run, pid 4242 on node-7: logging to {run_dir / RUN_LOG_FILE}\n")
         log_file.write("2026-01-01 00:00:01,000 4242 drift_ray INFO rollouts: {'problems': 8}\n")
+        log_file.write("2026-01-01 00:00:02,000 4343 drift_ray INFO ended: finished\n")
     for command in ("after the kill", "after that"):
         with lock_run_dir(cfg, command, writes_rollouts=False):
             pass
@@ -915,8 +922,16 @@ def test_the_rollouts_read_the_training_split_alone_where_no_evaluation_follows(
     problems.write_text('{"question": "x is between 10 and 29 and ends in 3. What is x?", "gold": "13"}\n')
     task = f"task={{kind: file, train_path: {problems}, test_path: {tmp_path / 'gone.jsonl'}, num_test: 8}}"
     with caplog.at_level(logging.WARNING, logger="drift_ray"):
-        assert len(training_task(load_config(None, [task]), evaluated=False).train) == 1
+        trained = training_task(load_config(None, [task]), evaluated=False)
+    assert (len(trained.train), trained.test) == (1, [])
     assert "num_test" not in caplog.text  # a test split it does not read is not warned of
+    # Named by its training file, by `eval` (which reads the test file alone) as by `run`, and from the config a
+    # run writes (task.name's default in it) too.
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(problems.read_text())
+    both = load_config(None, [f"task={{kind: file, train_path: {problems}, test_path: {test_file}}}"])
+    for cfg in (both, validate_config(both.model_dump(mode="json"))):
+        assert training_task(cfg, evaluated=False).name == evaluation_task(cfg).name == str(problems)
     # A run that evaluates on the task reads both.
     with pytest.raises(TaskError, match="gone.jsonl: no such file"):
         training_task(load_config(None, [task]), evaluated=True)

@@ -273,8 +273,13 @@ def test_a_problem_file_is_jsonl_or_parquet_whose_metadata_json_can_hold(tmp_pat
     csv.write_text("question,gold\na,1\n")
     with pytest.raises(TaskError, match=r"problems\.csv: unknown file type '\.csv'; expected one of \.jsonl, \.json, \.parquet$"):
         read_problems(csv)
-    with pytest.raises(TaskError, match=r": a directory; give one file of problems per split \(\.jsonl, \.json, \.parquet\)$"):
+    with pytest.raises(TaskError, match=r": a directory; give one file of problems per split \(\.jsonl, \.json, \.parquet\)"):
         read_problems(tmp_path)
+    # One Parquet dataset written as a directory of parts (Spark, Ray Data): read whole.
+    (tmp_path / "dataset.parquet").mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({"question": [f"q{part}"], "gold": [str(part)]}), tmp_path / "dataset.parquet" / f"part-{part}.parquet")
+    assert sorted(p.gold for p in read_problems(tmp_path / "dataset.parquet")) == ["0", "1"]
     shouted = tmp_path / "PROBLEMS.JSONL"
     shouted.write_text('{"question": "a", "gold": "1"}\n')
     assert [p.question for p in read_problems(shouted)] == ["a"]

@@ -282,20 +282,20 @@ def test_turns_must_be_the_conversation_s_replies(tmp_path):
     rows[1] = {**rows[1], schema.MESSAGES: rows[1][schema.MESSAGES][:-2]}
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "short.parquet")
     (tmp_path / "short.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    problem = (
-        "field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each "
-        "(its roles in order: ['user', 'assistant', 'user', 'assistant'])"
-    )
+    problem = "field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each"
     with pytest.raises(TrajectoryFileError, match=re.escape(f"short.parquet: row 2: {problem}")):
         read_trajectories(tmp_path / "short.parquet")
     with pytest.raises(TrajectoryFileError, match=re.escape(f"short.jsonl:2: {problem}")):
         read_trajectories(tmp_path / "short.jsonl")
-    # A misspelt role shows among them.
+    # A misspelt role, which is why a reply goes uncounted, is named.
     rows = _episode_rows()
     typo_messages = [{**message, "role": "assistent"} if i == 1 else message for i, message in enumerate(rows[0][schema.MESSAGES])]
     rows[0] = {**rows[0], schema.MESSAGES: typo_messages}
     (tmp_path / "typo.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    typo = "turn_rewards has 2 values for 1 assistant message; expected one each (its roles in order: ['user', 'assistent', 'user', 'assistant'])"
+    typo = (
+        "turn_rewards has 2 values for 1 assistant message; expected one each (roles other than system, user and "
+        "assistant: message 2's 'assistent')"
+    )
     with pytest.raises(TrajectoryFileError, match=re.escape(f"typo.jsonl:1: field 'messages': {typo}")):
         read_trajectories(tmp_path / "typo.jsonl")
     line = json.loads(AUTHORS_SAMPLE.read_text().splitlines()[0])
