@@ -72,8 +72,8 @@ class TaskConfig(_Section):
     )
     name: str = Field(
         "candidates",
-        description="builtin: task name; plugin: 'module:function'; file: a label used in messages (default: "
-        "its train_path, else its test_path).",
+        description="builtin: task name; plugin: 'module:function'; file: a label for messages and eval.md (left "
+        "at 'candidates', the built-in's name, a file task is named by its train_path, else its test_path).",
     )
     train_path: Optional[LocalPath] = Field(
         None, description="file: JSONL or Parquet with the training problems; hub: a local copy in the hub's columns."
