@@ -54,6 +54,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 def cmd_rollouts(args: argparse.Namespace) -> int:
     from drift_ray import pipeline
+
     cfg = _config(args)
     pipeline.check_model_here(cfg.rollout.model, cfg)  # before the task, which may be a download
     task = pipeline.training_task(cfg, evaluated=False)

@@ -110,8 +110,8 @@ def _logged_to(file: Path, command: str) -> Iterator[None]:
     log.addHandler(handler)  # at the level the process logs at, as the console shows it
     # Not the command line: an override's value may be a secret (see config._NEVER_SHOWN). Whatever the level
     # the process logs at: the next command finds where this one's lines begin by it.
-    header = ("drift-ray %s, pid %d on %s: logging to %s", (command, os.getpid(), socket.gethostname(), file))
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, *header, None))
+    header = (command, os.getpid(), socket.gethostname(), file)
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _COMMAND_HEADER_FORMAT, header, None))
     if unended:
         log.warning(
             "the command before this one here (%s) stopped without a line saying how: it was killed (SIGKILL, out of "
@@ -137,7 +137,8 @@ def _logged_to(file: Path, command: str) -> Iterator[None]:
         handler.close()
 
 
-# The line _logged_to heads a command's lines with.
+# The line _logged_to heads a command's lines with, and the pattern that finds it in the file.
+_COMMAND_HEADER_FORMAT = "drift-ray %s, pid %d on %s: logging to %s"
 _COMMAND_HEADER = re.compile(r" drift_ray INFO drift-ray (.+?), pid (\d+) on (\S+): logging to ")
 
 

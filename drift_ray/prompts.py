@@ -117,10 +117,11 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task", splits: Collection[
             raise TaskError(_TASK_KEY.sub(key + ".", str(err))) from None
         raise
     for name, asked, split in (("num_train", cfg.num_train, "train"), ("num_test", cfg.num_test, "test")):
-        if split in splits and asked is not None and asked > len(getattr(task, split)):
+        held = len(getattr(task, split))
+        if split in splits and asked is not None and asked > held:
             log.warning(
                 "%s.%s = %d, but task %r holds only %d such problems: all of them are used%s",
-                key, name, asked, task.name, len(getattr(task, split)),
+                key, name, asked, task.name, held,
                 "" if cfg.kind in ("file", "hub") else f" (its builder's own options, {key}.options, may make more)",
             )
     train = task.train[: cfg.num_train] if "train" in splits else []
@@ -395,7 +396,7 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
             "Map your columns with task.columns, e.g. {question: problem, gold: answer} (one mapping for both "
             "splits' files: give them the same columns)."
         )
-    problems, places = [], []
+    problems, places, made_up = [], [], 0
     used = {id_col, question_col, gold_col}
     for row_no, (where, row) in enumerate(rows, 1):
         for col in (id_col, question_col, gold_col):
@@ -419,12 +420,12 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
         require_json_metadata(metadata, where)
         if prompt_id is None:
             prompt_id = f"{Path(path).stem}-{row_no}"
+            made_up += 1
             places.append(f"{where} has no {id_col!r}: the id is made up for it")
         else:
             places.append(f"{where} gives {id_col!r} {prompt_id!r}")
         problems.append(Problem(as_text(prompt_id), str(row[question_col]), as_text(row[gold_col]), metadata))
     require_unique_prompt_ids(problems, str(path), places)
-    made_up = sum(place.endswith("the id is made up for it") for place in places)
     if 0 < made_up < len(problems):  # ids on some rows only: nulls where the ids were meant to be, as a rule
         log.warning(
             "%s: %d of its %d rows have no %r: their ids are made up ('%s-ROW'); give every row its id, or none",

@@ -116,16 +116,24 @@ def reply_counts(messages: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def per_reply_mismatches(
-    column: str, per_turn: pa.Array | pa.ChunkedArray | None, replies: np.ndarray
+    column: str,
+    per_turn: pa.Array | pa.ChunkedArray | None,
+    replies: np.ndarray,
+    messages: pa.Array | pa.ChunkedArray | None = None,
 ) -> list[tuple[int, str]]:
     """(row, per_reply_mismatch) of every row whose list in the per-turn column `column` (CUT_OFF,
     TURN_REWARDS) does not hold one value per reply; a null list, or a conversation without replies
-    (which conversation_problem names), is not one."""
+    (which conversation_problem names), is not one. Given the MESSAGES column, each names its conversation's
+    messages of other roles (see per_reply_mismatch)."""
     if per_turn is None or pa.types.is_null(per_turn.type):
         return []
     counts = pc.list_value_length(_combined(per_turn)).to_numpy(zero_copy_only=False)  # null: NaN
     rows = np.flatnonzero(~np.isnan(counts.astype(float)) & (replies > 0) & (counts != replies))
-    return [(int(row), per_reply_mismatch(column, int(counts[row]), int(replies[row]))) for row in rows]
+    found = []
+    for row in map(int, rows):
+        conversation = None if messages is None else messages[row].as_py()
+        found.append((row, per_reply_mismatch(column, int(counts[row]), int(replies[row]), conversation)))
+    return found
 
 
 def per_reply_mismatch(column: str, count: int, replies: int, conversation: Any = None) -> str:

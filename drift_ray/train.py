@@ -379,8 +379,7 @@ def train_weighted_sft(
         log.info("weighted SFT: this Ray Train reads no record of its checkpoints here; its first worker says where the training starts")
     else:
         log.info("weighted SFT: %s", starting_point(resumed, runs / name))
-    if resumed is not None and not resumed.get("finished"):
-        if unrecorded := unrecorded_checkpoints(saved_steps, int(resumed.get("step", 0))):
+        if not resumed.get("finished") and (unrecorded := unrecorded_checkpoints(saved_steps, int(resumed.get("step", 0)))):
             log.warning("weighted SFT: %s", unrecorded)
     write_json_atomic(settings, runs / name / TRAIN_SETTINGS_FILE)  # for a run with other settings to name
     result = _fit(trainer)

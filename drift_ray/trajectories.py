@@ -652,9 +652,8 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
     fail(np.flatnonzero(~np.isfinite(sums)), schema.TURN_REWARDS, _SUM_EXPECTED)
     if schema.MESSAGES in table.column_names:  # the turns: first, so that a reward too many is named as such
         replies = schema.reply_counts(table.column(schema.MESSAGES))
-        for row, _ in schema.per_reply_mismatches(schema.TURN_REWARDS, rewards, replies)[:1]:
-            conversation = table.column(schema.MESSAGES)[row].as_py()  # its roles may show why
-            problem = schema.per_reply_mismatch(schema.TURN_REWARDS, len(rewards[row].as_py()), int(replies[row]), conversation)
+        messages = table.column(schema.MESSAGES)  # its roles may show why
+        for row, problem in schema.per_reply_mismatches(schema.TURN_REWARDS, rewards, replies, messages)[:1]:
             raise TrajectoryFileError(f"{where(row)}: field {schema.MESSAGES!r}: {problem}")
     for field in (schema.CORRECT, schema.FORMAT_FAILURES, schema.CUT_OFF):
         if field in table.column_names:
