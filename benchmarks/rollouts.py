@@ -37,6 +37,7 @@ import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,27 +88,33 @@ def measure_in_process(model: str, threads: int, workload: dict[str, Any], **opt
     return {"startup_s": startup, **play_batches(engine, **workload)}
 
 
-def _engine_process(model: str, workload: dict[str, Any], barrier, results) -> None:
+_start_together = None  # a spawned worker's barrier, shared with the other worker by the pool's initializer
+
+
+def _share_barrier(barrier) -> None:
+    global _start_together
+    _start_together = barrier
+
+
+def _engine_process(model: str, workload: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
-    engine = TransformersEngine(model, device="cpu", torch_threads=1)
+    try:
+        engine = TransformersEngine(model, device="cpu", torch_threads=1)
+    except BaseException:
+        _start_together.abort()  # else the other worker waits at the barrier for ever
+        raise
     startup = time.perf_counter() - started
-    barrier.wait()
-    results.put({"startup_s": startup, **play_batches(engine, **workload)})
+    _start_together.wait()
+    return {"startup_s": startup, **play_batches(engine, **workload)}
 
 
 def measure_two_processes(model: str, workload: dict[str, Any]) -> dict[str, Any]:
-    """Two 1-thread engines in their own processes, each playing every other batch, timed from a common start."""
+    """Two 1-thread engines in their own processes, each playing every other batch, timed from a common start.
+    A worker that fails or dies ends the measurement with its error: the pool stops the other one."""
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(2), context.Queue()
     halves = [{**workload, "batches": workload["batches"][i::2]} for i in range(2)]
-    processes = [context.Process(target=_engine_process, args=(model, half, barrier, results)) for half in halves]
-    for process in processes:
-        process.start()
-    parts = [results.get() for _ in processes]
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"an engine process exited with {process.exitcode}; see its output above")
+    with ProcessPoolExecutor(2, mp_context=context, initializer=_share_barrier, initargs=(context.Barrier(2),)) as pool:
+        parts = [future.result() for future in [pool.submit(_engine_process, model, half) for half in halves]]
     return {
         "startup_s": max(p["startup_s"] for p in parts),
         "seconds": max(p["seconds"] for p in parts),

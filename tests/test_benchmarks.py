@@ -106,6 +106,20 @@ def test_the_rollouts_benchmark_refuses_a_config_of_another_engine(tmp_path):
     assert "jobs/qwen2.5-3b-metamath.yaml: rollout.engine=vllm; this benchmark times the transformers engine" in done.stderr
 
 
+def test_the_two_process_row_ends_with_the_error_of_an_engine_that_fails_to_load(tmp_path):
+    """Before, its two processes waited for each other, and the benchmark for their results, for ever."""
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "import rollouts\n"
+        "if __name__ == '__main__':\n"
+        f"    rollouts.measure_two_processes({str(tmp_path / 'no-model')!r}, {{'batches': [[], []]}})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1
+    assert str(tmp_path / "no-model") in done.stderr.strip().splitlines()[-1]
+
+
 def test_a_result_line_appended_before_does_not_make_the_commit_dirty(tmp_path):
     record = load_benchmark("record.py")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(tmp_path)]
