@@ -133,8 +133,9 @@ def _parse_number(text: str) -> tuple[Fraction, bool] | None:
 
 
 def canonical_number(value: Fraction) -> str:
-    """'1234' for an integer, else 12 significant digits ('0.5' for 1/2)."""
-    if value.denominator == 1 and abs(value.numerator) < 10**15:
+    """All the digits of an integer ('1234'; the numeric verifier tells apart integers of any size), else 12
+    significant digits ('0.5' for 1/2)."""
+    if value.denominator == 1:
         return str(value.numerator)
     return format(float(value), ".12g")
 
@@ -375,11 +376,16 @@ def _math_equivalent(answer: str, gold: str) -> bool:
 def _math_canonical(answer: str) -> str | None:
     """One form for the answers check finds equal, as far as it is cheap: every way of writing a rational
     number ("3", "3.0", "\\frac{1}{2}", "0.5") gets canonical_number's, so that repeating an answer in
-    another notation still counts as a repeat."""
+    another notation still counts as a repeat. An equation naming a variable ("x = 3") gets its value's, as
+    check finds it equal to its value."""
+    from sympy import Eq
+
     parsed = _parse_math(answer)
     if not parsed or isinstance(parsed[0], str):
         return None
     value = parsed[0].doit() if hasattr(parsed[0], "doit") else parsed[0]  # 50\% is 50*(1/100) unevaluated
+    if isinstance(value, Eq) and value.lhs.is_Symbol:
+        value = value.rhs
     if getattr(value, "is_Rational", False) or getattr(value, "is_Float", False):
         return canonical_number(Fraction(str(value)))
     return str(value)

@@ -97,6 +97,7 @@ def test_numeric_check(answer, gold, correct):
         (["1/2", "0.5", ".5", "50/100", "0.50 m"], "0.5"),
         (["1,234", "1234", "$1,234", "1234.0", "1.234e3"], "1234"),
         (["-3.5", "−3.5", "-7/2"], "-3.5"),
+        (["1e15", "1,000,000,000,000,000", "1000000000000000.0"], "1000000000000000"),
         (["Twelve Apples", "twelve  apples"], "twelveapples"),
     ],
 )
@@ -108,6 +109,8 @@ def test_numeric_normalize_equal_numbers_alike(answers, canonical):
 def test_numeric_normalize_tells_numbers_apart():
     verifier = get_verifier("numeric")
     assert len({verifier.normalize(a) for a in ["1/3", "0.5", "2", "-2", "20"]}) == 5
+    # integers of any size, as check tells them apart
+    assert verifier.normalize("1000000000000001") != verifier.normalize("1000000000000000")
 
 
 def test_parse_number_rejects_long_text_quickly():
@@ -277,6 +280,7 @@ def test_math_check(math_verifier, answer, gold, correct):
         ["x^2+1", "1 + x^{2}", "$x^2 + 1$"],
         ["3", "3.0", "$3.00$", "\\boxed{3}"],  # a repeat in another notation is still a repeat
         ["0.1", "\\frac{1}{10}", "1/10", "0.10"],
+        ["42", "x=42", "x = 42", "\\boxed{x=42}"],  # check finds an equation naming a variable equal to its value
     ],
 )
 def test_math_normalize_equivalent_answers_alike(math_verifier, answers):
