@@ -858,7 +858,8 @@ def run_eval(cfg: Config, task: Task, models: dict[str, str], start_ray: Callabl
     options = f" {dict(task.verifier_options)}" if task.verifier_options else ""
     evaluated_on = (
         f"Task {task.name!r}: {len(task.test)} test problems, verifier {task.verifier!r}{options}; one greedy episode "
-        f"of up to {cfg.episode.max_turns} turns per problem."
+        f"of up to {cfg.episode.max_turns} turns per problem, replies of up to {eval_sampling(cfg).max_new_tokens} new "
+        f"tokens{', reasoning asked for in <think>' if cfg.episode.think else ''}, feedback {cfg.episode.feedback!r}."
     )
     paths = write_report(metrics, cfg.episode.max_turns, eval_dir, evaluated_on)
     return {"metrics": metrics, "paths": paths}

@@ -77,7 +77,8 @@ def test_smoke_pipeline_end_to_end_and_rerun_skips(tmp_path, tiny_model_dir, cap
     assert set(metrics) == {"reference", "drift"}
     assert metrics["drift"]["num_problems"] == 8
     assert (run_dir / "eval" / "eval.md").read_text().startswith(
-        "Task 'candidates': 8 test problems, verifier 'exact'; one greedy episode of up to 3 turns per problem.\n\n| "
+        "Task 'candidates': 8 test problems, verifier 'exact'; one greedy episode of up to 3 turns per problem, "
+        "replies of up to 48 new tokens, feedback 'Incorrect. Please think again.'.\n\n| "
     )
     assert (run_dir / "train" / "model" / "config.json").exists()
     # Readable as any file this user makes, by a serving process of another user too (see publish_directory).
