@@ -8,7 +8,8 @@
 #   DRIFT_EXTRAS       extras to install (default: dev; add vllm on GPU machines: "dev,vllm")
 #   DRIFT_CONSTRAINTS  a pip constraints file to install under (default: none). benchmarks/constraints.txt
 #                      holds the versions behind the committed benchmark results; .ci/floors.txt the oldest
-#                      versions pyproject.toml admits.
+#                      versions pyproject.toml admits; cluster/gpu-constraints.txt those of the GPU clusters'
+#                      nodes (with DRIFT_EXTRAS=vllm).
 #   DRIFT_VENV         where the virtual environment goes (default: .venv)
 set -euo pipefail
 cd "$(dirname "$0")"

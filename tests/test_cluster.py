@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+from packaging.version import Version
 
 from drift_ray.config import Config, ConfigError, EngineKind, LossKind, LrSchedule, WeightMode, load_config
 
@@ -164,6 +165,7 @@ def launcher_problems(cluster: dict[str, Any]) -> list[str]:
             problems.append(f"{where}.initialization_commands: no mount of {SHARED_DIR} (run_dir)")
         if cluster.get("provider", {}).get("type") == "gcp":
             problems += gcp_scheduling_problems(where, node_type)
+            problems += gcp_disk_problems(where, node_type, cluster["provider"].get("availability_zone"))
     min_total = sum(node_type.get("min_workers", 0) for node_type in node_types.values())
     if cluster.get("max_workers", 0) < min_total:
         problems.append(f"max_workers: {cluster.get('max_workers')} is less than the sum of min_workers {min_total}")
@@ -191,6 +193,17 @@ def gcp_scheduling_problems(where: str, node_type: dict[str, Any]) -> list[str]:
         return [f"{where}.node_config.scheduling.onHostMaintenance: {scheduling.get('onHostMaintenance')!r}; "
                 "a VM with GPUs needs TERMINATE"]
     return []
+
+
+def gcp_disk_problems(where: str, node_type: dict[str, Any], zone: str | None) -> list[str]:
+    """A disk without a type gets GCE's pd-standard, which G2 machines (the rollout nodes) cannot attach."""
+    problems = []
+    for number, disk in enumerate((node_type.get("node_config") or {}).get("disks", []), 1):
+        disk_type = disk.get("initializeParams", {}).get("diskType")
+        if disk_type is None or not disk_type.startswith(f"zones/{zone}/diskTypes/") or disk_type.endswith("/pd-standard"):
+            problems.append(f"{where}.node_config.disks, disk {number}: diskType {disk_type!r}; expected "
+                            f"zones/{zone}/diskTypes/pd-balanced or another type than pd-standard, in the provider's zone")
+    return problems
 
 
 def launcher_shapes(cluster: dict[str, Any]) -> dict[str, NodeShape]:
@@ -287,6 +300,10 @@ def test_broken_launcher_is_reported(mutation, expected):
          "train_gpu.node_config.scheduling: a list; GCE takes a mapping"),
         (set_path("available_node_types.train_gpu.node_config.scheduling", {"onHostMaintenance": "MIGRATE"}),
          "train_gpu.node_config.scheduling.onHostMaintenance: 'MIGRATE'; a VM with GPUs needs TERMINATE"),
+        (set_path("available_node_types.rollout_gpu.node_config.disks", [{"boot": True, "initializeParams": {}}]),
+         "rollout_gpu.node_config.disks, disk 1: diskType None"),
+        (set_path("provider.availability_zone", "us-central1-b"),
+         "head_cpu.node_config.disks, disk 1: diskType 'zones/us-central1-a/diskTypes/pd-balanced'"),
     ],
 )
 def test_broken_gcp_scheduling_is_reported(mutation, expected):
@@ -416,7 +433,10 @@ def test_kuberay_runtime_env_is_accepted_by_ray():
     env = yaml.safe_load(only_rayjob(load_kuberay())["spec"]["runtimeEnvYAML"])
     parsed = runtime_env.RuntimeEnv(**env)  # raises on a malformed field, as `ray job submit` would
     # Every node installs the package (with vLLM) from the job's own working directory.
-    assert parsed["pip"]["packages"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}[vllm]"]
+    assert parsed["pip"]["packages"] == [
+        "-c ${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/cluster/gpu-constraints.txt",
+        "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}[vllm]",
+    ]
 
 
 def test_kuberay_entrypoint_runs_a_job_config_on_shared_storage():
@@ -507,3 +527,64 @@ def test_broken_entrypoint_is_reported(entrypoint, expected):
     rayjob["spec"]["entrypoint"] = entrypoint
     problems, _ = entrypoint_problems(rayjob)
     assert any(expected in problem for problem in problems), problems
+
+
+# --- The GPU nodes' packages ------------------------------------------------------------------------
+
+# The NVIDIA Linux driver each CUDA release needs for full compatibility (its toolkit's release notes).
+MIN_DRIVER_FOR_CUDA = {(12, 8): 570, (12, 9): 575, (13, 0): 580}
+
+
+def gpu_stack_problems(locked: dict[str, Version], gcp: dict[str, Any]) -> list[str]:
+    """Where the locked GPU packages disagree with the clusters' Ray image and with the NVIDIA driver of the
+    GCP nodes' image (the AWS image, "latest", names no driver). test_constraints.py checks them against
+    pyproject.toml."""
+    problems = []
+    image_ray = Version(gcp["docker"]["image"].split(":")[1].split("-")[0])
+    if locked.get("ray") != image_ray:
+        problems.append(f"gpu-constraints.txt: ray=={locked.get('ray')}, but the clusters' image runs Ray {image_ray}")
+    cuda = next((locked[name].release[:2] for name in ("nvidia-cuda-runtime-cu12", "cuda-toolkit") if name in locked), None)
+    needs = MIN_DRIVER_FOR_CUDA.get(cuda)
+    if needs is None:
+        return problems + [f"gpu-constraints.txt: CUDA {cuda} is not in MIN_DRIVER_FOR_CUDA"]
+    for name, node_type in gcp["available_node_types"].items():
+        if not node_type["resources"].get("GPU"):
+            continue
+        for disk in node_type["node_config"]["disks"]:
+            family = disk["initializeParams"]["sourceImage"].rsplit("/", 1)[1]
+            driver = int(family.rsplit("nvidia-", 1)[1]) if "nvidia-" in family else None
+            if driver is None or driver < needs:
+                problems.append(f"gcp.yaml: {name}'s image {family} has NVIDIA driver {driver}; the locked torch "
+                                f"(CUDA {'.'.join(map(str, cuda))}) needs {needs} or newer")
+    return problems
+
+
+def test_gpu_lock_meets_the_image_and_the_driver():
+    from tests.test_constraints import GPU_LOCK, pins  # needs tomllib: Python 3.11
+
+    assert gpu_stack_problems(pins(GPU_LOCK), load_yaml(CLUSTER / "gcp.yaml")) == []
+
+
+@pytest.mark.parametrize(
+    ("lock_edit", "expected"),
+    [
+        (lambda text: text.replace("ray==2.60.0", "ray==2.59.0"), "ray==2.59.0, but the clusters' image runs Ray 2.60.0"),
+        (lambda text: text.replace("nvidia-cuda-runtime-cu12==12.8.90", "cuda-toolkit==13.0.3"),
+         "common-cu128-ubuntu-2204-nvidia-570 has NVIDIA driver 570; the locked torch (CUDA 13.0) needs 580"),
+    ],
+)
+def test_a_lock_that_the_clusters_cannot_run_is_reported(lock_edit, expected, tmp_path):
+    from tests.test_constraints import GPU_LOCK, pins
+
+    text = GPU_LOCK.read_text()
+    edited = tmp_path / GPU_LOCK.name
+    edited.write_text(lock_edit(text))
+    assert edited.read_text() != text
+    problems = gpu_stack_problems(pins(edited), load_yaml(CLUSTER / "gcp.yaml"))
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_every_launcher_node_installs_the_locked_packages(name):
+    installs = [command for command in load_yaml(CLUSTER / name)["setup_commands"] if "pip install" in command]
+    assert installs == ['pip install -q -c "$HOME/drift-ray/cluster/gpu-constraints.txt" -e "$HOME/drift-ray[vllm]"']

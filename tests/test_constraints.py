@@ -1,6 +1,7 @@
 """benchmarks/constraints.txt pins the environment behind the committed benchmark results: every dependency
 of drift-ray within its declared range, and the library versions the newest results record. .ci/floors.txt
-pins the floors pyproject.toml declares, for `bash .ci/floors`."""
+pins the floors pyproject.toml declares, for `bash .ci/floors`. cluster/gpu-constraints.txt pins the GPU
+clusters' packages, vLLM and torch included (tests/test_cluster.py checks them against the clusters)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ NOT_PINNED = {"torch", "vllm"}
 
 
 FLOORS = ROOT / ".ci" / "floors.txt"
+GPU_LOCK = ROOT / "cluster" / "gpu-constraints.txt"
 
 
 def pins(path: Path = CONSTRAINTS) -> dict[str, Version]:
@@ -45,6 +47,15 @@ def test_every_dependency_is_pinned_within_its_declared_range():
             assert name not in pinned, f"{name} is installed by setup.sh's own rule, not pinned here"
             continue
         assert name in pinned, f"{name} is a dependency but has no pin in {CONSTRAINTS.name}"
+        assert requirement.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} is outside {requirement}"
+
+
+def test_the_gpu_lock_pins_every_runtime_dependency_and_vllm_within_its_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = pins(GPU_LOCK)
+    for requirement in map(Requirement, [*project["dependencies"], *project["optional-dependencies"]["vllm"]]):
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{name} is a dependency but has no pin in {GPU_LOCK.name}"
         assert requirement.specifier.contains(pinned[name], prereleases=True), f"{name}=={pinned[name]} is outside {requirement}"
 
 
