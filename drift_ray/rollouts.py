@@ -382,6 +382,14 @@ def run_episodes(
                 resources=r.resources or None,
             )
             produced = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+            unseen = left_to_play()
+            if unseen:
+                raise RuntimeError(
+                    f"{out_dir}: the rollout actors played {len(todo)} problems, but this process finds the episodes "
+                    f"of {len(unseen)} of them nowhere there (e.g. {unseen[0].prompt_id!r}): an actor on another "
+                    "node wrote them to that node's own disk. On a cluster of several nodes, run_dir (and "
+                    "rollout.output_dir) must be storage that every node mounts at the same path (cluster/README.md)"
+                )
             summary.update(
                 trajectories=int(pc.sum(produced["trajectories"]).as_py()),
                 completion_tokens=int(pc.sum(produced[schema.COMPLETION_TOKENS]).as_py()),

@@ -349,6 +349,30 @@ def test_ray_starts_only_for_episodes_to_play_and_before_anything_is_written(tmp
     assert (summary["new"], summary["reused"], refused.call_count) == (0, 1, 1)
 
 
+def test_episodes_the_actors_wrote_where_this_process_cannot_see_them_are_an_error(tmp_path, monkeypatch):
+    """As on a cluster whose run_dir is not shared: an actor on another node writes to that node's disk."""
+    import ray.data
+
+    out = tmp_path / "rollouts"
+
+    class PlayedHereAndElsewhere:  # the Ray Data pipeline: "b" played on this node, "c" on another
+        def map_batches(self, *args, **kwargs):
+            return self
+
+        def iter_batches(self, **kwargs):
+            write_shard(out, ["b"], k=2)
+            yield pa.table({"trajectories": [4], schema.COMPLETION_TOKENS: [20], schema.PROMPT_TOKENS: [12]})
+
+    monkeypatch.setattr(ray.data, "from_arrow", lambda blocks: PlayedHereAndElsewhere())
+    out.mkdir()
+    write_shard(out, ["a"], k=2)  # played by an earlier run
+    with pytest.raises(RuntimeError, match=(
+        r"rollouts: the rollout actors played 2 problems, but this process finds the episodes of 1 of them nowhere "
+        r"there \(e.g. 'c'\): an actor on another node wrote them .* must be storage that every node mounts"
+    )):
+        run_episodes([problem("a"), problem("b"), problem("c")], out, **episode_kwargs(), start_ray=lambda: None)
+
+
 def test_runs_sharing_rollouts_take_turns_and_the_one_that_waited_reuses_what_the_other_played(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="drift_ray")
     kwargs = episode_kwargs()
