@@ -187,6 +187,10 @@ class EngineKind(str, Enum):
     openai = "openai"
 
 
+# The rollout keys that only the openai engine reads.
+_SERVER_SETTINGS = ("api_base", "api_key_env", "max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s")
+
+
 class RolloutConfig(_Section):
     engine: EngineKind = Field(
         EngineKind.transformers,
@@ -331,6 +335,18 @@ class RolloutConfig(_Section):
                 "reserves: the actors sharing the GPU would ask for more memory than it has, and vLLM would refuse to "
                 f"start; set rollout.gpu_memory_utilization to at most {self.gpus_per_actor:g}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _server_settings_only_for_a_server(self) -> "RolloutConfig":
+        # Else a config meant for a server (its engine key forgotten) plays the local default model instead.
+        if self.engine is not EngineKind.openai:
+            for name in _SERVER_SETTINGS:
+                if getattr(self, name) != type(self).model_fields[name].default:  # a value is not shown: _NEVER_SHOWN
+                    raise ValueError(
+                        f"rollout.{name} is read with rollout.engine=openai only, and rollout.engine is "
+                        f"{self.engine.value}: set rollout.engine=openai to play on a server, or remove rollout.{name}"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -54,6 +54,12 @@ class Generation:
     cut_off: bool = False
 
 
+class EngineServerError(RuntimeError):
+    """The server an engine sends its requests to failed one (after any retries of its own). The rollout stage
+    reports it as its command's error, in one line, rather than as the crash of an actor: its message, not the
+    traceback of the code that met it, says what to do."""
+
+
 class Engine(Protocol):
     """What rollouts and evaluation need from a generation backend (transformers, vLLM, …)."""
 

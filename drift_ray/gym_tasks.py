@@ -94,6 +94,9 @@ log = logging.getLogger(__name__)
 VERIFIER = "reasoning_gym"
 DEFAULT_SIZE = 500
 COMPOSITE = "composite"  # the generator that mixes others: neither generated here nor scored
+_NEEDS_THE_PACKAGE = (
+    "needs the reasoning-gym package: pip install -e '.[gym]' in the repository, or pip install 'reasoning-gym>=0.1.25'"
+)
 
 # Functions an answer of an evaluating scorer may call: elementary ones, quick on any argument, and
 # Integral (intermediate_integration's answers leave some unevaluated).
@@ -370,7 +373,7 @@ def refuse_evaluated_golds(problems: Sequence[Problem], key: str) -> None:
     try:
         import reasoning_gym
     except ImportError as err:
-        raise TaskError(f"{key}: the reasoning_gym verifier needs the reasoning-gym package: pip install reasoning-gym") from err
+        raise TaskError(f"{key}: the reasoning_gym verifier {_NEEDS_THE_PACKAGE}") from err
     for problem in problems:
         try:
             stored = GymGold.from_json(problem.gold)
@@ -397,7 +400,7 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
     try:
         import reasoning_gym
     except ImportError as err:
-        raise TaskError("task.kind=reasoning_gym needs the reasoning-gym package: pip install reasoning-gym") from err
+        raise TaskError(f"task.kind=reasoning_gym {_NEEDS_THE_PACKAGE}") from err
     known = reasoning_gym.factory.DATASETS
     if cfg.name not in known:
         close = difflib.get_close_matches(cfg.name, known, n=3)

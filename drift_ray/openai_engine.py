@@ -51,7 +51,7 @@ import aiohttp
 
 from drift_ray.config import API_KEY_ENV_EXPECTED, is_env_var_name
 from drift_ray.engines import cut_at_stop, ends_on_stop
-from drift_ray.episode import Conversation, Generation, SamplingParams, sample_seed
+from drift_ray.episode import Conversation, EngineServerError, Generation, SamplingParams, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _REJECTED_STATUSES = (400, 422)
 Post = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class OpenAIServerError(RuntimeError):
+class OpenAIServerError(EngineServerError):
     """A chat-completions request failed. The message names the URL and the HTTP status, never the API key."""
 
     def __init__(self, message: str, *, url: str, status: int | None = None):
@@ -119,6 +119,7 @@ class OpenAIEngine:
         self.stop_on_server = True
         self.stop_kept_in_text = False
         self.reasoning_apart = False
+        self.retried = False  # whether a retry was reported
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(model={self.name!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
@@ -193,8 +194,8 @@ class OpenAIEngine:
             texts = self._texts(choices, stop, False)
             assert texts is not None  # without `stop` sent, every reply is cut here
         # The server spent the tokens of a request that had to be sent again too.
-        prompt_tokens = sum(int(u.get("prompt_tokens") or 0) for u in usages)
-        completion_tokens = _share(sum(int(u.get("completion_tokens") or 0) for u in usages), texts)
+        prompt_tokens = sum(self._token_count(u, "prompt_tokens") for u in usages)
+        completion_tokens = _share(sum(self._token_count(u, "completion_tokens") for u in usages), texts)
         return [
             # finish_reason "length": max_tokens reached, unless the reply was cut here at a stop string. Some
             # vLLM releases also say "length" where the last token allowed ended the turn; without the token
@@ -219,7 +220,7 @@ class OpenAIEngine:
                 self.url,
                 apart,
             )
-        texts = [message.get("content") or "" for message in messages]
+        texts = [self._content(message) for message in messages]
         kept = [any(s in text for s in stop) for text in texts]
         if not stop_on_server:
             return [cut_at_stop(text, stop) for text in texts]
@@ -239,6 +240,27 @@ class OpenAIEngine:
                 return None
         return resolved
 
+    def _token_count(self, usage: dict[str, Any], key: str) -> int:
+        count = usage.get(key) or 0
+        if isinstance(count, float) and count.is_integer():
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise OpenAIServerError(f"{self.url}: usage.{key} is {count!r}; expected a whole number of tokens", url=self.url)
+        return count
+
+    def _content(self, message: dict[str, Any]) -> str:
+        """A reply's text: a model's refusal (OpenAI's `refusal`, beside no content) is what it said. A reply with
+        neither is refused, as an unfinished one: graded, it would count as a format failure and be trained on."""
+        content = message.get("content")
+        if content is None and isinstance(message.get("refusal"), str):
+            return message["refusal"]
+        if not isinstance(content, str):
+            found = f"a message with keys {sorted(message)}" if message else "no message"
+            raise OpenAIServerError(
+                f"{self.url}: a reply without text content ({found}); expected 'content' to be a string", url=self.url
+            )
+        return content
+
     def _choices(self, response: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The choices (in index order) and the usage of a chat-completion response, checked."""
         choices = response.get("choices") if isinstance(response, dict) else None
@@ -256,7 +278,10 @@ class OpenAIEngine:
                 "server did not finish it (a rerun plays the batch again)",
                 url=self.url,
             )
-        return sorted(choices, key=lambda c: c.get("index", 0)), response.get("usage") or {}
+        usage = response.get("usage") or {}
+        if not isinstance(usage, dict):
+            raise OpenAIServerError(f"{self.url}: 'usage' is a {type(usage).__name__}; expected an object", url=self.url)
+        return sorted(choices, key=lambda c: c.get("index", 0)), usage
 
     async def _post(self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, payload: dict[str, Any]) -> Any:
         """The JSON answer to `payload`, retried after a connection error, HTTP 408, 429 or 5xx."""
@@ -284,6 +309,12 @@ class OpenAIEngine:
                     # request_info holds the request's headers, the API key among them.
                     failure = OpenAIServerError(f"{self.url}: {type(err).__name__}: {self._redact(str(err))}", url=self.url)
             if attempt < self.max_retries:
+                if not self.retried:  # once: a busy server fails many requests at a time
+                    self.retried = True
+                    log.warning(
+                        "%s; retrying (each request up to rollout.max_retries=%d times; later retries are not reported)",
+                        failure, self.max_retries,
+                    )
                 backoff = min(self.retry_backoff_s * 2**attempt, _MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(max(backoff, retry_after))
         raise OpenAIServerError(
@@ -304,7 +335,11 @@ class OpenAIEngine:
         message = f"{self.url} answered HTTP {status}: {self._excerpt(body)}"
         if status in (401, 403):
             found = "is set" if self._api_key else "is not set or empty"
-            message += f"; the API key comes from the environment variable {self.api_key_env} (rollout.api_key_env), which {found}"
+            message += (
+                f"; the API key comes from the environment variable {self.api_key_env} (rollout.api_key_env), which "
+                f"{found} where this engine runs: on a cluster that drift-ray did not start itself, a rollout actor has "
+                "the environment its node's `ray start` had, not that of the shell that ran drift-ray"
+            )
         elif status == 404:
             message += "; check rollout.api_base (the server's URL up to and including /v1) and rollout.model (a model it serves)"
         elif 300 <= status < 400:

@@ -396,6 +396,12 @@ def check_model_here(model: str, cfg: Config, *, to_train: bool = False) -> bool
     """
     if not model.strip():
         raise ValueError("the model is empty: give a model directory or a Hub id")
+    if model == DEMO_MODEL and cfg.rollout.engine is EngineKind.openai and not to_train:
+        # Else the demo model would be built here, and its path sent to the server as a model name.
+        raise ValueError(
+            f"rollout.model: {DEMO_MODEL} is built for the local engines; with rollout.engine=openai give the name "
+            "the server serves its model under (rollout.model, or --model for drift-ray eval)"
+        )
     if model == DEMO_MODEL or (cfg.rollout.engine is EngineKind.openai and not to_train):
         return False
     model = os.path.expanduser(model)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from drift_ray import schema
 from drift_ray.config import Config, EngineKind, EpisodeConfig, RolloutConfig
-from drift_ray.episode import SamplingParams, episodes_table, first_messages, play_episodes, stable_seed
+from drift_ray.episode import EngineServerError, SamplingParams, episodes_table, first_messages, play_episodes, stable_seed
 from drift_ray.prompts import Problem, problems_table
 from drift_ray.trajectories import (
     TRAIN_SETTINGS_FILE,
@@ -52,6 +52,7 @@ SUMMARY_SCHEMA = pa.schema(
         (schema.PROMPT_TOKENS, pa.int64()),
         (schema.COMPLETION_TOKENS, pa.int64()),
         ("seconds", pa.float64()),
+        ("server_error", pa.string()),  # why the batch was not played (EngineServerError), else null
     ]
 )
 
@@ -94,16 +95,26 @@ class EpisodeStage:
         self.params = params
         self.samples_per_prompt = samples_per_prompt
         self.out_dir = Path(out_dir)
+        self.server_error: str | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         schema.require_columns(batch.column_names, (schema.PROMPT_ID, schema.QUESTION, schema.GOLD), stage="rollout", source="problem batch")
         problems = [Problem.from_row(row) for row in batch.to_pylist()]
-        start = time.perf_counter()
-        episodes = play_episodes(problems, self.engine, self.verifier, self.params, self.samples_per_prompt, self.episode)
-        seconds = time.perf_counter() - start
-        trajectories = episodes_table(episodes, self.episode, self.model)
-        write_table_atomic(trajectories, shard_path(self.out_dir, problems))
-        return summarize(problems, trajectories, seconds)
+        # The driver reports a server's failure itself, from these rows: raised here, it would reach the user
+        # inside a traceback of Ray's. Once this actor's server has failed, its later batches are not tried.
+        if self.server_error is None:
+            start = time.perf_counter()
+            try:
+                episodes = play_episodes(problems, self.engine, self.verifier, self.params, self.samples_per_prompt, self.episode)
+            except EngineServerError as err:
+                self.server_error = str(err)
+            else:
+                seconds = time.perf_counter() - start
+                trajectories = episodes_table(episodes, self.episode, self.model)
+                write_table_atomic(trajectories, shard_path(self.out_dir, problems))
+                return summarize(problems, trajectories, seconds)
+        rows = [{schema.PROMPT_ID: p.prompt_id, "server_error": self.server_error} for p in problems]
+        return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
 def shard_path(out_dir: Path, problems: Sequence[Problem]) -> Path:
@@ -382,6 +393,12 @@ def run_episodes(
                 resources=r.resources or None,
             )
             produced = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+            failed = produced.filter(pc.is_valid(produced["server_error"]))
+            if failed.num_rows:
+                raise EngineServerError(
+                    f"{failed['server_error'][0]} ({failed.num_rows} of the {len(todo)} problems were not played; those "
+                    f"played are kept in {out_dir}, and a rerun plays the rest)"
+                )
             unseen = left_to_play()
             if unseen:
                 raise RuntimeError(

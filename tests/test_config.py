@@ -340,7 +340,21 @@ def test_what_may_be_a_secret_is_refused_without_being_repeated(override, line):
     # The override's key alone names it.
     tagged = f"{line} [set by the override of {override.partition('=')[0]}]"
     assert tagged in str(error.value).splitlines() and "SECRET" not in str(error.value)
-    load_config(None, ["rollout.api_key_env=MY_KEY_2", "rollout.api_base=https://llm.example:8443/v1/"])
+    load_config(None, ["rollout.engine=openai", "rollout.api_key_env=MY_KEY_2", "rollout.api_base=https://llm.example:8443/v1/"])
+
+
+@pytest.mark.parametrize("setting", ["api_base=https://llm.example/v1", "max_concurrency=8", "api_key_env=MY_KEY"])
+def test_a_server_setting_under_a_local_engine_is_refused(setting):
+    """Else a config whose engine key was forgotten plays the local default model, not the server's."""
+    key = setting.partition("=")[0]
+    with pytest.raises(ConfigError, match=(
+        rf"rollout.{key} is read with rollout.engine=openai only, and rollout.engine is transformers: set "
+        rf"rollout.engine=openai to play on a server, or remove rollout.{key}"
+    )) as error:
+        load_config(None, [f"rollout.{setting}"])
+    assert "llm.example" not in str(error.value)
+    # A config written out whole (`drift-ray config`) names every key with its default: those are no settings.
+    load_config(None, ["rollout.api_base=http://localhost:8000/v1", "rollout.max_retries=5"])
 
 
 @pytest.mark.parametrize(

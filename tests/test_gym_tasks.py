@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -47,6 +48,15 @@ def test_generator_end_to_end_gold_is_right_and_a_wrong_answer_is_not(name):
         assert problem.metadata["dataset"] == name
     assert task.test == gym_task(name, options={"size": 30}, num_test=10).test
     assert [p.gold for p in task.test] == [p.gold for p in gym_task(name, options={"size": 30}, num_test=10).test]
+
+
+def test_without_the_package_its_extra_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as where it is not installed: import fails
+    with pytest.raises(TaskError, match=re.escape(
+        "task.kind=reasoning_gym needs the reasoning-gym package: pip install -e '.[gym]' in the repository, or pip "
+        "install 'reasoning-gym>=0.1.25'"
+    )):
+        gym_task("chain_sum")
 
 
 def test_train_and_test_seeds_are_far_apart_and_follow_the_seed_option():

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -300,11 +301,14 @@ def test_a_request_carries_the_sampling_params():
     assert (reply.text, reply.prompt_tokens, reply.completion_tokens) == ("<answer>4</answer>", 7, 3)
 
 
-def test_retries_after_503_429_and_408_then_succeeds():
+def test_retries_after_503_429_and_408_then_succeeds_and_the_first_retry_is_told(caplog):
     with FakeServer(answer_with_statuses(503, 429, 408, 200)) as server:
-        [[reply]] = engine_for(server.api_base, max_retries=3).generate([CONVERSATION], SamplingParams(), 1)
+        with caplog.at_level(logging.WARNING, logger="drift_ray.openai_engine"):
+            [[reply]] = engine_for(server.api_base, max_retries=3).generate([CONVERSATION], SamplingParams(), 1)
     assert len(server.requests) == 4
     assert reply.text == "<answer>4</answer>"
+    [told] = [record.getMessage() for record in caplog.records]  # a busy server is not a flood of warnings
+    assert "HTTP 503" in told and "retrying (each request up to rollout.max_retries=3 times" in told
 
 
 def test_gives_up_after_max_retries_naming_the_url_and_the_status():
@@ -377,6 +381,7 @@ def test_the_api_key_is_sent_but_never_shown(monkeypatch, written):
     assert secret not in shown
     message = str(caught.value)
     assert "HTTP 401" in message and engine.url in message and "DRIFT_TEST_API_KEY" in message
+    assert "not that of the shell that ran drift-ray" in message  # a cluster's actors have their node's environment
     assert "Incorrect API key provided: Bearer ***" in message
 
 
@@ -511,6 +516,43 @@ def test_a_reply_the_server_did_not_finish_is_refused_and_a_filtered_one_is_cut_
             with pytest.raises(OpenAIServerError, match=rf"finish_reason '{reason}', not 'stop' or 'length'"):
                 engine.generate([CONVERSATION], SamplingParams(stop=()), 1)
     assert len(server.requests) == 4  # refused, not retried
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ({"message": {"role": "assistant", "content": None, "refusal": "I can't help with that."}}, "I can't help with that."),
+        ({"message": {"role": "assistant", "content": "", "refusal": None}}, ""),  # the model wrote nothing: its reply
+        ({"message": {"role": "assistant", "content": None}}, "a message with keys ['content', 'role']"),
+        ({"message": {"role": "assistant"}}, "a message with keys ['role']"),
+        ({}, "no message"),
+    ],
+)
+def test_a_reply_without_text_is_refused_unless_it_is_a_refusal(reply, expected):
+    """Before, each became an empty reply, graded as a format failure and trained on."""
+
+    async def handler(body, headers):
+        return completion({"finish_reason": "stop", **reply})
+
+    with FakeServer(handler) as server:
+        engine = engine_for(server.api_base)
+        if reply.get("message", {}).get("content") is not None or reply.get("message", {}).get("refusal"):
+            [[generation]] = engine.generate([CONVERSATION], SamplingParams(stop=()), 1)
+            assert generation.text == expected
+        else:
+            with pytest.raises(OpenAIServerError, match=rf"{engine.url}: a reply without text content \({re.escape(expected)}\)"):
+                engine.generate([CONVERSATION], SamplingParams(stop=()), 1)
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "ten"}, {"completion_tokens": -1}, {"prompt_tokens": 2.5}, [7, 3]])
+def test_a_usage_that_is_not_token_counts_is_refused_naming_the_server(usage):
+    async def handler(body, headers):
+        return web.json_response({"choices": [{"index": 0, **choice("<answer>4</answer>")}], "usage": usage})
+
+    with FakeServer(handler) as server:
+        engine = engine_for(server.api_base)
+        with pytest.raises(OpenAIServerError, match=re.escape(engine.url)):
+            engine.generate([CONVERSATION], SamplingParams(), 1)
 
 
 def test_a_redirect_is_reported_not_followed():

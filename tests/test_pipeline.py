@@ -881,6 +881,45 @@ def test_run_refuses_a_served_policy_whose_trained_model_no_server_serves(tmp_pa
     assert not run_dir.exists()
 
 
+def test_the_demo_model_is_no_server_s_model_name(tmp_path, capsys, monkeypatch):
+    """Before, the demo model was built (minutes, on an empty cache) and its path sent to the server."""
+    import ray
+
+    monkeypatch.setenv("DRIFT_RAY_CACHE", str(tmp_path / "cache"))
+    args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={tmp_path / 'run'}", "rollout.engine=openai"]
+    assert main(args) == 2
+    assert "rollout.model: builtin:demo is built for the local engines; with rollout.engine=openai give the name" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists() and not ray.is_initialized()
+
+
+def test_a_server_that_fails_the_rollouts_is_told_in_one_line_and_what_it_played_is_kept(tmp_path, capsys):
+    from aiohttp import web
+
+    from tests.test_openai_engine import FakeServer, choice, completion
+
+    served = []  # the question of the first problem asked: its batch is played, the others' refused
+
+    async def refuses_after_the_first_batch(body, headers):
+        question = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        served[:] = served or [question]
+        if question != served[0]:
+            return web.json_response({"error": "invalid api key"}, status=401)
+        return completion(*[choice("<answer>4</answer>")] * body.get("n", 1))
+
+    run_dir = tmp_path / "run"
+    with FakeServer(refuses_after_the_first_batch) as server:
+        args = ["rollouts", "--config", str(REPO / "jobs/smoke.yaml"), f"run_dir={run_dir}", "rollout.engine=openai",
+                "rollout.model=served-name", f"rollout.api_base={server.api_base}", "rollout.samples_per_prompt=2",
+                "rollout.prompts_per_batch=1", "task.num_train=3", "rollout.api_key_env=DRIFT_TEST_KEY_THAT_IS_NOT_SET"]
+        assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "UDF failed" not in error
+    last = error.splitlines()[-1]  # above it, Ray Data's progress lines
+    assert last.startswith(f"drift-ray rollouts: error: {server.api_base}/chat/completions answered HTTP 401")
+    assert "2 of the 3 problems were not played; those played are kept in" in last and "a rerun plays the rest" in last
+    assert len(list((run_dir / "rollouts").glob("part-*.parquet"))) == 1
+
+
 @pytest.mark.parametrize(
     "split_given, refusal",
     [

@@ -23,6 +23,7 @@ from drift_ray.rollouts import (
     MANIFEST,
     MANIFEST_BEFORE,
     SHARD_GLOB,
+    SUMMARY_SCHEMA,
     check_manifest,
     completed_prompts,
     read_shards,
@@ -361,7 +362,8 @@ def test_episodes_the_actors_wrote_where_this_process_cannot_see_them_are_an_err
 
         def iter_batches(self, **kwargs):
             write_shard(out, ["b"], k=2)
-            yield pa.table({"trajectories": [4], schema.COMPLETION_TOKENS: [20], schema.PROMPT_TOKENS: [12]})
+            rows = [{schema.PROMPT_ID: p, "trajectories": 2, schema.COMPLETION_TOKENS: 10, schema.PROMPT_TOKENS: 6} for p in "bc"]
+            yield pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
     monkeypatch.setattr(ray.data, "from_arrow", lambda blocks: PlayedHereAndElsewhere())
     out.mkdir()
