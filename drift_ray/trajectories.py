@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import gzip
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ _PER_TURN_EXPECTED = f"a list of one value per turn of {schema.TURN_REWARDS!r}"
 _SUM_EXPECTED = f"rewards whose absolute sum, with that of {schema.FORMAT_PENALTY!r}, is a finite number"
 _T_STAR_EXPECTED = f"null or a turn number from 1 to the turns of {schema.TURN_REWARDS!r}"
 _PARQUET_MAGIC = b"PAR1"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def read_trajectories(path: str | Path) -> pa.Table:
@@ -682,10 +684,14 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
 
 
 def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
+    """Our JSONL or the authors', gzip-compressed or not (exports are often .jsonl.gz)."""
+    if _starts_with(path, b"\xff\xfe") or _starts_with(path, b"\xfe\xff"):
+        raise TrajectoryFileError(f"{path}: UTF-16 text; save it as UTF-8 (JSON Lines are UTF-8)")
     rows: list[dict[str, Any]] = []
     lines_of_prompt: collections.Counter[str] = collections.Counter()
     spellings: dict[str, tuple[int, Any]] = {}  # the first line giving each prompt id, and how it gave it
-    with path.open("rb") as f:
+    opened = gzip.open(path, "rb") if _starts_with(path, _GZIP_MAGIC) else path.open("rb")
+    with opened as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -833,6 +839,8 @@ def _check_row(row: dict[str, Any], where: str, verdicts: str) -> None:
         row[schema.PROMPT_ID] = str(prompt_id)
     elif not isinstance(prompt_id, str):
         raise _field_error(where, schema.PROMPT_ID, "a string or an integer", _found(row, schema.PROMPT_ID))
+    if type(row.get(schema.GOLD)) is int:  # as a task file's integer golds are read (GSM8K's, written by pandas)
+        row[schema.GOLD] = str(row[schema.GOLD])
     rewards = row.get(schema.TURN_REWARDS)
     if not isinstance(rewards, list) or not rewards:
         raise _field_error(where, schema.TURN_REWARDS, _REWARDS_EXPECTED, _found(row, schema.TURN_REWARDS))
@@ -881,19 +889,33 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
         for value, line in zip(values, lines):
             if isinstance(value, float) and not value.is_integer():
                 raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", schema.short_repr(value))
+    if expected is not None and pa.types.is_list(expected):
+        for value, line in zip(values, lines):
+            if isinstance(value, str):  # Arrow would read the text as a list of its characters
+                raise _field_error(f"{path}:{line}", name, f"a list (a value of type {expected})", schema.short_repr(value))
+    if name == schema.MESSAGES:
+        _warn_of_dropped_message_keys(path, values, lines)
     try:
-        return pa.array(values, type=expected)
+        array = pa.array(values, type=expected)
+    except UnicodeEncodeError:
+        raise _unpaired_surrogate(path, name, values, lines) from None
     except (pa.ArrowException, OverflowError):
-        pass
+        array = None
+    if array is not None and (expected is not None or _parquet_holds(array.type)):
+        return array
     if expected is None:
-        # A field drift-ray does not read, whose values Arrow cannot hold in one column: kept as JSON text, for
-        # the weights file to carry, rather than refuse the file over it.
+        # A field drift-ray does not read, whose values Arrow cannot hold in one column of a Parquet file: kept as
+        # JSON text, for the weights file to carry, rather than refuse the file over it.
         log.warning(
-            "%s: field %r holds values of more than one type (or integers beyond 64 bits); drift-ray does not read "
-            "it, and keeps it as JSON text",
+            "%s: field %r holds values of more than one type, integers beyond 64 bits or empty objects; drift-ray "
+            "does not read it, and keeps it as JSON text",
             path, name,
         )
-        return pa.array([None if value is None else json.dumps(value, ensure_ascii=False) for value in values], pa.string())
+        texts = [None if value is None else json.dumps(value, ensure_ascii=False) for value in values]
+        try:
+            return pa.array(texts, pa.string())
+        except UnicodeEncodeError:
+            raise _unpaired_surrogate(path, name, values, lines) from None
     for value, line in zip(values, lines):
         try:
             pa.array([value], type=expected)
@@ -903,3 +925,37 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
                 raise TrajectoryFileError(f"{path}:{line}: field {name!r}: {problem}") from None
             raise _field_error(f"{path}:{line}", name, f"a value of type {expected}", schema.short_repr(value)) from None
     raise TrajectoryFileError(f"{path}: field {name!r}: values do not form one column of type {expected}")
+
+
+def _parquet_holds(data_type: pa.DataType) -> bool:
+    """Whether a Parquet file can hold a column of `data_type`: not where it nests an object without fields."""
+    if pa.types.is_struct(data_type):
+        return data_type.num_fields > 0 and all(_parquet_holds(field.type) for field in data_type)
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        return _parquet_holds(data_type.value_type)
+    return True
+
+
+def _unpaired_surrogate(path: Path, name: str, values: list[Any], lines: list[int]) -> TrajectoryFileError:
+    """The line whose value holds half of a surrogate pair (JSON's "\\ud83d", an emoji cut in two), which is no
+    Unicode character and cannot be written as UTF-8."""
+    for value, line in zip(values, lines):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            half = err.object[err.start : err.end]
+            return _field_error(f"{path}:{line}", name, "text of Unicode characters", f"half a surrogate pair, {half!r}")
+    return TrajectoryFileError(f"{path}: field {name!r}: text that is not Unicode")
+
+
+def _warn_of_dropped_message_keys(path: Path, conversations: list[Any], lines: list[int]) -> None:
+    for conversation, line in zip(conversations, lines):
+        for number, message in enumerate(conversation if isinstance(conversation, list) else [], 1):
+            extra = sorted(set(message) - {"role", "content"}) if isinstance(message, dict) else []
+            if extra:
+                log.warning(
+                    "%s:%d: message %d has keys %s besides role and content: drift-ray keeps a message's role and "
+                    "content only (the first such message named)",
+                    path, line, number, extra,
+                )
+                return

@@ -532,6 +532,79 @@ def test_a_field_drift_ray_does_not_read_is_kept_as_json_text_where_arrow_cannot
     assert read_trajectories(path).column("tags").to_pylist() == [["a", "b"]] * 2
 
 
+def test_a_field_holding_empty_objects_is_kept_as_json_text_that_parquet_can_hold(tmp_path, caplog):
+    """Before, the weights file could not be written: Parquet holds no object without fields."""
+    rows = _episode_rows()
+    extras = [{"extra_info": {}, "meta": {"info": {}, "a": 1}}, {"extra_info": {}, "meta": {"info": {}, "a": 2}}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({**row, **extra}) + "\n" for row, extra in zip(rows, extras)))
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        table = read_trajectories(path)
+    assert [json.loads(text) for text in table.column("meta").to_pylist()] == [extra["meta"] for extra in extras]
+    assert table.column("extra_info").to_pylist() == ["{}", "{}"]
+    assert "field 'extra_info' holds values of more than one type, integers beyond 64 bits or empty objects" in caplog.text
+    write_table_atomic(table, tmp_path / "out.parquet")
+    assert pq.read_table(tmp_path / "out.parquet").column("meta").to_pylist() == table.column("meta").to_pylist()
+
+
+@pytest.mark.parametrize("field", [schema.MESSAGES, "note"])
+def test_half_a_surrogate_pair_is_named_by_its_line_and_field(tmp_path, field):
+    """Before, the error named no line: "'utf-8' codec can't encode character '\\ud83d'"."""
+    rows = _episode_rows()
+    cut = "an emoji cut in two: \ud83d"  # written as JSON's escape of half a pair, which is no Unicode character
+    if field == schema.MESSAGES:
+        rows[1][schema.MESSAGES][0]["content"] += cut
+    else:
+        rows[0]["note"], rows[1]["note"] = "fine", cut
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert "\\ud83d" in path.read_text()
+    with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{field}': expected text of Unicode characters, found half a surrogate pair"):
+        read_trajectories(path)
+
+
+def test_text_where_a_list_is_read_is_refused_not_split_into_characters(tmp_path):
+    rows = _episode_rows()
+    rows[1][schema.CUT_OFF] = "no"
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{schema.CUT_OFF}': expected a list \(a value of type"):
+        read_trajectories(path)
+
+
+def test_message_keys_besides_role_and_content_are_warned_of(tmp_path, caplog):
+    rows = _episode_rows()
+    rows[1][schema.MESSAGES][0]["name"] = "bob"
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        table = read_trajectories(path)
+    assert "data.jsonl:2: message 1 has keys ['name'] besides role and content" in caplog.text
+    assert set(table.column(schema.MESSAGES).to_pylist()[1][0]) == {"role", "content"}
+
+
+def test_a_gzip_compressed_file_reads_as_its_text_and_utf16_is_named(tmp_path):
+    import gzip
+
+    text = AUTHORS_SAMPLE.read_text()
+    compressed = tmp_path / "sample.jsonl.gz"
+    compressed.write_bytes(gzip.compress(text.encode()))
+    assert read_trajectories(compressed).equals(read_trajectories(AUTHORS_SAMPLE))
+    utf16 = tmp_path / "sample.jsonl"
+    utf16.write_bytes(text.encode("utf-16"))
+    with pytest.raises(TrajectoryFileError, match=r"sample\.jsonl: UTF-16 text; save it as UTF-8"):
+        read_trajectories(utf16)
+
+
+def test_an_integer_gold_reads_as_text(tmp_path):
+    rows = _episode_rows()
+    for row in rows:
+        row[schema.GOLD] = 7
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert read_trajectories(path).column(schema.GOLD).to_pylist() == ["7", "7"]
+
+
 def test_the_shards_of_a_directory_keep_their_own_columns_or_are_named(tmp_path):
     rows = _episode_rows()
     pq.write_table(pa.Table.from_pylist(rows[:1]).drop_columns([schema.CORRECT]), tmp_path / "part-a.parquet")
