@@ -246,6 +246,8 @@ def conversation_problem(messages: Any) -> str | None:
     for index, message in enumerate(messages, 1):  # counted from 1, as the lines and rows of the files
         texts = isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))
         if not texts:
+            if isinstance(message, dict):  # role and content first, whatever order a reader gave the keys
+                message = {**{key: message[key] for key in ("role", "content") if key in message}, **message}
             return f"message {index}: expected text 'role' and 'content', found {short_repr(message)}"
     if not any(message["role"] == "assistant" for message in messages):
         return f"no assistant message to train on (roles {[message['role'] for message in messages]})"
