@@ -448,7 +448,9 @@ class TrainConfig(_Section):
         "weight_normalized: Σ w_i·L_i / Σ w_i over the global batch, whose trajectories are drawn at random "
         "(sample_mean's are of similar length, to cut padding; a batch of long failures alone, divided by its "
         "own small Σ w_i, would train on them at full strength). Trajectories of weight 0 are left out of "
-        "the batches (so weights.mode=success_only is SFT on the successes, RFT).",
+        "the batches (so weights.mode=success_only is SFT on the successes, RFT). Where an epoch's examples do not "
+        "fill its global batches, one batch is smaller, and either loss is over its own examples: each weighs more "
+        "in that step (a lone one's weight cancels out under weight_normalized).",
     )
     lr: float = Field(5e-6, gt=0.0, description="Peak learning rate. Paper: 5e-6.")
     lr_schedule: LrSchedule = Field(LrSchedule.constant, description="After warmup: constant or cosine to 0.")

@@ -663,7 +663,8 @@ def _event_writer(logdir: str, first_step: int, purge: bool) -> Any:
     from tensorboardX import SummaryWriter
 
     # tensorboardX names a file by the second it was opened in: the suffix keeps two of one second apart.
-    suffix = f".from_step_{first_step}"
+    # Zero-padded: files of one second then sort, as TensorBoard reads them, in the order of their steps.
+    suffix = f".from_step_{first_step:09d}"
     return SummaryWriter(logdir, purge_step=first_step if purge else None, filename_suffix=suffix)
 
 

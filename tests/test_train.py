@@ -38,6 +38,7 @@ from drift_ray.train import (
     TENSORBOARD_DIR,
     TENSORBOARD_SCALARS,
     _checkpoints_progress,
+    _event_writer,
     _fit,
     _load_progress,
     _recorded_progress,
@@ -889,6 +890,19 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_o
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
         (row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in resumed_steps
     ]
+
+
+def test_event_files_of_one_second_sort_in_the_order_of_their_steps(tmp_path, monkeypatch):
+    """TensorBoard reads a run's event files in the order of their names; checkpoints less than a second apart
+    start files in one second (before, from_step_13 sorted before from_step_9: a zig-zag curve, or steps
+    dropped by a TensorBoard reading the run as it grew)."""
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # the second tensorboardX names each file by
+    for first_step in (1, 13, 9, 100):
+        _event_writer(str(tmp_path), first_step, purge=first_step > 1).close()
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert [int(name.rsplit("from_step_", 1)[1]) for name in names] == [1, 9, 13, 100]
 
 
 @pytest.mark.ray
