@@ -36,6 +36,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -110,11 +111,16 @@ def _engine_process(model: str, workload: dict[str, Any]) -> dict[str, Any]:
 
 def measure_two_processes(model: str, workload: dict[str, Any]) -> dict[str, Any]:
     """Two 1-thread engines in their own processes, each playing every other batch, timed from a common start.
-    A worker that fails or dies ends the measurement with its error: the pool stops the other one."""
+    An engine that fails to load aborts the start, so the other does not wait for it, and the measurement ends
+    with the failure's own error; a worker that dies ends the pool, and the measurement (BrokenProcessPool)."""
     context = multiprocessing.get_context("spawn")
     halves = [{**workload, "batches": workload["batches"][i::2]} for i in range(2)]
     with ProcessPoolExecutor(2, mp_context=context, initializer=_share_barrier, initargs=(context.Barrier(2),)) as pool:
-        parts = [future.result() for future in [pool.submit(_engine_process, model, half) for half in halves]]
+        futures = [pool.submit(_engine_process, model, half) for half in halves]
+        errors = [error for error in (future.exception() for future in futures) if error is not None]
+    if errors:  # the cause, not the other engine's aborted wait for it
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    parts = [future.result() for future in futures]
     return {
         "startup_s": max(p["startup_s"] for p in parts),
         "seconds": max(p["seconds"] for p in parts),

@@ -220,7 +220,7 @@ class OpenAIEngine:
                 self.url,
                 apart,
             )
-        texts = [self._content(message) for message in messages]
+        texts = [self._content(choice, message) for choice, message in zip(choices, messages)]
         kept = [any(s in text for s in stop) for text in texts]
         if not stop_on_server:
             return [cut_at_stop(text, stop) for text in texts]
@@ -248,12 +248,16 @@ class OpenAIEngine:
             raise OpenAIServerError(f"{self.url}: usage.{key} is {count!r}; expected a whole number of tokens", url=self.url)
         return count
 
-    def _content(self, message: dict[str, Any]) -> str:
-        """A reply's text: a model's refusal (OpenAI's `refusal`, beside no content) is what it said. A reply with
-        neither is refused, as an unfinished one: graded, it would count as a format failure and be trained on."""
+    def _content(self, choice: dict[str, Any], message: dict[str, Any]) -> str:
+        """A reply's text: a model's refusal (OpenAI's `refusal`, beside no content) is what it said; no content
+        in a reply cut short (max_tokens, a filter), or beside reasoning returned apart, is an empty reply. Any
+        other reply without text is refused, as an unfinished one: graded, it would count as a format failure
+        and be trained on."""
         content = message.get("content")
         if content is None and isinstance(message.get("refusal"), str):
             return message["refusal"]
+        if content is None and (choice.get("finish_reason") in _CUT_SHORT or any(message.get(key) for key in _REASONING_KEYS)):
+            return ""
         if not isinstance(content, str):
             found = f"a message with keys {sorted(message)}" if message else "no message"
             raise OpenAIServerError(

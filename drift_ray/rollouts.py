@@ -399,7 +399,8 @@ def run_episodes(
                     f"{failed['server_error'][0]} ({failed.num_rows} of the {len(todo)} problems were not played; those "
                     f"played are kept in {out_dir}, and a rerun plays the rest)"
                 )
-            unseen = left_to_play()
+            seen = completed_prompts(out_dir, todo, samples_per_prompt, cfg.episode)  # the shards' gold, messages: of todo
+            unseen = [p for p in todo if p.prompt_id not in seen]
             if unseen:
                 raise RuntimeError(
                     f"{out_dir}: the rollout actors played {len(todo)} problems, but this process finds the episodes "

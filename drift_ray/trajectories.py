@@ -30,6 +30,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import IO, Any, Callable, Collection, Iterator, Mapping, Sequence
 
@@ -526,7 +527,7 @@ def _parquet_files(path: Path) -> list[Path]:
 def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     """The table of `path`'s files, and where a row of it is: its file and 1-based row there. A JSONL file
     among them is refused by name: read beside them, it would be left out without a word."""
-    if path.is_dir() and (jsonl := next(iter(sorted(path.rglob("*.jsonl"))), None)):
+    if path.is_dir() and (jsonl := next(iter(sorted([*path.rglob("*.jsonl"), *path.rglob("*.jsonl.gz")])), None)):
         raise TrajectoryFileError(
             f"{jsonl}: a directory of trajectories is read as Parquet files alone; give a JSONL file as the input by "
             "its own path"
@@ -690,37 +691,35 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     rows: list[dict[str, Any]] = []
     lines_of_prompt: collections.Counter[str] = collections.Counter()
     spellings: dict[str, tuple[int, Any]] = {}  # the first line giving each prompt id, and how it gave it
-    opened = gzip.open(path, "rb") if _starts_with(path, _GZIP_MAGIC) else path.open("rb")
-    with opened as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = schema.loads_json(line)
-            except schema.RepeatedKeyError as err:
-                raise TrajectoryFileError(f"{where}: {err}") from None
-            except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not text
-                raise TrajectoryFileError(f"{where}: not valid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise TrajectoryFileError(f"{where}: expected a JSON object, found {type(record).__name__}")
-            authors = isinstance(record.get(schema.TURN_REWARDS), dict)
-            row = _from_authors(record, where) if authors else record
-            given = row.get(schema.PROMPT_ID)
-            _check_row(row, where, verdicts=AUTHORS_VERIFIER if authors else schema.CORRECT)
-            first_line, first = spellings.setdefault(row[schema.PROMPT_ID], (line_no, given))
-            if type(first) is not type(given):  # 7 and "7" are read as one prompt: which did the file mean?
-                raise TrajectoryFileError(
-                    f"{where}: field {schema.PROMPT_ID!r}: {given!r} is read as the same prompt {row[schema.PROMPT_ID]!r} "
-                    f"as line {first_line}'s {first!r}: give each prompt's id one way, as text or as a number"
-                )
-            k = lines_of_prompt[row[schema.PROMPT_ID]]
-            lines_of_prompt[row[schema.PROMPT_ID]] += 1
-            if authors or schema.TRAJECTORY_ID not in row:  # weighted SFT needs ids: made as the authors' are
-                row.setdefault(schema.SAMPLE_INDEX, k)
-                row.setdefault(schema.TRAJECTORY_ID, schema.trajectory_id(row[schema.PROMPT_ID], row[schema.SAMPLE_INDEX]))
-            row[schema.SOURCE_LINE] = line_no
-            rows.append(row)
+    for line_no, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            record = schema.loads_json(line)
+        except schema.RepeatedKeyError as err:
+            raise TrajectoryFileError(f"{where}: {err}") from None
+        except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError on bytes that are not text
+            raise TrajectoryFileError(f"{where}: not valid JSON: {err}") from None
+        if not isinstance(record, dict):
+            raise TrajectoryFileError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        authors = isinstance(record.get(schema.TURN_REWARDS), dict)
+        row = _from_authors(record, where) if authors else record
+        given = row.get(schema.PROMPT_ID)
+        _check_row(row, where, verdicts=AUTHORS_VERIFIER if authors else schema.CORRECT)
+        first_line, first = spellings.setdefault(row[schema.PROMPT_ID], (line_no, given))
+        if type(first) is not type(given):  # 7 and "7" are read as one prompt: which did the file mean?
+            raise TrajectoryFileError(
+                f"{where}: field {schema.PROMPT_ID!r}: {given!r} is read as the same prompt {row[schema.PROMPT_ID]!r} "
+                f"as line {first_line}'s {first!r}: give each prompt's id one way, as text or as a number"
+            )
+        k = lines_of_prompt[row[schema.PROMPT_ID]]
+        lines_of_prompt[row[schema.PROMPT_ID]] += 1
+        if authors or schema.TRAJECTORY_ID not in row:  # weighted SFT needs ids: made as the authors' are
+            row.setdefault(schema.SAMPLE_INDEX, k)
+            row.setdefault(schema.TRAJECTORY_ID, schema.trajectory_id(row[schema.PROMPT_ID], row[schema.SAMPLE_INDEX]))
+        row[schema.SOURCE_LINE] = line_no
+        rows.append(row)
     names = dict.fromkeys(name for row in rows for name in row)
     lines = [row[schema.SOURCE_LINE] for row in rows]
     table = pa.table({name: _column(path, name, [row.get(name) for row in rows], lines) for name in names})
@@ -736,6 +735,17 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
             "gives: give it on every line or on none"
         )
     return table, lambda row: f"{path}:{lines[row]}"
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The lines of `path`, gzip-compressed or not, numbered from 1."""
+    with gzip.open(path, "rb") if _starts_with(path, _GZIP_MAGIC) else path.open("rb") as f:
+        line_no = 0
+        try:
+            for line_no, line in enumerate(f, 1):
+                yield line_no, line
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            raise TrajectoryFileError(f"{path}: a damaged gzip file, read up to line {line_no} ({err})") from None
 
 
 def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
@@ -906,16 +916,17 @@ def _column(path: Path, name: str, values: list[Any], lines: list[int]) -> pa.Ar
     if expected is None:
         # A field drift-ray does not read, whose values Arrow cannot hold in one column of a Parquet file: kept as
         # JSON text, for the weights file to carry, rather than refuse the file over it.
+        texts = [None if value is None else json.dumps(value, ensure_ascii=False) for value in values]
+        try:
+            kept = pa.array(texts, pa.string())
+        except UnicodeEncodeError:
+            raise _unpaired_surrogate(path, name, values, lines) from None
         log.warning(
             "%s: field %r holds values of more than one type, integers beyond 64 bits or empty objects; drift-ray "
             "does not read it, and keeps it as JSON text",
             path, name,
         )
-        texts = [None if value is None else json.dumps(value, ensure_ascii=False) for value in values]
-        try:
-            return pa.array(texts, pa.string())
-        except UnicodeEncodeError:
-            raise _unpaired_surrogate(path, name, values, lines) from None
+        return kept
     for value, line in zip(values, lines):
         try:
             pa.array([value], type=expected)

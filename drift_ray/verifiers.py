@@ -377,7 +377,7 @@ def _math_canonical(answer: str) -> str | None:
     """One form for the answers check finds equal, as far as it is cheap: every way of writing a rational
     number ("3", "3.0", "\\frac{1}{2}", "0.5") gets canonical_number's, so that repeating an answer in
     another notation still counts as a repeat. An equation naming a variable ("x = 3") gets its value's, as
-    check finds it equal to its value."""
+    check finds it equal to its value (so "y = 3" counts as a repeat of it too)."""
     from sympy import Eq
 
     parsed = _parse_math(answer)

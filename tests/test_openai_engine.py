@@ -526,6 +526,10 @@ def test_a_reply_the_server_did_not_finish_is_refused_and_a_filtered_one_is_cut_
         ({"message": {"role": "assistant", "content": None}}, "a message with keys ['content', 'role']"),
         ({"message": {"role": "assistant"}}, "a message with keys ['role']"),
         ({}, "no message"),
+        # Cut short (a reasoning parser's reply that hit max_tokens inside its reasoning; a filtered one): empty.
+        ({"message": {"role": "assistant", "content": None, "reasoning_content": "Let me"}, "finish_reason": "length"}, ""),
+        ({"message": {"role": "assistant"}, "finish_reason": "content_filter"}, ""),
+        ({"message": {"role": "assistant", "content": None, "reasoning_content": "4"}}, ""),  # all of it apart
     ],
 )
 def test_a_reply_without_text_is_refused_unless_it_is_a_refusal(reply, expected):
@@ -536,7 +540,7 @@ def test_a_reply_without_text_is_refused_unless_it_is_a_refusal(reply, expected)
 
     with FakeServer(handler) as server:
         engine = engine_for(server.api_base)
-        if reply.get("message", {}).get("content") is not None or reply.get("message", {}).get("refusal"):
+        if not expected.startswith(("a message", "no message")):
             [[generation]] = engine.generate([CONVERSATION], SamplingParams(stop=()), 1)
             assert generation.text == expected
         else:
@@ -544,14 +548,22 @@ def test_a_reply_without_text_is_refused_unless_it_is_a_refusal(reply, expected)
                 engine.generate([CONVERSATION], SamplingParams(stop=()), 1)
 
 
-@pytest.mark.parametrize("usage", [{"prompt_tokens": "ten"}, {"completion_tokens": -1}, {"prompt_tokens": 2.5}, [7, 3]])
-def test_a_usage_that_is_not_token_counts_is_refused_naming_the_server(usage):
+@pytest.mark.parametrize(
+    "usage, problem",
+    [
+        ({"prompt_tokens": "ten"}, "usage.prompt_tokens is 'ten'; expected a whole number of tokens"),
+        ({"completion_tokens": -1}, "usage.completion_tokens is -1"),
+        ({"prompt_tokens": 2.5}, "usage.prompt_tokens is 2.5"),
+        ([7, 3], "'usage' is a list; expected an object"),
+    ],
+)
+def test_a_usage_that_is_not_token_counts_is_refused_naming_the_server(usage, problem):
     async def handler(body, headers):
         return web.json_response({"choices": [{"index": 0, **choice("<answer>4</answer>")}], "usage": usage})
 
     with FakeServer(handler) as server:
         engine = engine_for(server.api_base)
-        with pytest.raises(OpenAIServerError, match=re.escape(engine.url)):
+        with pytest.raises(OpenAIServerError, match=re.escape(f"{engine.url}: {problem}")):
             engine.generate([CONVERSATION], SamplingParams(), 1)
 
 

@@ -594,6 +594,16 @@ def test_a_gzip_compressed_file_reads_as_its_text_and_utf16_is_named(tmp_path):
     utf16.write_bytes(text.encode("utf-16"))
     with pytest.raises(TrajectoryFileError, match=r"sample\.jsonl: UTF-16 text; save it as UTF-8"):
         read_trajectories(utf16)
+    cut = tmp_path / "cut.jsonl.gz"  # a download or copy that stopped short
+    cut.write_bytes(compressed.read_bytes()[:-20])
+    with pytest.raises(TrajectoryFileError, match=r"cut\.jsonl\.gz: a damaged gzip file, read up to line \d+ \(Compressed file ended"):
+        read_trajectories(cut)
+    shards = tmp_path / "shards"  # read as Parquet alone, a compressed JSONL among them would be left out
+    shards.mkdir()
+    write_table_atomic(read_trajectories(AUTHORS_SAMPLE), shards / "part-0.parquet")
+    compressed.rename(shards / "more.jsonl.gz")
+    with pytest.raises(TrajectoryFileError, match=r"more\.jsonl\.gz: a directory of trajectories is read as Parquet files alone"):
+        read_trajectories(shards)
 
 
 def test_an_integer_gold_reads_as_text(tmp_path):
