@@ -913,7 +913,7 @@ def test_a_server_that_fails_the_rollouts_is_told_in_one_line_and_what_it_played
                 "rollout.prompts_per_batch=1", "task.num_train=3", "rollout.api_key_env=DRIFT_TEST_KEY_THAT_IS_NOT_SET"]
         assert main(args) == 2
     error = capsys.readouterr().err
-    assert "Traceback" not in error and "UDF failed" not in error
+    assert "UDF failed" not in error and "RayTaskError" not in error  # no actor crashed
     last = error.splitlines()[-1]  # above it, Ray Data's progress lines
     assert last.startswith(f"drift-ray rollouts: error: {server.api_base}/chat/completions answered HTTP 401")
     assert "2 of the 3 problems were not played; those played are kept in" in last and "a rerun plays the rest" in last
