@@ -43,6 +43,12 @@ from drift_ray.verifiers import ExactVerifier
 AUTHORS_SAMPLE = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """`rows` as a JSONL file at `path`, one JSON object per line."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def _episode_rows() -> list[dict]:
     """Rows as our rollouts write them: a solve at turn 2 and a run of format failures and repeats."""
     cfg = EpisodeConfig(max_turns=3)
@@ -116,7 +122,7 @@ def test_our_jsonl_reads_like_our_parquet(tmp_path):
     parquet = tmp_path / "rollouts.parquet"
     write_table_atomic(pa.Table.from_pylist(rows), parquet)
     jsonl = tmp_path / "rollouts.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(jsonl, rows)
 
     from_parquet = read_trajectories(parquet).to_pylist()
     from_jsonl = read_trajectories(jsonl).to_pylist()
@@ -129,7 +135,7 @@ def test_parquet_without_trajectory_ids_gets_them_as_jsonl_does(tmp_path):
     """Else `drift-ray weights` wrote weights that `drift-ray train` refused for want of their ids."""
     rows = [{k: v for k, v in row.items() if k not in (schema.TRAJECTORY_ID, schema.SAMPLE_INDEX)} for row in _episode_rows()]
     jsonl = tmp_path / "rollouts.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(jsonl, rows)
     write_table_atomic(pa.Table.from_pylist(rows[1:]), tmp_path / "dir" / "part-b.parquet")
     write_table_atomic(pa.Table.from_pylist(rows[:1]), tmp_path / "dir" / "part-a.parquet")
     from_parquet = read_trajectories(tmp_path / "dir").to_pylist()
@@ -237,7 +243,7 @@ def test_t_star_must_be_the_first_correct_and_last_turn_in_parquet_as_in_jsonl(t
     rows = _episode_rows()
     rows[1] = {**rows[1], **change}  # unsolved in 3 turns
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
-    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(tmp_path / "bad.jsonl", rows)
     for where in ("bad.parquet: row 2", "bad.jsonl:2"):
         with pytest.raises(TrajectoryFileError, match=re.escape(f"{where}: field 't_star': expected {expected}")):
             read_trajectories(tmp_path / where.split(":")[0])
@@ -281,7 +287,7 @@ def test_turns_must_be_the_conversation_s_replies(tmp_path):
     # (correct, format_failures, cut_off), are what disagrees with the conversation.
     rows[1] = {**rows[1], schema.MESSAGES: rows[1][schema.MESSAGES][:-2]}
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "short.parquet")
-    (tmp_path / "short.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(tmp_path / "short.jsonl", rows)
     problem = "field 'messages': turn_rewards has 3 values for 2 assistant messages; expected one each"
     with pytest.raises(TrajectoryFileError, match=re.escape(f"short.parquet: row 2: {problem}")):
         read_trajectories(tmp_path / "short.parquet")
@@ -291,7 +297,7 @@ def test_turns_must_be_the_conversation_s_replies(tmp_path):
     rows = _episode_rows()
     typo_messages = [{**message, "role": "assistent"} if i == 1 else message for i, message in enumerate(rows[0][schema.MESSAGES])]
     rows[0] = {**rows[0], schema.MESSAGES: typo_messages}
-    (tmp_path / "typo.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(tmp_path / "typo.jsonl", rows)
     typo = (
         "turn_rewards has 2 values for 1 assistant message; expected one each (roles other than system, user and "
         "assistant: message 2's 'assistent')"
@@ -512,8 +518,7 @@ def test_a_setting_known_by_another_is_compared_unless_both_sides_hold_that(tmp_
 def test_a_column_that_changes_type_names_its_line(tmp_path):
     rows = _episode_rows()
     rows[1][schema.NUM_TURNS] = "three"
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
     with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{schema.NUM_TURNS}'.*'three'"):
         read_trajectories(path)
 
@@ -556,8 +561,7 @@ def test_half_a_surrogate_pair_is_named_by_its_line_and_field(tmp_path, field):
         rows[1][schema.MESSAGES][0]["content"] += cut
     else:
         rows[0]["note"], rows[1]["note"] = "fine", cut
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
     assert "\\ud83d" in path.read_text()
     with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{field}': expected text of Unicode characters, found half a surrogate pair"):
         read_trajectories(path)
@@ -566,8 +570,7 @@ def test_half_a_surrogate_pair_is_named_by_its_line_and_field(tmp_path, field):
 def test_text_where_a_list_is_read_is_refused_not_split_into_characters(tmp_path):
     rows = _episode_rows()
     rows[1][schema.CUT_OFF] = "no"
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
     with pytest.raises(TrajectoryFileError, match=rf"data\.jsonl:2: field '{schema.CUT_OFF}': expected a list \(a value of type"):
         read_trajectories(path)
 
@@ -575,8 +578,7 @@ def test_text_where_a_list_is_read_is_refused_not_split_into_characters(tmp_path
 def test_message_keys_besides_role_and_content_are_warned_of(tmp_path, caplog):
     rows = _episode_rows()
     rows[1][schema.MESSAGES][0]["name"] = "bob"
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="drift_ray"):
         table = read_trajectories(path)
     assert "data.jsonl:2: message 1 has keys ['name'] besides role and content" in caplog.text
@@ -610,8 +612,7 @@ def test_an_integer_gold_reads_as_text(tmp_path):
     rows = _episode_rows()
     for row in rows:
         row[schema.GOLD] = 7
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
     assert read_trajectories(path).column(schema.GOLD).to_pylist() == ["7", "7"]
 
 
