@@ -66,6 +66,7 @@ _SUM_EXPECTED = f"rewards whose absolute sum, with that of {schema.FORMAT_PENALT
 _T_STAR_EXPECTED = f"null or a turn number from 1 to the turns of {schema.TURN_REWARDS!r}"
 _PARQUET_MAGIC = b"PAR1"
 _GZIP_MAGIC = b"\x1f\x8b"
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")  # byte order marks
 
 
 def read_trajectories(path: str | Path) -> pa.Table:
@@ -686,8 +687,6 @@ def _check_parquet_values(table: pa.Table, where: Callable[[int], str]) -> None:
 
 def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
     """Our JSONL or the authors', gzip-compressed or not (exports are often .jsonl.gz)."""
-    if _starts_with(path, b"\xff\xfe") or _starts_with(path, b"\xfe\xff"):
-        raise TrajectoryFileError(f"{path}: UTF-16 text; save it as UTF-8 (JSON Lines are UTF-8)")
     rows: list[dict[str, Any]] = []
     lines_of_prompt: collections.Counter[str] = collections.Counter()
     spellings: dict[str, tuple[int, Any]] = {}  # the first line giving each prompt id, and how it gave it
@@ -739,7 +738,11 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """The lines of `path`, gzip-compressed or not, numbered from 1."""
-    with gzip.open(path, "rb") if _starts_with(path, _GZIP_MAGIC) else path.open("rb") as f:
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head in _UTF16_MARKS:
+        raise TrajectoryFileError(f"{path}: UTF-16 text; save it as UTF-8 (JSON Lines are UTF-8)")
+    with gzip.open(path, "rb") if head == _GZIP_MAGIC else path.open("rb") as f:
         line_no = 0
         try:
             for line_no, line in enumerate(f, 1):
