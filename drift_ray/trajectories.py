@@ -757,7 +757,7 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
     Their scripts pad `turn_rewards` and `verifier` with zeros to every turn up to their max_turns, while
     `reward_details` and `messages` hold the turns played: the padding is dropped (it must be zeros). A line
     without `format_penalty` (their math script writes none) has none, as their weighting reads it; one
-    whose details hold no per-turn format penalty has no FORMAT_FAILURES to re-price.
+    whose details lack the format penalty of any turn has no FORMAT_FAILURES to re-price.
     """
     row = dict(record)
     rewards = _by_turn(record[schema.TURN_REWARDS], where, schema.TURN_REWARDS, _REWARDS_EXPECTED)
@@ -788,14 +788,18 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
     row.setdefault(schema.FORMAT_PENALTY, 0.0)
     if details is not None:
         per_turn = _by_turn(details, where, schema.REWARD_DETAILS, "a mapping t1..tN of objects", len(rewards))
-        if any(isinstance(detail, dict) and AUTHORS_TURN_PENALTY in detail for detail in per_turn):
-            failures = []
-            for turn, detail in enumerate(per_turn, 1):
-                penalty = detail.get(AUTHORS_TURN_PENALTY) if isinstance(detail, dict) else None
-                if not _is_finite_number(penalty):
-                    field = f"{schema.REWARD_DETAILS}.t{turn}.{AUTHORS_TURN_PENALTY}"
-                    raise _field_error(where, field, "a finite number", schema.short_repr(penalty))
+        failures = []
+        for turn, detail in enumerate(per_turn, 1):
+            if not (isinstance(detail, dict) and AUTHORS_TURN_PENALTY in detail):
+                failures = None  # a turn told nothing of: the line's format failures are unknown
+                continue
+            penalty = detail[AUTHORS_TURN_PENALTY]
+            if not _is_finite_number(penalty):
+                field = f"{schema.REWARD_DETAILS}.t{turn}.{AUTHORS_TURN_PENALTY}"
+                raise _field_error(where, field, "a finite number", schema.short_repr(penalty))
+            if failures is not None:
                 failures.append(penalty != 0)
+        if failures is not None:
             row[schema.FORMAT_FAILURES] = failures
         row[schema.REWARD_DETAILS] = json.dumps(details, ensure_ascii=False)
     return row

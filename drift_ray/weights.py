@@ -365,8 +365,8 @@ def _count_format_failures(table: pa.Table, format_penalty: float) -> npt.NDArra
         raise ValueError(
             f"weights.format_penalty = {format_penalty} re-prices format failures, which needs column "
             f"{schema.FORMAT_FAILURES!r} on every trajectory; {rows_without} of {table.num_rows} rows have none "
-            f"(an authors' file carries it only with reward_details). Unset weights.format_penalty to use "
-            f"each trajectory's {schema.FORMAT_PENALTY!r} total."
+            "(an authors' line carries it only where its reward_details give every turn's format_penalty). "
+            f"Unset weights.format_penalty to use each trajectory's {schema.FORMAT_PENALTY!r} total."
         )
     rows, failures = _flatten(column, pa.bool_())
     hits = pc.fill_null(failures, False).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -109,6 +109,18 @@ def test_authors_line_without_optional_fields(tmp_path):
     assert schema.FORMAT_FAILURES not in table.column_names
 
 
+def test_authors_details_without_one_turns_format_penalty_leave_the_format_failures_unknown(tmp_path):
+    # Used only to re-price the penalty, so a weighting by the line's own format_penalty reads the line.
+    details = {"t1": {"format_penalty": -0.1}, "t2": {"env_reward": 1.0}}
+    record = {"prompt_id": "q", "turn_rewards": {"t1": 0.0, "t2": 1.0}, "answer_norms": ["a", "b"], "reward_details": details}
+    path = tmp_path / "data.jsonl"
+    every_turn = {"t1": {"format_penalty": -0.1}, "t2": {"format_penalty": 0}}
+    write_jsonl(path, [{**record, "format_penalty": -0.1}, {**record, "format_penalty": -0.1, "reward_details": every_turn}])
+    rows = read_trajectories(path).to_pylist()
+    assert [row[schema.FORMAT_FAILURES] for row in rows] == [None, [True, False]]
+    assert json.loads(rows[0][schema.REWARD_DETAILS]) == details
+
+
 def test_an_authors_line_with_its_own_sample_index_gets_the_trajectory_id_of_that_sample(tmp_path):
     record = {"prompt_id": "q", "turn_rewards": {"t1": 1.0}, "answer_norms": ["a"], "format_penalty": 0.0}
     path = tmp_path / "data.jsonl"
