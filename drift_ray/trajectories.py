@@ -720,6 +720,13 @@ def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
         row[schema.SOURCE_LINE] = line_no
         rows.append(row)
     names = dict.fromkeys(name for row in rows for name in row)
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as err:  # no column can be named so
+            line = next(row[schema.SOURCE_LINE] for row in rows if name in row)
+            half = err.object[err.start : err.end]
+            raise TrajectoryFileError(f"{path}:{line}: a field named with half a surrogate pair, {half!r}") from None
     lines = [row[schema.SOURCE_LINE] for row in rows]
     table = pa.table({name: _column(path, name, [row.get(name) for row in rows], lines) for name in names})
     # A row's first correct turn is read from t_star where the file has the column, else from the verdicts

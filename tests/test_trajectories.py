@@ -579,6 +579,14 @@ def test_half_a_surrogate_pair_is_named_by_its_line_and_field(tmp_path, field):
         read_trajectories(path)
 
 
+def test_a_field_named_with_half_a_surrogate_pair_is_refused_with_its_line(tmp_path):
+    rows = _episode_rows()
+    rows[1]["note \ud83d"] = 1
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(TrajectoryFileError, match=r"data\.jsonl:2: a field named with half a surrogate pair, '\\ud83d'$"):
+        read_trajectories(path)
+
+
 def test_text_where_a_list_is_read_is_refused_not_split_into_characters(tmp_path):
     rows = _episode_rows()
     rows[1][schema.CUT_OFF] = "no"
