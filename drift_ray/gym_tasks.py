@@ -430,12 +430,22 @@ def load_gym_task(cfg: TaskConfig, seed: int) -> Task:
     except (TypeError, ValueError) as err:
         raise TaskError(f"task.verifier_options: {err}") from None
     if not sys.flags.hash_randomization:  # PYTHONHASHSEED=0 when this process started
+        _tell_generating(cfg.name, options)
         train, test = _splits(cfg.name, options, seed, verifier_options)
     else:
         train, test = _splits_in_fixed_hash_process(
             cfg.name, json.dumps(options, sort_keys=True), seed, json.dumps(verifier_options, sort_keys=True)
         )
     return Task(cfg.name, list(train), list(test), VERIFIER)
+
+
+def _tell_generating(name: str, options: dict[str, Any]) -> None:
+    # Scoring every reference answer takes a while (half a minute for the default size of some generators).
+    size = options.get("size", DEFAULT_SIZE)
+    log.info(
+        "reasoning-gym %r: generating %d train and %d test problems (task.options.size) and scoring their "
+        "reference answers", name, size, size,
+    )
 
 
 def _splits(
@@ -461,6 +471,7 @@ def _splits_in_fixed_hash_process(
     name: str, options_json: str, seed: int, verifier_options_json: str
 ) -> tuple[tuple[Problem, ...], ...]:
     """_splits, run by serve_splits in a child process under PYTHONHASHSEED=0."""
+    _tell_generating(name, json.loads(options_json))
     request = json.dumps(
         {"name": name, "options": json.loads(options_json), "seed": seed, "verifier_options": json.loads(verifier_options_json)}
     )

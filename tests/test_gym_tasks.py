@@ -4,6 +4,7 @@ verifier (threshold, pickling, another process), and the errors of a bad name, c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -82,8 +83,11 @@ def test_train_problems_also_in_test_are_dropped():
     assert len(task.train) < 40
 
 
-def test_generator_config_passes_through_options():
-    task = gym_task("chain_sum", options={"size": 10, "min_terms": 5, "max_terms": 5})
+def test_generator_config_passes_through_options(caplog):
+    with caplog.at_level(logging.INFO, logger="drift_ray"):
+        task = gym_task("chain_sum", options={"size": 10, "min_terms": 5, "max_terms": 5})
+    # A large size takes a while to generate and check: the log says what is under way.
+    assert "reasoning-gym 'chain_sum': generating 10 train and 10 test problems" in caplog.text
     for problem in task.test:
         gold = GymGold.from_json(problem.gold)
         assert gold.config["min_terms"] == gold.config["max_terms"] == 5
