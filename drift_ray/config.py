@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Hashable, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -46,9 +46,12 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
         # Pydantic reads true as 1 where a number belongs: `seed: true` would run seed 1 without a word.
-        if isinstance(value, bool) and reads_a_boolean_as_a_number(cls.model_fields[info.field_name].annotation):
+        if isinstance(value, bool) and reads_a_boolean_as_a_number(annotation):
             raise PydanticCustomError("bool_for_number", BOOLEAN_FOR_A_NUMBER)
+        if value is None and _section(annotation) is annotation:
+            return {}  # a section left empty (`task:` in a file), as an override reads it: its defaults
         return value
 
 
@@ -72,7 +75,8 @@ class TaskConfig(_Section):
     )
     name: str = Field(
         "candidates",
-        description="builtin: task name; plugin: 'module:function'; file: a label for messages and eval.md (left "
+        description="builtin: task name; hub: the dataset (see task.kind); reasoning_gym: the generator; "
+        "plugin: 'module:function'; file: a label for messages and eval.md (left "
         "at 'candidates', the built-in's name, a file task is named by its train_path, else its test_path).",
     )
     train_path: Optional[LocalPath] = Field(
@@ -194,7 +198,7 @@ _SERVER_SETTINGS = ("api_base", "api_key_env", "max_concurrency", "request_timeo
 class RolloutConfig(_Section):
     engine: EngineKind = Field(
         EngineKind.transformers,
-        description="Generation engine behind the actors: transformers (CPU default), vllm (GPU), or openai "
+        description="Generation engine behind the rollout and evaluation actors: transformers (CPU default), vllm (GPU), or openai "
         "(any server that speaks /v1/chat/completions: vLLM serve, SGLang, TGI, transformers serve, hosted APIs).",
     )
     model: str = Field(
@@ -210,22 +214,22 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(512, ge=1, description="New tokens per turn, at most. Default 512.")
     prompts_per_batch: int = Field(32, ge=1, description="Prompts per actor call (all K episodes each).")
     num_actors: int = Field(1, ge=1, description="Rollout actors (one engine each).")
-    cpus_per_actor: float = Field(1.0, ge=0.0, description="CPUs reserved per rollout actor.")
+    cpus_per_actor: float = Field(1.0, ge=0.0, description="CPUs reserved per rollout actor (and evaluation actor).")
     gpus_per_actor: float = Field(
         0.0,
         ge=0.0,
-        description="GPUs per rollout actor (vLLM: = tensor_parallel_size; with tensor_parallel_size 1 a fraction "
+        description="GPUs per rollout actor, and evaluation actor (vLLM: = tensor_parallel_size; with tensor_parallel_size 1 a fraction "
         "packs several actors on one GPU, each with gpu_memory_utilization at most that fraction). The transformers "
         "engine runs on the CPU with 0, on its GPU otherwise.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor-parallel size per actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Model dtype for the engine. auto: the checkpoint's, except that vLLM runs a float32 checkpoint "
+        description="Model dtype for the engine (rollouts and evaluation). auto: the checkpoint's, except that vLLM runs a float32 checkpoint "
         "(such as a model trained without train.bf16) in 16 bits (bfloat16 on GPUs of compute capability 8.0 or more, "
         "else float16); set one to compare models at one precision.",
     )
-    torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine (default: its CPUs).")
+    torch_threads: Optional[int] = Field(None, ge=1, description="CPU threads per transformers engine, rollouts' and evaluation's (default: its CPUs).")
     gpu_memory_utilization: float = Field(
         0.85, gt=0.0, le=1.0, description="vLLM: share of the whole GPU's memory the engine takes (at most gpus_per_actor)."
     )
@@ -244,7 +248,7 @@ class RolloutConfig(_Section):
     )
     resources: dict[str, StrictFloat] = Field(  # strict: no true for 1
         default_factory=dict,
-        description="Custom Ray resources per actor, e.g. {rollout_gpu: 1} to place actors on a node type "
+        description="Custom Ray resources per rollout and evaluation actor, e.g. {rollout_gpu: 1} to place actors on a node type "
         "that advertises them (see cluster/).",
     )
     api_base: str = Field(
@@ -254,7 +258,8 @@ class RolloutConfig(_Section):
     api_key_env: str = Field(
         "OPENAI_API_KEY",
         description="openai: name of the environment variable holding the API key, in upper case (the key itself "
-        "never goes in a config); unset or empty: no Authorization header, as local servers need none.",
+        "never goes in a config); where that variable is unset or empty, requests carry no Authorization header, "
+        "as local servers need none.",
     )
     max_concurrency: int = Field(32, ge=1, description="openai: requests in flight at once, per actor.")
     request_timeout_s: float = Field(
@@ -378,7 +383,8 @@ class WeightsConfig(_Section):
     format_penalty: Optional[float] = Field(
         None,
         le=0.0,
-        description="Re-price format failures at this value per turn (needs format_failures); "
+        description="Re-price format failures at this value per turn (needs each trajectory's per-turn record of "
+        "them, column format_failures, which drift-ray's rollouts write); "
         "default: use each trajectory's recorded format_penalty total.",
     )
 
@@ -522,7 +528,10 @@ class EvalConfig(_Section):
     )
     max_new_tokens: Optional[int] = Field(None, ge=1, description="New tokens per turn (default: rollout.max_new_tokens).")
     prompts_per_batch: int = Field(64, ge=1, description="Problems per actor call.")
-    num_actors: int = Field(1, ge=1, description="Evaluation actors.")
+    num_actors: int = Field(
+        1, ge=1, description="Evaluation actors, each an engine as the rollout.* keys set one (engine, cpus_per_actor, "
+        "gpus_per_actor, resources, dtype).",
+    )
 
     @model_validator(mode="after")
     def _eval_task_names_its_task(self) -> "EvalConfig":
@@ -598,7 +607,12 @@ class _ConfigLoader(yaml.SafeLoader):
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written beside it override it
                     continue
                 key = self.construct_object(key_node, deep=True)
-                if isinstance(key, Hashable) and key in seen:
+                if not isinstance(key, Hashable):
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"found a {type(key).__name__} as a key, where a key is a name",
+                        problem_mark=_without_text(key_node.start_mark),
+                    )
+                if key in seen:
                     raise yaml.constructor.ConstructorError(
                         problem=f"found the key {key!r} a second time (first at line {seen[key].start_mark.line + 1})",
                         problem_mark=_without_text(key_node.start_mark),
@@ -610,10 +624,11 @@ class _ConfigLoader(yaml.SafeLoader):
                     self._refuse_repeated_keys(part, checked)
 
 
-# YAML 1.2's core schema.
+# YAML 1.2's core schema, which reads no dates: 2024-01-01 is text, as a field of text or a task option expects.
 _BOOL_TAG, _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YAML_11_ONLY = (_BOOL_TAG, _INT_TAG, _FLOAT_TAG, "tag:yaml.org,2002:timestamp")
 _ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_11_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
@@ -707,14 +722,22 @@ def validate_config(data: dict[str, Any], source: str = "<config>", overridden: 
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        problems = [_describe(e) + _set_by_override(e["loc"], overridden or {}) for e in err.errors()]
+        problems = [_describe(e) + _set_by_override(e, overridden or {}) for e in err.errors()]
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(problems)) from None
 
 
-def _set_by_override(loc: tuple[Any, ...], overridden: Mapping[str, str]) -> str:
-    dotted = ".".join(str(part) for part in loc)
+def _set_by_override(error: Mapping[str, Any], overridden: Mapping[str, str]) -> str:
+    dotted = ".".join(str(part) for part in error["loc"])
+
+    def blamed(key: str) -> bool:
+        if dotted == key or dotted.startswith(key + "."):
+            return True
+        # An override below the key at fault made it: `task.option.num_test=5` an unknown task.option. Not for a
+        # check across a section's keys, which any override in the section would seem to have failed.
+        return error["type"] != "value_error" and key.startswith(dotted + ".")
+
     # The key alone: the override's value may be a secret (see _NEVER_SHOWN).
-    key = next((k for k in overridden if dotted == k or dotted.startswith(k + ".")), None)
+    key = next((k for k in overridden if blamed(k)), None)
     return "" if key is None else f" [set by {overridden[key]}]"
 
 
@@ -754,8 +777,13 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
         raise ConfigError(f"{message}: leave it out, or quote the value if it belongs to it, e.g. \"{key}='{quoted}'\"")
     node = data
     parts = key.split(".")
+    model: type[BaseModel] | None = Config  # the section `node` holds, while the key is one of the config's
     for i, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part) if model is not None else None
+        model = _section(field.annotation) if field is not None else None
         if node.get(part) is None:  # absent, or a section left empty in the file ("task:")
+            if field is not None and model is None and not _holds_mapping(field.annotation):
+                raise ConfigError(f"{source}: override of {key}: {'.'.join(parts[: i + 1])} is not a section")
             node[part] = {}
         child = node[part]
         if not isinstance(child, dict):
@@ -791,15 +819,14 @@ _MOST_SUGGESTED = 3
 
 
 def _suggested_keys(loc: list[str]) -> list[str]:
-    """The dotted keys to suggest for the unknown key at `loc`, best first: the same name in another section
-    (episode.max_turns for eval.max_turns); else the keys of its section that hold all its words (samples:
-    samples_per_prompt; temp: temperature), the fewest-worded first; else those holding the most of its
-    words but qualifiers such as max or num (num_samples: samples_per_prompt); else difflib's nearest,
-    which finds a short key too far from a longer one that holds it."""
+    """The dotted keys to suggest for the unknown key at `loc`, best first: the keys of its section that hold
+    all its words (samples: samples_per_prompt; temp: temperature), the fewest-worded first; else those
+    holding the most of its words but qualifiers such as max or num (num_samples: samples_per_prompt); else
+    those whose description names it (weights.beta for weights.temperature). Then the same name in another
+    section (episode.max_turns for eval.max_turns). Then, where the section gave none, difflib's nearest key
+    of the section, which finds a short key too far from a longer one that holds it (eval.num_actors for
+    eval.num_workers, after train.num_workers)."""
     name, section = loc[-1], loc[:-1]
-    elsewhere = [key for key, _ in _fields() if key.split(".")[-1] == name and key.split(".")[:-1] != section]
-    if elsewhere:
-        return elsewhere[:_MOST_SUGGESTED]
     known = list(_model_at(section).model_fields)
     words = _words(name)
     holding = [key for key in known if _held(words, key) == len(words)]
@@ -807,12 +834,16 @@ def _suggested_keys(loc: list[str]) -> list[str]:
         held = {key: _held(words - _QUALIFIERS, key) for key in known}
         most = max(held.values(), default=0)
         holding = [key for key in known if most and held[key] == most]
-    if holding:
-        fewest = min(len(_words(key)) for key in holding)
-        close = [key for key in holding if len(_words(key)) == fewest]
-    else:
-        close = difflib.get_close_matches(name, known, n=1)
-    return [".".join([*section, key]) for key in close[:_MOST_SUGGESTED]]
+    fewest = min((len(_words(key)) for key in holding), default=0)
+    in_section = [key for key in holding if len(_words(key)) == fewest]
+    if not in_section:  # a key whose description names it: weights.beta, "temperature of exp(R/β)"
+        named = re.compile(rf"\b{re.escape(name.replace('_', ' '))}\b", re.IGNORECASE)
+        model = _model_at(section)
+        in_section = [key for key in known if named.search(model.model_fields[key].description or "")]
+    nearest = [] if in_section else difflib.get_close_matches(name, known, n=1)
+    elsewhere = [key for key, _ in _fields() if key.split(".")[-1] == name and key.split(".")[:-1] != section]
+    dotted = [".".join([*section, key]) for key in in_section]
+    return [*dotted, *elsewhere, *(".".join([*section, key]) for key in nearest)][:_MOST_SUGGESTED]
 
 
 def _words(key: str) -> set[str]:
@@ -842,6 +873,11 @@ def _describe(error: dict[str, Any]) -> str:
     found = error.get("input")
     # A check of ours raised it: its own words, without pydantic's "Value error, " before them.
     message = str(error["ctx"]["error"]) if error["type"] == "value_error" and "error" in error.get("ctx", {}) else error["msg"]
+    if error["type"] == "model_type":  # pydantic's words name the class, not the config's terms
+        message = "expected a section: a mapping of its keys"
+    if loc[:2] == ["eval", "task"] and loc[-1] in EVAL_TASK_UNREAD and error["type"] == "value_error":
+        # TaskConfig's check of the keys its kind reads: no kind of an evaluated task reads this one.
+        message = "evaluation reads a task's test split only: remove the key (or set it to null)"
     if not loc or (error["type"] == "value_error" and _names_a_section(loc)):
         return message  # a check across sections, or across a section's keys: its message names the keys
     if loc[-1] in _NEVER_SHOWN:
@@ -854,6 +890,11 @@ def _describe(error: dict[str, Any]) -> str:
     else:  # a check across the keys of this section: the input is the whole section
         shown = ""
     return f"{dotted}: {message}{shown}"
+
+
+def _holds_mapping(annotation: Any) -> bool:
+    """Whether a field of this type holds a free mapping (task.options), whose keys an override may set one by one."""
+    return any(a is dict or get_origin(a) is dict for a in (annotation, *get_args(annotation)))
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:

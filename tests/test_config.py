@@ -42,11 +42,13 @@ def test_numbers_in_exponent_form_are_numbers_in_free_form_options_too(tmp_path)
 def test_numbers_and_booleans_are_read_as_yaml_1_2_reads_them(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("seed: 010\ntask:\n  options: {padded: 0777, octal: 0o17, hex: 0x1F, time: 1:30, words: [on, off, yes, no]}\n")
-    cfg = load_config(path, ["train.lora.enabled=on", "task.options.flag=true"])
+    cfg = load_config(path, ["train.lora.enabled=on", "task.options.flag=true", "task.options.day=2024-01-01"])
     assert cfg.seed == 10  # not octal 8
     assert cfg.task.options == {
-        "padded": 777, "octal": 15, "hex": 31, "time": "1:30", "words": ["on", "off", "yes", "no"], "flag": True
+        "padded": 777, "octal": 15, "hex": 31, "time": "1:30", "words": ["on", "off", "yes", "no"], "flag": True,
+        "day": "2024-01-01",  # not a datetime.date, which `config` would print as this text
     }
+    assert load_config(None, ["episode.feedback=2024-01-01"]).episode.feedback == "2024-01-01"
     assert cfg.train.lora.enabled is True  # a boolean field still takes "on"
     with pytest.raises(ConfigError, match=r"seed: .*\(found '1:30'\)"):  # not base-60 90
         load_config(None, ["seed=1:30"])
@@ -65,6 +67,16 @@ def test_an_override_fills_a_section_left_empty_in_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("task:\n")
     assert load_config(path, ["task.name=gsm8k", "task.kind=hub"]).task.name == "gsm8k"
+
+
+def test_a_section_left_empty_in_the_file_holds_its_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task:\ntrain:\n  lora: null\neval:\n  task:\n")
+    cfg = load_config(path)
+    assert (cfg.task, cfg.train) == (load_config(None).task, load_config(None).train)
+    assert cfg.eval.task is None  # an optional section: unset
+    with pytest.raises(ConfigError, match=r"train\.lora: expected a section: a mapping of its keys \(found True\) \[set by"):
+        load_config(None, ["train.lora=true"])
 
 
 def test_an_override_clears_what_the_file_set_that_another_kind_does_not_read(tmp_path):
@@ -106,8 +118,12 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         ("rollout.num_samples=4", "  rollout.num_samples: unknown key; did you mean 'rollout.samples_per_prompt'?"),
         ("rollout.batch_size=8", "  rollout.batch_size: unknown key; did you mean 'rollout.prompts_per_batch'?"),
         ("train.lr_scheduler=cosine", "  train.lr_scheduler: unknown key; did you mean 'train.lr_schedule'?"),
-        # The key of another section.
-        ("eval.max_turns=3", "  eval.max_turns: unknown key; did you mean 'episode.max_turns'?"),
+        # The key of another section, before the nearest of its own.
+        ("eval.max_turns=3", "  eval.max_turns: unknown key; did you mean 'episode.max_turns' or 'eval.max_new_tokens'?"),
+        ("eval.num_workers=2", "  eval.num_workers: unknown key; did you mean 'train.num_workers' or 'eval.num_actors'?"),
+        # A key whose description names it.
+        ("weights.temperature=1", "  weights.temperature: unknown key; did you mean 'weights.beta' or 'rollout.temperature'?"),
+        ("train.learning_rate=1e-5", "  train.learning_rate: unknown key; did you mean 'train.lr'?"),
     ],
 )
 def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
@@ -130,7 +146,8 @@ def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
         ("rollout.max_new_tokens", "override 'rollout.max_new_tokens' has no '=': expected key.path=value, e.g. rollout.max_new_tokens=VALUE"),
         ("task.options.=1", "override of 'task.options.': expected key.path=value"),
         (".beta=1", "override of '.beta': expected key.path=value"),
-        ("weights.beta.x=1", "weights.beta: Input should be a valid number"),
+        ("weights.beta.x=1", "override of weights.beta.x: weights.beta is not a section"),
+        ("rollout.model.x=1", "override of rollout.model.x: rollout.model is not a section"),  # not in the file either
         ("task.options=[a", "override of task.options: not a valid YAML value (expected ',' or ']'"),
         ("rollout.dtype=fp16", "rollout.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
         ("task.kind=hf", "task.kind: Input should be 'builtin', 'file', 'plugin', 'hub' or 'reasoning_gym' (found 'hf')"),
@@ -151,6 +168,8 @@ def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
         # A key the task's kind does not read is an error, not a silently different task.
         ("task.train_path=problems.jsonl", "task.train_path: kind 'builtin' does not read it, only 'file', 'hub' do"),
         ("eval.task={kind: builtin, name: candidates, test_path: t.jsonl}", "eval.task.test_path: kind 'builtin' does not"),
+        # Not "change kind": no kind of an evaluated task reads it.
+        ("eval.task.train_path=t.jsonl", "eval.task.train_path: evaluation reads a task's test split only: remove the key"),
         ("task={kind: reasoning_gym, name: chain_sum, test_path: t.jsonl}", "task.test_path: kind 'reasoning_gym' does not"),
         ("task={kind: hub, name: math, columns: {question: q}}", "task.columns: kind 'hub' does not read it, only 'file' do"),
         ("task={kind: file, test_path: t.jsonl, options: {n: 1}}", "task.options: kind 'file' does not read it"),
@@ -272,6 +291,19 @@ def test_an_error_under_an_overridden_key_names_the_override_not_the_file(tmp_pa
     ]
 
 
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("task.option.num_test=5", "  task.option: unknown key; did you mean 'task.options'? [set by the override of task.option.num_test]"),
+        ("rollout.lora.merge=true", "  rollout.lora: unknown key; did you mean 'train.lora'? [set by the override of rollout.lora.merge]"),
+    ],
+)
+def test_an_unknown_section_above_an_overridden_key_names_the_override(override, line):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert str(error.value).splitlines()[1:] == [line]
+
+
 def test_settings_that_the_checks_across_keys_let_through():
     # Two actors share a GPU, each taking at most its half of the memory.
     load_config(None, ["rollout.engine=vllm", "rollout.gpus_per_actor=0.5", "rollout.gpu_memory_utilization=0.45"])
@@ -390,8 +422,9 @@ def test_a_malformed_override_is_refused_without_repeating_its_value(override, m
             "not valid YAML: found the key 'api_base' a second time (first at line 2)\n"
             '  in "{path}", line 3, column 3',
         ),
+        ("? [a]\n: b\n", 'not valid YAML: found a list as a key, where a key is a name\n  in "{path}", line 1, column 3'),
     ],
-    ids=["unclosed-quote", "key-written-twice"],
+    ids=["unclosed-quote", "key-written-twice", "list-as-key"],
 )
 def test_a_yaml_error_names_the_file_and_line_without_quoting_it(tmp_path, text, message):
     path = tmp_path / "config.yaml"
