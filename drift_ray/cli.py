@@ -142,14 +142,33 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-# main's status after Ctrl-C or SIGTERM: a shell's for a process that the signal ended.
-INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+# main's status after Ctrl-C or SIGTERM, or a reader of its output that went away (`config --doc | head`): a
+# shell's for a process that the signal ended.
+INTERRUPTED, TERMINATED, OUTPUT_CLOSED = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGPIPE
+
+
+class _GivenOnce(argparse.Action):
+    """A flag of one value: given twice, argparse would keep the last without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice: give it once")
+        setattr(namespace, self.dest, values)
+
+
+def _config_path(text: str) -> str:
+    if not text:  # Path("") is the current directory
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `train --mode uniform` would read as `--model uniform`, a hub id.
     parser = argparse.ArgumentParser(prog="drift-ray", description=__doc__, allow_abbrev=False)
-    traceback_help = "on an error, show its whole traceback instead of one line; on Ctrl-C or SIGTERM, before it"
+    traceback_help = (
+        "on an error, show its whole traceback instead of the error message alone; on Ctrl-C or SIGTERM, show "
+        "the traceback of where it stopped"
+    )
     parser.add_argument("--traceback", action="store_true", help=traceback_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -157,24 +176,33 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
         # After the command too; unset there, it leaves the value given before the command.
         p.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=traceback_help)
-        p.add_argument("--config", required=config_required, help="YAML config (see jobs/)")
-        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-        p.set_defaults(fn=fn)
+        p.add_argument("--config", required=config_required, type=_config_path, action=_GivenOnce, help="YAML config (see jobs/)")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides (each key once)")
+        p.set_defaults(fn=fn, parser=p)
         return p
 
     p = command("weights", cmd_weights, "returns and importance weights of a trajectory file", config_required=False)
-    p.add_argument("--input", required=True, help="trajectories: our Parquet/JSONL or the authors' JSONL")
-    p.add_argument("--output", required=True, help="Parquet with every input column plus return and weight")
-    p.add_argument("--beta", type=float, help="β (weights.beta)")
-    p.add_argument("--gamma", type=float, help="γ (weights.gamma)")
-    p.add_argument("--rep-lambda", type=float, help="λ (weights.rep_lambda)")
-    p.add_argument("--format-penalty", type=float, help="re-price format failures (weights.format_penalty)")
-    p.add_argument("--mode", choices=["drift", "uniform", "success_only"], help="weights.mode")
+    p.add_argument(
+        "--input",
+        required=True,
+        action=_GivenOnce,
+        help="trajectories: our Parquet or JSONL (.jsonl or .jsonl.gz), the authors' JSONL, or a directory of "
+        "Parquet files (a run's rollouts/)",
+    )
+    p.add_argument("--output", required=True, action=_GivenOnce, help="Parquet with every input column plus return and weight")
+    p.add_argument("--beta", type=float, action=_GivenOnce, help="β (weights.beta)")
+    p.add_argument("--gamma", type=float, action=_GivenOnce, help="γ (weights.gamma)")
+    p.add_argument("--rep-lambda", type=float, action=_GivenOnce, help="λ (weights.rep_lambda)")
+    p.add_argument("--format-penalty", type=float, action=_GivenOnce, help="re-price format failures (weights.format_penalty)")
+    p.add_argument("--mode", choices=["drift", "uniform", "success_only"], action=_GivenOnce, help="weights.mode")
     command("rollouts", cmd_rollouts, "play K episodes per training prompt with the reference policy")
     p = command("train", cmd_train, "weighted SFT of a model on weighted trajectories (drift-ray weights' output)")
-    p.add_argument("--input", required=True, help="Parquet file or directory with trajectory_id, messages, weight")
+    p.add_argument(
+        "--input", required=True, action=_GivenOnce, help="Parquet file or directory with trajectory_id, messages, weight"
+    )
     p.add_argument(
         "--model",
+        action=_GivenOnce,
         help="model to train: local path, hub id or builtin:demo (default: rollout.model; "
         "needed with rollout.engine=openai)",
     )
@@ -199,13 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     # refused as any other where they have no '='. An unknown flag is named without what follows its '=', which
     # may be a secret.
     args, left_over = parser.parse_known_args(argv)
-    unknown = [item.partition("=")[0] + ("=…" if "=" in item else "") for item in left_over if item.startswith("-")]
+    unknown = [item.partition("=") for item in left_over if item.startswith("-")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # The command's own usage. No close match: train's --model would be offered for weights' --mode.
+        args.parser.error(f"unrecognized arguments: {' '.join(flag + ('=…' if sep else '') for flag, sep, _ in unknown)}")
     args.overrides += left_over
+    repeated = _repeated_override(args.overrides)
+    if repeated:
+        args.parser.error(repeated)
     try:
         with sigterm_interrupts():
             return args.fn(args)
+    except BrokenPipeError:
+        # The reader of the output went away (`config --doc | head`): no error of this command. Python would
+        # fail again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OUTPUT_CLOSED
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
         # Expected user errors (OSError: a path that is a file, a directory or not allowed): one clear line.
         # The same types come from bugs too, whose traceback --traceback shows.
@@ -227,12 +264,27 @@ def main(argv: list[str] | None = None) -> int:
         return TERMINATED if terminated(err) else INTERRUPTED
 
 
+def _repeated_override(overrides: list[str]) -> str | None:
+    """Why `overrides` cannot all hold, where two set one key (`seed=1 seed=2`), or one a key inside the
+    other's (`task.options.a=1 task.options={b: 2}`): the later would win without a word."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = override_key(item)
+        for other in seen:
+            if key == other or key.startswith(other + ".") or other.startswith(key + "."):
+                if key == other:
+                    return f"{key} is overridden twice: give it once"
+                return f"the overrides of {other} and {key} overlap, one inside the other: give one of them"
+        seen[key] = item
+    return None
+
+
 def entry() -> None:
     """The drift-ray command: exits with main's status, except that a command interrupted or terminated dies
     of its signal, as Python's own uncaught KeyboardInterrupt does, so that a shell loop around it stops there
     too."""
     status = main()
-    signum = {INTERRUPTED: signal.SIGINT, TERMINATED: signal.SIGTERM}.get(status)
+    signum = {INTERRUPTED: signal.SIGINT, TERMINATED: signal.SIGTERM, OUTPUT_CLOSED: signal.SIGPIPE}.get(status)
     if signum is not None:
         ray = sys.modules.get("ray")  # a local cluster of this process goes with it
         if ray is not None and ray.is_initialized():

@@ -593,7 +593,21 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     train = ["train", "--config", str(REPO / "jobs/smoke.yaml"), "--input", str(weighted), f"run_dir={tmp_path / 'run'}"]
     with pytest.raises(SystemExit):  # abbreviated, --mode would be --model: a hub id named "uniform"
         main([*train, "--mode", "uniform"])
-    assert "unrecognized arguments: --mode" in capsys.readouterr().err
+    assert "usage: drift-ray train " in (error := capsys.readouterr().err)  # the command's usage, not drift-ray's
+    assert "drift-ray train: error: unrecognized arguments: --mode\n" in error
+    # A flag, or override, given twice would keep its last value without a word.
+    for twice, message in [
+        (["--input", "x"], "--input given twice: give it once"),
+        (["--config", str(REPO / "jobs/demo_cpu.yaml")], "--config given twice: give it once"),
+        (["seed=1", "seed=2"], "seed is overridden twice: give it once"),
+        (["train.lora.r=4", "train={lora: {r: 8}}"], "the overrides of train.lora.r and train overlap, one inside the other"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*train, *twice])
+        assert f"drift-ray train: error: {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["config", "--config", ""])  # Path("") would be the current directory
+    assert "drift-ray config: error: argument --config: an empty path" in capsys.readouterr().err
     assert main([*train, "--model", ""]) == 2  # an unset $MODEL, say: not the config's model
     assert "the model is empty" in capsys.readouterr().err
     authors = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
@@ -620,6 +634,14 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     assert main(["config", "--doc", "weights.bta=1"]) == 2  # the typo would go unnoticed
     assert "--doc documents every field and reads no config" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted.parquet"] and not ray.is_initialized()
+
+
+def test_a_reader_that_closes_the_output_early_is_no_error():
+    # `drift-ray config --doc | head -1`: the reader goes away; the command ends as other tools do, of SIGPIPE.
+    command = subprocess.Popen([sys.executable, "-m", "drift_ray", "config", "--doc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # before the command, still importing, writes: all of it (14 kB) would fit the pipe
+    assert command.wait(timeout=60) == -signal.SIGPIPE
+    assert command.stderr.read() == b""
 
 
 def test_the_model_to_train_is_checked_even_where_a_server_plays_the_rollouts(tmp_path, capsys):
