@@ -265,17 +265,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _repeated_override(overrides: list[str]) -> str | None:
-    """Why `overrides` cannot all hold, where two set one key (`seed=1 seed=2`), or one a key inside the
-    other's (`task.options.a=1 task.options={b: 2}`): the later would win without a word."""
-    seen: dict[str, str] = {}
-    for item in overrides:
-        key = override_key(item)
-        for other in seen:
-            if key == other or key.startswith(other + ".") or other.startswith(key + "."):
-                if key == other:
-                    return f"{key} is overridden twice: give it once"
-                return f"the overrides of {other} and {key} overlap, one inside the other: give one of them"
-        seen[key] = item
+    """Why `overrides` cannot all hold, where two set one key (`seed=1 seed=2`), or one sets a section that
+    holds the key of an earlier one (`task.options.a=1 task.options={b: 2}`): the later would win without a
+    word. A key inside a section set before it adds to that section (`task={kind: file} task.num_test=5`)."""
+    earlier: list[str] = []
+    for key in map(override_key, overrides):
+        if key in earlier:
+            return f"{key} is overridden twice: give it once"
+        inside = next((other for other in earlier if other.startswith(key + ".")), None)
+        if inside is not None:
+            return (
+                f"the override of {key} replaces the section that the earlier override of {inside} set a key in: "
+                f"give one of them, or {key} first"
+            )
+        earlier.append(key)
     return None
 
 

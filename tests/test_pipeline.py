@@ -600,11 +600,13 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
         (["--input", "x"], "--input given twice: give it once"),
         (["--config", str(REPO / "jobs/demo_cpu.yaml")], "--config given twice: give it once"),
         (["seed=1", "seed=2"], "seed is overridden twice: give it once"),
-        (["train.lora.r=4", "train={lora: {r: 8}}"], "the overrides of train.lora.r and train overlap, one inside the other"),
+        (["train.lora.r=4", "train={lora: {r: 8}}"], "the override of train replaces the section that the earlier override of train.lora.r set a key in"),
     ]:
         with pytest.raises(SystemExit):
             main([*train, *twice])
         assert f"drift-ray train: error: {message}" in capsys.readouterr().err
+    assert main(["config", "train={lora: {r: 8}}", "train.lora.alpha=4"]) == 0  # a key added to the section set before
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["lora"]["alpha"] == 4
     with pytest.raises(SystemExit):
         main(["config", "--config", ""])  # Path("") would be the current directory
     assert "drift-ray config: error: argument --config: an empty path" in capsys.readouterr().err
