@@ -417,6 +417,8 @@ def check_model_here(model: str, cfg: Config, *, to_train: bool = False) -> bool
     if here and (problem := _not_a_model(Path(model))):
         inner = _model_within(Path(model))
         raise ValueError(f"{model}: not a model directory ({problem})" + (f"; did you mean {inner}?" if inner else ""))
+    if here and (Path(model) / "config.json").is_file() and (problem := _tokenizer_problem(model)):
+        raise ValueError(f"{model}: {problem}")
     if here and to_train and (Path(model) / ADAPTER_RECORD).is_file():
         _refuse_to_train_an_adapter(model, Path(model))
     return hub_id and not here
@@ -544,6 +546,29 @@ def _not_a_model(path: Path) -> str | None:
         return problems[0]
     if not any(file.name.endswith(_WEIGHT_SUFFIXES) for file in path.iterdir()):
         return "no weights: no " + ", ".join(f"*{suffix}" for suffix in _WEIGHT_SUFFIXES) + " file"
+    return None
+
+
+def _tokenizer_problem(model: str) -> str | None:
+    """Why the tokenizer of the model directory `model` cannot format conversations, as every engine and the
+    training workers do, after Ray and the model have started; None where it can. transformers builds an
+    empty tokenizer from a directory without tokenizer files, which encodes every prompt as no tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        return f"its tokenizer does not load ({err})"
+    if not tokenizer("hello", add_special_tokens=False)["input_ids"]:
+        return (
+            "its tokenizer encodes text as no tokens: the directory holds no tokenizer files (tokenizer.json, "
+            "tokenizer.model, vocab.json, …)"
+        )
+    if not tokenizer.chat_template:
+        return (
+            "its tokenizer has no chat template, which the conversations are written with: save a chat model's "
+            "tokenizer with the model (tokenizer.save_pretrained), or set tokenizer.chat_template"
+        )
     return None
 
 

@@ -801,6 +801,15 @@ def test_a_directory_that_holds_no_model_fails_before_ray_starts_and_points_to_t
     assert f"{run_dir / 'run.json'}: not a model directory (a file)" in capsys.readouterr().err
     assert main([*args, "--model", "drift="]) == 2
     assert "--model drift=: no model after the label; give LABEL=PATH" in capsys.readouterr().err
+    # Without tokenizer files transformers builds an empty tokenizer: every prompt would be no tokens.
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(tiny_model_dir, untokenized, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+    assert main([*args, "--model", f"drift={untokenized}"]) == 2
+    assert f"{untokenized}: its tokenizer encodes text as no tokens: the directory holds no tokenizer files" in capsys.readouterr().err
+    templateless = tmp_path / "templateless"
+    shutil.copytree(tiny_model_dir, templateless, ignore=shutil.ignore_patterns("chat_template*"))
+    assert main([*args, "--model", f"drift={templateless}"]) == 2
+    assert f"{templateless}: its tokenizer has no chat template, which the conversations are written with" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
