@@ -38,14 +38,24 @@ import logging
 import math
 import random
 import string
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drift_ray import schema
 from drift_ray.config import TaskConfig
-from drift_ray.prompts import Problem, Task, TaskError, as_text, read_rows, require_unique_prompt_ids
+from drift_ray.prompts import (
+    Problem,
+    Task,
+    TaskError,
+    as_text,
+    decoded_text,
+    read_rows,
+    require_json_metadata,
+    require_unique_prompt_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +120,10 @@ def last_boxed(text: str) -> str | None:
 
 def _text(row: dict[str, Any], column: str) -> str:
     value = row[column]
+    if isinstance(value, bytes):  # a Parquet binary column: its text, not Python's b'...' of it
+        value = decoded_text(value, column)
+    if isinstance(value, (bool, list, dict)):  # else written as Python's "True", "['a', 'b']", "{'x': 1}"
+        raise ValueError(f"column {column!r} holds {schema.short_repr(value)}; expected text or a number")
     if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
         raise ValueError(f"column {column!r} is empty")
     return as_text(value).strip()  # a column of numbers some of them fractional holds 5 as 5.0
@@ -122,7 +136,7 @@ def _present(**fields: Any) -> dict[str, Any]:
 def _after(text: str, marker: str, column: str) -> str:
     _, found, answer = text.rpartition(marker)
     if not found or not answer.strip():
-        raise ValueError(f"column {column!r} has no answer after {marker!r}")
+        raise ValueError(f"column {column!r} has no answer after {marker!r} (found {schema.short_repr(text)})")
     return answer.strip()
 
 
@@ -149,7 +163,7 @@ def _gsm8k(row: dict[str, Any], seed: int) -> Converted:
 
 
 def _theoremqa(row: dict[str, Any], seed: int) -> Converted | None:
-    if row.get("Picture") is not None:
+    if row.get("Picture") not in (None, ""):  # a CSV file writes no picture as an empty field
         return None
     return _text(row, "Question"), _text(row, "Answer"), _present(answer_type=row.get("Answer_type"))
 
@@ -173,7 +187,7 @@ def _mmlu_redux(row: dict[str, Any], seed: int) -> Converted | None:
         return None
     choices = _list_column(row, "choices")
     answer = row["answer"]
-    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):  # true is no index
         raise ValueError(f"column 'answer' is {answer!r}; expected the index (0 to {len(choices) - 1}) of a choice")
     return render_choices(_text(row, "question"), choices), CHOICE_LETTERS[answer], _present(source=row.get("source"))
 
@@ -187,14 +201,20 @@ def _mmlu_pro(row: dict[str, Any], seed: int) -> Converted:
     return render_choices(_text(row, "question"), options), answer, metadata
 
 
-def _list_column(row: dict[str, Any], column: str) -> list[Any]:
+def _list_column(row: dict[str, Any], column: str) -> list[str]:
+    """The choices a row lists, each as text."""
     value = row[column]
     if isinstance(value, str):
         raise ValueError(
             f"column {column!r} holds text ({value[:60]!r}), not a list (a CSV file cannot hold one); give this "
             "task's local files as JSONL or Parquet"
         )
-    return list(value or [])
+    if not isinstance(value, (list, tuple)):  # a mapping would list its keys
+        raise ValueError(f"column {column!r} holds {schema.short_repr(value)}; expected a list of choices")
+    for i, choice in enumerate(value):
+        if choice is None or isinstance(choice, (bool, list, dict)):  # else "None", "True", "['a']" as a choice
+            raise ValueError(f"column {column!r} holds {schema.short_repr(choice)} as choice {i + 1}; expected text or a number")
+    return [decoded_text(choice, column) if isinstance(choice, bytes) else as_text(choice) for choice in value]
 
 
 MATH_SUBJECTS = (
@@ -278,8 +298,9 @@ class _Part:
     rows: Iterable[tuple[str, dict[str, Any]]]
 
 
-def load_hub_task(cfg: TaskConfig, seed: int) -> Task:
-    """The benchmark `cfg.name` from local files (task.train_path / task.test_path) or the hub."""
+def load_hub_task(cfg: TaskConfig, seed: int, splits: Collection[str] = ("train", "test")) -> Task:
+    """The benchmark `cfg.name` from local files (task.train_path / task.test_path) or the hub, which is read
+    for `splits` alone."""
     spec = HUB_DATASETS.get(cfg.name)
     if spec is None:
         raise TaskError(f"task.name: unknown hub dataset {cfg.name!r}; known: {', '.join(sorted(HUB_DATASETS))}")
@@ -303,6 +324,7 @@ def load_hub_task(cfg: TaskConfig, seed: int) -> Task:
         parts = {
             split: [_read_hub(cfg.name, spec, config, hub_split) for config in configs]
             for split, hub_split in spec.splits.items()
+            if split in splits
         }
     train = _problems(cfg.name, "train", spec, parts.get("train", []), seed)
     random.Random(f"{cfg.name}-train-{seed}").shuffle(train)
@@ -356,9 +378,17 @@ def _read_csv(file: Path) -> list[tuple[str, dict[str, Any]]]:
     try:
         # Every field as text, and none read as missing but empty ones: pandas would make the gold 1.10
         # the float 1.1, 007 the integer 7, and the answer "None" or "NA" a missing value.
-        frame = pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        # index_col=False: else rows of one field more than the header take their first field as an index,
+        # and every column shifts left without a word; with it, pandas drops their last field, with a warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(file, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
     except UnicodeDecodeError as err:
         raise TaskError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except pd.errors.ParserWarning:
+        raise TaskError(
+            f"{file}: cannot read it as CSV: rows with more fields than the header (quote a field that holds a comma)"
+        ) from None
     except (ValueError, pd.errors.ParserError) as err:
         raise TaskError(f"{file}: cannot read it as CSV: {err}") from None
     return [(f"{file}: row {row_no}", row) for row_no, row in enumerate(frame.to_dict("records"), 1)]
@@ -370,12 +400,14 @@ def _read_hub(name: str, spec: HubDataset, config: str | None, split: str) -> _P
     source = f"{spec.hub_id} (config {config!r}, split {split!r})"
     try:
         dataset = datasets.load_dataset(spec.hub_id, config, split=split)
-    except (OSError, datasets.exceptions.DatasetsError) as err:
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:  # ValueError: a cache without the split
         files = " ".join(f"task.{s}_path=FILE" for s in spec.splits)
         joined = " (all subsets in one file)" if spec.has_subsets else ""
+        problem = " ".join(str(err).split()).rstrip(".")  # on one line
         raise TaskError(
-            f"task.name={name}: cannot load {source} from the Hugging Face Hub: {err}. {spec.access_note} "
-            f"Without network access, save the dataset elsewhere as JSONL, CSV or Parquet and pass {files}{joined}, "
+            f"task.name={name}: cannot load {source} from the Hugging Face Hub: {problem}. "
+            + (f"{spec.access_note} " if spec.access_note else "")
+            + f"Without network access, save the dataset elsewhere as JSONL, CSV or Parquet and pass {files}{joined}, "
             f"with the hub's columns {list(spec.columns)}"
             + (
                 "." if datasets.config.HF_HUB_OFFLINE
@@ -398,6 +430,8 @@ def _problems(name: str, split: str, spec: HubDataset, parts: list[_Part], seed:
         prefix = f"{name}-{split}-" + (f"{part.subset}-" if part.subset else "")
         for index, (where, row) in enumerate(part.rows):
             row_id = row.get(spec.id_column) if spec.id_column else None
+            if row_id is not None and not str(row_id).strip():
+                raise TaskError(f"{where}: column {spec.id_column!r} is empty; give every row its id, or drop the column")
             prompt_id = prefix + str(index if row_id is None else row_id)
             try:
                 converted = spec.convert(row, seed)
@@ -408,6 +442,7 @@ def _problems(name: str, split: str, spec: HubDataset, parts: list[_Part], seed:
             question, gold, metadata = converted
             if part.subset:
                 metadata = {**metadata, "subset": part.subset}
+            require_json_metadata(metadata, where)
             problems.append(Problem(prompt_id, question, gold, metadata))
             places.append(where)
     require_unique_prompt_ids(problems, f"task {name!r}, {split} split", places)

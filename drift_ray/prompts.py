@@ -95,7 +95,7 @@ def load_task(cfg: TaskConfig, seed: int, key: str = "task", splits: Collection[
     task of the evaluation's own).
     """
     try:
-        task = _build_task(cfg, seed)
+        task = _build_task(cfg, seed, splits)
         verifier = cfg.verifier or task.verifier
         # A task's own options for its own verifier, unless the config names them.
         verifier_options = dict(cfg.verifier_options if cfg.verifier else {**task.verifier_options, **cfg.verifier_options})
@@ -177,7 +177,8 @@ def _verifier_options_source(cfg: TaskConfig, task: Task) -> str:
     return f"task.verifier_options, over task {task.name!r}'s own {own}"
 
 
-def _build_task(cfg: TaskConfig, seed: int) -> Task:
+def _build_task(cfg: TaskConfig, seed: int, splits: Collection[str]) -> Task:
+    """The task `cfg` names; a hub task reads `splits` alone (a cache may hold only the split evaluated)."""
     if cfg.kind == "builtin":
         importlib.import_module("drift_ray.builtin_tasks")  # registers the built-in builders
         if cfg.name not in _BUILTIN:
@@ -221,7 +222,7 @@ def _build_task(cfg: TaskConfig, seed: int) -> Task:
     if cfg.kind == "hub":
         from drift_ray.hub_tasks import load_hub_task  # not at the top: hub_tasks builds on this module
 
-        return load_hub_task(cfg, seed)
+        return load_hub_task(cfg, seed, splits)
     from drift_ray.gym_tasks import load_gym_task  # reasoning_gym; not at the top: gym_tasks builds on this module
 
     return load_gym_task(cfg, seed)
@@ -401,7 +402,10 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
     for row_no, (where, row) in enumerate(rows, 1):
         for col in (id_col, question_col, gold_col):
             if isinstance(row.get(col), bytes):  # a Parquet binary column: its text, not Python's b'...' of it
-                row[col] = _decoded(row[col], where, col)
+                try:
+                    row[col] = decoded_text(row[col], col)
+                except ValueError as err:
+                    raise TaskError(f"{where}: {err}") from None
         for col in (question_col, gold_col):
             if row.get(col) is None or str(row[col]).strip() == "":
                 raise TaskError(f"{where}: column {col!r} is missing or empty")
@@ -434,12 +438,13 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
     return problems
 
 
-def _decoded(value: bytes, where: str, column: str) -> str:
+def decoded_text(value: bytes, column: str) -> str:
+    """The text of a Parquet binary value of `column`; ValueError where it is not UTF-8."""
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise TaskError(
-            f"{where}: column {column!r} holds bytes that are not UTF-8 text ({err.reason} at byte {err.start}); "
+        raise ValueError(
+            f"column {column!r} holds bytes that are not UTF-8 text ({err.reason} at byte {err.start}); "
             "expected text or a number"
         ) from None
 

@@ -325,6 +325,12 @@ def test_local_golds_are_the_text_the_file_writes(tmp_path):
     assert sorted(p.gold for p in hub_task("math500", test_path=jsonl).test) == ["0.5", "9007199254740993"]
 
 
+def test_theoremqa_from_csv_keeps_the_rows_whose_picture_field_is_empty(tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text("Question,Answer,Answer_type,Picture\nIs 7 prime?,True,bool,\nSee the figure.,3,integer,p.png\n")
+    assert [(p.prompt_id, p.gold) for p in hub_task("theoremqa", test_path=str(path)).test] == [("theoremqa-test-0", "True")]
+
+
 def test_a_csv_file_for_a_task_with_a_list_column_is_refused(tmp_path):
     path = tmp_path / "test.csv"
     with path.open("w", newline="") as f:
@@ -424,6 +430,39 @@ def test_bad_local_files(tmp_path):
     latin1.write_bytes('{"question": "Combien de caf\u00e9s ?", "answer": "#### 2"}\n'.encode("latin-1"))
     with pytest.raises(TaskError, match=r"latin1\.jsonl:1: not UTF-8 text"):
         hub_task("gsm8k", test_path=str(latin1))
+
+
+def test_values_of_the_wrong_type_are_refused_not_written_as_python_would(tmp_path):
+    def refused(name: str, row: dict, message: str) -> None:
+        with pytest.raises(TaskError, match=message):
+            hub_task(name, test_path=write_jsonl(tmp_path / "test.jsonl", [row]))
+
+    refused("math500", {"problem": ["a", "b"], "answer": "1"}, r"test\.jsonl:1 .*column 'problem' holds \['a', 'b'\]; expected text or a number")
+    refused("math500", {"problem": "P", "answer": {"x": 1}}, r"column 'answer' holds \{'x': 1\}; expected text or a number")
+    refused("math500", {"problem": "P", "answer": True}, r"column 'answer' holds True; expected text or a number")
+    redux = {"question": "Q", "choices": ["a", "b"], "answer": 1, "error_type": "ok"}
+    refused("mmlu_redux", {**redux, "answer": True}, r"column 'answer' is True; expected the index \(0 to 1\)")
+    refused("mmlu_redux", {**redux, "choices": {"a": 1, "b": 2}}, r"column 'choices' holds \{'a': 1, 'b': 2\}; expected a list of choices")
+    refused("mmlu_redux", {**redux, "choices": ["a", None]}, r"column 'choices' holds None as choice 2; expected text or a number")
+    refused("gsm8k", {"question": "Q", "answer": 42}, r"column 'answer' has no answer after '####' \(found '42'\)")
+    refused("gpqa_diamond", dict(zip(GPQA_COLUMNS, [" ", "Q?", "yes", "no1", "no2", "no3", "G", "B"])), r"column 'Record ID' is empty")
+    # Metadata that the rollouts could not write as JSON: refused as the task loads, not after Ray starts.
+    dated = tmp_path / "dated.parquet"
+    pq.write_table(pa.table({"problem": ["P"], "answer": ["1"], "level": pa.array([0], pa.timestamp("s"))}), dated)
+    with pytest.raises(TaskError, match=r"dated\.parquet: row 1: 'level' holds datetime .*which problem metadata \(stored as JSON\) cannot hold"):
+        hub_task("math500", test_path=str(dated))
+    # Parquet text stored as binary: the text, not Python's b'...'.
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"problem": pa.array([b"P"], pa.binary()), "answer": pa.array([b"12"], pa.binary())}), binary)
+    assert [(p.question, p.gold) for p in hub_task("math500", test_path=str(binary)).test] == [("P", "12")]
+
+
+def test_a_csv_row_of_one_field_more_than_the_header_is_refused_not_shifted(tmp_path):
+    # pandas would take every row's first field as an index: question '1', gold 'x'.
+    path = tmp_path / "test.csv"
+    path.write_text("problem,answer\np,1,x\nq,2,y\n")
+    with pytest.raises(TaskError, match=r"test\.csv: cannot read it as CSV: rows with more fields than the header"):
+        hub_task("math500", test_path=str(path))
 
 
 def test_offline_hub_error_says_which_dataset_and_how_to_supply_files(monkeypatch):
@@ -544,6 +583,34 @@ def test_hub_eval_only_sets_read_their_own_split_names(fake_hub):
     task = hub_task("gpqa_diamond")
     assert calls == [("Idavidrein/gpqa", "gpqa_diamond", "train")]
     assert task.train == [] and [p.prompt_id for p in task.test] == ["gpqa_diamond-test-recA"]
+
+
+def test_the_evaluation_reads_the_test_split_alone_and_a_cache_without_a_split_is_one_line(fake_hub, monkeypatch):
+    tables, calls = fake_hub
+    tables[("openai/gsm8k", "main", "test")] = [{"question": "Q", "answer": "#### 1"}]
+    task = load_task(TaskConfig(kind="hub", name="gsm8k"), 0, splits=("test",))
+    assert calls == [("openai/gsm8k", "main", "test")] and len(task.test) == 1
+    import datasets
+
+    partial_cache = ValueError('Unknown split "train".\nShould be one of [\'test\'].')
+    monkeypatch.setattr(datasets, "load_dataset", mock.Mock(side_effect=partial_cache))
+    with pytest.raises(TaskError, match=(
+        r"^task.name=gsm8k: cannot load openai/gsm8k \(config 'main', split 'train'\) from the Hugging Face Hub: "
+        r"Unknown split \"train\"\. Should be one of \['test'\]\. Without network access"
+    )):
+        hub_task("gsm8k")
+
+
+def test_the_readme_names_the_columns_each_hub_task_requires():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {name: (splits, columns) for name, splits, columns in re.findall(
+        r"^\| `(\w+)` \| ((?:train, )?(?:train|test)) \| (.*) \|$", readme, flags=re.MULTILINE
+    )}
+    assert sorted(rows) == sorted(HUB_DATASETS)
+    for name, spec in HUB_DATASETS.items():
+        splits, columns = rows[name]
+        assert splits.split(", ") == list(spec.splits), name
+        assert sorted(re.findall(r"\*\*`([^`]+)`\*\*", columns)) == sorted(spec.columns), name
 
 
 def test_every_default_verifier_exists():
