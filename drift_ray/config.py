@@ -882,6 +882,8 @@ def _describe(error: dict[str, Any]) -> str:
         return message  # a check across sections, or across a section's keys: its message names the keys
     if loc[-1] in _NEVER_SHOWN:
         shown = ""
+    elif found is None:  # `run_dir=~` meant the home directory
+        shown = " (found null, as YAML reads an empty value, null and ~: quote it for text, e.g. '~')"
     elif not isinstance(found, dict):
         shown = f" (found {found!r})"
     elif error["type"].endswith("_type"):

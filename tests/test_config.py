@@ -157,6 +157,7 @@ def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):
         ("weights.beta=.inf", "weights.beta: Input should be a finite number (found inf)"),
         ("rollout.temperature=.nan", "rollout.temperature: Input should be a finite number (found nan)"),
         ("run_dir=''", "run_dir: String should have at least 1 character"),
+        ("run_dir=~", "run_dir: Input should be a valid string (found null, as YAML reads an empty value, null and ~: quote it"),
         # Pydantic alone would read true as 1.
         ("seed=true", "seed: Input should be a number, not true or false (found True)"),
         ("seed=-1", "seed: Input should be greater than or equal to 0 (found -1)"),  # numpy's generators refuse it
