@@ -628,7 +628,9 @@ def check_rollouts_before_the_model(cfg: Config, task: Task) -> None:
     )
 
 
-def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], None]) -> dict[str, Any]:
+def run_rollouts(
+    cfg: Config, task: Task, model: str, start_ray: Callable[[], None], other_settings_remedy: str = RERUN_REMEDY
+) -> dict[str, Any]:
     require_training_problems(task, cfg.task.kind)
     out = rollouts_dir(cfg)
     summary = run_episodes(
@@ -640,6 +642,7 @@ def run_rollouts(cfg: Config, task: Task, model: str, start_ray: Callable[[], No
         prompts_per_batch=cfg.rollout.prompts_per_batch,
         num_actors=cfg.rollout.num_actors,
         start_ray=start_ray,
+        other_settings_remedy=other_settings_remedy,
     )
     log.info("rollouts: %s", summary)
     return summary
@@ -659,6 +662,22 @@ def keep_rollouts_remedy(cfg: Config) -> str:
     return (
         f"Rerun with the same config, or use a new run_dir with rollout.output_dir={rollouts_dir(cfg)} to weigh and "
         "train on these rollouts instead of playing them again (the rollouts of problems they lack are added there)."
+    )
+
+
+def later_round_remedy(cfg: Config, round_index: int) -> str:
+    """What to do where a stage of round `round_index` > 1 was made with other settings: it and the rounds
+    after it build on the model of the round before."""
+    return f"Rerun with the same config, or {_remove_rounds_from(cfg, round_index)}, or use a new run_dir."
+
+
+def _remove_rounds_from(cfg: Config, round_index: int) -> str:
+    last = max([cfg.rounds, *rounds_beyond(cfg.run_dir, cfg.rounds)])
+    rounds = [Path(round_config(cfg, r).run_dir) for r in range(round_index, last + 1)]
+    present = [str(path) for path in rounds if path.exists()] or [str(rounds[0])]
+    return (
+        f"remove {', '.join(present)} to play round {round_index} and the rounds after it again (each builds on the "
+        "model of the round before)"
     )
 
 
@@ -989,8 +1008,6 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         )
     models = {"reference": reference}
     policy = reference
-    # Every round's weights and training take part in round 1's rollouts, which a new run_dir can share.
-    remedy = keep_rollouts_remedy(cfg)
     work_by_round, diagnostics_by_round = [], []
     for round_index in range(1, cfg.rounds + 1):
         if cfg.rounds > 1:  # the stages' own lines are the same in every round
@@ -998,7 +1015,13 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         round_cfg = round_config(cfg, round_index)
         round_dir = Path(round_cfg.run_dir)
         suffix = round_suffix(round_index)
-        rollouts = timed(f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index))
+        # Round 1's weights and training take part in its rollouts, which a new run_dir can share; a later
+        # round's rollouts are its own, played from the round before.
+        remedy = keep_rollouts_remedy(cfg) if round_index == 1 else later_round_remedy(cfg, round_index)
+        rollouts = timed(
+            f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index),
+            other_settings_remedy=RERUN_REMEDY if round_index == 1 else remedy,
+        )
         work = {"rollouts": rollouts, "weights_reused": weights_finished(round_dir)}
         # The weights stage asks Ray Data for no more than a CPU. New weights are new training input, so
         # the training after it is checked too (even in the rare rerun whose weights come out the same).
@@ -1006,6 +1029,14 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         diagnostics = timed(f"weights{suffix}", run_weights, round_cfg, task, start_before_training, other_settings_remedy=remedy)
         diagnostics_by_round.append(diagnostics)
         work["model_reused"] = finished_model(round_dir / TRAIN_DIR)
+        if not work["model_reused"] and (later := rounds_beyond(cfg.run_dir, round_index)):
+            # Each of them played from the model this training replaces: every stage of theirs would be refused
+            # in turn, a rerun each.
+            raise RuntimeError(
+                f"{round_dir / TRAIN_DIR}: round {round_index}'s model is to be trained anew, and {cfg.run_dir} holds "
+                f"round(s) {', '.join(map(str, later))} built on the model it replaces: {_remove_rounds_from(cfg, later[0])}, "
+                "or use a new run_dir"
+            )
         policy = timed(
             f"weighted_sft{suffix}", run_training, round_cfg, policy, start_before_training, other_settings_remedy=remedy
         )

@@ -1123,6 +1123,15 @@ def test_ray_job_submit_to_a_head_node_runs_two_rounds_of_iterated_drift(
     assert "| drift_round2 " not in capsys.readouterr().out
     assert (f"{run_dir} holds round(s) 2 of an earlier run with more rounds, which this one (rounds=1) neither continues "
             "nor evaluates: its run.json and evaluation report leave them out; rerun with rounds=2 to keep them") in caplog.text
+    # Round 1's model gone, a rerun would train it anew: round 2, played from the old one, is named at once,
+    # not refused one stage a rerun.
+    shutil.rmtree(run_dir / "train")
+    assert main(["run", "--config", str(REPO / "jobs/smoke.yaml"), *smoke_overrides(run_dir, tiny_model_dir),
+                 "train.zero_stage=3", "rounds=2"]) == 2
+    assert (f"{run_dir / 'train'}: round 1's model is to be trained anew, and {run_dir} holds round(s) 2 built on the "
+            f"model it replaces: remove {run_dir / 'round-2'} to play round 2 and the rounds after it again (each builds on "
+            "the model of the round before), or use a new run_dir") in capsys.readouterr().err
+    assert not (run_dir / "train").exists()
 
 
 def test_a_job_with_a_working_dir_is_warned_of_relative_outputs_that_go_with_it(tmp_path, head_node_dashboard):
