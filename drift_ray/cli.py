@@ -26,7 +26,13 @@ def _config(args: argparse.Namespace, flags: Mapping[str, str] | None = None) ->
     """The config of --config and the overrides. `flags`: override → the flag that gave it, applied before
     the overrides (and named in errors by that flag)."""
     flags = flags or {}
-    return load_config(args.config, [*flags, *args.overrides], given_as={override_key(item): flag for item, flag in flags.items()})
+    cfg = load_config(args.config, [*flags, *args.overrides], given_as={override_key(item): flag for item, flag in flags.items()})
+    if cfg.rounds > 1 and args.command not in ("run", "config"):
+        logging.getLogger("drift_ray").warning(
+            "rounds=%d: drift-ray %s is one stage of round 1 and reads no rounds; `drift-ray run` plays them all",
+            cfg.rounds, args.command,
+        )
+    return cfg
 
 
 def cmd_weights(args: argparse.Namespace) -> int:

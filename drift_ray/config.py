@@ -244,7 +244,8 @@ class RolloutConfig(_Section):
     output_dir: Optional[LocalPath] = Field(
         None,
         description="Directory of the rollouts (default: run_dir/rollouts). Runs that differ only after the "
-        "rollouts (weights.mode, β, training) can point at one directory to share them.",
+        "rollouts (weights.mode, β, training) can point at one directory to share them. Round 1's: a later round "
+        "of iterated DRIFT (rounds) plays its own, under run_dir/round-r/rollouts.",
     )
     resources: dict[str, StrictFloat] = Field(  # strict: no true for 1
         default_factory=dict,
@@ -578,7 +579,10 @@ class Config(_Section):
         if self.rounds > 1 and self.train.lora.enabled and not self.train.lora.merge:
             # Round r trains round r-1's model further; a saved adapter alone would be trained from fresh
             # adapter weights on the base model, losing the earlier rounds.
-            raise ValueError("rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)")
+            raise ValueError(
+                "rounds > 1 trains each round's model further, which an adapter saved unmerged "
+                "(train.lora.merge=false) cannot be: set train.lora.merge=true (or rounds=1)"
+            )
         return self
 
 

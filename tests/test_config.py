@@ -257,7 +257,8 @@ def test_a_quoted_hash_is_part_of_the_value():
         ),
         (
             ["rounds=2", "train.lora.enabled=true", "train.lora.merge=false"],
-            "  rounds > 1 trains each round's model further: set train.lora.merge=true (or rounds=1)",
+            "  rounds > 1 trains each round's model further, which an adapter saved unmerged (train.lora.merge=false) "
+            "cannot be: set train.lora.merge=true (or rounds=1)",
         ),
     ],
     ids=[

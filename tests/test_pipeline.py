@@ -638,6 +638,13 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted.parquet"] and not ray.is_initialized()
 
 
+def test_a_stage_of_its_own_warns_that_it_reads_no_rounds(tmp_path, caplog):
+    authors = Path(__file__).parent / "fixtures" / "authors_sample.jsonl"
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):
+        assert main(["weights", "--input", str(authors), "--output", str(tmp_path / "w.parquet"), "rounds=2"]) == 0
+    assert "rounds=2: drift-ray weights is one stage of round 1 and reads no rounds; `drift-ray run` plays them all" in caplog.text
+
+
 def test_a_reader_that_closes_the_output_early_is_no_error():
     # `drift-ray config --doc | head -1`: the reader goes away; the command ends as other tools do, of SIGPIPE.
     command = subprocess.Popen([sys.executable, "-m", "drift_ray", "config", "--doc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
