@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import traceback
@@ -27,7 +28,7 @@ def _config(args: argparse.Namespace, flags: Mapping[str, str] | None = None) ->
     the overrides (and named in errors by that flag)."""
     flags = flags or {}
     cfg = load_config(args.config, [*flags, *args.overrides], given_as={override_key(item): flag for item, flag in flags.items()})
-    if cfg.rounds > 1 and args.command not in ("run", "config"):
+    if cfg.rounds > 1 and args.command in ("rollouts", "weights", "train"):
         logging.getLogger("drift_ray").warning(
             "rounds=%d: drift-ray %s is one stage of round 1 and reads no rounds; `drift-ray run` plays them all",
             cfg.rounds, args.command,
@@ -243,19 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error(repeated)
     try:
         with sigterm_interrupts():
-            return args.fn(args)
-    except BrokenPipeError:
-        # The reader of the output went away (`config --doc | head`): no error of this command. Python would
-        # fail again flushing stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status = args.fn(args)
+            sys.stdout.flush()  # here, not at exit: a pipe's buffered output fails as a closed one
+            return status
+    except BrokenPipeError as err:
+        if not _output_closed():
+            return _error(args, err)
         return OUTPUT_CLOSED
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
-        # Expected user errors (OSError: a path that is a file, a directory or not allowed): one clear line.
-        # The same types come from bugs too, whose traceback --traceback shows.
-        if args.traceback:
-            raise
-        print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _error(args, err)
     except KeyboardInterrupt as err:
         # Else a traceback through Ray Data's queue threads, which reads like a crash. Shown on request, the
         # command still ends as an interrupted one, so that a shell loop around it stops there too.
@@ -270,12 +267,37 @@ def main(argv: list[str] | None = None) -> int:
         return TERMINATED if terminated(err) else INTERRUPTED
 
 
+def _error(args: argparse.Namespace, err: Exception) -> int:
+    """An expected user error (OSError: a path that is a file, a directory or not allowed) as one clear line.
+    The same types come from bugs too, whose traceback --traceback shows."""
+    if args.traceback:
+        raise err
+    print(f"drift-ray {args.command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def _output_closed() -> bool:
+    """Whether the reader of standard output went away (`config --doc | head`), which is no error of the
+    command: a broken pipe elsewhere (a socket) is one. Standard output then writes to nowhere, as Python would
+    fail again flushing it at exit."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))  # a pipe without reader
+    except (OSError, ValueError, AttributeError):  # no file descriptor; no poll on this system
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return closed
+
+
 def _repeated_override(overrides: list[str]) -> str | None:
     """Why `overrides` cannot all hold, where two set one key (`seed=1 seed=2`), or one sets a section that
     holds the key of an earlier one (`task.options.a=1 task.options={b: 2}`): the later would win without a
     word. A key inside a section set before it adds to that section (`task={kind: file} task.num_test=5`)."""
     earlier: list[str] = []
-    for key in map(override_key, overrides):
+    # An item without '=' is refused by the config, which does not show it: it may be a secret.
+    for key in (override_key(item) for item in overrides if "=" in item):
         if key in earlier:
             return f"{key} is overridden twice: give it once"
         inside = next((other for other in earlier if other.startswith(key + ".")), None)

@@ -46,13 +46,17 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        annotation = cls.model_fields[info.field_name].annotation
         # Pydantic reads true as 1 where a number belongs: `seed: true` would run seed 1 without a word.
-        if isinstance(value, bool) and reads_a_boolean_as_a_number(annotation):
+        if isinstance(value, bool) and reads_a_boolean_as_a_number(cls.model_fields[info.field_name].annotation):
             raise PydanticCustomError("bool_for_number", BOOLEAN_FOR_A_NUMBER)
-        if value is None and _section(annotation) is annotation:
-            return {}  # a section left empty (`task:` in a file), as an override reads it: its defaults
         return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_section_holds_its_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        # `task:` left empty in a file, as an override reads it (an optional section, eval.task, is unset so)
+        annotation = cls.model_fields[info.field_name].annotation
+        return {} if value is None and _section(annotation) is annotation else value
 
 
 _TASK_KEY_READERS = {
@@ -785,11 +789,11 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> None:
     for i, part in enumerate(parts[:-1]):
         field = model.model_fields.get(part) if model is not None else None
         model = _section(field.annotation) if field is not None else None
-        if node.get(part) is None:  # absent, or a section left empty in the file ("task:")
-            if field is not None and model is None and not _holds_mapping(field.annotation):
-                raise ConfigError(f"{source}: override of {key}: {'.'.join(parts[: i + 1])} is not a section")
+        # A key that holds a value in the config, not one in the file alone: `rollout.model.x=1` without --config.
+        no_section = field is not None and model is None and not _holds_mapping(field.annotation)
+        if node.get(part) is None and not no_section:  # absent, or a section left empty in the file ("task:")
             node[part] = {}
-        child = node[part]
+        child = node.get(part)
         if not isinstance(child, dict):
             raise ConfigError(f"{source}: override of {key}: {'.'.join(parts[: i + 1])} is not a section")
         # A copy: a YAML alias or merge key shares one mapping between sections, which would all change.
@@ -823,15 +827,16 @@ _MOST_SUGGESTED = 3
 
 
 def _suggested_keys(loc: list[str]) -> list[str]:
-    """The dotted keys to suggest for the unknown key at `loc`, best first: the keys of its section that hold
-    all its words (samples: samples_per_prompt; temp: temperature), the fewest-worded first; else those
-    holding the most of its words but qualifiers such as max or num (num_samples: samples_per_prompt); else
-    those whose description names it (weights.beta for weights.temperature). Then the same name in another
-    section (episode.max_turns for eval.max_turns). Then, where the section gave none, difflib's nearest key
-    of the section, which finds a short key too far from a longer one that holds it (eval.num_actors for
-    eval.num_workers, after train.num_workers)."""
+    """The dotted keys to suggest for the unknown key at `loc`, best first: the same name in another section
+    (episode.max_turns for eval.max_turns); the keys of its section that hold all its words (samples:
+    samples_per_prompt; temp: temperature), the fewest-worded first, else those holding the most of its
+    words but qualifiers such as max or num (num_samples: samples_per_prompt); else difflib's nearest key of
+    the section, which finds a short key too far from a longer one that holds it (eval.num_actors for
+    eval.num_workers, after train.num_workers). Where none of these is found, the keys of the section whose
+    description names it (train.lr for train.learning_rate): descriptions name many keys in passing."""
     name, section = loc[-1], loc[:-1]
-    known = list(_model_at(section).model_fields)
+    model = _model_at(section)
+    known = list(model.model_fields)
     words = _words(name)
     holding = [key for key in known if _held(words, key) == len(words)]
     if not holding:
@@ -839,15 +844,12 @@ def _suggested_keys(loc: list[str]) -> list[str]:
         most = max(held.values(), default=0)
         holding = [key for key in known if most and held[key] == most]
     fewest = min((len(_words(key)) for key in holding), default=0)
-    in_section = [key for key in holding if len(_words(key)) == fewest]
-    if not in_section:  # a key whose description names it: weights.beta, "temperature of exp(R/β)"
-        named = re.compile(rf"\b{re.escape(name.replace('_', ' '))}\b", re.IGNORECASE)
-        model = _model_at(section)
-        in_section = [key for key in known if named.search(model.model_fields[key].description or "")]
-    nearest = [] if in_section else difflib.get_close_matches(name, known, n=1)
+    in_section = [key for key in holding if len(_words(key)) == fewest] or difflib.get_close_matches(name, known, n=1)
     elsewhere = [key for key, _ in _fields() if key.split(".")[-1] == name and key.split(".")[:-1] != section]
-    dotted = [".".join([*section, key]) for key in in_section]
-    return [*dotted, *elsewhere, *(".".join([*section, key]) for key in nearest)][:_MOST_SUGGESTED]
+    if not in_section and not elsewhere:
+        named = re.compile(rf"\b{re.escape(name.replace('_', ' '))}\b", re.IGNORECASE)
+        in_section = [key for key in known if named.search(model.model_fields[key].description or "")]
+    return [*elsewhere, *(".".join([*section, key]) for key in in_section)][:_MOST_SUGGESTED]
 
 
 def _words(key: str) -> set[str]:
@@ -886,7 +888,7 @@ def _describe(error: dict[str, Any]) -> str:
         return message  # a check across sections, or across a section's keys: its message names the keys
     if loc[-1] in _NEVER_SHOWN:
         shown = ""
-    elif found is None:  # `run_dir=~` meant the home directory
+    elif found is None and error["type"] == "string_type":  # `run_dir=~` meant the home directory
         shown = " (found null, as YAML reads an empty value, null and ~: quote it for text, e.g. '~')"
     elif not isinstance(found, dict):
         shown = f" (found {found!r})"

@@ -118,11 +118,14 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _text(row: dict[str, Any], column: str) -> str:
+def _text(row: dict[str, Any], column: str, python_text: bool = False) -> str:
+    """The text of a row's value. `python_text`: a boolean or list is written as Python writes it (the hub's
+    TheoremQA holds True and [1, 2] so, which a copy from its source JSON holds as JSON), not refused."""
     value = row[column]
     if isinstance(value, bytes):  # a Parquet binary column: its text, not Python's b'...' of it
         value = decoded_text(value, column)
-    if isinstance(value, (bool, list, dict)):  # else written as Python's "True", "['a', 'b']", "{'x': 1}"
+    if isinstance(value, dict) or (isinstance(value, (bool, list)) and not python_text):
+        # Else written as Python's "True", "['a', 'b']", "{'x': 1}".
         raise ValueError(f"column {column!r} holds {schema.short_repr(value)}; expected text or a number")
     if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
         raise ValueError(f"column {column!r} is empty")
@@ -130,7 +133,12 @@ def _text(row: dict[str, Any], column: str) -> str:
 
 
 def _present(**fields: Any) -> dict[str, Any]:
-    return {key: value for key, value in fields.items() if value is not None}
+    """The metadata given, binary Parquet text as text."""
+    return {
+        key: decoded_text(value, key) if isinstance(value, bytes) else value
+        for key, value in fields.items()
+        if value is not None
+    }
 
 
 def _after(text: str, marker: str, column: str) -> str:
@@ -165,7 +173,7 @@ def _gsm8k(row: dict[str, Any], seed: int) -> Converted:
 def _theoremqa(row: dict[str, Any], seed: int) -> Converted | None:
     if row.get("Picture") not in (None, ""):  # a CSV file writes no picture as an empty field
         return None
-    return _text(row, "Question"), _text(row, "Answer"), _present(answer_type=row.get("Answer_type"))
+    return _text(row, "Question"), _text(row, "Answer", python_text=True), _present(answer_type=row.get("Answer_type"))
 
 
 def _gpqa(row: dict[str, Any], seed: int) -> Converted:
@@ -430,6 +438,10 @@ def _problems(name: str, split: str, spec: HubDataset, parts: list[_Part], seed:
         prefix = f"{name}-{split}-" + (f"{part.subset}-" if part.subset else "")
         for index, (where, row) in enumerate(part.rows):
             row_id = row.get(spec.id_column) if spec.id_column else None
+            try:
+                row_id = decoded_text(row_id, spec.id_column) if isinstance(row_id, bytes) else row_id
+            except ValueError as err:
+                raise TaskError(f"{where}: {err}") from None
             if row_id is not None and not str(row_id).strip():
                 raise TaskError(f"{where}: column {spec.id_column!r} is empty; give every row its id, or drop the column")
             prompt_id = prefix + str(index if row_id is None else row_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -417,8 +418,9 @@ def check_model_here(model: str, cfg: Config, *, to_train: bool = False) -> bool
     if here and (problem := _not_a_model(Path(model))):
         inner = _model_within(Path(model))
         raise ValueError(f"{model}: not a model directory ({problem})" + (f"; did you mean {inner}?" if inner else ""))
-    if here and (Path(model) / "config.json").is_file() and (problem := _tokenizer_problem(model)):
-        raise ValueError(f"{model}: {problem}")
+    if here and (Path(model) / "config.json").is_file():
+        if problem := _tokenizer_problem(model, os.stat(model).st_mtime_ns):
+            raise ValueError(f"{model}: {problem}")
     if here and to_train and (Path(model) / ADAPTER_RECORD).is_file():
         _refuse_to_train_an_adapter(model, Path(model))
     return hub_id and not here
@@ -549,16 +551,19 @@ def _not_a_model(path: Path) -> str | None:
     return None
 
 
-def _tokenizer_problem(model: str) -> str | None:
-    """Why the tokenizer of the model directory `model` cannot format conversations, as every engine and the
-    training workers do, after Ray and the model have started; None where it can. transformers builds an
-    empty tokenizer from a directory without tokenizer files, which encodes every prompt as no tokens."""
+@functools.lru_cache(maxsize=16)  # a command checks a model more than once: before the task, and as it resolves it
+def _tokenizer_problem(model: str, modified_ns: int) -> str | None:
+    """Why the tokenizer of the model directory `model` (last modified at `modified_ns`, so that a directory
+    rewritten since is checked again) cannot format conversations, as every engine and the training workers
+    would find after Ray and the model have started; None where it can. transformers builds an empty
+    tokenizer from a directory without tokenizer files, which encodes every prompt as no tokens."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        return f"its tokenizer does not load ({err})"
+        # Not trust_remote_code, as neither the engines nor the training workers load one so.
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    except Exception as err:  # what tokenizer libraries raise varies: a missing package, a file they cannot read
+        return f"its tokenizer does not load ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
     if not tokenizer("hello", add_special_tokens=False)["input_ids"]:
         return (
             "its tokenizer encodes text as no tokens: the directory holds no tokenizer files (tokenizer.json, "
@@ -663,6 +668,23 @@ def keep_rollouts_remedy(cfg: Config) -> str:
         f"Rerun with the same config, or use a new run_dir with rollout.output_dir={rollouts_dir(cfg)} to weigh and "
         "train on these rollouts instead of playing them again (the rollouts of problems they lack are added there)."
     )
+
+
+def check_later_rounds_before_the_models(cfg: Config) -> None:
+    """Refuse, before any stage, a round whose model is to be trained anew (its training unfinished: killed, or
+    its directory removed) where run_dir holds later rounds that this run plays, which were played from the
+    model it replaces: each of their stages would be refused in turn, a rerun each."""
+    from drift_ray.train import finished_model
+
+    for round_index in range(1, cfg.rounds):
+        later = [r for r in rounds_beyond(cfg.run_dir, round_index) if r <= cfg.rounds]
+        model_dir = Path(round_config(cfg, round_index).run_dir) / TRAIN_DIR
+        if later and not finished_model(model_dir):
+            raise RuntimeError(
+                f"{model_dir}: round {round_index}'s model is to be trained anew, and {cfg.run_dir} holds round(s) "
+                f"{', '.join(map(str, later))} built on the model it replaces: {_remove_rounds_from(cfg, later[0])}, "
+                "or use a new run_dir"
+            )
 
 
 def later_round_remedy(cfg: Config, round_index: int) -> str:
@@ -993,6 +1015,7 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
     task = timed("prompts", training_task, cfg, cfg.eval.task is None)
     check_rollouts_before_the_model(cfg, task)
     check_weights_before_the_rollouts(cfg, task)
+    check_later_rounds_before_the_models(cfg)
     # Before any stage: a mistake in eval.task, or evaluations of other settings, must not surface only after
     # the training.
     eval_task = timed("eval_prompts", evaluation_task, cfg, task)
@@ -1029,14 +1052,6 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         diagnostics = timed(f"weights{suffix}", run_weights, round_cfg, task, start_before_training, other_settings_remedy=remedy)
         diagnostics_by_round.append(diagnostics)
         work["model_reused"] = finished_model(round_dir / TRAIN_DIR)
-        if not work["model_reused"] and (later := rounds_beyond(cfg.run_dir, round_index)):
-            # Each of them played from the model this training replaces: every stage of theirs would be refused
-            # in turn, a rerun each.
-            raise RuntimeError(
-                f"{round_dir / TRAIN_DIR}: round {round_index}'s model is to be trained anew, and {cfg.run_dir} holds "
-                f"round(s) {', '.join(map(str, later))} built on the model it replaces: {_remove_rounds_from(cfg, later[0])}, "
-                "or use a new run_dir"
-            )
         policy = timed(
             f"weighted_sft{suffix}", run_training, round_cfg, policy, start_before_training, other_settings_remedy=remedy
         )

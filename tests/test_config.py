@@ -121,9 +121,10 @@ def test_all_errors_at_once_with_dotted_paths_and_hints(tmp_path):
         # The key of another section, before the nearest of its own.
         ("eval.max_turns=3", "  eval.max_turns: unknown key; did you mean 'episode.max_turns' or 'eval.max_new_tokens'?"),
         ("eval.num_workers=2", "  eval.num_workers: unknown key; did you mean 'train.num_workers' or 'eval.num_actors'?"),
-        # A key whose description names it.
-        ("weights.temperature=1", "  weights.temperature: unknown key; did you mean 'weights.beta' or 'rollout.temperature'?"),
+        # A key whose description names it, where nothing else is found; not where one is (eval.num_actors's
+        # description lists rollout.dtype among others).
         ("train.learning_rate=1e-5", "  train.learning_rate: unknown key; did you mean 'train.lr'?"),
+        ("eval.dtype=float32", "  eval.dtype: unknown key; did you mean 'rollout.dtype'?"),
     ],
 )
 def test_an_unknown_key_suggests_the_keys_it_abbreviates(override, line):

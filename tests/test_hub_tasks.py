@@ -453,8 +453,15 @@ def test_values_of_the_wrong_type_are_refused_not_written_as_python_would(tmp_pa
         hub_task("math500", test_path=str(dated))
     # Parquet text stored as binary: the text, not Python's b'...'.
     binary = tmp_path / "binary.parquet"
-    pq.write_table(pa.table({"problem": pa.array([b"P"], pa.binary()), "answer": pa.array([b"12"], pa.binary())}), binary)
-    assert [(p.question, p.gold) for p in hub_task("math500", test_path=str(binary)).test] == [("P", "12")]
+    values = ["recA", "Q?", "yes", "n1", "n2", "n3", "Genetics", "Biology"]
+    as_binary = {column: pa.array([value.encode()], pa.binary()) for column, value in zip(GPQA_COLUMNS, values)}
+    pq.write_table(pa.table(as_binary), binary)
+    [problem] = hub_task("gpqa_diamond", test_path=str(binary)).test
+    assert (problem.prompt_id, problem.metadata) == ("gpqa_diamond-test-recA", {"domain": "Biology", "subdomain": "Genetics"})
+    assert set(choice_lines(problem.question).values()) == {"yes", "n1", "n2", "n3"}
+    # TheoremQA's source JSON holds booleans and lists, which its hub copy writes as Python's text.
+    rows = [{"Question": "Is 7 prime?", "Answer": True}, {"Question": "Roots?", "Answer": [1, 2]}]
+    assert [p.gold for p in hub_task("theoremqa", test_path=write_jsonl(tmp_path / "theorem.jsonl", rows)).test] == ["True", "[1, 2]"]
 
 
 def test_a_csv_row_of_one_field_more_than_the_header_is_refused_not_shifted(tmp_path):

@@ -630,6 +630,8 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     config = ["config", "seed=3", "--config", str(REPO / "jobs/smoke.yaml")]
     assert main([*config, "https://me:s3cr3t@llm.example/v1"]) == 2
     assert "an override has no '=' (not shown" in (error := capsys.readouterr().err) and "s3cr3t" not in error
+    assert main([*config, "s3cr3t", "s3cr3t"]) == 2  # not named as an override given twice
+    assert "an override has no '=' (not shown" in (error := capsys.readouterr().err) and "s3cr3t" not in error
     with pytest.raises(SystemExit):
         main([*config, "--api-key=s3cr3t"])
     assert "unrecognized arguments: --api-key=…" in (error := capsys.readouterr().err) and "s3cr3t" not in error
@@ -645,12 +647,18 @@ def test_a_stage_of_its_own_warns_that_it_reads_no_rounds(tmp_path, caplog):
     assert "rounds=2: drift-ray weights is one stage of round 1 and reads no rounds; `drift-ray run` plays them all" in caplog.text
 
 
-def test_a_reader_that_closes_the_output_early_is_no_error():
-    # `drift-ray config --doc | head -1`: the reader goes away; the command ends as other tools do, of SIGPIPE.
-    command = subprocess.Popen([sys.executable, "-m", "drift_ray", "config", "--doc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    command.stdout.close()  # before the command, still importing, writes: all of it (14 kB) would fit the pipe
-    assert command.wait(timeout=60) == -signal.SIGPIPE
-    assert command.stderr.read() == b""
+@pytest.mark.parametrize("unbuffered", ["1", None])
+@pytest.mark.parametrize("command", [["config", "--doc"], ["config"]], ids=["14-kB", "3-kB"])
+def test_a_reader_that_closes_the_output_early_is_no_error(command, unbuffered):
+    # `drift-ray config --doc | head -1`: the reader goes away; the command ends as other tools do, of SIGPIPE,
+    # whether it writes as it goes or, buffered, more than a buffer (8 kB), or all at its end.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    run = subprocess.Popen([sys.executable, "-m", "drift_ray", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    run.stdout.close()  # before the command, still importing, writes: all of it would fit the pipe
+    assert run.wait(timeout=60) == -signal.SIGPIPE
+    assert run.stderr.read() == b""
 
 
 def test_the_model_to_train_is_checked_even_where_a_server_plays_the_rollouts(tmp_path, capsys):
