@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         # After the command too; unset there, it leaves the value given before the command.
         p.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=traceback_help)
         p.add_argument("--config", required=config_required, type=_config_path, action=_GivenOnce, help="YAML config (see jobs/)")
-        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides (each key once)")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides (a later one wins)")
         p.set_defaults(fn=fn, parser=p)
         return p
 
@@ -239,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         # The command's own usage. No close match: train's --model would be offered for weights' --mode.
         args.parser.error(f"unrecognized arguments: {' '.join(flag + ('=…' if sep else '') for flag, sep, _ in unknown)}")
     args.overrides += left_over
-    repeated = _repeated_override(args.overrides)
-    if repeated:
-        args.parser.error(repeated)
+    for repeated in _repeated_overrides(args.overrides):
+        logging.getLogger("drift_ray").warning("%s", repeated)
     try:
         with sigterm_interrupts():
             status = args.fn(args)
@@ -291,23 +290,19 @@ def _output_closed() -> bool:
     return closed
 
 
-def _repeated_override(overrides: list[str]) -> str | None:
-    """Why `overrides` cannot all hold, where two set one key (`seed=1 seed=2`), or one sets a section that
-    holds the key of an earlier one (`task.options.a=1 task.options={b: 2}`): the later would win without a
-    word. A key inside a section set before it adds to that section (`task={kind: file} task.num_test=5`)."""
-    earlier: list[str] = []
+def _repeated_overrides(overrides: list[str]) -> list[str]:
+    """Where a later override sets the key of an earlier one (`seed=1 seed=2`), or a section that holds it
+    (`task.options.a=1 task.options={b: 2}`), and wins: told, as a script's `$BASE seed=2` means it, a slip
+    does not. A key inside a section set before it adds to that section (`task={kind: file} task.num_test=5`)."""
+    told, earlier = [], []
     # An item without '=' is refused by the config, which does not show it: it may be a secret.
     for key in (override_key(item) for item in overrides if "=" in item):
         if key in earlier:
-            return f"{key} is overridden twice: give it once"
-        inside = next((other for other in earlier if other.startswith(key + ".")), None)
-        if inside is not None:
-            return (
-                f"the override of {key} replaces the section that the earlier override of {inside} set a key in: "
-                f"give one of them, or {key} first"
-            )
+            told.append(f"{key} is overridden twice: the later value is used")
+        elif inside := [other for other in earlier if other.startswith(key + ".")]:
+            told.append(f"the override of {key} replaces the section in which earlier overrides set {', '.join(inside)}")
         earlier.append(key)
-    return None
+    return told
 
 
 def entry() -> None:
