@@ -367,9 +367,11 @@ def _read_file(path: str, name: str, spec: HubDataset) -> _Part:
     builder = LOCAL_FORMATS.get(file.suffix.lower())
     if builder is None:
         raise TaskError(f"{path}: unknown file type {file.suffix!r}; expected one of {', '.join(LOCAL_FORMATS)}")
-    if not file.is_file():
+    if not file.exists():
         raise TaskError(f"{path}: no such file (task {name!r} expects columns {list(spec.columns)})")
-    if not file.stat().st_size:
+    if file.is_dir() and builder != "parquet":  # NAME.parquet/part-*.parquet is one Parquet dataset
+        raise TaskError(f"{path}: a directory; give one file per split, or a directory of Parquet files named *.parquet")
+    if file.is_file() and not file.stat().st_size:
         rows = []  # pandas would fail on it with "No columns to parse"
     else:
         rows = _read_csv(file) if builder == "csv" else read_rows(file)

@@ -402,6 +402,13 @@ def test_bad_local_files(tmp_path):
         hub_task("gsm8k", test_path=str(tmp_path / "nope.jsonl"))
     with pytest.raises(TaskError, match=r"unknown file type '\.txt'"):
         hub_task("gsm8k", test_path=str(tmp_path / "data.txt"))
+    (tmp_path / "split.jsonl").mkdir()
+    with pytest.raises(TaskError, match=r"split\.jsonl: a directory; give one file per split, or a directory of Parquet files"):
+        hub_task("gsm8k", test_path=str(tmp_path / "split.jsonl"))
+    dataset = tmp_path / "test.parquet"  # one Parquet dataset, as Spark and Ray Data write it
+    dataset.mkdir()
+    pq.write_table(pa.table({"question": ["Q"], "answer": ["#### 3"]}), dataset / "part-0.parquet")
+    assert [p.gold for p in hub_task("gsm8k", test_path=str(dataset)).test] == ["3"]
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "Q", "answer": "#### 1"}\n{"question": \n')
     with pytest.raises(TaskError, match=r"broken\.jsonl:2: not valid JSON \(one JSON object per line\)"):
