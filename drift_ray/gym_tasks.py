@@ -471,10 +471,9 @@ def _splits_in_fixed_hash_process(
     name: str, options_json: str, seed: int, verifier_options_json: str
 ) -> tuple[tuple[Problem, ...], ...]:
     """_splits, run by serve_splits in a child process under PYTHONHASHSEED=0."""
-    _tell_generating(name, json.loads(options_json))
-    request = json.dumps(
-        {"name": name, "options": json.loads(options_json), "seed": seed, "verifier_options": json.loads(verifier_options_json)}
-    )
+    options = json.loads(options_json)
+    _tell_generating(name, options)
+    request = json.dumps({"name": name, "options": options, "seed": seed, "verifier_options": json.loads(verifier_options_json)})
     done = subprocess.run(
         # Not `-m drift_ray.gym_tasks`: that runs this file as __main__ beside the drift_ray.gym_tasks that
         # the verifier imports, two copies of the module and its caches.

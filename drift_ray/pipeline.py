@@ -1039,11 +1039,14 @@ def _run_stages(cfg: Config) -> dict[str, Any]:
         round_dir = Path(round_cfg.run_dir)
         suffix = round_suffix(round_index)
         # Round 1's weights and training take part in its rollouts, which a new run_dir can share; a later
-        # round's rollouts are its own, played from the round before.
-        remedy = keep_rollouts_remedy(cfg) if round_index == 1 else later_round_remedy(cfg, round_index)
+        # round's stages are its own, all built on the model of the round before.
+        if round_index == 1:
+            rollouts_remedy, remedy = RERUN_REMEDY, keep_rollouts_remedy(cfg)
+        else:
+            rollouts_remedy = remedy = later_round_remedy(cfg, round_index)
         rollouts = timed(
             f"rollouts{suffix}", run_rollouts, round_cfg, task, policy, ray_starter("rollouts", round_index),
-            other_settings_remedy=RERUN_REMEDY if round_index == 1 else remedy,
+            other_settings_remedy=rollouts_remedy,
         )
         work = {"rollouts": rollouts, "weights_reused": weights_finished(round_dir)}
         # The weights stage asks Ray Data for no more than a CPU. New weights are new training input, so

@@ -795,19 +795,13 @@ def _from_authors(record: dict[str, Any], where: str) -> dict[str, Any]:
     row.setdefault(schema.FORMAT_PENALTY, 0.0)
     if details is not None:
         per_turn = _by_turn(details, where, schema.REWARD_DETAILS, "a mapping t1..tN of objects", len(rewards))
-        failures = []
+        told = [isinstance(detail, dict) and AUTHORS_TURN_PENALTY in detail for detail in per_turn]
         for turn, detail in enumerate(per_turn, 1):
-            if not (isinstance(detail, dict) and AUTHORS_TURN_PENALTY in detail):
-                failures = None  # a turn told nothing of: the line's format failures are unknown
-                continue
-            penalty = detail[AUTHORS_TURN_PENALTY]
-            if not _is_finite_number(penalty):
+            if told[turn - 1] and not _is_finite_number(detail[AUTHORS_TURN_PENALTY]):
                 field = f"{schema.REWARD_DETAILS}.t{turn}.{AUTHORS_TURN_PENALTY}"
-                raise _field_error(where, field, "a finite number", schema.short_repr(penalty))
-            if failures is not None:
-                failures.append(penalty != 0)
-        if failures is not None:
-            row[schema.FORMAT_FAILURES] = failures
+                raise _field_error(where, field, "a finite number", schema.short_repr(detail[AUTHORS_TURN_PENALTY]))
+        if all(told):  # a turn told nothing of leaves the line's format failures unknown
+            row[schema.FORMAT_FAILURES] = [detail[AUTHORS_TURN_PENALTY] != 0 for detail in per_turn]
         row[schema.REWARD_DETAILS] = json.dumps(details, ensure_ascii=False)
     return row
 
