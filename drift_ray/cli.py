@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
-from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_config, override_key
+from drift_ray.config import Config, ConfigError, EngineKind, field_docs, load_config, override_key, override_keys
 from drift_ray.signals import sigterm_interrupts, terminated
 
 # An evaluated model's label names its directory under run_dir/eval: no separators, no "." or "..",
@@ -291,17 +291,19 @@ def _output_closed() -> bool:
 
 
 def _repeated_overrides(overrides: list[str]) -> list[str]:
-    """Where a later override sets the key of an earlier one (`seed=1 seed=2`), or a section that holds it
-    (`task.options.a=1 task.options={b: 2}`), and wins: told, as a script's `$BASE seed=2` means it, a slip
-    does not. A key inside a section set before it adds to that section (`task={kind: file} task.num_test=5`)."""
+    """Where a later override sets a key that an earlier one set (`seed=1 seed=2`, `train={lora: {r: 8}}
+    train.lora.r=4`), or a section that holds it (`task.options.a=1 task.options={b: 2}`), and wins: told, as
+    a script's `$BASE seed=2` means it, a slip does not. A key inside a section set before it, which that
+    override did not set, adds to that section (`task={kind: file} task.num_test=5`)."""
     told, earlier = [], []
     # An item without '=' is refused by the config, which does not show it: it may be a secret.
-    for key in (override_key(item) for item in overrides if "=" in item):
+    for item in (item for item in overrides if "=" in item):
+        key = override_key(item)
         if key in earlier:
             told.append(f"{key} is overridden twice: the later value is used")
         elif inside := [other for other in earlier if other.startswith(key + ".")]:
             told.append(f"the override of {key} replaces the section in which earlier overrides set {', '.join(inside)}")
-        earlier.append(key)
+        earlier.extend(override_keys(item))
     return told
 
 

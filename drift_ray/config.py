@@ -754,6 +754,24 @@ def override_key(item: str) -> str:
     return item.partition("=")[0]
 
 
+def override_keys(item: str) -> list[str]:
+    """The dotted keys that the override `key.path=value` sets: its key, and those inside a mapping value
+    (`train={lora: {r: 8}}` sets train.lora.r too). A value that is not valid YAML sets its key alone here;
+    applying the override refuses it."""
+    key, _, raw = item.partition("=")
+    try:
+        value = _load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = None
+
+    def inside(prefix: str, node: Any) -> list[str]:
+        if not isinstance(node, dict):
+            return []
+        return [k for name, child in node.items() for k in (f"{prefix}.{name}", *inside(f"{prefix}.{name}", child))]
+
+    return [key, *inside(key, value)]
+
+
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
 
 

@@ -608,6 +608,11 @@ def test_flags_are_neither_abbreviated_nor_overridden_nor_left_empty(tmp_path, c
     assert "seed is overridden twice: the later value is used" in caplog.text
     assert "the override of train replaces the section in which earlier overrides set train.lora.r" in caplog.text
     assert "train.lora.alpha" not in caplog.text  # a key added to the section set before it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drift_ray"):  # a key that the section set before it set
+        assert main(["config", "train={lora: {r: 8}}", "train.lora.r=4"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["lora"]["r"] == 4
+    assert "train.lora.r is overridden twice: the later value is used" in caplog.text
     with pytest.raises(SystemExit):
         main(["config", "--config", ""])  # Path("") would be the current directory
     assert "drift-ray config: error: argument --config: an empty path" in capsys.readouterr().err
