@@ -123,8 +123,7 @@ class TransformersEngine:
             raise ValueError(f"{self.name}: asked for n={n} replies per conversation; expected n >= 1")
         if not conversations:
             return []
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-        prompts: list[list[int]] = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        prompts = chat_prompt_ids(self.tokenizer, conversations)
         limit = self.context_length
         too_long = next((i for i, prompt in enumerate(prompts) if limit and len(prompt) >= limit), None)
         if too_long is not None:
@@ -280,7 +279,7 @@ class TransformersEngine:
         text = cut_at_stop(reply_text(self.tokenizer, prompt, completion[:-1] if ended else completion), stop)
         # Generation stops only at an end of turn, a stop string, max_new_tokens or the context's end.
         cut_off = not ended and not ends_on_stop(text, stop)
-        return Generation(text, len(prompt), len(completion), cut_off)
+        return Generation(text, len(prompt), len(completion), cut_off, completion)
 
 
 @dataclass
@@ -406,6 +405,13 @@ class _StopStrings:
         return any(s in text for s in self.stop)
 
 
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation]) -> list[list[int]]:
+    """The tokens the transformers engine feeds the model for each conversation: its text as the chat template
+    renders it, with the generation prompt, tokenized whole."""
+    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 # Enough prompt tokens to hold a word for a decoder to join the reply's first token to.
 _DECODE_CONTEXT_TOKENS = 8
 
@@ -520,7 +526,7 @@ class VLLMEngine:
         # allowed token ended it.
         ended = len(output.token_ids) > 0 and output.token_ids[-1] in self.end_of_turn_ids
         cut_off = output.finish_reason == "length" and not ended
-        return Generation(output.text, prompt_tokens, len(output.token_ids), cut_off)
+        return Generation(output.text, prompt_tokens, len(output.token_ids), cut_off, list(output.token_ids))
 
 
 _ADAPTER_REMEDY = "give a PEFT adapter's directory as save_pretrained writes it, or a full model's (without that file)"

@@ -46,12 +46,14 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Generation:
     """One sampled reply. `text` ends with the stop string when generation stopped on one. `cut_off`: the
-    reply reached max_new_tokens before it ended (on its end-of-turn token or a stop string)."""
+    reply reached max_new_tokens before it ended (on its end-of-turn token or a stop string). `token_ids`:
+    the tokens sampled, its end of turn included where one was, from an engine that says (None otherwise)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     cut_off: bool = False
+    token_ids: Sequence[int] | None = None
 
 
 class EngineServerError(RuntimeError):
@@ -123,6 +125,7 @@ class Episode:
     correct: list[bool] = field(default_factory=list)
     format_failures: list[bool] = field(default_factory=list)
     cut_off: list[bool] = field(default_factory=list)
+    reply_token_ids: list[Sequence[int] | None] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     done: bool = False
@@ -137,6 +140,7 @@ class Episode:
         self.answers.append(answer)
         self.format_failures.append(answer is None)
         self.cut_off.append(reply.cut_off)
+        self.reply_token_ids.append(reply.token_ids)
         self.correct.append(is_correct)
         if answer is not None:
             self.answer_norms.append(verifier.normalize(answer))

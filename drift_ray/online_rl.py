@@ -10,14 +10,18 @@ the group-normalised advantage takes the place of DRIFT's weight:
     A_i  = (R_i − mean_group R) / (std_group R + ε)   (grpo)   or   R_i − mean of the others' R   (rloo).
 
 The NLL is of the distribution the episodes were sampled from: the logits divided by
-rollout.temperature (top-p truncation would make it another one, so top_p must be 1). The replies are
-re-tokenized from their text, as weighted SFT reads them, not taken as the ids the engine sampled; what
-the policy did not sample after a reply (the end of turn after a stop string or a cut-off) is not trained.
+rollout.temperature (top-p truncation would make it another one, so top_p must be 1), in eval mode as
+generation runs (dropout would make it another one too). What is trained is what the policy sampled, as
+the engine sampled it: the ids of each reply, in the context the engine fed it (`sampled_example`), not the
+replies' text tokenized anew, which may differ (invalid UTF-8 that an early policy samples reads back as
+U+FFFD, another split of the same text) and would train tokens never sampled. So train.max_length does not
+cut an episode either: it is trained whole, within rollout.max_model_len as it was played.
 No KL term to the reference: the comparison is about the cost of regenerating rollouts.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -29,13 +33,15 @@ import numpy.typing as npt
 import torch
 
 from drift_ray import schema
-from drift_ray.config import Config, ExampleKind
-from drift_ray.engines import TransformersEngine, ends_on_stop
+from drift_ray.config import Config
+from drift_ray.engines import TransformersEngine, chat_prompt_ids
 from drift_ray.episode import Episode, SamplingParams, episodes_table, play_episodes, stable_seed
 from drift_ray.prompts import Problem
 from drift_ray.verifiers import Verifier
-from drift_ray.weighted_sft import collate, padding_token_id, per_sample_nll, tokenize_trajectory, weighted_loss
+from drift_ray.weighted_sft import IGNORE_INDEX, TokenizedExample, collate, padding_token_id, per_sample_nll, weighted_loss
 from drift_ray.weights import trajectory_returns
+
+log = logging.getLogger(__name__)
 
 
 class Advantage(str, Enum):
@@ -95,8 +101,9 @@ def train_online(
     evaluate: Callable[[TransformersEngine], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Run the updates; return the curve: after update 0 (the start) and every `eval_every` updates, the
-    update, wall-clock seconds, generated tokens so far, the mean return of that update's episodes (not of
-    every update since the last point), and what `evaluate(engine)` returns.
+    update, wall-clock seconds, generated tokens so far and those of them left out of the gradient
+    (`sampled_example`), the mean return of that update's episodes (not of every update since the last
+    point), and what `evaluate(engine)` returns.
 
     Evaluation time is excluded from the wall-clock, as DRIFT's curve excludes it.
     """
@@ -111,70 +118,84 @@ def train_online(
     # The engine carries each turn's cache to the next, as DRIFT's rollout engine does; every update drops it.
     engine = TransformersEngine(model, tokenizer=tokenizer, max_model_len=rollout.max_model_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=cfg.train.weight_decay)
-    seconds, generated = 0.0, 0
+    seconds, generated, untrained = 0.0, 0, 0
     model.eval()
-    curve = [{"update": 0, "seconds": 0.0, "generated_tokens": 0, **evaluate(engine)}]
+    curve = [{"update": 0, "seconds": 0.0, "generated_tokens": 0, "untrained_tokens": 0, **evaluate(engine)}]
     for update in range(1, settings.updates + 1):
         started = time.perf_counter()
         batch = rng.sample(list(problems), min(settings.prompts_per_update, len(problems)))
         params = SamplingParams(
             rollout.temperature, rollout.top_p, rollout.max_new_tokens, seed=stable_seed(cfg.seed, "online", update)
         )
-        model.eval()
         episodes = play_episodes(batch, engine, verifier, params, settings.samples_per_prompt, cfg.episode)
         table = episodes_table(episodes, cfg.episode, engine.name)
         generated += int(sum(table.column(schema.COMPLETION_TOKENS).to_pylist()))
         returns = trajectory_returns(table, cfg.weights.gamma, cfg.weights.rep_lambda, cfg.weights.format_penalty)
         # play_episodes returns each prompt's samples together, in order: consecutive groups.
         advantages = group_advantages(returns, settings.samples_per_prompt, settings.advantage)
-
+        examples = [sampled_example(tokenizer, episode) for episode in episodes]
+        untrained += sum(left_out for _, left_out in examples)
         policy_gradient_step(
-            model,
-            tokenizer,
-            [e.messages for e in episodes],
-            advantages,
-            optimizer,
-            cfg,
-            settings.micro_batch_size,
-            unsampled_ends=[ends_not_sampled(e, params.stop) for e in episodes],
+            model, tokenizer, [example for example, _ in examples], advantages, optimizer, cfg, settings.micro_batch_size
         )
         engine.drop_carried_cache()
         seconds += time.perf_counter() - started
         if update % settings.eval_every == 0 or update == settings.updates:
-            point = {"update": update, "seconds": round(seconds, 2), "generated_tokens": generated}
+            point = {"update": update, "seconds": round(seconds, 2), "generated_tokens": generated, "untrained_tokens": untrained}
             curve.append({**point, "mean_return": float(np.mean(returns)), **evaluate(engine)})
+    if untrained:
+        log.warning(
+            "online RL left %d of the %d tokens it sampled out of its gradient (untrained_tokens in the curve): the "
+            "conversation reads them back as other tokens (invalid UTF-8 as U+FFFD, say), so they were not sampled in "
+            "the context they would be trained in", untrained, generated,
+        )
     return curve
 
 
-def ends_not_sampled(episode: Episode, stop: Sequence[str]) -> list[bool]:
-    """Per reply of `episode`, whether the policy did not sample its end of turn: the engine stopped it on a
-    stop string, or it was cut off. The chat template still writes one after it."""
-    replies = [m["content"] for m in episode.messages if m["role"] == "assistant"]
-    return [cut or ends_on_stop(reply, stop) for reply, cut in zip(replies, episode.cut_off, strict=True)]
+def sampled_example(tokenizer: Any, episode: Episode) -> tuple[TokenizedExample, int]:
+    """The episode as one training sequence whose supervised tokens are those its policy sampled, each after
+    the context it was sampled in; and how many sampled tokens that leaves out.
+
+    The sequence is the last turn's prompt, as the engine feeds it (`chat_prompt_ids`), then the last reply's
+    sampled ids. A reply supervises the longest start of its sampled ids that the sequence holds after its
+    own prompt, where the sequence begins with that prompt: what follows a reply's end of turn in the
+    template (ChatML's newline) was never sampled, nor was what a stop string cut from its last token, and
+    a reply whose text reads back as other tokens is left out from there on."""
+    turns = [i for i, message in enumerate(episode.messages) if message["role"] == "assistant"]
+    if not turns or any(ids is None for ids in episode.reply_token_ids):
+        raise ValueError(
+            f"online RL trains the tokens its engine sampled; episode {episode.trajectory_id} has replies without "
+            "them, from an engine that does not give them"
+        )
+    prompts = chat_prompt_ids(tokenizer, [episode.messages[:turn] for turn in turns])
+    input_ids = [*prompts[-1], *episode.reply_token_ids[-1]]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    left_out = 0
+    for prompt, sampled in zip(prompts, episode.reply_token_ids, strict=True):
+        held = 0
+        if input_ids[: len(prompt)] == prompt:
+            following = input_ids[len(prompt) : len(prompt) + len(sampled)]
+            while held < len(following) and following[held] == sampled[held]:
+                held += 1
+        labels[len(prompt) : len(prompt) + held] = sampled[:held]
+        left_out += len(sampled) - held
+    return TokenizedExample(input_ids, labels), left_out
 
 
 def policy_gradient_step(
     model: Any,
     tokenizer: Any,
-    conversations: Sequence[Sequence[dict[str, str]]],
+    examples: Sequence[TokenizedExample],
     advantages: npt.NDArray[np.float64],
     optimizer: torch.optim.Optimizer,
     cfg: Config,
     micro_batch_size: int,
-    unsampled_ends: Sequence[Sequence[bool] | None] | None = None,
 ) -> None:
-    """One optimizer step on Σ_i A_i·L_i / N over every assistant turn of the conversations, L_i under the
-    logits divided by rollout.temperature. The end of turn of a reply that the policy did not sample
-    (`unsampled_ends`, one list per conversation) is left out."""
+    """One optimizer step on Σ_i A_i·L_i / N over the examples' supervised tokens, L_i under the logits
+    divided by rollout.temperature, in the mode the model sampled in (the caller's: eval)."""
     pad_id = padding_token_id(tokenizer)
     device = next(model.parameters()).device
-    model.train()
     optimizer.zero_grad(set_to_none=True)
-    unsampled_ends = unsampled_ends or [None] * len(conversations)
-    examples = [
-        tokenize_trajectory(tokenizer, m, ExampleKind.all_turns, cfg.train.max_length, unsampled)
-        for m, unsampled in zip(conversations, unsampled_ends, strict=True)
-    ]
     for start in range(0, len(examples), micro_batch_size):
         chunk = slice(start, start + micro_batch_size)
         tensors = collate(examples[chunk], advantages[chunk].tolist(), pad_id, device)
@@ -185,7 +206,6 @@ def policy_gradient_step(
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
-    model.eval()
 
 
 def settings_dict(settings: OnlineRLSettings) -> dict[str, Any]:

@@ -212,6 +212,11 @@ def test_end_of_turn_token_ends_the_reply_is_counted_and_not_returned(chaotic):
     for generation in ended:
         assert generation.completion_tokens == len(generation.text) + 1
         assert "<|im_end|>" not in generation.text
+    end_of_turn = chaotic.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for [generation] in results:  # the tokens sampled, which online RL trains: the end of turn where sampled
+        assert len(generation.token_ids) == generation.completion_tokens
+        assert chaotic.tokenizer.decode(generation.token_ids, skip_special_tokens=True) == generation.text
+        assert (generation.token_ids[-1] == end_of_turn) == (generation in ended)
 
 
 def test_a_reply_is_cut_off_where_it_reached_max_new_tokens_without_ending(chaotic):
