@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import add_tmp_dir_option, append_result, argument_parser, print_table, weight_checksums  # noqa: E402
+from record import add_tmp_dir_option, append_result, argument_parser, print_table, run_benchmark, weight_checksums  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import load_config  # noqa: E402
@@ -136,6 +136,7 @@ def main() -> None:
         "config": str(config_path),
         "model": "random demo architecture" if args.quick and not args.model else cfg.rollout.model,
         "reference_sha256": reference_sha256,
+        "resolved_config": cfg.model_dump(mode="json"),
         "quick": args.quick,
         "prompts": cfg.task.num_train,
         "samples_per_prompt": cfg.rollout.samples_per_prompt,
@@ -153,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

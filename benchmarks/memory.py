@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
+from record import add_size_option, append_result, argument_parser, local_ray, print_table, run_benchmark  # noqa: E402
 from sft import weighted_trajectories  # noqa: E402
 
 from drift_ray import train as train_module  # noqa: E402
@@ -162,12 +162,13 @@ def measure(
 
 def main() -> None:
     parser = argument_parser(__doc__, "memory")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the model")
-    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the model")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
-    parser.add_argument("--checkpoint-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    add_size_option(parser, "--hidden", full=1024, quick=256, help="hidden size of the model")
+    add_size_option(parser, "--layers", full=12, quick=2, help="decoder layers of the model")
+    add_size_option(parser, "--steps", full=4, quick=2, help="optimizer steps per run")
+    parser.add_argument("--checkpoint-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the dtype the model is saved in, which each rank loads (default bfloat16)")
     args = parser.parse_args()
-    hidden, layers, steps = (256, 2, 2) if args.quick else (args.hidden, args.layers, args.steps)
+    hidden, layers, steps = args.hidden, args.layers, args.steps
 
     table = weighted_trajectories(num_prompts=16, k=4)
     if table.num_rows < steps * MICRO_BATCH * WORKERS:
@@ -209,4 +210,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -16,6 +16,7 @@ the online baseline's exclude loading the model.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
@@ -25,11 +26,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import (  # noqa: E402
     QUICK_PIPELINE_OVERRIDES,
+    add_size_option,
     add_tmp_dir_option,
     append_result,
     argument_parser,
     print_table,
     reused_work,
+    run_benchmark,
     weight_checksums,
 )
 
@@ -49,17 +52,18 @@ COMPARED = ("seed", "task", "episode", "eval.task", "eval.max_new_tokens", "roll
 ONLINE_LABEL = "online GRPO (single process, CPU, float32)"
 
 
-def require_cpu_drift(cfg: Config, where: str) -> None:
-    """The online baseline runs the transformers engine on the CPU in float32: DRIFT's run must too, or the
-    seconds compare two machines or precisions."""
+def require_comparable_drift(cfg: Config, where: str) -> None:
+    """The online baseline runs the transformers engine on the CPU in float32 and trains every weight: DRIFT's
+    run must too, or the seconds compare two machines or precisions, and the results two kinds of training."""
     rollout, train = cfg.rollout, cfg.train
     if (rollout.engine is not EngineKind.transformers or rollout.gpus_per_actor or rollout.dtype not in ("auto", "float32")
-            or train.use_gpu or train.bf16):
+            or train.use_gpu or train.bf16 or train.lora.enabled):
         raise SystemExit(
-            f"{where}: DRIFT must run as the online baseline does, the transformers engine on the CPU in float32; "
-            f"found rollout.engine={rollout.engine.value}, rollout.gpus_per_actor={rollout.gpus_per_actor:g}, "
-            f"rollout.dtype={rollout.dtype}, train.use_gpu={str(train.use_gpu).lower()}, "
-            f"train.bf16={str(train.bf16).lower()}"
+            f"{where}: DRIFT must run as the online baseline does, the transformers engine on the CPU in float32, "
+            f"training every weight; found rollout.engine={rollout.engine.value}, "
+            f"rollout.gpus_per_actor={rollout.gpus_per_actor:g}, rollout.dtype={rollout.dtype}, "
+            f"train.use_gpu={str(train.use_gpu).lower()}, train.bf16={str(train.bf16).lower()}, "
+            f"train.lora.enabled={str(train.lora.enabled).lower()}"
         )
 
 
@@ -82,7 +86,7 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
         only=[f"config.{name}" for name in COMPARED],
     )
     cfg = validate_config(record["config"], f"{record_path}: config")
-    require_cpu_drift(cfg, str(record_path))
+    require_comparable_drift(cfg, str(record_path))
     if reused_work(record["work_by_round"][0], samples_rollouts=True):
         raise SystemExit(
             f"{record_path}: the last run took over work an earlier run did (rollouts, weights, the model or a "
@@ -110,12 +114,14 @@ def drift_point(run_dir: Path, cfg: Config) -> dict[str, Any]:
 
 def main() -> None:
     parser = argument_parser(__doc__, "online_rl")
-    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml")
-    parser.add_argument("--updates", type=int, default=150)
-    parser.add_argument("--prompts-per-update", type=int, default=32)
-    parser.add_argument("--samples-per-prompt", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml",
+                        help="the config of both methods (default: jobs/demo_cpu.yaml)")
+    add_size_option(parser, "--updates", full=150, quick=2, help="online updates, each on episodes played anew")
+    add_size_option(parser, "--prompts-per-update", full=32, quick=2, help="training problems each update plays")
+    add_size_option(parser, "--samples-per-prompt", full=8, quick=2, least=2,
+                    help="episodes per problem and update, the group its advantages are taken in")
+    parser.add_argument("--lr", type=finite_rate, default=1e-4, help="the online baseline's AdamW learning rate (default 1e-4)")
+    add_size_option(parser, "--eval-every", full=25, quick=1, help="updates between evaluations")
     parser.add_argument("--drift-run", type=Path, default=None, help="a finished `drift-ray run` of --config to compare with")
     add_tmp_dir_option(parser)
     args = parser.parse_args()
@@ -125,15 +131,15 @@ def main() -> None:
 
     overrides = QUICK_PIPELINE_OVERRIDES if args.quick else []
     settings = OnlineRLSettings(
-        updates=2 if args.quick else args.updates,
-        prompts_per_update=2 if args.quick else args.prompts_per_update,
-        samples_per_prompt=2 if args.quick else args.samples_per_prompt,
+        updates=args.updates,
+        prompts_per_update=args.prompts_per_update,
+        samples_per_prompt=args.samples_per_prompt,
         lr=args.lr,
-        eval_every=1 if args.quick else args.eval_every,
+        eval_every=args.eval_every,
     )
     with tempfile.TemporaryDirectory(prefix="drift-online-", dir=args.tmp_dir) as tmp:
         cfg = load_config(args.config, [*overrides, f"run_dir={Path(tmp) / 'drift'}"])
-        require_cpu_drift(cfg, str(args.config))
+        require_comparable_drift(cfg, str(args.config))
         # A --drift-run that cannot be compared is refused now, not after the online updates.
         drift = None if args.drift_run is None else drift_point(args.drift_run, cfg)
         reference = save_untrained_demo_model(Path(tmp) / "untrained") if args.quick else resolve_model(cfg.rollout.model, cfg)
@@ -159,14 +165,27 @@ def main() -> None:
             drift = drift_point(Path(cfg.run_dir), cfg)
         rows.append(drift)
     print_table(rows, ["method", "seconds", "generated_tokens", "multi@1", f"multi@{max_turns}"])
-    append_result(
+    appended = append_result(
         "online_rl",
         {"config": str(args.config), "quick": args.quick, "settings": settings_dict(settings), "reference": reference,
-         "reference_sha256": reference_sha256, "drift_run": None if args.drift_run is None else str(args.drift_run)},
+         "reference_sha256": reference_sha256, "drift_run": None if args.drift_run is None else str(args.drift_run),
+         "resolved_config": cfg.model_dump(mode="json")},
         rows,
         args.out,
     )
+    print(f"appended to {appended}")
+
+
+def finite_rate(value: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 <= rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number of at least 0")
+    return rate
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +34,9 @@ from record import (  # noqa: E402
     argument_parser,
     print_table,
     reused_work,
+    run_benchmark,
     weight_checksums,
+    whole_number,
 )
 
 from drift_ray.config import WeightMode, load_config  # noqa: E402
@@ -203,28 +205,17 @@ def paired_check(label: str, values: list[float], other_label: str, other_values
             f"({' '.join(f'{d:+.3f}' for d in differences)}); {label} ahead in {leads} of {len(differences)} seeds")
 
 
-def whole_number(least: int, refusal: str) -> Callable[[str], int]:
-    """An argparse type: an int of at least `least`, else "VALUE `refusal`" after the flag's name."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-        if number < least:
-            raise argparse.ArgumentTypeError(f"{value} {refusal}")
-        return number
-
-    return parse
-
-
 def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The command line, checked before anything runs: the config would refuse a negative seed or 0 rounds
     only once the demo reference is built (minutes), and nothing later refuses a value given twice."""
     parser = argument_parser(__doc__, "quality")
-    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml")
-    parser.add_argument("--seeds", type=whole_number(0, "is negative; a seed is 0 or more"), nargs="+", default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", default=[m.value for m in WeightMode], choices=[m.value for m in WeightMode])
+    parser.add_argument("--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml",
+                        help="the config of every run (default: jobs/demo_cpu.yaml)")
+    parser.add_argument("--seeds", type=whole_number(0, "is negative; a seed is 0 or more"), nargs="+", default=[0, 1, 2],
+                        help="one run of every method per seed, each sampling its own rollouts (default: 0 1 2; the "
+                        "first alone with --quick)")
+    parser.add_argument("--modes", nargs="+", default=[m.value for m in WeightMode], choices=[m.value for m in WeightMode],
+                        help="the weights.mode of each method (default: all)")
     parser.add_argument("--betas", type=float, nargs="*", default=[0.5, 1.0], help="DRIFT also at these β (beside the config's)")
     parser.add_argument("--rounds", type=whole_number(1, "rounds; a run has 1 or more"), default=2,
                         help="rounds of every mode at the config's β (iterated DRIFT, SFT, RFT)")
@@ -257,6 +248,9 @@ def main() -> None:
     base = load_config(args.config, overrides)
     if base.episode.max_turns < 5:
         parser.error(f"episode.max_turns is {base.episode.max_turns}: the comparison reports multi@3 and multi@5")
+    if DRIFT in args.modes and not args.quick and beta_name(base.weights.beta) in map(beta_name, args.betas):
+        parser.error(f"argument --betas: {beta_name(base.weights.beta)} is the config's weights.beta, which the drift "
+                     "method runs already")
     args.out.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="drift-quality-") as tmp:
@@ -293,14 +287,16 @@ def main() -> None:
             for row in rows
         }
         plot_cumulative_accuracy(curves, max_turns, plot, title=f"multi@k, mean of {len(seeds)} seed(s)")
-        print(f"plot: {plot}")
+        if args.work_dir or not args.quick:  # else it goes with the temporary directory
+            print(f"plot: {plot}")
     checks = evidence_checks(rows)
     print("\n".join(checks))
-    append_result(
+    appended = append_result(
         "quality",
         {
             "config": str(args.config),
-            "overrides": args.overrides,
+            "overrides": overrides,
+            "resolved_config": base.model_dump(mode="json"),
             "seeds": seeds,
             "methods": [vars(method) for method in methods],
             "quick": args.quick,
@@ -310,7 +306,8 @@ def main() -> None:
         [{k: v for k, v in row.items() if not (isinstance(v, str) and k != "method")} for row in rows],
         args.out,
     )
+    print(f"appended to {appended}")
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

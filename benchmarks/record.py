@@ -1,8 +1,9 @@
 """Shared by the benchmark scripts: their command line, a local Ray cluster, a printed table, and one JSON line
 per run.
 
-Every script takes `--quick` (tiny sizes, for the smoke test) and `--out DIR` (where `<benchmark>.jsonl`
-gets one line per run: benchmark, time, git commit, machine, config, results).
+Every script takes `--quick` (tiny sizes, for the smoke test: its size options default to them, and one
+given on the command line is kept), `--out DIR` (where `<benchmark>.jsonl` gets one line per run: benchmark,
+time, git commit, machine, config, results) and `--traceback`; `run_benchmark` runs its main.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from drift_ray.signals import sigterm_interrupts, terminated
 from drift_ray.trajectories import fsync_directory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,18 +49,25 @@ def reused_work(work: dict[str, Any], samples_rollouts: bool) -> bool:
 
 
 class _BenchmarkParser(argparse.ArgumentParser):
-    """Refuses, when it parses, a results file that append_result would refuse after the run: no run is lost."""
+    """Refuses, when it parses, a results file that append_result would refuse after the run: no run is lost.
+    Fills in the size options left unset: their --quick size with --quick, else their full one."""
 
     benchmark: str
+    sizes: dict[str, tuple[Any, Any]]
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
+        for dest, (full, quick) in self.sizes.items():
+            if getattr(parsed, dest) is None:
+                setattr(parsed, dest, quick if parsed.quick else full)
         if parsed.out is None:
             # A smoke test's line among the measured ones would read as a measurement of the committed results.
             quick = Path(tempfile.mkdtemp(prefix=f"{self.benchmark}-quick-")) if parsed.quick else None
             if quick:
                 print(f"--quick: this smoke test's line goes to {quick}, not to the committed results", file=sys.stderr)
             parsed.out = quick or RESULTS
+        if parsed.out.exists() and not parsed.out.is_dir():
+            self.error(f"argument --out: {parsed.out} is not a directory")
         results = parsed.out / f"{self.benchmark}.jsonl"
         if incomplete_last_line(results):
             self.error(f"{results}: {INCOMPLETE_LAST_LINE}; remove or mend it first")
@@ -67,8 +77,8 @@ class _BenchmarkParser(argparse.ArgumentParser):
 def argument_parser(doc: str, benchmark: str) -> argparse.ArgumentParser:
     """A parser with the options every benchmark has; `doc` is the script's docstring (its first paragraph
     describes it), `benchmark` the name its results go under (append_result)."""
-    parser = _BenchmarkParser(description=" ".join(doc.strip().split("\n\n")[0].split()))
-    parser.benchmark = benchmark
+    parser = _BenchmarkParser(description=" ".join(doc.strip().split("\n\n")[0].split()), allow_abbrev=False)
+    parser.benchmark, parser.sizes = benchmark, {}
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     parser.add_argument(
         "--out",
@@ -77,7 +87,48 @@ def argument_parser(doc: str, benchmark: str) -> argparse.ArgumentParser:
         help="directory of the <benchmark>.jsonl results (default: benchmarks/results; with --quick, a new "
         "temporary directory, so that no smoke test's line joins the measured ones)",
     )
+    parser.add_argument("--traceback", action="store_true", help="show the traceback of an error, not its message alone")
     return parser
+
+
+def whole_number(least: int, refusal: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an int of at least `least`, else "VALUE `refusal`" after the flag's name."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < least:
+            raise argparse.ArgumentTypeError(f"{value} {refusal or f'is below {least}, the least it takes'}")
+        return number
+
+    return parse
+
+
+def add_size_option(parser: argparse.ArgumentParser, flag: str, *, full: int, quick: int, help: str, least: int = 1) -> None:
+    """An option that sizes the work: a whole number of at least `least`, `full` by default, `quick` with --quick."""
+    parser.add_argument(flag, type=whole_number(least), default=None, help=f"{help} (default {full}; {quick} with --quick)")
+    parser.sizes[flag.lstrip("-").replace("-", "_")] = (full, quick)
+
+
+def run_benchmark(main: Callable[[], None]) -> None:
+    """A benchmark's main: SIGTERM (`kill`, `timeout`) ends it as Ctrl-C does, so that its temporary
+    directories go with it, then as the signal would; an error that names what to mend (a config, a path,
+    a run_dir in use) is one line and exit status 2, its traceback with --traceback."""
+    with sigterm_interrupts():
+        try:
+            main()
+        except KeyboardInterrupt as interrupt:
+            if not terminated(interrupt):
+                raise
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        except (ValueError, OSError, RuntimeError) as err:
+            if "--traceback" in sys.argv[1:]:
+                raise
+            print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 def add_tmp_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +144,10 @@ def add_tmp_dir_option(parser: argparse.ArgumentParser) -> None:
 
 def _made_directory(value: str) -> Path:
     path = Path(value).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot make directory {value}: {err.strerror}") from None
     return path
 
 
@@ -131,7 +185,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        **{name: installed_version(name) for name in ("transformers", "deepspeed", "ray")},
+        **{name: installed_version(name) for name in ("transformers", "deepspeed", "ray", "numpy", "pyarrow")},
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

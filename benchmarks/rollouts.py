@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
+from record import add_size_option, append_result, argument_parser, local_ray, print_table, run_benchmark, weight_checksums  # noqa: E402
 
 from drift_ray.config import Config, EngineKind, EpisodeConfig, load_config  # noqa: E402
 from drift_ray.demo_model import save_untrained_demo_model  # noqa: E402
@@ -209,9 +209,11 @@ def main() -> None:
     parser.add_argument(
         "--config", type=Path, default=ROOT / "jobs" / "demo_cpu.yaml", help="job config to take the workload from"
     )
-    parser.add_argument("--prompts", type=int, default=256, help="training problems to play (K episodes each)")
+    add_size_option(parser, "--prompts", full=256, quick=QUICK["prompts"], help="training problems to play (K episodes each)")
     parser.add_argument("--model", help="model directory (default: the config's rollout.model)")
     args = parser.parse_args()
+    if args.model and not Path(args.model).is_dir():
+        parser.error(f"argument --model: {args.model} is not a directory")
 
     cfg = load_config(args.config)
     if cfg.rollout.engine is not EngineKind.transformers:
@@ -229,9 +231,8 @@ def main() -> None:
                 "episode": cfg.episode.model_copy(update={"max_turns": QUICK["max_turns"]}),
             }
         )
-    num_prompts = QUICK["prompts"] if args.quick else args.prompts
     task = load_task(cfg.task, cfg.seed)
-    problems = task.train[:num_prompts]
+    problems = task.train[: args.prompts]
     r = cfg.rollout
     batches = [problems[i : i + r.prompts_per_batch] for i in range(0, len(problems), r.prompts_per_batch)]
     workload = {
@@ -252,6 +253,7 @@ def main() -> None:
         else:
             model = resolve_model(r.model, cfg)
         model_s = time.perf_counter() - started
+        reference_sha256 = weight_checksums(model)  # the cache key alone does not tell two builds apart
 
         results = [
             row("in-process", "1", measure_in_process(model, 1, workload)),
@@ -286,6 +288,8 @@ def main() -> None:
     config = {
         "config": str(args.config),
         "model": "random demo architecture" if args.quick and not args.model else model,
+        "reference_sha256": reference_sha256,
+        "resolved_config": cfg.model_dump(mode="json"),
         "prompts": len(problems),
         "prompts_per_batch": r.prompts_per_batch,
         "samples_per_prompt": r.samples_per_prompt,
@@ -310,4 +314,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -37,7 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
+from record import add_size_option, append_result, argument_parser, local_ray, print_table, run_benchmark, whole_number  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.builtin_tasks import CandidatesTeacher, candidates_task  # noqa: E402
@@ -212,11 +212,12 @@ def measure_ray_train(
 
 def main() -> None:
     parser = argument_parser(__doc__, "sft")
-    parser.add_argument("--prompts", type=int, default=64, help="candidates problems")
-    parser.add_argument("--k", type=int, default=8, help="trajectories per problem")
-    parser.add_argument("--micro-batch", type=int, default=32, help="sequences per forward pass (per worker)")
+    add_size_option(parser, "--prompts", full=64, quick=16, help="candidates problems")
+    add_size_option(parser, "--k", full=8, quick=4, help="trajectories per problem")
+    parser.add_argument("--micro-batch", type=whole_number(1), default=32,
+                        help="sequences per forward pass (per worker; default 32)")
     args = parser.parse_args()
-    num_prompts, k = (16, 4) if args.quick else (args.prompts, args.k)
+    num_prompts, k = args.prompts, args.k
     # --quick: one Ray Train run shows the path works; the full run covers ZeRO-2/3 × 1/2 workers.
     ray_runs = [(2, 1)] if args.quick else [(2, 1), (3, 1), (2, 2), (3, 2)]
 
@@ -271,4 +272,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_result, argument_parser, local_ray, print_table  # noqa: E402
+from record import add_size_option, append_result, argument_parser, local_ray, print_table, run_benchmark, whole_number  # noqa: E402
 
 from drift_ray import schema  # noqa: E402
 from drift_ray.config import EpisodeConfig, WeightsConfig  # noqa: E402
@@ -170,12 +170,16 @@ def measure_ray_data(table: pa.Table, cfg: WeightsConfig, k: int) -> list[dict[s
 
 def main() -> None:
     parser = argument_parser(__doc__, "weights")
-    parser.add_argument("--trajectories", type=int, default=100_000)
-    parser.add_argument("--k", type=int, default=16, help="trajectories per prompt")
-    parser.add_argument("--reply-chars", type=int, default=0, help="characters of reasoning before each reply's answer")
+    add_size_option(parser, "--trajectories", full=100_000, quick=4_000, help="synthetic trajectories, K per prompt")
+    parser.add_argument("--k", type=whole_number(1), default=16, help="trajectories per prompt (default 16)")
+    parser.add_argument("--reply-chars", type=whole_number(0), default=0,
+                        help="characters of reasoning before each reply's answer (default 0)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Data measurement")
     args = parser.parse_args()
-    n = 4_000 if args.quick else args.trajectories
+    n = args.trajectories
+    if n % args.k:
+        # Each prompt's K trajectories make one group, which the weights normalise over.
+        parser.error(f"argument --trajectories: {n:,} is not a multiple of --k {args.k}")
     repeats = 2 if args.quick else 6
     cfg = WeightsConfig()
     table = synthetic_trajectories(n, args.k, seed=0, reply_chars=args.reply_chars)
@@ -201,4 +205,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -31,7 +32,9 @@ from drift_ray.weights import compute_weights
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py") if path.name != "record.py")
 RAY_FREE_ARGS = {"weights.py": ["--no-ray"]}
-SCRIPTS_WITH_A_REFERENCE = {"end_to_end.py", "online_rl.py", "quality.py"}  # their lines checksum its weights
+# Their lines checksum the reference's weights and hold the config they ran, resolved: a config file's path
+# alone may name a file the commit does not have.
+SCRIPTS_WITH_A_REFERENCE = {"end_to_end.py", "online_rl.py", "quality.py", "rollouts.py"}
 SCRIPTS_WITH_A_TMP_DIR = {"end_to_end.py", "online_rl.py"}  # their run_dir must be shared storage on several nodes
 RECORD_KEYS = {"benchmark", "time", "commit", "machine", "config", "results"}
 TIMEOUT_S = 900  # a hung script fails the test instead of blocking the suite
@@ -61,7 +64,8 @@ def run_quick(script: str, out: Path, extra: list[str]) -> dict:
     assert record["results"] and all(isinstance(row, dict) and row for row in record["results"])
     assert record["machine"]["cpus"] >= 1
     assert record["machine"]["cpu"] and record["machine"]["cpu_capability"]
-    assert record["machine"]["transformers"] and record["machine"]["deepspeed"] and record["machine"]["ray"]
+    for library in ("transformers", "deepspeed", "ray", "numpy", "pyarrow"):
+        assert record["machine"][library], library
     return record
 
 
@@ -87,6 +91,7 @@ def test_quick_run_appends_one_record(script, tmp_path):
         assert scratch.is_dir() and not list(scratch.iterdir())
     if script in SCRIPTS_WITH_A_REFERENCE:
         assert list(record["config"]["reference_sha256"]) == ["model.safetensors"]
+        assert record["config"]["resolved_config"]["episode"]["max_turns"] >= 1
 
 
 @pytest.mark.parametrize("script", sorted(RAY_FREE_ARGS))
@@ -391,15 +396,16 @@ def test_reused_work_counts_reused_rollouts_only_where_the_round_was_to_sample_t
         (["rollout.engine=vllm", "rollout.gpus_per_actor=1"], "rollout.engine=vllm"),
         (["rollout.dtype=bfloat16"], "rollout.dtype=bfloat16"),
         (["train.bf16=true"], "train.bf16=true"),
+        (["train.lora.enabled=true"], "train.lora.enabled=true"),
     ],
 )
-def test_online_rl_compares_with_drift_only_on_the_cpu_it_runs_on_itself(tmp_path, overrides, found):
+def test_online_rl_compares_with_drift_only_as_it_runs_itself_on_the_cpu_training_every_weight(tmp_path, overrides, found):
     from drift_ray.config import load_config
 
     online_rl = load_benchmark("online_rl.py")
-    online_rl.require_cpu_drift(load_config(None, []), "jobs/demo_cpu.yaml")
+    online_rl.require_comparable_drift(load_config(None, []), "jobs/demo_cpu.yaml")
     with pytest.raises(SystemExit, match=f"c.yaml: DRIFT must run as the online baseline does, .*found .*{re.escape(found)}"):
-        online_rl.require_cpu_drift(load_config(None, overrides), "c.yaml")
+        online_rl.require_comparable_drift(load_config(None, overrides), "c.yaml")
     # A finished run of another device is refused as well.
     run = load_config(None, [f"run_dir={tmp_path}", *overrides])
     finished_drift_run(tmp_path, run, {"rollouts": 20.0, "weights": 2.0, "weighted_sft": 33.0})
@@ -504,6 +510,87 @@ def test_a_quick_run_keeps_its_line_out_of_the_committed_results_unless_told_whe
     assert f"--quick: this smoke test's line goes to {quick}, not to the committed results" in capsys.readouterr().err
     assert parser.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
     quick.rmdir()
+
+
+def test_a_size_option_takes_its_quick_size_with_quick_unless_given(tmp_path, capsys):
+    record = load_benchmark("record.py")
+    parser = record.argument_parser("Doc.", "weights")
+    record.add_size_option(parser, "--prompts-per-update", full=32, quick=2, help="problems")
+    out = ["--out", str(tmp_path)]
+    assert parser.parse_args(out).prompts_per_update == 32
+    assert parser.parse_args([*out, "--quick"]).prompts_per_update == 2
+    assert parser.parse_args([*out, "--quick", "--prompts-per-update", "5"]).prompts_per_update == 5  # not dropped
+    assert "(default 32; 2 with --quick)" in " ".join(parser.format_help().split())
+    for value, problem in (("0", "0 is below 1, the least it takes"), ("1.5", "'1.5' is not a whole number")):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*out, "--prompts-per-update", value])
+        assert f"error: argument --prompts-per-update: {problem}" in capsys.readouterr().err
+
+
+def test_the_benchmark_parser_refuses_an_out_or_tmp_dir_that_cannot_be_a_directory(tmp_path, capsys):
+    record = load_benchmark("record.py")
+    parser = record.argument_parser("Doc.", "online_rl")
+    record.add_tmp_dir_option(parser)
+    (a_file := tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", str(a_file)])
+    assert f"error: argument --out: {a_file} is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", str(tmp_path), "--tmp-dir", str(a_file / "under")])
+    assert f"error: argument --tmp-dir: cannot make directory {a_file / 'under'}: Not a directory" in capsys.readouterr().err
+
+
+RUN_BENCHMARK = """
+import sys, tempfile, time
+sys.path.insert(0, {benchmarks!r})
+from record import run_benchmark
+
+def main():
+    if sys.argv[1] == "error":
+        raise ValueError("c.yaml: invalid config")
+    with tempfile.TemporaryDirectory(dir=sys.argv[2]) as tmp:
+        print(tmp, flush=True)
+        time.sleep(120)
+
+run_benchmark(main)
+"""
+
+
+def test_a_benchmark_ends_of_an_error_in_one_line_and_of_sigterm_without_its_temporary_directories(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text(RUN_BENCHMARK.format(benchmarks=str(BENCHMARKS)))
+    failed = subprocess.run([sys.executable, str(script), "error"], capture_output=True, text=True, timeout=60)
+    assert (failed.returncode, failed.stderr) == (2, "bench.py: error: c.yaml: invalid config\n")
+    shown = subprocess.run([sys.executable, str(script), "error", "--traceback"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 1 and "Traceback" in shown.stderr and "ValueError: c.yaml: invalid config" in shown.stderr
+    with subprocess.Popen([sys.executable, str(script), "sleep", str(tmp_path)], stdout=subprocess.PIPE, text=True) as killed:
+        made = Path(killed.stdout.readline().strip())
+        assert made.is_dir()
+        killed.terminate()  # `kill`, `timeout`: as Ctrl-C, the directory goes with the run, which ends of the signal
+        assert killed.wait(timeout=60) == -signal.SIGTERM
+    assert not made.exists()
+
+
+@pytest.mark.parametrize(
+    "script, argv, problem",
+    [
+        ("weights.py", ["--trajectories", "1000", "--k", "16"], "argument --trajectories: 1,000 is not a multiple of --k 16"),
+        ("weights.py", ["--k", "0"], "argument --k: 0 is below 1"),
+        ("rollouts.py", ["--prompts", "-3"], "argument --prompts: -3 is below 1"),
+        ("rollouts.py", ["--model", "no-such-model"], "argument --model: no-such-model is not a directory"),
+        ("sft.py", ["--micro-batch", "0"], "argument --micro-batch: 0 is below 1"),
+        ("memory.py", ["--steps", "0"], "argument --steps: 0 is below 1"),
+        ("online_rl.py", ["--quick", "--samples-per-prompt", "1"], "argument --samples-per-prompt: 1 is below 2"),
+        ("online_rl.py", ["--lr", "nan"], "argument --lr: nan is not a finite number of at least 0"),
+        ("quality.py", ["--betas", "0.1"], "argument --betas: 0.1 is the config's weights.beta, which the drift method runs"),
+        ("quality.py", ["task.num_trian=8"], "quality.py: error: "),
+    ],
+)
+def test_a_benchmark_refuses_sizes_that_cannot_run_before_any_work(script, argv, problem, tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *argv, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and problem in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_benchmark_s_help_describes_it_in_whole_sentences():
