@@ -409,15 +409,29 @@ class LrSchedule(str, Enum):
     cosine = "cosine"
 
 
+ALL_LINEAR = "all-linear"  # PEFT's target_modules for every linear layer but the output layer
+
+
 class LoraConfig(_Section):
     enabled: bool = Field(False, description="Train LoRA adapters (PEFT) instead of all weights.")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling α.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules to adapt."
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description=f"Modules to adapt: a list of module names (the last part of a module's dotted name), or "
+        f"{ALL_LINEAR}, PEFT's every linear layer but the output layer.",
     )
     merge: bool = Field(True, description="Save merged full weights (else the adapter alone).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_or_all_linear(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str) and value != ALL_LINEAR:
+            raise ValueError(f"expected a list of module names, such as [{value}], or {ALL_LINEAR}")
+        if not value:
+            raise ValueError(f"expected one module name at least, or {ALL_LINEAR}")
+        return value
 
 
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:

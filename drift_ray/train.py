@@ -791,7 +791,7 @@ def _with_lora(model: Any, train: TrainConfig) -> Any:
         r=train.lora.r,
         lora_alpha=train.lora.alpha,
         lora_dropout=train.lora.dropout,
-        target_modules=list(train.lora.target_modules),
+        target_modules=train.lora.target_modules,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)

@@ -519,3 +519,17 @@ def test_the_gpu_demo_differs_from_the_cpu_demo_only_in_its_gpu_settings():
     assert cpu.keys() == gpu.keys()
     assert {key for key in cpu if cpu[key] != gpu[key]} == gpu_settings
     assert gpu["train.use_gpu"] and gpu["rollout.gpus_per_actor"] > 0
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("[]", "train.lora.target_modules: expected one module name at least, or all-linear (found [])"),
+        ("q_proj", "train.lora.target_modules: expected a list of module names, such as [q_proj], or all-linear"),
+    ],
+)
+def test_lora_targets_are_module_names_or_all_linear(value, problem):
+    assert load_config(None, ["train.lora.target_modules=all-linear"]).train.lora.target_modules == "all-linear"
+    assert load_config(None, ["train.lora.target_modules=[gate_proj]"]).train.lora.target_modules == ["gate_proj"]
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_config(None, [f"train.lora.target_modules={value}"])

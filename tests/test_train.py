@@ -183,6 +183,19 @@ def test_the_lora_check_leaves_a_model_it_cannot_build_to_the_workers(tmp_path, 
     check_lora_targets(make_config().train, str(unknown))  # no LoRA: nothing to check
 
 
+def test_lora_on_every_linear_layer_adapts_the_mlp_too_but_not_the_output_layer(model_path):
+    from transformers import AutoModelForCausalLM
+
+    from drift_ray.train import _with_lora
+
+    train = make_config(lora=LoraConfig(enabled=True, target_modules="all-linear")).train
+    check_lora_targets(train, model_path)
+    adapted = _with_lora(AutoModelForCausalLM.from_pretrained(model_path), train)
+    names = {name.split(".lora_A")[0].rpartition(".")[2] for name, _ in adapted.named_parameters() if "lora_A" in name}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
+    assert not any("lm_head" in name and "lora" in name for name, _ in adapted.named_parameters())
+
+
 def make_config(**train: object) -> Config:
     defaults = dict(
         num_workers=1,
