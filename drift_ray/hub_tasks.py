@@ -121,9 +121,7 @@ def last_boxed(text: str) -> str | None:
 def _text(row: dict[str, Any], column: str, python_text: bool = False) -> str:
     """The text of a row's value. `python_text`: a boolean or list is written as Python writes it (the hub's
     TheoremQA holds True and [1, 2] so, which a copy from its source JSON holds as JSON), not refused."""
-    value = row[column]
-    if isinstance(value, bytes):  # a Parquet binary column: its text, not Python's b'...' of it
-        value = decoded_text(value, column)
+    value = decoded_text(row[column], column)
     if isinstance(value, dict) or (isinstance(value, (bool, list)) and not python_text):
         # Else written as Python's "True", "['a', 'b']", "{'x': 1}".
         raise ValueError(f"column {column!r} holds {schema.short_repr(value)}; expected text or a number")
@@ -134,11 +132,7 @@ def _text(row: dict[str, Any], column: str, python_text: bool = False) -> str:
 
 def _present(**fields: Any) -> dict[str, Any]:
     """The metadata given, binary Parquet text as text."""
-    return {
-        key: decoded_text(value, key) if isinstance(value, bytes) else value
-        for key, value in fields.items()
-        if value is not None
-    }
+    return {key: decoded_text(value, key) for key, value in fields.items() if value is not None}
 
 
 def _after(text: str, marker: str, column: str) -> str:
@@ -222,7 +216,7 @@ def _list_column(row: dict[str, Any], column: str) -> list[str]:
     for i, choice in enumerate(value):
         if choice is None or isinstance(choice, (bool, list, dict)):  # else "None", "True", "['a']" as a choice
             raise ValueError(f"column {column!r} holds {schema.short_repr(choice)} as choice {i + 1}; expected text or a number")
-    return [decoded_text(choice, column) if isinstance(choice, bytes) else as_text(choice) for choice in value]
+    return [as_text(decoded_text(choice, column)) for choice in value]
 
 
 MATH_SUBJECTS = (
@@ -441,7 +435,7 @@ def _problems(name: str, split: str, spec: HubDataset, parts: list[_Part], seed:
         for index, (where, row) in enumerate(part.rows):
             row_id = row.get(spec.id_column) if spec.id_column else None
             try:
-                row_id = decoded_text(row_id, spec.id_column) if isinstance(row_id, bytes) else row_id
+                row_id = decoded_text(row_id, spec.id_column)
             except ValueError as err:
                 raise TaskError(f"{where}: {err}") from None
             if row_id is not None and not str(row_id).strip():

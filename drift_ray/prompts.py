@@ -401,7 +401,7 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
     used = {id_col, question_col, gold_col}
     for row_no, (where, row) in enumerate(rows, 1):
         for col in (id_col, question_col, gold_col):
-            if isinstance(row.get(col), bytes):  # a Parquet binary column: its text, not Python's b'...' of it
+            if col in row:
                 try:
                     row[col] = decoded_text(row[col], col)
                 except ValueError as err:
@@ -438,8 +438,11 @@ def read_problems(path: str | Path, columns: dict[str, str] | None = None) -> li
     return problems
 
 
-def decoded_text(value: bytes, column: str) -> str:
-    """The text of a Parquet binary value of `column`; ValueError where it is not UTF-8."""
+def decoded_text(value: Any, column: str) -> Any:
+    """A Parquet binary value of `column` as its text, not Python's b'...' of it (ValueError where it is not
+    UTF-8); any other value as it is."""
+    if not isinstance(value, bytes):
+        return value
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError as err:
